@@ -1,0 +1,1 @@
+"""Custom ops, autograd, form planning, reference and aten implementations."""

@@ -1,0 +1,174 @@
+"""Aten implementations of the three retention forms (the CPU path, and the fallback).
+
+Every forward takes ``(q, k, v, log_gamma, scale, initial_state)`` in layout [B, H, T, D]
+(any strides), accumulates in float32 (float64 for float64 inputs) and returns
+``(o, final_state)``. Decays are ``exp(log_gamma * n)`` with ``n >= 0`` only: nothing here
+computes gamma**(-t), so gamma near 0 or 1 and long sequences stay finite.
+
+The backward is the same forward run three times (for dq, and time-reversed for dk and dv)
+plus a closed form for d(log gamma); see ``retention_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Forward = Callable[[Tensor, Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _powers(log_gamma: Tensor, exponents: Tensor) -> Tensor:
+    """gamma_h ** exponents for exponents >= 0, shape [H, *exponents.shape]."""
+    lg = log_gamma.reshape(-1, *([1] * exponents.dim()))
+    return torch.exp(lg * exponents.to(log_gamma.dtype))
+
+
+def decay_matrix(log_gamma: Tensor, T: int) -> Tensor:
+    """D[h, i, j] = gamma_h ** (i - j) for i >= j, else 0. Shape [H, T, T]."""
+    pos = torch.arange(T, device=log_gamma.device)
+    diff = pos[:, None] - pos[None, :]
+    return _powers(log_gamma, diff.clamp(min=0)) * (diff >= 0)
+
+
+def parallel_forward(q, k, v, log_gamma, scale, initial_state):
+    """Whole-sequence form: scale * ((Q K^T) * D) V, plus the incoming state at position -1."""
+    acc = accumulation_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    T = q.shape[2]
+    pos = torch.arange(T, device=q.device)
+    o = ((q @ k.transpose(-1, -2)) * decay_matrix(log_gamma, T)) @ v
+    to_end = _powers(log_gamma, T - 1 - pos)[..., None]  # [H, T, 1]
+    final = (k * to_end).transpose(-1, -2) @ v
+    if initial_state is not None:
+        s0 = initial_state.to(acc)
+        o = o + _powers(log_gamma, pos + 1)[..., None] * (q @ s0)
+        final = final + _powers(log_gamma, torch.tensor(T, device=q.device))[..., None, None] * s0
+    return o * scale, final
+
+
+def recurrent_forward(q, k, v, log_gamma, scale, initial_state):
+    """Token by token: S = gamma * S + k^T v ; o = scale * q S. Meant for decoding (small T)."""
+    acc = accumulation_dtype(q.dtype)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        state = q.new_zeros(B, H, K, V, dtype=acc)
+    else:
+        state = initial_state.to(acc)
+    g = torch.exp(log_gamma)[:, None, None]
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    outs = []
+    for t in range(T):
+        state = g * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append((q[:, :, t, None, :] @ state).squeeze(2))
+    o = torch.stack(outs, dim=2) if outs else q.new_zeros(B, H, 0, V, dtype=acc)
+    return o * scale, state
+
+
+def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int = 64):
+    """Parallel inside chunks of ``chunk_size``, recurrent across chunks. Memory is O(T * C)."""
+    acc = accumulation_dtype(q.dtype)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    C = max(1, min(int(chunk_size), T))
+    N = math.ceil(T / C)
+    pad = N * C - T
+    q, k, v = (F.pad(x.to(acc), (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v))
+    pos = torch.arange(C, device=q.device)
+
+    # [B, H, N, C, C] @ [B, H, N, C, V] -> [B, H, N, C, V]
+    intra = ((q @ k.transpose(-1, -2)) * decay_matrix(log_gamma, C)[:, None]) @ v
+    # each full chunk's contribution to the state at its end: [B, H, N, K, V]
+    to_end = _powers(log_gamma, C - 1 - pos)[:, None, :, None]
+    chunk_kv = (k * to_end).transpose(-1, -2) @ v
+    whole_chunk = _powers(log_gamma, torch.tensor(C, device=q.device))[:, None, None]
+
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    incoming = []
+    for n in range(N):
+        incoming.append(state)
+        if n < N - 1:
+            state = whole_chunk * state + chunk_kv[:, :, n]
+    incoming = torch.stack(incoming, dim=2)  # [B, H, N, K, V]
+    inter = (q * _powers(log_gamma, pos + 1)[:, None, :, None]) @ incoming
+    o = (intra + inter).reshape(B, H, N * C, V)[:, :, :T] * scale
+
+    # the last chunk holds r real tokens; padded keys are zero, exponents are clamped at 0
+    r = C - pad
+    last_to_end = _powers(log_gamma, (r - 1 - pos).clamp(min=0))[..., None]
+    last_kv = (k[:, :, -1] * last_to_end).transpose(-1, -2) @ v[:, :, -1]
+    final = _powers(log_gamma, torch.tensor(r, device=q.device))[..., None, None] * state + last_kv
+    return o, final
+
+
+FORWARDS: dict[str, Forward] = {
+    "parallel": parallel_forward,
+    "recurrent": recurrent_forward,
+}
+
+
+def forward(form: str, q, k, v, log_gamma, scale, initial_state, chunk_size: int):
+    """Run one concrete form. ``form`` is already resolved (no "auto")."""
+    if q.shape[2] == 0:
+        acc = accumulation_dtype(q.dtype)
+        B, H, _, K = q.shape
+        o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc)
+        s = q.new_zeros(B, H, K, v.shape[-1], dtype=acc)
+        return o, s if initial_state is None else initial_state.to(acc).clone()
+    if form == "chunkwise":
+        return chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size)
+    return FORWARDS[form](q, k, v, log_gamma, scale, initial_state)
+
+
+def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
+    """Gradients of retention via three forward passes and one closed form.
+
+    dq = retention(do, v, k) with state s0^T; dk and dv are time-reversed retentions
+    (reader and writer swap roles) plus the final state's direct term. For the decay: every
+    product pairs a reader at position a (a query q_i, or the final state at T - 1) with a
+    writer at position b (a key k_j, or the initial state at -1) through gamma**(a - b), so
+    d log(gamma) = sum_a (a - c) <r_a, dr_a> - sum_b (b - c) <w_b, dw_b> for any shift c
+    (we take the middle of the sequence to keep the two sums small).
+    Returns (dq, dk, dv, dgamma, ds0) in the accumulation dtype.
+    """
+    acc = accumulation_dtype(q.dtype)
+    q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
+    T = q.shape[2]
+    lg = torch.log(gamma.to(acc))
+    pos = torch.arange(T, device=q.device)
+
+    def flip(x):
+        return x.flip(2)
+
+    dq, _ = run(do, v, k, lg, scale, None if s0 is None else s0.to(acc).transpose(-1, -2))
+    dk, _ = run(flip(v), flip(do), flip(q), lg, scale, None)
+    dv, _ = run(flip(k), flip(q), flip(do), lg, scale, None)
+    dk, dv = flip(dk), flip(dv)
+    if dsf is not None:
+        dsf = dsf.to(acc)
+        to_end = _powers(lg, T - 1 - pos)[..., None]
+        dk = dk + to_end * (v @ dsf.transpose(-1, -2))
+        dv = dv + to_end * (k @ dsf)
+
+    c = (T - 1) / 2
+    centred = pos.to(acc) - c
+    dlg = (centred * ((q * dq).sum(-1) - (k * dk).sum(-1))).sum(dim=(0, 2))
+    ds0 = None
+    if s0 is not None:
+        s0 = s0.to(acc)
+        ds0 = ((q * _powers(lg, pos + 1)[..., None]).transpose(-1, -2) @ do) * scale
+        if dsf is not None:
+            ds0 = ds0 + _powers(lg, torch.tensor(T, device=q.device))[..., None, None] * dsf
+        dlg = dlg + (c + 1) * (s0 * ds0).sum(dim=(0, 2, 3))
+    if dsf is not None:
+        dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
+    dgamma = dlg / gamma.to(acc)
+    return dq, dk, dv, dgamma, ds0

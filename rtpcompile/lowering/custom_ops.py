@@ -1,0 +1,113 @@
+"""The rtp custom ops: ``rtp::retention_fwd`` and its backward ``rtp::retention_bwd``.
+
+Both are opaque ``torch.library.custom_op``s, so Dynamo, AOTAutograd and Inductor treat them as
+single nodes: the backward is its own op (AOTAutograd would otherwise inline it), fake
+implementations return contiguous outputs, and the lowering is planned inside the op from real
+shapes, so the compiled graph installs no shape guards. Inputs may have any strides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, plan
+from .aten_impl import accumulation_dtype
+
+Tensor = torch.Tensor
+
+
+def _planned(form: str, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int):
+    return plan.choose(
+        form,
+        T=q.shape[2],
+        has_state=initial_state is not None,
+        chunk_size=chunk_size,
+        q=q,
+        v=v,
+    )
+
+
+@torch.library.custom_op("rtp::retention_fwd", mutates_args=())
+def retention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    form: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T)."""
+    p = _planned(form, q, v, initial_state, chunk_size)
+    o, final = dispatch.forward(p.form, q, k, v, gamma, scale, initial_state, p.chunk_size)
+    return o.to(q.dtype).contiguous(), final.to(accumulation_dtype(q.dtype)).contiguous()
+
+
+@retention_fwd.register_fake
+def _(q, k, v, gamma, scale, initial_state, form, chunk_size):
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    state = q.new_empty((B, H, K, V), dtype=accumulation_dtype(q.dtype))
+    return q.new_empty((B, H, T, V)), state
+
+
+@torch.library.custom_op("rtp::retention_bwd", mutates_args=())
+def retention_bwd(
+    do: Tensor,
+    dsf: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    final_state: Tensor,
+    form: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dgamma, d_initial_state); the last is zeros without a state."""
+    p = _planned(form, q, v, initial_state, chunk_size)
+    dq, dk, dv, dgamma, ds0 = dispatch.backward(
+        p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size
+    )
+    if ds0 is None:
+        ds0 = final_state.new_zeros(final_state.shape)
+    state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
+    return (
+        dq.to(q.dtype).contiguous(),
+        dk.to(k.dtype).contiguous(),
+        dv.to(v.dtype).contiguous(),
+        dgamma.to(gamma.dtype).reshape(gamma.shape).contiguous(),
+        ds0.to(state_dtype).contiguous(),
+    )
+
+
+@retention_bwd.register_fake
+def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size):
+    state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(gamma, memory_format=torch.contiguous_format),
+        final_state.new_empty(final_state.shape, dtype=state_dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gamma, scale, initial_state, form, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, gamma, initial_state, output[1])
+    ctx.scale, ctx.form, ctx.chunk_size = scale, form, chunk_size
+    ctx.has_state = initial_state is not None
+
+
+def _backward(ctx, do, dsf):
+    q, k, v, gamma, initial_state, final_state = ctx.saved_tensors
+    dq, dk, dv, dgamma, ds0 = torch.ops.rtp.retention_bwd(
+        do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size
+    )
+    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None
+
+
+retention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,61 @@
+"""Pick the implementation of a planned retention call: generated Triton kernels or aten.
+
+CUDA tensors use the Triton kernels when they are importable; CPU tensors use aten unless the
+``kernels`` option (``RTP_KERNELS=triton``) forces Triton, which then runs under
+``TRITON_INTERPRET=1``. A missing or broken Triton install falls back to aten with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import torch
+
+from .. import options as _options
+from . import aten_impl
+
+log = logging.getLogger("rtpcompile")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    try:
+        from .. import kernels
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no kernels"
+        warnings.warn(f"rtpcompile: Triton kernels unavailable ({exc}); using aten", stacklevel=3)
+        return None
+    if not getattr(kernels, "available", lambda: False)():
+        return None
+    return kernels
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    choice = _options.current().kernels
+    if choice == "aten":
+        return False
+    if choice == "auto" and not t.is_cuda:
+        return False
+    return _triton_module() is not None
+
+
+def forward(form, q, k, v, gamma, scale, initial_state, chunk_size):
+    if use_triton(q):
+        return _triton_module().triton_forward(
+            form, q, k, v, gamma, scale, initial_state, chunk_size
+        )
+    lg = torch.log(gamma.to(aten_impl.accumulation_dtype(q.dtype)))
+    return aten_impl.forward(form, q, k, v, lg, scale, initial_state, chunk_size)
+
+
+def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size):
+    if use_triton(q):
+        return _triton_module().triton_backward(
+            form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size
+        )
+
+    def run(q_, k_, v_, lg, scale_, state):
+        return aten_impl.forward(form, q_, k_, v_, lg, scale_, state, chunk_size)
+
+    return aten_impl.retention_backward(run, do, dsf, q, k, v, gamma, scale, s0, sf)

@@ -1,0 +1,107 @@
+"""Input checks for the public ops: every error names what was expected and what came."""
+
+from __future__ import annotations
+
+import torch
+
+from ..options import FORMS
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape [B, H, T, D], got {type(t)}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims [B, H, T, D], got {t.dim()} dims with shape {_shape(t)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise ValueError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+                + (" (complex inputs are not supported)" if t.is_complex() else "")
+            )
+    if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q, k and v must agree in [B, H, T]; got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q and k must have the same head dim K; got q K={q.shape[3]}, k K={k.shape[3]}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    # NOTE: reading values syncs the host; skip it while compiling or capturing a CUDA graph.
+    if torch.compiler.is_compiling():
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_gamma(gamma, q) -> torch.Tensor:
+    """Return gamma as a [H] floating tensor on q's device, or raise."""
+    H = q.shape[1]
+    if isinstance(gamma, (float, int)):
+        gamma = torch.full((H,), float(gamma), device=q.device)
+    if not isinstance(gamma, torch.Tensor):
+        raise ValueError(
+            f"gamma must be a tensor of shape [{H}] (one decay per head), got {type(gamma)}"
+        )
+    if gamma.dim() == 0:
+        gamma = gamma.expand(H)
+    if gamma.shape != (H,):
+        raise ValueError(f"gamma must have shape [{H}] (one decay per head), got {_shape(gamma)}")
+    if not gamma.is_floating_point():
+        raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
+    if gamma.device != q.device:
+        raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
+    if _values_checkable(gamma):
+        bad = (gamma <= 0) | (gamma > 1) | torch.isnan(gamma)
+        if bool(bad.any()):
+            raise ValueError(
+                f"gamma values must lie in (0, 1]; got {gamma.detach().cpu().tolist()}"
+            )
+    return gamma
+
+
+def check_state(state, q, v, name: str = "initial_state") -> None:
+    if state is None:
+        return
+    B, H, _, K = q.shape
+    V = v.shape[-1]
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(
+            f"{name} must be a tensor of shape [{B}, {H}, {K}, {V}], got {type(state)}"
+        )
+    if tuple(state.shape) != (B, H, K, V):
+        raise ValueError(
+            f"{name} must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], got {_shape(state)}"
+        )
+    if not state.is_floating_point():
+        raise ValueError(f"{name} must be floating (float32 expected), got {state.dtype}")
+    if state.device != q.device:
+        raise ValueError(f"{name} must be on {q.device} like q, got {state.device}")
+
+
+def check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+
+
+def check_chunk_size(chunk_size) -> int:
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size

@@ -1,0 +1,100 @@
+"""Public retention ops. Layout [B, H, T, D]; K = q/k head dim, V = v head dim.
+
+    o_t = scale * sum_{s <= t} gamma^(t - s) (q_t . k_s) v_s              (per head)
+    S_t = gamma * S_{t-1} + k_t^T v_t ,   o_t = scale * q_t S_t
+
+Every form computes the same function; they differ in cost. Low-precision inputs accumulate in
+float32 and states are float32 (float64 for float64 inputs). ``gamma`` is a per-head tensor in
+(0, 1] and receives a gradient. Each op is one ``torch.ops.rtp.retention_fwd`` call, so it
+composes with ``torch.compile`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lowering import (
+    custom_ops,  # noqa: F401  (registers torch.ops.rtp.*)
+    validate,
+)
+
+Tensor = torch.Tensor
+
+
+def retention_init_decay(num_heads: int, device=None, dtype=torch.float32) -> Tensor:
+    """The RetNet multi-scale decay: gamma_h = 1 - 2**(-5 - h), shape [num_heads]."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    exponents = -5.0 - torch.arange(num_heads, dtype=torch.float64, device=device)
+    return (1.0 - torch.pow(2.0, exponents)).to(dtype)
+
+
+def retention_init_state(batch: int, num_heads: int, k_dim: int, v_dim: int, device=None) -> Tensor:
+    """A zero recurrent state, float32 [batch, num_heads, k_dim, v_dim]."""
+    for name, n in (("batch", batch), ("num_heads", num_heads), ("k_dim", k_dim), ("v_dim", v_dim)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    return torch.zeros(batch, num_heads, k_dim, v_dim, dtype=torch.float32, device=device)
+
+
+def _call(q, k, v, gamma, scale, initial_state, form, chunk_size):
+    validate.check_qkv(q, k, v)
+    gamma = validate.check_gamma(gamma, q)
+    validate.check_state(initial_state, q, v)
+    validate.check_form(form)
+    chunk = validate.check_chunk_size(chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk)
+
+
+def retention_parallel(
+    q: Tensor, k: Tensor, v: Tensor, gamma, scale: float | None = None
+) -> Tensor:
+    """Whole-sequence form ``scale * ((Q K^T) * D) V``: O(T^2) memory, best for short T."""
+    o, _ = _call(q, k, v, gamma, scale, None, "parallel", None)
+    return o
+
+
+def retention_chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma,
+    chunk_size: int | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = True,
+    scale: float | None = None,
+):
+    """Parallel inside chunks, recurrent across them: O(T) memory. Returns (o, final_state|None).
+
+    With ``initial_state`` it continues a sequence exactly; the final state equals the
+    recurrent state after the same tokens.
+    """
+    o, s = _call(q, k, v, gamma, scale, initial_state, "chunkwise", chunk_size)
+    return o, (s if output_final_state else None)
+
+
+def retention_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, gamma, state: Tensor | None, scale: float | None = None
+):
+    """Token-by-token form for decoding (any T >= 1). Returns (o, new_state); state float32."""
+    return _call(q, k, v, gamma, scale, state, "recurrent", None)
+
+
+def retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma,
+    form: str = "auto",
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+):
+    """Retention in the given form; "auto" lets the planner pick from the real shapes at run time.
+
+    Returns ``o``, or ``(o, final_state)`` when ``output_final_state`` is True.
+    """
+    o, s = _call(q, k, v, gamma, scale, initial_state, form, chunk_size)
+    return (o, s) if output_final_state else o

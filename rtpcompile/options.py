@@ -1,0 +1,108 @@
+"""Backend and runtime options: from ``options={...}`` and ``RTP_*`` environment variables.
+
+An unknown option or a bad value is a ValueError that lists the valid ones. Environment
+variables are read at call time so tests and users can change them without re-importing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+FORMS = ("auto", "parallel", "chunkwise", "recurrent")
+KERNELS = ("auto", "aten", "triton")
+LOG_LEVELS = ("off", "info", "debug")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every option the backend and the rtp ops understand.
+
+    form:      force one lowering for every claimed region ("auto": the planner decides per call)
+    strict:    raise on anything detection or rewrite cannot handle instead of falling back
+    verify:    on the first call, run each region's original subgraph beside the op and compare
+    kernels:   "auto" (Triton on CUDA, aten on CPU), "aten", or "triton" (also on CPU tensors under
+               TRITON_INTERPRET=1 — how CI tests the kernels)
+    autotune:  benchmark candidate lowerings once per shape bucket and remember the winner
+    chunk_size: force the chunk size of the chunkwise form (None: planner decides)
+    log:       "off" | "info" | "debug" for the ``rtpcompile`` logger
+    """
+
+    form: str = "auto"
+    strict: bool = False
+    verify: bool = False
+    kernels: str = "auto"
+    autotune: bool = False
+    chunk_size: int | None = None
+    log: str = "off"
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {"form": FORMS, "kernels": KERNELS, "log": LOG_LEVELS}
+FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    default = getattr(Options(), name)
+    if name in _CHOICES:
+        value = str(value).lower()
+        if value not in _CHOICES[name]:
+            raise ValueError(
+                f"{source}: option {name!r} must be one of {list(_CHOICES[name])}, got {value!r}"
+            )
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(
+            f"{source}: option {name!r} must be a boolean (1/0/true/false), got {value!r}"
+        )
+    if name == "chunk_size":
+        if value is None or value == "":
+            return None
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            size = -1
+        if size < 1:
+            raise ValueError(
+                f"{source}: option 'chunk_size' must be a positive integer, got {value!r}"
+            )
+        return size
+    return value
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options set through ``RTP_<NAME>`` environment variables."""
+    environ = os.environ if environ is None else environ
+    found = {}
+    for name in FIELDS:
+        key = f"RTP_{name.upper()}"
+        if key in environ:
+            found[name] = _coerce(name, environ[key], f"environment variable {key}")
+    return found
+
+
+def resolve(options: Mapping[str, Any] | None = None) -> Options:
+    """Defaults, then ``RTP_*`` variables, then explicit ``options`` (highest priority)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown rtp option(s) {unknown}; valid options are {list(FIELDS)}")
+    values = from_env()
+    for name, value in options.items():
+        values[name] = _coerce(name, value, "options")
+    return Options(**values)
+
+
+def current() -> Options:
+    """Options visible to the runtime ops (environment only; the backend passes its own)."""
+    return resolve(None)

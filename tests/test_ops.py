@@ -1,0 +1,278 @@
+"""The public ops in every form against the float64 reference: outputs, states, grads, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtpcompile import ops
+from rtpcompile.lowering import reference as ref
+
+FORMS = ("parallel", "chunkwise", "recurrent")
+
+
+def make(B, H, T, K, V, dtype=torch.float64, seed=0, state=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=dtype) for d in (K, K, V))
+    s0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float64) if state else None
+    return q, k, v, s0
+
+
+def run(form, q, k, v, gamma, s0=None, chunk_size=None, scale=None):
+    return ops.retention(
+        q,
+        k,
+        v,
+        gamma,
+        form=form,
+        initial_state=s0,
+        output_final_state=True,
+        chunk_size=chunk_size,
+        scale=scale,
+    )
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(
+    "B,H,T,K,V,chunk",
+    [(1, 1, 1, 8, 8, 4), (2, 3, 63, 12, 20, 16), (1, 2, 65, 48, 80, 64), (2, 2, 130, 7, 5, 64)],
+    ids=lambda x: str(x),
+)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+def test_forms_match_reference(form, B, H, T, K, V, chunk, with_state):
+    q, k, v, s0 = make(B, H, T, K, V, state=with_state)
+    gamma = torch.linspace(0.5, 1.0, H, dtype=torch.float64)
+    o, s = run(form, q, k, v, gamma, s0, chunk)
+    ro, rs = ref.reference_recurrent(q, k, v, gamma, None, s0)
+    torch.testing.assert_close(o, ro, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, rs, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_forms_agree():
+    q, k, v, s0 = make(2, 3, 41, 6, 9, state=True)
+    gamma = torch.tensor([0.3, 0.9, 1.0], dtype=torch.float64)
+    ro, rs = ref.reference_recurrent(q, k, v, gamma, 0.7, s0)
+    for o, s in (
+        ref.reference_parallel(q, k, v, gamma, 0.7, s0),
+        ref.reference_chunkwise(q, k, v, gamma, 0.7, s0, chunk_size=8),
+    ):
+        torch.testing.assert_close(o, ro)
+        torch.testing.assert_close(s, rs)
+
+
+@settings(max_examples=25)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    T=st.integers(1, 300),
+    K=st.sampled_from([1, 3, 8, 12, 16, 33]),
+    V=st.sampled_from([1, 5, 8, 16, 20]),
+    chunk=st.sampled_from([1, 7, 16, 64, 128]),
+    gammas=st.lists(st.floats(1e-3, 1.0), min_size=3, max_size=3),
+    form=st.sampled_from(FORMS),
+    split=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_forms_agree_and_split_continues(B, H, T, K, V, chunk, gammas, form, split, seed):
+    q, k, v, _ = make(B, H, T, K, V, seed=seed)
+    gamma = torch.tensor(gammas[:H], dtype=torch.float64)
+    ro, rs = ref.reference_recurrent(q, k, v, gamma)
+    o, s = run(form, q, k, v, gamma, chunk_size=chunk)
+    torch.testing.assert_close(o, ro, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, rs, rtol=1e-9, atol=1e-9)
+    # split at a random point and carry the state: equals the whole sequence
+    cut = int(split * T)
+    o1, s1 = run(form, q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], gamma, chunk_size=chunk)
+    o2, s2 = run("chunkwise", q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], gamma, s1, chunk)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=2), ro, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s2, rs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+@pytest.mark.parametrize("T,K,V", [(1, 3, 2), (9, 3, 5), (13, 4, 4)], ids=lambda x: str(x))
+def test_gradcheck(form, with_state, T, K, V):
+    q, k, v, s0 = make(1, 2, T, K, V, state=with_state)
+    gamma = torch.tensor([0.8, 0.95], dtype=torch.float64)
+    inputs = [x.requires_grad_() for x in (q, k, v, gamma)]
+    if with_state:
+        inputs.append(s0.requires_grad_())
+
+    def f(*args):
+        s = args[4] if with_state else None
+        return run(form, *args[:4], s, chunk_size=4, scale=0.6)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_accumulates_in_float32(form, dtype):
+    q, k, v, _ = make(2, 2, 70, 16, 24, dtype=torch.float64)
+    gamma = torch.tensor([0.9, 0.99], dtype=torch.float64)
+    ro, rs = ref.reference_recurrent(q.to(dtype), k.to(dtype), v.to(dtype), gamma)
+    o, s = run(form, q.to(dtype), k.to(dtype), v.to(dtype), gamma.float(), chunk_size=16)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(o.double(), ro, rtol=tol, atol=tol * ro.abs().max().item())
+    torch.testing.assert_close(s.double(), rs, rtol=1e-4, atol=1e-4 * rs.abs().max().item())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gradients_float32_match_float64(form):
+    q, k, v, s0 = make(2, 2, 50, 12, 10, state=True)
+    gamma = torch.tensor([0.9, 0.97], dtype=torch.float64)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, gamma, s0)]
+        o, s = run(form, *leaves[:4], leaves[4], chunk_size=16)
+        (o.square().sum() + s.square().sum()).backward()
+        grads[dtype] = [x.grad.double() for x in leaves]
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64], strict=True):
+        torch.testing.assert_close(g32, g64, rtol=1e-3, atol=1e-3 * g64.abs().max().item())
+
+
+def test_permuted_and_sliced_inputs():
+    """[B, T, H, D] views and slices of a fused projection are read as they are."""
+    B, T, H, K = 2, 33, 3, 8
+    fused = torch.randn(B, T, H, 3 * K, dtype=torch.float64)
+    q, k, v = (x.transpose(1, 2) for x in fused.split(K, dim=-1))
+    assert not q.is_contiguous()
+    gamma = ops.retention_init_decay(H, dtype=torch.float64)
+    ro, _ = ref.reference_recurrent(q, k, v, gamma)
+    for form in FORMS:
+        torch.testing.assert_close(run(form, q, k, v, gamma)[0], ro)
+
+
+def test_long_sequence_stays_finite():
+    T = 100_000
+    q, k, v, _ = make(1, 1, T, 4, 4, dtype=torch.float32)
+    gamma = torch.tensor([1 - 2**-12])
+    o, s = ops.retention_chunkwise(q, k, v, gamma, chunk_size=256)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    tail = slice(T - 300, T)
+    # the last 300 outputs agree with a recurrent continuation from the state 300 tokens earlier
+    _, s_mid = ops.retention_chunkwise(
+        q[:, :, : T - 300], k[:, :, : T - 300], v[:, :, : T - 300], gamma
+    )
+    o_tail, s_end = ops.retention_recurrent(
+        q[:, :, tail], k[:, :, tail], v[:, :, tail], gamma, s_mid
+    )
+    torch.testing.assert_close(o_tail, o[:, :, tail], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s_end, s, rtol=1e-3, atol=1e-3)
+
+
+def test_tiny_gamma_and_gamma_one():
+    q, k, v, _ = make(1, 2, 200, 4, 4)
+    gamma = torch.tensor([1e-30, 1.0], dtype=torch.float64)
+    ro, rs = ref.reference_recurrent(q, k, v, gamma)
+    for form in FORMS:
+        o, s = run(form, q, k, v, gamma, chunk_size=64)
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, ro)
+        torch.testing.assert_close(s, rs)
+
+
+def test_empty_sequence():
+    q, k, v, s0 = make(2, 2, 0, 4, 6, state=True)
+    gamma = ops.retention_init_decay(2, dtype=torch.float64)
+    for form in FORMS:
+        o, s = run(form, q, k, v, gamma, s0)
+        assert o.shape == (2, 2, 0, 6)
+        torch.testing.assert_close(s, s0)
+
+
+def test_init_helpers():
+    gamma = ops.retention_init_decay(4)
+    torch.testing.assert_close(gamma, 1 - 2.0 ** (-5 - torch.arange(4.0)))
+    s = ops.retention_init_state(2, 4, 8, 16)
+    assert s.shape == (2, 4, 8, 16) and s.dtype == torch.float32 and not s.any()
+
+
+def test_gamma_gets_gradient_through_auto():
+    q, k, v, _ = make(1, 2, 20, 4, 4, dtype=torch.float32)
+    gamma = torch.tensor([0.9, 0.8], requires_grad=True)
+    ops.retention(q, k, v, gamma).sum().backward()
+    assert (
+        gamma.grad is not None and torch.isfinite(gamma.grad).all() and gamma.grad.abs().sum() > 0
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda q, k, v, g, s: (q[0], k, v, g, s), "q must have 4 dims"),
+        (lambda q, k, v, g, s: (q, k[:, :, :3], v, g, s), "must agree in [B, H, T]"),
+        (lambda q, k, v, g, s: (q, k[..., :3], v, g, s), "same head dim K"),
+        (lambda q, k, v, g, s: (q, k, v.double(), g, s), "share a dtype"),
+        (lambda q, k, v, g, s: (q, k, v, g[:1], s), "gamma must have shape [2]"),
+        (lambda q, k, v, g, s: (q, k, v, g * 0 + 1.5, s), "gamma values must lie in (0, 1]"),
+        (lambda q, k, v, g, s: (q, k, v, g * 0, s), "gamma values must lie in (0, 1]"),
+        (lambda q, k, v, g, s: (q, k, v, g, s[:, :, :2]), "initial_state must have shape"),
+        (lambda q, k, v, g, s: (q.to(torch.complex64), k, v, g, s), "complex"),
+        (lambda q, k, v, g, s: (q.int(), k.int(), v.int(), g, s), "must be float16"),
+    ],
+    ids=[
+        "rank",
+        "btq",
+        "kdim",
+        "dtype",
+        "gamma-shape",
+        "gamma>1",
+        "gamma=0",
+        "state",
+        "complex",
+        "int",
+    ],
+)
+def test_bad_input_messages(mutate, message):
+    q, k, v, _ = make(1, 2, 5, 4, 6, dtype=torch.float32)
+    s = torch.zeros(1, 2, 4, 6)
+    gamma = torch.tensor([0.9, 0.8])
+    args = mutate(q, k, v, gamma, s)
+    with pytest.raises(ValueError, match=pytest.importorskip("re").escape(message)):
+        ops.retention(*args[:4], initial_state=args[4])
+
+
+def test_bad_form_and_chunk_size():
+    q, k, v, _ = make(1, 1, 5, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="form must be one of"):
+        ops.retention(q, k, v, torch.tensor([0.9]), form="fast")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        ops.retention_chunkwise(q, k, v, torch.tensor([0.9]), chunk_size=0)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ops.retention_init_decay(0)
+
+
+def test_opcheck_with_permuted_inputs():
+    B, T, H, K, V = 2, 9, 2, 4, 6
+    q = torch.randn(B, T, H, K).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, H, K).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, H, V).transpose(1, 2).requires_grad_()
+    gamma = torch.tensor([0.9, 0.7], requires_grad=True)
+    s0 = torch.randn(B, H, K, V).requires_grad_()
+    for form in ("auto", *FORMS):
+        torch.library.opcheck(torch.ops.rtp.retention_fwd, (q, k, v, gamma, 0.5, s0, form, 4))
+        torch.library.opcheck(torch.ops.rtp.retention_fwd, (q, k, v, gamma, 0.5, None, form, 0))
+
+
+def test_compiles_fullgraph_dynamic():
+    def f(q, k, v, gamma):
+        return ops.retention(q, k, v, gamma).sin().sum()
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True, dynamic=True)
+    gamma = torch.tensor([0.9, 0.7], requires_grad=True)
+    for T in (5, 300, 7):
+        q, k, v, _ = make(1, 2, T, 4, 4, dtype=torch.float32, seed=T)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        out = compiled(*leaves, gamma)
+        out.backward()
+        got = [x.grad.clone() for x in (*leaves, gamma)]
+        for x in (*leaves, gamma):
+            x.grad = None
+        f(*leaves, gamma).backward()
+        for a, b in zip(got, [x.grad for x in (*leaves, gamma)], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        gamma.grad = None
