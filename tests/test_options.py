@@ -1,0 +1,45 @@
+"""Options: defaults, RTP_* environment variables, explicit options, and the errors for bad ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtpcompile import options
+
+
+def test_defaults():
+    opts = options.resolve({})
+    assert opts.form == "auto" and not opts.strict and not opts.verify and opts.kernels == "auto"
+
+
+def test_environment_then_explicit(monkeypatch):
+    monkeypatch.setenv("RTP_FORM", "chunkwise")
+    monkeypatch.setenv("RTP_STRICT", "1")
+    monkeypatch.setenv("RTP_CHUNK_SIZE", "32")
+    opts = options.resolve({"form": "parallel"})
+    assert opts.form == "parallel" and opts.strict is True and opts.chunk_size == 32
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown rtp option\(s\) \['fast'\]; valid options are"):
+        options.resolve({"fast": True})
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("form", "fastest", "must be one of ['auto', 'parallel', 'chunkwise', 'recurrent']"),
+        ("kernels", "cuda", "must be one of ['auto', 'aten', 'triton']"),
+        ("strict", "maybe", "must be a boolean"),
+        ("chunk_size", 0, "must be a positive integer"),
+    ],
+)
+def test_bad_values(name, value, message):
+    with pytest.raises(ValueError, match=pytest.importorskip("re").escape(message)):
+        options.resolve({name: value})
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("RTP_KERNELS", "fpga")
+    with pytest.raises(ValueError, match="environment variable RTP_KERNELS"):
+        options.current()
