@@ -1,0 +1,112 @@
+"""``rtpcompile export``: export an RTPHybridLM to MLIR with retention lowered to one form.
+
+rtpcompile export -o model.mlir                              chunkwise prefill, linalg-on-tensors
+rtpcompile export --form recurrent --dialect torch           a one-token decoding step (states in
+                                                             and out; retention-only models)
+rtpcompile export --checkpoint model.pt --seq-len 2048       a torch.save'd RTPHybridLM
+rtpcompile export --program                                  the decomposed torch.export program
+                                                             (no torch-mlir needed)
+
+The model comes from --checkpoint, else from the size flags (default: a small retention-only
+model). A summary (function signature, T x T tensor types found) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..export.decompose import DEFAULT_EXPORT_CHUNK, EXPORT_FORMS
+from ..export.mlir import DIALECTS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a model to MLIR (torch-mlir) with retention in one form",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--form", choices=EXPORT_FORMS, default="chunkwise")
+    p.add_argument("--dialect", choices=DIALECTS, default="linalg-on-tensors")
+    p.add_argument("--seq-len", type=int, default=512, help="T of the exported prefill")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_EXPORT_CHUNK)
+    p.add_argument("--position", type=int, default=1, help="recurrent step: tokens already seen")
+    p.add_argument("--checkpoint", help="a torch.save'd model (loaded with weights_only=False)")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ratio", type=float, default=1.0, help="fraction of retention layers")
+    p.add_argument("--program", action="store_true", help="print the decomposed FX program")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.set_defaults(func=run)
+
+
+def _model(args):
+    import torch
+
+    from ..nn import RTPHybridLM
+
+    if args.checkpoint:
+        # NOTE: a full pickled module; only load checkpoints you trust.
+        model = torch.load(args.checkpoint, weights_only=False)
+    else:
+        torch.manual_seed(0)
+        model = RTPHybridLM(args.vocab, args.dim, args.layers, args.heads, ratio=args.ratio)
+    return model.eval()
+
+
+def _inputs(args, model):
+    import torch
+
+    from ..export.step import DecodeStep
+
+    vocab = model.config.vocab_size
+    if args.form == "recurrent":
+        step = DecodeStep(model, args.position)
+        ids = torch.randint(0, vocab, (args.batch, 1))
+        return step, (ids, *step.initial_states(args.batch)), 1
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len))
+    return model, (ids,), args.seq_len
+
+
+def _signature(text: str) -> str:
+    start = text.find("func.func")
+    return text[start : text.find("{", start)].strip() if start >= 0 else "(no func.func found)"
+
+
+def run(args) -> int:
+    from .. import export
+
+    for name in ("seq_len", "batch", "chunk_size"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        target, inputs, seq_len = _inputs(args, _model(args))
+        if args.program:
+            program = export.export_program(
+                target, *inputs, form=args.form, chunk_size=args.chunk_size
+            )
+            text = program.graph_module.print_readable(print_output=False)
+            quadratic = export.quadratic_node_shapes(program, seq_len) if seq_len > 1 else []
+        else:
+            module = export.export_mlir(
+                target, *inputs, form=args.form, dialect=args.dialect, chunk_size=args.chunk_size
+            )
+            text = str(module)
+            quadratic = export.quadratic_tensor_types(text, seq_len) if seq_len > 1 else []
+    except (ImportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if not args.program:
+        print(_signature(text), file=sys.stderr)
+    print(f"T x T tensors (T={seq_len}): {len(quadratic)} {quadratic[:4]}", file=sys.stderr)
+    return 0

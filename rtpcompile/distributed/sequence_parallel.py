@@ -1,0 +1,132 @@
+"""Run a whole RTPHybridLM forward with the sequence sharded across ranks (context parallelism).
+
+Rank r holds the r-th consecutive piece of every sequence. Token-wise layers (embedding, norms,
+feed-forward, LM head) need nothing from other ranks. Mixers do:
+
+* retention (MultiScaleRetention): :func:`context_parallel_retention` -- one all-gather of a
+  [B, H, K, V] state per layer, independent of the sequence length;
+* attention (CausalSelfAttention): every rank all-gathers the rotated keys and values of all
+  ranks and attends to the earlier ranks' and its own -- per layer that moves
+  ``2 * B * T_max * H * D * world`` numbers and each rank keeps up to the whole sequence's
+  K/V, so attention layers keep their O(T) memory and O(T^2) compute (split across ranks).
+
+The mixers are swapped for context-parallel wrappers for the duration of one call; the model's
+own forward (and its parameters) are used unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.attention import CausalSelfAttention
+from ..nn.retention import MultiScaleRetention
+from ..nn.rotary import rotate_qk
+from .collectives import all_gather_along, all_gather_lengths, depend_on, group_rank_and_size
+from .context_parallel import context_parallel_retention
+
+
+def shard_lengths(total: int, world_size: int) -> list[int]:
+    """Split ``total`` positions into ``world_size`` consecutive pieces, the first ones longer."""
+    if total < 0 or world_size < 1:
+        raise ValueError(f"need total >= 0 and world_size >= 1, got {total}, {world_size}")
+    base, extra = divmod(total, world_size)
+    return [base + (r < extra) for r in range(world_size)]
+
+
+def shard_sequence(x: Tensor, rank: int, lengths: list[int], dim: int = 1) -> Tensor:
+    """This rank's piece of ``x`` along ``dim`` given every rank's length (sum = x.shape[dim])."""
+    if sum(lengths) != x.shape[dim]:
+        raise ValueError(
+            f"shard lengths {lengths} sum to {sum(lengths)}, expected x.shape[{dim}] = "
+            f"{x.shape[dim]}"
+        )
+    return x.narrow(dim, sum(lengths[:rank]), lengths[rank])
+
+
+class _ShardInfo:
+    def __init__(self, group: dist.ProcessGroup | None, lengths: list[int], rank: int) -> None:
+        self.group, self.lengths, self.rank = group, lengths, rank
+        self.offset = sum(lengths[:rank])
+
+
+class _CPRetention(nn.Module):
+    def __init__(self, inner: MultiScaleRetention, info: _ShardInfo) -> None:
+        super().__init__()
+        self.inner, self.info = inner, info
+
+    def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+        msr = self.inner
+        q, k, v = msr.project(x, self.info.offset + offset)
+        gamma = msr.log_decay().exp()
+        y, _ = context_parallel_retention(q, k, v, gamma, self.info.group, scale=msr.scale)
+        return msr.output(y.to(x.dtype), x)
+
+
+class _CPAttention(nn.Module):
+    def __init__(self, inner: CausalSelfAttention, info: _ShardInfo) -> None:
+        super().__init__()
+        self.inner, self.info = inner, info
+
+    def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+        att, info = self.inner, self.info
+        B, T, _ = x.shape
+        q, k, v = (
+            proj(x).view(B, T, att.num_heads, att.head_dim).transpose(1, 2)
+            for proj in (att.q_proj, att.k_proj, att.v_proj)
+        )
+        if att.rotary:
+            q, k = rotate_qk(q, k, info.offset + offset, att.rope_base)
+        keys = all_gather_along(k, 2, info.lengths, info.group)
+        values = all_gather_along(v, 2, info.lengths, info.group)
+        k_all = torch.cat([*keys[: info.rank], k], dim=2)
+        v_all = torch.cat([*values[: info.rank], v], dim=2)
+        L = k_all.shape[2]
+        q_pos = torch.arange(L - T, L, device=x.device)
+        mask = torch.arange(L, device=x.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        # NOTE: rank 0 reads no gathered keys; the edge keeps its gather's backward (an
+        # all-reduce every rank must join) in the graph.
+        y = depend_on(y, keys[-1], values[-1])
+        y = y.transpose(1, 2).reshape(B, T, att.num_heads * att.head_dim)
+        return att.out_proj(y) if att.out_proj is not None else y
+
+
+_WRAPPERS = {MultiScaleRetention: _CPRetention, CausalSelfAttention: _CPAttention}
+
+
+@contextlib.contextmanager
+def _sharded_mixers(model: nn.Module, info: _ShardInfo):
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            wrapper = _WRAPPERS.get(type(child))
+            if wrapper is not None:
+                setattr(parent, name, wrapper(child, info))
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def context_parallel_forward(
+    model: nn.Module, input_ids: Tensor, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Logits for this rank's shard of the sequence, [B, T_r, vocab].
+
+    ``model`` is an ``RTPHybridLM`` (or any model whose mixers are ``MultiScaleRetention`` /
+    ``CausalSelfAttention`` and whose other layers act token by token), identical on every
+    rank; ``input_ids`` [B, T_r] is this rank's consecutive piece (rank order = sequence order,
+    lengths may differ and may be 0). Concatenating the ranks' logits gives ``model(ids)``.
+    Every rank must call it, and run backward when training. Not for cached decoding.
+    """
+    rank, _ = group_rank_and_size(group)
+    lengths = all_gather_lengths(input_ids.shape[1], input_ids.device, group)
+    with _sharded_mixers(model, _ShardInfo(group, lengths, rank)):
+        return model(input_ids)

@@ -1,0 +1,72 @@
+"""Models written in the parallel form: find their retention regions with the rtp backend.
+
+The backend's detection runs on Dynamo FX graphs, so the model is captured once with
+``torch.compile(fullgraph=True)`` and a capturing backend that runs detection and rewrite inside
+the compile (where Dynamo's tracing context is live). The rewritten graph, which calls the rtp
+op for every claimed region, is then replayed by :class:`ReplayModule` with the model's own
+parameters and buffers, ready for ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ReplayModule(nn.Module):
+    """Calls a captured Dynamo graph; parameters and buffers are read from ``model``."""
+
+    def __init__(self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]], model):
+        super().__init__()
+        self.graph, self.model, self.sources = graph, model, sources
+
+    def forward(self, *args):
+        inputs = []
+        for kind, where in self.sources:
+            if kind == "arg":
+                inputs.append(args[where])
+            elif kind == "param":
+                inputs.append(self.model.get_parameter(where))
+            else:
+                inputs.append(self.model.get_buffer(where))
+        out = self.graph(*inputs)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+
+def _sources(example_inputs: list, model: nn.Module, args: tuple) -> list[tuple[str, object]]:
+    by_id: dict[int, tuple[str, object]] = {}
+    for name, p in model.named_parameters():
+        by_id[id(p)] = ("param", name)
+    for name, b in model.named_buffers():
+        by_id[id(b)] = ("buffer", name)
+    for i, a in enumerate(args):
+        by_id[id(a)] = ("arg", i)
+    sources = []
+    for i, x in enumerate(example_inputs):
+        if id(x) not in by_id:
+            raise ValueError(
+                f"captured graph input {i} ({type(x).__name__}) is neither an argument nor a "
+                "parameter or buffer of the model; pass tensors as arguments"
+            )
+        sources.append(by_id[id(x)])
+    return sources
+
+
+def rewrite_with_backend(model: nn.Module, args: tuple):
+    """(ReplayModule whose graph calls the rtp op per claimed region, regions) for ``model``."""
+    from .. import options
+    from ..backend import detect_and_rewrite
+
+    captured: dict = {}
+
+    def capture(gm, example_inputs, **kwargs):
+        new_gm, regions = detect_and_rewrite(gm, example_inputs, options.resolve(None))
+        captured.update(gm=new_gm, regions=regions, inputs=list(example_inputs))
+        return gm.forward
+
+    # NOTE: a fresh backend object gets its own Dynamo cache entry; static shapes match export.
+    torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args)
+    if "gm" not in captured:
+        raise RuntimeError("Dynamo did not produce a graph for the model")
+    sources = _sources(captured["inputs"], model, args)
+    return ReplayModule(captured["gm"], sources, model), captured["regions"]

@@ -1,0 +1,129 @@
+"""Plain-aten decompositions of ``rtp::retention_fwd``, one per form, traceable by torch.export.
+
+Each function has the op's signature and computes the op's result (o in q's dtype, the final
+state in float32 / float64) with static Python control flow only: the chunkwise form loops over
+the ``ceil(T / C)`` chunks of the export's fixed T (unrolled into the program, O(T * C) memory,
+no T x T tensor), the recurrent form over the T tokens (meant for one-token decoding steps).
+Decays are ``exp(n * log gamma)`` with n >= 0 only, as in the runtime op.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..lowering.aten_impl import accumulation_dtype
+
+Tensor = torch.Tensor
+EXPORT_FORMS = ("chunkwise", "recurrent", "parallel")
+DEFAULT_EXPORT_CHUNK = 64
+
+
+def _decay(log_gamma: Tensor, exponents: Tensor) -> Tensor:
+    """gamma_h ** exponents (exponents >= 0, float), shape [H, *exponents.shape]."""
+    return torch.exp(log_gamma.reshape(-1, *([1] * exponents.dim())) * exponents)
+
+
+def _causal_decay(log_gamma: Tensor, n: int) -> Tensor:
+    """[H, n, n]: gamma ** (i - j) on and below the diagonal, 0 above."""
+    pos = torch.arange(n, dtype=log_gamma.dtype, device=log_gamma.device)
+    diff = pos[:, None] - pos[None, :]
+    return _decay(log_gamma, diff.clamp(min=0)) * (diff >= 0).to(log_gamma.dtype)
+
+
+def _prepare(q, k, v, gamma, initial_state):
+    acc = accumulation_dtype(q.dtype)
+    B, H, _, K = q.shape
+    state = (
+        q.new_zeros(B, H, K, v.shape[-1], dtype=acc)
+        if initial_state is None
+        else initial_state.to(acc)
+    )
+    return acc, q.to(acc), k.to(acc), v.to(acc), torch.log(gamma.to(acc)), state
+
+
+def chunkwise(q, k, v, gamma, scale, initial_state, chunk_size: int = DEFAULT_EXPORT_CHUNK):
+    """Parallel inside chunks of C tokens, an unrolled state recurrence across them."""
+    out_dtype = q.dtype
+    acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
+    B, H, T, K = q.shape
+    C = max(1, min(int(chunk_size), T))
+    N = math.ceil(T / C)
+    last = T - (N - 1) * C  # real tokens in the last chunk
+    q, k, v = (F.pad(x, (0, 0, 0, N * C - T)).reshape(B, H, N, C, -1) for x in (q, k, v))
+    pos = torch.arange(C, dtype=acc, device=q.device)
+
+    # [B, H, N, C, K] @ [B, H, N, K, C] -> [B, H, N, C, C]; then @ [B, H, N, C, V]
+    intra = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, C)[:, None]) @ v
+    # each chunk's keys decayed to the chunk's end: [B, H, N, K, V]
+    chunk_kv = (k * _decay(lg, C - 1 - pos)[:, None, :, None]).transpose(-1, -2) @ v
+    whole = torch.exp(lg * float(C))[:, None, None]
+    incoming = []
+    for n in range(N):
+        incoming.append(state)
+        if n < N - 1:
+            state = whole * state + chunk_kv[:, :, n]
+    inter = (q * _decay(lg, pos + 1)[:, None, :, None]) @ torch.stack(incoming, dim=2)
+    o = (intra + inter).reshape(B, H, N * C, -1)[:, :, :T] * scale
+
+    # the last chunk's real keys decayed to position T - 1 (padded keys are zero)
+    tail = (last - 1 - pos).clamp(min=0)
+    last_kv = (k[:, :, -1] * _decay(lg, tail)[..., None]).transpose(-1, -2) @ v[:, :, -1]
+    final = torch.exp(lg * float(last))[:, None, None] * state + last_kv
+    return o.to(out_dtype), final
+
+
+def recurrent(q, k, v, gamma, scale, initial_state):
+    """S_t = gamma S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, one unrolled step per token."""
+    out_dtype = q.dtype
+    acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
+    g = torch.exp(lg)[:, None, None]
+    outs = []
+    for t in range(q.shape[2]):
+        state = g * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(q[:, :, t, None, :] @ state)  # [B, H, 1, V]
+    o = torch.cat(outs, dim=2) * scale
+    return o.to(out_dtype), state
+
+
+def parallel(q, k, v, gamma, scale, initial_state):
+    """scale * ((Q K^T) * D) V plus the incoming state: a T x T score matrix."""
+    out_dtype = q.dtype
+    acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
+    T = q.shape[2]
+    pos = torch.arange(T, dtype=acc, device=q.device)
+    o = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, T)) @ v
+    o = (o + (q * _decay(lg, pos + 1)[..., None]) @ state) * scale
+    final = (k * _decay(lg, T - 1 - pos)[..., None]).transpose(-1, -2) @ v
+    final = final + torch.exp(lg * float(T))[:, None, None] * state
+    return o.to(out_dtype), final
+
+
+def _retention_fwd_as(form: str, chunk_size: int, q, k, v, gamma, scale, s0, _form, _chunk):
+    # NOTE: the export's form wins over the one recorded in the op (usually "auto", which the
+    # runtime planner resolves from real shapes); an explicit chunk size in the op is kept.
+    if q.shape[2] == 0:
+        acc = accumulation_dtype(q.dtype)
+        B, H, _, K = q.shape
+        state = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if s0 is None else s0.to(acc)
+        return q.new_zeros(B, H, 0, v.shape[-1]), state
+    if form == "chunkwise":
+        return chunkwise(q, k, v, gamma, scale, s0, _chunk if _chunk > 0 else chunk_size)
+    if form == "recurrent":
+        return recurrent(q, k, v, gamma, scale, s0)
+    return parallel(q, k, v, gamma, scale, s0)
+
+
+def decomposition_table(form: str, chunk_size: int = DEFAULT_EXPORT_CHUNK) -> dict:
+    """{torch.ops.rtp.retention_fwd.default: <the form's plain-aten implementation>}."""
+    if form not in EXPORT_FORMS:
+        raise ValueError(f"form must be one of {list(EXPORT_FORMS)}, got {form!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    from ..lowering import custom_ops  # noqa: F401  (registers torch.ops.rtp.*)
+
+    fn = functools.partial(_retention_fwd_as, form, chunk_size)
+    return {torch.ops.rtp.retention_fwd.default: fn}

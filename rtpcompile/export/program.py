@@ -1,0 +1,138 @@
+"""Step 1 of the MLIR export: a torch.export program with every retention region decomposed.
+
+Retention regions reach the exported program as ``torch.ops.rtp.retention_fwd`` nodes: models
+that call :mod:`rtpcompile.ops` produce them directly, and the reference
+``MultiScaleRetention`` modules (written in the paper's parallel form) are routed through the
+op for the duration of the export. ``run_decompositions`` then replaces each op node by the
+chosen form's plain-aten decomposition (:mod:`.decompose`), so no custom op is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn.retention import MultiScaleRetention
+from .decompose import DEFAULT_EXPORT_CHUNK, decomposition_table
+
+
+class _RetentionViaOp(nn.Module):
+    """MultiScaleRetention with its parallel/recurrent core replaced by one rtp op call."""
+
+    def __init__(self, inner: MultiScaleRetention) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, offset: int = 0, return_state: bool = False
+    ):
+        msr = self.inner
+        q, k, v = msr.project(x, offset)
+        gamma = msr.log_decay().exp()
+        y, new_state = ops.retention(
+            q, k, v, gamma, scale=msr.scale, initial_state=state, output_final_state=True
+        )
+        out = msr.output(y.to(x.dtype), x)
+        return out if state is None and not return_state else (out, new_state)
+
+    def forward_cached(self, x: Tensor, layer_cache, offset: int) -> Tensor:
+        state = layer_cache.state if offset > 0 else None
+        out, layer_cache.state = self(x, state=state, offset=offset, return_state=True)
+        return out
+
+
+@contextlib.contextmanager
+def retention_via_ops(model: nn.Module):
+    """Temporarily route every ``MultiScaleRetention`` inside ``model`` through the rtp op."""
+    swapped = []
+    targets = [model] if isinstance(model, MultiScaleRetention) else []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MultiScaleRetention):
+                setattr(parent, name, _RetentionViaOp(child))
+                swapped.append((parent, name, child))
+    try:
+        yield _RetentionViaOp(model) if targets else model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def rtp_op_count(program: torch.export.ExportedProgram) -> int:
+    """How many rtp custom-op nodes the program still holds."""
+    return sum(
+        1
+        for n in program.graph.nodes
+        if n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "rtp"
+    )
+
+
+def export_program(
+    model: nn.Module,
+    *args,
+    form: str = "chunkwise",
+    chunk_size: int = DEFAULT_EXPORT_CHUNK,
+    kwargs: dict | None = None,
+    detect: bool | None = None,
+) -> torch.export.ExportedProgram:
+    """torch.export ``model(*args, **kwargs)`` with retention decomposed into ``form``.
+
+    ``form`` "chunkwise" (linear memory, no T x T tensor), "recurrent" (token by token: export a
+    one-token step that takes and returns the state) or "parallel" (T x T scores).
+    ``detect``: also find regions written in the parallel form with the rtp backend's detection
+    (a Dynamo capture, see :mod:`.capture`); None (default) does so only when the model has
+    neither reference retention modules nor rtp op calls.
+    """
+    table = decomposition_table(form, chunk_size)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model)}")
+    has_reference = any(isinstance(m, MultiScaleRetention) for m in model.modules())
+    with retention_via_ops(model) as routed, torch.no_grad(), warnings.catch_warnings():
+        # NOTE: torch.export trips its own pytree deprecation warnings (torch 2.13).
+        warnings.simplefilter("ignore", FutureWarning)
+        program = _export(routed, args, kwargs)
+        if detect or (detect is None and not has_reference and not rtp_op_count(program)):
+            if kwargs:
+                raise ValueError("detect=True needs positional arguments only")
+            from .capture import rewrite_with_backend
+
+            replay, _ = rewrite_with_backend(routed, tuple(args))
+            program = _export(replay, args, None)
+        program = program.run_decompositions(table)
+    left = rtp_op_count(program)
+    if left:
+        raise RuntimeError(f"{left} rtp op node(s) survived the {form} decomposition")
+    return program
+
+
+def _export(module: nn.Module, args, kwargs) -> torch.export.ExportedProgram:
+    return torch.export.export(module, tuple(args), kwargs or {}, strict=False)
+
+
+def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -> list[str]:
+    """Nodes whose value has two dims equal to ``seq_len`` (a T x T intermediate): 'name: shape'."""
+    found = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and list(val.shape).count(seq_len) >= 2:
+            found.append(f"{node.name}: {tuple(val.shape)}")
+    return found
+
+
+_TENSOR_TYPE = re.compile(r"tensor<([0-9?x]+)x[a-z]+[0-9]*>|vtensor<\[([0-9?,\-]+)\]")
+
+
+def quadratic_tensor_types(mlir_text: str, seq_len: int) -> list[str]:
+    """MLIR tensor types (builtin ``tensor<AxBxf32>`` or ``!torch.vtensor<[A,B],f32>``) with two
+    dims equal to ``seq_len``."""
+    found = set()
+    for match in _TENSOR_TYPE.finditer(mlir_text):
+        dims = re.split(r"[x,]", match.group(1) or match.group(2))
+        if dims.count(str(seq_len)) >= 2:
+            found.add(match.group(0))
+    return sorted(found)

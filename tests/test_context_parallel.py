@@ -1,0 +1,199 @@
+"""Context-parallel retention on 2 and 4 CPU processes (gloo) against one-process chunkwise.
+
+One spawn per world size runs every scenario (spawning dominates the cost); each test then
+checks one scenario's outputs, end states and gradients against the float64 single-process
+result. Loss on rank r = <o_r, w_r> (+ <S_final, w_s> on the last rank), so the sum over ranks
+is the single-process loss and gradients must match exactly (summed over ranks for gamma and
+the initial state, which every rank holds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rtpcompile import ops
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"
+)
+
+# name -> (B, H, K, V, chunk, lengths for world 2, lengths for world 4, initial state?)
+CASES = {
+    "even": (2, 2, 4, 4, 4, [12, 12], [6, 6, 6, 6], False),
+    "uneven_k_ne_v": (1, 3, 3, 5, 4, [5, 14], [7, 1, 9, 3], False),
+    "empty_shard": (1, 2, 4, 6, 8, [0, 13], [5, 0, 9, 0], False),
+    "initial_state": (2, 2, 4, 2, 3, [9, 4], [2, 5, 0, 6], True),
+    "float32": (1, 2, 8, 8, 16, [40, 33], [20, 20, 20, 13], False),
+}
+
+
+def _case_tensors(name: str, world: int) -> dict:
+    B, H, K, V, chunk, l2, l4, with_state = CASES[name]
+    dtype = torch.float32 if name == "float32" else torch.float64
+    lengths = l2 if world == 2 else l4
+    T = sum(lengths)
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    t = {
+        "q": torch.randn(B, H, T, K, generator=g, dtype=dtype),
+        "k": torch.randn(B, H, T, K, generator=g, dtype=dtype),
+        "v": torch.randn(B, H, T, V, generator=g, dtype=dtype),
+        # one head at gamma = 1 exactly, others well inside (0, 1)
+        "gamma": torch.cat([torch.ones(1), torch.rand(H - 1, generator=g) * 0.4 + 0.55]).to(dtype),
+        "w_o": torch.randn(B, H, T, V, generator=g, dtype=dtype),
+        "w_s": torch.randn(B, H, K, V, generator=g, dtype=dtype),
+        "s0": torch.randn(B, H, K, V, generator=g, dtype=dtype) if with_state else None,
+    }
+    t.update(lengths=lengths, chunk=chunk)
+    return t
+
+
+def _reference(t: dict) -> dict:
+    leaves = {n: t[n].clone().requires_grad_() for n in ("q", "k", "v", "gamma")}
+    s0 = None if t["s0"] is None else t["s0"].clone().requires_grad_()
+    o, s = ops.retention_chunkwise(
+        leaves["q"], leaves["k"], leaves["v"], leaves["gamma"], t["chunk"], initial_state=s0
+    )
+    ((o * t["w_o"]).sum() + (s * t["w_s"]).sum()).backward()
+    out = {"o": o.detach(), "final": s.detach(), **{f"d{n}": x.grad for n, x in leaves.items()}}
+    out["ds0"] = None if s0 is None else s0.grad
+    return out
+
+
+def _shard(x: torch.Tensor, rank: int, lengths: list[int]) -> torch.Tensor:
+    return x.narrow(2, sum(lengths[:rank]), lengths[rank]).clone()
+
+
+def _retention_worker(rank: int, world: int, t: dict) -> dict:
+    from rtpcompile.distributed import context_parallel_retention
+
+    lengths = t["lengths"]
+    q, k, v = (_shard(t[n], rank, lengths).requires_grad_() for n in ("q", "k", "v"))
+    gamma = t["gamma"].clone().requires_grad_()
+    s0 = None if t["s0"] is None else t["s0"].clone().requires_grad_()
+    o, end = context_parallel_retention(q, k, v, gamma, chunk_size=t["chunk"], initial_state=s0)
+    loss = (o * _shard(t["w_o"], rank, lengths)).sum()
+    if rank == world - 1:
+        loss = loss + (end * t["w_s"]).sum()
+    loss.backward()
+    return {
+        "o": o.detach(),
+        "end": end.detach(),
+        "dq": q.grad,
+        "dk": k.grad,
+        "dv": v.grad,
+        "dgamma": gamma.grad,
+        "ds0": None if s0 is None else s0.grad,
+    }
+
+
+def _model(layout: str):
+    from rtpcompile.nn import RTPHybridLM
+
+    torch.manual_seed(0)
+    return RTPHybridLM(
+        vocab_size=32, dim=16, num_layers=3, num_heads=2, layout=layout, ratio=2 / 3,
+        learnable_decay=True,
+    ).double()  # fmt: skip
+
+
+def _model_worker(rank: int, world: int, layout: str, ids: torch.Tensor, lengths: list[int]):
+    from rtpcompile.distributed import context_parallel_forward, shard_sequence
+
+    model = _model(layout)
+    logits = context_parallel_forward(model, shard_sequence(ids, rank, lengths))
+    target = shard_sequence(ids.roll(-1, 1), rank, lengths)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+    )
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"logits": logits.detach(), "grads": grads}
+
+
+def _all_scenarios(rank: int, world: int, cases: dict, model_args: list) -> dict:
+    out = {name: _retention_worker(rank, world, t) for name, t in cases.items()}
+    for layout, ids, lengths in model_args:
+        out[f"model_{layout}"] = _model_worker(rank, world, layout, ids, lengths)
+    return out
+
+
+MODEL_LENGTHS = {2: [7, 10], 4: [3, 6, 0, 8]}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def spawned(request):
+    from rtpcompile.distributed import run_local
+
+    world = request.param
+    cases = {name: _case_tensors(name, world) for name in CASES}
+    ids = torch.randint(0, 32, (2, sum(MODEL_LENGTHS[world])), generator=torch.Generator())
+    model_args = [(layout, ids, MODEL_LENGTHS[world]) for layout in ("B", "C")]
+    results = run_local(_all_scenarios, world, args=(cases, model_args))
+    return world, cases, model_args, results
+
+
+def _close(actual, expected, name: str) -> None:
+    tol = 1e-9 if actual.dtype == torch.float64 else 3e-4
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_retention_matches_single_process(spawned, case):
+    world, cases, _, results = spawned
+    t, ref = cases[case], _reference(cases[case])
+    per_rank = [r[case] for r in results]
+    _close(torch.cat([r["o"] for r in per_rank], dim=2), ref["o"], "output")
+    _close(per_rank[-1]["end"], ref["final"], "final state")
+    for n in ("dq", "dk", "dv"):
+        _close(torch.cat([r[n] for r in per_rank], dim=2), ref[n], n)
+    _close(sum(r["dgamma"] for r in per_rank), ref["dgamma"], "dgamma (summed over ranks)")
+    if ref["ds0"] is not None:
+        _close(sum(r["ds0"] for r in per_rank), ref["ds0"], "d initial_state (summed)")
+    # every rank's end state is the state after its last position
+    for rank, r in enumerate(per_rank):
+        upto = sum(t["lengths"][: rank + 1])
+        _, s = ops.retention_chunkwise(
+            t["q"][:, :, :upto], t["k"][:, :, :upto], t["v"][:, :, :upto], t["gamma"],
+            initial_state=t["s0"],
+        )  # fmt: skip
+        _close(r["end"], s, f"end state of rank {rank}")
+
+
+@pytest.mark.parametrize("layout", ["B", "C"])
+def test_model_forward_matches_single_process(spawned, layout):
+    world, _, model_args, results = spawned
+    (_, ids, lengths) = next(a for a in model_args if a[0] == layout)
+    model = _model(layout)
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids.roll(-1, 1).reshape(-1), reduction="sum"
+    )
+    loss.backward()
+    per_rank = [r[f"model_{layout}"] for r in results]
+    _close(torch.cat([r["logits"] for r in per_rank], dim=1), logits.detach(), "logits")
+    for name, p in model.named_parameters():
+        total = sum(r["grads"][name] for r in per_rank if name in r["grads"])
+        _close(total, p.grad, f"grad of {name} (summed over ranks)")
+
+
+def test_needs_process_group():
+    from rtpcompile.distributed import context_parallel_retention
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="init_process_group"):
+        context_parallel_retention(q, q, q, torch.tensor([0.9]))
+
+
+def test_bad_inputs_are_rejected_before_any_collective():
+    from rtpcompile.distributed import context_parallel_retention, shard_lengths, shard_sequence
+
+    q = torch.randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="gamma"):
+        context_parallel_retention(q, q, q, torch.tensor([0.9, 1.5]))
+    assert shard_lengths(10, 4) == [3, 3, 2, 2]
+    with pytest.raises(ValueError, match="sum to"):
+        shard_sequence(torch.zeros(1, 5), 0, [2, 2])
