@@ -26,6 +26,8 @@ case "$want" in
         # torchscale's RetNet is a third-party test subject; its other requirements (timm, ...) are
         # not needed by the parts we test and would pull another torch, hence --no-deps.
         pip install --no-deps "torchscale==0.3.0" || echo "torchscale unavailable: its tests will skip"
+        # torch-mlir wheels pin no torch; --no-deps keeps the installed one.
+        pip install --no-deps "torch-mlir==20261001" || echo "torch-mlir unavailable: MLIR import tests will skip"
         ;;
     *) echo "usage: bootstrap.sh demo|test" >&2; exit 2 ;;
 esac
