@@ -1,0 +1,161 @@
+"""Hybrid decoding cache for retrofitted Hugging Face models.
+
+Attention layers keep their usual growing K/V (a ``DynamicLayer``); a converted layer keeps a
+fixed-size float32 retention state ``[B, H, K, V]`` (plus K/V for its attention heads when
+``head_mix`` keeps some). ``RetentionCacheLayer`` subclasses the transformers cache-layer base
+class and reports the number of tokens it has seen, so position ids, causal masks and
+``generate()`` work unchanged, even when every layer was converted.
+
+Supported transformers: the ``Cache``/``CacheLayerMixin`` layer API (transformers >= 4.56,
+tested with 5.23). The import is optional: without transformers only plain models work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # NOTE: the one place the optional dependency is imported.
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+except ImportError:  # pragma: no cover - exercised only without transformers
+    Cache = CacheLayerMixin = DynamicCache = None
+
+
+def _require_transformers() -> None:
+    if Cache is None:
+        raise ImportError(
+            "the hybrid cache needs transformers >= 4.56 (pip install 'rtpcompile[hf]')"
+        )
+
+
+if CacheLayerMixin is not None:
+
+    class RetentionCacheLayer(CacheLayerMixin):
+        """One converted layer: retention ``state`` [B, H_ret, K, V] and, for type-C layers, the
+        attention heads' ``keys``/``values`` [B, H_kv_att, T, D]. ``seen`` counts positions."""
+
+        is_sliding = False
+        is_croppable = False
+        is_compileable = False
+        supports_early_init = False
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+            self.state: Tensor | None = None
+            self.seen = 0
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            return None
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+            """Append attention-head K/V (type-C layers); returns the full K/V."""
+            if self.keys is None:
+                self.keys, self.values = key_states, value_states
+            else:
+                self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.seen + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def offload(self) -> None:
+            return None
+
+        def prefetch(self) -> None:
+            return None
+
+        def reset(self) -> None:
+            self.state = self.keys = self.values = None
+            self.seen = 0
+
+        def _map(self, fn) -> None:
+            self.state = None if self.state is None else fn(self.state)
+            self.keys = None if self.keys is None else fn(self.keys)
+            self.values = None if self.values is None else fn(self.values)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            self._map(lambda t: t[indices, ...])
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError(
+                "a retention state cannot be cropped (it has no per-token entries); "
+                "assisted/speculative decoding is not supported on retrofitted models"
+            )
+
+        def nbytes(self) -> int:
+            return sum(
+                t.numel() * t.element_size()
+                for t in (self.state, self.keys, self.values)
+                if t is not None
+            )
+
+    class RetrofitCache(DynamicCache):
+        """A ``DynamicCache`` whose converted layers hold a retention state instead of K/V.
+
+        Build it with ``handle.new_cache()`` or ``RetrofitCache(model.config, [layer ids])`` and
+        pass it as ``past_key_values=`` to ``forward`` or ``generate``. A plain ``DynamicCache``
+        also works: converted layers swap their own slot for a ``RetentionCacheLayer`` on first use.
+        """
+
+        def __init__(self, config=None, retention_layers=()) -> None:
+            super().__init__(config=config)
+            for idx in retention_layers:
+                layer_slot(self, idx)
+
+        def nbytes(self) -> dict[str, int]:
+            """Bytes held: {"state": retention states + type-C K/V, "kv": attention K/V, ...}."""
+            state = kv = 0
+            for layer in self.layers:
+                if isinstance(layer, RetentionCacheLayer):
+                    state += layer.nbytes()
+                elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    kv += layer.keys.numel() * layer.keys.element_size() * 2
+            return {"state": state, "kv": kv, "total": state + kv}
+
+else:  # pragma: no cover
+    RetentionCacheLayer = RetrofitCache = None
+
+
+def layer_slot(cache, index: int):
+    """The ``RetentionCacheLayer`` for layer ``index`` of a transformers cache, or None.
+
+    Grows a lazily built cache and replaces an empty attention slot in place, so an ordinary
+    ``DynamicCache`` created by ``generate()`` works. A slot that already holds K/V is an error.
+    """
+    if cache is None or Cache is None:
+        return None
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache (GPT-2)
+    if not isinstance(cache, Cache):
+        raise ValueError(
+            f"past_key_values must be a transformers Cache, got {type(cache).__name__}"
+        )
+    while len(cache.layers) <= index:
+        if cache.layer_class_to_replicate is None:
+            raise ValueError(
+                f"the cache has {len(cache.layers)} layers, a converted layer needs slot {index}"
+            )
+        cache.layers.append(cache.layer_class_to_replicate())
+    slot = cache.layers[index]
+    if isinstance(slot, RetentionCacheLayer):
+        return slot
+    if getattr(slot, "keys", None) is not None and slot.keys.numel() > 0:
+        raise ValueError(
+            f"cache layer {index} already holds attention keys/values, but layer {index} is a "
+            "converted retention layer; build the cache after retrofit (handle.new_cache())"
+        )
+    cache.layers[index] = RetentionCacheLayer()
+    return cache.layers[index]

@@ -1,0 +1,213 @@
+"""distill(): recover a retrofitted model's quality from its original (the teacher).
+
+Stage 1 (layer matching): the teacher runs on a batch; each converted layer is called on the
+very inputs its original attention received in the teacher and trained so that its output
+matches the attention output (MSE). Only the parameters retrofit added train (decays, output
+norms), unless ``stage1_params="layer"`` also frees the layer's own projections.
+Stage 2 (optional, ``stage2_steps > 0``): end-to-end fine-tuning of the whole student on the
+KL divergence to the teacher's next-token distribution.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import RetrofitRetention
+
+
+@dataclass
+class DistillResult:
+    """Per-step losses of each stage (stage 1: mean MSE over converted layers; stage 2: KL)."""
+
+    stage1: list[float] = field(default_factory=list)
+    stage2: list[float] = field(default_factory=list)
+
+
+def converted_layers(model: nn.Module) -> dict[str, RetrofitRetention]:
+    """Converted modules of ``model`` by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RetrofitRetention)}
+
+
+def distill(
+    model: nn.Module,
+    teacher: nn.Module,
+    data: Iterable,
+    *,
+    stage1_steps: int = 100,
+    stage2_steps: int = 0,
+    lr1: float = 1e-2,
+    lr2: float = 3e-4,
+    stage1_params: str = "new",
+    temperature: float = 1.0,
+    log_every: int = 10,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> DistillResult:
+    """Train ``model`` (retrofitted) towards ``teacher`` (the unconverted original, frozen).
+
+    ``data`` yields batches: a LongTensor of token ids (called as ``model(ids)``) or a dict of
+    keyword arguments; it is cycled when shorter than the step counts. Progress lines go to
+    ``log`` (stderr by default) every ``log_every`` steps unless ``progress=False``.
+    """
+    layers = converted_layers(model)
+    if not layers:
+        raise ValueError("distill: model has no converted layers; call rtpcompile.retrofit first")
+    if teacher is model:
+        raise ValueError("distill: teacher must be a separate, unconverted copy of the model")
+    if stage1_params not in ("new", "layer"):
+        raise ValueError(f"stage1_params must be 'new' or 'layer', got {stage1_params!r}")
+    say = _logger(progress, log)
+    teacher.eval().requires_grad_(False)
+    batches = _cycle(data)
+    result = DistillResult()
+    if stage1_steps > 0:
+        result.stage1 = _stage1(
+            model, teacher, layers, batches, stage1_steps, lr1, stage1_params, log_every, say
+        )
+    if stage2_steps > 0:
+        result.stage2 = _stage2(
+            model, teacher, batches, stage2_steps, lr2, temperature, log_every, say
+        )
+    return result
+
+
+def _cycle(data: Iterable):
+    """Batches forever: re-iterates ``data`` (a list, a DataLoader) when it runs out."""
+    # NOTE: not itertools.cycle, which keeps a copy of every batch of the first pass.
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("distill: data yielded no batches (an exhausted generator?)")
+
+
+def _logger(progress: bool, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    if not progress:
+        return lambda _msg: None
+    return log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _call(model: nn.Module, batch):
+    kwargs = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
+    if hasattr(model, "config") and hasattr(model, "generate"):
+        kwargs.setdefault("use_cache", False)  # NOTE: Hugging Face models; no cache in training
+        return model(**kwargs)
+    if isinstance(batch, dict):
+        return model(**kwargs)
+    return model(batch)
+
+
+def _logits(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+def _first(output) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _stage1(model, teacher, layers, batches, steps, lr, which, log_every, say) -> list[float]:
+    """Match every converted layer to its original attention on the teacher's inputs."""
+    params = _stage1_parameters(layers, which)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    captured: dict[str, tuple] = {}
+    hooks = [
+        teacher.get_submodule(name).register_forward_hook(
+            _capture(captured, name), with_kwargs=True
+        )
+        for name in layers
+    ]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses: list[float] = []
+    start = time.time()
+    try:
+        for step in range(1, steps + 1):
+            with torch.no_grad():
+                _call(teacher, next(batches))
+            loss = sum(_layer_loss(layers[n], *captured[n]) for n in layers) / len(layers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step % log_every == 0 or step == steps:
+                say(
+                    f"distill stage 1 step {step}/{steps}  layer MSE {losses[-1]:.5f}  "
+                    f"({time.time() - start:.0f}s)"
+                )
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def _stage1_parameters(layers: dict[str, RetrofitRetention], which: str) -> list[nn.Parameter]:
+    params = {id(p): p for m in layers.values() for p in m.new_parameters()}
+    if which == "layer":
+        params.update({id(p): p for m in layers.values() for p in m.parameters()})
+    return list(params.values())
+
+
+def _capture(store: dict, name: str):
+    def hook(_module, args, kwargs, output):
+        store[name] = (args, kwargs, _first(output).detach())
+
+    return hook
+
+
+def _layer_loss(layer: RetrofitRetention, args, kwargs, target: Tensor) -> Tensor:
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+    out = _first(layer(*args, **kwargs))
+    return F.mse_loss(out.float(), target.float())
+
+
+def _stage2(model, teacher, batches, steps, lr, temperature, log_every, say) -> list[float]:
+    """End-to-end fine-tuning on KL(teacher || student) of the next-token distributions."""
+    was_training = model.training
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    start = time.time()
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        with torch.no_grad():
+            target = _logits(_call(teacher, batch)).float() / temperature
+        student = _logits(_call(model, batch)).float() / temperature
+        loss = (
+            F.kl_div(
+                F.log_softmax(student, -1).flatten(0, -2),
+                F.log_softmax(target, -1).flatten(0, -2),
+                log_target=True,
+                reduction="batchmean",
+            )
+            * temperature**2
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            say(
+                f"distill stage 2 step {step}/{steps}  KL {losses[-1]:.5f}  "
+                f"({time.time() - start:.0f}s)"
+            )
+    model.train(was_training)
+    return losses

@@ -1,0 +1,152 @@
+"""memory_report(): what decoding keeps per layer, before and after retrofit.
+
+An attention layer keeps K and V for every position: ``2 * kv_heads * head_dim * itemsize``
+bytes per token per sequence (capped at the sliding window when the layer has one). A retention
+layer keeps one float32 state per head, ``heads * head_dim * head_dim * 4`` bytes per sequence,
+whatever the length. A type-C layer keeps both, for its own share of heads. The break-even
+length of a converted layer is the number of tokens at which the K/V it replaced would have
+taken as many bytes as its state; below it the state is the larger of the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .find import AttentionSite, find_attention
+from .layers import RetrofitRetention
+
+STATE_ITEMSIZE = 4  # retention states are float32
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One attention layer. Bytes are per sequence (batch 1) unless named ``total``."""
+
+    index: int
+    name: str
+    kind: str  # "attention", "retention" or "hybrid"
+    kv_bytes_per_token: int  # K/V still kept per token (0 for a fully converted layer)
+    state_bytes: int  # fixed retention state per sequence (0 for attention)
+    original_kv_bytes_per_token: int  # what the unconverted layer kept per token
+    window: int | None  # sliding window of the K/V, if any
+    break_even: float | None  # tokens at which the replaced K/V equals the state
+    total: int  # bytes at the report's seq_len and batch
+    original_total: int
+
+
+@dataclass
+class MemoryReport:
+    """Per-layer rows, totals at ``seq_len`` x ``batch``, and warnings."""
+
+    seq_len: int
+    batch: int
+    layers: list[LayerMemory]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(row.total for row in self.layers)
+
+    @property
+    def original_total(self) -> int:
+        return sum(row.original_total for row in self.layers)
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the original decoding memory saved (negative: the hybrid is larger)."""
+        return 1.0 - self.total / self.original_total if self.original_total else 0.0
+
+    def __str__(self) -> str:
+        head = (
+            f"{'layer':>5}  {'kind':<9} {'KV B/token':>11} {'state B/seq':>12} "
+            f"{'break-even':>11} {'bytes':>14} {'original':>14}"
+        )
+        lines = [f"memory report at seq_len={self.seq_len}, batch={self.batch}", head]
+        for r in self.layers:
+            even = "-" if r.break_even is None else f"{r.break_even:,.0f} tok"
+            lines.append(
+                f"{r.index:>5}  {r.kind:<9} {r.kv_bytes_per_token:>11,} {r.state_bytes:>12,} "
+                f"{even:>11} {r.total:>14,} {r.original_total:>14,}"
+            )
+        lines.append(
+            f"total: {self.total:,} bytes vs {self.original_total:,} unconverted "
+            f"({100 * self.saving:.1f}% saved)"
+        )
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def memory_report(
+    model: nn.Module, seq_len: int = 8192, batch: int = 1, dtype: torch.dtype | None = None
+) -> MemoryReport:
+    """Decoding memory per layer of a (retrofitted or plain) model at ``seq_len`` x ``batch``.
+
+    ``dtype``: the K/V element type; default the dtype of the model's first floating parameter.
+    """
+    for name, n in (("seq_len", seq_len), ("batch", batch)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    itemsize = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
+    sites = _sites(model)
+    if not sites:
+        raise ValueError(
+            f"memory_report found no attention or retention layers in {type(model).__name__}"
+        )
+    rows, warnings = [], []
+    for site, module in sites:
+        row = _row(site, module, itemsize, seq_len, batch)
+        rows.append(row)
+        if row.state_bytes and row.break_even is not None and seq_len < row.break_even:
+            warnings.append(
+                f"layer {row.index} ({row.name}): its state ({row.state_bytes:,} B) is larger than "
+                f"the K/V it replaces at seq_len={seq_len} "
+                f"({row.original_kv_bytes_per_token - row.kv_bytes_per_token:,} B/token; "
+                f"break-even at {row.break_even:,.0f} tokens)"
+            )
+    return MemoryReport(seq_len, batch, rows, warnings)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _sites(model: nn.Module) -> list[tuple[AttentionSite, nn.Module | None]]:
+    """Attention sites in layer order: converted ones carry their module, kept ones None."""
+    found = {m.site.index: (m.site, m) for m in model.modules() if isinstance(m, RetrofitRetention)}
+    skip = {site.name for site, _ in found.values()}
+    kept = [s for s in find_attention(model) if s.name not in skip]
+    # NOTE: find_attention numbers the kept layers among themselves; converted modules remember
+    # their original index, so the kept ones fill the remaining positions in module order.
+    free = [i for i in range(len(found) + len(kept)) if i not in found]
+    for i, site in zip(free, kept, strict=False):
+        found[i] = (replace(site, index=i), None)
+    return [found[i] for i in sorted(found)]
+
+
+def _row(site: AttentionSite, module, itemsize: int, seq_len: int, batch: int) -> LayerMemory:
+    per_kv_head = 2 * site.head_dim * itemsize
+    original = site.num_kv_heads * per_kv_head
+    r = 0 if module is None else module.retention_heads
+    kv_heads_kept = (
+        site.num_kv_heads if module is None else site.num_kv_heads - module.retention_kv_heads
+    )
+    kv = kv_heads_kept * per_kv_head
+    state = r * site.head_dim * site.head_dim * STATE_ITEMSIZE
+    tokens = seq_len if site.sliding_window is None else min(seq_len, site.sliding_window)
+    replaced = original - kv
+    kind = "attention" if r == 0 else ("retention" if kv == 0 else "hybrid")
+    return LayerMemory(
+        index=site.index,
+        name=site.name,
+        kind=kind,
+        kv_bytes_per_token=kv,
+        state_bytes=state,
+        original_kv_bytes_per_token=original,
+        window=site.sliding_window,
+        break_even=state / replaced if r and replaced else None,
+        total=batch * (kv * tokens + state),
+        original_total=batch * original * tokens,
+    )

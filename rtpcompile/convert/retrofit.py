@@ -1,0 +1,122 @@
+"""retrofit(): replace a fraction of a model's attention layers by retention, in place.
+
+handle = rtpcompile.retrofit(model, ratio=0.5, placement="front")
+print(model)          # converted layers show as LlamaStyleRetention(retention, layer=0, ...)
+print(handle)         # one line per attention layer: converted or kept
+handle.undo()         # puts the original modules back (same weight tensors)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .find import LOOKED_FOR, AttentionSite, find_attention, select_layers
+from .layers import CONVERTERS, RetrofitRetention
+
+
+class RetrofitHandle:
+    """What retrofit changed, and the way back.
+
+    ``sites``: every attention layer found; ``converted``: indices (into ``sites``) now retention;
+    ``modules``: the new modules by site index. ``undo()`` restores the original modules; the
+    projection weights are shared, so parameters changed by end-to-end fine-tuning stay changed.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[AttentionSite]) -> None:
+        self.model = model
+        self.sites = sites
+        self.converted: list[int] = []
+        self.modules: dict[int, RetrofitRetention] = {}
+        self._originals: dict[int, nn.Module] = {}
+        self.active = True
+
+    def _swap(self, site: AttentionSite, new: nn.Module) -> nn.Module:
+        parent_name, attr = site.parent_and_attr
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        return old
+
+    def undo(self) -> None:
+        """Put every original attention module back; idempotent."""
+        if not self.active:
+            return
+        for i in self.converted:
+            self._swap(self.sites[i], self._originals[i])
+        self.active = False
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The decays and output norms retrofit added (stage 1 of ``distill`` trains these)."""
+        return [p for m in self.modules.values() for p in m.new_parameters()]
+
+    def retention_cache_layers(self) -> list[int]:
+        return [self.sites[i].cache_index for i in self.converted]
+
+    def new_cache(self):
+        """An empty ``RetrofitCache`` for ``model(..., past_key_values=)`` / ``generate``."""
+        from .cache import RetrofitCache, _require_transformers
+
+        _require_transformers()
+        return RetrofitCache(getattr(self.model, "config", None), self.retention_cache_layers())
+
+    def __repr__(self) -> str:
+        lines = [
+            f"RetrofitHandle({len(self.converted)}/{len(self.sites)} attention layers "
+            f"converted{'' if self.active else ', undone'})"
+        ]
+        for site in self.sites:
+            kind = "retention" if site.index in self.converted else "attention (kept)"
+            lines.append(f"  [{site.index}] {site.name}: {kind}")
+        return "\n".join(lines)
+
+
+def retrofit(
+    model: nn.Module,
+    ratio: float = 0.5,
+    placement="front",
+    *,
+    head_mix: float | None = None,
+    decay="retnet",
+    learn_decay: bool = True,
+    predicate: Callable[[str, nn.Module], bool] | None = None,
+    norm_eps: float = 1e-6,
+) -> RetrofitHandle:
+    """Convert attention layers of ``model`` to retention in place; returns a ``RetrofitHandle``.
+
+    ratio: fraction of the attention layers converted ("front"/"back").
+    placement: "front" (retention first, attention kept at the back), "back", "interleave:N"
+        (N - 1 of every N layers converted, the N-th kept) or an explicit list of layer indices.
+    head_mix: None converts whole layers; a fraction f in (0, 1) converts f of the heads inside
+        each chosen layer (type C: the rest stay softmax attention, K/V cached for them only).
+    decay: "retnet" (gamma_h = 1 - 2**(-5 - h)), a sequence/tensor of per-head values, or a
+        callable ``num_heads -> gamma``; ``learn_decay`` makes it a trained parameter.
+    predicate: ``(name, module) -> bool`` picks the attention modules instead of discovery.
+    """
+    if head_mix is not None and not (isinstance(head_mix, (int, float)) and 0 < head_mix <= 1):
+        raise ValueError(
+            f"head_mix (fraction of retention heads) must be in (0, 1], got {head_mix!r}"
+        )
+    sites = find_attention(model, predicate)
+    if not sites:
+        raise ValueError(
+            f"retrofit found no attention layers in {type(model).__name__}; "
+            f"looked for {LOOKED_FOR}. "
+            "Pass predicate=lambda name, module: ... to pick them."
+        )
+    handle = RetrofitHandle(model, sites)
+    for i in select_layers(len(sites), ratio, placement):
+        site = sites[i]
+        original = model.get_submodule(site.name)
+        new = CONVERTERS[site.family](
+            original, site, head_mix=head_mix, decay=decay, learn_decay=learn_decay, eps=norm_eps
+        )
+        ref = next(original.parameters(), None)
+        if ref is not None:
+            new.to(device=ref.device)
+        new.train(original.training)
+        handle._originals[i] = handle._swap(site, new)
+        handle.modules[i] = new
+        handle.converted.append(i)
+    return handle
