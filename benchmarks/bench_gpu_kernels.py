@@ -1,0 +1,219 @@
+"""GPU benchmark of the generated retention kernels against flash-linear-attention and SDPA.
+
+Usage (CUDA machine): python benchmarks/bench_gpu_kernels.py --out DIR [--quick]
+Writes DIR/kernels_<device>_<date>.json and .md. Times are triton.testing.do_bench medians
+(ms); ratio = baseline time / our time (> 1: we are faster); peak = extra bytes allocated by
+one call over the inputs (torch.cuda.max_memory_allocated). Inputs are bfloat16 in the
+[B, T, H, D] layout FLA takes; our kernels read the same storage as [B, H, T, D] views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _bench(fn) -> tuple[float, int]:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100)), int(peak)
+
+
+def _inputs(B, T, H, K, V, grad=False):
+    q, k = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    for x in (q, k, v):
+        x.requires_grad_(grad)
+    return q, k, v
+
+
+def _ours(x):
+    return x.transpose(1, 2)  # [B, T, H, D] storage as [B, H, T, D]
+
+
+def _gamma(H):
+    from rtpcompile import ops
+
+    return ops.retention_init_decay(H).cuda()
+
+
+def chunk_cases(B, H, T, D, rows):
+    from fla.ops.retention import chunk_retention
+
+    from rtpcompile import kernels
+
+    q, k, v = _inputs(B, T, H, D, D, grad=True)
+    do = torch.randn_like(v)
+    gamma, scale = _gamma(H), D**-0.5
+
+    def ours_fwd():
+        return kernels.triton_forward(
+            "chunkwise", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64
+        )
+
+    def ours_fwd_bwd():
+        o, sf = ours_fwd()
+        return kernels.triton_backward(
+            "chunkwise", _ours(do), None, _ours(q), _ours(k), _ours(v), gamma, scale, None, sf, 64
+        )
+
+    def fla_fwd():
+        with torch.no_grad():
+            return chunk_retention(q, k, v, scale=scale)
+
+    def fla_fwd_bwd():
+        o, _ = chunk_retention(q, k, v, scale=scale)
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    for name, ours, theirs in (("fwd", ours_fwd, fla_fwd), ("fwd+bwd", ours_fwd_bwd, fla_fwd_bwd)):
+        _row(rows, f"chunkwise {name}", dict(B=B, H=H, T=T, K=D, V=D), ours, {"fla": theirs})
+
+
+def parallel_cases(B, H, T, D, rows):
+    from fla.ops.retention import parallel_retention
+
+    from rtpcompile import kernels
+
+    q, k, v = _inputs(B, T, H, D, D)
+    gamma, scale = _gamma(H), D**-0.5
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def ours():
+        return kernels.triton_forward(
+            "parallel", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64
+        )
+
+    baselines = {
+        "fla": lambda: parallel_retention(q, k, v, scale=scale),
+        "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True),
+    }
+    _row(rows, "parallel fwd", dict(B=B, H=H, T=T, K=D, V=D), ours, baselines)
+
+
+def recurrent_cases(B, H, D, rows):
+    from rtpcompile import kernels
+
+    q, k, v = _inputs(B, 1, H, D, D)
+    s0 = torch.randn(B, H, D, D, device="cuda")
+    gamma, scale = _gamma(H), D**-0.5
+
+    def ours():
+        return kernels.triton_forward(
+            "recurrent", _ours(q), _ours(k), _ours(v), gamma, scale, s0, 64
+        )
+
+    baselines = {}
+    try:
+        from fla.ops.retention import fused_recurrent_retention
+
+        baselines["fla"] = lambda: fused_recurrent_retention(
+            q, k, v, scale=scale, initial_state=s0, output_final_state=True
+        )
+    except ImportError:
+        pass
+    _row(rows, "recurrent decode T=1", dict(B=B, H=H, T=1, K=D, V=D), ours, baselines)
+
+
+def _row(rows, what, shape, ours, baselines):
+    row = {"case": what, **shape}
+    try:
+        row["ours_ms"], row["ours_peak_bytes"] = _bench(ours)
+    except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
+        row["ours_error"] = repr(exc)[:300]
+    for name, fn in baselines.items():
+        try:
+            row[f"{name}_ms"], row[f"{name}_peak_bytes"] = _bench(fn)
+            if "ours_ms" in row:
+                row[f"ratio_vs_{name}"] = row[f"{name}_ms"] / row["ours_ms"]
+        except Exception as exc:  # noqa: BLE001
+            row[f"{name}_error"] = repr(exc)[:300]
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    torch.cuda.empty_cache()
+
+
+def markdown(meta, rows) -> str:
+    lines = [
+        f"# Retention kernels on {meta['device']} ({meta['date']})",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; bfloat16; "
+        "ms = triton.testing.do_bench; ratio = baseline ms / ours ms (> 1: ours faster); "
+        "peak = extra MiB allocated by one call.",
+        "",
+        "| case | B | H | T | K=V | ours ms | fla ms | ratio vs fla | sdpa ms | ratio vs sdpa "
+        "| ours peak MiB | fla peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(row, key, digits=3):
+        x = row.get(key)
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    def mib(row, key):
+        x = row.get(key)
+        return "-" if x is None else f"{x / 2**20:.0f}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['B']} | {r['H']} | {r['T']} | {r['K']} | {f(r, 'ours_ms')} "
+            f"| {f(r, 'fla_ms')} | {f(r, 'ratio_vs_fla', 2)} | {f(r, 'sdpa_ms')} "
+            f"| {f(r, 'ratio_vs_sdpa', 2)} | {mib(r, 'ours_peak_bytes')} "
+            f"| {mib(r, 'fla_peak_bytes')} |"
+        )
+    errors = [(r["case"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
+    for case, k, v in errors:
+        lines.append(f"\n- {case}: {k} = {v}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/h200")
+    parser.add_argument("--quick", action="store_true", help="only T=2048 and 4096")
+    args = parser.parse_args()
+    import fla
+    import triton
+
+    device = torch.cuda.get_device_name()
+    meta = {
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": getattr(fla, "__version__", "?"),
+        "python": platform.python_version(),
+    }
+    rows: list[dict] = []
+    B, H = 4, 16
+    for D, Ts in ((128, (2048, 4096, 16384)), (256, (2048, 4096, 16384))):
+        for T in Ts if not args.quick else Ts[:2]:
+            chunk_cases(B, H, T, D, rows)
+    for T in (256, 512, 1024):
+        parallel_cases(B, H, T, 128, rows)
+    for D in (128, 256):
+        recurrent_cases(B, H, D, rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels_{device.replace(' ', '_')}_{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+    assert math.isfinite(sum(r.get("ours_ms", 0.0) for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Generated Triton kernels for the three retention forms (parallel, chunkwise, recurrent).
+
+The lowering calls ``triton_forward`` / ``triton_backward`` for CUDA tensors, and for CPU tensors
+when ``RTP_KERNELS=triton`` (then under ``TRITON_INTERPRET=1``). ``kernels_for`` lists the
+kernels (spec and module hash) a call would launch, without launching anything. Importing this
+package never fails when Triton is missing: ``available()`` is then False.
+
+Pipeline: spec.py (decisions) -> templates/*.jinja (Triton) -> codegen.py (hash-named, verified
+modules in a 0700 cache directory) -> launch.py (one pass) -> backward.py (forward, backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .codegen import KernelInfo, cache_dir
+from .spec import KernelSpec, render
+
+__all__ = [
+    "KernelInfo",
+    "KernelSpec",
+    "available",
+    "cache_dir",
+    "kernels_for",
+    "render",
+    "triton_backward",
+    "triton_forward",
+]
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as missing
+        return False
+    return True
+
+
+def available() -> bool:
+    """Triton is importable and can run: a CUDA device, or the interpreter (TRITON_INTERPRET=1)."""
+    if not _triton_importable():
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpret or torch.cuda.is_available()
+
+
+def triton_forward(form, q, k, v, gamma, scale, initial_state, chunk_size):
+    """(o [B,H,T,V] in q's dtype, final state [B,H,K,V] float32/64) of a resolved form."""
+    from .backward import forward
+
+    return forward(form, q, k, v, gamma, scale, initial_state, chunk_size)
+
+
+def triton_backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size):
+    """(dq, dk, dv, dgamma, ds0 | None); dsf and s0 may be None."""
+    from .backward import backward
+
+    return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size)
+
+
+def kernels_for(
+    form: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    backward: bool = False,
+    final_state_grad: bool = False,
+) -> list[KernelInfo]:
+    """The kernels a call with these shapes would launch (forward, then backward if asked).
+
+    Only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any work.
+    """
+    from . import backward as bw
+    from .launch import recording
+
+    meta = [
+        None
+        if t is None
+        else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        for t in (q, k, v, gamma, initial_state)
+    ]
+    q, k, v, gamma, s0 = meta
+    with recording() as seen:
+        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size)
+        if backward:
+            dsf = torch.empty_like(sf) if final_state_grad else None
+            bw.backward(form, torch.empty_like(o), dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size)
+    return seen

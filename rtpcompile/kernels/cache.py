@@ -1,0 +1,299 @@
+"""The persistent autotune cache: one small JSON file per tuned shape bucket.
+
+Layout: ``<root>/autotune/<id>.json`` where ``root`` is ``$RTP_CACHE_DIR`` or the user cache
+directory (``$XDG_CACHE_HOME/rtpcompile``, ``~/.cache/rtpcompile``, ``~/Library/Caches/...`` on
+macOS, ``%LOCALAPPDATA%\\rtpcompile\\Cache`` on Windows) and ``id`` hashes the key. A key is a
+plain dict: cache format version, implementation source hash, spec, device name and capability,
+torch and triton versions, dtype and shape bucket (see ``KEY_FIELDS``). Bumping
+``FORMAT_VERSION`` changes every id, so every old entry becomes a miss.
+
+Entries are plain JSON validated on read -- never pickle, never code. A wrong type, a missing or
+unknown field, a key that is not the one asked for, or an unreadable file is a miss (logged once
+per file); the next ``store`` rewrites it. Writes go to a temporary file in the same directory
+and ``os.replace`` it into place, so concurrent writers never expose a partial entry. A
+read-only or unusable directory works without persisting (one warning). ``RTP_CACHE=off``
+disables the cache, ``RTP_CACHE=readonly`` reads without writing.
+
+This module only imports the standard library (the tests load it in many processes at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rtpcompile")
+
+FORMAT_VERSION = 1
+EXPORT_FORMAT = "rtpcompile-autotune"
+MODES = ("on", "off", "readonly")
+_MODE_ALIASES = {"1": "on", "true": "on", "yes": "on", "": "on", "0": "off", "false": "off",
+                 "no": "off", "ro": "readonly"}  # fmt: skip
+FORMS = ("parallel", "chunkwise", "recurrent")
+
+# field -> allowed JSON types; a key or entry with any other field is a miss
+KEY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "version": int,
+    "source": str,
+    "spec": dict,
+    "device": str,
+    "capability": str,
+    "torch": str,
+    "triton": str,
+    "dtype": str,
+    "bucket": dict,
+}
+VALUE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "form": str,
+    "chunk_size": int,
+    "config": dict,
+    "time_ms": (float, int, type(None)),
+    "timings": dict,
+}
+ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {"key": dict, "value": dict, "created": float}
+_TMP_PREFIX = ".tmp-"
+
+_reported: set[str] = set()  # files / directories already logged or warned about
+
+
+def mode() -> str:
+    """``RTP_CACHE``: "on" (default), "off", or "readonly"."""
+    raw = os.environ.get("RTP_CACHE", "on").strip().lower()
+    value = _MODE_ALIASES.get(raw, raw)
+    if value not in MODES:
+        raise ValueError(
+            f"environment variable RTP_CACHE must be one of {list(MODES)} (or 1/0), got {raw!r}"
+        )
+    return value
+
+
+def root() -> Path:
+    """The cache root: ``$RTP_CACHE_DIR`` or the per-user cache directory."""
+    override = os.environ.get("RTP_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "rtpcompile" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "rtpcompile"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rtpcompile"
+
+
+def directory() -> Path:
+    return root() / "autotune"
+
+
+def key_id(key: dict[str, Any]) -> str:
+    """A stable file name for ``key``: the sha256 of its canonical JSON, 24 hex digits."""
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_fields(obj: Any, fields: dict, what: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{what} is {type(obj).__name__}, expected an object"
+    missing = sorted(set(fields) - set(obj))
+    unknown = sorted(set(obj) - set(fields))
+    if missing or unknown:
+        return f"{what} has missing fields {missing} / unknown fields {unknown}"
+    for name, kinds in fields.items():
+        value = obj[name]
+        # NOTE: bool is an int subclass in Python; a JSON true is never a valid number here.
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{what}.{name} is {type(value).__name__}"
+    return None
+
+
+def _scalar_map(obj: dict, what: str, kinds: tuple[type, ...]) -> str | None:
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, kinds):
+            return f"{what}[{name!r}] is {type(value).__name__}"
+    return None
+
+
+def check_key(key: Any) -> str | None:
+    """None when ``key`` is a well-formed cache key, else why not."""
+    reason = _check_fields(key, KEY_FIELDS, "key")
+    if reason is None:
+        reason = _scalar_map(key["spec"], "key.spec", (str, int, bool))
+    if reason is None and not all(type(v) is int for v in key["bucket"].values()):
+        reason = "key.bucket values must be integers"
+    return reason
+
+
+def check_value(value: Any) -> str | None:
+    """None when ``value`` is a well-formed tuning result, else why not."""
+    reason = _check_fields(value, VALUE_FIELDS, "value")
+    if reason is not None:
+        return reason
+    if value["form"] not in FORMS:
+        return f"value.form {value['form']!r} is not one of {list(FORMS)}"
+    if value["chunk_size"] < 0:
+        return f"value.chunk_size {value['chunk_size']} is negative"
+    if not all(isinstance(k, str) and type(v) is int for k, v in value["config"].items()):
+        return "value.config must map names to integers"
+    return _scalar_map(value["timings"], "value.timings", (float, int, type(None)))
+
+
+def check_entry(entry: Any) -> str | None:
+    """None when ``entry`` is a valid cache entry of the current format version, else why not."""
+    reason = _check_fields(entry, ENTRY_FIELDS, "entry")
+    if reason is None:
+        reason = check_key(entry["key"]) or check_value(entry["value"])
+    if reason is None and entry["key"]["version"] != FORMAT_VERSION:
+        reason = f"format version {entry['key']['version']} != {FORMAT_VERSION}"
+    return reason
+
+
+# ----------------------------------------------------------------------------- read / write
+
+
+def _report_once(tag: str, message: str, *, warn: bool = False) -> None:
+    if tag in _reported:
+        return
+    _reported.add(tag)
+    log.warning("rtpcompile cache: %s", message)
+    if warn:
+        warnings.warn(f"rtpcompile cache: {message}", RuntimeWarning, stacklevel=3)
+
+
+def read_file(path: Path) -> dict | None:
+    """The validated entry stored at ``path``, or None (missing, unreadable, corrupt)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        _report_once(str(path), f"ignoring unreadable entry {path} ({exc}); it will be rewritten")
+        return None
+    reason = check_entry(entry)
+    if reason is not None:
+        _report_once(str(path), f"ignoring invalid entry {path} ({reason}); it will be rewritten")
+        return None
+    return entry
+
+
+def load(key: dict[str, Any]) -> dict | None:
+    """The stored value for ``key``, or None on a miss (or when the cache is off)."""
+    if mode() == "off":
+        return None
+    entry = read_file(directory() / f"{key_id(key)}.json")
+    if entry is None or entry["key"] != key:
+        return None
+    return entry["value"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def store(key: dict[str, Any], value: dict[str, Any]) -> bool:
+    """Persist ``value`` under ``key``; False when the cache is off, read-only or unusable."""
+    reason = check_key(key) or check_value(value)
+    if reason is not None:
+        raise ValueError(f"refusing to store an invalid cache entry: {reason}")
+    if mode() != "on":
+        return False
+    entry = {"key": key, "value": value, "created": time.time()}
+    return _persist(directory() / f"{key_id(key)}.json", entry)
+
+
+def _persist(path: Path, entry: dict) -> bool:
+    try:
+        _write_atomic(path, json.dumps(entry, sort_keys=True, indent=1))
+    except OSError as exc:
+        _report_once(
+            f"dir:{path.parent}",
+            f"cannot write to {path.parent} ({exc}); tuned plans are kept in memory only",
+            warn=True,
+        )
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- management
+
+
+def entries() -> list[tuple[str, Path, dict | None]]:
+    """Every entry file as (id, path, entry or None when invalid), sorted by id."""
+    d = directory()
+    if not d.is_dir():
+        return []
+    found = []
+    for path in sorted(d.glob("*.json")):
+        if not path.name.startswith(_TMP_PREFIX):
+            found.append((path.stem, path, read_file(path)))
+    return found
+
+
+def find(prefix: str) -> list[tuple[str, Path, dict | None]]:
+    """Entries whose id starts with ``prefix``."""
+    return [e for e in entries() if e[0].startswith(prefix)]
+
+
+def clear() -> int:
+    """Delete every entry and leftover temporary file; returns how many files were removed."""
+    d = directory()
+    removed = 0
+    if d.is_dir():
+        for path in d.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    _reported.clear()
+    return removed
+
+
+def export_entries(path: str | os.PathLike) -> int:
+    """Write every valid entry to one JSON file (to ship tuned configs with a model)."""
+    valid = [entry for _, _, entry in entries() if entry is not None]
+    doc = {"format": EXPORT_FORMAT, "version": FORMAT_VERSION, "entries": valid}
+    _write_atomic(Path(path), json.dumps(doc, sort_keys=True, indent=1))
+    return len(valid)
+
+
+def import_entries(path: str | os.PathLike) -> tuple[int, int]:
+    """Store every valid entry of an exported file; returns (imported, skipped)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an rtpcompile autotune export (format {EXPORT_FORMAT!r})")
+    if not isinstance(doc.get("entries"), list):
+        raise ValueError(f"{path}: 'entries' must be a list")
+    if mode() != "on":
+        raise ValueError(f"cannot import with RTP_CACHE={mode()!r}; the cache must be 'on'")
+    imported = skipped = 0
+    for entry in doc["entries"]:
+        reason = check_entry(entry)
+        if reason is not None:
+            log.warning("rtpcompile cache: skipping imported entry (%s)", reason)
+            skipped += 1
+        elif _persist(directory() / f"{key_id(entry['key'])}.json", entry):
+            imported += 1
+        else:
+            skipped += 1
+    return imported, skipped

@@ -1,0 +1,135 @@
+"""Generated modules: named by the hash of their source, verified before every first import.
+
+``load(spec)`` renders the spec, writes ``rtp_<sha256[:24]>.py`` into a directory only the
+current user can write (``$RTP_CACHE_DIR/kernels`` or ``~/.cache/rtpcompile/kernels``, created
+0700), and imports it once per process. The file's content must still hash to its name when it
+is imported; a file that does not (tampered, truncated) is rewritten from the spec, and a
+directory that others can write is refused. The module is executed from the verified text, and
+that same text is what Triton's ``inspect`` reads (it is placed in ``linecache``), so nothing
+read later from disk can change what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source
+there for reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import linecache
+import os
+import stat
+import sys
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+from .spec import KernelSpec, render
+
+_PREFIX = "rtp_"
+_LOADED: dict[tuple[str, bool], types.ModuleType] = {}
+_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+    """What explain() shows for one kernel a call would launch."""
+
+    spec: KernelSpec
+    module: str  # rtp_<hash>: the module (and file) name
+    digest: str  # full sha256 of the source
+
+    def __str__(self) -> str:
+        return f"{self.module}  {self.spec.short()}"
+
+
+def digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def module_name(source: str) -> str:
+    return _PREFIX + digest(source)[:24]
+
+
+def info(spec: KernelSpec) -> KernelInfo:
+    source = render(spec)
+    return KernelInfo(spec, module_name(source), digest(source))
+
+
+def cache_dir() -> Path:
+    """The kernel cache directory, created 0700; refused if another user could write to it."""
+    root = os.environ.get("RTP_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "rtpcompile"
+    path = base / "kernels"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(
+            f"rtpcompile kernel cache {path} is owned by uid {st.st_uid}, expected {os.getuid()}"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # NOTE: we own it, so tightening is safe; anything already inside is re-verified on import
+        path.chmod(0o700)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _verified_source(path: Path, source: str, name: str) -> str:
+    """The file's text when it hashes to its name; otherwise rewrite it from ``source``."""
+    try:
+        on_disk = path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        on_disk = None
+    if on_disk is not None and module_name(on_disk) == name:
+        return on_disk
+    _write_atomic(path, source)
+    if module_name(path.read_text()) != name:
+        raise RuntimeError(f"rtpcompile: generated kernel {path} does not hash to its name")
+    return source
+
+
+def _dump(name: str, source: str) -> None:
+    target = os.environ.get("RTP_DUMP_KERNELS")
+    if target:
+        out = Path(target)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.py").write_text(source)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def load(spec: KernelSpec) -> types.ModuleType:
+    """The imported module of ``spec`` (generated, cached and verified on first use)."""
+    source = render(spec)
+    name = module_name(source)
+    key = (name, _interpreting())
+    module = _LOADED.get(key)
+    if module is not None:
+        return module
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        path = cache_dir() / f"{name}.py"
+        text = _verified_source(path, source, name)
+        _dump(name, text)
+        # NOTE: Triton reads kernel source through inspect/linecache; pin the verified text there
+        # (mtime None: linecache.checkcache never reloads it from disk).
+        linecache.cache[str(path)] = (len(text), None, text.splitlines(True), str(path))
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
+        sys.modules[name] = module
+        exec(compile(text, str(path), "exec"), module.__dict__)  # noqa: S102 - our own, verified
+        _LOADED[key] = module
+    return module

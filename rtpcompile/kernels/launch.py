@@ -1,0 +1,155 @@
+"""Launch one retention pass: pick its spec, allocate its outputs, read inputs with their strides.
+
+A pass computes, for readers r (q), writers w (k) and values u (v), all [B, H, T, D] views:
+    o_t = scale * sum_{s<=t} gamma^(t-s) (r_t . w_s) u_s + state_scale * gamma^(t+offset) r_t S0
+in time order ("fwd") or time-reversed ("bwd"), and optionally the final state. The forward is
+one pass; the backward is three (see ``backward.py``). Inside ``recording()`` nothing is
+launched: each pass appends its ``KernelInfo`` and returns empty outputs (for explain()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import torch
+
+from . import codegen
+from .spec import KernelSpec, choose
+
+Tensor = torch.Tensor
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rtp_kernels", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the kernels launched inside the block instead of launching them."""
+    seen: list[codegen.KernelInfo] = []
+    token = _RECORD.set(seen)
+    try:
+        yield seen
+    finally:
+        _RECORD.reset(token)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass
+class Pass:
+    """The tensors and flags of one pass (everything but the kernel's block sizes)."""
+
+    form: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    gamma: Tensor
+    scale: float
+    reverse: bool = False
+    s0: Tensor | None = None
+    state_offset: int = 1
+    state_scale: float | None = None  # None: same as scale (the forward)
+    store_o: bool = True
+    state_out: bool = False
+    out_dtype: torch.dtype | None = None
+    row_dot_with: Tensor | None = None  # r: also return sum_v o[..., v] * r[..., v] per row
+    row_scale: Tensor | None = None  # [B, H, T]
+    extra_value_column: bool = False
+
+
+def _spec(p: Pass, chunk_size: int) -> KernelSpec:
+    V = p.v.shape[-1] + int(p.extra_value_column)
+    out = p.out_dtype or p.q.dtype
+    return choose(
+        p.form,
+        "bwd" if p.reverse else "fwd",
+        p.q.shape[-1],
+        V,
+        p.q.dtype,
+        out,
+        chunk_size,
+        state_in=p.s0 is not None,
+        state_offset=p.state_offset,
+        state_out=p.state_out,
+        store_o=p.store_o,
+        extra_value_column=p.extra_value_column,
+        row_scale=p.row_scale is not None,
+        row_dot=p.row_dot_with is not None,
+    )
+
+
+def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def run(p: Pass, chunk_size: int = 64) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, row dots [B,H,T] | None).
+
+    A parallel pass that must also produce the final state runs a state-only chunkwise pass.
+    """
+    if p.form == "parallel" and (p.state_out or not p.store_o):
+        o = rd = None
+        if p.store_o:
+            o, _, rd = run(dataclasses.replace(p, state_out=False), chunk_size)
+        state_only = dataclasses.replace(
+            p, form="chunkwise", store_o=False, row_dot_with=None, row_scale=None
+        )
+        return o, run(state_only, chunk_size)[1], rd
+    spec = _spec(p, chunk_size)
+    B, H, T, K = p.q.shape
+    V = spec.V
+    acc = acc_dtype(p.q.dtype)
+    dev = p.q.device
+    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
+    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
+    NV = -(-V // spec.BV)
+    rd = torch.empty(NV, B, H, T, dtype=acc, device=dev) if spec.row_dot else None
+    seen = _RECORD.get()
+    if seen is not None:
+        seen.append(codegen.info(spec))
+    elif B * H * T > 0 or p.state_out:
+        _launch(spec, p, o, sf, rd, (B, H, T))
+    return o, sf, (rd.sum(0) if rd is not None else None)
+
+
+def _launch(spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int]) -> None:
+    B, H, T = bht
+    kernel = codegen.load(spec).kernel
+    NV = -(-spec.V // spec.BV)
+    if spec.form == "parallel":
+        grid = (NV, -(-T // spec.BT), B * H)
+    else:
+        grid = (NV, B * H)
+    # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
+    # argument list (and Triton's specialisation) is the same for every flag combination.
+    dummy = p.q
+    r = p.row_dot_with
+    scale = float(p.scale)
+    state_scale = scale if p.state_scale is None else float(p.state_scale)
+    kernel[grid](
+        p.q,
+        p.k,
+        p.v,
+        p.gamma,
+        dummy if p.s0 is None else p.s0,
+        dummy if o is None else o,
+        dummy if sf is None else sf,
+        dummy if p.row_scale is None else p.row_scale,
+        dummy if r is None else r,
+        dummy if rd is None else rd,
+        *p.q.stride(),
+        *p.k.stride(),
+        *p.v.stride(),
+        *_strides(p.s0, 4),
+        *_strides(p.row_scale, 3),
+        *_strides(r, 4),
+        B,
+        H,
+        T,
+        scale,
+        state_scale,
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+    )

@@ -1,0 +1,195 @@
+"""Kernel specs: every decision about a generated retention kernel, made in Python.
+
+A ``KernelSpec`` is frozen and hashable. ``render(spec)`` fills one of the templates in
+``templates/`` (chunkwise, parallel, recurrent) with the spec's constants and flags; the
+templates hold Triton and named holes only. ``choose(...)`` picks block sizes and warps from
+the dims, so the same call always renders the same source (and therefore the same module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import torch
+
+FORMS = ("parallel", "chunkwise", "recurrent")
+DIRECTIONS = ("fwd", "bwd")
+MAX_DIM = 256
+TEMPLATE_VERSION = 1  # NOTE: bump when a template changes meaning without changing its text
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(
+            f"retention kernels support dtypes {list(_DTYPE_NAMES.values())}, got {dtype}"
+        )
+    return _DTYPE_NAMES[dtype]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One generated kernel: a retention pass that reads (q, k, v) and writes o and/or a state.
+
+    form:        "chunkwise" | "parallel" | "recurrent"
+    direction:   "fwd" reads positions 0..T-1; "bwd" reads them time-reversed (the dk and dv
+                 passes of the backward are retentions run backwards in time)
+    K, V:        real head dims of the reader/key and of the value (V counts the extra column)
+    BT, BK, BV:  block sizes; BK and BV are powers of two >= 16 that cover or tile K and V
+    in_dtype:    dtype of q/k/v as loaded; accumulation is float32 (float64 for float64)
+    out_dtype:   dtype of the stored output rows
+    state_in:    an initial state [B, H, K, V] is read (any strides, float32/64)
+    state_offset: the initial state sits at position -1 (1: the forward) or 0 (0: the backward's
+                 direct term of the final-state gradient)
+    state_out:   the final state is written (float32/64, contiguous)
+    store_o:     the output rows are written (False: a state-only pass)
+    extra_value_column: v gets one more column of ones (a normaliser carried through every form)
+    row_scale:   each query row is multiplied by a per-position scale rs[b, h, t]
+    row_dot:     also write per-row partial dots <o_t, r_t> per V block (for d log gamma)
+    """
+
+    form: str
+    direction: str
+    K: int
+    V: int
+    BT: int
+    BK: int
+    BV: int
+    in_dtype: str
+    out_dtype: str
+    state_in: bool = False
+    state_offset: int = 1
+    state_out: bool = False
+    store_o: bool = True
+    extra_value_column: bool = False
+    row_scale: bool = False
+    row_dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"KernelSpec.form must be one of {list(FORMS)}, got {self.form!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"KernelSpec.direction must be one of {list(DIRECTIONS)}")
+        for name in ("K", "V"):
+            dim = getattr(self, name)
+            if not 1 <= dim <= MAX_DIM + 1:
+                raise ValueError(f"KernelSpec.{name} must be in [1, {MAX_DIM}], got {dim}")
+        for name in ("BT", "BK", "BV"):
+            b = getattr(self, name)
+            if b < 1 or b & (b - 1):
+                raise ValueError(f"KernelSpec.{name} must be a power of two, got {b}")
+        if self.BK < self.K:
+            raise ValueError(f"KernelSpec.BK={self.BK} must cover K={self.K} (one K block)")
+        if self.state_offset not in (0, 1):
+            raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
+
+    @property
+    def acc(self) -> str:
+        return "float64" if self.in_dtype == "float64" else "float32"
+
+    @property
+    def precision(self) -> str:
+        # NOTE: fp32 inputs on a GPU would otherwise go through tf32 tensor cores (10-bit mantissa)
+        return "ieee" if self.in_dtype in ("float32", "float64") else "tf32"
+
+    def short(self) -> str:
+        flags = [
+            f
+            for f, on in (
+                ("s0", self.state_in),
+                ("sT", self.state_out),
+                ("o", self.store_o),
+                ("ones", self.extra_value_column),
+                ("rs", self.row_scale),
+                ("rd", self.row_dot),
+            )
+            if on
+        ]
+        return (
+            f"{self.form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
+            f" BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"
+            + (f" s0@{-self.state_offset}" if self.state_in else "")
+        )
+
+
+def choose(
+    form: str,
+    direction: str,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    chunk_size: int = 64,
+    **flags: bool | int,
+) -> KernelSpec:
+    """Block sizes and warps for one pass. K and V are the dims of this pass (V incl. extras)."""
+    if K > MAX_DIM or V > MAX_DIM + 1:
+        raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
+    BK = max(16, next_pow2(K))
+    big = BK >= 256
+    if form == "recurrent":
+        BT, BV = 1, min(max(16, next_pow2(V)), 32 if big else 64)
+        warps = 4
+    elif form == "parallel":
+        BT = 32 if big else 64
+        BV = min(max(16, next_pow2(V)), 64)
+        warps = 8 if BK * BV >= 128 * 64 else 4
+    else:
+        # NOTE: the chunk size is a planner hint; tl.dot needs tiles of >= 16, and the result does
+        # not depend on it, so it is rounded to a power of two in [16, 64] (32 for K = 256).
+        BT = min(max(16, next_pow2(chunk_size)), 32 if big else 64)
+        BV = min(max(16, next_pow2(V)), 32 if big else 64)
+        warps = 8 if BK * BV >= 128 * 64 else 4
+    return KernelSpec(
+        form=form,
+        direction=direction,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        in_dtype=dtype_name(dtype),
+        out_dtype=dtype_name(out_dtype),
+        num_warps=warps,
+        **flags,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    import jinja2
+
+    loader = jinja2.FileSystemLoader(str(Path(__file__).with_name("templates")))
+    return jinja2.Environment(
+        loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def render(spec: KernelSpec) -> str:
+    """The Triton source of ``spec``: the form's template with the spec's constants filled in."""
+    template = _environment().get_template(f"{spec.form}.jinja")
+    values = dataclasses.asdict(spec)
+    values.update(
+        acc=spec.acc,
+        precision=spec.precision,
+        reverse=spec.direction == "bwd",
+        V_in=spec.V - int(spec.extra_value_column),
+        summary=spec.short(),
+        version=TEMPLATE_VERSION,
+    )
+    return template.render(**values)
