@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `rtpcompile cache list | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

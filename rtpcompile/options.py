@@ -7,6 +7,7 @@ variables are read at call time so tests and users can change them without re-im
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -105,4 +106,10 @@ def resolve(options: Mapping[str, Any] | None = None) -> Options:
 
 def current() -> Options:
     """Options visible to the runtime ops (environment only; the backend passes its own)."""
+    # NOTE: called on every op call; memoised on the raw RTP_* values so a change still applies.
+    return _current_for(tuple(os.environ.get(f"RTP_{name.upper()}") for name in FIELDS))
+
+
+@functools.lru_cache(maxsize=16)
+def _current_for(_env_values: tuple[str | None, ...]) -> Options:
     return resolve(None)

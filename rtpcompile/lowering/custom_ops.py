@@ -16,7 +16,9 @@ from .aten_impl import accumulation_dtype
 Tensor = torch.Tensor
 
 
-def _planned(form: str, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int):
+def _planned(form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, phase):
+    # NOTE: forward and backward are planned separately: every form computes the same function,
+    # so the backward may use another form than the forward if that is faster.
     return plan.choose(
         form,
         T=q.shape[2],
@@ -24,6 +26,7 @@ def _planned(form: str, q: Tensor, v: Tensor, initial_state: Tensor | None, chun
         chunk_size=chunk_size,
         q=q,
         v=v,
+        phase=phase,
     )
 
 
@@ -39,7 +42,7 @@ def retention_fwd(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T)."""
-    p = _planned(form, q, v, initial_state, chunk_size)
+    p = _planned(form, q, v, initial_state, chunk_size, "fwd")
     o, final = dispatch.forward(p.form, q, k, v, gamma, scale, initial_state, p.chunk_size)
     return o.to(q.dtype).contiguous(), final.to(accumulation_dtype(q.dtype)).contiguous()
 
@@ -67,7 +70,7 @@ def retention_bwd(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dgamma, d_initial_state); the last is zeros without a state."""
-    p = _planned(form, q, v, initial_state, chunk_size)
+    p = _planned(form, q, v, initial_state, chunk_size, "bwd")
     dq, dk, dv, dgamma, ds0 = dispatch.backward(
         p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size
     )

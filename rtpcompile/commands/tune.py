@@ -1,0 +1,86 @@
+"""``rtpcompile tune``: warm the autotune cache ahead of deployment.
+
+    rtpcompile tune --shape 1,8,2048,64 --shape 4,8,512,64,128 --dtype bfloat16 --device cuda
+    rtpcompile tune --shape 1,8,4096,64 --phase both --state --force
+
+Each ``--shape`` is ``B,H,T,K[,V]`` (V defaults to K). Every shape is benchmarked once per
+phase (forward, backward or both) unless its bucket is already cached (``--force`` re-runs),
+and the winner is stored where the planner reads it at run time, whatever ``RTP_AUTOTUNE`` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PHASES = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="benchmark retention lowerings for given shapes and store the winners",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--shape", action="append", required=True, type=parse_shape, metavar="B,H,T,K[,V]"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--phase", default="fwd", choices=sorted(PHASES))
+    parser.add_argument("--state", action="store_true", help="an initial state comes in")
+    parser.add_argument("--force", action="store_true", help="re-benchmark cached buckets")
+    parser.set_defaults(func=run)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    try:
+        dims = [int(x) for x in text.replace("x", ",").split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) not in (4, 5) or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected B,H,T,K or B,H,T,K,V with positive integers, got {text!r}"
+        )
+    B, H, T, K = dims[:4]
+    return B, H, T, K, dims[4] if len(dims) == 5 else K
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 24
+    filled = width * done // max(total, 1)
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {done}/{total} {label[:60]:<60}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def run(args) -> int:
+    import torch
+
+    from ..lowering import dispatch, plan
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("rtpcompile tune: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 1
+    backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
+    jobs = [(shape, phase) for shape in args.shape for phase in PHASES[args.phase]]
+    before = plan.counters["benchmarks"]
+    for done, ((B, H, T, K, V), phase) in enumerate(jobs):
+        problem = plan.Problem(B, H, T, K, V, args.dtype, str(device), backend, args.state, phase)
+        _progress(done, len(jobs), plan.shape_text(problem))
+        if T == 1 or (args.state and T <= plan.RECURRENT_MAX_T):
+            result = "recurrent (rule: decoding, nothing to tune)"
+        else:
+            chosen = plan.plan_for(problem, tune=True, force=args.force)
+            result = plan.describe(chosen)
+        _progress(done + 1, len(jobs), plan.shape_text(problem))
+        print(f"{plan.shape_text(problem)}: {result}")
+    ran = plan.counters["benchmarks"] - before
+    print(f"{ran} benchmark run(s); cache: {plan.cache_location()}")
+    return 0

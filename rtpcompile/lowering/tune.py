@@ -1,0 +1,251 @@
+"""Candidates, the cost model and the benchmark loop of the planner (docs/autotune.md).
+
+The cost model predicts the time of one pass as
+
+    time = FLOPs / machine.flops + bytes / machine.bandwidth + launches * machine.launch
+
+with FLOPs, bytes of temporaries and op launches counted per form from the implementation that
+will run (aten on CPU, generated Triton kernels on GPU). The aten constants were fitted on the
+2-core CI machine (``python -m rtpcompile.lowering.tune`` prints the measurements the fit used).
+The backward is three forward passes of the same form, so a "bwd" estimate is three forwards.
+
+Autotuning benchmarks every candidate on random inputs of the call's real shape (never the
+user's tensors, never the global RNG) by calling the implementation directly -- not the op,
+which would recurse into the planner. A candidate that fails to compile or runs out of memory
+scores infinity and is skipped; any other error re-raises with the shapes and strides needed
+to reproduce it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import plan as _plan
+from .plan import DEFAULT_CHUNK, Plan, Problem
+
+log = logging.getLogger("rtpcompile")
+
+CHUNKS = (16, 32, 64, 128, 256)
+# NOTE: the generated kernels clamp the chunk (BT) to <= 64 (see kernels/spec.py); larger
+# candidates would re-measure C=64 under another name (seen on an H200).
+TRITON_CHUNKS = (16, 32, 64)
+INF = math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """Throughputs of one backend. ``memory``: bytes the T x T temporaries may occupy."""
+
+    flops: float  # FLOP/s sustained by the matmuls
+    bandwidth: float  # bytes/s through element-wise temporaries
+    fresh_bandwidth: float  # extra bytes/s cost of temporaries larger than ``cache``
+    cache: float  # bytes: temporaries up to this size are recycled warm by the allocator
+    launch: float  # seconds per op launch (aten) or per sequential step (Triton)
+    memory: float
+
+
+# NOTE: aten numbers are fitted on the CI CPU (2 cores, AVX512, float32); Triton numbers are
+# conservative datacenter-GPU figures. Autotuning replaces both with measurements.
+MACHINES = {
+    "aten": Machine(85e9, 9.4e9, 1.1e9, cache=2**21, launch=4.5e-6, memory=2**31),
+    "triton": Machine(100e12, 2e12, INF, cache=INF, launch=4e-6, memory=2**34),
+}
+
+
+def candidates(p: Problem) -> list[Plan]:
+    """The lowerings worth comparing for ``p`` (a forced chunk size or form narrows the list)."""
+    sizes = TRITON_CHUNKS if p.backend == "triton" else CHUNKS
+    if p.request == "chunkwise":
+        return [Plan("chunkwise", c, "model") for c in sizes]
+    found = [Plan("parallel", p.chunk or DEFAULT_CHUNK, "model")]
+    chunks = (p.chunk,) if p.chunk else tuple(c for c in sizes if c < p.T)
+    found += [Plan("chunkwise", c, "model") for c in chunks]
+    return found
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+def _aten_costs(p: Problem, plan: Plan) -> tuple[float, list[float], float]:
+    """(FLOPs, bytes of each temporary tensor, op launches) of one aten forward."""
+    n, T, K, V, H = p.B * p.H, p.T, p.K, p.V, p.H
+    if plan.form == "parallel":
+        # Q K^T and (.) V over the full T x T matrix; the decay matrix is built per head from
+        # int64 position differences
+        flops = 2.0 * n * T * T * (K + V)
+        temps = [4.0 * n * T * T] * 2 + [4.0 * H * T * T] * 3 + [8.0 * T * T] * 2
+        return flops, temps + [4.0 * n * T * V] * 3, 20
+    if plan.form == "recurrent":
+        return 6.0 * n * T * K * V, [4.0 * n * K * V] * (4 * T), 8 * T
+    C = plan.chunk_size
+    N = math.ceil(T / C)
+    Tp = N * C
+    flops = 2.0 * n * Tp * C * (K + V) + 4.0 * n * Tp * K * V
+    # padded copies, intra-chunk scores and mask, per-chunk states, inter-chunk products
+    temps = [4.0 * n * Tp * (2 * K + V)] + [4.0 * n * Tp * C] * 2 + [4.0 * n * Tp * V] * 4
+    temps += [4.0 * n * Tp * K] * 2 + [4.0 * n * N * K * V] * 3 + [4.0 * n * K * V] * (2 * N)
+    return flops, temps, 30 + 3 * N
+
+
+def _triton_costs(p: Problem, plan: Plan) -> tuple[float, list[float], float]:
+    """(FLOPs, bytes, sequential steps) of one forward of the generated kernels."""
+    n, T, K, V = p.B * p.H, p.T, p.K, p.V
+    io = 4.0 * n * T * (2 * K + 2 * V)
+    if plan.form == "parallel":  # causal blocks only, nothing T x T is stored; each query
+        # block walks the key blocks before it (64 wide), then a separate pass writes the state
+        return 1.0 * n * T * T * (K + V), [io], math.ceil(T / 64) + 1
+    if plan.form == "recurrent":
+        return 6.0 * n * T * K * V, [io], T
+    C = plan.chunk_size
+    N = math.ceil(T / C)
+    return 1.0 * n * T * C * (K + V) + 4.0 * n * T * K * V, [io, 8.0 * n * N * K * V], N
+
+
+def estimate(p: Problem, plan: Plan) -> float:
+    """Predicted seconds of ``plan`` on ``p`` (inf when its temporaries exceed memory)."""
+    machine = MACHINES.get(p.backend, MACHINES["aten"])
+    costs = _triton_costs if p.backend == "triton" else _aten_costs
+    flops, temps, launches = costs(p, plan)
+    if plan.form == "parallel" and p.backend == "aten" and _parallel_bytes(p) > machine.memory:
+        return INF
+    big = sum(t for t in temps if t > machine.cache)
+    seconds = (
+        flops / machine.flops
+        + sum(temps) / machine.bandwidth
+        + big / machine.fresh_bandwidth
+        + launches * machine.launch
+    )
+    return 3.0 * seconds if p.phase == "bwd" else seconds
+
+
+def _parallel_bytes(p: Problem) -> float:
+    """Peak bytes of the aten parallel form's T x T temporaries (scores, mask, decay)."""
+    return 4.0 * p.T * p.T * (3 * p.B * p.H + 2 * p.H)
+
+
+def model_choice(p: Problem) -> Plan:
+    """The candidate with the lowest estimate (ties go to the earlier, simpler candidate)."""
+    return min(candidates(p), key=lambda c: estimate(p, c))
+
+
+# ----------------------------------------------------------------------------- benchmarking
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    """Compile errors and out-of-memory/resources: the candidate is skipped, not fatal."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if type(exc).__name__ in ("CompilationError", "OutOfResources", "PTXASError"):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "out of resources" in text
+
+
+def _inputs(p: Problem) -> dict[str, torch.Tensor | None]:
+    dev, dtype = torch.device(p.device), getattr(torch, p.dtype)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=dev).to(dtype)
+
+    B, H, T, K, V = p.B, p.H, p.T, p.K, p.V
+    gamma = 1.0 - torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=dev))
+    state = rand(B, H, K, V).float() if p.has_state else None
+    return {"q": rand(B, H, T, K), "k": rand(B, H, T, K), "v": rand(B, H, T, V),
+            "gamma": gamma, "state": state, "do": rand(B, H, T, V)}  # fmt: skip
+
+
+def _runner(p: Problem, plan: Plan, x: dict) -> Callable[[], object]:
+    from . import dispatch
+
+    scale = p.K**-0.5
+    args = (x["q"], x["k"], x["v"], x["gamma"], scale, x["state"])
+    if p.phase == "fwd":
+        return lambda: dispatch.forward(plan.form, *args, plan.chunk_size)
+    _, final = dispatch.forward(plan.form, *args, plan.chunk_size)
+    return lambda: dispatch.backward(plan.form, x["do"], None, *args, final, plan.chunk_size)
+
+
+def _time(fn: Callable[[], object], device: torch.device, budget: float = 0.25) -> float:
+    """Best-of-N milliseconds after one warm-up run (N <= 10, within ``budget`` seconds)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best, spent, runs = INF, 0.0, 0
+    while runs < 2 or (spent < budget and runs < 10):
+        start = time.perf_counter()
+        fn()
+        sync()
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best * 1e3
+
+
+def _reproduce(p: Problem, plan: Plan, x: dict) -> str:
+    parts = [
+        f"{name}: shape {tuple(t.shape)} stride {t.stride()} {t.dtype} {t.device}"
+        for name, t in x.items()
+        if t is not None
+    ]
+    return f"rtpcompile autotune: {p.phase} candidate {plan.label} failed; " + "; ".join(parts)
+
+
+def benchmark(p: Problem, plans: list[Plan]) -> dict[Plan, float]:
+    """Milliseconds per candidate; inf for one that fails to compile or runs out of memory."""
+    x = _inputs(p)
+    machine = MACHINES.get(p.backend, MACHINES["aten"])
+    timings: dict[Plan, float] = {}
+    with torch.no_grad():
+        for plan in plans:
+            _plan.counters["benchmarks"] += 1
+            if plan.form == "parallel" and p.backend == "aten":
+                if _parallel_bytes(p) > machine.memory:  # would thrash or be OOM-killed
+                    timings[plan] = INF
+                    continue
+            try:
+                timings[plan] = _time(_runner(p, plan, x), torch.device(p.device))
+            except Exception as exc:
+                if not _is_resource_error(exc):
+                    note = _reproduce(p, plan, x)
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(note)
+                        raise
+                    raise RuntimeError(f"{note}: {exc}") from exc
+                log.info("rtpcompile autotune: %s skipped (%s)", plan.label, exc)
+                timings[plan] = INF
+                if torch.device(p.device).type == "cuda":
+                    torch.cuda.empty_cache()
+    return timings
+
+
+def autotune(p: Problem, key: dict, inputs=None) -> Plan | None:
+    """Benchmark the candidates of ``p``, store the winner under ``key``; None if all failed."""
+    from ..kernels import cache
+
+    plans = candidates(p)
+    timings = benchmark(p, plans)
+    _plan.counters["tunings"] += 1
+    best = min(plans, key=lambda c: timings[c])
+    if timings[best] == INF:
+        log.warning("rtpcompile autotune: every candidate failed for %s", _plan.shape_text(p))
+        return None
+    value = {
+        "form": best.form,
+        "chunk_size": best.chunk_size,
+        "config": dict(best.config),
+        "time_ms": timings[best],
+        "timings": {c.label: (None if t == INF else t) for c, t in timings.items()},
+    }
+    stored = cache.store(key, value)
+    log.info(
+        "rtpcompile autotune: %s wins for %s (%.3f ms; %s)",
+        best.label, _plan.shape_text(p), timings[best], "stored" if stored else "not persisted",
+    )  # fmt: skip
+    return dataclasses.replace(best, source="tuned")
