@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 
 from . import ops
+from .explain import explain  # NOTE: bound eagerly: the submodule shares the function's name
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "explain": ("rtpcompile.explain", "explain"),
     "nn": ("rtpcompile.nn", None),
     "retrofit": ("rtpcompile.convert", "retrofit"),
     "memory_report": ("rtpcompile.convert", "memory_report"),
@@ -21,7 +21,7 @@ _LAZY = {
     "export_mlir": ("rtpcompile.export", "export_mlir"),
 }
 
-__all__ = ["ops", "__version__", *_LAZY]
+__all__ = ["ops", "explain", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,171 @@
+"""The ``rtp`` torch.compile backend: detect -> rewrite -> Inductor.
+
+``torch.compile(model, backend="rtp", options={...})`` finds the entry point
+``rtp = "rtpcompile.backend:rtp_backend"``. The backend never fails a compile because of
+retention: any exception in detection or rewrite becomes one warning and the untouched graph
+goes to Inductor, unless ``options={"strict": True}``. Timing and decision counts are kept in
+:data:`counters` (``detect_seconds``, ``rewrite_seconds``, ``compile_seconds``,
+``regions_claimed``, ``regions_declined``, ``fallbacks``, ``graphs``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import pathlib
+import time
+import warnings
+
+import torch
+import torch.fx as fx
+
+from . import options as options_mod
+from .detect import counters, find_regions
+from .detect.region import Region
+from .distributed.ddp import real_example_inputs
+from .rewrite import rewrite, rewrite_region
+
+log = logging.getLogger("rtpcompile")
+
+__all__ = ["counters", "rtp_backend", "source_hash"]
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A hash of the package's source: the Inductor cache tag, so stale artifacts never serve."""
+    root = pathlib.Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".jinja") and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return "rtpcompile-" + digest.hexdigest()[:16]
+
+
+def configure_logging(level: str) -> None:
+    """Apply the ``log`` option ("off" leaves the logger as the application configured it)."""
+    if level == "off":
+        return
+    log.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[rtpcompile] %(message)s"))
+        log.addHandler(handler)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph (node names and meta kept) for rewriting."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    for old, new in value_map.items():
+        if new.name != old.name:
+            raise RuntimeError(f"graph copy renamed {old.name} to {new.name}")
+    return fx.GraphModule(gm, graph)
+
+
+def detect_and_rewrite(gm, example_inputs, opts) -> tuple[fx.GraphModule, list[Region]]:
+    """Detection then rewrite on a copy of ``gm``; returns (rewritten copy, regions)."""
+    start = time.perf_counter()
+    # NOTE: under DDP's graph splitting the example inputs are fake; the mask proof needs the
+    # real buffer values Dynamo recorded for the whole graph's inputs.
+    regions = find_regions(gm, real_example_inputs(gm, example_inputs))
+    middle = time.perf_counter()
+    counters["detect_seconds"] += middle - start
+    new_gm = gm
+    if any(r.claimed for r in regions):
+        new_gm = rewrite(copy_graph_module(gm), regions, opts.form, opts.chunk_size or 0)
+    counters["rewrite_seconds"] += time.perf_counter() - middle
+    return new_gm, regions
+
+
+def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    with torch.compiler.config.patch(cache_key_tag=source_hash()):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def rtp_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    """The torch.compile backend (``mode=`` and ``options=`` arrive only when non-default)."""
+    opts = options_mod.resolve(kwargs.get("options"))
+    configure_logging(opts.log)
+    start = time.perf_counter()
+    counters["graphs"] += 1
+    try:
+        new_gm, regions = detect_and_rewrite(gm, example_inputs, opts)
+    except Exception as exc:
+        if opts.strict:
+            raise
+        counters["fallbacks"] += 1
+        warnings.warn(
+            f"rtpcompile: retention detection/rewrite failed ({type(exc).__name__}: {exc}); "
+            "compiling this graph unchanged with Inductor (options={'strict': True} raises)",
+            stacklevel=2,
+        )
+        new_gm, regions = gm, []
+    claimed = [r for r in regions if r.claimed]
+    log.info("rtp: %d region(s) claimed, %d declined", len(claimed), len(regions) - len(claimed))
+    compiled = _inductor(new_gm, example_inputs, kwargs.get("mode"))
+    counters["compile_seconds"] += time.perf_counter() - start
+    if opts.verify and claimed:
+        return _verified(compiled, gm, claimed, opts)
+    return compiled
+
+
+def _verified(compiled, gm: fx.GraphModule, regions: list[Region], opts):
+    """Run each region's original subgraph beside the op on the first call; raise on mismatch."""
+    state = {"pending": True}
+
+    def run(*args):
+        if state["pending"]:
+            state["pending"] = False
+            verify_regions(gm, regions, list(args), opts)
+        return compiled(*args)
+
+    return run
+
+
+def verify_regions(gm: fx.GraphModule, regions: list[Region], args: list, opts) -> None:
+    """Compare every region's original output with the op's on real inputs (eager)."""
+    check = copy_graph_module(gm)
+    named = {node.name: node for node in check.graph.nodes}
+    pairs = []
+    for region in regions:
+        results = rewrite_region(check, region, opts.form, opts.chunk_size or 0, keep=True)
+        outs = [region.output] + ([region.state_output] if region.state_output else [])
+        pairs += [(region, named[o], r) for o, r in zip(outs, results, strict=True)]
+    output = next(n for n in check.graph.nodes if n.op == "output")
+    output.args = ([p[1] for p in pairs] + [p[2] for p in pairs],)
+    check.graph.lint()
+    check.recompile()
+    with torch.no_grad():
+        values = check(*args)
+    n = len(pairs)
+    for (region, node, _), want, got in zip(pairs, values[:n], values[n:], strict=True):
+        _compare(region, node.name, want, got)
+    log.info("rtp verify: %d region output(s) match the original subgraphs", n)
+
+
+def _compare(region: Region, name: str, want: torch.Tensor, got: torch.Tensor) -> None:
+    low = want.dtype in (torch.float16, torch.bfloat16) or got.dtype in (
+        torch.float16,
+        torch.bfloat16,
+    )
+    tol = 3e-2 if low else 2e-3
+    if want.shape != got.shape:
+        raise RuntimeError(
+            f"rtp verify: region at {region.where} ({name}): shape {tuple(got.shape)} from the "
+            f"rtp op, {tuple(want.shape)} from the original subgraph"
+        )
+    err = (want.double() - got.double()).abs().max().item() if want.numel() else 0.0
+    bound = tol * max(1.0, want.double().abs().max().item() if want.numel() else 0.0)
+    if not err <= bound:
+        raise RuntimeError(
+            f"rtp verify: region at {region.where} ({region.written}, output {name}, shape "
+            f"{tuple(want.shape)}, dtype {want.dtype}) differs from the original subgraph: "
+            f"max abs error {err:.3g} > {bound:.3g}"
+        )

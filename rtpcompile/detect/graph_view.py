@@ -1,0 +1,402 @@
+"""A canonical, read-only view of a Dynamo FX graph in which equivalent spellings look alike.
+
+Every FX node gets a *kind* ("matmul", "einsum", "mul", "div", "cast", "layout", ...) so that
+``@``, ``torch.matmul``, ``Tensor.matmul`` and ``bmm`` are all "matmul", ``transpose``/``permute``/
+``.mT`` are all "layout", and ``.float()``/``.to()``/``type_as``/``contiguous`` are all "cast".
+The view keeps a networkx DiGraph of the FX graph (edges input -> user, flagged ``meta`` when
+the user only reads the input's shape, dtype or device) that the patterns search and the mask
+proof walks. Nothing here mutates the graph.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import operator
+import re
+from collections.abc import Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+_FUNCTION_KINDS = {
+    operator.matmul: "matmul",
+    torch.matmul: "matmul",
+    torch.bmm: "matmul",
+    torch.einsum: "einsum",
+    torch.functional.einsum: "einsum",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    torch.tril: "tril",
+    torch.where: "where",
+    torch.masked_fill: "masked_fill",
+    torch.transpose: "layout",
+    torch.permute: "layout",
+    torch.sum: "sum",
+    torch.abs: "abs",
+    torch.clamp: "clamp",
+    torch.clamp_min: "clamp",
+    torch.detach: "detach",
+    torch.nn.functional.dropout: "dropout",
+    torch.unsqueeze: "unsqueeze",
+    torch.softmax: "softmax",
+    torch.nn.functional.softmax: "softmax",
+}
+_METHOD_KINDS = {
+    "matmul": "matmul",
+    "bmm": "matmul",
+    "mul": "mul",
+    "mul_": "mul",
+    "div": "div",
+    "div_": "div",
+    "add": "add",
+    "add_": "add",
+    "tril": "tril",
+    "masked_fill": "masked_fill",
+    "transpose": "layout",
+    "permute": "layout",
+    "sum": "sum",
+    "abs": "abs",
+    "clamp": "clamp",
+    "clamp_min": "clamp",
+    "detach": "detach",
+    "float": "cast",
+    "to": "cast",
+    "type_as": "cast",
+    "half": "cast",
+    "bfloat16": "cast",
+    "double": "cast",
+    "contiguous": "cast",
+    "clone": "cast",
+    "unsqueeze": "unsqueeze",
+    "softmax": "softmax",
+}
+# Arguments a node reads only for their metadata (shape, dtype, device), never their values.
+_META_METHODS = {"size", "dim", "new_ones", "new_zeros", "new_empty", "new_full", "new_tensor"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+_RANDOM_NAMES = {
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli",
+    "bernoulli_", "dropout", "normal", "normal_", "uniform_", "multinomial", "randperm",
+    "exponential_", "native_dropout", "alpha_dropout", "feature_alpha_dropout",
+}  # fmt: skip
+
+
+def kind_of(node: fx.Node) -> str:
+    """The canonical kind of one FX node ("other" when it plays no role in the patterns)."""
+    if node.op == "call_function":
+        if node.target is builtins.getattr and node.args[1] in ("mT", "T"):
+            return "layout"
+        if node.target is operator.getitem:
+            return "getitem"
+        return _FUNCTION_KINDS.get(node.target, "other")
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, "other")
+    return node.op
+
+
+def target_name(node: fx.Node) -> str:
+    """A short readable name of what the node calls (for reasons and the random-op check)."""
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def is_random(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and target_name(node) in _RANDOM_NAMES
+
+
+def example(node: fx.Node):
+    """The fake value Dynamo recorded for the node (FakeTensor, SymInt, ...), or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def ndim(node: fx.Node) -> int | None:
+    value = example(node) if isinstance(node, fx.Node) else None
+    return value.dim() if is_tensor(value) else None
+
+
+def is_scalar(arg) -> bool:
+    """A Python/symbolic number or a 0-d tensor: something that scales without broadcasting."""
+    if isinstance(arg, bool):
+        return False
+    if isinstance(arg, (int, float)):
+        return True
+    if not isinstance(arg, fx.Node):
+        return False
+    value = example(arg)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, int, float)):
+        return True
+    return is_tensor(value) and value.dim() == 0 and not value.is_complex()
+
+
+def meta_only_args(node: fx.Node) -> set[int]:
+    """Positions of the node's arguments that it reads only for shape/dtype/device."""
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return {0}
+    if node.op == "call_method" and node.target == "type_as":
+        return {1}
+    if node.op == "call_method" and node.target == "to":
+        return set(range(1, len(node.args)))
+    if node.op == "call_function" and node.target in _LIKE_FUNCTIONS:
+        return {0}
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return {0} if node.args[1] in _META_ATTRS else set()
+    if node.op == "call_function" and "sym_size" in str(node.target):
+        return {0}
+    return set()
+
+
+def node_inputs(node: fx.Node) -> Iterator[tuple[fx.Node, bool]]:
+    """(input, meta_only) for every node the given node reads, positional and keyword."""
+    meta = meta_only_args(node)
+    for i, arg in enumerate(node.args):
+        for inp in _nodes_in(arg):
+            yield inp, i in meta
+    for key, arg in node.kwargs.items():
+        for inp in _nodes_in(arg):
+            yield inp, node.op == "call_method" and node.target == "to" and key == "other"
+
+
+def _nodes_in(arg) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
+
+
+def is_constant_source(node: fx.Node) -> bool:
+    """True for a placeholder that holds a module buffer/parameter/attribute (not an input).
+
+    Dynamo names the origin of each graph input in ``meta["grapharg"].source``; anything reached
+    through an attribute access (``L['self']._buffers['decay']``, ``G['table']``) is model state,
+    a bare local (``L['x']``, ``L['args'][0]``) is an activation.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    while source is not None:
+        name = type(source).__name__
+        if name in ("AttrSource", "GlobalSource", "GlobalWeakRefSource", "NNModuleSource"):
+            return True
+        if "._buffers[" in source.name or "._parameters[" in source.name:
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """``node`` seen as ``base.permute(perm)`` (perm None: the identity)."""
+
+    base: fx.Node
+    perm: tuple[int, ...] | None
+    chain: tuple[fx.Node, ...] = ()
+
+    def swapped(self) -> Layout:
+        """The same base seen with its last two dimensions exchanged."""
+        n = ndim(self.base)
+        perm = list(self.perm or range(n))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return Layout(self.base, _normalise(tuple(perm)), self.chain)
+
+    def then(self, perm: tuple[int, ...]) -> Layout:
+        """This layout followed by a further ``permute(perm)``."""
+        inner = self.perm or tuple(range(len(perm)))
+        return Layout(self.base, _normalise(tuple(inner[p] for p in perm)), self.chain)
+
+
+def _normalise(perm: tuple[int, ...]) -> tuple[int, ...] | None:
+    return None if perm == tuple(range(len(perm))) else perm
+
+
+def _layout_perm(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The permutation a transpose/permute/.mT node applies, or None if it is not static."""
+    if node.op == "call_function" and node.target is builtins.getattr:
+        dims = (-2, -1) if node.args[1] == "mT" else (0, 1)
+        if node.args[1] == "T" and rank != 2:
+            return None
+        return _swap(rank, *dims)
+    target = node.target if node.op == "call_method" else node.target.__name__
+    rest = list(node.args[1:])
+    if target == "transpose":
+        dims = rest or [node.kwargs.get("dim0"), node.kwargs.get("dim1")]
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            return None
+        return _swap(rank, *dims)
+    if target == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        dims = dims or node.kwargs.get("dims", [])
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return None
+        return tuple(d % rank for d in dims)
+    return None
+
+
+def _swap(rank: int, d0: int, d1: int) -> tuple[int, ...]:
+    perm = list(range(rank))
+    a, b = d0 % rank, d1 % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return tuple(perm)
+
+
+def layout(node: fx.Node) -> Layout:
+    """Follow transposes/permutes up to the tensor they rearrange (casts stay in the operand)."""
+    perms: list[tuple[int, ...]] = []
+    chain: list[fx.Node] = []
+    while kind_of(node) == "layout":
+        perm = _layout_perm(node, ndim(node) or 0)
+        if perm is None or not isinstance(node.args[0], fx.Node):
+            break
+        perms.append(perm)
+        chain.append(node)
+        node = node.args[0]
+    result = Layout(node, None, tuple(chain))
+    for perm in reversed(perms):
+        result = result.then(perm)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Peeled:
+    """A node with its scalar factors and dtype casts peeled off."""
+
+    core: fx.Node
+    factors: tuple[tuple[str, object], ...]  # ("mul" | "div", number or fx.Node)
+    chain: tuple[fx.Node, ...]  # the wrapper nodes passed through, outermost first
+
+
+def peel(node: fx.Node) -> Peeled:
+    """Strip casts and multiplications/divisions by scalars: ``(core, factors, wrappers)``."""
+    factors: list[tuple[str, object]] = []
+    chain: list[fx.Node] = []
+    while True:
+        kind = kind_of(node)
+        if kind == "cast" and isinstance(node.args[0], fx.Node) and not _complex(node):
+            chain.append(node)
+            node = node.args[0]
+            continue
+        if kind in ("mul", "div") and len(node.args) == 2:
+            a, b = node.args
+            if kind == "mul" and is_scalar(a) and isinstance(b, fx.Node) and not is_scalar(b):
+                a, b = b, a
+            if isinstance(a, fx.Node) and not is_scalar(a) and is_scalar(b):
+                factors.append((kind, b))
+                chain.append(node)
+                node = a
+                continue
+        return Peeled(node, tuple(factors), tuple(chain))
+
+
+def _complex(node: fx.Node) -> bool:
+    value = example(node)
+    return is_tensor(value) and value.is_complex()
+
+
+class GraphView:
+    """The networkx view of one FX graph: data/meta edges and kinds, plus lookup helpers."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {node: i for i, node in enumerate(self.nodes)}
+        self.g = nx.DiGraph()
+        for node in self.nodes:
+            self.g.add_node(node, kind=kind_of(node))
+        for node in self.nodes:
+            for inp, meta in node_inputs(node):
+                previous = self.g.get_edge_data(inp, node)
+                data_edge = not meta or (previous is not None and not previous["meta"])
+                self.g.add_edge(inp, node, meta=not data_edge)
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.outputs = set(_nodes_in(self.nodes[-1].args)) if self.nodes else set()
+
+    def kind(self, node: fx.Node) -> str:
+        return self.g.nodes[node]["kind"]
+
+    def nodes_of_kind(self, *kinds: str) -> list[fx.Node]:
+        return [n for n in self.nodes if self.g.nodes[n]["kind"] in kinds]
+
+    def data_ancestors(self, node: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
+        """(nodes whose values ``node`` depends on, nodes it reads only for metadata)."""
+        values: set[fx.Node] = set()
+        meta: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            for inp in self.g.predecessors(current):
+                if self.g.edges[inp, current]["meta"]:
+                    meta.add(inp)
+                elif inp not in values:
+                    values.add(inp)
+                    stack.append(inp)
+        return values, meta - values
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+    def sorted(self, nodes) -> list[fx.Node]:
+        return sorted(nodes, key=self.order.__getitem__)
+
+
+def parse_einsum(node: fx.Node) -> tuple[list[str], str, list[fx.Node]] | None:
+    """(input subscripts, output subscript, operands) of a plain einsum (no ellipsis)."""
+    if kind_of(node) != "einsum" or not node.args or not isinstance(node.args[0], str):
+        return None
+    equation = node.args[0].replace(" ", "")
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if "->" not in equation or "." in equation:
+        return None
+    lhs, out = equation.split("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(operands) or not all(isinstance(o, fx.Node) for o in operands):
+        return None
+    return inputs, out, operands
+
+
+def same_size(a, b) -> bool:
+    """Whether two (possibly symbolic) sizes are provably the same expression."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        ea = a.node.expr if isinstance(a, torch.SymInt) else a
+        eb = b.node.expr if isinstance(b, torch.SymInt) else b
+        return bool(ea == eb)
+    return a == b
+
+
+def hint(size) -> int:
+    """The example value of a (possibly symbolic) size."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.hint is not None else -1
+    return int(size)
+
+
+def where(node: fx.Node) -> str:
+    """Where the node is in the user's code: module path and source line, when known."""
+    parts = []
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1]
+        path = str(path[0] if isinstance(path, tuple) else path)
+        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+        path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+        if path:
+            parts.append(path)
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    if lines:
+        frame = lines[-1].replace("File ", "").replace('"', "")
+        file, _, rest = frame.partition(", line ")
+        parts.append(f"{file.rsplit('/', 1)[-1]}:{rest.split(',')[0]}")
+    return " ".join(parts) or node.name

@@ -1,0 +1,218 @@
+"""Prove that a mask is a causal decay: ``M[h, i, j] = c[h, i] * gamma_h ** (i - j) * [i >= j]``.
+
+The proof has two halves:
+1. *Provenance.* The mask's value ancestors may only be constants, module buffers/parameters/
+   attributes (``is_constant_source``) and sizes; an activation read for its values (a data-
+   dependent gate, a padding mask) or a random op declines the region. Activations read only
+   for their shape/dtype/device (``x.size(1)``, ``type_as(x)``, ``ones_like(x)``) are fine.
+2. *Values.* The mask subgraph is re-run on the real buffer values at several sequence lengths
+   (1, 2, a prime, the example length: the symbol of T is substituted, every other size keeps
+   its example value) and fitted: zeros above the diagonal, positive diagonal c[h, i], and
+   ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it.
+Nothing is frozen from this evaluation: the rewritten graph recomputes gamma and c from the
+same mask nodes at run time (see rewrite.py); the values here only feed explain().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .graph_view import GraphView, example, is_constant_source, is_random, is_tensor
+
+_PRIME = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Proof:
+    """The verdict on one region's mask: ``reason`` None means proven."""
+
+    reason: str | None
+    gamma: tuple[float, ...] = ()
+    row_scale: bool = False
+
+
+def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
+    """None when every mask depends only on constants, buffers and sizes; else the reason."""
+    for mask in masks:
+        values, _ = view.data_ancestors(mask)
+        for node in view.sorted(values | {mask}):
+            if is_random(node):
+                return f"the mask is random ({node.name})"
+            if node.op == "placeholder" and is_tensor(example(node)):
+                if not is_constant_source(node):
+                    return f"the mask depends on activations (input {node.name!r})"
+    return None
+
+
+def _hints(shape_env) -> dict:
+    """The example value of every backed symbol (the attribute was renamed in torch 2.13)."""
+    return getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+
+
+class _Sizes:
+    """Concrete values of symbolic sizes with the sequence length replaced by ``t``."""
+
+    def __init__(self, seq, t: int):
+        self.t = t
+        self.symbol = None
+        self.shape_env = None
+        if isinstance(seq, torch.SymInt):
+            expr = seq.node.expr
+            self.shape_env = seq.node.shape_env
+            self.symbol = expr if expr.is_Symbol else None
+
+    def value(self, size) -> int:
+        if not isinstance(size, torch.SymInt):
+            return int(size)
+        expr = size.node.expr
+        env = size.node.shape_env
+        repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
+        if self.symbol is not None and self.symbol in repl:
+            repl[self.symbol] = self.t
+        return int(expr.xreplace(repl))
+
+    def scalar(self, value):
+        if isinstance(value, torch.SymInt):
+            return self.value(value)
+        if isinstance(value, torch.SymFloat):
+            expr = value.node.expr
+            env = value.node.shape_env
+            return float(expr.xreplace({s: _hints(env).get(s, s) for s in expr.free_symbols}))
+        return value
+
+
+def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes) -> list:
+    """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values."""
+    needed: set[fx.Node] = set(masks)
+    meta: set[fx.Node] = set()
+    for mask in masks:
+        values, reads = view.data_ancestors(mask)
+        needed |= values
+        meta |= reads
+    env: dict[fx.Node, object] = {}
+    index = {node: i for i, node in enumerate(view.placeholders)}
+    for leaf in meta - needed:
+        env[leaf] = _stand_in(leaf, sizes)
+    for node in view.sorted(needed):
+        if node.op == "placeholder":
+            value = inputs[index[node]]
+            env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
+            if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
+                env[node] = sizes.value(example(node))
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        env[node] = _run(view.gm, node, args, kwargs)
+    return [env[mask] for mask in masks]
+
+
+def _stand_in(node: fx.Node, sizes: _Sizes):
+    """A zero tensor with the node's dtype/device and its shape at length t (metadata reads)."""
+    value = example(node)
+    if is_tensor(value):
+        shape = [sizes.value(s) for s in value.shape]
+        return torch.zeros(shape, dtype=value.dtype, device=value.device)
+    return sizes.scalar(value)
+
+
+def _run(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    raise ValueError(f"cannot evaluate node {node.name} ({node.op})")
+
+
+def lengths_for(seq) -> list[int]:
+    """The sequence lengths the proof evaluates at (only the example one for a static T)."""
+    hint = _Sizes(seq, 0)
+    t_example = hint.value(seq) if hint.symbol is None else int(_hints(hint.shape_env)[hint.symbol])
+    if hint.symbol is None:
+        return [t_example]
+    return sorted({1, 2, min(_PRIME, t_example), t_example})
+
+
+def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.Tensor, bool]:
+    """Fit [heads, t, t] to c[h,i] gamma_h^(i-j) [i>=j]: (reason, gamma, has_row_scale)."""
+    m = m.double().cpu()
+    gamma = torch.ones(m.shape[0], dtype=torch.float64)
+    scale = m.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+    upper = torch.triu(m, diagonal=1)
+    if (upper.abs() > 1e-6 * scale).any():
+        return "the mask is not causal (non-zero above the diagonal)", gamma, False
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    if not (diag > 0).all():
+        return "the mask's diagonal is not positive (not a decay)", gamma, False
+    if t >= 2:
+        gamma = m[:, 1, 0] / m[:, 1, 1]
+    if not ((gamma > 0) & (gamma <= 1 + 1e-5)).all():
+        return f"decay outside (0, 1]: gamma={gamma.tolist()}", gamma, False
+    pos = torch.arange(t, dtype=torch.float64)
+    dist = (pos[:, None] - pos[None, :]).clamp(min=0)
+    expected = diag[:, :, None] * torch.exp(torch.log(gamma)[:, None, None] * dist)
+    expected = torch.tril(expected)
+    err = (m - expected).abs()
+    if (err > rtol * expected.abs() + 1e-6 * diag[:, :, None]).any():
+        return "the mask is not gamma**(i-j) below the diagonal", gamma, False
+    row_scale = bool(((diag - 1).abs() > 1e-6).any())
+    return None, gamma.clamp(max=1.0), row_scale
+
+
+def prove(
+    view: GraphView,
+    masks: list[fx.Node],
+    transform,
+    inputs: list,
+    seq,
+    batch_ndim: int,
+) -> Proof:
+    """Provenance and value proof for the masks of one region.
+
+    ``transform(values) -> tensor`` combines the evaluated mask nodes into the [.., t, t] mask
+    multiplied into the scores (unsqueezes, products, ``~cond`` for masked_fill ...).
+    """
+    reason = check_provenance(view, masks)
+    if reason is not None:
+        return Proof(reason)
+    proof = Proof("the mask could not be evaluated")
+    for t in lengths_for(seq):
+        sizes = _Sizes(seq, t)
+        try:
+            with unset_fake_temporarily(), torch.no_grad():
+                mask = transform(evaluate(view, masks, inputs, sizes))
+        except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
+            return Proof(f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})")
+        if mask.is_complex():
+            return Proof("complex-valued mask")
+        reason, heads = _heads(mask, t, batch_ndim)
+        if reason is not None:
+            return Proof(reason)
+        rtol = 1e-2 if mask.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        reason, gamma, row_scale = fit_decay(heads, t, rtol)
+        if reason is not None:
+            return Proof(f"{reason} at T={t}")
+        proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
+    return proof
+
+
+def _heads(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
+    """Check the mask's shape [.., t, t] varies over at most the last batch dim; -> [heads,t,t]."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (t, t):
+        return f"the mask has shape {tuple(mask.shape)}, expected [..., {t}, {t}]", mask
+    batch = mask.shape[:-2]
+    if len(batch) > batch_ndim:
+        return "the mask has more dimensions than the scores", mask
+    if any(size != 1 for size in batch[:-1]):
+        return "the mask varies over a batch dimension other than the heads", mask
+    return None, mask.reshape(-1, t, t)

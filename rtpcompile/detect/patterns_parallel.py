@@ -1,0 +1,399 @@
+"""The parallel form ``(Q K^T * M) V``: find every candidate chain and claim or decline it.
+
+A candidate is a value product ``A @ V`` (matmul/bmm, 2- or 3-operand einsum) whose square
+operand A leads back, through element-wise steps, to a score product ``Q K^T``. Candidates are
+then checked step by step (normaliser, dropout, mask application, score product); each check
+returns a reason instead of raising, and the mask is proven by :mod:`mask_proof`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from . import mask_proof
+from .graph_view import (
+    GraphView,
+    Layout,
+    example,
+    hint,
+    is_scalar,
+    is_tensor,
+    kind_of,
+    layout,
+    ndim,
+    parse_einsum,
+    peel,
+    same_size,
+    where,
+)
+from .region import Operand, Region
+
+_MAX_WALK = 12
+
+
+@dataclasses.dataclass
+class _Chain:
+    """What the walk from the value product down to the score product collected."""
+
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    pre: list = dataclasses.field(default_factory=list)
+    post: list = dataclasses.field(default_factory=list)
+    masks: list[fx.Node] = dataclasses.field(default_factory=list)
+    mask_axes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    mask_kind: str = "mul"
+    normaliser: str = "none"
+    normaliser_min: float = 1.0
+    scores: fx.Node | None = None
+    q: Layout | None = None
+    k: Layout | None = None
+
+
+def score_product(node: fx.Node) -> tuple[Layout, Layout] | None:
+    """(Q, K) in the canonical layout [*batch, T, D] when ``node`` is a Q K^T product."""
+    if node.op in ("call_function", "call_method") and len(node.args) == 2:
+        if kind_of(node) == "matmul":
+            a, b = node.args
+            if not all(isinstance(x, fx.Node) and is_tensor(example(x)) for x in (a, b)):
+                return None
+            if ndim(a) != ndim(b) or ndim(a) < 2:
+                return None
+            return layout(a), layout(b).swapped()
+    parsed = parse_einsum(node)
+    if parsed is None or len(parsed[0]) != 2:
+        return None
+    (sq, sk), out, (a, b) = parsed
+    if len(out) < 2:
+        return None
+    batch, t, s = out[:-2], out[-2], out[-1]
+    shared = [c for c in sq if c in sk and c not in out]
+    if len(shared) != 1 or t not in sq or s not in sk or t in sk or s in sq:
+        return None
+    d = shared[0]
+    if sorted(sq) != sorted(batch + t + d) or sorted(sk) != sorted(batch + s + d):
+        return None
+    q_perm = tuple(sq.index(c) for c in batch + t + d)
+    k_perm = tuple(sk.index(c) for c in batch + s + d)
+    return layout(a).then(q_perm), layout(b).then(k_perm)
+
+
+def _square(node: fx.Node) -> bool:
+    value = example(node)
+    return is_tensor(value) and value.dim() >= 2 and same_size(value.shape[-1], value.shape[-2])
+
+
+def _leads_to_scores(node: fx.Node) -> bool:
+    """Whether element-wise steps over [.., T, T] tensors lead back to a score product."""
+    frontier, seen = [node], set()
+    for _ in range(_MAX_WALK):
+        nxt = []
+        for current in frontier:
+            if current in seen or not _square(current):
+                continue
+            seen.add(current)
+            if "softmax" in str(current.target):
+                return False
+            if score_product(current) is not None:
+                return True
+            nxt += [a for a in current.all_input_nodes if _square(a)]
+        frontier = nxt
+    return False
+
+
+def value_products(view: GraphView) -> list[tuple[fx.Node, fx.Node, Layout, tuple | None, list]]:
+    """Every ``A @ V`` whose A leads back to scores: (O, A, V, out_perm, einsum masks)."""
+    found = []
+    for o in view.nodes_of_kind("matmul", "einsum"):
+        for cand in _value_product(o):
+            if cand is not None and _leads_to_scores(cand[1]):
+                found.append(cand)
+                break
+    return found
+
+
+def _value_product(o: fx.Node):
+    if parse_einsum(o) is None:
+        if len(o.args) == 2 and all(isinstance(x, fx.Node) for x in o.args):
+            a, b = o.args
+            if ndim(a) == ndim(b) and (ndim(a) or 0) >= 2:
+                yield o, a, layout(b), None, []
+        return
+    inputs, out, operands = parse_einsum(o)
+    for ia in range(len(inputs)):
+        yield _einsum_value(o, inputs, out, operands, ia)
+
+
+def _einsum_value(o, inputs, out, operands, ia):
+    """Read ``A @ V`` (and an optional third, mask operand) out of an einsum."""
+    sa = inputs[ia]
+    if len(sa) < 2 or len(inputs) not in (2, 3):
+        return None
+    batch, t, s = sa[:-2], sa[-2], sa[-1]
+    rest = [i for i in range(len(inputs)) if i != ia]
+    iv = [i for i in rest if s in inputs[i] and any(c not in sa for c in inputs[i])]
+    if len(iv) != 1:
+        return None
+    sv = inputs[iv[0]]
+    d = [c for c in sv if c not in sa]
+    if len(d) != 1 or s in out or sorted(sv) != sorted(batch + s + d[0]):
+        return None
+    canon = batch + t + d[0]
+    if sorted(out) != sorted(canon):
+        return None
+    v = layout(operands[iv[0]]).then(tuple(sv.index(c) for c in batch + s + d[0]))
+    out_perm = tuple(canon.index(c) for c in out)
+    masks = []
+    for im in rest:
+        if im == iv[0]:
+            continue
+        sm = inputs[im]
+        if sm[-2:] != t + s or any(c not in batch for c in sm[:-2]):
+            return None
+        order = [batch.index(c) for c in sm[:-2]]
+        if order != sorted(order):
+            return None
+        axes = tuple(i for i, c in enumerate(batch) if c not in sm[:-2])
+        masks.append((operands[im], axes))
+    perm = None if out_perm == tuple(range(len(out))) else out_perm
+    return o, operands[ia], v, perm, masks
+
+
+def _denominator(view: GraphView, div: fx.Node) -> tuple[str, float, list] | str:
+    """Classify ``numerator / den``: ("abs_sum" | "sum_abs", clamp min, nodes) or a reason."""
+    numerator, den = div.args
+    steps, nodes, detached = [], [], False
+    node = den
+    while isinstance(node, fx.Node):
+        kind = view.kind(node)
+        if kind in ("cast", "detach", "clamp", "abs", "sum") and node is not numerator:
+            detached |= kind == "detach"
+            if kind not in ("cast", "detach"):
+                steps.append(node)
+            nodes.append(node)
+            node = node.args[0]
+            continue
+        break
+    kinds = [view.kind(n) for n in steps]
+    if node is not numerator or kinds not in (["clamp", "abs", "sum"], ["clamp", "sum", "abs"]):
+        return "unknown normaliser between the masked scores and V"
+    clamp, total = steps[0], steps[1] if kinds[1] == "sum" else steps[2]
+    low = clamp.kwargs.get("min", clamp.args[1] if len(clamp.args) > 1 else None)
+    if not isinstance(low, (int, float)) or low <= 0 or clamp.kwargs.get("max") is not None:
+        return "unknown normaliser (clamp without a positive minimum)"
+    dim = total.kwargs.get("dim", total.args[1] if len(total.args) > 1 else None)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    keep = total.kwargs.get("keepdim", total.args[2] if len(total.args) > 2 else False)
+    if dim not in (-1, (ndim(numerator) or 0) - 1) or not keep:
+        return "unknown normaliser (not a row sum over keys)"
+    if not detached:
+        return "the row normaliser is not detached"
+    return ("abs_sum" if kinds[1] == "abs" else "sum_abs"), float(low), nodes
+
+
+def _apply_mask(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
+    """Read the mask application at ``x`` into ``chain``; leaves chain.scores set."""
+    kind = view.kind(x)
+    if kind == "dropout":
+        p = x.kwargs.get("p", x.args[1] if len(x.args) > 1 else 0.5)
+        training = x.kwargs.get("training", x.args[2] if len(x.args) > 2 else True)
+        if training and p:
+            return "dropout on the scores"
+        chain.nodes.append(x)
+        return _apply_mask(view, chain, x.args[0])
+    if kind == "mul" and len(x.args) == 2 and not any(is_scalar(a) for a in x.args):
+        leaves = _mul_leaves(view, x, chain)
+        scores = [leaf for leaf in leaves if score_product(peel(leaf).core) is not None]
+        if len(scores) != 1:
+            return "no single score product under the mask product"
+        chain.masks += [leaf for leaf in leaves if leaf is not scores[0]]
+        chain.mask_axes += [()] * (len(leaves) - 1)
+        chain.scores = scores[0]
+        return None
+    if kind == "tril":
+        diagonal = x.kwargs.get("diagonal", x.args[1] if len(x.args) > 1 else 0)
+        if diagonal != 0:
+            return f"tril with diagonal={diagonal} is not a causal mask"
+        chain.nodes.append(x)
+        chain.mask_kind, chain.scores = "tril", x.args[0]
+        return None
+    if kind == "masked_fill" and len(x.args) == 3 and x.args[2] == 0:
+        chain.nodes.append(x)
+        chain.mask_kind, chain.scores = "fill", x.args[0]
+        chain.masks.append(x.args[1])
+        chain.mask_axes.append(())
+        return None
+    if kind == "where" and len(x.args) == 3 and x.args[2] == 0:
+        chain.nodes.append(x)
+        chain.mask_kind, chain.scores = "where", x.args[1]
+        chain.masks.append(x.args[0])
+        chain.mask_axes.append(())
+        return None
+    name = getattr(x.target, "__name__", str(x.target))
+    return f"{name!r} on the scores is not a multiplicative decay mask"
+
+
+def _mul_leaves(view: GraphView, x: fx.Node, chain: _Chain) -> list[fx.Node]:
+    """The tensor factors of a tree of element-wise products (single-use inner products)."""
+    leaves = []
+    stack = [x]
+    while stack:
+        node = stack.pop()
+        is_product = view.kind(node) == "mul" and len(node.args) == 2
+        if is_product and not any(is_scalar(a) for a in node.args):
+            if node is x or len(node.users) == 1:
+                chain.nodes.append(node)
+                stack += reversed(node.args)
+                continue
+        leaves.append(node)
+    return leaves
+
+
+def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str | None]:
+    """From the value product's A operand down to the score product."""
+    chain = _Chain()
+    outer = peel(a)
+    chain.nodes += outer.chain
+    x = outer.core
+    if view.kind(x) == "div" and len(x.args) == 2 and not is_scalar(x.args[1]):
+        verdict = _denominator(view, x)
+        if isinstance(verdict, str):
+            return chain, verdict
+        chain.normaliser, chain.normaliser_min, nodes = verdict
+        chain.post += outer.factors
+        chain.nodes += [x, *nodes]
+        inner = peel(x.args[0])
+        chain.nodes += inner.chain
+        chain.pre += inner.factors
+        x = inner.core
+    else:
+        chain.pre += outer.factors
+    if einsum_masks:
+        chain.masks += [m for m, _ in einsum_masks]
+        chain.mask_axes += [axes for _, axes in einsum_masks]
+        chain.scores = x
+    else:
+        reason = _apply_mask(view, chain, x)
+        if reason is not None:
+            return chain, reason
+    scores = peel(chain.scores)
+    chain.nodes += scores.chain
+    chain.pre += scores.factors
+    found = score_product(scores.core)
+    if found is None:
+        return chain, "the masked matrix is not a Q K^T product"
+    chain.scores = scores.core
+    chain.q, chain.k = found
+    chain.nodes += [scores.core, *chain.q.chain, *chain.k.chain]
+    return chain, None
+
+
+def _operand(lay: Layout) -> Operand:
+    return Operand(lay.base.name, lay.perm)
+
+
+def _canonical_shape(lay: Layout) -> list:
+    shape = list(example(lay.base).shape)
+    return [shape[p] for p in lay.perm] if lay.perm else shape
+
+
+def _check_shapes(chain: _Chain, v: Layout) -> str | None:
+    """Shapes the rtp op can express: same batch dims for q, k, v and square scores."""
+    scores = example(chain.scores)
+    if scores.is_complex() or any(example(x.base).is_complex() for x in (chain.q, chain.k, v)):
+        return "complex dtype"
+    if not scores.is_floating_point():
+        return f"scores of dtype {scores.dtype} (floating point expected)"
+    if not same_size(scores.shape[-1], scores.shape[-2]):
+        return "query and key lengths differ (scores are not square)"
+    q, k, vv = (_canonical_shape(x) for x in (chain.q, chain.k, v))
+    if not (len(q) == len(k) == len(vv) == scores.dim()):
+        return "q, k, v and the scores have different ranks"
+    for name, shape in (("k", k), ("v", vv)):
+        if not all(same_size(a, b) for a, b in zip(q[:-1], shape[:-1], strict=True)):
+            return f"{name} does not have q's batch/head/length dims (broadcast heads)"
+    if not same_size(q[-1], k[-1]):
+        return "q and k have different head dims"
+    return None
+
+
+def _mask_transform(chain: _Chain):
+    kind, axes = chain.mask_kind, list(chain.mask_axes)
+
+    def transform(values):
+        if kind == "fill":
+            return (~values[0].bool()).double()
+        if kind == "where":
+            return values[0].bool().double()
+        total = None
+        for value, dims in zip(values, axes, strict=True):
+            value = value.double() if value.dtype == torch.bool else value
+            for dim in dims:
+                value = value.unsqueeze(dim)
+            total = value if total is None else total * value
+        return total
+
+    return transform
+
+
+def check_candidate(view: GraphView, cand, inputs: list) -> Region:
+    """Claim or decline one value-product candidate."""
+    o, a, v, out_perm, einsum_masks = cand
+    chain, reason = _walk(view, a, einsum_masks)
+    base = Region(written="parallel", where=where(o), output=o.name, out_perm=out_perm)
+    if reason is None:
+        reason = _check_shapes(chain, v)
+    if reason is None:
+        inside = set(chain.nodes) | {o}
+        for node in chain.nodes:
+            readers = [u for u in node.users if not view.g.edges[node, u]["meta"]]
+            if any(user not in inside for user in readers):
+                reason = "the score matrix is used elsewhere (e.g. returned as attention weights)"
+                break
+    if reason is None and chain.normaliser != "none" and chain.mask_kind != "mul":
+        reason = "normaliser combined with a 0/1 mask: not supported"
+    if reason is not None:
+        return base.declined(reason)
+    scores = example(chain.scores)
+    if chain.mask_kind == "tril":
+        proof = mask_proof.Proof(None, (1.0,))
+    else:
+        proof = mask_proof.prove(
+            view, chain.masks, _mask_transform(chain), inputs, scores.shape[-1], scores.dim() - 2
+        )
+    q_shape = _canonical_shape(chain.q)
+    heads = len(proof.gamma)
+    if heads <= 1 and scores.dim() > 3:
+        heads = hint(q_shape[-3])
+    region = dataclasses.replace(
+        base,
+        nodes=tuple(n.name for n in view.sorted(set(chain.nodes) | {o})),
+        q=_operand(chain.q),
+        k=_operand(chain.k),
+        v=_operand(v),
+        masks=tuple(m.name for m in chain.masks),
+        mask_kind=chain.mask_kind,
+        mask_axes=tuple(chain.mask_axes),
+        pre=tuple(_factor(f) for f in chain.pre),
+        post=tuple(_factor(f) for f in chain.post),
+        normaliser=chain.normaliser,
+        normaliser_min=chain.normaliser_min,
+        seq_len=hint(scores.shape[-1]),
+        heads=heads,
+        k_dim=hint(q_shape[-1]),
+        v_dim=hint(_canonical_shape(v)[-1]),
+        decay=proof.gamma,
+        row_scale=proof.row_scale,
+    )
+    return region if proof.reason is None else region.declined(proof.reason)
+
+
+def _factor(factor) -> tuple[str, object]:
+    op, value = factor
+    return op, value.name if isinstance(value, fx.Node) else value
+
+
+def find_parallel(view: GraphView, inputs: list) -> list[Region]:
+    """Every parallel-form candidate of the graph, claimed or declined."""
+    return [check_candidate(view, cand, inputs) for cand in value_products(view)]

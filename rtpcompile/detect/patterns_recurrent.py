@@ -1,0 +1,202 @@
+"""The recurrent step ``S' = a * S + k (x) v ; o = contraction(q, S')`` (state in and out).
+
+Recognised spellings: the outer product as ``k^T @ v`` (one token), a 2-operand einsum, or a
+broadcast product of ``k.unsqueeze(-1)`` and ``v.unsqueeze(-2)``; the read-out as ``q @ S'``,
+``S' @ q^T``, an einsum, or ``(q.unsqueeze(-1) * S').sum(-2)``; the state laid out (K, V) or
+(V, K), decided by which state dim the read-out contracts with q. The state must be a graph
+input and S' a graph output; the decay ``a`` must come from constants/buffers (per head only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from . import mask_proof
+from .graph_view import (
+    GraphView,
+    Layout,
+    example,
+    hint,
+    is_constant_source,
+    is_scalar,
+    is_tensor,
+    layout,
+    ndim,
+    parse_einsum,
+    where,
+)
+from .region import Operand, Region
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """One row-vector operand [.., 1, D] (or [.., D] when ``squeezed``) and the nodes used."""
+
+    lay: Layout
+    squeezed: bool
+    nodes: tuple[fx.Node, ...] = ()
+
+
+def _unsqueezed(node: fx.Node, dim: int) -> fx.Node | None:
+    """``x`` when node is ``x.unsqueeze(dim)`` (dim counted from the end), else None."""
+    if node.op in ("call_method", "call_function") and "unsqueeze" in str(node.target):
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        rank = ndim(node) or 0
+        if isinstance(d, int) and d % rank == dim % rank:
+            return node.args[0]
+    return None
+
+
+def outer_product(view: GraphView, node: fx.Node) -> tuple[_Side, _Side] | None:
+    """(x, y) when ``node`` is the outer product x^T y of two row vectors."""
+    kind = view.kind(node)
+    if kind == "matmul" and len(node.args) == 2 and all(ndim(a) for a in node.args):
+        a, b = node.args
+        ea, eb = example(a), example(b)
+        if ea.dim() == eb.dim() and ea.shape[-1] == 1 and eb.shape[-2] == 1:
+            return _Side(layout(a).swapped(), False), _Side(layout(b), False)
+    parsed = parse_einsum(node)
+    if parsed is not None and len(parsed[0]) == 2:
+        (sx, sy), out, (a, b) = parsed
+        batch = out[:-2]
+        if sx[:-1] == batch and sy[:-1] == batch and out == batch + sx[-1] + sy[-1]:
+            return _Side(layout(a), True), _Side(layout(b), True)
+    if kind == "mul" and len(node.args) == 2 and not any(is_scalar(a) for a in node.args):
+        a, b = node.args
+        x, y = _unsqueezed(a, -1), _unsqueezed(b, -2)
+        if x is None or y is None:
+            x, y = _unsqueezed(b, -1), _unsqueezed(a, -2)
+            a, b = b, a
+        if x is not None and y is not None:
+            return _Side(layout(x), True, (a,)), _Side(layout(y), True, (b,))
+    return None
+
+
+def read_out(view: GraphView, state: fx.Node, user: fx.Node):
+    """(q side, contracted state dim -2|-1, output node, out_perm, nodes) or None."""
+    kind = view.kind(user)
+    if kind == "matmul" and len(user.args) == 2:
+        a, b = user.args
+        if b is state and isinstance(a, fx.Node) and ndim(a) == ndim(state):
+            return _Side(layout(a), False), -2, user, None, (user,)
+        if a is state and isinstance(b, fx.Node) and ndim(b) == ndim(state):
+            rank = ndim(state)
+            perm = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+            return _Side(layout(b).swapped(), False), -1, user, perm, (user,)
+    parsed = parse_einsum(user)
+    if parsed is not None and len(parsed[0]) == 2 and state in parsed[2]:
+        subs, out, operands = parsed
+        iq = 1 - operands.index(state)
+        sq, ss = subs[iq], subs[1 - iq]
+        batch = out[:-1]
+        if sq[:-1] == batch and len(ss) == len(batch) + 2 and ss[:-2] == batch:
+            contracted = -2 if ss[-2] == sq[-1] and ss[-1] == out[-1] else -1
+            if contracted == -1 and not (ss[-1] == sq[-1] and ss[-2] == out[-1]):
+                return None
+            return _Side(layout(operands[iq]), True), contracted, user, None, (user,)
+    if kind == "mul" and len(user.users) == 1:
+        total = next(iter(user.users))
+        other = user.args[0] if user.args[1] is state else user.args[1]
+        dims = total.args[1:] or (total.kwargs.get("dim"),)
+        if view.kind(total) == "sum" and len(dims) == 1 and isinstance(other, fx.Node):
+            rank = ndim(state)
+            for dim in (-2, -1):
+                q = _unsqueezed(other, -1 if dim == -2 else -2)
+                if q is not None and dims[0] % rank == dim % rank:
+                    return _Side(layout(q), True), dim, total, None, (other, user, total)
+    return None
+
+
+def _decay_side(view: GraphView, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, S) when node is ``a * S`` with S a graph-input state."""
+    if view.kind(node) != "mul" or len(node.args) != 2:
+        return None
+    for a, s in (node.args, node.args[::-1]):
+        if isinstance(s, fx.Node) and s.op == "placeholder" and not is_constant_source(s):
+            if isinstance(a, fx.Node) and is_tensor(example(a)) and is_tensor(example(s)):
+                return a, s
+    return None
+
+
+def find_recurrent(view: GraphView, inputs: list) -> list[Region]:
+    """Every recurrent-step candidate of the graph, claimed or declined."""
+    regions = []
+    for node in view.nodes_of_kind("add"):
+        if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        for left, right in (node.args, node.args[::-1]):
+            decay, outer = _decay_side(view, left), outer_product(view, right)
+            if decay is not None and outer is not None:
+                regions.append(_check(view, node, left, decay, outer, inputs))
+                break
+    return regions
+
+
+def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
+    a, state = decay
+    x, y = outer
+    base = Region(written="recurrent step", where=where(new_state), state_output=new_state.name)
+    readouts = [read_out(view, new_state, u) for u in new_state.users]
+    readouts = [r for r in readouts if r is not None]
+    if new_state not in view.outputs:
+        return base.declined("the new state is not returned (state must be a graph output)")
+    if len(readouts) != 1:
+        return base.declined(f"{len(readouts)} read-outs of the new state (expected one)")
+    q, contracted, out, out_perm, out_nodes = readouts[0]
+    if not (q.squeezed == x.squeezed == y.squeezed):
+        return base.declined("read-out and outer product disagree on the token axis")
+    k, v = (x, y) if contracted == -2 else (y, x)
+    inside = {scaled, outer_node := new_state.args[1 - new_state.args.index(scaled)]}
+    inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain)
+    for n in inside:
+        if any(u not in inside and u is not new_state for u in n.users):
+            return base.declined("an intermediate of the state update is used elsewhere")
+    if any(example(n.base).is_complex() for n in (q.lay, k.lay, v.lay)):
+        return base.declined("complex dtype")
+    reason, gamma = _prove_decay(view, a, state, inputs)
+    nodes = view.sorted(inside | {new_state, outer_node, *out_nodes})
+    region = dataclasses.replace(
+        base,
+        output=out.name,
+        nodes=tuple(n.name for n in nodes),
+        q=Operand(q.lay.base.name, q.lay.perm, q.squeezed),
+        k=Operand(k.lay.base.name, k.lay.perm, q.squeezed),
+        v=Operand(v.lay.base.name, v.lay.perm, q.squeezed),
+        masks=(a.name,),
+        mask_kind="decay",
+        out_perm=out_perm,
+        state=Operand(state.name),
+        state_vk=contracted == -1,
+        seq_len=1
+        if q.squeezed
+        else hint(example(q.lay.base).shape[q.lay.perm[-2] if q.lay.perm else -2]),
+        heads=len(gamma) or None,
+        k_dim=hint(example(state).shape[-2 if contracted == -2 else -1]),
+        v_dim=hint(example(state).shape[-1 if contracted == -2 else -2]),
+        decay=gamma,
+    )
+    return region if reason is None else region.declined(reason)
+
+
+def _prove_decay(view, a: fx.Node, state: fx.Node, inputs) -> tuple[str | None, tuple]:
+    """The state decay must be constant-derived, per head only, and in (0, 1]."""
+    reason = mask_proof.check_provenance(view, [a])
+    if reason is not None:
+        return reason.replace("mask", "state decay"), ()
+    rank = ndim(state)
+    shape = list(example(a).shape)
+    if len(shape) > rank or any(s != 1 for i, s in enumerate(shape[::-1]) if i != 2):
+        return f"the state decay has shape {shape}: it must vary over the heads only", ()
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            (value,) = mask_proof.evaluate(view, [a], inputs, mask_proof._Sizes(0, 0))
+    except Exception as exc:  # noqa: BLE001 - declined, with the reason
+        return f"the state decay could not be evaluated ({exc})", ()
+    gamma = value.double().reshape(-1)
+    if not ((gamma > 0) & (gamma <= 1 + 1e-6)).all():
+        return f"state decay outside (0, 1]: {gamma.tolist()}", ()
+    return None, tuple(float(g) for g in gamma.clamp(max=1.0))

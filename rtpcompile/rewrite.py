@@ -1,0 +1,212 @@
+"""Replace each claimed region by one call of the rtp op (``torch.ops.rtp.retention_fwd``).
+
+Rewrite never analyses: it reads the :class:`Region` detection produced and inserts one
+``call_function`` node per region that calls :func:`rtp_retention`, a small traceable glue
+function. AOTAutograd traces through the glue, so the compiled graph holds exactly one rtp op
+per region plus the permutes/views to [B, H, T, D] and back.
+
+# NOTE: the decay gamma and the row scale c are computed at run time from the region's own mask
+# nodes (gamma_h = M[h,1,0] / M[h,1,1], c[h,i] = M[h,i,i]; gamma = 1 when T = 1, where it has
+# no effect). Buffer values are not guarded by Dynamo, so freezing the compile-time values would
+# serve a stale decay after ``model.decay.copy_(...)``; reading the diagonals of a mask the graph
+# already builds costs O(T) once Inductor fuses it, syncs nothing and keeps gamma learnable.
+# The row scale is folded into q only when the proof found a diagonal other than 1 (decay masks
+# built from gamma have M[h,i,i] = gamma^0 = 1 whatever the buffer holds); skipping the
+# identity fold also keeps Inductor's backward free of a stride guard that recompiled per T.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .detect.region import Region
+
+_SCALAR_OPS = {"mul": torch.mul, "div": torch.div}
+
+
+def _scaled(x: torch.Tensor, factors) -> torch.Tensor:
+    for op, value in factors:
+        x = x * value if op == "mul" else x / value
+    return x
+
+
+def _decay(masks, kind: str, axes, like: torch.Tensor):
+    """(gamma over the mask's batch dims, row scale [.., T] or None) from the mask tensors."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if kind == "decay":
+        return masks[0].to(dtype), None
+    if kind != "mul":
+        return torch.ones(1, dtype=dtype, device=like.device), None
+    diag = sub = None
+    for mask, dims in zip(masks, axes, strict=True):
+        for dim in dims:
+            mask = mask.unsqueeze(dim)
+        mask = mask.to(dtype)
+        d, s = mask.diagonal(0, -2, -1), mask.diagonal(-1, -2, -1)
+        diag, sub = (d, s) if diag is None else (diag * d, sub * s)
+    ratio = sub / diag[..., 1:]
+    gamma = torch.cat([ratio, torch.ones_like(diag[..., :1])], dim=-1)[..., 0]
+    return gamma, diag
+
+
+def _to4(x: torch.Tensor) -> torch.Tensor:
+    n = x.dim() - 2
+    if n == 0:
+        return x[None, None]
+    if n == 1:
+        return x[None]
+    return x if n == 2 else x.flatten(0, n - 2)
+
+
+def _from4(x: torch.Tensor, batch) -> torch.Tensor:
+    n = len(batch)
+    if n == 0:
+        return x[0, 0]
+    if n == 1:
+        return x[0]
+    return x if n == 2 else x.unflatten(0, tuple(batch[:-1]))
+
+
+def _full_mask(masks, kind: str, axes, t: int, like: torch.Tensor) -> torch.Tensor:
+    if kind != "mul":
+        return torch.ones(t, t, dtype=like.dtype, device=like.device).tril()
+    total = None
+    for mask, dims in zip(masks, axes, strict=True):
+        for dim in dims:
+            mask = mask.unsqueeze(dim)
+        total = mask if total is None else total * mask
+    return total.to(like.dtype)
+
+
+def rtp_retention(q, k, v, masks, pre, post, state, spec):
+    """The region's value computed by the rtp op; returns ``(output, new_state or None)``.
+
+    ``spec`` (constants only): (q_perm, k_perm, v_perm, token_axis, mask_kind, mask_axes,
+    normaliser, normaliser_min, out_perm, state_vk, form, chunk_size, row_scale).
+    """
+    (q_perm, k_perm, v_perm, token_axis, kind, axes, normaliser, low, out_perm, state_vk, form,
+     chunk, use_row_scale) = spec  # fmt: skip
+    q, k, v = (x if p is None else x.permute(p) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
+    if token_axis:
+        q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
+    q = _scaled(q, pre)
+    gamma, row_scale = _decay(masks, kind, axes, q)
+    if row_scale is not None and use_row_scale:
+        q = q * row_scale[..., None].to(q.dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    batch = q.shape[:-2]
+    den = None
+    if normaliser == "sum_abs":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(
+            masks, kind, axes, q.shape[-2], q
+        )
+        den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
+    elif normaliser == "abs_sum":
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    q4, k4, v4 = _to4(q), _to4(k), _to4(v)
+    gamma = gamma.reshape(-1).expand(q4.shape[1])
+    s4 = None
+    if state is not None:
+        s4 = _to4(state.transpose(-1, -2) if state_vk else state).to(gamma.dtype)
+    o, final = torch.ops.rtp.retention_fwd(q4, k4, v4, gamma, 1.0, s4, form, chunk)
+    o = _from4(o, batch)
+    if normaliser == "abs_sum":
+        o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)
+    if den is not None:
+        o = o / den
+    o = _scaled(o, post)
+    if token_axis:
+        o = o.squeeze(-2)
+    if out_perm is not None:
+        o = o.permute(out_perm)
+    new_state = None
+    if state is not None:
+        new_state = _from4(final, state.shape[:-2])
+        new_state = (new_state.transpose(-1, -2) if state_vk else new_state).to(state.dtype)
+    return o, new_state
+
+
+def _spec(region: Region, form: str, chunk_size: int) -> tuple:
+    return (
+        region.q.perm,
+        region.k.perm,
+        region.v.perm,
+        region.q.token_axis,
+        region.mask_kind,
+        region.mask_axes,
+        region.normaliser,
+        region.normaliser_min,
+        region.out_perm,
+        region.state_vk,
+        form,
+        chunk_size,
+        region.row_scale,
+    )
+
+
+def _factors(factors, named) -> tuple:
+    return tuple((op, named[v] if isinstance(v, str) else v) for op, v in factors)
+
+
+def rewrite_region(
+    gm: fx.GraphModule, region: Region, form: str, chunk_size: int, keep: bool = False
+) -> list[fx.Node]:
+    """Insert the op call for one claimed region and reroute the region's outputs to it.
+
+    Returns the new output nodes (output, then new state). With ``keep`` the original region
+    stays in place and nothing is rerouted (``verify`` compares the two).
+    """
+    graph = gm.graph
+    named = {node.name: node for node in graph.nodes}
+    args = (
+        named[region.q.node],
+        named[region.k.node],
+        named[region.v.node],
+        [named[m] for m in region.masks],
+        _factors(region.pre, named),
+        _factors(region.post, named),
+        named[region.state.node] if region.state is not None else None,
+        _spec(region, form, chunk_size),
+    )
+    inputs: list[fx.Node] = []
+    fx.node.map_arg(args, inputs.append)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    last = max(inputs, key=order.__getitem__)
+    outputs = [named[region.output]]
+    if region.state_output is not None:
+        outputs.append(named[region.state_output])
+    first_use = min((order[u] for out in outputs for u in out.users), default=len(order))
+    if order[last] >= first_use:
+        raise RuntimeError(f"cannot place the rtp op for {region.where}: inputs follow a use")
+    with graph.inserting_after(last):
+        call = graph.call_function(rtp_retention, args)
+    with graph.inserting_after(call):
+        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    # NOTE: no fake propagation here: AOTAutograd retraces the graph with its own fake inputs,
+    # and propagating symbolic shapes through the glue cost ~1 s per region for nothing.
+    if keep:
+        return results
+    for out, result in zip(outputs, results, strict=True):
+        result.meta.update({k: v for k, v in out.meta.items() if k in ("stack_trace",)})
+        out.replace_all_uses_with(result)
+    _erase_unused(graph, [named[n] for n in region.nodes])
+    return results
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    for node in reversed(nodes):
+        if not node.users and node.op != "placeholder":
+            graph.erase_node(node)
+
+
+def rewrite(gm: fx.GraphModule, regions: list[Region], form: str = "auto", chunk_size: int = 0):
+    """Rewrite every claimed region of ``gm`` in place; returns ``gm``."""
+    for region in regions:
+        if region.claimed:
+            rewrite_region(gm, region, form, chunk_size)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

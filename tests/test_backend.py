@@ -1,0 +1,253 @@
+"""The rtp backend: rewrite, cache tag, fallback/strict/verify, dynamic shapes, training.
+
+Most tests replace Inductor's ``compile_fx`` by a stub that runs the rewritten graph eagerly
+(fast, and it lets the test inspect what Inductor would receive); one test compiles for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rtpcompile.backend as backend
+from rtpcompile.rewrite import rtp_retention
+
+B, H, K, V = 2, 3, 8, 12
+
+
+def gamma_of() -> torch.Tensor:
+    return 1.0 - 2.0 ** (-2.0 - torch.arange(H, dtype=torch.float32))
+
+
+class Retention(nn.Module):
+    """Textbook retention with an optional torchscale-style normaliser and learnable decay."""
+
+    def __init__(self, normalised: bool = False, learnable: bool = False):
+        super().__init__()
+        self.normalised = normalised
+        logit = torch.logit(gamma_of())
+        if learnable:
+            self.decay_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("decay_logit", logit)
+
+    def forward(self, q, k, v):
+        T = q.shape[2]
+        idx = torch.arange(T, device=q.device)
+        diff = idx[:, None] - idx[None, :]
+        log_gamma = torch.nn.functional.logsigmoid(self.decay_logit)[:, None, None]
+        mask = torch.exp(log_gamma * diff.clamp(min=0)) * (diff >= 0)
+        if self.normalised:
+            mask = mask / mask.sum(-1, keepdim=True).sqrt()
+        a = q @ k.transpose(-1, -2) * K**-0.5 * mask
+        if self.normalised:
+            a = a / a.detach().sum(-1, keepdim=True).abs().clamp(min=1)
+        return a @ v
+
+
+def inputs(T: int, seed: int = 0, grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, T, V, generator=gen)
+    return tuple(x.requires_grad_(grad) for x in (q, k, v))
+
+
+@pytest.fixture
+def inductor(monkeypatch):
+    """Replace compile_fx by an eager stub; records (graph module, cache_key_tag) per call."""
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, **kwargs):
+        seen.append((gm, torch.compiler.config.cache_key_tag))
+        return gm.forward
+
+    import torch._inductor.compile_fx as cfx
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    backend.counters.clear()
+    yield seen
+    torch._dynamo.reset()
+
+
+def op_calls(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is rtp_retention)
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_rewritten_graph_has_one_op_per_region_and_matches_eager(inductor, normalised):
+    model = Retention(normalised)
+    compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
+    x = inputs(13)
+    torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+    (gm, tag), *_ = inductor
+    assert op_calls(gm) == 1
+    assert not any("matmul" in str(n.target) for n in gm.graph.nodes)
+    assert tag == backend.source_hash() and tag.startswith("rtpcompile-")
+
+
+def test_sum_of_absolutes_normaliser_matches_eager(inductor):
+    class SumAbs(Retention):
+        def forward(self, q, k, v):
+            T = q.shape[2]
+            idx = torch.arange(T)
+            diff = idx[:, None] - idx[None, :]
+            mask = torch.where(diff >= 0, gamma_of()[:, None, None] ** diff.clamp(min=0), 0.0)
+            a = q @ k.mT * mask
+            return a / a.detach().abs().sum(-1, keepdim=True).clamp(min=2) @ v
+
+    model = SumAbs()
+    compiled = torch.compile(model, backend="rtp", dynamic=True, options={"verify": True})
+    x = inputs(9, grad=True)
+    out, ref = compiled(*x), model(*x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    got = torch.autograd.grad(out.sum(), x)
+    want = torch.autograd.grad(ref.sum(), x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert op_calls(inductor[0][0]) == 1
+
+
+def test_training_gradients_equal_eager(inductor):
+    model = Retention(normalised=True, learnable=True)
+    compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
+    x = inputs(11, grad=True)
+    out = compiled(*x)
+    grads = torch.autograd.grad(out.square().sum(), [*x, model.decay_logit])
+    ref = model(*x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [*x, model.decay_logit])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_changing_T_does_not_recompile_after_the_first_dynamic_recompile(inductor):
+    model = Retention()
+    compiled = torch.compile(model, backend="rtp", fullgraph=True)
+    for T in (13, 9, 21, 5, 30):
+        x = inputs(T)
+        torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+    # the first call compiles static shapes, the second a dynamic graph that serves all others
+    assert len(inductor) == 2 and backend.counters["graphs"] == 2
+    assert all(op_calls(gm) == 1 for gm, _ in inductor)
+
+
+def test_buffer_change_is_seen_without_recompiling(inductor):
+    model = Retention()
+    compiled = torch.compile(model, backend="rtp", dynamic=True)
+    compiled(*inputs(9))
+    model.decay_logit.sub_(1.0)  # not guarded by Dynamo: gamma must be read at run time
+    x = inputs(9, seed=1)
+    torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+    assert len(inductor) == 1
+
+
+def test_exception_in_detection_falls_back_with_one_warning(inductor, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("detector exploded")
+
+    monkeypatch.setattr(backend, "find_regions", boom)
+    model = Retention()
+    compiled = torch.compile(model, backend="rtp", dynamic=True)
+    x = inputs(7)
+    with pytest.warns(UserWarning, match="detector exploded") as record:
+        out = compiled(*x)
+    assert len([w for w in record if "rtpcompile" in str(w.message)]) == 1
+    torch.testing.assert_close(out, model(*x))
+    assert op_calls(inductor[0][0]) == 0 and backend.counters["fallbacks"] == 1
+
+
+def test_strict_raises_instead_of_falling_back(inductor, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("detector exploded")
+
+    monkeypatch.setattr(backend, "find_regions", boom)
+    compiled = torch.compile(Retention(), backend="rtp", options={"strict": True})
+    with pytest.raises(Exception, match="detector exploded"):
+        compiled(*inputs(7))
+    assert not inductor
+
+
+def test_verify_passes_on_a_correct_rewrite(inductor):
+    model = Retention(normalised=True)
+    compiled = torch.compile(model, backend="rtp", dynamic=True, options={"verify": True})
+    x = inputs(10)
+    torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+def test_verify_raises_with_the_region_when_the_op_differs(inductor, monkeypatch):
+    import rtpcompile.rewrite as rewrite
+
+    real = rewrite._decay
+
+    def wrong_decay(*args):
+        gamma, row = real(*args)
+        return gamma * 0.5, row
+
+    monkeypatch.setattr(rewrite, "_decay", wrong_decay)
+    compiled = torch.compile(Retention(), backend="rtp", dynamic=True, options={"verify": True})
+    with pytest.raises(RuntimeError, match=r"rtp verify: region at .*test_backend.py:\d+"):
+        compiled(*inputs(10))
+
+
+def test_timing_counters_are_exposed(inductor):
+    torch.compile(Retention(), backend="rtp", dynamic=True)(*inputs(8))
+    for key in ("detect_seconds", "rewrite_seconds", "compile_seconds"):
+        assert backend.counters[key] > 0
+    assert backend.counters["detect_seconds"] < backend.counters["compile_seconds"]
+    assert backend.counters["regions_claimed"] == 1
+
+
+def test_recurrent_step_is_rewritten(inductor):
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gamma", gamma_of())
+
+        def forward(self, q, k, v, state):
+            state = self.gamma[:, None, None] * state + k.transpose(-1, -2) @ v
+            return q @ state * K**-0.5, state
+
+    model = Step()
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(B, H, 1, K, generator=gen) for _ in range(2))
+    v, s = torch.randn(B, H, 1, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
+    for got, want in zip(compiled(q, k, v, s), model(q, k, v, s), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert op_calls(inductor[0][0]) == 1
+
+
+def test_chunk_step_output_and_state_match_eager(inductor):
+    from test_detect import ChunkStep
+
+    model = ChunkStep()
+    compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
+    for T in (7, 5):
+        gen = torch.Generator().manual_seed(T)
+        q, k = (torch.randn(B, H, T, K, generator=gen) for _ in range(2))
+        v, s = torch.randn(B, H, T, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+        for got, want in zip(compiled(q, k, v, s), model(q, k, v, s), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    (gm, _), *_ = inductor
+    assert op_calls(gm) == 1 and backend.counters["regions_claimed"] == 1
+
+
+def test_with_inductor_dynamic_fullgraph_training():
+    """The real pipeline: Inductor, dynamic shapes, full graph, gradients, several T."""
+    torch._dynamo.reset()
+    backend.counters.clear()
+    model = Retention(normalised=True, learnable=True)
+    compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
+    for T in (13, 7):  # NOTE: not 12 = V, or duck sizing ties T to V and recompiles
+        x = inputs(T, grad=True)
+        out = compiled(*x)
+        grads = torch.autograd.grad(out.sum(), [*x, model.decay_logit])
+        ref = model(*x)
+        ref_grads = torch.autograd.grad(ref.sum(), [*x, model.decay_logit])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert backend.counters["graphs"] == 1 and backend.counters["regions_claimed"] == 1
+    torch._dynamo.reset()

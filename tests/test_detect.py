@@ -1,0 +1,361 @@
+"""Detection unit tests: canonical spellings, the decay-mask proof, normalisers, declines.
+
+These run Dynamo with a collecting backend only (nothing is compiled), so they are fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtpcompile.detect import counters, find_regions
+from rtpcompile.detect.mask_proof import fit_decay
+
+B, H, T, K, V = 2, 3, 11, 8, 12
+
+
+def gamma_of(h: int = H) -> torch.Tensor:
+    return 1.0 - 2.0 ** (-2.0 - torch.arange(h, dtype=torch.float32))
+
+
+def causal(gamma: torch.Tensor, t: int) -> torch.Tensor:
+    idx = torch.arange(t)
+    diff = idx[:, None] - idx[None, :]
+    return torch.where(diff >= 0, gamma[:, None, None] ** diff.clamp(min=0), 0.0)
+
+
+class Fn(nn.Module):
+    """A module whose forward is the given function of (self, *inputs)."""
+
+    def __init__(self, fn, heads: int = H):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("gamma", gamma_of(heads))
+        self.scale = K**-0.5
+
+    def forward(self, *inputs):
+        return self.fn(self, *inputs)
+
+
+def qkv(t: int = T, layout: str = "bhtd"):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, H, t, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, t, V, generator=gen)
+    if layout == "bthd":
+        return tuple(x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return q, k, v
+
+
+def regions(model, *inputs, dynamic=True):
+    found = []
+
+    def collect(gm, example_inputs, **_):
+        found.extend(find_regions(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=collect, dynamic=dynamic, fullgraph=True)(*inputs)
+    return found
+
+
+def _decay(s, t):
+    return causal(s.gamma, t)
+
+
+SPELLINGS = {
+    "matmul_scale_after": lambda s, q, k, v: (q @ k.transpose(-1, -2) * s.scale * _decay(s, T)) @ v,
+    "scale_on_q_torch_matmul": lambda s, q, k, v: torch.matmul(
+        torch.matmul(q * s.scale, k.transpose(2, 3)) * _decay(s, T), v
+    ),
+    "mT_commuted_mask": lambda s, q, k, v: (_decay(s, T) * q.matmul(k.mT)).matmul(v),
+    "einsum2": lambda s, q, k, v: torch.einsum(
+        "bhts,bhsd->bhtd", torch.einsum("bhtd,bhsd->bhts", q, k) * _decay(s, T), v
+    ),
+    "einsum3": lambda s, q, k, v: torch.einsum(
+        "bhts,hts,bhsv->bhtv", torch.einsum("bhtk,bhsk->bhts", q, k), _decay(s, T), v
+    ),
+    "casts": lambda s, q, k, v: (
+        (q.float() @ k.to(torch.float32).transpose(-1, -2)) * _decay(s, T).type_as(q) @ v.float()
+    ).to(v.dtype),
+    "bmm_per_head_3d": lambda s, q, k, v: torch.bmm(
+        torch.tril(s.gamma[0] ** (torch.arange(T)[:, None] - torch.arange(T)[None, :]))
+        * torch.bmm(q[:, 0], k[:, 0].transpose(1, 2)),
+        v[:, 0],
+    ),
+    "scores_tril": lambda s, q, k, v: (q @ k.mT).tril() @ v,
+    "masked_fill_bool": lambda s, q, k, v: (
+        (q @ k.mT).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0.0) @ v
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_parallel_spellings_are_claimed(name):
+    found = regions(Fn(SPELLINGS[name]), *qkv())
+    assert [r.reason for r in found] == [None], found
+    assert found[0].written == "parallel"
+    assert found[0].k_dim == K and found[0].v_dim == V
+
+
+def test_bthd_layout_with_permute_is_claimed():
+    def fn(s, q, k, v):
+        out = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) * _decay(s, T)) @ v.transpose(1, 2)
+        return out.transpose(1, 2)
+
+    (region,) = regions(Fn(fn), *qkv(layout="bthd"))
+    assert region.claimed
+    assert region.q.perm == (0, 2, 1, 3) and region.k.perm == (0, 2, 1, 3)
+
+
+def test_fused_projection_slices_are_claimed():
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 2 * H * K + H * V)
+            self.register_buffer("gamma", gamma_of())
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).split([H * K, H * K, H * V], dim=-1)
+            q, k = (y.view(b, t, H, K).transpose(1, 2) for y in (q, k))
+            v = v.view(b, t, H, V).transpose(1, 2)
+            return ((q @ k.mT) * causal(self.gamma, t)) @ v
+
+    (region,) = regions(Fused(), torch.randn(B, T, 16))
+    assert region.claimed and region.heads == H
+    assert region.decay == pytest.approx(gamma_of().tolist(), rel=1e-5)
+
+
+def test_static_shapes_are_claimed():
+    (region,) = regions(Fn(SPELLINGS["matmul_scale_after"]), *qkv(), dynamic=False)
+    assert region.claimed and region.seq_len == T
+
+
+def test_torchscale_normaliser_and_row_scale():
+    def fn(s, q, k, v):
+        mask = _decay(s, T)
+        mask = mask / mask.sum(dim=-1, keepdim=True).sqrt()
+        a = q @ k.transpose(-1, -2) * mask
+        a = a / a.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)
+        return torch.matmul(a, v)
+
+    (region,) = regions(Fn(fn), *qkv())
+    assert region.claimed and region.normaliser == "abs_sum" and region.row_scale
+
+
+def test_sum_of_abs_normaliser_is_claimed_as_such():
+    def fn(s, q, k, v):
+        a = q @ k.transpose(-1, -2) * _decay(s, T)
+        return a / a.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1) @ v
+
+    (region,) = regions(Fn(fn), *qkv())
+    assert region.claimed and region.normaliser == "sum_abs"
+
+
+DECLINES = {
+    "activation mask": (
+        lambda s, q, k, v, pad: (q @ k.mT * _decay(s, T) * pad[:, None, None, :]) @ v,
+        "depends on activations",
+    ),
+    "undetached normaliser": (
+        lambda s, q, k, v, pad: (lambda a: a / a.sum(-1, keepdim=True).abs().clamp(min=1) @ v)(
+            q @ k.mT * _decay(s, T)
+        ),
+        "not detached",
+    ),
+    "softplus on scores": (
+        lambda s, q, k, v, pad: F.softplus(q @ k.mT * _decay(s, T)) @ v,
+        "softplus",
+    ),
+    "returned weights": (
+        lambda s, q, k, v, pad: (lambda a: (a @ v, a))(q @ k.mT * _decay(s, T)),
+        "used elsewhere",
+    ),
+    "bidirectional": (
+        lambda s, q, k, v, pad: (q @ k.mT * (s.gamma[:, None, None] ** _absdiff())) @ v,
+        "not causal",
+    ),
+    "random mask": (
+        lambda s, q, k, v, pad: (q @ k.mT * torch.rand(T, T).tril()) @ v,
+        "random",
+    ),
+    "growing decay": (
+        lambda s, q, k, v, pad: (q @ k.mT * causal(1.0 / s.gamma, T)) @ v,
+        "outside (0, 1]",
+    ),
+    "diagonal offset": (
+        lambda s, q, k, v, pad: (q @ k.mT).tril(-1) @ v,
+        "diagonal=-1",
+    ),
+}
+
+
+def _absdiff():
+    idx = torch.arange(T)
+    return (idx[:, None] - idx[None, :]).abs()
+
+
+@pytest.mark.parametrize("name", sorted(DECLINES))
+def test_look_alikes_are_declined_with_a_reason(name):
+    fn, reason = DECLINES[name]
+    pad = torch.ones(B, T)
+    found = regions(Fn(fn), *qkv(), pad)
+    assert found and not any(r.claimed for r in found), found
+    assert reason in found[0].reason
+
+
+def test_dropout_declined_in_training_only():
+    def fn(s, q, k, v):
+        return F.dropout(q @ k.mT * _decay(s, T), p=0.5, training=s.training) @ v
+
+    model = Fn(fn)
+    assert not regions(model.train(), *qkv())[0].claimed
+    assert regions(model.eval(), *qkv())[0].claimed
+
+
+def test_detection_never_mutates_the_graph():
+    seen = []
+
+    def collect(gm, example_inputs, **_):
+        before = gm.code
+        find_regions(gm, example_inputs)
+        seen.append(before == gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(Fn(SPELLINGS["einsum3"]), backend=collect, dynamic=True)(*qkv())
+    assert seen == [True]
+
+
+def test_decisions_are_counted():
+    counters.clear()
+    regions(Fn(SPELLINGS["matmul_scale_after"]), *qkv())
+    regions(Fn(DECLINES["softplus on scores"][0]), *qkv(), torch.ones(B, T))
+    assert counters["regions_claimed"] == 1 and counters["regions_declined"] == 1
+
+
+def test_where_points_at_the_users_source_line():
+    (region,) = regions(Fn(SPELLINGS["matmul_scale_after"]), *qkv())
+    assert "test_detect.py:" in region.where
+
+
+def _step_inputs(vk: bool = False, squeeze: bool = False):
+    gen = torch.Generator().manual_seed(1)
+    tok = () if squeeze else (1,)
+    q, k = (torch.randn(B, H, *tok, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, *tok, V, generator=gen)
+    state = torch.randn(B, H, V, K, generator=gen) if vk else torch.randn(B, H, K, V)
+    return q, k, v, state
+
+
+STEPS = {
+    "kv_matmul": (lambda s, q, k, v, st: _kv(s, q, s.gamma[:, None, None] * st + k.mT @ v), False),
+    "vk_matmul": (
+        lambda s, q, k, v, st: (lambda n: ((n @ q.mT).mT, n))(
+            s.gamma[:, None, None] * st + v.mT @ k
+        ),
+        True,
+    ),
+}
+
+
+def _kv(s, q, new):
+    return q @ new, new
+
+
+def _vk(q, new):
+    return (new @ q.mT).mT, new
+
+
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_recurrent_steps_are_claimed(name):
+    fn, vk = STEPS[name]
+    (region,) = regions(Fn(fn), *_step_inputs(vk))
+    assert region.claimed and region.written == "recurrent step"
+    assert region.state_vk is vk and region.decay == pytest.approx(gamma_of().tolist())
+
+
+def test_recurrent_step_with_squeezed_tokens_and_broadcast_product():
+    def fn(s, q, k, v, st):
+        new = st * s.gamma[:, None, None] + k.unsqueeze(-1) * v.unsqueeze(-2)
+        return (q.unsqueeze(-1) * new).sum(-2), new
+
+    (region,) = regions(Fn(fn), *_step_inputs(squeeze=True))
+    assert region.claimed and region.q.token_axis
+
+
+def test_recurrent_step_with_activation_decay_is_declined():
+    def fn(s, q, k, v, st):
+        a = torch.sigmoid(q.sum(-1, keepdim=True))  # data-dependent gate
+        new = a * st + k.mT @ v
+        return q @ new, new
+
+    (region,) = regions(Fn(fn), *_step_inputs())
+    assert not region.claimed
+
+
+def test_fit_decay_accepts_row_scaled_causal_decay():
+    m = causal(gamma_of(), 9)
+    m = m / m.sum(-1, keepdim=True).sqrt()
+    reason, gamma, row_scale = fit_decay(m, 9, 1e-3)
+    assert reason is None and row_scale
+    assert gamma.tolist() == pytest.approx(gamma_of().tolist(), rel=1e-5)
+
+
+def _poked():
+    mask = causal(gamma_of(), 7)
+    mask[:, 5, 1] *= 1.5
+    return mask
+
+
+@pytest.mark.parametrize(
+    "mask, words",
+    [
+        (causal(gamma_of(), 7).transpose(-1, -2), "not causal"),
+        (_poked(), "not gamma**(i-j)"),
+        (causal(gamma_of(), 7) * torch.tensor([1.0, -1.0, 1.0])[:, None, None], "not positive"),
+    ],
+)
+def test_fit_decay_rejects(mask, words):
+    reason, _, _ = fit_decay(mask, 7, 1e-3)
+    assert reason is not None and words in reason
+
+
+class ChunkStep(nn.Module):
+    """One chunk of the chunkwise form: parallel term + cross term + state update."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", gamma_of())
+
+    def forward(self, q, k, v, state):
+        C = q.shape[2]
+        log_g = torch.log(self.gamma)[:, None]
+        idx = torch.arange(C)
+        diff = idx[:, None] - idx[None, :]
+        inner = torch.exp(log_g[..., None] * diff.clamp(min=0)) * (diff >= 0)
+        cross = (q * torch.exp(log_g * (idx + 1))[..., None]) @ state
+        o = (q @ k.transpose(-1, -2) * inner) @ v + cross
+        k_decay = torch.exp(log_g * (C - 1 - idx))[..., None]
+        new_state = torch.exp(log_g * C)[..., None] * state + (k * k_decay).transpose(-1, -2) @ v
+        return o, new_state
+
+
+def test_chunk_step_becomes_one_region_with_a_state():
+    q, k, v = qkv(t=7)
+    (region,) = regions(ChunkStep(), q, k, v, torch.randn(B, H, K, V))
+    assert region.claimed and region.written == "chunk step"
+    assert region.state is not None and region.state_output is not None
+
+
+def test_chunk_step_with_a_wrong_cross_decay_stays_parallel():
+    class Wrong(ChunkStep):
+        def forward(self, q, k, v, state):
+            o, new_state = super().forward(q, k, v, state)
+            return o, new_state * 1.0
+
+    q, k, v = qkv(t=7)
+    found = regions(Wrong(), q, k, v, torch.randn(B, H, K, V))
+    assert [r.written for r in found if r.claimed] == ["parallel"]

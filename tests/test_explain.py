@@ -1,0 +1,93 @@
+"""rtpcompile.explain: the report's rows, with where/form/heads/dims/decay/lowering/reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rtpcompile
+from rtpcompile.explain import Report, explain
+
+B, H, K, V = 2, 4, 8, 6
+
+
+class TwoLayers(nn.Module):
+    """One retention layer (claimed) and one look-alike with an input padding mask (declined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float32)))
+
+    def decay(self, T):
+        idx = torch.arange(T)
+        diff = idx[:, None] - idx[None, :]
+        return torch.where(diff >= 0, self.gamma[:, None, None] ** diff.clamp(min=0), 0.0)
+
+    def forward(self, q, k, v, pad):
+        mask = self.decay(q.shape[2])
+        out = (q @ k.transpose(-1, -2) * mask) @ v
+        weird = (q @ k.transpose(-1, -2) * mask * pad[:, None, None, :]) @ out
+        return weird
+
+
+class Step(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", torch.full((H,), 0.9))
+
+    def forward(self, q, k, v, state):
+        state = self.gamma.view(1, -1, 1, 1) * state + torch.einsum("bhk,bhv->bhkv", k, v)
+        return torch.einsum("bhk,bhkv->bhv", q, state), state
+
+
+def _inputs(T=19):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, H, T, K, generator=gen) for _ in range(2))
+    return q, k, torch.randn(B, H, T, V, generator=gen), torch.ones(B, T)
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    """explain must never compile anything."""
+    import torch._inductor.compile_fx as cfx
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("explain compiled a graph")
+
+    monkeypatch.setattr(cfx, "compile_fx", forbidden)
+
+
+def test_report_lists_claimed_and_declined_regions(no_inductor):
+    report = explain(TwoLayers(), *_inputs())
+    assert isinstance(report, Report)
+    assert len(report.claimed) == 1 and len(report.declined) == 1
+    claimed, declined = report.claimed[0], report.declined[0]
+    assert claimed.heads == H and (claimed.k_dim, claimed.v_dim) == (K, V)
+    assert "activations" in declined.reason
+    text = str(report)
+    assert "1 claimed, 1 declined" in text
+    for words in ("claimed", "declined", "parallel", "8 x 6", "gamma=0.9688..0.9961"):
+        assert words in text
+    assert "parallel at T=19" in text
+    assert "test_explain.py:" in text
+
+
+def test_package_level_explain_and_lowering_follow_the_shapes(no_inductor):
+    report = rtpcompile.explain(TwoLayers(), *_inputs(T=300))
+    assert "chunkwise (chunk" in str(report) and "T=300" in str(report)
+
+
+def test_recurrent_step_row(no_inductor):
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(B, H, K, generator=gen) for _ in range(2))
+    v, s = torch.randn(B, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    report = explain(Step(), q, k, v, s)
+    (region,) = report.claimed
+    assert region.written == "recurrent step" and region.decay == pytest.approx((0.9,) * H)
+    assert "recurrent at T=1" in str(report)
+
+
+def test_nothing_to_report(no_inductor):
+    report = explain(nn.Linear(4, 4), torch.randn(2, 4))
+    assert report.regions == [] and "no retention candidates" in str(report)
