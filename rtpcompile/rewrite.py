@@ -33,22 +33,30 @@ def _scaled(x: torch.Tensor, factors) -> torch.Tensor:
     return x
 
 
-def _decay(masks, kind: str, axes, like: torch.Tensor):
+def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = True):
     """(gamma over the mask's batch dims, row scale [.., T] or None) from the mask tensors."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if kind == "decay":
         return masks[0].to(dtype), None
     if kind != "mul":
         return torch.ones(1, dtype=dtype, device=like.device), None
-    diag = sub = None
+    gamma = diag = None
     for mask, dims in zip(masks, axes, strict=True):
         for dim in dims:
             mask = mask.unsqueeze(dim)
         mask = mask.to(dtype)
-        d, s = mask.diagonal(0, -2, -1), mask.diagonal(-1, -2, -1)
-        diag, sub = (d, s) if diag is None else (diag * d, sub * s)
-    ratio = sub / diag[..., 1:]
-    gamma = torch.cat([ratio, torch.ones_like(diag[..., :1])], dim=-1)[..., 0]
+        # NOTE: only slices and index gathers of the mask: Inductor keeps those lazy and computes
+        # O(1) / O(T) mask elements, whereas diagonal() is an as_strided view that would realise
+        # the whole T x T mask. gamma = M[.., 1, 0] / M[.., 1, 1]; 1 when T = 1 (no effect there).
+        # one read of the mask (two reads make Inductor realise it on reuse)
+        pair = mask[..., 1:2, 0:2].clone()
+        ratio = pair[..., 0:1] / pair[..., 1:2]
+        g = torch.cat([ratio, torch.ones_like(mask[..., :1, :1])], dim=-2)[..., 0, 0]
+        gamma = g if gamma is None else gamma * g
+        if want_row_scale:
+            idx = torch.arange(mask.shape[-1], device=mask.device)
+            d = mask[..., idx, idx]
+            diag = d if diag is None else diag * d
     return gamma, diag
 
 
@@ -93,7 +101,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
     q = _scaled(q, pre)
-    gamma, row_scale = _decay(masks, kind, axes, q)
+    gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
     if row_scale is not None and use_row_scale:
         q = q * row_scale[..., None].to(q.dtype)
     k, v = k.to(q.dtype), v.to(q.dtype)
