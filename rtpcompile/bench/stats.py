@@ -1,0 +1,133 @@
+"""Timing statistics and the interleaved timer.
+
+Every comparison runs in one process: each repetition calls every variant once, in a rotated
+order, so slow drifts of the machine (other processes, thermal limits) hit every variant alike.
+A sample is the mean of ``number`` back-to-back calls, ``number`` chosen during warm-up so a
+sample lasts at least ``min_sample_s``. The summary is the median and the spread of the samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Summary of timing samples, in seconds.
+
+    ``spread`` is the interquartile range divided by the median (0.05 = the middle half of the
+    samples lies within 5 % of the median); ``p25``/``p75`` are its ends.
+    """
+
+    median: float
+    p25: float
+    p75: float
+    min: float
+    max: float
+    n: int
+    number: int = 1
+
+    @property
+    def spread(self) -> float:
+        return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {**dataclasses.asdict(self), "spread": self.spread}
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted non-empty list (q in [0, 1])."""
+    if not sorted_values:
+        raise ValueError("quantile of an empty list")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples: list[float], number: int = 1) -> Stats:
+    """Median, quartiles and extremes of a non-empty list of samples."""
+    if not samples:
+        raise ValueError("summarize needs at least one sample, got none")
+    s = sorted(float(x) for x in samples)
+    return Stats(
+        median=statistics.median(s),
+        p25=quantile(s, 0.25),
+        p75=quantile(s, 0.75),
+        min=s[0],
+        max=s[-1],
+        n=len(s),
+        number=number,
+    )
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """A function that waits for queued work on ``device`` (a no-op on CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def _time_once(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / number
+
+
+def error_text(exc: BaseException) -> str:
+    """One line naming the exception (what a result records instead of a time)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], object]],
+    reps: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+    min_sample_s: float = 0.02,
+    max_number: int = 100,
+) -> tuple[dict[str, Stats], dict[str, str]]:
+    """Time every variant ``reps`` times, interleaved, after ``warmup`` untimed calls each.
+
+    Returns ({name: Stats}, {name: error}): a variant that raises (out of memory, say) is
+    reported in the second dict and left out of the remaining repetitions.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    sync = sync or (lambda: None)
+    numbers: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for name, fn in variants.items():
+        try:
+            elapsed = min(_time_once(fn, 1, sync) for _ in range(max(warmup, 1)))
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
+            errors[name] = error_text(exc)
+            continue
+        # NOTE: fast calls are repeated inside one sample so timer resolution and Python
+        # overhead do not dominate; slow calls are timed one at a time.
+        numbers[name] = max(1, min(max_number, math.ceil(min_sample_s / max(elapsed, 1e-9))))
+    names = list(numbers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            if name in errors:
+                continue
+            try:
+                samples[name].append(_time_once(variants[name], numbers[name], sync))
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = error_text(exc)
+    stats = {n: summarize(samples[n], numbers[n]) for n in names if n not in errors}
+    return stats, errors

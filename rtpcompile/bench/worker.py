@@ -1,0 +1,56 @@
+"""Subprocess entry point for CPU peak-memory readings (see memory.py).
+
+    python -m rtpcompile.bench.worker '{"variant": "chunkwise", "mode": "fwd", "T": 4096,
+                                        "B": 1, "H": 8, "K": 64, "V": 64, "dtype": "float32"}'
+
+prints one line ``RTP_BENCH_RESULT {"peak_bytes": N}`` (or ``{"peak_bytes": null, "error": ...}``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+
+from .memory import RESULT_PREFIX, PeakRSS
+from .stats import error_text
+from .variants import OpInputs, build
+
+WARMUP_T = 64
+
+
+def measure(spec: dict) -> int:
+    device = spec.get("device", "cpu")
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    (variant,), _ = build(device, [spec["variant"]])
+    grad = spec["mode"] == "fwdbwd"
+    dims = (spec["B"], spec["H"])
+    kv = (spec["K"], spec["V"])
+    bthd = variant.name.startswith("fla-")
+    small = OpInputs.make(*dims, min(WARMUP_T, spec["T"]), *kv, dtype, device, grad, bthd)
+    variant.run(small, spec["mode"])  # compiles compiled variants; not counted
+    del small
+    x = OpInputs.make(*dims, spec["T"], *kv, dtype, device, grad, bthd)
+    gc.collect()
+    with PeakRSS() as peak:
+        out = variant.run(x, spec["mode"])
+        del out
+    return peak.bytes
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    if "threads" in spec:
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        result: dict[str, object] = {"peak_bytes": measure(spec)}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as a value
+        result = {"peak_bytes": None, "error": error_text(exc)}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

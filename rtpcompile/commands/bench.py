@@ -1,0 +1,161 @@
+"""``rtpcompile bench``: op-level and model-level benchmarks, written as JSON, markdown and PNG.
+
+    rtpcompile bench                      # full sweep on this machine's default device
+    rtpcompile bench --quick              # a few minutes at most on a 2-core CPU
+    rtpcompile bench --device cuda --out $OUT
+Results go to ``benchmarks/results/<device>/`` (``<device>-quick`` with --quick) unless --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..bench import env as bench_env
+from ..bench import model_suite, op_suite, writers
+from ..bench.models import BACKENDS
+
+SUITES = ("op", "model")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="op- and model-level benchmarks (JSON, markdown, plots)", description=__doc__
+    )
+    p.add_argument("--quick", action="store_true", help="short lengths and few repetitions")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--suite", type=_choices(SUITES), default=list(SUITES), help="op,model")
+    p.add_argument("--out", type=Path, default=None, help="output folder")
+    p.add_argument("--lengths", type=_ints, default=None, help="op-level T values, e.g. 512,4096")
+    p.add_argument("--modes", type=_choices(op_suite.MODES), default=list(op_suite.MODES))
+    p.add_argument("--variants", type=_names, default=None, help="op variants to run (all)")
+    p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS))
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (5; quick 3)")
+    p.add_argument("--max-call-s", type=float, default=None, help="skip calls predicted slower")
+    p.add_argument("--max-mem-gb", type=float, default=None, help="skip T x T buffers larger")
+    p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
+    p.add_argument(
+        "--memory-lengths", type=_ints, default=None, help="measure memory only at these T"
+    )
+    p.add_argument("--dtype", default=None, help="op-level dtype (float32 on CPU, bfloat16 GPU)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="op-level heads (8 CPU, 16 GPU)")
+    p.add_argument("--head-dim", type=int, default=None, help="op-level K = V (64 CPU, 128 GPU)")
+    p.add_argument("--whole-model", action="store_true", help="compile models as one graph")
+    p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.set_defaults(func=run)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 512,4096, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _choices(valid: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = _names(text)
+        bad = sorted(set(names) - set(valid))
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected some of {list(valid)}, got {text!r}")
+        return names
+
+    return parse
+
+
+def op_config(args, device: str) -> op_suite.OpConfig:
+    cuda = device.startswith("cuda")
+    quick = args.quick
+    lengths = args.lengths or (op_suite.QUICK_LENGTHS if quick else op_suite.FULL_LENGTHS)
+    return op_suite.OpConfig(
+        device=device,
+        dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+        batch=args.batch,
+        heads=args.heads or (16 if cuda else 8),
+        k_dim=args.head_dim or (128 if cuda else 64),
+        v_dim=args.head_dim or (128 if cuda else 64),
+        lengths=tuple(lengths),
+        modes=tuple(args.modes),
+        reps=args.reps or (3 if quick else 5),
+        max_call_s=args.max_call_s or (2.0 if quick else 20.0),
+        max_mem_gb=args.max_mem_gb or (100.0 if cuda else 8.0),
+        memory=not args.no_memory,
+        memory_lengths=tuple(args.memory_lengths or ((max(lengths),) if quick else ())) or None,
+        variants=tuple(args.variants) if args.variants else None,
+    )
+
+
+def model_config(args, device: str) -> model_suite.ModelConfig:
+    cuda = device.startswith("cuda")
+    if args.quick:
+        return model_suite.ModelConfig(
+            device=device, backends=tuple(args.backends), prefill_lengths=(128, 512),
+            train_lengths=(), contexts=(256, 4096), decode_tokens=8,
+            hybrids=model_suite.QUICK_HYBRIDS, reps=args.reps or 2,
+            max_call_s=args.max_call_s or 20.0, whole_model=args.whole_model,
+        )  # fmt: skip
+    return model_suite.ModelConfig(
+        device=device, backends=tuple(args.backends),
+        prefill_lengths=(512, 2048, 8192, 16384) if cuda else (256, 1024, 4096),
+        train_lengths=(512, 2048, 8192) if cuda else (256, 1024),
+        contexts=(1024, 8192, 65536) if cuda else (256, 2048, 16384),
+        decode_tokens=32 if cuda else 16, reps=args.reps or 3,
+        max_call_s=args.max_call_s or 20.0, whole_model=args.whole_model,
+    )  # fmt: skip
+
+
+def run(args) -> int:
+    """Run the chosen suites and write their files; 0 unless a suite crashed."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+    if args.threads:
+        # NOTE: on a CPU shared with other busy processes, fewer threads than cores avoids
+        # OpenMP oversubscription, which can slow small ops down by 10-50x.
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_out = Path("benchmarks/results") / (torch.device(device).type + ("-quick" * args.quick))
+    out = args.out or default_out
+    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
+    command = " ".join(["rtpcompile bench", shlex.join(argv)]).strip()
+    env = bench_env.describe(device)
+    print(f"rtpcompile bench  ({bench_env.header_line(env)}) -> {out}")
+    written = []
+    if "op" in args.suite:
+        cfg = op_config(args, device)
+        start = time.perf_counter()
+        print(f"op level: B={cfg.batch} H={cfg.heads} K=V={cfg.k_dim} {cfg.dtype}, T={cfg.lengths}")
+        records, notes = op_suite.run(cfg)
+        config = {k: v for k, v in vars(cfg).items() if k != "device"}
+        written += writers.write_suite(
+            out, "op", env, config, records, notes, command,
+            op_suite.descriptions(device), plot=not args.no_plot,
+        )  # fmt: skip
+        print(f"op level done in {time.perf_counter() - start:.0f} s")
+    if "model" in args.suite:
+        cfg = model_config(args, device)
+        start = time.perf_counter()
+        print(f"model level: default model, backends {list(cfg.backends)}")
+        records = model_suite.run(cfg)
+        config = {k: v for k, v in vars(cfg).items() if k not in ("device", "base")}
+        written += writers.write_suite(
+            out, "model", env, config, records, [], command, plot=not args.no_plot
+        )
+        print(f"model level done in {time.perf_counter() - start:.0f} s")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
