@@ -337,6 +337,20 @@ def _mask_transform(chain: _Chain):
     return transform
 
 
+def _before_casts(mask: fx.Node) -> fx.Node:
+    """The mask before dtype casts.
+
+    NOTE: a decay mask rounded to bfloat16 holds gamma = 1 - 2**-9 as 1.0; gamma read from it
+    would be wrong at long distances, so the proof and the run-time gamma use the wider value.
+    """
+    while kind_of(mask) == "cast" and isinstance(mask.args[0], fx.Node):
+        inner = example(mask.args[0])
+        if not (is_tensor(inner) and inner.is_floating_point()):
+            break
+        mask = mask.args[0]
+    return mask
+
+
 def check_candidate(view: GraphView, cand, inputs: list) -> Region:
     """Claim or decline one value-product candidate."""
     o, a, v, out_perm, einsum_masks = cand
@@ -356,6 +370,8 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
     if reason is not None:
         return base.declined(reason)
     scores = example(chain.scores)
+    if chain.mask_kind == "mul":
+        chain.masks = [_before_casts(m) for m in chain.masks]
     if chain.mask_kind == "tril":
         proof = mask_proof.Proof(None, (1.0,))
     else:

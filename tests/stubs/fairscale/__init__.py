@@ -1,0 +1,1 @@
+"""Test stub of fairscale: only what torchscale 0.3.0 imports (see tests/stubs/README.md)."""
