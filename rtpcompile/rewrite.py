@@ -50,7 +50,7 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
         # the whole T x T mask. gamma = M[.., 1, 0] / M[.., 1, 1]; 1 when T = 1 (no effect there).
         # one read of the mask (two reads make Inductor realise it on reuse)
         pair = mask[..., 1:2, 0:2].clone()
-        ratio = pair[..., 0:1] / pair[..., 1:2]
+        ratio = pair[..., :1] / pair[..., -1:]  # [.., 0, 1] when T = 1
         g = torch.cat([ratio, torch.ones_like(mask[..., :1, :1])], dim=-2)[..., 0, 0]
         gamma = g if gamma is None else gamma * g
         if want_row_scale:
