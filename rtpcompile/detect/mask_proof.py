@@ -6,8 +6,9 @@ The proof has two halves:
    dependent gate, a padding mask) or a random op declines the region. Activations read only
    for their shape/dtype/device (``x.size(1)``, ``type_as(x)``, ``ones_like(x)``) are fine.
 2. *Values.* The mask subgraph is re-run on the real buffer values at several sequence lengths
-   (1, 2, a prime, the example length: the symbol of T is substituted, every other size keeps
-   its example value) and fitted: zeros above the diagonal, positive diagonal c[h, i], and
+   (1, 2, a prime, the example length -- capped at 4096 when T is symbolic: the symbol of T is
+   substituted, every other size keeps its example value) and fitted: zeros above the diagonal,
+   positive diagonal c[h, i], and
    ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it.
 Nothing is frozen from this evaluation: the rewritten graph recomputes gamma and c from the
 same mask nodes at run time (see rewrite.py); the values here only feed explain().
@@ -24,6 +25,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .graph_view import GraphView, example, is_constant_source, is_random, is_tensor
 
 _PRIME = 7
+_MAX_SYMBOLIC_T = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,15 @@ def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes)
     index = {node: i for i, node in enumerate(view.placeholders)}
     for leaf in meta - needed:
         env[leaf] = _stand_in(leaf, sizes)
-    for node in view.sorted(needed):
+    order = view.sorted(needed)
+    # NOTE: drop each intermediate after its last reader, so a mask built at the example length
+    # (T x T per op) holds a couple of T x T tensors at once, not one per node of its subgraph
+    last_read: dict[fx.Node, int] = {}
+    for step, node in enumerate(order):
+        for arg in node.all_input_nodes:
+            last_read[arg] = step
+    outputs = set(masks)
+    for step, node in enumerate(order):
         if node.op == "placeholder":
             value = inputs[index[node]]
             env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
@@ -107,6 +117,10 @@ def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes)
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         env[node] = _run(view.gm, node, args, kwargs)
+        del args, kwargs
+        for arg in node.all_input_nodes:
+            if last_read.get(arg) == step and arg not in outputs and arg in needed:
+                del env[arg]
     return [env[mask] for mask in masks]
 
 
@@ -140,7 +154,9 @@ def lengths_for(seq) -> list[int]:
     t_example = hint.value(seq) if hint.symbol is None else int(_hints(hint.shape_env)[hint.symbol])
     if hint.symbol is None:
         return [t_example]
-    return sorted({1, 2, min(_PRIME, t_example), t_example})
+    # NOTE: with a symbolic T every length runs the same program, so a long example length is
+    # capped: proving at T = 65536 would build several 16 GiB masks for no extra certainty
+    return sorted({1, 2, min(_PRIME, t_example), min(t_example, _MAX_SYMBOLIC_T)})
 
 
 def _row_blocks(heads: int, t: int):

@@ -81,7 +81,11 @@ def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int 
     C = max(1, min(int(chunk_size), T))
     N = math.ceil(T / C)
     pad = N * C - T
-    q, k, v = (F.pad(x.to(acc), (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v))
+    # NOTE: reshape copies only what it must (a permuted [B,T,H,D] view); pad only when needed
+    q, k, v = (
+        (F.pad(x.to(acc), (0, 0, 0, pad)) if pad else x.to(acc)).reshape(B, H, N, C, -1)
+        for x in (q, k, v)
+    )
     pos = torch.arange(C, device=q.device)
 
     # [B, H, N, C, C] @ [B, H, N, C, V] -> [B, H, N, C, V]
