@@ -17,6 +17,7 @@ same mask nodes at run time (see rewrite.py); the values here only feed explain(
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.fx as fx
@@ -240,6 +241,14 @@ def prove(
     proof = Proof("the mask could not be evaluated")
     for t in lengths_for(seq):
         sizes = _Sizes(seq, t)
+        need, budget = proof_bytes(view, masks, sizes), proof_budget()
+        if need > budget:
+            return Proof(
+                f"proving the mask at T={t} needs about {need / 2**30:.1f} GiB (budget "
+                f"{budget / 2**30:.1f} GiB, RTP_PROOF_MAX_GB); with dynamic=True (or "
+                "torch._dynamo.mark_dynamic on the sequence dim) it is proven at T <= "
+                f"{_MAX_SYMBOLIC_T}"
+            )
         try:
             with unset_fake_temporarily(), torch.no_grad():
                 mask = transform(evaluate(view, masks, inputs, sizes))
@@ -256,6 +265,41 @@ def prove(
             return Proof(f"{reason} at T={t}")
         proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
     return proof
+
+
+def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: _Sizes) -> int:
+    """Estimated peak bytes of evaluating and fitting the masks at length ``sizes.t``.
+
+    NOTE: evaluate() frees each intermediate after its last reader, so about three of the
+    largest tensors of the subgraph (an op's inputs and output, then the mask and a fit block)
+    are alive at once.
+    """
+    largest = 0
+    for mask in masks:
+        values, _ = view.data_ancestors(mask)
+        for node in values | {mask}:
+            value = example(node)
+            if is_tensor(value):
+                numel = 1
+                for size in value.shape:
+                    numel *= sizes.value(size)
+                largest = max(largest, numel * max(value.element_size(), 4))
+    return 3 * largest
+
+
+def proof_budget() -> int:
+    """Bytes the proof may use: RTP_PROOF_MAX_GB, else a quarter of RAM capped at 8 GiB."""
+    env = os.environ.get("RTP_PROOF_MAX_GB")
+    if env:
+        try:
+            return int(float(env) * 2**30)
+        except ValueError:
+            raise ValueError(f"RTP_PROOF_MAX_GB must be a number of GiB, got {env!r}") from None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # NOTE: not POSIX: assume 32 GiB
+        ram = 32 * 2**30
+    return min(8 * 2**30, ram // 4)
 
 
 def _heads(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
