@@ -76,6 +76,6 @@ def test_bad_budget_setting_is_a_clear_error(monkeypatch):
         mask_proof.proof_budget()
 
 
-def test_default_budget_is_a_quarter_of_ram_at_most_8_gib(monkeypatch):
+def test_default_budget_is_half_the_ram_at_most_16_gib(monkeypatch):
     monkeypatch.delenv("RTP_PROOF_MAX_GB", raising=False)
-    assert 0 < mask_proof.proof_budget() <= 8 * 2**30
+    assert 0 < mask_proof.proof_budget() <= 16 * 2**30

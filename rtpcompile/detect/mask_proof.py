@@ -288,7 +288,7 @@ def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: _Sizes) -> int:
 
 
 def proof_budget() -> int:
-    """Bytes the proof may use: RTP_PROOF_MAX_GB, else a quarter of RAM capped at 8 GiB."""
+    """Bytes the proof may use: RTP_PROOF_MAX_GB, else half the RAM capped at 16 GiB."""
     env = os.environ.get("RTP_PROOF_MAX_GB")
     if env:
         try:
@@ -299,7 +299,7 @@ def proof_budget() -> int:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # NOTE: not POSIX: assume 32 GiB
         ram = 32 * 2**30
-    return min(8 * 2**30, ram // 4)
+    return min(16 * 2**30, ram // 2)
 
 
 def _heads(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
