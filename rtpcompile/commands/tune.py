@@ -6,6 +6,8 @@
 Each ``--shape`` is ``B,H,T,K[,V]`` (V defaults to K). Every shape is benchmarked once per
 phase (forward, backward or both) unless its bucket is already cached (``--force`` re-runs),
 and the winner is stored where the planner reads it at run time, whatever ``RTP_AUTOTUNE`` is.
+On the Triton backend (CUDA, or ``RTP_KERNELS=triton``) the winner includes its kernel block
+configuration (BV, num_warps, num_stages), printed after the form and stored in the entry.
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ def run(args) -> int:
         else:
             chosen = plan.plan_for(problem, tune=True, force=args.force)
             result = plan.describe(chosen)
+            if backend == "triton" and not chosen.config:
+                result += ", kernel config: defaults"
         _progress(done + 1, len(jobs), plan.shape_text(problem))
         print(f"{plan.shape_text(problem)}: {result}")
     ran = plan.counters["benchmarks"] - before
-    print(f"{ran} benchmark run(s); cache: {plan.cache_location()}")
+    print(f"{ran} benchmark run(s) on the {backend} backend; cache: {plan.cache_location()}")
     return 0

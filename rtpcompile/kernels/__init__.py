@@ -2,7 +2,9 @@
 
 The lowering calls ``triton_forward`` / ``triton_backward`` for CUDA tensors, and for CPU tensors
 when ``RTP_KERNELS=triton`` (then under ``TRITON_INTERPRET=1``). ``kernels_for`` lists the
-kernels (spec and module hash) a call would launch, without launching anything. Importing this
+kernels (spec and module hash) a call would launch, without launching anything. Each takes an
+optional block ``config`` (``{"BV": 32, "num_warps": 8, "num_stages": 3}``, see
+``spec.check_config``), the planner's ``Plan.config``; None keeps the defaults. Importing this
 package never fails when Triton is missing: ``available()`` is then False.
 
 Pipeline: spec.py (decisions) -> templates/*.jinja (Triton) -> codegen.py (hash-named, verified
@@ -17,12 +19,14 @@ import os
 import torch
 
 from .codegen import KernelInfo, cache_dir
-from .spec import KernelSpec, render
+from .spec import CONFIG_KEYS, KernelSpec, check_config, render
 
 __all__ = [
+    "CONFIG_KEYS",
     "KernelInfo",
     "KernelSpec",
     "available",
+    "check_config",
     "cache_dir",
     "kernels_for",
     "render",
@@ -49,18 +53,18 @@ def available() -> bool:
     return interpret or torch.cuda.is_available()
 
 
-def triton_forward(form, q, k, v, gamma, scale, initial_state, chunk_size):
+def triton_forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None):
     """(o [B,H,T,V] in q's dtype, final state [B,H,K,V] float32/64) of a resolved form."""
     from .backward import forward
 
-    return forward(form, q, k, v, gamma, scale, initial_state, chunk_size)
+    return forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config)
 
 
-def triton_backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size):
+def triton_backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
     """(dq, dk, dv, dgamma, ds0 | None); dsf and s0 may be None."""
     from .backward import backward
 
-    return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size)
+    return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config)
 
 
 def kernels_for(
@@ -73,6 +77,7 @@ def kernels_for(
     chunk_size: int = 64,
     backward: bool = False,
     final_state_grad: bool = False,
+    config: dict[str, int] | None = None,
 ) -> list[KernelInfo]:
     """The kernels a call with these shapes would launch (forward, then backward if asked).
 
@@ -89,8 +94,9 @@ def kernels_for(
     ]
     q, k, v, gamma, s0 = meta
     with recording() as seen:
-        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size)
+        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size, config)
         if backward:
             dsf = torch.empty_like(sf) if final_state_grad else None
-            bw.backward(form, torch.empty_like(o), dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size)
+            do = torch.empty_like(o)
+            bw.backward(form, do, dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size, config)
     return seen

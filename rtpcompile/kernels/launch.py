@@ -5,6 +5,8 @@ A pass computes, for readers r (q), writers w (k) and values u (v), all [B, H, T
 in time order ("fwd") or time-reversed ("bwd"), and optionally the final state. The forward is
 one pass; the backward is three (see ``backward.py``). Inside ``recording()`` nothing is
 launched: each pass appends its ``KernelInfo`` and returns empty outputs (for explain()).
+Every pass of a call takes the same optional ``config`` (``spec.check_config``: BV, num_warps,
+num_stages), the block configuration the planner chose; None keeps ``spec.choose``'s defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -59,7 +62,10 @@ class Pass:
     extra_value_column: bool = False
 
 
-def _spec(p: Pass, chunk_size: int) -> KernelSpec:
+Config = Mapping[str, int] | None
+
+
+def _spec(p: Pass, chunk_size: int, config: Config = None) -> KernelSpec:
     V = p.v.shape[-1] + int(p.extra_value_column)
     out = p.out_dtype or p.q.dtype
     return choose(
@@ -70,6 +76,7 @@ def _spec(p: Pass, chunk_size: int) -> KernelSpec:
         p.q.dtype,
         out,
         chunk_size,
+        config,
         state_in=p.s0 is not None,
         state_offset=p.state_offset,
         state_out=p.state_out,
@@ -84,7 +91,9 @@ def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-def run(p: Pass, chunk_size: int = 64) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def run(
+    p: Pass, chunk_size: int = 64, config: Config = None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, row dots [B,H,T] | None).
 
     A parallel pass that must also produce the final state runs a state-only chunkwise pass.
@@ -92,12 +101,12 @@ def run(p: Pass, chunk_size: int = 64) -> tuple[Tensor | None, Tensor | None, Te
     if p.form == "parallel" and (p.state_out or not p.store_o):
         o = rd = None
         if p.store_o:
-            o, _, rd = run(dataclasses.replace(p, state_out=False), chunk_size)
+            o, _, rd = run(dataclasses.replace(p, state_out=False), chunk_size, config)
         state_only = dataclasses.replace(
             p, form="chunkwise", store_o=False, row_dot_with=None, row_scale=None
         )
-        return o, run(state_only, chunk_size)[1], rd
-    spec = _spec(p, chunk_size)
+        return o, run(state_only, chunk_size, config)[1], rd
+    spec = _spec(p, chunk_size, config)
     B, H, T, K = p.q.shape
     V = spec.V
     acc = acc_dtype(p.q.dtype)

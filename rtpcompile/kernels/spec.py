@@ -3,13 +3,16 @@
 A ``KernelSpec`` is frozen and hashable. ``render(spec)`` fills one of the templates in
 ``templates/`` (chunkwise, parallel, recurrent) with the spec's constants and flags; the
 templates hold Triton and named holes only. ``choose(...)`` picks block sizes and warps from
-the dims, so the same call always renders the same source (and therefore the same module).
+the dims, so the same call always renders the same source (and therefore the same module); an
+optional ``config`` (``CONFIG_KEYS``: BV, num_warps, num_stages -- what the autotuner searches)
+overrides those defaults after ``check_config`` validated it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +21,11 @@ FORMS = ("parallel", "chunkwise", "recurrent")
 DIRECTIONS = ("fwd", "bwd")
 MAX_DIM = 256
 TEMPLATE_VERSION = 1  # NOTE: bump when a template changes meaning without changing its text
+# NOTE: K is never tiled (BK always covers K), and BT is the chunk size (chunkwise), 1
+# (recurrent) or fixed by K (parallel), so a config only names the V block and launch settings.
+CONFIG_KEYS = ("BV", "num_warps", "num_stages")
+MAX_WARPS = 32
+MAX_STAGES = 8
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -96,6 +104,15 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.BK={self.BK} must cover K={self.K} (one K block)")
         if self.state_offset not in (0, 1):
             raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
+        if not _is_pow2(self.num_warps) or self.num_warps > MAX_WARPS:
+            raise ValueError(
+                f"KernelSpec.num_warps must be a power of two in [1, {MAX_WARPS}], "
+                f"got {self.num_warps}"
+            )
+        if not 1 <= self.num_stages <= MAX_STAGES:
+            raise ValueError(
+                f"KernelSpec.num_stages must be in [1, {MAX_STAGES}], got {self.num_stages}"
+            )
 
     @property
     def acc(self) -> str:
@@ -126,19 +143,46 @@ class KernelSpec:
         )
 
 
-def choose(
-    form: str,
-    direction: str,
-    K: int,
-    V: int,
-    dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    chunk_size: int = 64,
-    **flags: bool | int,
-) -> KernelSpec:
-    """Block sizes and warps for one pass. K and V are the dims of this pass (V incl. extras)."""
-    if K > MAX_DIM or V > MAX_DIM + 1:
-        raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def check_config(config: Mapping[str, int] | Iterable[tuple[str, int]] | None) -> dict[str, int]:
+    """``config`` as a plain dict after validation; a bad name or value is a ValueError.
+
+    BV: a power of two in [16, MAX_DIM]; num_warps: a power of two in [1, MAX_WARPS];
+    num_stages: an integer in [1, MAX_STAGES]. Accepts a mapping or (name, value) pairs (the
+    planner's ``Plan.config``); None or empty means "the defaults".
+    """
+    found = dict(config or ())
+    unknown = sorted(set(found) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"kernel config names must be among {list(CONFIG_KEYS)} (K is not tiled and BT is "
+            f"the chunk size), got {unknown}"
+        )
+    for name, value in found.items():
+        # NOTE: bool is an int subclass; True is not a block size
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"kernel config {name} must be an integer, got {type(value).__name__} {value!r}"
+            )
+    bv = found.get("BV")
+    if bv is not None and (not _is_pow2(bv) or not 16 <= bv <= MAX_DIM):
+        raise ValueError(f"kernel config BV must be a power of two in [16, {MAX_DIM}], got {bv}")
+    warps = found.get("num_warps")
+    if warps is not None and (not _is_pow2(warps) or warps > MAX_WARPS):
+        raise ValueError(
+            f"kernel config num_warps must be a power of two in [1, {MAX_WARPS}], got {warps}"
+        )
+    stages = found.get("num_stages")
+    if stages is not None and not 1 <= stages <= MAX_STAGES:
+        raise ValueError(f"kernel config num_stages must be in [1, {MAX_STAGES}], got {stages}")
+    return found
+
+
+def default_blocks(form: str, K: int, V: int, chunk_size: int = 64) -> dict[str, int]:
+    """BT, BK, BV, num_warps and num_stages ``choose`` uses when no config is given."""
     BK = max(16, next_pow2(K))
     big = BK >= 256
     if form == "recurrent":
@@ -154,17 +198,39 @@ def choose(
         BT = min(max(16, next_pow2(chunk_size)), 32 if big else 64)
         BV = min(max(16, next_pow2(V)), 32 if big else 64)
         warps = 8 if BK * BV >= 128 * 64 else 4
+    return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
+
+
+def choose(
+    form: str,
+    direction: str,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    chunk_size: int = 64,
+    config: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
+    **flags: bool | int,
+) -> KernelSpec:
+    """Block sizes and warps for one pass. K and V are the dims of this pass (V incl. extras).
+
+    ``config`` (see ``check_config``) overrides the defaults of ``default_blocks``.
+    """
+    if K > MAX_DIM or V > MAX_DIM + 1:
+        raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
+    blocks = default_blocks(form, K, V, chunk_size)
+    for name, value in check_config(config).items():
+        # NOTE: one config serves every pass of a call, and the backward's passes swap K and V;
+        # a V block wider than this pass's V is clamped to the smallest block covering it.
+        blocks[name] = min(value, max(16, next_pow2(V))) if name == "BV" else value
     return KernelSpec(
         form=form,
         direction=direction,
         K=K,
         V=V,
-        BT=BT,
-        BK=BK,
-        BV=BV,
         in_dtype=dtype_name(dtype),
         out_dtype=dtype_name(out_dtype),
-        num_warps=warps,
+        **blocks,
         **flags,
     )
 

@@ -43,7 +43,9 @@ def retention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T)."""
     p = _planned(form, q, v, initial_state, chunk_size, "fwd")
-    o, final = dispatch.forward(p.form, q, k, v, gamma, scale, initial_state, p.chunk_size)
+    o, final = dispatch.forward(
+        p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config
+    )
     return o.to(q.dtype).contiguous(), final.to(accumulation_dtype(q.dtype)).contiguous()
 
 
@@ -72,7 +74,7 @@ def retention_bwd(
     """Gradients (dq, dk, dv, dgamma, d_initial_state); the last is zeros without a state."""
     p = _planned(form, q, v, initial_state, chunk_size, "bwd")
     dq, dk, dv, dgamma, ds0 = dispatch.backward(
-        p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size
+        p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size, p.config
     )
     if ds0 is None:
         ds0 = final_state.new_zeros(final_state.shape)

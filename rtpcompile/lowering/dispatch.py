@@ -3,6 +3,8 @@
 CUDA tensors use the Triton kernels when they are importable; CPU tensors use aten unless the
 ``kernels`` option (``RTP_KERNELS=triton``) forces Triton, which then runs under
 ``TRITON_INTERPRET=1``. A missing or broken Triton install falls back to aten with one warning.
+``config`` is the plan's kernel block configuration (``Plan.config``: (name, value) pairs or a
+mapping); the Triton path launches every pass with it, the aten path has no blocks and ignores it.
 """
 
 from __future__ import annotations
@@ -40,19 +42,23 @@ def use_triton(t: torch.Tensor) -> bool:
     return _triton_module() is not None
 
 
-def forward(form, q, k, v, gamma, scale, initial_state, chunk_size):
+def _config(config) -> dict[str, int] | None:
+    return dict(config) if config else None
+
+
+def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None):
     if use_triton(q):
         return _triton_module().triton_forward(
-            form, q, k, v, gamma, scale, initial_state, chunk_size
+            form, q, k, v, gamma, scale, initial_state, chunk_size, _config(config)
         )
     lg = torch.log(gamma.to(aten_impl.accumulation_dtype(q.dtype)))
     return aten_impl.forward(form, q, k, v, lg, scale, initial_state, chunk_size)
 
 
-def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size):
+def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
     if use_triton(q):
         return _triton_module().triton_backward(
-            form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size
+            form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
         )
 
     def run(q_, k_, v_, lg, scale_, state):

@@ -5,7 +5,7 @@ Order of decision (docs/autotune.md):
   2. T == 1, or a state comes in and T <= RECURRENT_MAX_T            -> recurrent (decoding);
   3. the in-process memo, then the persistent autotune cache (``rtpcompile/kernels/cache.py``);
   4. with autotuning on (``options={"autotune": True}`` / ``RTP_AUTOTUNE=1``): benchmark the
-     candidates once per shape bucket and store the winner;
+     candidates once per shape bucket and store the winner (on Triton: with its block config);
   5. otherwise the cost model (``tune.estimate``: FLOPs, bytes and op launches per form).
 Deciding here rather than in the compiled graph means no shape guards and no recompiles. The
 decision is memoized per shape bucket, so the hot path is one dict lookup and the disk is read
@@ -40,7 +40,12 @@ _memo: dict[tuple, Plan] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A resolved lowering. ``config`` holds kernel block settings as sorted (name, value) pairs."""
+    """A resolved lowering. ``config`` holds kernel block settings as sorted (name, value) pairs.
+
+    On the Triton backend the config (``kernels.spec.CONFIG_KEYS``: BV, num_warps, num_stages)
+    is passed to every kernel launch of the call; empty means the kernels' defaults. The aten
+    path has no blocks: its config is always empty.
+    """
 
     form: str
     chunk_size: int
@@ -192,6 +197,14 @@ def _from_cache(key: dict) -> Plan | None:
     from ..kernels import cache
 
     value = cache.load(key)
+    if value is not None and key["spec"]["backend"] == "triton" and value["config"]:
+        from ..kernels.spec import check_config
+
+        try:
+            check_config(value["config"])
+        except ValueError as exc:  # e.g. written by another version: re-tune, do not crash
+            log.warning("rtpcompile plan: ignoring cached kernel config (%s)", exc)
+            value = None
     if value is None:
         counters["cache_misses"] += 1
         return None

@@ -14,13 +14,20 @@ user's tensors, never the global RNG) by calling the implementation directly -- 
 which would recurse into the planner. A candidate that fails to compile or runs out of memory
 scores infinity and is skipped; any other error re-raises with the shapes and strides needed
 to reproduce it.
+
+On the Triton backend a candidate is a form, a chunk size and a kernel block configuration
+(``triton_configs``: V block, warps, stages), pruned by a per-program register and shared
+memory estimate (``why_not_fits``). Under the Triton interpreter (CPU) the search space is
+"quick" -- warps and stages do nothing there -- unless ``RTP_TUNE_CONFIGS`` says otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -36,6 +43,19 @@ CHUNKS = (16, 32, 64, 128, 256)
 # candidates would re-measure C=64 under another name (seen on an H200).
 TRITON_CHUNKS = (16, 32, 64)
 INF = math.inf
+
+# Triton block configurations searched by autotuning (docs/autotune.md). BV 0 means "the full V":
+# the smallest power-of-two block covering V (up to the kernels' MAX_DIM).
+TRITON_BV = (32, 64, 0)
+TRITON_WARPS = (4, 8)
+TRITON_STAGES = (1, 2, 3)
+CONFIG_SPACES = ("auto", "full", "quick", "default")
+# NOTE: resource rule. fp32 accumulator tiles live in registers: more than 128 values per thread
+# (half the 255-register file, the rest for operands and addresses) spills. tl.dot operands are
+# staged in shared memory once per pipeline stage; 96 KiB is what every recent NVIDIA GPU grants
+# a block (the device's own opt-in limit is used on CUDA).
+MAX_ACC_PER_THREAD = 128
+DEFAULT_SHARED_MEMORY = 96 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +78,122 @@ MACHINES = {
 }
 
 
-def candidates(p: Problem) -> list[Plan]:
-    """The lowerings worth comparing for ``p`` (a forced chunk size or form narrows the list)."""
+def candidates(p: Problem, configs: bool = False) -> list[Plan]:
+    """The lowerings worth comparing for ``p`` (a forced chunk size or form narrows the list).
+
+    ``configs``: on the Triton backend, expand each one into its block configurations
+    (``triton_configs``); the cost model cannot tell them apart, so it compares the bare forms.
+    """
     sizes = TRITON_CHUNKS if p.backend == "triton" else CHUNKS
     if p.request == "chunkwise":
-        return [Plan("chunkwise", c, "model") for c in sizes]
-    found = [Plan("parallel", p.chunk or DEFAULT_CHUNK, "model")]
-    chunks = (p.chunk,) if p.chunk else tuple(c for c in sizes if c < p.T)
-    found += [Plan("chunkwise", c, "model") for c in chunks]
+        found = [Plan("chunkwise", c, "model") for c in sizes]
+    else:
+        found = [Plan("parallel", p.chunk or DEFAULT_CHUNK, "model")]
+        chunks = (p.chunk,) if p.chunk else tuple(c for c in sizes if c < p.T)
+        found += [Plan("chunkwise", c, "model") for c in chunks]
+    if not configs or p.backend != "triton":
+        return found
+    from ..kernels.spec import default_blocks
+
+    expanded, seen = [], set()
+    for c in found:
+        # NOTE: the kernels clamp the chunk (32 for K = 256): two chunk sizes that give the same
+        # blocks in every pass would measure one kernel twice under two names
+        blocks = (c.form,) + tuple(default_blocks(c.form, K, V, c.chunk_size)["BT"]
+                                   for K, V in _orientations(p))  # fmt: skip
+        if blocks not in seen:
+            seen.add(blocks)
+            cfgs = triton_configs(p, c.form, c.chunk_size)
+            expanded += [dataclasses.replace(c, config=cfg) for cfg in cfgs]
+    return expanded
+
+
+def _orientations(p: Problem) -> list[tuple[int, int]]:
+    """(K, V) of the passes of one call: the backward's passes also run with K and V swapped."""
+    return [(p.K, p.V)] + ([(p.V, p.K)] if p.phase == "bwd" and p.V != p.K else [])
+
+
+def config_space(p: Problem) -> str:
+    """``RTP_TUNE_CONFIGS``: "full", "quick" (BV only), "default" (no block search) or "auto".
+
+    "auto" (the default) is "quick" under the Triton interpreter on CPU, where warps and stages
+    have no effect and every candidate is slow, and "full" otherwise.
+    """
+    raw = os.environ.get("RTP_TUNE_CONFIGS", "auto").strip().lower() or "auto"
+    if raw not in CONFIG_SPACES:
+        raise ValueError(
+            f"environment variable RTP_TUNE_CONFIGS must be one of {list(CONFIG_SPACES)}, "
+            f"got {raw!r}"
+        )
+    if raw != "auto":
+        return raw
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return "quick" if interpreting and torch.device(p.device).type == "cpu" else "full"
+
+
+def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, int], ...]]:
+    """Block configurations of one Triton candidate, the kernels' defaults first.
+
+    full: BV in TRITON_BV x num_warps in TRITON_WARPS x num_stages in TRITON_STAGES; quick: BV
+    only (warps and stages at their defaults); each pruned by ``why_not_fits``.
+    """
+    from ..kernels.spec import MAX_DIM, default_blocks, next_pow2
+
+    d = default_blocks(form, p.K, p.V, chunk)
+    cover = min(max(16, next_pow2(p.V)), MAX_DIM)
+    space = config_space(p)
+    bvs = [d["BV"]] + [min(b or cover, cover) for b in TRITON_BV]
+    warps = [d["num_warps"]] + (list(TRITON_WARPS) if space == "full" else [])
+    stages = [d["num_stages"]] + (list(TRITON_STAGES) if space == "full" else [])
+    if space == "default":
+        bvs = bvs[:1]
+    found: list[tuple[tuple[str, int], ...]] = []
+    for bv, w, st in itertools.product(bvs, warps, stages):
+        cfg = (("BV", bv), ("num_stages", st), ("num_warps", w))
+        if cfg in found:
+            continue
+        reason = why_not_fits(p, form, chunk, dict(cfg)) if found else None  # keep the default
+        if reason is None:
+            found.append(cfg)
+        else:
+            log.debug("rtpcompile autotune: %s %s pruned (%s)", form, cfg, reason)
     return found
+
+
+def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str | None:
+    """None when ``cfg`` plausibly fits one program's registers and shared memory, else why.
+
+    Per program, with BT, BK from the kernels' defaults and BV clamped to the pass's V:
+      registers: fp32 accumulators / (32 * num_warps) <= MAX_ACC_PER_THREAD, the accumulators
+        being the state [BK, BV] (chunkwise), the scores [BT, BT] and the output rows [BT, BV];
+      shared memory: num_stages * (tiles loaded per loop step: q, k [BT, BK] and v [BT, BV])
+        * element size <= the device limit.
+    The backward's passes swap K and V, so a "bwd" config must fit both orientations.
+    """
+    from ..kernels.spec import default_blocks, next_pow2
+
+    size = torch.finfo(getattr(torch, p.dtype)).bits // 8
+    for K, V in _orientations(p):
+        d = default_blocks(form, K, V, chunk)
+        BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
+        acc = BT * BT + BT * BV + (BK * BV if form == "chunkwise" else 0)
+        per_thread = acc / (32 * cfg["num_warps"])
+        if per_thread > MAX_ACC_PER_THREAD:
+            return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
+        loads = (2 if form == "chunkwise" else 1) * BT * BK + BT * BV
+        smem = cfg["num_stages"] * loads * size
+        limit = _shared_memory(p.device)
+        if smem > limit:
+            return f"{smem} bytes of shared memory > {limit}"
+    return None
+
+
+def _shared_memory(device: str) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return int(getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY))
+    return DEFAULT_SHARED_MEMORY
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -141,7 +268,8 @@ def _is_resource_error(exc: BaseException) -> bool:
     """Compile errors and out-of-memory/resources: the candidate is skipped, not fatal."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
-    if type(exc).__name__ in ("CompilationError", "OutOfResources", "PTXASError"):
+    names = {c.__name__ for c in type(exc).__mro__}  # triton's errors, and their subclasses
+    if names & {"CompilationError", "OutOfResources", "PTXASError"}:
         return True
     text = str(exc).lower()
     return "out of memory" in text or "out of resources" in text
@@ -167,10 +295,11 @@ def _runner(p: Problem, plan: Plan, x: dict) -> Callable[[], object]:
 
     scale = p.K**-0.5
     args = (x["q"], x["k"], x["v"], x["gamma"], scale, x["state"])
+    form, chunk, cfg = plan.form, plan.chunk_size, plan.config
     if p.phase == "fwd":
-        return lambda: dispatch.forward(plan.form, *args, plan.chunk_size)
-    _, final = dispatch.forward(plan.form, *args, plan.chunk_size)
-    return lambda: dispatch.backward(plan.form, x["do"], None, *args, final, plan.chunk_size)
+        return lambda: dispatch.forward(form, *args, chunk, cfg)
+    _, final = dispatch.forward(form, *args, chunk, cfg)
+    return lambda: dispatch.backward(form, x["do"], None, *args, final, chunk, cfg)
 
 
 def _time(fn: Callable[[], object], device: torch.device, budget: float = 0.25) -> float:
@@ -229,7 +358,7 @@ def autotune(p: Problem, key: dict, inputs=None) -> Plan | None:
     """Benchmark the candidates of ``p``, store the winner under ``key``; None if all failed."""
     from ..kernels import cache
 
-    plans = candidates(p)
+    plans = candidates(p, configs=True)
     timings = benchmark(p, plans)
     _plan.counters["tunings"] += 1
     best = min(plans, key=lambda c: timings[c])
