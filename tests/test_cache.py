@@ -271,6 +271,11 @@ def test_cli_cache_commands(capsys, tmp_path, fresh_cache):
     assert cli.main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert cache.key_id(make_key()) in out and "chunkwise(C=64)" in out
+    cache.store(make_key(T=2000), dict(make_value(), config={"num_warps": 8, "BV": 32}))
+    assert cli.main(["cache", "list"]) == 0
+    assert "chunkwise(C=64)[BV=32,num_warps=8]" in capsys.readouterr().out
+    cache.clear()
+    cache.store(make_key(), make_value())
     assert cli.main(["cache", "show", cache.key_id(make_key())[:6]]) == 0
     assert json.loads(capsys.readouterr().out)["value"] == make_value()
     assert cli.main(["cache", "show", "zzz"]) == 1

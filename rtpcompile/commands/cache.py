@@ -47,12 +47,14 @@ def _path(args) -> int:
 
 
 def summary(entry: dict) -> str:
-    """``B*H<=8 T<=512 K=64 V=64 float32 fwd -> chunkwise(C=64) 2.7 ms``."""
+    """``B*H<=8 T<=512 K=64 V=64 float32 fwd -> chunkwise(C=64)[BV=64,...] 2.7 ms``."""
     key, value = entry["key"], entry["value"]
     spec, bucket = key["spec"], key["bucket"]
     bh, t = bucket.get("BH", "?"), bucket.get("T", "?")
     state = " state" if spec.get("state_in") else ""
     winner = value["form"] + (f"(C={value['chunk_size']})" if value["form"] == "chunkwise" else "")
+    if value.get("config"):
+        winner += "[" + ",".join(f"{k}={v}" for k, v in sorted(value["config"].items())) + "]"
     ms = "" if value["time_ms"] is None else f" {value['time_ms']:.3g} ms"
     return (
         f"B*H<={bh} T<={t} K={spec.get('K')} V={spec.get('V')} {key['dtype']} "
