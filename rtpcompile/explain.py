@@ -21,14 +21,25 @@ _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lower
 
 
 def planned_lowering(region: Region) -> str:
-    """The lowering the op's planner picks at run time for the region's example shapes."""
+    """The lowering the op's planner picks at run time for the region's example shapes.
+
+    A native region (an rtp op call already in the graph) is planned from the form and chunk
+    size its call requests; every other region from "auto".
+    """
     from .lowering import plan
 
     if region.seq_len is None or region.seq_len < 1:
-        return "auto (decided per call)"
-    chosen = plan.choose("auto", T=region.seq_len, has_state=region.state is not None)
+        return f"{region.form} (decided per call)"
+    chosen = plan.choose(
+        region.form,
+        T=region.seq_len,
+        has_state=region.state is not None,
+        chunk_size=region.chunk_size,
+    )
     text = chosen.form + (f" (chunk {chosen.chunk_size})" if chosen.form == "chunkwise" else "")
     text += f" at T={region.seq_len}"
+    if region.native:
+        text += ", op call kept" if region.form == "auto" else ", forced by the op call"
     if region.normaliser == "abs_sum":
         text += ", +1 value column for the row normaliser"
     elif region.normaliser == "sum_abs":

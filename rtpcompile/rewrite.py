@@ -165,10 +165,13 @@ def rewrite_region(
     """Insert the op call for one claimed region and reroute the region's outputs to it.
 
     Returns the new output nodes (output, then new state). With ``keep`` the original region
-    stays in place and nothing is rerouted (``verify`` compares the two).
+    stays in place and nothing is rerouted (``verify`` compares the two). A native region (an rtp
+    op call already in the graph) is left as it is: its own output nodes are returned.
     """
     graph = gm.graph
     named = {node.name: node for node in graph.nodes}
+    if region.native:
+        return [named[n] for n in (region.output, region.state_output) if n is not None]
     args = (
         named[region.q.node],
         named[region.k.node],

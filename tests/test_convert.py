@@ -1,12 +1,14 @@
 """retrofit(): structure, undo, weight reuse, hybrid cache + generate, memory report, errors.
 
-Tiny random Hugging Face models (2-4 layers, hidden 64) built from configs; nothing downloaded.
+Tiny random Hugging Face models (2-4 layers, hidden 64) built from configs (tests/models.py);
+nothing downloaded.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from models import HF_FAMILIES, MHAModel, tiny_hf, token_ids
 from torch import nn
 
 import rtpcompile
@@ -14,89 +16,6 @@ from rtpcompile.convert import memory_report, retrofit, select_layers
 from rtpcompile.convert.layers import RetrofitRetention
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 97
-
-
-def _llama(layers=4):
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _mistral(layers=4):
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.MistralForCausalLM(cfg)
-
-
-def _qwen2(layers=4):
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
-def _gpt2(layers=4):
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=128
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-HF_MODELS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gpt2": _gpt2}
-
-
-class MHABlock(nn.Module):
-    def __init__(self, dim=32, heads=4, batch_first=True):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
-        self.ff = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        T = x.shape[1] if self.attn.batch_first else x.shape[0]
-        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-        x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
-        return x + self.ff(x)
-
-
-class MHAModel(nn.Module):
-    def __init__(self, layers=4, batch_first=True):
-        super().__init__()
-        self.blocks = nn.Sequential(*(MHABlock(batch_first=batch_first) for _ in range(layers)))
-
-    def forward(self, x):
-        return self.blocks(x)
-
-
-def _ids(batch=2, length=9, seed=0):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _model(name, layers=4):
-    torch.manual_seed(0)
-    return HF_MODELS[name](layers).eval()
-
 
 # -- placement ---------------------------------------------------------------------------------
 
@@ -134,12 +53,12 @@ def test_select_layers_rejects(ratio, placement, match):
         select_layers(4, ratio, placement)
 
 
-@pytest.mark.parametrize("name", sorted(HF_MODELS))
+@pytest.mark.parametrize("name", HF_FAMILIES)
 @pytest.mark.parametrize(
     "placement, expected", [("front", [0, 1]), ("back", [2, 3]), ("interleave:2", [0, 2])]
 )
 def test_structure_per_placement(name, placement, expected):
-    model = _model(name)
+    model = tiny_hf(name)
     handle = retrofit(model, ratio=0.5, placement=placement)
     assert handle.converted == expected
     converted = [
@@ -156,21 +75,21 @@ def test_structure_per_placement(name, placement, expected):
 
 
 def test_gqa_and_fused_geometry():
-    llama = retrofit(_model("llama"))
+    llama = retrofit(tiny_hf("llama"))
     assert (llama.sites[0].num_heads, llama.sites[0].num_kv_heads, llama.sites[0].head_dim) == (
         4,
         2,
         16,
     )
-    gpt2 = retrofit(_model("gpt2"))
+    gpt2 = retrofit(tiny_hf("gpt2"))
     assert gpt2.sites[0].family == "gpt2" and gpt2.sites[0].num_kv_heads == 4
     # state-dict keys of the reused projections do not move
-    keys = set(_model("llama").state_dict())
+    keys = set(tiny_hf("llama").state_dict())
     assert keys <= set(_model_retrofitted_state("llama"))
 
 
 def _model_retrofitted_state(name):
-    model = _model(name)
+    model = tiny_hf(name)
     retrofit(model)
     return model.state_dict()
 
@@ -178,9 +97,9 @@ def _model_retrofitted_state(name):
 # -- undo and weight reuse -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(HF_MODELS))
+@pytest.mark.parametrize("name", HF_FAMILIES)
 def test_undo_restores_exact_outputs(name):
-    model, ids = _model(name), _ids()
+    model, ids = tiny_hf(name), token_ids()
     with torch.no_grad():
         before = model(ids).logits
         handle = retrofit(model, ratio=0.5)
@@ -205,7 +124,7 @@ def _reference_retention(q, k, v, gamma):
 
 def test_llama_layer_matches_float64_reference():
     """Q/K/V/O weights, GQA repeat, rotary, decay and output norm, checked by hand."""
-    model = _model("llama").double()
+    model = tiny_hf("llama").double()
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     pos = torch.arange(7)[None]
@@ -235,20 +154,20 @@ def test_llama_layer_matches_float64_reference():
 
 
 def test_new_parameters_and_decay_options():
-    handle = retrofit(_model("llama"), ratio=0.5)
+    handle = retrofit(tiny_hf("llama"), ratio=0.5)
     params = handle.new_parameters()
     assert len(params) == 4  # decay + output norm, two layers
     gamma = handle.modules[0].gamma().detach()
     torch.testing.assert_close(gamma, rtpcompile.ops.retention_init_decay(4))
-    fixed = retrofit(_model("llama"), decay=lambda h: torch.full((h,), 0.9), learn_decay=False)
+    fixed = retrofit(tiny_hf("llama"), decay=lambda h: torch.full((h,), 0.9), learn_decay=False)
     assert not isinstance(fixed.modules[0].decay_logit, nn.Parameter)
     torch.testing.assert_close(fixed.modules[0].gamma(), torch.full((4,), 0.9))
     with pytest.raises(ValueError, match="one per head"):
-        retrofit(_model("llama"), decay=[0.9, 0.8])
+        retrofit(tiny_hf("llama"), decay=[0.9, 0.8])
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
-        retrofit(_model("llama"), decay=1.5)
+        retrofit(tiny_hf("llama"), decay=1.5)
     with pytest.raises(ValueError, match="head_mix"):
-        retrofit(_model("llama"), head_mix=0.0)
+        retrofit(tiny_hf("llama"), head_mix=0.0)
 
 
 # -- plain nn.Module models ----------------------------------------------------------------------
@@ -335,7 +254,7 @@ def _greedy_by_recompute(model, ids, steps):
     ids=["llama-front", "mistral-interleave", "qwen2-typeC", "gpt2-back", "llama-all"],
 )
 def test_generate_with_hybrid_cache_equals_recompute(name, kw):
-    model, ids = _model(name), _ids()
+    model, ids = tiny_hf(name), token_ids()
     handle = retrofit(model, **kw)
     gen = dict(
         max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0
@@ -352,9 +271,9 @@ def test_generate_with_hybrid_cache_equals_recompute(name, kw):
 
 
 def test_cached_logits_match_full_forward_float64():
-    model = _model("qwen2").double()
+    model = tiny_hf("qwen2").double()
     handle = retrofit(model, head_mix=0.5, ratio=0.5)
-    ids = _ids(length=12)
+    ids = token_ids(length=12)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = handle.new_cache()
@@ -373,13 +292,13 @@ def test_cached_logits_match_full_forward_float64():
 
 
 def test_cache_state_is_float32_and_fixed_size():
-    model = _model("llama")
+    model = tiny_hf("llama")
     handle = retrofit(model, ratio=0.5)
     cache = handle.new_cache()
     with torch.no_grad():
-        model(_ids(length=5), past_key_values=cache, use_cache=True)
+        model(token_ids(length=5), past_key_values=cache, use_cache=True)
         size = cache.nbytes()["state"]
-        model(_ids(length=1), past_key_values=cache, use_cache=True)
+        model(token_ids(length=1), past_key_values=cache, use_cache=True)
     assert cache.layers[0].state.dtype == torch.float32
     assert cache.nbytes()["state"] == size == 2 * (2 * 4 * 16 * 16 * 4)
     assert cache.layers[0].keys is None and cache.layers[2].keys.shape[-2] == 6
@@ -389,7 +308,7 @@ def test_cache_state_is_float32_and_fixed_size():
 
 
 def test_memory_report_exact_bytes():
-    model = _model("llama")
+    model = tiny_hf("llama")
     retrofit(model, ratio=0.5)
     rep = memory_report(model, seq_len=100, batch=3)
     kv, state = 2 * 2 * 16 * 4, 4 * 16 * 16 * 4  # K+V x kv heads x head_dim x fp32; H x K x V x 4
@@ -405,7 +324,7 @@ def test_memory_report_exact_bytes():
 
 
 def test_memory_report_warns_when_state_is_larger():
-    model = _model("llama")
+    model = tiny_hf("llama")
     retrofit(model, ratio=0.5)
     rep = memory_report(model, seq_len=8, batch=1)
     assert len(rep.warnings) == 2 and "larger than the K/V it replaces" in rep.warnings[0]
@@ -413,7 +332,7 @@ def test_memory_report_warns_when_state_is_larger():
 
 
 def test_memory_report_type_c_and_unconverted():
-    model = _model("llama").to(torch.bfloat16)
+    model = tiny_hf("llama").to(torch.bfloat16)
     plain = memory_report(model, seq_len=10)
     assert plain.total == plain.original_total == 4 * 10 * (2 * 2 * 16 * 2)
     retrofit(model, ratio=0.25, head_mix=0.5)
@@ -428,23 +347,20 @@ def test_memory_report_type_c_and_unconverted():
 # -- the rtp backend claims converted layers ------------------------------------------------------
 
 
-def test_compile_explain_claims_converted_layers():
-    """Converted layers call torch.ops.rtp.retention_fwd directly; explain() must count them."""
-    explain = getattr(rtpcompile, "explain", None)
-    if explain is None:
-        pytest.xfail("rtpcompile.explain is not available yet")
+@pytest.mark.parametrize("ratio, claimed", [(1.0, 2), (0.5, 1)])
+def test_compile_explain_claims_converted_layers(ratio, claimed):
+    """Converted layers call torch.ops.rtp.retention_fwd directly: each is one claimed region."""
     model = MHAModel(layers=2).eval()
-    retrofit(model, ratio=1.0)
-    try:
-        report = explain(model, torch.randn(1, 8, 32))
-    except Exception as exc:  # noqa: BLE001 - the backend is being written beside this module
-        pytest.xfail(f"explain() failed on a retrofitted model: {type(exc).__name__}: {exc}")
-    if len(report.claimed) < 2:
-        pytest.xfail(
-            "explain() does not report existing torch.ops.rtp.retention_fwd calls as claimed "
-            f"regions yet ({len(report.claimed)} claimed)"
-        )
-    assert len(report.claimed) >= 2
+    handle = retrofit(model, ratio=ratio)
+    report = rtpcompile.explain(model, torch.randn(1, 8, 32))
+    assert len(handle.converted) == claimed
+    assert len(report.claimed) == claimed and report.declined == []
+    assert all(r.native and r.written == "rtp op (auto)" for r in report.claimed)
+    wheres = sorted(r.where.split()[0] for r in report.claimed)
+    assert wheres == [f"blocks.{i}.attn" for i in handle.converted]
+    for row in report.rows():
+        assert row[1] == "claimed" and row[-1].startswith("parallel at T=8")
+        assert row[4:6] == ("4", "8 x 8")
 
 
 @pytest.mark.slow

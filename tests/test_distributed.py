@@ -168,11 +168,6 @@ def _verdicts(graphs: list) -> tuple[int, list[str]]:
     return claimed, other
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="backend: under DDPOptimizer the example inputs are FakeTensors; detection must get "
-    "rtpcompile.distributed.ddp.real_example_inputs(gm, example_inputs) (docs/distributed.md)",
-)
 def test_ddp_regions_are_claimed_or_declined_for_a_bucket_boundary(spawned):
     _, results = spawned
     for r in results:

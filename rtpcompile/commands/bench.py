@@ -12,7 +12,6 @@ import argparse
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from ..bench import env as bench_env
 from ..bench import model_suite, op_suite, writers
 from ..bench.models import BACKENDS
+from ._common import add_device_argument, add_threads_argument, int_list, names, prepare
 
 SUITES = ("op", "model")
 
@@ -29,12 +29,12 @@ def add_parser(subparsers) -> None:
         "bench", help="op- and model-level benchmarks (JSON, markdown, plots)", description=__doc__
     )
     p.add_argument("--quick", action="store_true", help="short lengths and few repetitions")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p)
     p.add_argument("--suite", type=_choices(SUITES), default=list(SUITES), help="op,model")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--lengths", type=_ints, default=None, help="op-level T values, e.g. 512,4096")
     p.add_argument("--modes", type=_choices(op_suite.MODES), default=list(op_suite.MODES))
-    p.add_argument("--variants", type=_names, default=None, help="op variants to run (all)")
+    p.add_argument("--variants", type=names, default=None, help="op variants to run (all)")
     p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS))
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (5; quick 3)")
     p.add_argument("--max-call-s", type=float, default=None, help="skip calls predicted slower")
@@ -49,33 +49,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--head-dim", type=int, default=None, help="op-level K = V (64 CPU, 128 GPU)")
     p.add_argument("--whole-model", action="store_true", help="compile models as one graph")
     p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 512,4096, got {text!r}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+_ints = int_list("512,4096")
 
 
 def _choices(valid: tuple[str, ...]):
     def parse(text: str) -> list[str]:
-        names = _names(text)
-        bad = sorted(set(names) - set(valid))
-        if bad or not names:
+        chosen = names(text)
+        bad = sorted(set(chosen) - set(valid))
+        if bad or not chosen:
             raise argparse.ArgumentTypeError(f"expected some of {list(valid)}, got {text!r}")
-        return names
+        return chosen
 
     return parse
 
@@ -123,12 +110,7 @@ def model_config(args, device: str) -> model_suite.ModelConfig:
 
 def run(args) -> int:
     """Run the chosen suites and write their files; 0 unless a suite crashed."""
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-    if args.threads:
-        # NOTE: on a CPU shared with other busy processes, fewer threads than cores avoids
-        # OpenMP oversubscription, which can slow small ops down by 10-50x.
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = prepare(args)
     default_out = Path("benchmarks/results") / (torch.device(device).type + ("-quick" * args.quick))
     out = args.out or default_out
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from ..bench import env as bench_env
 from ..bench import models, optional, report
 from ..bench.stats import interleaved, synchronizer
+from ._common import add_device_argument, add_threads_argument, int_list, names, prepare
 
 TOLERANCE = 1e-3
 PROJECTED_CONTEXT = 32768
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
         help="explain, compile, check and time the default hybrid model",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p)
     p.add_argument("--tiny", action="store_true", help="a 3-layer toy model, short lengths (tests)")
     p.add_argument("--lengths", type=_ints, default=None, help="prefill lengths, e.g. 128,512")
     p.add_argument("--train-length", type=int, default=None, help="sequence length of the step")
@@ -45,30 +45,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant")
     p.add_argument("--plot", type=Path, default=Path("rtpcompile_demo.png"))
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 128,512, got {text!r}")
-    return values
+_ints = int_list("128,512")
 
 
 def _names(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = sorted(set(names) - set(models.BACKENDS))
-    if bad or "eager" not in names:
+    chosen = names(text)
+    bad = sorted(set(chosen) - set(models.BACKENDS))
+    if bad or "eager" not in chosen:
         raise argparse.ArgumentTypeError(
             f"backends must include eager and come from {list(models.BACKENDS)}, got {text!r}"
         )
-    return names
+    return chosen
 
 
 def _settings(args) -> dict:
@@ -85,13 +76,7 @@ def _settings(args) -> dict:
 def run(args) -> int:
     """Run the demo; 0 when the compiled model matched eager, 1 otherwise."""
     started = time.perf_counter()
-    # NOTE: torch's own deprecation noise from inside Inductor, not actionable by a user.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-    if args.threads:
-        # NOTE: on a CPU shared with other busy processes, fewer threads than cores avoids
-        # OpenMP oversubscription, which can slow small ops down by 10-50x.
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = prepare(args)
     s = _settings(args)
     env = bench_env.describe(device)
     print(f"rtpcompile demo  ({bench_env.header_line(env)})")

@@ -36,6 +36,8 @@ class Region:
     normaliser: "none" | "abs_sum" (clamp(|sum_j A|)) | "sum_abs" (clamp(sum_j |A|))
     out_perm:   the region's output is the canonical [*batch, T, V] permuted by this
     seq_len, heads, k_dim, v_dim, decay: example sizes and compile-time gammas (for explain)
+    native:     an rtp op call already in the graph: claimed as-is, never rewritten; ``form`` and
+                ``chunk_size`` are what the call requests ("auto" and 0 for every other region)
     """
 
     written: str
@@ -64,6 +66,9 @@ class Region:
     v_dim: int | None = None
     decay: tuple[float, ...] = ()
     row_scale: bool = False
+    native: bool = False
+    form: str = "auto"
+    chunk_size: int = 0
 
     @property
     def claimed(self) -> bool:
@@ -76,7 +81,7 @@ class Region:
     def decay_text(self) -> str:
         """The per-head decays, short: "gamma=0.969..0.999" or "gamma=1 (causal linear)"."""
         if not self.decay:
-            return "-"
+            return "runtime" if self.native else "-"
         lo, hi = min(self.decay), max(self.decay)
         if abs(lo - 1.0) < 1e-9 and abs(hi - 1.0) < 1e-9:
             text = "gamma=1 (causal linear)"

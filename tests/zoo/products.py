@@ -12,6 +12,30 @@ def _diff(T: int, device: torch.device) -> torch.Tensor:
     return idx[:, None] - idx[None, :]
 
 
+class _TokensFirst(ZooModule):
+    """Base (not a zoo entry) of the [B, T, H, D] layouts: heads-first inputs, transposed."""
+
+    def make_inputs(self, seed, T=None):
+        return tuple(x.transpose(1, 2).contiguous() for x in super().make_inputs(seed, T))
+
+    def oracle(self, ref, q, k, v):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return super().oracle(ref, q, k, v).transpose(1, 2)
+
+
+class _Embedded(ZooModule):
+    """Base (not a zoo entry) of modules fed [B, T, C] activations; no float64 oracle."""
+
+    C = 16
+
+    def make_inputs(self, seed, T=None):
+        gen = torch.Generator().manual_seed(seed)
+        return (randn(gen, self.B, self.default_T if T is None else T, self.C),)
+
+    def oracle(self, ref, *inputs):
+        return None
+
+
 @positive
 class MatmulOperator(ZooModule):
     """`@` with transpose(-1, -2); scale after the score product; where(diff >= 0, gamma**diff)."""
@@ -88,15 +112,8 @@ class Einsum3(ZooModule):
 
 
 @positive
-class PermuteBTHD(ZooModule):
+class PermuteBTHD(_TokensFirst):
     """Layout [B, T, H, D]: permute to heads-first, key permuted straight to [B, H, D, T]."""
-
-    def make_inputs(self, seed, T=None):
-        return tuple(x.transpose(1, 2).contiguous() for x in super().make_inputs(seed, T))
-
-    def oracle(self, ref, q, k, v):
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        return super().oracle(ref, q, k, v).transpose(1, 2)
 
     def forward(self, q, k, v):
         diff = _diff(q.shape[1], q.device)
@@ -109,15 +126,8 @@ class PermuteBTHD(ZooModule):
 
 
 @positive
-class EinsumBTHD(ZooModule):
+class EinsumBTHD(_TokensFirst):
     """Layout [B, T, H, D] kept throughout: einsum 'bthd,bshd->bhts' and back to 'bthd'."""
-
-    def make_inputs(self, seed, T=None):
-        return tuple(x.transpose(1, 2).contiguous() for x in super().make_inputs(seed, T))
-
-    def oracle(self, ref, q, k, v):
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        return super().oracle(ref, q, k, v).transpose(1, 2)
 
     def forward(self, q, k, v):
         diff = _diff(q.shape[1], q.device)
@@ -139,22 +149,13 @@ class DtypeWrappers(ZooModule):
 
 
 @positive
-class FusedQKVChunk(ZooModule):
+class FusedQKVChunk(_Embedded):
     """q, k, v chunked from one fused Linear(C, 3*H*D) on [B, T, C]; output projection."""
-
-    C = 16
 
     def __init__(self):
         super().__init__()
         self.qkv = torch.nn.Linear(self.C, 3 * self.H * self.K, bias=False)
         self.out = torch.nn.Linear(self.H * self.K, self.C, bias=False)
-
-    def make_inputs(self, seed, T=None):
-        gen = torch.Generator().manual_seed(seed)
-        return (randn(gen, self.B, self.default_T if T is None else T, self.C),)
-
-    def oracle(self, ref, *inputs):
-        return None
 
     def forward(self, x):
         B, T, _ = x.shape
@@ -167,10 +168,9 @@ class FusedQKVChunk(ZooModule):
 
 
 @positive
-class FusedQKVSliceLearnable(ZooModule):
+class FusedQKVSliceLearnable(_Embedded):
     """q, k, v sliced from a fused projection (K != V); learnable decay sigmoid(logit)."""
 
-    C = 16
     decay_param = "decay_logit"
 
     def __init__(self):
@@ -178,13 +178,6 @@ class FusedQKVSliceLearnable(ZooModule):
         hk, hv = self.H * self.K, self.H * self.V
         self.qkv = torch.nn.Linear(self.C, 2 * hk + hv)
         self.decay_logit = torch.nn.Parameter(torch.logit(self.gamma.clone()))
-
-    def make_inputs(self, seed, T=None):
-        gen = torch.Generator().manual_seed(seed)
-        return (randn(gen, self.B, self.default_T if T is None else T, self.C),)
-
-    def oracle(self, ref, *inputs):
-        return None
 
     def forward(self, x):
         B, T, _ = x.shape
