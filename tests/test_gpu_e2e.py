@@ -1,4 +1,16 @@
-"""End to end on a GPU: the default hybrid model compiled with backend "rtp" on CUDA tensors."""
+"""End to end on a GPU: the default hybrid model compiled with backend "rtp" on CUDA tensors.
+
+Run: ``pytest -m gpu tests/test_gpu_e2e.py -q --tb=short -rA``. Failures name the stage that
+raised (explain, compiled forward, compiled backward) or the tensors whose error is out of
+bounds, worst first, so a cut-off log still shows the diagnosis in its summary line.
+
+Tolerances: eager and compiled are both compared with a float64 copy of the model run eagerly on
+the same device; the compiled error may be a few times the eager one plus a dtype floor (see
+``tests/test_e2e_triton_cpu.py``, which runs the same check on CPU through the interpreter).
+Comparing bfloat16 compiled with bfloat16 eager directly is not meaningful: both round, in
+different orders (Inductor keeps float32 intermediates), and they differ by ~10 % of a gradient's
+largest entry while each is within a few % of the float64 result.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +20,47 @@ import torch
 import rtpcompile
 from rtpcompile.nn import default_model
 
+pytest.importorskip("triton")
+
+from test_e2e_triton_cpu import (  # noqa: E402
+    check_errors,
+    check_op_on_model_layouts,
+    training_errors,
+)
+
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def _stage(name, fn, *args):
+    """Run one stage; an exception is re-raised with the stage's name in its first line."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise RuntimeError(f"{name} raised {type(exc).__name__}: {str(exc)[:400]}") from exc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_training_matches_eager(dtype):
     torch.manual_seed(0)
     model = default_model().to("cuda", dtype)
     ids = torch.randint(0, 256, (2, 700), device="cuda")
-    report = rtpcompile.explain(model, ids)
+    report = _stage("explain", rtpcompile.explain, model, ids)
     assert len(report.claimed) == 4, str(report)
-    compiled = torch.compile(model, backend="rtp")
-    grads = []
-    for fn in (model, compiled):
-        model.zero_grad(set_to_none=True)
-        logits = fn(ids)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
-        loss.backward()
-        grads.append((logits.float(), [p.grad.float().clone() for p in model.parameters()]))
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    (want, want_g), (got, got_g) = grads
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
-    for g_got, g_want in zip(got_g, want_g, strict=True):
-        g_scale = max(g_want.abs().max().item(), 1e-6)
-        torch.testing.assert_close(g_got, g_want, rtol=5 * tol, atol=5 * tol * g_scale)
+    compiled = torch.compile(model, backend="rtp", options={"strict": True})
+    rows = _stage(
+        "training (eager, compiled, float64 reference)", training_errors, model, compiled, ids
+    )
+    print(f"\n{dtype}: relative error vs float64 (eager, compiled)")
+    for name, eager, comp in rows:
+        print(f"  {name:45s} {eager:.3e} {comp:.3e}")
+    check_errors(rows, dtype)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_on_model_layouts_on_gpu(dtype, with_state):
+    """The op alone on the model's strides (kernel bugs show here, backend bugs above)."""
+    check_op_on_model_layouts(dtype, with_state, device="cuda", T=700)
 
 
 def test_compiled_prefill_and_decode_match_full_forward():

@@ -27,6 +27,7 @@ from .spec import KernelSpec, render
 
 _PREFIX = "rtp_"
 _LOADED: dict[tuple[str, bool], types.ModuleType] = {}
+_NAMES: dict[KernelSpec, str] = {}  # spec -> module name (the hash of its rendered source)
 _LOCK = threading.Lock()
 
 
@@ -112,12 +113,16 @@ def _interpreting() -> bool:
 
 def load(spec: KernelSpec) -> types.ModuleType:
     """The imported module of ``spec`` (generated, cached and verified on first use)."""
-    source = render(spec)
-    name = module_name(source)
+    # NOTE: the hot path of every launch is two dict lookups: the module name is memoised per
+    # spec, so the ~6 KB source is not looked up and sha256-hashed again on every pass
+    name = _NAMES.get(spec)
+    if name is None:
+        name = _NAMES.setdefault(spec, module_name(render(spec)))
     key = (name, _interpreting())
     module = _LOADED.get(key)
     if module is not None:
         return module
+    source = render(spec)
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]

@@ -41,7 +41,8 @@ def check_qkv(q, k, v) -> None:
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
-    # NOTE: reading values syncs the host; skip it while compiling or capturing a CUDA graph.
+    # NOTE: nothing is checked while compiling (the rewrite proved the decay already, and a
+    # value check would break the graph) or while capturing a CUDA graph.
     if torch.compiler.is_compiling():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -49,11 +50,36 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return True
 
 
+def _gamma_range_error(values) -> str:
+    return f"gamma values must lie in (0, 1]; got {values}"
+
+
+def _check_gamma_values(gamma: torch.Tensor) -> None:
+    """ValueError on CPU; on an accelerator a device-side assertion that never syncs the host.
+
+    NOTE: the issue requires the op to do no host synchronisation on GPU (CUDA-graph safe), and
+    a ValueError needs the values on the host, i.e. a sync per call (~10-50 us of stall that
+    also ends any CPU/GPU overlap). On CUDA the check is therefore ``torch._assert_async``: it
+    queues a tiny kernel and a bad gamma fails loudly at the next synchronising call, like an
+    out-of-range index does (the CUDA context is then lost, which is acceptable for a
+    programming error). CPU tensors keep the ValueError with the offending values; python
+    floats are checked before any tensor exists.
+    """
+    ok = ((gamma > 0) & (gamma <= 1)).all()  # NaN compares False: rejected too
+    if gamma.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(_gamma_range_error(gamma.tolist()))
+        return
+    torch._assert_async(ok, _gamma_range_error("(values on the device)"))
+
+
 def check_gamma(gamma, q) -> torch.Tensor:
     """Return gamma as a [H] floating tensor on q's device, or raise."""
     H = q.shape[1]
     if isinstance(gamma, (float, int)):
-        gamma = torch.full((H,), float(gamma), device=q.device)
+        if not 0.0 < float(gamma) <= 1.0:
+            raise ValueError(_gamma_range_error([float(gamma)]))
+        return torch.full((H,), float(gamma), device=q.device)
     if not isinstance(gamma, torch.Tensor):
         raise ValueError(
             f"gamma must be a tensor of shape [{H}] (one decay per head), got {type(gamma)}"
@@ -67,11 +93,7 @@ def check_gamma(gamma, q) -> torch.Tensor:
     if gamma.device != q.device:
         raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
     if _values_checkable(gamma):
-        bad = (gamma <= 0) | (gamma > 1) | torch.isnan(gamma)
-        if bool(bad.any()):
-            raise ValueError(
-                f"gamma values must lie in (0, 1]; got {gamma.detach().cpu().tolist()}"
-            )
+        _check_gamma_values(gamma.detach())
     return gamma
 
 
