@@ -31,6 +31,11 @@ def _powers(log_gamma: Tensor, exponents: Tensor) -> Tensor:
     return torch.exp(lg * exponents.to(log_gamma.dtype))
 
 
+def _power(log_gamma: Tensor, n: int) -> Tensor:
+    """gamma_h ** n for one exponent n >= 0, shape [H] (a Python int: no host-to-device copy)."""
+    return torch.exp(log_gamma.reshape(-1) * n)
+
+
 def decay_matrix(log_gamma: Tensor, T: int) -> Tensor:
     """D[h, i, j] = gamma_h ** (i - j) for i >= j, else 0. Shape [H, T, T]."""
     pos = torch.arange(T, device=log_gamma.device)
@@ -50,7 +55,7 @@ def parallel_forward(q, k, v, log_gamma, scale, initial_state):
     if initial_state is not None:
         s0 = initial_state.to(acc)
         o = o + _powers(log_gamma, pos + 1)[..., None] * (q @ s0)
-        final = final + _powers(log_gamma, torch.tensor(T, device=q.device))[..., None, None] * s0
+        final = final + _power(log_gamma, T)[..., None, None] * s0
     return o * scale, final
 
 
@@ -93,7 +98,7 @@ def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int 
     # each full chunk's contribution to the state at its end: [B, H, N, K, V]
     to_end = _powers(log_gamma, C - 1 - pos)[:, None, :, None]
     chunk_kv = (k * to_end).transpose(-1, -2) @ v
-    whole_chunk = _powers(log_gamma, torch.tensor(C, device=q.device))[:, None, None]
+    whole_chunk = _power(log_gamma, C)[:, None, None]
 
     state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
     incoming = []
@@ -109,7 +114,7 @@ def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int 
     r = C - pad
     last_to_end = _powers(log_gamma, (r - 1 - pos).clamp(min=0))[..., None]
     last_kv = (k[:, :, -1] * last_to_end).transpose(-1, -2) @ v[:, :, -1]
-    final = _powers(log_gamma, torch.tensor(r, device=q.device))[..., None, None] * state + last_kv
+    final = _power(log_gamma, r)[..., None, None] * state + last_kv
     return o, final
 
 
@@ -170,7 +175,7 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
         s0 = s0.to(acc)
         ds0 = ((q * _powers(lg, pos + 1)[..., None]).transpose(-1, -2) @ do) * scale
         if dsf is not None:
-            ds0 = ds0 + _powers(lg, torch.tensor(T, device=q.device))[..., None, None] * dsf
+            ds0 = ds0 + _power(lg, T)[..., None, None] * dsf
         dlg = dlg + (c + 1) * (s0 * ds0).sum(dim=(0, 2, 3))
     if dsf is not None:
         dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
