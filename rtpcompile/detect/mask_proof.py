@@ -6,7 +6,7 @@ The proof has two halves:
    dependent gate, a padding mask) or a random op declines the region. Activations read only
    for their shape/dtype/device (``x.size(1)``, ``type_as(x)``, ``ones_like(x)``) are fine.
 2. *Values.* The mask subgraph is re-run on the real buffer values at several sequence lengths
-   (1, 2, a prime, the example length -- capped at 4096 when T is symbolic: the symbol of T is
+   (1, 2, a prime, the example length -- capped at 1024 when T is symbolic: the symbol of T is
    substituted, every other size keeps its example value) and fitted: zeros above the diagonal,
    positive diagonal c[h, i], and
    ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it.
@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .graph_view import GraphView, example, is_constant_source, is_random, is_tensor
 
 _PRIME = 7
-_MAX_SYMBOLIC_T = 4096
+_MAX_SYMBOLIC_T = 1024
 
 
 @dataclasses.dataclass(frozen=True)
