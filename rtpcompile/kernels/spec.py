@@ -104,15 +104,10 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.BK={self.BK} must cover K={self.K} (one K block)")
         if self.state_offset not in (0, 1):
             raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
-        if not _is_pow2(self.num_warps) or self.num_warps > MAX_WARPS:
-            raise ValueError(
-                f"KernelSpec.num_warps must be a power of two in [1, {MAX_WARPS}], "
-                f"got {self.num_warps}"
-            )
-        if not 1 <= self.num_stages <= MAX_STAGES:
-            raise ValueError(
-                f"KernelSpec.num_stages must be in [1, {MAX_STAGES}], got {self.num_stages}"
-            )
+        for name in ("num_warps", "num_stages"):
+            problem = _block_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"KernelSpec.{name} {problem}")
 
     @property
     def acc(self) -> str:
@@ -167,18 +162,22 @@ def check_config(config: Mapping[str, int] | Iterable[tuple[str, int]] | None) -
             raise ValueError(
                 f"kernel config {name} must be an integer, got {type(value).__name__} {value!r}"
             )
-    bv = found.get("BV")
-    if bv is not None and (not _is_pow2(bv) or not 16 <= bv <= MAX_DIM):
-        raise ValueError(f"kernel config BV must be a power of two in [16, {MAX_DIM}], got {bv}")
-    warps = found.get("num_warps")
-    if warps is not None and (not _is_pow2(warps) or warps > MAX_WARPS):
-        raise ValueError(
-            f"kernel config num_warps must be a power of two in [1, {MAX_WARPS}], got {warps}"
-        )
-    stages = found.get("num_stages")
-    if stages is not None and not 1 <= stages <= MAX_STAGES:
-        raise ValueError(f"kernel config num_stages must be in [1, {MAX_STAGES}], got {stages}")
+        problem = _block_problem(name, value)
+        if problem:
+            raise ValueError(f"kernel config {name} {problem}")
     return found
+
+
+def _block_problem(name: str, value: int) -> str | None:
+    """Why ``value`` is not a valid ``name`` (one of CONFIG_KEYS), or None; one rule for both
+    the planner's configs and KernelSpec."""
+    if name == "BV" and not (_is_pow2(value) and 16 <= value <= MAX_DIM):
+        return f"must be a power of two in [16, {MAX_DIM}], got {value}"
+    if name == "num_warps" and not (_is_pow2(value) and value <= MAX_WARPS):
+        return f"must be a power of two in [1, {MAX_WARPS}], got {value}"
+    if name == "num_stages" and not 1 <= value <= MAX_STAGES:
+        return f"must be in [1, {MAX_STAGES}], got {value}"
+    return None
 
 
 def default_blocks(form: str, K: int, V: int, chunk_size: int = 64) -> dict[str, int]:
