@@ -124,7 +124,7 @@ def test_bv_wider_than_the_pass_is_clamped():
         ({"BV": True}, "must be an integer, got bool"),
         ({"num_warps": 3}, "num_warps must be a power of two in \\[1, 32\\], got 3"),
         ({"num_stages": 0}, "num_stages must be in \\[1, 8\\], got 0"),
-        ({"BK": 32}, "names must be among \\['BV', 'num_warps', 'num_stages'\\].*got \\['BK'\\]"),
+        ({"BK": 32}, "among \\['BV', 'num_warps', 'num_stages', 'split'\\].*got \\['BK'\\]"),
     ],
 )
 def test_bad_config_is_a_clear_value_error(config, message):
@@ -153,9 +153,15 @@ def test_search_space_and_pruning(monkeypatch):
     assert {(c.form, c.chunk_size) for c in mid} == {
         ("parallel", 64), ("chunkwise", 16), ("chunkwise", 32), ("chunkwise", 64)
     }  # fmt: skip
-    assert {c.config for c in mid} == {
+    assert {c.config for c in mid if len(c.config) == 3} == {
         (("BV", bv), ("num_stages", st), ("num_warps", w))
         for bv in (32, 64) for st in (1, 2, 3) for w in (4, 8)
+    }  # fmt: skip
+    # chunkwise also tries each BV the other way from the split rule: fused by rule at C=64 and
+    # 32 (64 and 128 chunks), split by rule at C=16 (256 chunks); see test_kernel_split
+    assert {(c.chunk_size, c.config) for c in mid if len(c.config) == 4} == {
+        (chunk, (("BV", bv), ("num_stages", 2), ("num_warps", 4), ("split", int(chunk != 16))))
+        for bv in (32, 64) for chunk in (16, 32, 64)
     }  # fmt: skip
     big = triton_problem(T=4096, K=256, V=256, phase="bwd")
     full = tune.candidates(big, configs=True)

@@ -6,7 +6,10 @@ in time order ("fwd") or time-reversed ("bwd"), and optionally the final state. 
 one pass; the backward is three (see ``backward.py``). Inside ``recording()`` nothing is
 launched: each pass appends its ``KernelInfo`` and returns empty outputs (for explain()).
 Every pass of a call takes the same optional ``config`` (``spec.check_config``: BV, num_warps,
-num_stages), the block configuration the planner chose; None keeps ``spec.choose``'s defaults.
+num_stages, split), the block configuration the planner chose; None keeps ``spec.choose``'s
+defaults. A chunkwise pass that writes rows runs fused or split (``spec.use_split``): split, it is
+two launches sharing a buffer of the states entering each chunk, [B*H, chunks, K, V] in the
+input dtype (the dtype the fused kernel casts its state to for the same tl.dot).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from . import codegen
-from .spec import KernelSpec, choose
+from .spec import KernelSpec, choose, use_split
 
 Tensor = torch.Tensor
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rtp_kernels", default=None)
@@ -65,7 +68,7 @@ class Pass:
 Config = Mapping[str, int] | None
 
 
-def _spec(p: Pass, chunk_size: int, config: Config = None) -> KernelSpec:
+def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused") -> KernelSpec:
     V = p.v.shape[-1] + int(p.extra_value_column)
     out = p.out_dtype or p.q.dtype
     return choose(
@@ -84,6 +87,7 @@ def _spec(p: Pass, chunk_size: int, config: Config = None) -> KernelSpec:
         extra_value_column=p.extra_value_column,
         row_scale=p.row_scale is not None,
         row_dot=p.row_dot_with is not None,
+        stage=stage,
     )
 
 
@@ -106,6 +110,8 @@ def run(
             p, form="chunkwise", store_o=False, row_dot_with=None, row_scale=None
         )
         return o, run(state_only, chunk_size, config)[1], rd
+    if p.store_o and use_split(p.form, p.q.shape[2], p.q.shape[-1], chunk_size, config):
+        return _run_split(p, chunk_size, config)
     spec = _spec(p, chunk_size, config)
     B, H, T, K = p.q.shape
     V = spec.V
@@ -123,14 +129,42 @@ def run(
     return o, sf, (rd.sum(0) if rd is not None else None)
 
 
-def _launch(spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int]) -> None:
+def _run_split(p: Pass, chunk_size: int, config: Config):
+    """A chunkwise pass as two launches: the states entering each chunk, then every chunk's rows."""
+    states = _spec(
+        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None),
+        chunk_size,
+        config,
+        "states",
+    )
+    rows = _spec(dataclasses.replace(p, state_out=False), chunk_size, config, "output")
+    B, H, T, K = p.q.shape
+    V, acc, dev = rows.V, acc_dtype(p.q.dtype), p.q.device
+    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev)
+    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
+    rd = torch.empty(-(-V // rows.BV), B, H, T, dtype=acc, device=dev) if rows.row_dot else None
+    seen = _RECORD.get()
+    if seen is not None:
+        seen += [codegen.info(states), codegen.info(rows)]
+    elif B * H * T > 0:
+        h = torch.empty(B * H, -(-T // states.BT), K, V, dtype=p.q.dtype, device=dev)
+        _launch(states, p, None, sf, None, (B, H, T), h)
+        _launch(rows, p, o, None, rd, (B, H, T), h)
+    return o, sf, (rd.sum(0) if rd is not None else None)
+
+
+def _launch(
+    spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int], h: Tensor | None = None
+) -> None:
     B, H, T = bht
     kernel = codegen.load(spec).kernel
     NV = -(-spec.V // spec.BV)
-    if spec.form == "parallel":
+    if spec.form == "parallel" or spec.stage == "output":
         grid = (NV, -(-T // spec.BT), B * H)
     else:
         grid = (NV, B * H)
+    # NOTE: only the split stages take the chunk-state buffer h (the fused sources are unchanged)
+    extra = () if h is None else (h,)
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
     # argument list (and Triton's specialisation) is the same for every flag combination.
     dummy = p.q
@@ -159,6 +193,7 @@ def _launch(spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int]) -> 
         T,
         scale,
         state_scale,
+        *extra,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
     )

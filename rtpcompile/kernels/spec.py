@@ -1,11 +1,16 @@
 """Kernel specs: every decision about a generated retention kernel, made in Python.
 
 A ``KernelSpec`` is frozen and hashable. ``render(spec)`` fills one of the templates in
-``templates/`` (chunkwise, parallel, recurrent) with the spec's constants and flags; the
-templates hold Triton and named holes only. ``choose(...)`` picks block sizes and warps from
-the dims, so the same call always renders the same source (and therefore the same module); an
-optional ``config`` (``CONFIG_KEYS``: BV, num_warps, num_stages -- what the autotuner searches)
-overrides those defaults after ``check_config`` validated it.
+``templates/`` (chunkwise, parallel, recurrent, and the two stages of the split chunkwise pass)
+with the spec's constants and flags; the templates hold Triton and named holes only.
+``choose(...)`` picks block sizes and warps from the dims, so the same call always renders the
+same source (and therefore the same module); an optional ``config`` (``CONFIG_KEYS``: BV,
+num_warps, num_stages, split -- what the autotuner searches) overrides those defaults after
+``check_config`` validated it.
+
+A chunkwise pass runs either fused (one program per V block and head walks every chunk) or
+split (``use_split``): a "states" kernel walks the chunks computing only the state entering each
+one, then an "output" kernel computes every chunk's rows in parallel from those states.
 """
 
 from __future__ import annotations
@@ -23,7 +28,16 @@ MAX_DIM = 256
 TEMPLATE_VERSION = 1  # NOTE: bump when a template changes meaning without changing its text
 # NOTE: K is never tiled (BK always covers K), and BT is the chunk size (chunkwise), 1
 # (recurrent) or fixed by K (parallel), so a config only names the V block and launch settings.
-CONFIG_KEYS = ("BV", "num_warps", "num_stages")
+CONFIG_KEYS = ("BV", "num_warps", "num_stages", "split")
+# NOTE: the stages of a chunkwise pass; "fused" is the one-kernel pass (see the module doc)
+STAGES = ("fused", "states", "output")
+# NOTE: the split's default rule. The fused pass runs one program per (V block, head) through
+# every chunk in sequence; beyond this many chunks (T > 8192 at the 64-row chunk: fused measured
+# 1.38x FLA's split kernels at T = 4096 but 0.84x at 16384 on an H200), or at K = 256 where the
+# fused program's tiles spill (0.23x), the split pass -- a sequential kernel doing a third of the
+# work, then a parallel one -- is expected to win. Unmeasured for the split itself: autotuning
+# compares both. Powers of two, so every T of one planner bucket gets the same answer.
+SPLIT_MIN_CHUNKS = 128
 MAX_WARPS = 32
 MAX_STAGES = 8
 
@@ -66,6 +80,8 @@ class KernelSpec:
     extra_value_column: v gets one more column of ones (a normaliser carried through every form)
     row_scale:   each query row is multiplied by a per-position scale rs[b, h, t]
     row_dot:     also write per-row partial dots <o_t, r_t> per V block (for d log gamma)
+    stage:       chunkwise only: "fused", or a stage of the split pass, "states" (write the
+                 state entering every chunk) or "output" (every chunk's rows from those states)
     """
 
     form: str
@@ -86,6 +102,7 @@ class KernelSpec:
     row_dot: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    stage: str = "fused"
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -102,6 +119,11 @@ class KernelSpec:
                 raise ValueError(f"KernelSpec.{name} must be a power of two, got {b}")
         if self.BK < self.K:
             raise ValueError(f"KernelSpec.BK={self.BK} must cover K={self.K} (one K block)")
+        if self.stage not in STAGES or (self.stage != "fused" and self.form != "chunkwise"):
+            raise ValueError(
+                f"KernelSpec.stage must be one of {list(STAGES)} (split stages are chunkwise "
+                f"only), got {self.stage!r} for form {self.form!r}"
+            )
         if self.state_offset not in (0, 1):
             raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
         for name in ("num_warps", "num_stages"):
@@ -131,8 +153,9 @@ class KernelSpec:
             )
             if on
         ]
+        form = self.form if self.stage == "fused" else f"{self.form}.{self.stage}"
         return (
-            f"{self.form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
+            f"{form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
             f" BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"
             + (f" s0@{-self.state_offset}" if self.state_in else "")
         )
@@ -146,7 +169,8 @@ def check_config(config: Mapping[str, int] | Iterable[tuple[str, int]] | None) -
     """``config`` as a plain dict after validation; a bad name or value is a ValueError.
 
     BV: a power of two in [16, MAX_DIM]; num_warps: a power of two in [1, MAX_WARPS];
-    num_stages: an integer in [1, MAX_STAGES]. Accepts a mapping or (name, value) pairs (the
+    num_stages: an integer in [1, MAX_STAGES]; split: 0 (fused chunkwise passes) or 1 (split
+    passes; absent: ``use_split``'s rule). Accepts a mapping or (name, value) pairs (the
     planner's ``Plan.config``); None or empty means "the defaults".
     """
     found = dict(config or ())
@@ -177,7 +201,27 @@ def _block_problem(name: str, value: int) -> str | None:
         return f"must be a power of two in [1, {MAX_WARPS}], got {value}"
     if name == "num_stages" and not 1 <= value <= MAX_STAGES:
         return f"must be in [1, {MAX_STAGES}], got {value}"
+    if name == "split" and value not in (0, 1):
+        return f"must be 0 (fused) or 1 (split), got {value}"
     return None
+
+
+def use_split(
+    form: str, T: int, K: int, chunk_size: int = 64, config: Mapping[str, int] | None = None
+) -> bool:
+    """Whether a chunkwise pass that writes output rows runs split (states, then output).
+
+    The config's ``split`` decides when present; otherwise split when the pass has more than
+    SPLIT_MIN_CHUNKS chunks, or more than one chunk and K needs a 256-wide block.
+    """
+    if form != "chunkwise" or T <= 0:
+        return False
+    cfg = check_config(config)
+    if "split" in cfg:
+        return bool(cfg["split"])
+    BT = default_blocks(form, K, 1, chunk_size)["BT"]
+    chunks = -(-T // BT)
+    return chunks > SPLIT_MIN_CHUNKS or (chunks > 1 and next_pow2(K) >= 256)
 
 
 def default_blocks(form: str, K: int, V: int, chunk_size: int = 64) -> dict[str, int]:
@@ -219,6 +263,8 @@ def choose(
         raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
     blocks = default_blocks(form, K, V, chunk_size)
     for name, value in check_config(config).items():
+        if name == "split":  # decided per pass by launch (use_split), not a block
+            continue
         # NOTE: one config serves every pass of a call, and the backward's passes swap K and V;
         # a V block wider than this pass's V is clamped to the smallest block covering it.
         blocks[name] = min(value, max(16, next_pow2(V))) if name == "BV" else value
@@ -247,7 +293,8 @@ def _environment():
 @functools.lru_cache(maxsize=256)
 def render(spec: KernelSpec) -> str:
     """The Triton source of ``spec``: the form's template with the spec's constants filled in."""
-    template = _environment().get_template(f"{spec.form}.jinja")
+    name = spec.form if spec.stage == "fused" else f"chunk_{spec.stage}"
+    template = _environment().get_template(f"{name}.jinja")
     values = dataclasses.asdict(spec)
     values.update(
         acc=spec.acc,

@@ -16,8 +16,9 @@ scores infinity and is skipped; any other error re-raises with the shapes and st
 to reproduce it.
 
 On the Triton backend a candidate is a form, a chunk size and a kernel block configuration
-(``triton_configs``: V block, warps, stages), pruned by a per-program register and shared
-memory estimate (``why_not_fits``). Under the Triton interpreter (CPU) the search space is
+(``triton_configs``: V block, warps, stages, and for chunkwise in the "full" space whether its
+passes run fused or split), pruned by a per-program register and shared memory estimate
+(``why_not_fits``). Under the Triton interpreter (CPU) the search space is
 "quick" -- warps and stages do nothing there -- unless ``RTP_TUNE_CONFIGS`` says otherwise.
 """
 
@@ -134,8 +135,10 @@ def config_space(p: Problem) -> str:
 def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, int], ...]]:
     """Block configurations of one Triton candidate, the kernels' defaults first.
 
-    full: BV in TRITON_BV x num_warps in TRITON_WARPS x num_stages in TRITON_STAGES; quick: BV
-    only (warps and stages at their defaults); each pruned by ``why_not_fits``.
+    full: BV in TRITON_BV x num_warps in TRITON_WARPS x num_stages in TRITON_STAGES, plus for
+    chunkwise each BV at the default warps and stages with the passes split the other way from
+    ``spec.use_split``'s rule; quick: BV only (warps and stages at their defaults); each pruned
+    by ``why_not_fits``.
     """
     from ..kernels.spec import MAX_DIM, default_blocks, next_pow2
 
@@ -157,7 +160,27 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
             found.append(cfg)
         else:
             log.debug("rtpcompile autotune: %s %s pruned (%s)", form, cfg, reason)
+    if form == "chunkwise" and space == "full":
+        found += _split_variants(p, chunk, found, d)
     return found
+
+
+def _split_variants(p: Problem, chunk: int, found: list, d: dict) -> list:
+    """The kept BVs at default warps and stages, with the passes split the other way than the
+    rule would (both ways when the rule differs between the backward's orientations), pruned
+    like the rest (the split's output stage holds the fused kernel's tiles less the state)."""
+    from ..kernels.spec import use_split
+
+    rule = {int(use_split("chunkwise", p.T, K, chunk)) for K, _ in _orientations(p)}
+    other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
+    stages, warps = d["num_stages"], d["num_warps"]
+    bvs = dict.fromkeys(dict(c)["BV"] for c in found)
+    variants = [
+        (("BV", bv), ("num_stages", stages), ("num_warps", warps), ("split", split))
+        for bv in bvs
+        for split in other
+    ]
+    return [c for c in variants if why_not_fits(p, "chunkwise", chunk, dict(c)) is None]
 
 
 def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str | None:

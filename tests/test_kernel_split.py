@@ -1,0 +1,195 @@
+"""The split chunkwise pass (a states kernel, then a parallel output kernel) of every pass.
+
+Runs under the Triton interpreter on CPU like tests/test_kernels.py. The split pass must equal
+the float64 reference (outputs, final state, every gradient) on awkward sizes, equal the fused
+pass (bit for bit under the interpreter, which evaluates the same operations in the same
+order), be chosen by its rule or a config, and be searched and cached by the autotuner.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from test_kernels import check, close, make  # noqa: E402
+
+from rtpcompile import kernels  # noqa: E402
+from rtpcompile.kernels import launch  # noqa: E402
+from rtpcompile.kernels.spec import (  # noqa: E402
+    SPLIT_MIN_CHUNKS,
+    KernelSpec,
+    check_config,
+    render,
+    use_split,
+)
+from rtpcompile.lowering import plan, tune  # noqa: E402
+from rtpcompile.lowering.plan import Problem  # noqa: E402
+
+SPLIT = {"split": 1}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    plan.reset()
+    yield
+    plan.reset()
+
+
+CASES = [
+    # B, H, T, K, V, chunk, dtype
+    (1, 2, 1, 8, 8, 16, torch.float32),
+    (1, 2, 63, 48, 80, 16, torch.float32),
+    (2, 1, 65, 16, 16, 32, torch.float32),
+    (1, 2, 130, 12, 20, 16, torch.float32),
+    (1, 2, 65, 48, 80, 16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("state,dsf", [(False, False), (True, True), (True, False), (False, True)])
+def test_split_matches_the_float64_reference(case, state, dsf, monkeypatch):
+    B, H, T, K, V, chunk, dtype = case
+    _force_split(monkeypatch)
+    check("chunkwise", B, H, T, K, V, dtype, state, dsf, btHd=dtype == torch.float16, chunk=chunk)
+
+
+def _force_split(monkeypatch):
+    """Run every chunkwise pass of ``check`` (which passes no config) split."""
+    real = launch.use_split
+    monkeypatch.setattr(launch, "use_split", lambda form, T, K, c, cfg: real(form, T, K, c, SPLIT))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_equals_fused_bit_for_bit_under_the_interpreter(dtype):
+    _, (q, k, v, g, s0) = make(1, 2, 70, 48, 40, dtype, state=True, btHd=True)
+    fused = kernels.triton_forward("chunkwise", q, k, v, g, 0.3, s0, 16, {"split": 0})
+    split = kernels.triton_forward("chunkwise", q, k, v, g, 0.3, s0, 16, SPLIT)
+    do = torch.randn_like(fused[0])
+    dsf = torch.randn_like(fused[1])
+    grads = [
+        kernels.triton_backward("chunkwise", do, dsf, q, k, v, g, 0.3, s0, fused[1], 16, cfg)
+        for cfg in ({"split": 0}, SPLIT)
+    ]
+    for a, b in zip((*fused, *grads[0]), (*split, *grads[1]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_split_with_ones_column_row_scale_and_row_dots():
+    """Every optional feature of a pass (the backward's row dots included) on the split path."""
+    (q, k, v, gamma, _), (lq, lk, lv, lg, _) = make(1, 2, 37, 12, 20, torch.float32)
+    rs = torch.rand(1, 2, 37) + 0.5
+    r = torch.randn(1, 2, 37, 21)
+    results = []
+    for cfg in ({"split": 0}, SPLIT):
+        p = launch.Pass(
+            "chunkwise", lq, lk, lv, lg, 0.3, row_scale=rs, extra_value_column=True,
+            row_dot_with=r, state_out=True,
+        )  # fmt: skip
+        results.append(launch.run(p, 16, cfg))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert results[1][0].shape[-1] == 21 and results[1][2].shape == (1, 2, 37)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    T=st.integers(1, 90),
+    K=st.sampled_from([5, 16, 24]),
+    V=st.sampled_from([3, 16, 33]),
+    state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_split_shapes(T, K, V, state, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        _force_split(mp)
+        check("chunkwise", 1, 2, T, K, V, torch.float32, state, state, chunk=16, seed=seed)
+
+
+def test_long_sequence_splits_by_default_and_stays_exact():
+    """Past SPLIT_MIN_CHUNKS chunks the default is split; the result still equals the reference."""
+    T = SPLIT_MIN_CHUNKS * 16 + 5
+
+    def stages(T: int) -> list[str]:
+        q = torch.empty(1, 1, T, 8, device="meta")
+        return [
+            i.spec.stage
+            for i in kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16)
+        ]
+
+    assert stages(T) == ["states", "output"]
+    assert stages(SPLIT_MIN_CHUNKS * 16) == ["fused"]
+    (rq, rk, rv, rg, _), (lq, lk, lv, lg, _) = make(1, 1, T, 8, 8, torch.float32)
+    o, _ = kernels.triton_forward("chunkwise", lq, lk, lv, lg, 0.5, None, 16)
+    from rtpcompile.lowering import reference as ref
+
+    close(o, ref.reference_recurrent(rq, rk, rv, rg, 0.5)[0].detach(), torch.float32, "o")
+
+
+def test_the_rule():
+    assert not use_split("chunkwise", 128 * 64, 128)  # 128 chunks of 64
+    assert use_split("chunkwise", 128 * 64 + 1, 128)
+    assert use_split("chunkwise", 33, 256) and not use_split("chunkwise", 32, 256)  # BT 32
+    assert use_split("chunkwise", 129 * 16, 64, chunk_size=16)
+    assert not use_split("parallel", 10**6, 128) and not use_split("recurrent", 10**6, 256)
+    assert not use_split("chunkwise", 10**6, 128, config={"split": 0})
+    assert use_split("chunkwise", 17, 16, chunk_size=16, config={"split": 1})
+    assert not use_split("chunkwise", 0, 16, config={"split": 1})
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(4, 16), K=st.sampled_from([16, 48, 128, 200, 256]), c=st.sampled_from([16, 64])
+)
+def test_the_rule_is_constant_on_a_planner_bucket(n, K, c):
+    """Plans are stored per power-of-two T bucket, so the rule must not change inside one."""
+    low, high = 2 ** (n - 1) + 1, 2**n
+    assert use_split("chunkwise", low, K, c) == use_split("chunkwise", high, K, c)
+
+
+def test_bad_split_config_and_stage():
+    with pytest.raises(ValueError, match="split must be 0 \\(fused\\) or 1 \\(split\\), got 2"):
+        check_config({"split": 2})
+    with pytest.raises(ValueError, match="stage must be one of"):
+        KernelSpec("parallel", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="output")
+    spec = KernelSpec("chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states")
+    assert "chunkwise.states" in spec.short() and "def kernel" in render(spec)
+
+
+def test_split_is_searched_in_the_full_space(monkeypatch):
+    monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
+    short = Problem(1, 1, 2048, 64, 64, "float32", "cpu", "triton", False)
+    splits = {dict(c.config).get("split") for c in tune.candidates(short, configs=True)}
+    assert splits == {None, 1}  # the rule says fused; the search also tries split
+    long = Problem(1, 1, 65536, 64, 64, "float32", "cpu", "triton", False)
+    splits = {dict(c.config).get("split") for c in tune.candidates(long, configs=True)}
+    assert splits == {None, 0}
+    mixed = Problem(1, 1, 2048, 64, 256, "float32", "cpu", "triton", False, "bwd")
+    splits = {dict(c.config).get("split") for c in tune.candidates(mixed, configs=True)}
+    assert splits == {None, 0, 1}  # the backward's passes disagree: both ways
+    monkeypatch.setenv("RTP_TUNE_CONFIGS", "quick")
+    assert all("split" not in dict(c.config) for c in tune.candidates(short, configs=True))
+
+
+def test_a_tuned_split_config_is_cached_and_reused(monkeypatch):
+    from rtpcompile.kernels import cache
+
+    monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
+    monkeypatch.setattr(
+        tune, "_time", lambda fn, device: 1.0 if "split=1" in fn() else 2.0
+    )  # fake timings: split wins
+    monkeypatch.setattr(tune, "_runner", lambda p, candidate, x: lambda: candidate.label)
+    p = Problem(1, 1, 40, 16, 24, "float32", "cpu", "triton", False)
+    won = plan.plan_for(p, tune=True)
+    assert dict(won.config)["split"] == 1 and won.form == "chunkwise"
+    assert cache.load(plan.cache_key(p))["config"]["split"] == 1
+    plan.reset()
+    again = plan.plan_for(p)
+    assert again.source == "cache" and again.config == won.config
