@@ -1,10 +1,11 @@
 """GPU benchmark of the generated retention kernels against flash-linear-attention and SDPA.
 
-Usage (CUDA machine): python benchmarks/bench_gpu_kernels.py --out DIR [--quick]
+Usage (CUDA machine): python benchmarks/bench_gpu_kernels.py --out DIR [--quick] [--modes ...]
 Writes DIR/kernels_<device>_<date>.json and .md. Times are triton.testing.do_bench medians
 (ms); ratio = baseline time / our time (> 1: we are faster); peak = extra bytes allocated by
 one call over the inputs (torch.cuda.max_memory_allocated). Inputs are bfloat16 in the
 [B, T, H, D] layout FLA takes; our kernels read the same storage as [B, H, T, D] views.
+Chunkwise rows are timed three ways: the default (rule), and forced fused and split passes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ def _gamma(H):
     return ops.retention_init_decay(H).cuda()
 
 
-def chunk_cases(B, H, T, D, rows):
+# NOTE: "rule" is what a call gets by default (spec.use_split); "fused" and "split" force the
+# chunkwise passes one way, so one run shows what the rule leaves on the table.
+CHUNK_MODES = {"rule": None, "fused": {"split": 0}, "split": {"split": 1}}
+
+
+def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
     from fla.ops.retention import chunk_retention
 
     from rtpcompile import kernels
@@ -59,17 +65,6 @@ def chunk_cases(B, H, T, D, rows):
     q, k, v = _inputs(B, T, H, D, D, grad=True)
     do = torch.randn_like(v)
     gamma, scale = _gamma(H), D**-0.5
-
-    def ours_fwd():
-        return kernels.triton_forward(
-            "chunkwise", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64
-        )
-
-    def ours_fwd_bwd():
-        o, sf = ours_fwd()
-        return kernels.triton_backward(
-            "chunkwise", _ours(do), None, _ours(q), _ours(k), _ours(v), gamma, scale, None, sf, 64
-        )
 
     def fla_fwd():
         with torch.no_grad():
@@ -79,8 +74,27 @@ def chunk_cases(B, H, T, D, rows):
         o, _ = chunk_retention(q, k, v, scale=scale)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    for name, ours, theirs in (("fwd", ours_fwd, fla_fwd), ("fwd+bwd", ours_fwd_bwd, fla_fwd_bwd)):
-        _row(rows, f"chunkwise {name}", dict(B=B, H=H, T=T, K=D, V=D), ours, {"fla": theirs})
+    for mode in modes:
+        cfg = CHUNK_MODES[mode]
+
+        def ours_fwd(cfg=cfg):
+            return kernels.triton_forward(
+                "chunkwise", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64, cfg
+            )
+
+        def ours_fwd_bwd(cfg=cfg, fwd=ours_fwd):
+            o, sf = fwd()
+            return kernels.triton_backward(
+                "chunkwise", _ours(do), None, _ours(q), _ours(k), _ours(v), gamma, scale, None,
+                sf, 64, cfg,
+            )  # fmt: skip
+
+        for name, ours, theirs in (
+            ("fwd", ours_fwd, fla_fwd),
+            ("fwd+bwd", ours_fwd_bwd, fla_fwd_bwd),
+        ):
+            shape = dict(B=B, H=H, T=T, K=D, V=D)
+            _row(rows, f"chunkwise {name} ({mode})", shape, ours, {"fla": theirs})
 
 
 def parallel_cases(B, H, T, D, rows):
@@ -184,7 +198,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/h200")
     parser.add_argument("--quick", action="store_true", help="only T=2048 and 4096")
+    parser.add_argument(
+        "--modes",
+        default=",".join(CHUNK_MODES),
+        help="chunkwise modes to time, among rule (the default choice), fused, split",
+    )
     args = parser.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or any(m not in CHUNK_MODES for m in modes):
+        parser.error(f"--modes must name some of {list(CHUNK_MODES)}, got {args.modes!r}")
     import fla
     import triton
 
@@ -201,7 +223,7 @@ def main() -> None:
     B, H = 4, 16
     for D, Ts in ((128, (2048, 4096, 16384)), (256, (2048, 4096, 16384))):
         for T in Ts if not args.quick else Ts[:2]:
-            chunk_cases(B, H, T, D, rows)
+            chunk_cases(B, H, T, D, rows, modes)
     for T in (256, 512, 1024):
         parallel_cases(B, H, T, 128, rows)
     for D in (128, 256):

@@ -33,8 +33,11 @@ SPLIT = {"split": 1}
 
 
 @pytest.fixture(autouse=True)
-def _interpreter(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _interpreter(request, tmp_path, monkeypatch):
+    if "gpu" in request.keywords:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
     for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
         monkeypatch.delenv(name, raising=False)
@@ -193,3 +196,35 @@ def test_a_tuned_split_config_is_cached_and_reused(monkeypatch):
     plan.reset()
     again = plan.plan_for(p)
     assert again.source == "cache" and again.config == won.config
+
+
+# ---- GPU: compiled split kernels, bfloat16, long sequences -----------------------------------
+
+GPU_CASES = [
+    # B, H, T, K, V, forced
+    (1, 2, 9000, 64, 64, False),  # > 128 chunks of 64: split by the rule
+    (2, 4, 2048, 128, 128, True),
+    (1, 2, 1000, 256, 256, False),  # K = 256: split by the rule
+    (2, 3, 333, 48, 80, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_split(case, dtype, monkeypatch):
+    B, H, T, K, V, forced = case
+    if forced:
+        _force_split(monkeypatch)
+    else:
+        assert use_split("chunkwise", T, K, 64)
+    check("chunkwise", B, H, T, K, V, dtype, True, True, btHd=True, chunk=64, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_split_close_to_fused():
+    _, (q, k, v, g, s0) = make(2, 4, 3000, 128, 128, torch.bfloat16, "cuda", state=True)
+    fused = kernels.triton_forward("chunkwise", q, k, v, g, 0.1, s0, 64, {"split": 0})
+    split = kernels.triton_forward("chunkwise", q, k, v, g, 0.1, s0, 64, SPLIT)
+    for a, b in zip(fused, split, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
