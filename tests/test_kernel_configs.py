@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from rtpcompile import kernels, ops  # noqa: E402
 from rtpcompile.kernels import cache, codegen, launch  # noqa: E402
-from rtpcompile.kernels.spec import check_config, choose, render  # noqa: E402
+from rtpcompile.kernels.spec import check_config, choose, default_blocks, render  # noqa: E402
 from rtpcompile.lowering import dispatch, plan, tune  # noqa: E402
 from rtpcompile.lowering import reference as ref  # noqa: E402
 from rtpcompile.lowering.plan import Problem  # noqa: E402
@@ -166,7 +166,10 @@ def test_search_space_and_pruning(monkeypatch):
     big = triton_problem(T=4096, K=256, V=256, phase="bwd")
     full = tune.candidates(big, configs=True)
     assert len(full) < 3 * 2 * 3 * 2 * 3  # pruned: e.g. no 3-stage pipeline of float32 K=256
-    assert max(c.chunk_size for c in full if c.form == "chunkwise") == 32  # K=256 clamps BT
+    # K=256 clamps a fused BT to 32, but split passes (the rule at K=256) keep 64-row chunks
+    assert {c.chunk_size for c in full if c.form == "chunkwise"} == {16, 32, 64}
+    assert default_blocks("chunkwise", 256, 256, 64)["BT"] == 32
+    assert default_blocks("chunkwise", 256, 256, 64, split=True)["BT"] == 64
     firsts = {(c.form, c.chunk_size): c for c in reversed(full)}.values()  # the defaults
     for c in full:
         assert c in firsts or tune.why_not_fits(big, c.form, c.chunk_size, dict(c.config)) is None

@@ -224,8 +224,13 @@ def use_split(
     return chunks > SPLIT_MIN_CHUNKS or (chunks > 1 and next_pow2(K) >= 256)
 
 
-def default_blocks(form: str, K: int, V: int, chunk_size: int = 64) -> dict[str, int]:
-    """BT, BK, BV, num_warps and num_stages ``choose`` uses when no config is given."""
+def default_blocks(
+    form: str, K: int, V: int, chunk_size: int = 64, split: bool = False
+) -> dict[str, int]:
+    """BT, BK, BV, num_warps and num_stages ``choose`` uses when no config is given.
+
+    ``split``: the blocks of both stages of a split chunkwise pass (they must share BT).
+    """
     BK = max(16, next_pow2(K))
     big = BK >= 256
     if form == "recurrent":
@@ -237,9 +242,12 @@ def default_blocks(form: str, K: int, V: int, chunk_size: int = 64) -> dict[str,
         warps = 8 if BK * BV >= 128 * 64 else 4
     else:
         # NOTE: the chunk size is a planner hint; tl.dot needs tiles of >= 16, and the result does
-        # not depend on it, so it is rounded to a power of two in [16, 64] (32 for K = 256).
-        BT = min(max(16, next_pow2(chunk_size)), 32 if big else 64)
-        BV = min(max(16, next_pow2(V)), 32 if big else 64)
+        # not depend on it, so it is rounded to a power of two in [16, 64] (32 for K = 256 when
+        # fused, whose program also keeps the [256, BV] float32 state resident; the split
+        # stages never hold both, so they keep 64-row tiles, the M that Hopper's wgmma wants).
+        small = big and not split
+        BT = min(max(16, next_pow2(chunk_size)), 32 if small else 64)
+        BV = min(max(16, next_pow2(V)), 32 if small else 64)
         warps = 8 if BK * BV >= 128 * 64 else 4
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 
@@ -261,7 +269,7 @@ def choose(
     """
     if K > MAX_DIM or V > MAX_DIM + 1:
         raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
-    blocks = default_blocks(form, K, V, chunk_size)
+    blocks = default_blocks(form, K, V, chunk_size, split=flags.get("stage", "fused") != "fused")
     for name, value in check_config(config).items():
         if name == "split":  # decided per pass by launch (use_split), not a block
             continue

@@ -98,10 +98,13 @@ def candidates(p: Problem, configs: bool = False) -> list[Plan]:
 
     expanded, seen = [], set()
     for c in found:
-        # NOTE: the kernels clamp the chunk (32 for K = 256): two chunk sizes that give the same
-        # blocks in every pass would measure one kernel twice under two names
-        blocks = (c.form,) + tuple(default_blocks(c.form, K, V, c.chunk_size)["BT"]
-                                   for K, V in _orientations(p))  # fmt: skip
+        # NOTE: the kernels clamp the chunk (32 for K = 256 when fused): two chunk sizes that give
+        # the same blocks in every pass, fused and split, would measure one kernel twice
+        blocks = (c.form,) + tuple(
+            default_blocks(c.form, K, V, c.chunk_size, split)["BT"]
+            for K, V in _orientations(p)
+            for split in (False, True)
+        )
         if blocks not in seen:
             seen.add(blocks)
             cfgs = triton_configs(p, c.form, c.chunk_size)
@@ -140,9 +143,9 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
     ``spec.use_split``'s rule; quick: BV only (warps and stages at their defaults); each pruned
     by ``why_not_fits``.
     """
-    from ..kernels.spec import MAX_DIM, default_blocks, next_pow2
+    from ..kernels.spec import MAX_DIM, default_blocks, next_pow2, use_split
 
-    d = default_blocks(form, p.K, p.V, chunk)
+    d = default_blocks(form, p.K, p.V, chunk, use_split(form, p.T, p.K, chunk))
     cover = min(max(16, next_pow2(p.V)), MAX_DIM)
     space = config_space(p)
     bvs = [d["BV"]] + [min(b or cover, cover) for b in TRITON_BV]
@@ -161,25 +164,27 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
         else:
             log.debug("rtpcompile autotune: %s %s pruned (%s)", form, cfg, reason)
     if form == "chunkwise" and space == "full":
-        found += _split_variants(p, chunk, found, d)
+        found += _split_variants(p, chunk, found)
     return found
 
 
-def _split_variants(p: Problem, chunk: int, found: list, d: dict) -> list:
+def _split_variants(p: Problem, chunk: int, found: list) -> list:
     """The kept BVs at default warps and stages, with the passes split the other way than the
     rule would (both ways when the rule differs between the backward's orientations), pruned
     like the rest (the split's output stage holds the fused kernel's tiles less the state)."""
-    from ..kernels.spec import use_split
+    from ..kernels.spec import default_blocks, use_split
 
     rule = {int(use_split("chunkwise", p.T, K, chunk)) for K, _ in _orientations(p)}
     other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
-    stages, warps = d["num_stages"], d["num_warps"]
     bvs = dict.fromkeys(dict(c)["BV"] for c in found)
-    variants = [
-        (("BV", bv), ("num_stages", stages), ("num_warps", warps), ("split", split))
-        for bv in bvs
-        for split in other
-    ]
+    variants = []
+    for split in other:
+        d = default_blocks("chunkwise", p.K, p.V, chunk, bool(split))
+        stages, warps = d["num_stages"], d["num_warps"]
+        variants += [
+            (("BV", bv), ("num_stages", stages), ("num_warps", warps), ("split", split))
+            for bv in bvs
+        ]
     return [c for c in variants if why_not_fits(p, "chunkwise", chunk, dict(c)) is None]
 
 
@@ -191,20 +196,28 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
         being the state [BK, BV] (chunkwise), the scores [BT, BT] and the output rows [BT, BV];
       shared memory: num_stages * (tiles loaded per loop step: q, k [BT, BK] and v [BT, BV])
         * element size <= the device limit.
+    A split chunkwise pass (``spec.use_split``, by the config's ``split`` or the rule) is two
+    kernels: its states kernel holds the state and pipelines k, v loads; its output kernel (no
+    loop, so nothing pipelined) holds the scores and rows and also loads the entering state
+    [BK, BV]; the larger of the two must fit.
     The backward's passes swap K and V, so a "bwd" config must fit both orientations.
     """
-    from ..kernels.spec import default_blocks, next_pow2
+    from ..kernels.spec import default_blocks, next_pow2, use_split
 
     size = torch.finfo(getattr(torch, p.dtype)).bits // 8
     for K, V in _orientations(p):
-        d = default_blocks(form, K, V, chunk)
+        split = use_split(form, p.T, K, chunk, {k: v for k, v in cfg.items() if k == "split"})
+        d = default_blocks(form, K, V, chunk, split)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
-        acc = BT * BT + BT * BV + (BK * BV if form == "chunkwise" else 0)
+        state = BK * BV if form == "chunkwise" else 0
+        acc = max(BT * BT + BT * BV, state) if split else BT * BT + BT * BV + state
         per_thread = acc / (32 * cfg["num_warps"])
         if per_thread > MAX_ACC_PER_THREAD:
             return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
         loads = (2 if form == "chunkwise" else 1) * BT * BK + BT * BV
         smem = cfg["num_stages"] * loads * size
+        if split:  # the states kernel's loop loads k, v; the loop-free output kernel stages once
+            smem = max(cfg["num_stages"] * (BT * BK + BT * BV), loads + state) * size
         limit = _shared_memory(p.device)
         if smem > limit:
             return f"{smem} bytes of shared memory > {limit}"
