@@ -54,6 +54,9 @@ CASES = [
     (1, 2, 130, 12, 20, 16, torch.float32),
     (1, 2, 65, 48, 80, 16, torch.float16),
     (1, 1, 70, 256, 40, 64, torch.float32),  # K = 256: split stages keep 64-row chunks
+    (1, 2, 64, 16, 16, 16, torch.float32),  # T a multiple of the chunk
+    (1, 1, 16, 8, 8, 16, torch.float32),  # T == the chunk
+    (1, 2, 40, 12, 20, 16, torch.float64),  # float64: h and the accumulators in float64
 ]
 
 
@@ -68,7 +71,9 @@ def test_split_matches_the_float64_reference(case, state, dsf, monkeypatch):
 def _force_split(monkeypatch):
     """Run every chunkwise pass of ``check`` (which passes no config) split."""
     real = launch.use_split
-    monkeypatch.setattr(launch, "use_split", lambda form, T, K, c, cfg: real(form, T, K, c, SPLIT))
+    monkeypatch.setattr(
+        launch, "use_split", lambda form, T, K, c, cfg, **grid: real(form, T, K, c, SPLIT)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -103,6 +108,40 @@ def test_split_with_ones_column_row_scale_and_row_dots():
     assert results[1][0].shape[-1] == 21 and results[1][2].shape == (1, 2, 37)
 
 
+def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
+    """The backward's dk/dv shape of pass: time-reversed, the state at position 0 with its own
+    scale, a ones column, row scales and row dots, V tiled in two blocks."""
+    _, (q, k, v, g, _) = make(1, 2, 48, 12, 20, torch.float32)
+    s0 = torch.randn(1, 2, 12, 21)
+    rs, r = torch.rand(1, 2, 48) + 0.5, torch.randn(1, 2, 48, 21)
+    results = []
+    for split in (0, 1):
+        p = launch.Pass(
+            "chunkwise", q, k, v, g, 0.3, reverse=True, s0=s0, state_offset=0, state_scale=1.0,
+            row_scale=rs, extra_value_column=True, row_dot_with=r, state_out=True,
+        )  # fmt: skip
+        results.append(launch.run(p, 16, {"BV": 16, "split": split}))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_grid_limits_are_a_clear_error(monkeypatch):
+    monkeypatch.setattr(launch, "GRID_LIMITS", (2**31 - 1, 1, 1))
+    _, (q, k, v, g, _) = make(1, 2, 40, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"grid \(\d+, 2\) exceeds the launch limits"):
+        kernels.triton_forward("chunkwise", q, k, v, g, 0.3, None, 16, SPLIT)
+
+
+def test_resource_rule_knows_the_split_kernels(monkeypatch):
+    """At K = 256 a wide V block fits split (no resident state beside the scores) but not fused,
+    on a device with Hopper's 227 KiB of shared memory per block."""
+    monkeypatch.setattr(tune, "_shared_memory", lambda device: 232448)
+    p = Problem(4, 16, 4096, 256, 256, "bfloat16", "cpu", "triton", False)
+    cfg = {"BV": 128, "num_warps": 8, "num_stages": 1}
+    assert "per thread" in tune.why_not_fits(p, "chunkwise", 64, {**cfg, "split": 0})
+    assert tune.why_not_fits(p, "chunkwise", 64, {**cfg, "split": 1}) is None
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     T=st.integers(1, 90),
@@ -122,7 +161,7 @@ def test_long_sequence_splits_by_default_and_stays_exact():
     T = SPLIT_MIN_CHUNKS * 16 + 5
 
     def stages(T: int) -> list[str]:
-        q = torch.empty(1, 1, T, 8, device="meta")
+        q = torch.empty(4, 16, T, 8, device="meta")  # B*H = 64 programs: a full grid
         return [
             i.spec.stage
             for i in kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16)
@@ -140,7 +179,8 @@ def test_long_sequence_splits_by_default_and_stays_exact():
 def test_the_rule():
     assert not use_split("chunkwise", 128 * 64, 128)  # 128 chunks of 64
     assert use_split("chunkwise", 128 * 64 + 1, 128)
-    assert use_split("chunkwise", 33, 256) and not use_split("chunkwise", 32, 256)  # BT 32
+    # K = 256: fused chunks are 32 rows, split chunks 64; a single split chunk stays fused
+    assert use_split("chunkwise", 65, 256) and not use_split("chunkwise", 64, 256)
     assert use_split("chunkwise", 129 * 16, 64, chunk_size=16)
     assert not use_split("parallel", 10**6, 128) and not use_split("recurrent", 10**6, 256)
     assert not use_split("chunkwise", 10**6, 128, config={"split": 0})
@@ -169,15 +209,18 @@ def test_bad_split_config_and_stage():
 
 def test_split_is_searched_in_the_full_space(monkeypatch):
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
-    short = Problem(1, 1, 2048, 64, 64, "float32", "cpu", "triton", False)
+    short = Problem(4, 16, 2048, 64, 64, "float32", "cpu", "triton", False)
     splits = {dict(c.config).get("split") for c in tune.candidates(short, configs=True)}
     assert splits == {None, 1}  # the rule says fused; the search also tries split
-    long = Problem(1, 1, 65536, 64, 64, "float32", "cpu", "triton", False)
+    long = Problem(4, 16, 65536, 64, 64, "float32", "cpu", "triton", False)
     splits = {dict(c.config).get("split") for c in tune.candidates(long, configs=True)}
     assert splits == {None, 0}
-    mixed = Problem(1, 1, 2048, 64, 256, "float32", "cpu", "triton", False, "bwd")
+    mixed = Problem(4, 16, 2048, 64, 256, "float32", "cpu", "triton", False, "bwd")
     splits = {dict(c.config).get("split") for c in tune.candidates(mixed, configs=True)}
     assert splits == {None, 0, 1}  # the backward's passes disagree: both ways
+    few = Problem(1, 2, 2048, 64, 64, "float32", "cpu", "triton", False)  # 2 programs
+    splits = {dict(c.config).get("split") for c in tune.candidates(few, configs=True)}
+    assert splits == {None, 0}
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "quick")
     assert all("split" not in dict(c.config) for c in tune.candidates(short, configs=True))
 

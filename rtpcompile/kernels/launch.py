@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from . import codegen
-from .spec import KernelSpec, choose, use_split
+from .spec import KernelSpec, choose, default_blocks, use_split
 
 Tensor = torch.Tensor
+log = logging.getLogger("rtpcompile")
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rtp_kernels", default=None)
 
 
@@ -110,11 +112,13 @@ def run(
             p, form="chunkwise", store_o=False, row_dot_with=None, row_scale=None
         )
         return o, run(state_only, chunk_size, config)[1], rd
-    if p.store_o and use_split(p.form, p.q.shape[2], p.q.shape[-1], chunk_size, config):
-        return _run_split(p, chunk_size, config)
-    spec = _spec(p, chunk_size, config)
     B, H, T, K = p.q.shape
-    V = spec.V
+    V = p.v.shape[-1] + int(p.extra_value_column)
+    if p.store_o and use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H):
+        if split_fits(p, chunk_size):
+            return _run_split(p, chunk_size, config)
+        log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
+    spec = _spec(p, chunk_size, config)
     acc = acc_dtype(p.q.dtype)
     dev = p.q.device
     o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
@@ -131,13 +135,22 @@ def run(
 
 def _run_split(p: Pass, chunk_size: int, config: Config):
     """A chunkwise pass as two launches: the states entering each chunk, then every chunk's rows."""
+    # NOTE: each stage's spec carries only the flags its template reads, so the backward's
+    # passes share modules: the states stage writes no rows (out_dtype is moot), and the output
+    # stage reads no s0 (only where a state sits, which matters when there is one).
     states = _spec(
-        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None),
+        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None, out_dtype=None),
         chunk_size,
         config,
         "states",
     )
-    rows = _spec(dataclasses.replace(p, state_out=False), chunk_size, config, "output")
+    offset = p.state_offset if p.s0 is not None else 1
+    rows = _spec(
+        dataclasses.replace(p, state_out=False, s0=None, state_offset=offset),
+        chunk_size,
+        config,
+        "output",
+    )
     B, H, T, K = p.q.shape
     V, acc, dev = rows.V, acc_dtype(p.q.dtype), p.q.device
     o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev)
@@ -153,16 +166,39 @@ def _run_split(p: Pass, chunk_size: int, config: Config):
     return o, sf, (rd.sum(0) if rd is not None else None)
 
 
+def split_fits(p: Pass, chunk_size: int) -> bool:
+    """Whether the split pass's chunk-state buffer fits: on CUDA at most half the free memory
+    (else the pass runs fused, which needs no buffer); always elsewhere."""
+    if p.q.device.type != "cuda":
+        return True
+    B, H, T, K = p.q.shape
+    V = p.v.shape[-1] + int(p.extra_value_column)
+    BT = default_blocks("chunkwise", K, V, chunk_size, split=True)["BT"]  # no config sets BT
+    need = B * H * -(-T // BT) * K * V * p.q.element_size()
+    return need <= torch.cuda.mem_get_info(p.q.device)[0] // 2
+
+
+# NOTE: CUDA's grid limits; axis 0 takes 2**31 - 1 programs, axes 1 and 2 take 65535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
 def _launch(
     spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int], h: Tensor | None = None
 ) -> None:
     B, H, T = bht
     kernel = codegen.load(spec).kernel
     NV = -(-spec.V // spec.BV)
-    if spec.form == "parallel" or spec.stage == "output":
+    if spec.form == "parallel":
         grid = (NV, -(-T // spec.BT), B * H)
+    elif spec.stage == "output":
+        grid = (NV * -(-T // spec.BT), B * H)
     else:
         grid = (NV, B * H)
+    if any(n > limit for n, limit in zip(grid, GRID_LIMITS, strict=False)):
+        raise ValueError(
+            f"retention kernel {spec.short()}: grid {grid} exceeds the launch limits "
+            f"{GRID_LIMITS[: len(grid)]} (B={B}, H={H}, T={T}); split the batch or the heads"
+        )
     # NOTE: only the split stages take the chunk-state buffer h (the fused sources are unchanged)
     extra = () if h is None else (h,)
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the

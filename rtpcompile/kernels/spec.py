@@ -38,6 +38,12 @@ STAGES = ("fused", "states", "output")
 # work, then a parallel one -- is expected to win. Unmeasured for the split itself: autotuning
 # compares both. Powers of two, so every T of one planner bucket gets the same answer.
 SPLIT_MIN_CHUNKS = 128
+# NOTE: and when the fused grid is too small to fill the GPU: the default model's layers (B*H = 8,
+# V = 64: 8 programs on an H200's 132 SMs, walking 32 chunks at T = 2048) ran their compiled
+# prefill 5.6x slower than Inductor there (benchmarks/results/h200). Split, the output kernel
+# has a program per chunk. Also unmeasured; powers of two again.
+FEW_PROGRAMS = 32
+FEW_PROGRAMS_MIN_CHUNKS = 8
 MAX_WARPS = 32
 MAX_STAGES = 8
 
@@ -207,21 +213,41 @@ def _block_problem(name: str, value: int) -> str | None:
 
 
 def use_split(
-    form: str, T: int, K: int, chunk_size: int = 64, config: Mapping[str, int] | None = None
+    form: str,
+    T: int,
+    K: int,
+    chunk_size: int = 64,
+    config: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
+    *,
+    V: int | None = None,
+    BH: int | None = None,
 ) -> bool:
     """Whether a chunkwise pass that writes output rows runs split (states, then output).
 
-    The config's ``split`` decides when present; otherwise split when the pass has more than
-    SPLIT_MIN_CHUNKS chunks, or more than one chunk and K needs a 256-wide block.
+    The config's ``split`` decides when present. Otherwise, with more than one chunk, split when
+    the pass has more than SPLIT_MIN_CHUNKS chunks, or K needs a 256-wide block (and the split's
+    wider chunks are more than one), or (V and BH =
+    B*H given) the fused kernel would run fewer than FEW_PROGRAMS programs over more than
+    FEW_PROGRAMS_MIN_CHUNKS chunks. B*H counts by its planner bucket (the next power of two).
     """
     if form != "chunkwise" or T <= 0:
         return False
     cfg = check_config(config)
     if "split" in cfg:
         return bool(cfg["split"])
-    BT = default_blocks(form, K, 1, chunk_size)["BT"]
-    chunks = -(-T // BT)
-    return chunks > SPLIT_MIN_CHUNKS or (chunks > 1 and next_pow2(K) >= 256)
+    d = default_blocks(form, K, V or 1, chunk_size)
+    chunks = -(-T // d["BT"])
+    if chunks <= 1:
+        return False
+    if next_pow2(K) >= 256:  # counted in the split's own (64-row) chunks: one chunk stays fused
+        return T > default_blocks(form, K, V or 1, chunk_size, split=True)["BT"]
+    if chunks > SPLIT_MIN_CHUNKS:
+        return True
+    if V is None or BH is None:
+        return False
+    BV = min(cfg.get("BV", d["BV"]), max(16, next_pow2(V)))
+    programs = -(-V // BV) * next_pow2(BH)
+    return programs < FEW_PROGRAMS and chunks > FEW_PROGRAMS_MIN_CHUNKS
 
 
 def default_blocks(

@@ -289,7 +289,8 @@ def source_hash(backend: str) -> str:
     here = Path(__file__).resolve().parent
     if backend == "triton":
         kernels = here.parent / "kernels"
-        files = sorted(kernels.glob("templates/*.jinja")) + [kernels / "spec.py"]
+        files = sorted(kernels.glob("templates/*.jinja"))
+        files += [kernels / "spec.py", kernels / "launch.py"]  # launch decides fused or split
     else:
         files = [here / "aten_impl.py"]
     digest = hashlib.sha256(backend.encode())

@@ -94,22 +94,32 @@ def candidates(p: Problem, configs: bool = False) -> list[Plan]:
         found += [Plan("chunkwise", c, "model") for c in chunks]
     if not configs or p.backend != "triton":
         return found
-    from ..kernels.spec import default_blocks
-
     expanded, seen = [], set()
     for c in found:
-        # NOTE: the kernels clamp the chunk (32 for K = 256 when fused): two chunk sizes that give
-        # the same blocks in every pass, fused and split, would measure one kernel twice
-        blocks = (c.form,) + tuple(
-            default_blocks(c.form, K, V, c.chunk_size, split)["BT"]
-            for K, V in _orientations(p)
-            for split in (False, True)
-        )
-        if blocks not in seen:
-            seen.add(blocks)
-            cfgs = triton_configs(p, c.form, c.chunk_size)
-            expanded += [dataclasses.replace(c, config=cfg) for cfg in cfgs]
+        for cfg in triton_configs(p, c.form, c.chunk_size):
+            plan = dataclasses.replace(c, config=cfg)
+            # NOTE: the kernels clamp the chunk (32 for fused passes at K = 256) and BV: two
+            # candidates that launch the same kernels in every pass would be measured twice
+            runs = _kernels_run(p, plan)
+            if runs not in seen:
+                seen.add(runs)
+                expanded.append(plan)
     return expanded
+
+
+def _kernels_run(p: Problem, plan: Plan) -> tuple:
+    """What ``plan`` launches in each pass orientation: (stage, BT, BV, warps, stages)."""
+    from ..kernels.spec import default_blocks, next_pow2, use_split
+
+    cfg = dict(plan.config)
+    runs = []
+    for K, V in _orientations(p):
+        split = use_split(plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H)
+        d = default_blocks(plan.form, K, V, plan.chunk_size, split)
+        d.update({k: v for k, v in cfg.items() if k != "split"})
+        bv = min(d["BV"], max(16, next_pow2(V)))
+        runs.append((plan.form, split, d["BT"], bv, d["num_warps"], d["num_stages"]))
+    return tuple(runs)
 
 
 def _orientations(p: Problem) -> list[tuple[int, int]]:
@@ -145,7 +155,8 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
     """
     from ..kernels.spec import MAX_DIM, default_blocks, next_pow2, use_split
 
-    d = default_blocks(form, p.K, p.V, chunk, use_split(form, p.T, p.K, chunk))
+    split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H)
+    d = default_blocks(form, p.K, p.V, chunk, split)
     cover = min(max(16, next_pow2(p.V)), MAX_DIM)
     space = config_space(p)
     bvs = [d["BV"]] + [min(b or cover, cover) for b in TRITON_BV]
@@ -174,8 +185,12 @@ def _split_variants(p: Problem, chunk: int, found: list) -> list:
     like the rest (the split's output stage holds the fused kernel's tiles less the state)."""
     from ..kernels.spec import default_blocks, use_split
 
-    rule = {int(use_split("chunkwise", p.T, K, chunk)) for K, _ in _orientations(p)}
+    rule = {
+        int(use_split("chunkwise", p.T, K, chunk, V=V, BH=p.B * p.H)) for K, V in _orientations(p)
+    }
     other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
+    if p.T <= default_blocks("chunkwise", p.K, p.V, chunk, True)["BT"]:
+        other = tuple(s for s in other if s == 0)  # one split chunk: nothing to parallelise
     bvs = dict.fromkeys(dict(c)["BV"] for c in found)
     variants = []
     for split in other:
@@ -206,11 +221,12 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
 
     size = torch.finfo(getattr(torch, p.dtype)).bits // 8
     for K, V in _orientations(p):
-        split = use_split(form, p.T, K, chunk, {k: v for k, v in cfg.items() if k == "split"})
+        split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H)
         d = default_blocks(form, K, V, chunk, split)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
         state = BK * BV if form == "chunkwise" else 0
-        acc = max(BT * BT + BT * BV, state) if split else BT * BT + BT * BV + state
+        # split: the output kernel also holds the state's contribution [BT, BV] (b_i)
+        acc = max(BT * BT + 2 * BT * BV, state) if split else BT * BT + BT * BV + state
         per_thread = acc / (32 * cfg["num_warps"])
         if per_thread > MAX_ACC_PER_THREAD:
             return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
