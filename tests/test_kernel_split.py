@@ -54,6 +54,7 @@ CASES = [
     (1, 2, 130, 12, 20, 16, torch.float32),
     (1, 2, 65, 48, 80, 16, torch.float16),
     (1, 1, 70, 256, 40, 64, torch.float32),  # K = 256: split stages keep 64-row chunks
+    (1, 2, 50, 100, 24, 16, torch.float32),  # K in two 64-wide blocks, the second partial
     (1, 2, 64, 16, 16, 16, torch.float32),  # T a multiple of the chunk
     (1, 1, 16, 8, 8, 16, torch.float32),  # T == the chunk
     (1, 2, 40, 12, 20, 16, torch.float64),  # float64: h and the accumulators in float64
@@ -203,7 +204,11 @@ def test_bad_split_config_and_stage():
         check_config({"split": 2})
     with pytest.raises(ValueError, match="stage must be one of"):
         KernelSpec("parallel", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="output")
-    spec = KernelSpec("chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states")
+    with pytest.raises(ValueError, match="BKC must be a power of two in \\[16, BK\\]"):
+        KernelSpec("chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states")
+    spec = KernelSpec(
+        "chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states", BKC=16
+    )
     assert "chunkwise.states" in spec.short() and "def kernel" in render(spec)
 
 

@@ -192,6 +192,8 @@ def _launch(
         grid = (NV, -(-T // spec.BT), B * H)
     elif spec.stage == "output":
         grid = (NV * -(-T // spec.BT), B * H)
+    elif spec.stage == "states":
+        grid = (NV * -(-spec.K // spec.BKC), B * H)
     else:
         grid = (NV, B * H)
     if any(n > limit for n, limit in zip(grid, GRID_LIMITS, strict=False)):

@@ -26,7 +26,8 @@ FORMS = ("parallel", "chunkwise", "recurrent")
 DIRECTIONS = ("fwd", "bwd")
 MAX_DIM = 256
 TEMPLATE_VERSION = 1  # NOTE: bump when a template changes meaning without changing its text
-# NOTE: K is never tiled (BK always covers K), and BT is the chunk size (chunkwise), 1
+# NOTE: K is never tiled by a config (BK always covers K; the split stages walk it in BKC
+# blocks, fixed by default_blocks), and BT is the chunk size (chunkwise), 1
 # (recurrent) or fixed by K (parallel), so a config only names the V block and launch settings.
 CONFIG_KEYS = ("BV", "num_warps", "num_stages", "split")
 # NOTE: the stages of a chunkwise pass; "fused" is the one-kernel pass (see the module doc)
@@ -88,6 +89,8 @@ class KernelSpec:
     row_dot:     also write per-row partial dots <o_t, r_t> per V block (for d log gamma)
     stage:       chunkwise only: "fused", or a stage of the split pass, "states" (write the
                  state entering every chunk) or "output" (every chunk's rows from those states)
+    BKC:         split stages only: the K block they walk K in (the states kernel one block
+                 per program, the output kernel all blocks in a loop); 0 for the fused stage
     """
 
     form: str
@@ -109,6 +112,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     stage: str = "fused"
+    BKC: int = 0
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -119,9 +123,9 @@ class KernelSpec:
             dim = getattr(self, name)
             if not 1 <= dim <= MAX_DIM + 1:
                 raise ValueError(f"KernelSpec.{name} must be in [1, {MAX_DIM}], got {dim}")
-        for name in ("BT", "BK", "BV"):
+        for name in ("BT", "BK", "BV", "BKC"):
             b = getattr(self, name)
-            if b < 1 or b & (b - 1):
+            if (b < 1 and name != "BKC") or b & (b - 1):
                 raise ValueError(f"KernelSpec.{name} must be a power of two, got {b}")
         if self.BK < self.K:
             raise ValueError(f"KernelSpec.BK={self.BK} must cover K={self.K} (one K block)")
@@ -129,6 +133,12 @@ class KernelSpec:
             raise ValueError(
                 f"KernelSpec.stage must be one of {list(STAGES)} (split stages are chunkwise "
                 f"only), got {self.stage!r} for form {self.form!r}"
+            )
+        split = self.stage != "fused"
+        if split != (self.BKC > 0) or (split and not (16 <= self.BKC <= self.BK)):
+            raise ValueError(
+                f"KernelSpec.BKC must be a power of two in [16, BK] for a split stage and 0 "
+                f"otherwise, got {self.BKC} (stage {self.stage!r}, BK={self.BK})"
             )
         if self.state_offset not in (0, 1):
             raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
@@ -160,9 +170,10 @@ class KernelSpec:
             if on
         ]
         form = self.form if self.stage == "fused" else f"{self.form}.{self.stage}"
+        bk = f"BK={self.BK}" + (f"/{self.BKC}" if self.BKC else "")
         return (
             f"{form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
-            f" BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"
+            f" BT={self.BT} {bk} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"
             + (f" s0@{-self.state_offset}" if self.state_in else "")
         )
 
@@ -253,7 +264,7 @@ def use_split(
 def default_blocks(
     form: str, K: int, V: int, chunk_size: int = 64, split: bool = False
 ) -> dict[str, int]:
-    """BT, BK, BV, num_warps and num_stages ``choose`` uses when no config is given.
+    """BT, BK, BV, num_warps and num_stages (and BKC, split) ``choose`` uses without a config.
 
     ``split``: the blocks of both stages of a split chunkwise pass (they must share BT).
     """
@@ -275,6 +286,12 @@ def default_blocks(
         BT = min(max(16, next_pow2(chunk_size)), 32 if small else 64)
         BV = min(max(16, next_pow2(V)), 32 if small else 64)
         warps = 8 if BK * BV >= 128 * 64 else 4
+        if split:
+            # NOTE: the split stages walk K in 64-wide blocks, so their tiles do not grow with K
+            # (a [64, 256] q and k and a [256, 64] state in shared memory would not fit
+            # pre-Hopper GPUs in float32), and the states kernel gets a program per K block
+            return {"BT": BT, "BK": BK, "BV": BV, "num_warps": 4, "num_stages": 2,
+                    "BKC": min(BK, 64)}  # fmt: skip
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 
 

@@ -212,28 +212,31 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
       shared memory: num_stages * (tiles loaded per loop step: q, k [BT, BK] and v [BT, BV])
         * element size <= the device limit.
     A split chunkwise pass (``spec.use_split``, by the config's ``split`` or the rule) is two
-    kernels: its states kernel holds the state and pipelines k, v loads; its output kernel (no
-    loop, so nothing pipelined) holds the scores and rows and also loads the entering state
-    [BK, BV]; the larger of the two must fit.
+    kernels walking K in BKC blocks: the states kernel holds a [BKC, BV] state slice and
+    pipelines k [BT, BKC] and v loads; the output kernel holds the scores, the rows and the
+    state's contribution ([BT, BT] + 2 [BT, BV]) and pipelines q, k [BT, BKC] and the entering
+    state [BKC, BV] over its K loop. The larger of the two must fit.
     The backward's passes swap K and V, so a "bwd" config must fit both orientations.
     """
     from ..kernels.spec import default_blocks, next_pow2, use_split
 
     size = torch.finfo(getattr(torch, p.dtype)).bits // 8
+    stages, warps = cfg["num_stages"], cfg["num_warps"]
     for K, V in _orientations(p):
         split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H)
         d = default_blocks(form, K, V, chunk, split)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
-        state = BK * BV if form == "chunkwise" else 0
-        # split: the output kernel also holds the state's contribution [BT, BV] (b_i)
-        acc = max(BT * BT + 2 * BT * BV, state) if split else BT * BT + BT * BV + state
-        per_thread = acc / (32 * cfg["num_warps"])
+        if split:
+            BKC = d["BKC"]
+            acc = max(BKC * BV, BT * BT + 2 * BT * BV)
+            tiles = max(stages * (BT * BKC + BT * BV), stages * (2 * BT * BKC + BKC * BV) + BT * BV)
+        else:
+            acc = BT * BT + BT * BV + (BK * BV if form == "chunkwise" else 0)
+            tiles = stages * ((2 if form == "chunkwise" else 1) * BT * BK + BT * BV)
+        per_thread = acc / (32 * warps)
         if per_thread > MAX_ACC_PER_THREAD:
             return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
-        loads = (2 if form == "chunkwise" else 1) * BT * BK + BT * BV
-        smem = cfg["num_stages"] * loads * size
-        if split:  # the states kernel's loop loads k, v; the loop-free output kernel stages once
-            smem = max(cfg["num_stages"] * (BT * BK + BT * BV), loads + state) * size
+        smem = tiles * size
         limit = _shared_memory(p.device)
         if smem > limit:
             return f"{smem} bytes of shared memory > {limit}"
