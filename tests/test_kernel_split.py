@@ -2,8 +2,9 @@
 
 Runs under the Triton interpreter on CPU like tests/test_kernels.py. The split pass must equal
 the float64 reference (outputs, final state, every gradient) on awkward sizes, equal the fused
-pass (bit for bit under the interpreter, which evaluates the same operations in the same
-order), be chosen by its rule or a config, and be searched and cached by the autotuner.
+pass (bit for bit under the interpreter for K <= 64, one K block: the same operations in the
+same order; to float32 rounding when the split walks K in several blocks), be chosen by its
+rule or a config, and be searched and cached by the autotuner.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ CASES = [
     (1, 2, 65, 48, 80, 16, torch.float16),
     (1, 1, 70, 256, 40, 64, torch.float32),  # K = 256: split stages keep 64-row chunks
     (1, 2, 50, 100, 24, 16, torch.float32),  # K in two 64-wide blocks, the second partial
+    (1, 2, 40, 100, 72, 16, torch.float32),  # K and V both in two blocks, both orientations
     (1, 2, 64, 16, 16, 16, torch.float32),  # T a multiple of the chunk
     (1, 1, 16, 8, 8, 16, torch.float32),  # T == the chunk
     (1, 2, 40, 12, 20, 16, torch.float64),  # float64: h and the accumulators in float64
@@ -124,6 +126,23 @@ def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
         results.append(launch.run(p, 16, {"BV": 16, "split": split}))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_split_close_to_fused_with_several_k_blocks_and_every_feature():
+    """As above with K = 100 (two K blocks: row scales applied per block) and V in blocks of 16;
+    the K reduction is summed in another order, so equal to float32 rounding."""
+    _, (q, k, v, g, _) = make(1, 2, 40, 100, 40, torch.float32)
+    s0 = torch.randn(1, 2, 100, 41)
+    rs, r = torch.rand(1, 2, 40) + 0.5, torch.randn(1, 2, 40, 41)
+    results = []
+    for split in (0, 1):
+        p = launch.Pass(
+            "chunkwise", q, k, v, g, 0.3, reverse=True, s0=s0, state_offset=0, state_scale=1.0,
+            row_scale=rs, extra_value_column=True, row_dot_with=r, state_out=True,
+        )  # fmt: skip
+        results.append(launch.run(p, 16, {"BV": 16, "split": split}))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
 
 
 def test_grid_limits_are_a_clear_error(monkeypatch):
@@ -204,8 +223,11 @@ def test_bad_split_config_and_stage():
         check_config({"split": 2})
     with pytest.raises(ValueError, match="stage must be one of"):
         KernelSpec("parallel", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="output")
-    with pytest.raises(ValueError, match="BKC must be a power of two in \\[16, BK\\]"):
-        KernelSpec("chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states")
+    bkc = "BKC must be a power of two"
+    args = ("chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32")
+    for stage, BKC in (("states", 0), ("output", 32), ("states", 48), ("fused", 16)):
+        with pytest.raises(ValueError, match=bkc):
+            KernelSpec(*args, stage=stage, BKC=BKC)
     spec = KernelSpec(
         "chunkwise", "fwd", 16, 16, 16, 16, 16, "float32", "float32", stage="states", BKC=16
     )

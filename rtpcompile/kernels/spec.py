@@ -170,7 +170,7 @@ class KernelSpec:
             if on
         ]
         form = self.form if self.stage == "fused" else f"{self.form}.{self.stage}"
-        bk = f"BK={self.BK}" + (f"/{self.BKC}" if self.BKC else "")
+        bk = f"BK={self.BK}" + (f" BKC={self.BKC}" if self.BKC else "")
         return (
             f"{form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
             f" BT={self.BT} {bk} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"

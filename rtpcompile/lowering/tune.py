@@ -108,7 +108,8 @@ def candidates(p: Problem, configs: bool = False) -> list[Plan]:
 
 
 def _kernels_run(p: Problem, plan: Plan) -> tuple:
-    """What ``plan`` launches in each pass orientation: (stage, BT, BV, warps, stages)."""
+    """What ``plan`` launches in each pass orientation: (form, split, BT, BV, warps, stages);
+    BKC follows from K."""
     from ..kernels.spec import default_blocks, next_pow2, use_split
 
     cfg = dict(plan.config)
