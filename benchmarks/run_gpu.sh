@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/cuda}
 "$PY" -m rtpcompile bench --device cuda --out "$out" "$@"
-"$PY" -m rtpcompile demo --device cuda --no-plot | tee "$out/demo.txt"  # 8 files in all
+# the RetNet-shaped training step (12 x d=1024, all retention), rtp vs Inductor at T=4096
+"$PY" -m rtpcompile bench --device cuda --suite model --model retnet --backends inductor,rtp \
+  --prefill-lengths 4096 --train-lengths 4096 --no-decode --out "$out/retnet" --no-plot
+"$PY" -m rtpcompile demo --device cuda --no-plot | tee "$out/demo.txt"

@@ -144,3 +144,39 @@ def test_bench_command_is_registered():
     assert args.quick and args.suite == ["op"] and args.lengths == [64]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--suite", "nope"])
+
+
+def test_model_level_presets_and_lengths():
+    """--model retnet is the issue's RetNet shape; --train-lengths reaches the model suite."""
+    from rtpcompile.bench import models
+    from rtpcompile.commands.bench import model_config
+
+    argv = ["bench", "--suite", "model", "--model", "retnet", "--train-lengths", "4096"]
+    cfg = model_config(build_parser().parse_args([*argv, "--prefill-lengths", "1024"]), "cuda")
+    assert cfg.train_lengths == (4096,) and cfg.prefill_lengths == (1024,)
+    base = cfg.base
+    assert (base.dim, base.num_layers, base.ratio) == (1024, 12, 1.0)
+    assert base.dim // base.num_heads == 128
+    assert model_config(build_parser().parse_args(["bench"]), "cpu").base is None
+    assert model_config(build_parser().parse_args(["bench", "--no-decode"]), "cpu").contexts == ()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--model", "gpt"])
+    with pytest.raises(ValueError, match="benchmark model must be one of"):
+        models.model_preset("gpt")
+
+
+def test_tiny_model_run_records_times(monkeypatch):
+    """The model suite end to end on a tiny model (CPU: no peak memory, CUDA only)."""
+    from rtpcompile.bench import model_suite
+    from rtpcompile.bench.models import tiny_config
+
+    cfg = model_suite.ModelConfig(
+        base=tiny_config(), backends=("eager",), prefill_lengths=(16,), train_lengths=(16,),
+        contexts=(), reps=1,
+    )  # fmt: skip
+    records = model_suite.run(cfg, log=lambda line: None)
+    assert {(r.bench, r.status) for r in records} == {
+        ("model-prefill", "ok"),
+        ("model-train", "ok"),
+    }
+    assert all(r.memory_bytes is None for r in records)

@@ -70,18 +70,37 @@ def _time_backends(cfg, bench, lengths, make_fn, log) -> list[Record]:
                 fns[name] = make_fn(fn, model, ids)
         start = time.perf_counter()
         stats, errors = interleaved(fns, cfg.reps, 1, synchronizer(cfg.device))
+        peaks = _cuda_peaks({n: f for n, f in fns.items() if n not in errors}, cfg.device)
         records += skipped
         for name in fns:
             if name in errors:
                 records.append(Record(bench, name, T, status="error", note=errors[name]))
             else:
                 last.setdefault(name, []).append((T, stats[name].median))
-                records.append(Record(bench, name, T, time=stats[name]))
+                peak = peaks.get(name)
+                records.append(Record(bench, name, T, time=stats[name], memory_bytes=peak))
         shown = ", ".join(f"{n} {fmt_seconds(s.median)}" for n, s in stats.items())
         log(
             f"  {bench:13s} T={T:<6d} {shown}   ({time.perf_counter() - start:.0f} s incl. compile)"
         )
     return records
+
+
+def _cuda_peaks(fns: dict[str, Callable[[], object]], device: str) -> dict[str, int]:
+    """Bytes allocated at the peak of one more call of each fn, over what was allocated before
+    it (CUDA only: the caching allocator's counters; {} on other devices)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {}
+    peaks = {}
+    for name, fn in fns.items():
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        peaks[name] = torch.cuda.max_memory_allocated(dev) - base
+    return peaks
 
 
 def _predict(history: list[tuple[int, float]], T: int) -> float:

@@ -40,6 +40,20 @@ def build_model(config: RTPConfig | None = None, device: str = "cpu", seed: int 
     return RTPHybridLM.from_config(config or default_config()).to(device)
 
 
+# NOTE: the issue's "RetNet-shaped model": 12 layers of d = 1024, every layer retention, 8 heads
+# (K = 128, V = 2d/heads = 256 as in RetNet), a 32k vocabulary
+MODELS = ("default", "retnet")
+
+
+def model_preset(name: str) -> RTPConfig | None:
+    """The RTPConfig of a named benchmark model (None: the demo's default model)."""
+    if name == "default":
+        return None
+    if name == "retnet":
+        return RTPConfig(vocab_size=32768, dim=1024, num_layers=12, num_heads=8, ratio=1.0)
+    raise ValueError(f"benchmark model must be one of {list(MODELS)}, got {name!r}")
+
+
 def full_attention_twin(config: RTPConfig) -> RTPConfig:
     """The same width, depth and heads with every layer softmax attention (a Transformer)."""
     return dataclasses.replace(config, ratio=0.0)

@@ -45,6 +45,9 @@ def _model_sections(records: list[Record]) -> list[str]:
     for bench in ("model-prefill", "model-train"):
         if any(r.bench == bench for r in records):
             out += [f"### {TITLES[bench]}", "", pivot(records, bench, "time"), ""]
+        if any(r.bench == bench and r.memory_bytes is not None for r in records):
+            out += [f"### {TITLES[bench]}: peak memory above the inputs (one call)", ""]
+            out += [pivot(records, bench, "memory"), ""]
     dec = [r for r in records if r.bench == "decode" and r.status == "ok"]
     if dec:
         out += ["### Decoding: time per token, tokens/s and cache bytes by context", ""]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..bench import env as bench_env
-from ..bench import model_suite, op_suite, writers
+from ..bench import model_suite, models, op_suite, writers
 from ..bench.models import BACKENDS
 from ._common import add_device_argument, add_threads_argument, int_list, names, prepare
 
@@ -48,6 +48,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--heads", type=int, default=None, help="op-level heads (8 CPU, 16 GPU)")
     p.add_argument("--head-dim", type=int, default=None, help="op-level K = V (64 CPU, 128 GPU)")
     p.add_argument("--whole-model", action="store_true", help="compile models as one graph")
+    p.add_argument(
+        "--model",
+        choices=models.MODELS,
+        default="default",
+        help="model level: the demo's default model, or retnet (12 x d=1024, all retention)",
+    )
+    p.add_argument("--prefill-lengths", type=_ints, default=None, help="model-level prefill T")
+    p.add_argument("--train-lengths", type=_ints, default=None, help="model-level training T")
+    p.add_argument("--no-decode", action="store_true", help="model level: skip the decode part")
     p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -90,6 +99,18 @@ def op_config(args, device: str) -> op_suite.OpConfig:
 
 
 def model_config(args, device: str) -> model_suite.ModelConfig:
+    cfg = _model_defaults(args, device)
+    cfg.base = models.model_preset(args.model)
+    if args.prefill_lengths is not None:
+        cfg.prefill_lengths = tuple(args.prefill_lengths)
+    if args.train_lengths is not None:
+        cfg.train_lengths = tuple(args.train_lengths)
+    if args.no_decode:
+        cfg.contexts = ()
+    return cfg
+
+
+def _model_defaults(args, device: str) -> model_suite.ModelConfig:
     cuda = device.startswith("cuda")
     if args.quick:
         return model_suite.ModelConfig(
@@ -132,7 +153,7 @@ def run(args) -> int:
     if "model" in args.suite:
         cfg = model_config(args, device)
         start = time.perf_counter()
-        print(f"model level: default model, backends {list(cfg.backends)}")
+        print(f"model level: {args.model} model, backends {list(cfg.backends)}")
         records = model_suite.run(cfg)
         config = {k: v for k, v in vars(cfg).items() if k not in ("device", "base")}
         written += writers.write_suite(
