@@ -7,7 +7,7 @@ Each ``--shape`` is ``B,H,T,K[,V]`` (V defaults to K). Every shape is benchmarke
 phase (forward, backward or both) unless its bucket is already cached (``--force`` re-runs),
 and the winner is stored where the planner reads it at run time, whatever ``RTP_AUTOTUNE`` is.
 On the Triton backend (CUDA, or ``RTP_KERNELS=triton``) the winner includes its kernel block
-configuration (BV, num_warps, num_stages), printed after the form and stored in the entry.
+configuration (BV, num_warps, num_stages, split), printed after the form and stored in the entry.
 """
 
 from __future__ import annotations

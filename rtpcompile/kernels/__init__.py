@@ -3,7 +3,7 @@
 The lowering calls ``triton_forward`` / ``triton_backward`` for CUDA tensors, and for CPU tensors
 when ``RTP_KERNELS=triton`` (then under ``TRITON_INTERPRET=1``). ``kernels_for`` lists the
 kernels (spec and module hash) a call would launch, without launching anything. Each takes an
-optional block ``config`` (``{"BV": 32, "num_warps": 8, "num_stages": 3}``, see
+optional block ``config`` (``{"BV": 32, "num_warps": 8, "num_stages": 3, "split": 1}``, see
 ``spec.check_config``), the planner's ``Plan.config``; None keeps the defaults. Importing this
 package never fails when Triton is missing: ``available()`` is then False.
 

@@ -42,8 +42,8 @@ _memo: dict[tuple, Plan] = {}
 class Plan:
     """A resolved lowering. ``config`` holds kernel block settings as sorted (name, value) pairs.
 
-    On the Triton backend the config (``kernels.spec.CONFIG_KEYS``: BV, num_warps, num_stages)
-    is passed to every kernel launch of the call; empty means the kernels' defaults. The aten
+    On the Triton backend the config (``kernels.spec.CONFIG_KEYS``: BV, num_warps, num_stages,
+    split) is passed to every kernel launch of the call; empty means the kernels' defaults. The aten
     path has no blocks: its config is always empty.
     """
 
