@@ -181,7 +181,8 @@ def test_long_sequence_splits_by_default_and_stays_exact():
     T = SPLIT_MIN_CHUNKS * 16 + 5
 
     def stages(T: int) -> list[str]:
-        q = torch.empty(4, 16, T, 8, device="meta")  # B*H = 64 programs: a full grid
+        # B*H = 64 programs (a full grid), bfloat16 (float32 always splits)
+        q = torch.empty(4, 16, T, 8, device="meta", dtype=torch.bfloat16)
         return [
             i.spec.stage
             for i in kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16)
@@ -206,16 +207,35 @@ def test_the_rule():
     assert not use_split("chunkwise", 10**6, 128, config={"split": 0})
     assert use_split("chunkwise", 17, 16, chunk_size=16, config={"split": 1})
     assert not use_split("chunkwise", 0, 16, config={"split": 1})
+    # a fused grid too small for the GPU: the default model's layers (B*H = 8, V = 64, BV = 64)
+    assert use_split("chunkwise", 2048, 32, V=64, BH=8)
+    assert not use_split("chunkwise", 512, 32, V=64, BH=8)  # only 8 chunks
+    assert not use_split("chunkwise", 2048, 32, V=64, BH=32)  # 32 programs
+    assert not use_split("chunkwise", 2048, 32, V=64, BH=8, config={"BV": 16})  # 4 V blocks: 32
+    assert not use_split("chunkwise", 2048, 32)  # the grid is unknown: chunks and K only
+    # float32 and float64 always split (the fused kernel spills there, see spec.WIDE_DTYPES)
+    assert use_split("chunkwise", 65, 32, dtype="float32")
+    assert use_split("chunkwise", 65, 32, dtype="float64")
+    assert not use_split("chunkwise", 64, 32, dtype="float32")  # one chunk
+    assert not use_split("chunkwise", 2048, 32, dtype="bfloat16")
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(4, 16), K=st.sampled_from([16, 48, 128, 200, 256]), c=st.sampled_from([16, 64])
+    n=st.integers(4, 16),
+    m=st.integers(1, 8),
+    K=st.sampled_from([16, 48, 128, 200, 256]),
+    V=st.sampled_from([16, 64, 100, 128]),
+    c=st.sampled_from([16, 64]),
+    dtype=st.sampled_from(["bfloat16", "float32"]),
 )
-def test_the_rule_is_constant_on_a_planner_bucket(n, K, c):
-    """Plans are stored per power-of-two T bucket, so the rule must not change inside one."""
-    low, high = 2 ** (n - 1) + 1, 2**n
-    assert use_split("chunkwise", low, K, c) == use_split("chunkwise", high, K, c)
+def test_the_rule_is_constant_on_a_planner_bucket(n, m, K, V, c, dtype):
+    """Plans are stored per power-of-two bucket of T and of B*H: the rule must not change
+    inside one."""
+    T = (2 ** (n - 1) + 1, 2**n)
+    BH = (2 ** (m - 1) + 1, 2**m) if m > 1 else (1, 1)
+    answers = {use_split("chunkwise", t, K, c, V=V, BH=bh, dtype=dtype) for t in T for bh in BH}
+    assert len(answers) == 1
 
 
 def test_bad_split_config_and_stage():
@@ -236,16 +256,16 @@ def test_bad_split_config_and_stage():
 
 def test_split_is_searched_in_the_full_space(monkeypatch):
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
-    short = Problem(4, 16, 2048, 64, 64, "float32", "cpu", "triton", False)
+    short = Problem(4, 16, 2048, 64, 64, "bfloat16", "cpu", "triton", False)
     splits = {dict(c.config).get("split") for c in tune.candidates(short, configs=True)}
     assert splits == {None, 1}  # the rule says fused; the search also tries split
-    long = Problem(4, 16, 65536, 64, 64, "float32", "cpu", "triton", False)
+    long = Problem(4, 16, 65536, 64, 64, "bfloat16", "cpu", "triton", False)
     splits = {dict(c.config).get("split") for c in tune.candidates(long, configs=True)}
     assert splits == {None, 0}
-    mixed = Problem(4, 16, 2048, 64, 256, "float32", "cpu", "triton", False, "bwd")
+    mixed = Problem(4, 16, 2048, 64, 256, "bfloat16", "cpu", "triton", False, "bwd")
     splits = {dict(c.config).get("split") for c in tune.candidates(mixed, configs=True)}
     assert splits == {None, 0, 1}  # the backward's passes disagree: both ways
-    few = Problem(1, 2, 2048, 64, 64, "float32", "cpu", "triton", False)  # 2 programs
+    few = Problem(1, 2, 2048, 64, 64, "bfloat16", "cpu", "triton", False)  # 2 programs
     splits = {dict(c.config).get("split") for c in tune.candidates(few, configs=True)}
     assert splits == {None, 0}
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "quick")
@@ -260,7 +280,7 @@ def test_a_tuned_split_config_is_cached_and_reused(monkeypatch):
         tune, "_time", lambda fn, device: 1.0 if "split=1" in fn() else 2.0
     )  # fake timings: split wins
     monkeypatch.setattr(tune, "_runner", lambda p, candidate, x: lambda: candidate.label)
-    p = Problem(1, 1, 40, 16, 24, "float32", "cpu", "triton", False)
+    p = Problem(1, 1, 40, 16, 24, "bfloat16", "cpu", "triton", False)  # the rule: fused
     won = plan.plan_for(p, tune=True)
     assert dict(won.config)["split"] == 1 and won.form == "chunkwise"
     assert cache.load(plan.cache_key(p))["config"]["split"] == 1
@@ -302,8 +322,8 @@ def test_gpu_split_close_to_fused():
 
 
 def test_k256_splits_with_64_row_chunks():
-    q = torch.empty(1, 1, 70, 256, device="meta")
-    v = torch.empty(1, 1, 70, 40, device="meta")
+    q = torch.empty(1, 1, 70, 256, device="meta", dtype=torch.bfloat16)
+    v = torch.empty(1, 1, 70, 40, device="meta", dtype=torch.bfloat16)
     seen = kernels.kernels_for("chunkwise", q, q, v, q[0, :, 0, 0], chunk_size=64, backward=True)
     # passes reading K = 256 run split (the backward's K = 40 passes stay fused)
     assert {i.spec.stage for i in seen if i.spec.K == 256} == {"states", "output"}

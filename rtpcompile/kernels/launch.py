@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from . import codegen
-from .spec import KernelSpec, choose, default_blocks, use_split
+from .spec import KernelSpec, choose, default_blocks, dtype_name, use_split
 
 Tensor = torch.Tensor
 log = logging.getLogger("rtpcompile")
@@ -114,7 +114,8 @@ def run(
         return o, run(state_only, chunk_size, config)[1], rd
     B, H, T, K = p.q.shape
     V = p.v.shape[-1] + int(p.extra_value_column)
-    if p.store_o and use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H):
+    dtype = dtype_name(p.q.dtype)
+    if p.store_o and use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
         if split_fits(p, chunk_size):
             return _run_split(p, chunk_size, config)
         log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)

@@ -45,6 +45,11 @@ SPLIT_MIN_CHUNKS = 128
 # has a program per chunk. Also unmeasured; powers of two again.
 FEW_PROGRAMS = 32
 FEW_PROGRAMS_MIN_CHUNKS = 8
+# NOTE: and always for float32/float64 inputs: compiled for sm_90, the fused kernel's default
+# blocks spill 15-23 KB per thread in float32 (its float32 operands are twice the size), the
+# split stages 0 (states) and at most 908 bytes (output)
+# (benchmarks/results/static/kernel_resources_sm_90_2026-11-23.md).
+WIDE_DTYPES = ("float32", "float64")
 MAX_WARPS = 32
 MAX_STAGES = 8
 
@@ -232,6 +237,7 @@ def use_split(
     *,
     V: int | None = None,
     BH: int | None = None,
+    dtype: str | None = None,
 ) -> bool:
     """Whether a chunkwise pass that writes output rows runs split (states, then output).
 
@@ -239,7 +245,8 @@ def use_split(
     the pass has more than SPLIT_MIN_CHUNKS chunks, or K needs a 256-wide block (and the split's
     wider chunks are more than one), or (V and BH =
     B*H given) the fused kernel would run fewer than FEW_PROGRAMS programs over more than
-    FEW_PROGRAMS_MIN_CHUNKS chunks. B*H counts by its planner bucket (the next power of two).
+    FEW_PROGRAMS_MIN_CHUNKS chunks, or ``dtype`` (a name, e.g. "float32") is in WIDE_DTYPES.
+    B*H counts by its planner bucket (the next power of two).
     """
     if form != "chunkwise" or T <= 0:
         return False
@@ -252,7 +259,7 @@ def use_split(
         return False
     if next_pow2(K) >= 256:  # counted in the split's own (64-row) chunks: one chunk stays fused
         return T > default_blocks(form, K, V or 1, chunk_size, split=True)["BT"]
-    if chunks > SPLIT_MIN_CHUNKS:
+    if chunks > SPLIT_MIN_CHUNKS or dtype in WIDE_DTYPES:
         return True
     if V is None or BH is None:
         return False
@@ -290,7 +297,10 @@ def default_blocks(
             # NOTE: the split stages walk K in 64-wide blocks, so their tiles do not grow with K
             # (a [64, 256] q and k and a [256, 64] state in shared memory would not fit
             # pre-Hopper GPUs in float32), and the states kernel gets a program per K block
-            return {"BT": BT, "BK": BK, "BV": BV, "num_warps": 4, "num_stages": 2,
+            # 8 warps once the output kernel's three [BT, BV]/[BT, BT] float32 accumulators
+            # reach 64 x 64: at 4 they spill (ptxas on sm_90, benchmarks/kernel_resources.py)
+            warps = 8 if BT * BV >= 64 * 64 else 4
+            return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2,
                     "BKC": min(BK, 64)}  # fmt: skip
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 

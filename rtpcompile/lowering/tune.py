@@ -115,7 +115,7 @@ def _kernels_run(p: Problem, plan: Plan) -> tuple:
     cfg = dict(plan.config)
     runs = []
     for K, V in _orientations(p):
-        split = use_split(plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H)
+        split = use_split(plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
         d = default_blocks(plan.form, K, V, plan.chunk_size, split)
         d.update({k: v for k, v in cfg.items() if k != "split"})
         bv = min(d["BV"], max(16, next_pow2(V)))
@@ -156,7 +156,7 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
     """
     from ..kernels.spec import MAX_DIM, default_blocks, next_pow2, use_split
 
-    split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H)
+    split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H, dtype=p.dtype)
     d = default_blocks(form, p.K, p.V, chunk, split)
     cover = min(max(16, next_pow2(p.V)), MAX_DIM)
     space = config_space(p)
@@ -187,7 +187,8 @@ def _split_variants(p: Problem, chunk: int, found: list) -> list:
     from ..kernels.spec import default_blocks, use_split
 
     rule = {
-        int(use_split("chunkwise", p.T, K, chunk, V=V, BH=p.B * p.H)) for K, V in _orientations(p)
+        int(use_split("chunkwise", p.T, K, chunk, V=V, BH=p.B * p.H, dtype=p.dtype))
+        for K, V in _orientations(p)
     }
     other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
     if p.T <= default_blocks("chunkwise", p.K, p.V, chunk, True)["BT"]:
@@ -224,7 +225,7 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
     size = torch.finfo(getattr(torch, p.dtype)).bits // 8
     stages, warps = cfg["num_stages"], cfg["num_warps"]
     for K, V in _orientations(p):
-        split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H)
+        split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
         d = default_blocks(form, K, V, chunk, split)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
         if split:

@@ -1,0 +1,100 @@
+"""Every generated template compiles for a real GPU target, on this CPU-only machine.
+
+The interpreter runs kernels as Python, so it cannot catch code Triton's compiler rejects or
+register spills. ``kernels.aot.resources`` runs Triton's full pipeline for sm_90 and reads
+``ptxas -v``; these tests compile each template (flags on) once and keep the split stages'
+bfloat16 defaults spill-free (benchmarks/kernel_resources.py has the full table).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rtpcompile.kernels import aot  # noqa: E402
+from rtpcompile.kernels.spec import choose  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _compiler(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as exc:  # noqa: BLE001 - a wheel without the NVIDIA backend
+        pytest.skip(f"Triton's NVIDIA backend (ptxas) is unavailable: {exc}")
+
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+EVERYTHING = {"row_scale": True, "row_dot": True, "extra_value_column": True, "state_in": True}
+SPECS = {
+    # the backward's dk/dv shape of pass: reversed, s0 at position 0, every optional feature
+    "fused-bwd-all-flags": lambda: choose(
+        "chunkwise", "bwd", 48, 81, F16, F16, 64, state_offset=0, state_out=True, **EVERYTHING
+    ),
+    "states-bwd-s0": lambda: choose(
+        "chunkwise",
+        "bwd",
+        100,
+        72,
+        F16,
+        F16,
+        64,
+        {"split": 1},
+        stage="states",
+        state_in=True,
+        state_offset=0,
+        state_out=True,
+        store_o=False,
+    ),  # fmt: skip
+    "output-all-flags": lambda: choose(
+        "chunkwise",
+        "bwd",
+        100,
+        81,
+        F32,
+        F32,
+        64,
+        {"split": 1},
+        stage="output",
+        row_scale=True,
+        row_dot=True,
+        extra_value_column=True,
+        state_offset=0,
+    ),  # fmt: skip
+    "parallel-all-flags": lambda: choose(
+        "parallel",
+        "fwd",
+        48,
+        81,
+        BF16,
+        BF16,
+        64,
+        row_scale=True,
+        row_dot=True,
+        extra_value_column=True,
+    ),  # fmt: skip
+    "recurrent": lambda: choose(
+        "recurrent", "fwd", 128, 128, BF16, BF16, 64, state_in=True, state_out=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_template_compiles_for_sm90(name):
+    r = aot.resources(SPECS[name]())
+    assert 0 < r.registers <= 255 and r.spill_bytes >= 0 and r.shared_bytes >= 0
+
+
+@pytest.mark.parametrize("K", [128, 256])
+def test_split_defaults_do_not_spill_in_bfloat16(K):
+    for stage in ("states", "output"):
+        flags = {"state_out": stage == "states", "store_o": stage == "output"}
+        spec = choose("chunkwise", "fwd", K, K, BF16, BF16, 64, {"split": 1}, stage=stage, **flags)
+        r = aot.resources(spec)
+        assert r.spill_bytes == 0, f"{spec.short()}: {r}"
