@@ -111,12 +111,12 @@ def test_split_with_ones_column_row_scale_and_row_dots():
     assert results[1][0].shape[-1] == 21 and results[1][2].shape == (1, 2, 37)
 
 
-def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
-    """The backward's dk/dv shape of pass: time-reversed, the state at position 0 with its own
-    scale, a ones column, row scales and row dots, V tiled in two blocks."""
-    _, (q, k, v, g, _) = make(1, 2, 48, 12, 20, torch.float32)
-    s0 = torch.randn(1, 2, 12, 21)
-    rs, r = torch.rand(1, 2, 48) + 0.5, torch.randn(1, 2, 48, 21)
+def _reversed_pass_fused_and_split(T: int, K: int, V: int) -> list:
+    """The backward's dk/dv shape of pass -- time-reversed, the state at position 0 with its own
+    scale, a ones column, row scales and row dots, V in blocks of 16 -- run fused and split."""
+    _, (q, k, v, g, _) = make(1, 2, T, K, V, torch.float32)
+    s0 = torch.randn(1, 2, K, V + 1)
+    rs, r = torch.rand(1, 2, T) + 0.5, torch.randn(1, 2, T, V + 1)
     results = []
     for split in (0, 1):
         p = launch.Pass(
@@ -124,24 +124,19 @@ def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
             row_scale=rs, extra_value_column=True, row_dot_with=r, state_out=True,
         )  # fmt: skip
         results.append(launch.run(p, 16, {"BV": 16, "split": split}))
-    for a, b in zip(*results, strict=True):
+    return results
+
+
+def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
+    """One K block (K = 12), V = 20 in two blocks: the same operations, bit for bit."""
+    for a, b in zip(*_reversed_pass_fused_and_split(48, 12, 20), strict=True):
         assert torch.equal(a, b)
 
 
 def test_split_close_to_fused_with_several_k_blocks_and_every_feature():
-    """As above with K = 100 (two K blocks: row scales applied per block) and V in blocks of 16;
-    the K reduction is summed in another order, so equal to float32 rounding."""
-    _, (q, k, v, g, _) = make(1, 2, 40, 100, 40, torch.float32)
-    s0 = torch.randn(1, 2, 100, 41)
-    rs, r = torch.rand(1, 2, 40) + 0.5, torch.randn(1, 2, 40, 41)
-    results = []
-    for split in (0, 1):
-        p = launch.Pass(
-            "chunkwise", q, k, v, g, 0.3, reverse=True, s0=s0, state_offset=0, state_scale=1.0,
-            row_scale=rs, extra_value_column=True, row_dot_with=r, state_out=True,
-        )  # fmt: skip
-        results.append(launch.run(p, 16, {"BV": 16, "split": split}))
-    for a, b in zip(*results, strict=True):
+    """K = 100 (two K blocks: row scales applied per block): the K reduction is summed in
+    another order, so equal to float32 rounding."""
+    for a, b in zip(*_reversed_pass_fused_and_split(40, 100, 40), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
 
 

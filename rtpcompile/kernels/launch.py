@@ -70,14 +70,18 @@ class Pass:
 Config = Mapping[str, int] | None
 
 
+def _value_dim(p: Pass) -> int:
+    """V of the pass's kernels: v's columns plus the column of ones when there is one."""
+    return p.v.shape[-1] + int(p.extra_value_column)
+
+
 def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused") -> KernelSpec:
-    V = p.v.shape[-1] + int(p.extra_value_column)
     out = p.out_dtype or p.q.dtype
     return choose(
         p.form,
         "bwd" if p.reverse else "fwd",
         p.q.shape[-1],
-        V,
+        _value_dim(p),
         p.q.dtype,
         out,
         chunk_size,
@@ -113,19 +117,13 @@ def run(
         )
         return o, run(state_only, chunk_size, config)[1], rd
     B, H, T, K = p.q.shape
-    V = p.v.shape[-1] + int(p.extra_value_column)
-    dtype = dtype_name(p.q.dtype)
+    V, dtype = _value_dim(p), dtype_name(p.q.dtype)
     if p.store_o and use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
         if split_fits(p, chunk_size):
             return _run_split(p, chunk_size, config)
         log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
     spec = _spec(p, chunk_size, config)
-    acc = acc_dtype(p.q.dtype)
-    dev = p.q.device
-    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
-    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
-    NV = -(-V // spec.BV)
-    rd = torch.empty(NV, B, H, T, dtype=acc, device=dev) if spec.row_dot else None
+    o, sf, rd = _outputs(p, spec)
     seen = _RECORD.get()
     if seen is not None:
         seen.append(codegen.info(spec))
@@ -153,29 +151,43 @@ def _run_split(p: Pass, chunk_size: int, config: Config):
         "output",
     )
     B, H, T, K = p.q.shape
-    V, acc, dev = rows.V, acc_dtype(p.q.dtype), p.q.device
-    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev)
-    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
-    rd = torch.empty(-(-V // rows.BV), B, H, T, dtype=acc, device=dev) if rows.row_dot else None
+    o, sf, rd = _outputs(p, rows)
     seen = _RECORD.get()
     if seen is not None:
         seen += [codegen.info(states), codegen.info(rows)]
     elif B * H * T > 0:
-        h = torch.empty(B * H, -(-T // states.BT), K, V, dtype=p.q.dtype, device=dev)
+        h = torch.empty(B * H, -(-T // states.BT), K, rows.V, dtype=p.q.dtype, device=p.q.device)
         _launch(states, p, None, sf, None, (B, H, T), h)
         _launch(rows, p, o, None, rd, (B, H, T), h)
     return o, sf, (rd.sum(0) if rd is not None else None)
 
 
+def _outputs(p: Pass, spec: KernelSpec) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Empty o [B,H,T,V], final state [B,H,K,V] and per-V-block row dots, each only if asked."""
+    B, H, T, K = p.q.shape
+    V, acc, dev = spec.V, acc_dtype(p.q.dtype), p.q.device
+    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
+    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
+    NV = -(-V // spec.BV)
+    rd = torch.empty(NV, B, H, T, dtype=acc, device=dev) if spec.row_dot else None
+    return o, sf, rd
+
+
+# NOTE: a chunk-state buffer below this needs no check of the free memory (a driver call)
+SPLIT_BUFFER_UNCHECKED = 1 << 30
+
+
 def split_fits(p: Pass, chunk_size: int) -> bool:
-    """Whether the split pass's chunk-state buffer fits: on CUDA at most half the free memory
-    (else the pass runs fused, which needs no buffer); always elsewhere."""
+    """Whether the split pass's chunk-state buffer fits: on CUDA, a buffer over 1 GiB must take
+    at most half the free memory (else the pass runs fused, which needs no buffer)."""
     if p.q.device.type != "cuda":
         return True
     B, H, T, K = p.q.shape
-    V = p.v.shape[-1] + int(p.extra_value_column)
+    V = _value_dim(p)
     BT = default_blocks("chunkwise", K, V, chunk_size, split=True)["BT"]  # no config sets BT
     need = B * H * -(-T // BT) * K * V * p.q.element_size()
+    if need <= SPLIT_BUFFER_UNCHECKED:
+        return True
     return need <= torch.cuda.mem_get_info(p.q.device)[0] // 2
 
 

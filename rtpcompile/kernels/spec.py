@@ -241,12 +241,11 @@ def use_split(
 ) -> bool:
     """Whether a chunkwise pass that writes output rows runs split (states, then output).
 
-    The config's ``split`` decides when present. Otherwise, with more than one chunk, split when
-    the pass has more than SPLIT_MIN_CHUNKS chunks, or K needs a 256-wide block (and the split's
-    wider chunks are more than one), or (V and BH =
-    B*H given) the fused kernel would run fewer than FEW_PROGRAMS programs over more than
-    FEW_PROGRAMS_MIN_CHUNKS chunks, or ``dtype`` (a name, e.g. "float32") is in WIDE_DTYPES.
-    B*H counts by its planner bucket (the next power of two).
+    The config's ``split`` decides when present. Otherwise, with more than one chunk, split when:
+    K needs a 256-wide block (and the split's wider chunks are more than one); the pass has more
+    than SPLIT_MIN_CHUNKS chunks; ``dtype`` (a name, e.g. "float32") is in WIDE_DTYPES; or, when
+    V and BH = B*H are given, the fused kernel would run fewer than FEW_PROGRAMS programs over
+    more than FEW_PROGRAMS_MIN_CHUNKS chunks. B*H counts by its planner bucket (next power of 2).
     """
     if form != "chunkwise" or T <= 0:
         return False
@@ -296,9 +295,9 @@ def default_blocks(
         if split:
             # NOTE: the split stages walk K in 64-wide blocks, so their tiles do not grow with K
             # (a [64, 256] q and k and a [256, 64] state in shared memory would not fit
-            # pre-Hopper GPUs in float32), and the states kernel gets a program per K block
+            # pre-Hopper GPUs in float32), and the states kernel gets a program per K block.
             # 8 warps once the output kernel's three [BT, BV]/[BT, BT] float32 accumulators
-            # reach 64 x 64: at 4 they spill (ptxas on sm_90, benchmarks/kernel_resources.py)
+            # reach 64 x 64: at 4 they spill (ptxas on sm_90, benchmarks/kernel_resources.py).
             warps = 8 if BT * BV >= 64 * 64 else 4
             return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2,
                     "BKC": min(BK, 64)}  # fmt: skip
