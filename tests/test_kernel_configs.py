@@ -135,6 +135,19 @@ def test_bad_config_is_a_clear_value_error(config, message):
         kernels.triton_forward("chunkwise", q, q, q, torch.tensor([0.9]), 1.0, None, 16, config)
 
 
+def test_memoised_specs_equal_fresh_ones_and_bad_configs_raise_every_time():
+    q = torch.randn(1, 2, 20, 48)
+    p = launch.Pass("chunkwise", q, q, torch.randn(1, 2, 20, 80), torch.full((2,), 0.9), 0.5)
+    for config in (None, {"BV": 32, "num_warps": 2}):
+        fresh = choose("chunkwise", "fwd", 48, 80, q.dtype, q.dtype, 16, config,
+                       state_out=False, store_o=True)  # fmt: skip
+        assert launch._spec(p, 16, config) == fresh
+        assert launch._spec(p, 16, config) is launch._spec(p, 16, config)
+    for _ in range(2):  # a ValueError is not memoised away
+        with pytest.raises(ValueError, match="BV must be a power of two"):
+            launch._spec(p, 16, {"BV": 24})
+
+
 # ----------------------------------------------------------------------------- the search
 
 

@@ -43,3 +43,19 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("RTP_KERNELS", "fpga")
     with pytest.raises(ValueError, match="environment variable RTP_KERNELS"):
         options.current()
+
+
+def test_current_follows_every_environment_change(monkeypatch):
+    """current() is memoised on the raw RTP_* values: a set, a change and a removal all apply."""
+    for name in options.FIELDS:
+        monkeypatch.delenv(f"RTP_{name.upper()}", raising=False)
+    assert options.current() == options.Options()
+    monkeypatch.setenv("RTP_FORM", "parallel")
+    monkeypatch.setenv("RTP_CHUNK_SIZE", "32")
+    assert options.current() == options.Options(form="parallel", chunk_size=32)
+    monkeypatch.setenv("RTP_FORM", "recurrent")
+    assert options.current().form == "recurrent"
+    monkeypatch.delenv("RTP_FORM")
+    monkeypatch.delenv("RTP_CHUNK_SIZE")
+    assert options.current() == options.Options()
+    assert options.current() == options.resolve(None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -76,25 +77,35 @@ def _value_dim(p: Pass) -> int:
 
 
 def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused") -> KernelSpec:
-    out = p.out_dtype or p.q.dtype
-    return choose(
+    flags = (
+        ("state_in", p.s0 is not None),
+        ("state_offset", p.state_offset),
+        ("state_out", p.state_out),
+        ("store_o", p.store_o),
+        ("extra_value_column", p.extra_value_column),
+        ("row_scale", p.row_scale is not None),
+        ("row_dot", p.row_dot_with is not None),
+        ("stage", stage),
+    )
+    return _choose(
         p.form,
         "bwd" if p.reverse else "fwd",
         p.q.shape[-1],
         _value_dim(p),
         p.q.dtype,
-        out,
+        p.out_dtype or p.q.dtype,
         chunk_size,
-        config,
-        state_in=p.s0 is not None,
-        state_offset=p.state_offset,
-        state_out=p.state_out,
-        store_o=p.store_o,
-        extra_value_column=p.extra_value_column,
-        row_scale=p.row_scale is not None,
-        row_dot=p.row_dot_with is not None,
-        stage=stage,
+        tuple(sorted(config.items())) if config else (),
+        flags,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(form, direction, K, V, dtype, out_dtype, chunk_size, config, flags) -> KernelSpec:
+    # NOTE: memoised: building and validating a KernelSpec costs ~15 us, paid by every pass of
+    # every call otherwise (a decode step is one pass, a backward three or four). Everything
+    # choose reads is in the key; a bad config still raises (exceptions are not cached).
+    return choose(form, direction, K, V, dtype, out_dtype, chunk_size, dict(config), **dict(flags))
 
 
 def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:

@@ -1,0 +1,141 @@
+"""Host-side cost of one rtp op call on the Triton path, with the kernel launch itself mocked.
+
+Usage (any machine; no GPU needed):
+    python benchmarks/call_overhead.py [--out benchmarks/results/cpu] [--calls 3000]
+
+What a GPU call pays in Python before Triton's own launcher runs: options, the planner, the
+kernel spec of every pass, output allocation. A decode step's kernel reads and writes the state
+in a few tens of microseconds on an H100/H200, so this overhead decides whether an eager decode
+step is launch-bound. Tensors are CPU tensors routed to the kernels (``RTP_KERNELS=triton``);
+``launch._launch`` is replaced by a no-op, so nothing runs under the interpreter and the figures
+are the Python path alone (CPU allocation of the outputs included, which the CUDA caching
+allocator makes cheaper; the backward column also includes its closed form for d log gamma, a
+dozen element-wise torch ops on state-sized tensors). Median of 5 repeats of ``--calls`` calls,
+in microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import timeit
+from pathlib import Path
+
+import torch
+
+# (name, B, H, T, K, V, with initial state): a decode step and a training-length prefill.
+# NOTE: B and H are small on purpose: the Python path does not depend on them, while on a CPU
+# the backward's few element-wise torch ops (d log gamma) would otherwise add real work.
+CASES = (
+    ("decode T=1", 1, 2, 1, 128, 128, True),
+    ("prefill T=2048", 1, 2, 2048, 128, 128, False),
+)
+
+
+def _per_call(fn, calls: int) -> float:
+    fn()
+    return statistics.median(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6
+
+
+def _callables(B, H, T, K, V, with_state) -> tuple[str, dict]:
+    """The chosen form and the calls to time for one case."""
+    from rtpcompile import kernels, ops
+    from rtpcompile.lowering import plan
+
+    q, k = (torch.randn(B, H, T, K) for _ in range(2))
+    v = torch.randn(B, H, T, V)
+    gamma, scale = ops.retention_init_decay(H), K**-0.5
+    s0 = torch.zeros(B, H, K, V) if with_state else None
+    chosen = plan.choose("auto", T, with_state, q=q, v=v)
+
+    def op():
+        return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, s0, "auto", 0)
+
+    def op_no_grad():
+        with torch.no_grad():
+            return op()
+
+    o, sf = op()
+    do = torch.randn_like(o)
+    return chosen.form, {
+        "op": op,
+        "op_no_grad": op_no_grad,
+        "op_bwd": lambda: torch.ops.rtp.retention_bwd(
+            do, None, q, k, v, gamma, scale, s0, sf, "auto", 0
+        ),
+        "plan": lambda: plan.choose("auto", T, with_state, q=q, v=v),
+        "kernels": lambda: kernels.triton_forward(
+            chosen.form, q, k, v, gamma, scale, s0, chosen.chunk_size, None
+        ),
+    }
+
+
+def measure(calls: int) -> list[dict]:
+    os.environ.update(TRITON_INTERPRET="1", RTP_KERNELS="triton")
+    from rtpcompile.kernels import launch
+
+    launch._launch = lambda *args, **kwargs: None  # the Python path only
+    # NOTE: unlaunched outputs hold whatever memory held; the backward's few element-wise ops on
+    # them would time denormal arithmetic, not the path
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)  # small tensors: thread start-up would be noise, not the path
+    rows = []
+    for name, B, H, T, K, V, with_state in CASES:
+        form, calls_of = _callables(B, H, T, K, V, with_state)
+        row = {"case": name, "B": B, "H": H, "T": T, "K": K, "V": V, "form": form}
+        for label, fn in calls_of.items():
+            row[f"{label}_us"] = round(_per_call(fn, calls), 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# Host-side cost of one rtp op call ({meta['date']})",
+        "",
+        f"{meta['machine']}, torch {meta['torch']}, Python {meta['python']}; kernel launch "
+        "mocked; microseconds per call (median of 5 x "
+        f"{meta['calls']}). Reproduce: `python benchmarks/call_overhead.py`.",
+        "",
+        "| case | form | forward op | forward op, no_grad | backward op | planner | "
+        "forward kernel layer (specs, outputs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} (B={r['B']}, H={r['H']}, K={r['K']}, V={r['V']}) | {r['form']} | "
+            f"{r['op_us']} | {r['op_no_grad_us']} | {r['op_bwd_us']} | {r['plan_us']} | "
+            f"{r['kernels_us']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write call_overhead.{json,md} here")
+    parser.add_argument("--calls", type=int, default=3000)
+    args = parser.parse_args()
+    rows = measure(args.calls)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "calls": args.calls,
+    }
+    text = markdown(meta, rows)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "call_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "call_overhead.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
