@@ -1,0 +1,53 @@
+"""The GPU benchmark scripts' pure parts, on CPU: the kernel table and the call-overhead bench."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_table_shows_eager_and_graph_times_and_errors():
+    bench = _script("bench_gpu_kernels")
+    meta = {"device": "GPU", "date": "2026-11-23", "torch": "t", "triton": "tr", "fla": "f"}
+    row = {"case": "parallel fwd", "B": 4, "H": 16, "T": 256, "K": 128, "V": 128,
+           "ours_ms": 0.2, "ours_graph_ms": 0.02, "fla_ms": 0.25, "fla_graph_ms": 0.03,
+           "ratio_vs_fla": 1.25, "graph_ratio_vs_fla": 1.5,
+           "sdpa_graph_error": "capture"}  # fmt: skip
+    decode = {"case": "decode bandwidth", "B": 64, "H": 16, "T": 1, "K": 128, "V": 128,
+              "ours_ms": 0.1, "ours_GBps": 1340.0, "copy_ms": 0.05, "copy_GBps": 2680.0,
+              "fraction_of_copy": 0.5, "ours_graph_ms": 0.05, "ours_graph_GBps": 2680.0,
+              "copy_graph_ms": 0.045, "copy_graph_GBps": 2980.0,
+              "graph_fraction_of_copy": 0.9}  # fmt: skip
+    text = bench.markdown(meta, [row, decode])
+    eager_then_graph = "| 0.200 | 0.250 | 1.25 | 0.020 | 0.030 | 1.50 |"
+    assert "| parallel fwd | 4 | 16 | 256 | 128 " + eager_then_graph in text
+    assert "| eager | 64 | 16 | 128 | 0.1000 | 1340 | 0.0500 | 2680 | 0.50 |" in text
+    assert "| CUDA graph | 64 | 16 | 128 | 0.0500 | 2680 | 0.0450 | 2980 | 0.90 |" in text
+    assert "sdpa_graph_error = capture" in text
+
+
+def test_call_overhead_bench_runs(monkeypatch):
+    bench = _script("call_overhead")
+    monkeypatch.setattr(bench, "CASES", (("decode T=1", 1, 2, 1, 16, 24, True),))
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(bench.torch, "set_flush_denormal", lambda on: None)
+    from rtpcompile.kernels import launch
+
+    monkeypatch.setattr(launch, "_launch", launch._launch)  # restored after the bench mocks it
+    for name in ("TRITON_INTERPRET", "RTP_KERNELS"):
+        monkeypatch.setenv(name, "0" if name == "TRITON_INTERPRET" else "auto")
+    (row,) = bench.measure(calls=3)
+    assert row["form"] == "recurrent"
+    assert all(row[f"{k}_us"] > 0 for k in ("op", "op_no_grad", "op_bwd", "plan", "kernels"))
+    assert "| decode T=1 (B=1, H=2, K=16, V=24) | recurrent |" in bench.markdown(
+        {"date": "d", "machine": "m", "torch": "t", "python": "p", "calls": 3}, [row]
+    )
