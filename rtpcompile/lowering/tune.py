@@ -1,13 +1,7 @@
 """Candidates, the cost model and the benchmark loop of the planner (docs/autotune.md).
 
-The cost model predicts the time of one pass as
-
-    time = FLOPs / machine.flops + bytes / machine.bandwidth + launches * machine.launch
-
-with FLOPs, bytes of temporaries and op launches counted per form from the implementation that
-will run (aten on CPU, generated Triton kernels on GPU). The aten constants were fitted on the
-2-core CI machine (``python -m rtpcompile.lowering.tune`` prints the measurements the fit used).
-The backward is three forward passes of the same form, so a "bwd" estimate is three forwards.
+The cost model (``cost.estimate``, re-exported here) predicts each candidate's time when
+nothing was measured; ``model_choice`` takes the cheapest candidate.
 
 Autotuning benchmarks every candidate on random inputs of the call's real shape (never the
 user's tensors, never the global RNG) by calling the implementation directly -- not the op,
@@ -27,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -35,6 +28,19 @@ from collections.abc import Callable
 import torch
 
 from . import plan as _plan
+from .cost import (  # noqa: F401 - re-exported: the planner's and tests' entry points
+    DEFAULT_SMS,
+    INF,
+    MACHINES,
+    KernelCost,
+    Machine,
+    _parallel_bytes,
+    _triton_kernels,
+    _triton_passes,
+    estimate,
+    kernel_seconds,
+    sm_count,
+)
 from .plan import DEFAULT_CHUNK, Plan, Problem
 
 log = logging.getLogger("rtpcompile")
@@ -43,7 +49,6 @@ CHUNKS = (16, 32, 64, 128, 256)
 # NOTE: the generated kernels clamp the chunk (BT) to <= 64 (see kernels/spec.py); larger
 # candidates would re-measure C=64 under another name (seen on an H200).
 TRITON_CHUNKS = (16, 32, 64)
-INF = math.inf
 
 # Triton block configurations searched by autotuning (docs/autotune.md). BV 0 means "the full V":
 # the smallest power-of-two block covering V (up to the kernels' MAX_DIM).
@@ -57,26 +62,6 @@ CONFIG_SPACES = ("auto", "full", "quick", "default")
 # a block (the device's own opt-in limit is used on CUDA).
 MAX_ACC_PER_THREAD = 128
 DEFAULT_SHARED_MEMORY = 96 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Machine:
-    """Throughputs of one backend. ``memory``: bytes the T x T temporaries may occupy."""
-
-    flops: float  # FLOP/s sustained by the matmuls
-    bandwidth: float  # bytes/s through element-wise temporaries
-    fresh_bandwidth: float  # extra bytes/s cost of temporaries larger than ``cache``
-    cache: float  # bytes: temporaries up to this size are recycled warm by the allocator
-    launch: float  # seconds per op launch (aten) or per sequential step (Triton)
-    memory: float
-
-
-# NOTE: aten numbers are fitted on the CI CPU (2 cores, AVX512, float32); Triton numbers are
-# conservative datacenter-GPU figures. Autotuning replaces both with measurements.
-MACHINES = {
-    "aten": Machine(85e9, 9.4e9, 1.1e9, cache=2**21, launch=4.5e-6, memory=2**31),
-    "triton": Machine(100e12, 2e12, INF, cache=INF, launch=4e-6, memory=2**34),
-}
 
 
 def candidates(p: Problem, configs: bool = False) -> list[Plan]:
@@ -254,63 +239,6 @@ def _shared_memory(device: str) -> int:
 
 
 # ----------------------------------------------------------------------------- cost model
-
-
-def _aten_costs(p: Problem, plan: Plan) -> tuple[float, list[float], float]:
-    """(FLOPs, bytes of each temporary tensor, op launches) of one aten forward."""
-    n, T, K, V, H = p.B * p.H, p.T, p.K, p.V, p.H
-    if plan.form == "parallel":
-        # Q K^T and (.) V over the full T x T matrix; the decay matrix is built per head from
-        # int64 position differences
-        flops = 2.0 * n * T * T * (K + V)
-        temps = [4.0 * n * T * T] * 2 + [4.0 * H * T * T] * 3 + [8.0 * T * T] * 2
-        return flops, temps + [4.0 * n * T * V] * 3, 20
-    if plan.form == "recurrent":
-        return 6.0 * n * T * K * V, [4.0 * n * K * V] * (4 * T), 8 * T
-    C = plan.chunk_size
-    N = math.ceil(T / C)
-    Tp = N * C
-    flops = 2.0 * n * Tp * C * (K + V) + 4.0 * n * Tp * K * V
-    # padded copies, intra-chunk scores and mask, per-chunk states, inter-chunk products
-    temps = [4.0 * n * Tp * (2 * K + V)] + [4.0 * n * Tp * C] * 2 + [4.0 * n * Tp * V] * 4
-    temps += [4.0 * n * Tp * K] * 2 + [4.0 * n * N * K * V] * 3 + [4.0 * n * K * V] * (2 * N)
-    return flops, temps, 30 + 3 * N
-
-
-def _triton_costs(p: Problem, plan: Plan) -> tuple[float, list[float], float]:
-    """(FLOPs, bytes, sequential steps) of one forward of the generated kernels."""
-    n, T, K, V = p.B * p.H, p.T, p.K, p.V
-    io = 4.0 * n * T * (2 * K + 2 * V)
-    if plan.form == "parallel":  # causal blocks only, nothing T x T is stored; each query
-        # block walks the key blocks before it (64 wide), then a separate pass writes the state
-        return 1.0 * n * T * T * (K + V), [io], math.ceil(T / 64) + 1
-    if plan.form == "recurrent":
-        return 6.0 * n * T * K * V, [io], T
-    C = plan.chunk_size
-    N = math.ceil(T / C)
-    return 1.0 * n * T * C * (K + V) + 4.0 * n * T * K * V, [io, 8.0 * n * N * K * V], N
-
-
-def estimate(p: Problem, plan: Plan) -> float:
-    """Predicted seconds of ``plan`` on ``p`` (inf when its temporaries exceed memory)."""
-    machine = MACHINES.get(p.backend, MACHINES["aten"])
-    costs = _triton_costs if p.backend == "triton" else _aten_costs
-    flops, temps, launches = costs(p, plan)
-    if plan.form == "parallel" and p.backend == "aten" and _parallel_bytes(p) > machine.memory:
-        return INF
-    big = sum(t for t in temps if t > machine.cache)
-    seconds = (
-        flops / machine.flops
-        + sum(temps) / machine.bandwidth
-        + big / machine.fresh_bandwidth
-        + launches * machine.launch
-    )
-    return 3.0 * seconds if p.phase == "bwd" else seconds
-
-
-def _parallel_bytes(p: Problem) -> float:
-    """Peak bytes of the aten parallel form's T x T temporaries (scores, mask, decay)."""
-    return 4.0 * p.T * p.T * (3 * p.B * p.H + 2 * p.H)
 
 
 def model_choice(p: Problem) -> Plan:
