@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import rtpcompile
+from rtpcompile import ops
 from rtpcompile.nn import default_model
 
 pytest.importorskip("triton")
@@ -76,3 +77,35 @@ def test_compiled_prefill_and_decode_match_full_forward():
             steps.append(compiled(ids[:, t : t + 1], cache=cache)[:, -1])
     got = torch.stack(steps, dim=1)
     torch.testing.assert_close(got, full[:, 289:299], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("T", [1, 300], ids=["decode", "prefill"])
+def test_op_replays_from_a_cuda_graph(T):
+    """The op does no host synchronisation, so a decode step (or a prefill) captured in a CUDA
+    graph replays with new inputs and matches eager: how a serving loop removes launch cost."""
+    torch.manual_seed(0)
+    B, H, K, V = 2, 4, 48, 80
+    q, k = (torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, T, V, device="cuda", dtype=torch.bfloat16)
+    gamma = ops.retention_init_decay(H).cuda()
+    s0 = torch.randn(B, H, K, V, device="cuda")
+
+    def step():
+        return torch.ops.rtp.retention_fwd(q, k, v, gamma, K**-0.5, s0, "auto", 0)
+
+    with torch.no_grad():
+        step()  # compile the kernels and plan outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, sf = step()
+        for x in (q, k, v, s0):
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        want_o, want_sf = step()
+    torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+    torch.testing.assert_close(sf, want_sf, rtol=0, atol=0)

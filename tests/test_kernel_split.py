@@ -324,3 +324,40 @@ def test_k256_splits_with_64_row_chunks():
     assert {i.spec.stage for i in seen if i.spec.K == 256} == {"states", "output"}
     assert {i.spec.stage for i in seen if i.spec.K == 40} == {"fused"}
     assert {i.spec.BT for i in seen} == {64}  # fused K = 256 would clamp to 32
+
+
+class _CudaLike:
+    """Shape, device and element size of a CUDA tensor, for split_fits without a GPU."""
+
+    def __init__(self, *shape, itemsize=2):
+        self.shape, self.device, self._itemsize = shape, torch.device("cuda"), itemsize
+
+    def element_size(self):
+        return self._itemsize
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_split_fits_asks_the_driver_only_for_big_buffers_outside_capture(monkeypatch, capturing):
+    asked = []
+
+    def free_memory(device):
+        asked.append(device)
+        return 3 << 30, 80 << 30  # 3 GiB free
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+
+    def fits(B, H, T, K, V):
+        q = _CudaLike(B, H, T, K)
+        p = launch.Pass("chunkwise", q, q, _CudaLike(B, H, T, V), None, 1.0)
+        return launch.split_fits(p, 64)
+
+    # 4 x 16 heads, 64 chunks of [128, 128] bf16 states: 128 MiB, below the unchecked size
+    assert fits(4, 16, 4096, 128, 128) and not asked
+    # 64 x 16 heads, 256 chunks of [256, 256] bf16 states: 32 GiB, over half of the free 3 GiB
+    assert fits(64, 16, 16384, 256, 256) is capturing
+    assert len(asked) == (0 if capturing else 1)
+    # 1.25 GiB: checked, fits in half of the free 3 GiB; 2 GiB does not (unless capturing)
+    assert fits(10, 16, 16384, 128, 128)
+    assert fits(16, 16, 16384, 128, 128) is capturing
+    assert len(asked) == (0 if capturing else 3)
