@@ -276,3 +276,26 @@ def test_compiles_fullgraph_dynamic():
         for a, b in zip(got, [x.grad for x in (*leaves, gamma)], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         gamma.grad = None
+
+
+def test_accelerator_gamma_is_checked_once_per_version(monkeypatch):
+    """Off the CPU a gamma that passed is not re-checked until it changes in place (a decode
+    loop's steps); CPU gammas are checked on every call."""
+    from rtpcompile.lowering import validate
+
+    checked = []
+    monkeypatch.setattr(validate, "_check_gamma_values", checked.append)
+    for device, expected in (("meta", [1, 1, 2, 2]), ("cpu", [1, 2, 3, 4])):
+        checked.clear()
+        q = torch.empty(1, 3, 5, 8, device=device)
+        gamma = torch.full((3,), 0.9, device=device)
+        counts = []
+        for step in range(4):
+            if step == 2:
+                gamma.mul_(1.0)  # an optimizer step: in place, new version
+            validate.check_gamma(gamma, q)
+            counts.append(len(checked))
+        assert counts == expected, device
+        other = torch.full((3,), 0.9, device=device)  # another tensor is checked on its own
+        validate.check_gamma(other, q)
+        assert len(checked) == expected[-1] + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..options import FORMS
@@ -92,9 +94,32 @@ def check_gamma(gamma, q) -> torch.Tensor:
         raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
     if gamma.device != q.device:
         raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
-    if _values_checkable(gamma):
+    if _values_checkable(gamma) and not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
+        if gamma.device.type != "cpu":
+            _remember_checked(gamma)
     return gamma
+
+
+# NOTE: id(gamma) -> (weak reference, version counter) of the accelerator gammas already checked.
+# A decode loop passes the same gamma every step; re-checking it costs ~5 tiny kernel launches
+# per call. Any in-place change (an optimizer step) bumps the version, so a learnable gamma is
+# re-checked after each update (a write through ``.data`` does not, like autograd's own checks).
+# CPU gammas are always checked (cheap, and they raise the exact ValueError). Keyed by id with
+# the weak reference confirming identity: a WeakKeyDictionary would compare tensors with ==.
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+_CHECKED_MAX = 256
+
+
+def _checked_before(gamma: torch.Tensor) -> bool:
+    entry = _CHECKED.get(id(gamma))
+    return entry is not None and entry[0]() is gamma and entry[1] == gamma._version
+
+
+def _remember_checked(gamma: torch.Tensor) -> None:
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[id(gamma)] = (weakref.ref(gamma), gamma._version)
 
 
 def check_state(state, q, v, name: str = "initial_state") -> None:
