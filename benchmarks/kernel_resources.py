@@ -2,71 +2,189 @@
 
 Usage (any machine with Triton's Linux wheel; no GPU needed):
     python benchmarks/kernel_resources.py --out benchmarks/results/static
-Writes kernel_resources_<date>.md and .json. Each row is one kernel of a forward call with the
-kernels' default blocks (``spec.choose`` without a config), compiled by Triton for the target and
-read back from ``ptxas -v`` (``rtpcompile.kernels.aot``). Static figures: they say whether a
-program fits its registers, not how fast it runs.
+    python benchmarks/kernel_resources.py --sweep float32 --out /tmp/sweep   # block search
+Writes kernel_resources_<target>_<date>.md and .json. Each row is one kernel of a forward call
+with the kernels' default blocks (``spec.choose`` without a config), compiled by Triton for the
+target and read back from ``ptxas -v`` (``rtpcompile.kernels.aot``). Static figures: they say
+whether a program fits its registers, not how fast it runs. float32 appears twice: with
+``tl.dot``'s "ieee" input precision (torch's default float32 matmul precision, "highest") and
+with "tf32" (``torch.set_float32_matmul_precision("high")``).
+
+``--sweep DTYPE`` compiles every candidate block (BT, BV, warps, and BKC for the split stages)
+of each kernel at a few (K, V) and appends one JSON line per candidate to
+``sweep_<dtype>_<precision>_<target>_<date>.jsonl``: the measurements behind
+``spec.default_blocks``' float32 rule. ``--check DTYPE --shapes K,V ...`` compiles the defaults
+of the forward's and the backward's shapes of pass at those dims.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import itertools
 import json
 import platform
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from rtpcompile.kernels import aot
-from rtpcompile.kernels.spec import choose
+from rtpcompile.kernels.spec import KernelSpec, choose
 
 # (K, V): the demo model's layers, the issue's benchmark shapes and a K != V case
 SHAPES = ((32, 64), (64, 64), (128, 128), (256, 256), (128, 256))
-DTYPES = (torch.bfloat16, torch.float32)
+# (dtype, float32 precision) of the table's sections; bfloat16 ignores the precision
+SECTIONS = ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
+# the sweep's shapes: K = V at every K block, and K != V both ways (the backward swaps them)
+SWEEP_SHAPES = ((32, 32), (64, 64), (128, 128), (256, 256), (32, 64), (64, 32), (128, 256))
+SWEEP_BT = (16, 32, 64)
+SWEEP_BV = (16, 32, 64)
+SWEEP_WARPS = (4, 8)
+KINDS = ("fused", "states", "output", "parallel")
 
 
-def kernels_of(K: int, V: int, dtype: torch.dtype) -> list:
+def kernels_of(K: int, V: int, dtype: torch.dtype, fp32_precision: str = "ieee") -> list:
     """The default specs a forward runs: fused chunkwise, both split stages, parallel, recurrent."""
     specs = []
-    for stage in ("fused", "states", "output"):
-        cfg = {"split": int(stage != "fused")}
-        flags = {"state_out": stage != "output", "store_o": stage != "states"}
-        specs.append(choose("chunkwise", "fwd", K, V, dtype, dtype, 64, cfg, stage=stage, **flags))
-    specs.append(choose("parallel", "fwd", K, V, dtype, dtype, 64))
-    specs.append(choose("recurrent", "fwd", K, V, dtype, dtype, 64, state_in=True, state_out=True))
+    for kind in KINDS + ("recurrent",):
+        specs.append(_default(kind, K, V, dtype, fp32_precision))
     return specs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/static")
-    parser.add_argument("--capability", type=int, default=90, help="sm_XY as XY (90: Hopper)")
-    args = parser.parse_args()
+def _default(
+    kind: str, K: int, V: int, dtype: torch.dtype, prec: str, direction: str = "fwd", **extra
+) -> KernelSpec:
+    """The default spec of one kernel of a pass (``kind``: a chunkwise stage or a form)."""
+    prec = prec if dtype == torch.float32 else "ieee"
+    if kind == "recurrent":
+        flags = {"state_in": True, "state_out": True, **extra}
+        return choose(kind, direction, K, V, dtype, dtype, 64, fp32_precision=prec, **flags)
+    if kind == "parallel":
+        return choose(kind, direction, K, V, dtype, dtype, 64, fp32_precision=prec, **extra)
+    cfg = {"split": int(kind != "fused")}
+    flags = {"state_out": kind != "output", "store_o": kind != "states", **extra}
+    return choose(
+        "chunkwise", direction, K, V, dtype, dtype, 64, cfg, stage=kind, fp32_precision=prec,
+        **flags,
+    )  # fmt: skip
+
+
+def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
+    """The default specs of the backward's shapes of pass at (K, V): time-reversed, a ones
+    column (V + 1), row scales and row dots, the state at position 0; and a state-only pass."""
+    specs = []
+    rows = {"row_scale": True, "row_dot": True, "extra_value_column": True}
+    for kind in ("fused", "output", "parallel"):
+        extra = dict(rows, state_in=kind == "fused", state_offset=0)
+        specs.append(_default(kind, K, V + 1, dtype, prec, "bwd", **extra))
+    specs.append(_default("states", K, V + 1, dtype, prec, "bwd", extra_value_column=True))
+    specs.append(_default("fused", K, V, dtype, prec, "bwd", store_o=False, state_in=True))
+    return specs
+
+
+def check(
+    dtype: torch.dtype, prec: str, shapes: tuple[tuple[int, int], ...], capability: int, jobs: int
+) -> list[dict]:
+    """The rows of every default kernel of the forward and the backward at ``shapes``."""
+    specs = [
+        spec
+        for K, V in shapes
+        for spec in kernels_of(K, V, dtype, prec) + backward_kinds(K, V, dtype, prec)
+    ]
+    with ProcessPoolExecutor(jobs) as pool:
+        rows = list(pool.map(measure, specs, itertools.repeat(capability)))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def candidates(kind: str, K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
+    """Every block choice of one kernel the sweep compiles (BV at most the block covering V)."""
+    base = _default(kind, K, V, dtype, prec)
+    cover = max(16, 1 << (V - 1).bit_length())
+    bts = (32, 64) if kind == "states" else SWEEP_BT
+    bkcs = sorted({min(base.BK, 32), min(base.BK, 64)}) if kind in ("states", "output") else (0,)
+    # NOTE: a fused float32 program at K >= 128 holds a [BK, BV] state on top of the tiles; at
+    # K = 64 every 64-wide tile already spilled, and such compiles take ptxas ~10 s each
+    big = 32 if kind == "fused" and base.BK >= 128 else 64
+    found = []
+    for bt, bv, w, bkc in itertools.product(bts, SWEEP_BV, SWEEP_WARPS, bkcs):
+        if bv <= min(cover, big) and bt <= big:
+            found.append(dataclasses.replace(base, BT=bt, BV=bv, num_warps=w, BKC=bkc))
+    return found
+
+
+def measure(spec: KernelSpec, capability: int = 90) -> dict:
+    """One table row: the kernel's summary and its resources, or the compiler's error."""
     warnings.filterwarnings("ignore", module="triton")
+    try:
+        return {"kernel": spec.short(), **vars(aot.resources(spec, capability))}
+    except Exception as exc:  # noqa: BLE001 - recorded; the table goes on
+        return {"kernel": spec.short(), "error": repr(exc)[:300]}
+
+
+def sweep(
+    dtype: torch.dtype,
+    prec: str,
+    out: Path,
+    capability: int,
+    jobs: int,
+    shapes: tuple[tuple[int, int], ...] = SWEEP_SHAPES,
+    kinds: tuple[str, ...] = KINDS,
+) -> None:
+    """Compile every candidate of every kernel at ``shapes``; one JSON line each (appended)."""
+    specs = [
+        (kind, K, V, spec)
+        for K, V in shapes
+        for kind in kinds
+        for spec in candidates(kind, K, V, dtype, prec)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    path = out / f"sweep_{str(dtype).split('.')[-1]}_{prec}_sm_{capability}_{date}.jsonl"
+    with ProcessPoolExecutor(jobs) as pool, path.open("a") as f:
+        rows = pool.map(measure, [s for *_, s in specs], itertools.repeat(capability))
+        for (kind, K, V, spec), row in zip(specs, rows, strict=True):
+            row.update(kind=kind, K=K, V=V, BT=spec.BT, BV=spec.BV, w=spec.num_warps,
+                       BKC=spec.BKC)  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    print(f"wrote {path}")
+
+
+def table(capability: int, jobs: int) -> list[dict]:
+    """Rows of the default kernels of every section and shape, in order."""
+    specs = [
+        spec
+        for dtype, prec in SECTIONS
+        for K, V in SHAPES
+        for spec in kernels_of(K, V, dtype, prec)
+    ]
+    with ProcessPoolExecutor(jobs) as pool:
+        rows = list(pool.map(measure, specs, itertools.repeat(capability)))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write(rows: list[dict], out: Path, capability: int) -> None:
+    """kernel_resources_<target>_<date>.md and .json under ``out``."""
     import triton
 
-    rows = []
-    for dtype in DTYPES:
-        for K, V in SHAPES:
-            for spec in kernels_of(K, V, dtype):
-                try:
-                    r = aot.resources(spec, args.capability)
-                    row = {"kernel": spec.short(), **vars(r)}
-                except Exception as exc:  # noqa: BLE001 - recorded; the table goes on
-                    row = {"kernel": spec.short(), "error": repr(exc)[:300]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    meta = {"date": date, "target": f"sm_{args.capability}", "triton": triton.__version__,
+    meta = {"date": date, "target": f"sm_{capability}", "triton": triton.__version__,
             "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
     lines = [
         f"# Generated kernels on {meta['target']}: registers, spills, shared memory ({date})",
         "",
         f"Compiled on a CPU-only machine by Triton {meta['triton']} (torch {meta['torch']}) and "
-        "read from `ptxas -v`; default blocks of a forward call. Reproduce: "
-        f"`python benchmarks/kernel_resources.py --capability {args.capability}`.",
+        "read from `ptxas -v`; default blocks of a forward call. float32 rows without a "
+        'precision use `tl.dot(..., input_precision="ieee")` (torch\'s default, "highest"); '
+        'rows marked `tf32` are what `torch.set_float32_matmul_precision("high")` runs. '
+        f"Reproduce: `python benchmarks/kernel_resources.py --capability {capability}`.",
         "",
         "| kernel | registers / thread | spill bytes | shared bytes |",
         "|---|---|---|---|",
@@ -78,12 +196,42 @@ def main() -> None:
             lines.append(
                 f"| {r['kernel']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |"
             )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernel_resources_{meta['target']}_{date}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.md and .json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/static")
+    parser.add_argument("--capability", type=int, default=90, help="sm_XY as XY (90: Hopper)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiler processes")
+    parser.add_argument("--sweep", choices=("float32", "float16", "bfloat16"), default=None)
+    parser.add_argument("--precision", choices=("ieee", "tf32", "tf32x3"), default="ieee")
+    parser.add_argument("--shapes", nargs="*", default=None, help="K,V pairs (sweep)")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS)
+    parser.add_argument(
+        "--check",
+        choices=("float32", "float64", "bfloat16"),
+        default=None,
+        help="compile the defaults (forward and backward shapes) at --shapes",
+    )
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", module="triton")
+    shapes = SWEEP_SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(d) for d in kv.split(",")) for kv in args.shapes)
+    if args.check:
+        check(getattr(torch, args.check), args.precision, shapes, args.capability, args.jobs)
+        return
+    if args.sweep:
+        dtype = getattr(torch, args.sweep)
+        out = Path(args.out)
+        sweep(dtype, args.precision, out, args.capability, args.jobs, shapes, tuple(args.kinds))
+        return
+    write(table(args.capability, args.jobs), Path(args.out), args.capability)
 
 
 if __name__ == "__main__":

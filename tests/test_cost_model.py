@@ -149,7 +149,7 @@ def test_split_estimate_follows_use_split(dtype, phase, BH, dims, T, chunk):
     kernels = iter(tune._triton_kernels(p, c))
     for pk, pv, _ in tune._triton_passes(p):
         if use_split("chunkwise", T, pk, chunk, V=pv, BH=BH, dtype=dtype):
-            d = default_blocks("chunkwise", pk, pv, chunk, split=True)
+            d = default_blocks("chunkwise", pk, pv, chunk, split=True, dtype=dtype)
             states, output = next(kernels), next(kernels)
             chunks, nv = -(-T // d["BT"]), -(-pv // d["BV"])
             assert (states.name, output.name) == ("states", "output")
@@ -157,7 +157,7 @@ def test_split_estimate_follows_use_split(dtype, phase, BH, dims, T, chunk):
             assert states.programs == nv * -(-pk // d["BKC"]) * BH
             assert output.programs == nv * chunks * BH
         else:
-            d = default_blocks("chunkwise", pk, pv, chunk)
+            d = default_blocks("chunkwise", pk, pv, chunk, dtype=dtype)
             fused = next(kernels)
             assert fused.name == "fused" and fused.steps == 4 * -(-T // d["BT"])
             assert fused.programs == -(-pv // d["BV"]) * BH
@@ -199,12 +199,14 @@ def test_few_programs_prefer_the_split_pass(dtype, BH, dims, chunks, chunk):
 
 def test_demo_prefill_shape():
     """B=1, H=8, K=32, V=64, T=2048 (the demo's float32 prefill, 5.6x slower than Inductor on an
-    H200 when it ran fused): 8 fused programs on 132 SMs. The model picks chunkwise(C=64), which
-    the launcher runs split (float32 always splits), over parallel (T^2 FMA-unit work) and over
-    the fused pass (a 128-dot chain on 8 SMs)."""
+    H200 when it ran fused): 8 fused programs on 132 SMs. The model picks chunkwise, which the
+    launcher runs split (float32 always splits), over parallel (T^2 FMA-unit work) and over the
+    fused pass (a long dot chain on 8 SMs). The float32 split runs 32-row chunks for C >= 32
+    (spec._wide_blocks), so C = 32 and C = 64 launch the same kernels and tie."""
     p = problem()
     chosen = tune.model_choice(p)
-    assert (chosen.form, chosen.chunk_size) == ("chunkwise", 64)
+    assert chosen.form == "chunkwise" and chosen.chunk_size in (32, 64)
+    assert tune.estimate(p, Plan("chunkwise", 32)) == tune.estimate(p, Plan("chunkwise", 64))
     assert names(p, chosen) == ["states", "output"]
     fused = dataclasses.replace(chosen, config=(("split", 0),))
     assert tune.estimate(p, chosen) < tune.estimate(p, fused)
@@ -224,7 +226,11 @@ def test_wider_dtypes_are_never_faster(BH, dims, T):
     p = problem(T, H=BH, K=K, V=V)
     for c in PINNED:
         at = {dt: tune.estimate(dataclasses.replace(p, dtype=dt), c) for dt in DTYPES}
-        assert at["bfloat16"] == at["float16"] <= at["float32"] <= at["float64"], c.label
+        assert at["bfloat16"] == at["float16"] <= at["float32"], c.label
+        # NOTE: float64 recurrent takes narrower V blocks from K = 128 (spec.default_blocks:
+        # wider ones spill), so more programs: its estimate may undercut float32's there
+        if c.form != "recurrent":
+            assert at["float32"] <= at["float64"], c.label
 
 
 def test_sm_count_comes_from_the_cuda_device_and_is_cached(monkeypatch):

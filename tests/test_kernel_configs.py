@@ -158,29 +158,35 @@ def triton_problem(T=20, K=16, V=40, phase="fwd") -> Problem:
 def test_search_space_and_pruning(monkeypatch):
     p = triton_problem()
     quick = tune.candidates(p, configs=True)
-    assert {dict(c.config)["num_warps"] for c in quick} == {4}  # interpreter: BV only
+    for form_chunk in {(c.form, c.chunk_size) for c in quick}:  # interpreter: BV only
+        assert len({c.config[1:] for c in quick if (c.form, c.chunk_size) == form_chunk}) == 1
     assert {dict(c.config)["BV"] for c in quick} == {32, 64}
     assert all(not c.config for c in tune.candidates(p))  # what the cost model compares
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
     mid = tune.candidates(triton_problem(T=4096, K=64, V=64), configs=True)
+    # NOTE: float32's split runs min(C, 32)-row chunks and its fused pass 16-row chunks
+    # (spec._wide_blocks), so C = 64 launches what C = 32 does and is deduplicated
     assert {(c.form, c.chunk_size) for c in mid} == {
-        ("parallel", 64), ("chunkwise", 16), ("chunkwise", 32), ("chunkwise", 64)
+        ("parallel", 64), ("chunkwise", 16), ("chunkwise", 32)
     }  # fmt: skip
     assert {c.config for c in mid if len(c.config) == 3} == {
         (("BV", bv), ("num_stages", st), ("num_warps", w))
         for bv in (32, 64) for st in (1, 2, 3) for w in (4, 8)
     }  # fmt: skip
-    # chunkwise also tries each BV the other way from the split rule, which splits here at every
-    # chunk size (B*H = 1: one fused program per V block); see test_kernel_split
+    # chunkwise also tries each BV the other way from the split rule, which splits float32 at
+    # every chunk size, with the fused pass's default warps (float32: 8); the fused pass's 16-row
+    # chunks are the same for every C, so only C = 16 keeps them; see test_kernel_split
+    fused_warps = default_blocks("chunkwise", 64, 64, 64, dtype="float32")["num_warps"]
     assert {(c.chunk_size, c.config) for c in mid if len(c.config) == 4} == {
-        (chunk, (("BV", bv), ("num_stages", 2), ("num_warps", 4), ("split", 0)))
-        for bv in (32, 64) for chunk in (16, 32, 64)
+        (16, (("BV", bv), ("num_stages", 2), ("num_warps", fused_warps), ("split", 0)))
+        for bv in (32, 64)
     }  # fmt: skip
     big = triton_problem(T=4096, K=256, V=256, phase="bwd")
     full = tune.candidates(big, configs=True)
     assert len(full) < 3 * 2 * 3 * 2 * 3  # pruned: e.g. no 3-stage pipeline of float32 K=256
-    # K=256 clamps a fused BT to 32, but split passes (the rule at K=256) keep 64-row chunks
-    assert {c.chunk_size for c in full if c.form == "chunkwise"} == {16, 32, 64}
+    # float32 runs at most 32-row chunks (C = 64 is C = 32); in 16-bit, K=256 clamps a fused BT
+    # to 32, but split passes (the rule at K=256) keep 64-row chunks
+    assert {c.chunk_size for c in full if c.form == "chunkwise"} == {16, 32}
     assert default_blocks("chunkwise", 256, 256, 64)["BT"] == 32
     assert default_blocks("chunkwise", 256, 256, 64, split=True)["BT"] == 64
     firsts = {(c.form, c.chunk_size): c for c in reversed(full)}.values()  # the defaults
@@ -225,7 +231,8 @@ def test_warm_cache_config_is_used_by_the_op_forward_and_backward(monkeypatch):
     _prefer(monkeypatch, "chunkwise(C=16)[BV=32")
     for phase in ("fwd", "bwd"):
         won = plan.plan_for(plan.problem_of(q.float(), v.float(), False, phase=phase), tune=True)
-        assert won.config == (("BV", 32), ("num_stages", 2), ("num_warps", 4))
+        warps = default_blocks("chunkwise", 16, 40, 16, split=True, dtype="float32")["num_warps"]
+        assert won.config == (("BV", 32), ("num_stages", 2), ("num_warps", warps))
     plan.reset()  # a fresh process: the plans now come from the cache
     seen = []
     real = launch.choose

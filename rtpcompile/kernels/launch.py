@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 
 from . import codegen
-from .spec import KernelSpec, choose, default_blocks, dtype_name, use_split
+from .spec import KernelSpec, choose, default_blocks, dtype_name, float32_precision, use_split
 
 Tensor = torch.Tensor
 log = logging.getLogger("rtpcompile")
@@ -86,6 +86,7 @@ def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused")
         ("row_scale", p.row_scale is not None),
         ("row_dot", p.row_dot_with is not None),
         ("stage", stage),
+        ("fp32_precision", _fp32_precision(p.q)),
     )
     return _choose(
         p.form,
@@ -98,6 +99,12 @@ def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused")
         tuple(sorted(config.items())) if config else (),
         flags,
     )
+
+
+def _fp32_precision(q: Tensor) -> str:
+    # NOTE: CUDA (and meta, which kernels_for uses to describe CUDA launches) follow torch's
+    # float32 matmul precision, read per call; the interpreter computes in float32 anyway
+    return float32_precision() if q.device.type in ("cuda", "meta") else "ieee"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -195,7 +202,8 @@ def split_fits(p: Pass, chunk_size: int) -> bool:
         return True
     B, H, T, K = p.q.shape
     V = _value_dim(p)
-    BT = default_blocks("chunkwise", K, V, chunk_size, split=True)["BT"]  # no config sets BT
+    dtype = dtype_name(p.q.dtype)
+    BT = default_blocks("chunkwise", K, V, chunk_size, split=True, dtype=dtype)["BT"]  # no config
     need = B * H * -(-T // BT) * K * V * p.q.element_size()
     # NOTE: no driver query while a CUDA graph is being captured (the allocation then comes from
     # the graph's pool, and an out-of-memory there names the buffer's size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -45,11 +46,17 @@ SPLIT_MIN_CHUNKS = 128
 # has a program per chunk. Also unmeasured; powers of two again.
 FEW_PROGRAMS = 32
 FEW_PROGRAMS_MIN_CHUNKS = 8
-# NOTE: and always for float32/float64 inputs: compiled for sm_90, the fused kernel's default
-# blocks spill 15-23 KB per thread in float32 (its float32 operands are twice the size), the
-# split stages 0 (states) and at most 908 bytes (output)
-# (benchmarks/results/static/kernel_resources_sm_90_2026-11-23.md).
+# NOTE: and always for float32/float64 inputs: compiled for sm_90, the fused kernel's 16-bit
+# blocks spill 15-23 KB per thread in float32 (its float32 operands are twice the size); its
+# float32 blocks (``_wide_blocks``) are spill-free up to K = 128 only with 16-row chunks and
+# 16-32-wide V blocks, while the split stages' are spill-free with 32-row chunks and 64-wide V
+# blocks at every K (benchmarks/results/static/kernel_resources_sm_90_2026-11-23.md).
 WIDE_DTYPES = ("float32", "float64")
+# NOTE: tl.dot's input precisions for float32 (Triton 3.9 on NVIDIA): "ieee" multiplies float32
+# on the FMA units; "tf32" rounds the operands to TF32 (10-bit mantissa) for the tensor cores;
+# "tf32x3" sums three TF32 products (close to float32). Triton's interpreter accepts all three
+# and computes every one as a float32 numpy matmul.
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 MAX_WARPS = 32
 MAX_STAGES = 8
 
@@ -96,6 +103,9 @@ class KernelSpec:
                  state entering every chunk) or "output" (every chunk's rows from those states)
     BKC:         split stages only: the K block they walk K in (the states kernel one block
                  per program, the output kernel all blocks in a loop); 0 for the fused stage
+    fp32_precision: float32 inputs only: ``tl.dot``'s input_precision, "ieee" (float32
+                 products) or "tf32" / "tf32x3" (tensor cores; see ``float32_precision``);
+                 always "ieee" for other dtypes
     """
 
     form: str
@@ -118,6 +128,7 @@ class KernelSpec:
     num_stages: int = 2
     stage: str = "fused"
     BKC: int = 0
+    fp32_precision: str = "ieee"
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -145,6 +156,16 @@ class KernelSpec:
                 f"KernelSpec.BKC must be a power of two in [16, BK] for a split stage and 0 "
                 f"otherwise, got {self.BKC} (stage {self.stage!r}, BK={self.BK})"
             )
+        if self.fp32_precision not in FP32_PRECISIONS:
+            raise ValueError(
+                f"KernelSpec.fp32_precision must be one of {list(FP32_PRECISIONS)}, "
+                f"got {self.fp32_precision!r}"
+            )
+        if self.fp32_precision != "ieee" and self.in_dtype != "float32":
+            raise ValueError(
+                f"KernelSpec.fp32_precision applies to float32 inputs only and must be 'ieee' "
+                f"for {self.in_dtype}, got {self.fp32_precision!r}"
+            )
         if self.state_offset not in (0, 1):
             raise ValueError(f"KernelSpec.state_offset must be 0 or 1, got {self.state_offset}")
         for name in ("num_warps", "num_stages"):
@@ -158,8 +179,11 @@ class KernelSpec:
 
     @property
     def precision(self) -> str:
-        # NOTE: fp32 inputs on a GPU would otherwise go through tf32 tensor cores (10-bit mantissa)
-        return "ieee" if self.in_dtype in ("float32", "float64") else "tf32"
+        """``tl.dot``'s input_precision: the field for float32, "ieee" for float64; 16-bit
+        inputs ignore it ("tf32", Triton's default, keeps their sources unchanged)."""
+        if self.in_dtype == "float32":
+            return self.fp32_precision
+        return "ieee" if self.in_dtype == "float64" else "tf32"
 
     def short(self) -> str:
         flags = [
@@ -176,8 +200,10 @@ class KernelSpec:
         ]
         form = self.form if self.stage == "fused" else f"{self.form}.{self.stage}"
         bk = f"BK={self.BK}" + (f" BKC={self.BKC}" if self.BKC else "")
+        # NOTE: only a non-default precision is named, so "ieee" specs keep their summaries
+        dt = self.in_dtype + (f"[{self.fp32_precision}]" if self.fp32_precision != "ieee" else "")
         return (
-            f"{form}/{self.direction} K={self.K} V={self.V} {self.in_dtype}->{self.out_dtype}"
+            f"{form}/{self.direction} K={self.K} V={self.V} {dt}->{self.out_dtype}"
             f" BT={self.BT} {bk} BV={self.BV} w={self.num_warps} [{','.join(flags)}]"
             + (f" s0@{-self.state_offset}" if self.state_in else "")
         )
@@ -252,6 +278,8 @@ def use_split(
     cfg = check_config(config)
     if "split" in cfg:
         return bool(cfg["split"])
+    # NOTE: chunks count in the 16-bit blocks (64 rows) whatever the dtype: the thresholds are
+    # the H200's bfloat16 measurements, and a float32 pass of <= 64 rows stays fused
     d = default_blocks(form, K, V or 1, chunk_size)
     chunks = -(-T // d["BT"])
     if chunks <= 1:
@@ -268,16 +296,29 @@ def use_split(
 
 
 def default_blocks(
-    form: str, K: int, V: int, chunk_size: int = 64, split: bool = False
+    form: str,
+    K: int,
+    V: int,
+    chunk_size: int = 64,
+    split: bool = False,
+    *,
+    dtype: str | None = None,
 ) -> dict[str, int]:
     """BT, BK, BV, num_warps and num_stages (and BKC, split) ``choose`` uses without a config.
 
     ``split``: the blocks of both stages of a split chunkwise pass (they must share BT).
+    ``dtype``: the inputs' dtype name; float32 and float64 take smaller blocks
+    (``_wide_blocks``); None or a 16-bit dtype: the 16-bit blocks.
     """
     BK = max(16, next_pow2(K))
     big = BK >= 256
+    if dtype in WIDE_DTYPES and form != "recurrent":
+        return _wide_blocks(form, BK, V, chunk_size, split)
     if form == "recurrent":
-        BT, BV = 1, min(max(16, next_pow2(V)), 32 if big else 64)
+        # NOTE: a program keeps its [BK, BV] state slice in registers; in float64 a 64-wide slice
+        # spills at K = 128 (456 bytes) and K = 256 (1,668), a 32-wide one does not (sm_90)
+        narrow = big or (dtype == "float64" and BK >= 128)
+        BT, BV = 1, min(max(16, next_pow2(V)), 32 if narrow else 64)
         warps = 4
     elif form == "parallel":
         BT = 32 if big else 64
@@ -304,6 +345,32 @@ def default_blocks(
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 
 
+def _wide_blocks(form: str, BK: int, V: int, chunk_size: int, split: bool) -> dict[str, int]:
+    """float32/float64 blocks: with 32-bit operands, the 16-bit tiles spill (ptxas, sm_90).
+
+    Measured with "ieee" dots at K = V in {32, 64, 128, 256} and K != V, every BT, BV in
+    {16, 32, 64}, 4 or 8 warps and BKC in {32, 64} (``benchmarks/kernel_resources.py --sweep``),
+    spill bytes per thread of the 16-bit defaults -> these:
+      parallel  BT=64 (32 at K=256), BV=64: 0-13,536 -> BT=32, BV=64, 8 warps: 0 at every K
+      split     BT=64, BKC=64, 8 warps: states 0, output 92-908 -> BT=32, BKC=32, BV=64 and 4
+                warps (8 at K <= 32: one K block, 4 spill 352-632 there): 0 and 0 at every K
+                (BKC=64 or BT=64 spill 4-1,040 at some K; 8 warps at K=64 spill 4)
+      fused     BT=64 (32), BV=64 (32): 10,620-22,680 -> BT=16, 8 warps, BV=32 at K <= 64 and 16
+                above: 0 up to K=128, 596 at K=256 (BT=32 spills at K >= 64 whatever BV and warps)
+    The fused kernel is left with small tiles because float32 passes that write rows split
+    (``use_split``); it runs state-only passes and single chunks.
+    """
+    cover = max(16, next_pow2(V))
+    if form == "parallel":
+        return {"BT": 32, "BK": BK, "BV": min(cover, 64), "num_warps": 8, "num_stages": 2}
+    if split:
+        BT, warps = min(max(16, next_pow2(chunk_size)), 32), 8 if BK <= 32 else 4
+        return {"BT": BT, "BK": BK, "BV": min(cover, 64), "num_warps": warps, "num_stages": 2,
+                "BKC": min(BK, 32)}  # fmt: skip
+    BV = min(cover, 32 if BK <= 64 else 16)
+    return {"BT": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2}
+
+
 def choose(
     form: str,
     direction: str,
@@ -313,15 +380,31 @@ def choose(
     out_dtype: torch.dtype,
     chunk_size: int = 64,
     config: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
-    **flags: bool | int,
+    *,
+    fp32_precision: str | None = None,
+    **flags: bool | int | str,
 ) -> KernelSpec:
     """Block sizes and warps for one pass. K and V are the dims of this pass (V incl. extras).
 
     ``config`` (see ``check_config``) overrides the defaults of ``default_blocks``.
+    ``fp32_precision``: tl.dot's precision for float32 inputs (FP32_PRECISIONS); None reads
+    torch's float32 matmul setting now (``float32_precision``; "ieee" under the interpreter).
+    Other dtypes ignore it. ``dtype`` also selects the blocks (``default_blocks``).
     """
     if K > MAX_DIM or V > MAX_DIM + 1:
         raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
-    blocks = default_blocks(form, K, V, chunk_size, split=flags.get("stage", "fused") != "fused")
+    in_dtype = dtype_name(dtype)
+    if fp32_precision is not None and fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(
+            f"fp32_precision must be None (follow torch) or one of {list(FP32_PRECISIONS)}, "
+            f"got {fp32_precision!r}"
+        )
+    if in_dtype != "float32":
+        fp32_precision = "ieee"
+    elif fp32_precision is None:
+        fp32_precision = float32_precision()
+    split = flags.get("stage", "fused") != "fused"
+    blocks = default_blocks(form, K, V, chunk_size, split=split, dtype=in_dtype)
     for name, value in check_config(config).items():
         if name == "split":  # decided per pass by launch (use_split), not a block
             continue
@@ -333,11 +416,29 @@ def choose(
         direction=direction,
         K=K,
         V=V,
-        in_dtype=dtype_name(dtype),
+        in_dtype=in_dtype,
         out_dtype=dtype_name(out_dtype),
+        fp32_precision=fp32_precision,
         **blocks,
         **flags,
     )
+
+
+def float32_precision() -> str:
+    """tl.dot's precision for float32 inputs that follows torch: "tf32" when float32 matmuls may
+    use TF32 (``torch.set_float32_matmul_precision("high")`` or ``"medium"``, or
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), else "ieee" (the default, "highest").
+
+    Read as Inductor reads it for its own matmul templates, so a compiled model's retention and
+    its other matmuls round alike. "ieee" under the Triton interpreter (``TRITON_INTERPRET=1``),
+    which computes every float32 dot in float32 whatever the source says.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "ieee"
+    # NOTE: fp32_precision is "tf32" exactly when allow_tf32 is True, and it does not raise where
+    # allow_tf32 and get_float32_matmul_precision() do (torch 2.13 raises when the legacy and the
+    # new precision APIs were both used); "none" (never set) means the default, "ieee"
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 @functools.lru_cache(maxsize=1)

@@ -162,7 +162,7 @@ def _blocks(p: Problem, form: str, K: int, V: int, plan: Plan, split: bool = Fal
     number of V blocks, and the element size of the inputs."""
     from ..kernels.spec import default_blocks, next_pow2
 
-    d = default_blocks(form, K, V, plan.chunk_size, split)
+    d = default_blocks(form, K, V, plan.chunk_size, split, dtype=p.dtype)
     d["BV"] = min(dict(plan.config).get("BV", d["BV"]), max(16, next_pow2(V)))
     d["NV"] = -(-V // d["BV"])
     d["e"] = torch.finfo(getattr(torch, p.dtype)).bits // 8

@@ -101,7 +101,7 @@ def _kernels_run(p: Problem, plan: Plan) -> tuple:
     runs = []
     for K, V in _orientations(p):
         split = use_split(plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
-        d = default_blocks(plan.form, K, V, plan.chunk_size, split)
+        d = default_blocks(plan.form, K, V, plan.chunk_size, split, dtype=p.dtype)
         d.update({k: v for k, v in cfg.items() if k != "split"})
         bv = min(d["BV"], max(16, next_pow2(V)))
         runs.append((plan.form, split, d["BT"], bv, d["num_warps"], d["num_stages"]))
@@ -142,7 +142,7 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
     from ..kernels.spec import MAX_DIM, default_blocks, next_pow2, use_split
 
     split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H, dtype=p.dtype)
-    d = default_blocks(form, p.K, p.V, chunk, split)
+    d = default_blocks(form, p.K, p.V, chunk, split, dtype=p.dtype)
     cover = min(max(16, next_pow2(p.V)), MAX_DIM)
     space = config_space(p)
     bvs = [d["BV"]] + [min(b or cover, cover) for b in TRITON_BV]
@@ -176,12 +176,12 @@ def _split_variants(p: Problem, chunk: int, found: list) -> list:
         for K, V in _orientations(p)
     }
     other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
-    if p.T <= default_blocks("chunkwise", p.K, p.V, chunk, True)["BT"]:
+    if p.T <= default_blocks("chunkwise", p.K, p.V, chunk, True, dtype=p.dtype)["BT"]:
         other = tuple(s for s in other if s == 0)  # one split chunk: nothing to parallelise
     bvs = dict.fromkeys(dict(c)["BV"] for c in found)
     variants = []
     for split in other:
-        d = default_blocks("chunkwise", p.K, p.V, chunk, bool(split))
+        d = default_blocks("chunkwise", p.K, p.V, chunk, bool(split), dtype=p.dtype)
         stages, warps = d["num_stages"], d["num_warps"]
         variants += [
             (("BV", bv), ("num_stages", stages), ("num_warps", warps), ("split", split))
@@ -211,7 +211,7 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
     stages, warps = cfg["num_stages"], cfg["num_warps"]
     for K, V in _orientations(p):
         split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
-        d = default_blocks(form, K, V, chunk, split)
+        d = default_blocks(form, K, V, chunk, split, dtype=p.dtype)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
         if split:
             BKC = d["BKC"]
