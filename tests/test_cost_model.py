@@ -202,7 +202,7 @@ def test_demo_prefill_shape():
     H200 when it ran fused): 8 fused programs on 132 SMs. The model picks chunkwise, which the
     launcher runs split (float32 always splits), over parallel (T^2 FMA-unit work) and over the
     fused pass (a long dot chain on 8 SMs). The float32 split runs 32-row chunks for C >= 32
-    (spec._wide_blocks), so C = 32 and C = 64 launch the same kernels and tie."""
+    (blocks._wide_blocks), so C = 32 and C = 64 launch the same kernels and tie."""
     p = problem()
     chosen = tune.model_choice(p)
     assert chosen.form == "chunkwise" and chosen.chunk_size in (32, 64)

@@ -165,7 +165,7 @@ def test_search_space_and_pruning(monkeypatch):
     monkeypatch.setenv("RTP_TUNE_CONFIGS", "full")
     mid = tune.candidates(triton_problem(T=4096, K=64, V=64), configs=True)
     # NOTE: float32's split runs min(C, 32)-row chunks and its fused pass 16-row chunks
-    # (spec._wide_blocks), so C = 64 launches what C = 32 does and is deduplicated
+    # (blocks._wide_blocks), so C = 64 launches what C = 32 does and is deduplicated
     assert {(c.form, c.chunk_size) for c in mid} == {
         ("parallel", 64), ("chunkwise", 16), ("chunkwise", 32)
     }  # fmt: skip

@@ -101,7 +101,7 @@ def test_choose_ignores_the_precision_for_other_dtypes():
 
 
 def test_float32_blocks_and_unchanged_16_bit_blocks():
-    """float32/float64 take their own blocks (spec._wide_blocks); 16-bit ones are unchanged."""
+    """float32/float64 take their own blocks (blocks._wide_blocks); 16-bit ones are unchanged."""
     for form, split in (("parallel", False), ("chunkwise", False), ("chunkwise", True),
                         ("recurrent", False)):  # fmt: skip
         for K in (16, 32, 48, 100, 128, 256):

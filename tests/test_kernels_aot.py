@@ -101,7 +101,7 @@ def test_split_defaults_do_not_spill_in_bfloat16(K):
         assert r.spill_bytes == 0, f"{spec.short()}: {r}"
 
 
-# NOTE: float32 defaults (spec._wide_blocks) compile spill-free at these K (ptxas of Triton 3.9's
+# NOTE: float32 defaults (blocks._wide_blocks) compile spill-free at these K (ptxas of Triton 3.9's
 # wheel, benchmarks/results/static); the bound leaves room for a compiler update's few bytes
 # while failing the pathology the rule fixed: the 16-bit blocks spilled 92 bytes (split output)
 # to 22,680 (fused) per thread in float32.

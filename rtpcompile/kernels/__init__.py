@@ -7,8 +7,9 @@ optional block ``config`` (``{"BV": 32, "num_warps": 8, "num_stages": 3, "split"
 ``spec.check_config``), the planner's ``Plan.config``; None keeps the defaults. Importing this
 package never fails when Triton is missing: ``available()`` is then False.
 
-Pipeline: spec.py (decisions) -> templates/*.jinja (Triton) -> codegen.py (hash-named, verified
-modules in a 0700 cache directory) -> launch.py (one pass) -> backward.py (forward, backward).
+Pipeline: blocks.py (tile sizes, the fused/split rule) -> spec.py (decisions) ->
+templates/*.jinja (Triton) -> codegen.py (hash-named, verified modules in a 0700 cache
+directory) -> launch.py (one pass) -> backward.py (forward, backward).
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ def source_hash(backend: str) -> str:
     if backend == "triton":
         kernels = here.parent / "kernels"
         files = sorted(kernels.glob("templates/*.jinja"))
-        files += [kernels / "spec.py", kernels / "launch.py"]  # launch decides fused or split
+        # NOTE: blocks.py holds the default tiles and the fused/split rule that launch applies
+        files += [kernels / "blocks.py", kernels / "spec.py", kernels / "launch.py"]
     else:
         files = [here / "aten_impl.py"]
     digest = hashlib.sha256(backend.encode())

@@ -1,0 +1,207 @@
+"""Block sizes of the generated kernels: configs, their defaults, and the fused/split rule.
+
+A kernel's tiles are BT (rows: the chunk for chunkwise, 1 for recurrent, fixed by K for
+parallel), BK (always covers K), BV (a V block: one program per V block), BKC (the K block of a
+split chunkwise stage) and the launch settings num_warps and num_stages. ``default_blocks`` picks
+them per form, K, V, chunk size and dtype, from register and spill measurements
+(benchmarks/results/static); a config (``CONFIG_KEYS``, what the autotuner searches) overrides
+BV, the launch settings and ``use_split``'s choice after ``check_config`` validated it.
+``spec.choose`` turns the result into a ``KernelSpec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+MAX_DIM = 256
+# NOTE: K is never tiled by a config (BK always covers K; the split stages walk it in BKC
+# blocks, fixed by default_blocks), and BT is the chunk size (chunkwise), 1
+# (recurrent) or fixed by K (parallel), so a config only names the V block and launch settings.
+CONFIG_KEYS = ("BV", "num_warps", "num_stages", "split")
+# NOTE: the split's default rule. The fused pass runs one program per (V block, head) through
+# every chunk in sequence; beyond this many chunks (T > 8192 at the 64-row chunk: fused measured
+# 1.38x FLA's split kernels at T = 4096 but 0.84x at 16384 on an H200), or at K = 256 where the
+# fused program's tiles spill (0.23x), the split pass -- a sequential kernel doing a third of the
+# work, then a parallel one -- is expected to win. Unmeasured for the split itself: autotuning
+# compares both. Powers of two, so every T of one planner bucket gets the same answer.
+SPLIT_MIN_CHUNKS = 128
+# NOTE: and when the fused grid is too small to fill the GPU: the default model's layers (B*H = 8,
+# V = 64: 8 programs on an H200's 132 SMs, walking 32 chunks at T = 2048) ran their compiled
+# prefill 5.6x slower than Inductor there (benchmarks/results/h200). Split, the output kernel
+# has a program per chunk. Also unmeasured; powers of two again.
+FEW_PROGRAMS = 32
+FEW_PROGRAMS_MIN_CHUNKS = 8
+# NOTE: and always for float32/float64 inputs: compiled for sm_90, the fused kernel's 16-bit
+# blocks spill 15-23 KB per thread in float32 (its float32 operands are twice the size); its
+# float32 blocks (``_wide_blocks``) are spill-free up to K = 128 only with 16-row chunks and
+# 16-32-wide V blocks, while the split stages' are spill-free with 32-row chunks and 64-wide V
+# blocks at every K (benchmarks/results/static/kernel_resources_sm_90_2026-11-23.md).
+WIDE_DTYPES = ("float32", "float64")
+MAX_WARPS = 32
+MAX_STAGES = 8
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def check_config(config: Mapping[str, int] | Iterable[tuple[str, int]] | None) -> dict[str, int]:
+    """``config`` as a plain dict after validation; a bad name or value is a ValueError.
+
+    BV: a power of two in [16, MAX_DIM]; num_warps: a power of two in [1, MAX_WARPS];
+    num_stages: an integer in [1, MAX_STAGES]; split: 0 (fused chunkwise passes) or 1 (split
+    passes; absent: ``use_split``'s rule). Accepts a mapping or (name, value) pairs (the
+    planner's ``Plan.config``); None or empty means "the defaults".
+    """
+    found = dict(config or ())
+    unknown = sorted(set(found) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"kernel config names must be among {list(CONFIG_KEYS)} (K is not tiled and BT is "
+            f"the chunk size), got {unknown}"
+        )
+    for name, value in found.items():
+        # NOTE: bool is an int subclass; True is not a block size
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"kernel config {name} must be an integer, got {type(value).__name__} {value!r}"
+            )
+        problem = _block_problem(name, value)
+        if problem:
+            raise ValueError(f"kernel config {name} {problem}")
+    return found
+
+
+def _block_problem(name: str, value: int) -> str | None:
+    """Why ``value`` is not a valid ``name`` (one of CONFIG_KEYS), or None; one rule for both
+    the planner's configs and KernelSpec."""
+    if name == "BV" and not (_is_pow2(value) and 16 <= value <= MAX_DIM):
+        return f"must be a power of two in [16, {MAX_DIM}], got {value}"
+    if name == "num_warps" and not (_is_pow2(value) and value <= MAX_WARPS):
+        return f"must be a power of two in [1, {MAX_WARPS}], got {value}"
+    if name == "num_stages" and not 1 <= value <= MAX_STAGES:
+        return f"must be in [1, {MAX_STAGES}], got {value}"
+    if name == "split" and value not in (0, 1):
+        return f"must be 0 (fused) or 1 (split), got {value}"
+    return None
+
+
+def use_split(
+    form: str,
+    T: int,
+    K: int,
+    chunk_size: int = 64,
+    config: Mapping[str, int] | Iterable[tuple[str, int]] | None = None,
+    *,
+    V: int | None = None,
+    BH: int | None = None,
+    dtype: str | None = None,
+) -> bool:
+    """Whether a chunkwise pass that writes output rows runs split (states, then output).
+
+    The config's ``split`` decides when present. Otherwise, with more than one chunk, split when:
+    K needs a 256-wide block (and the split's wider chunks are more than one); the pass has more
+    than SPLIT_MIN_CHUNKS chunks; ``dtype`` (a name, e.g. "float32") is in WIDE_DTYPES; or, when
+    V and BH = B*H are given, the fused kernel would run fewer than FEW_PROGRAMS programs over
+    more than FEW_PROGRAMS_MIN_CHUNKS chunks. B*H counts by its planner bucket (next power of 2).
+    """
+    if form != "chunkwise" or T <= 0:
+        return False
+    cfg = check_config(config)
+    if "split" in cfg:
+        return bool(cfg["split"])
+    # NOTE: chunks count in the 16-bit blocks (64 rows) whatever the dtype: the thresholds are
+    # the H200's bfloat16 measurements, and a float32 pass of <= 64 rows stays fused
+    d = default_blocks(form, K, V or 1, chunk_size)
+    chunks = -(-T // d["BT"])
+    if chunks <= 1:
+        return False
+    if next_pow2(K) >= 256:  # counted in the split's own (64-row) chunks: one chunk stays fused
+        return T > default_blocks(form, K, V or 1, chunk_size, split=True)["BT"]
+    if chunks > SPLIT_MIN_CHUNKS or dtype in WIDE_DTYPES:
+        return True
+    if V is None or BH is None:
+        return False
+    BV = min(cfg.get("BV", d["BV"]), max(16, next_pow2(V)))
+    programs = -(-V // BV) * next_pow2(BH)
+    return programs < FEW_PROGRAMS and chunks > FEW_PROGRAMS_MIN_CHUNKS
+
+
+def default_blocks(
+    form: str,
+    K: int,
+    V: int,
+    chunk_size: int = 64,
+    split: bool = False,
+    *,
+    dtype: str | None = None,
+) -> dict[str, int]:
+    """BT, BK, BV, num_warps and num_stages (and BKC, split) ``choose`` uses without a config.
+
+    ``split``: the blocks of both stages of a split chunkwise pass (they must share BT).
+    ``dtype``: the inputs' dtype name; float32 and float64 take smaller blocks
+    (``_wide_blocks``); None or a 16-bit dtype: the 16-bit blocks.
+    """
+    BK = max(16, next_pow2(K))
+    big = BK >= 256
+    if dtype in WIDE_DTYPES and form != "recurrent":
+        return _wide_blocks(form, BK, V, chunk_size, split)
+    if form == "recurrent":
+        # NOTE: a program keeps its [BK, BV] state slice in registers; in float64 a 64-wide slice
+        # spills at K = 128 (456 bytes) and K = 256 (1,668), a 32-wide one does not (sm_90)
+        narrow = big or (dtype == "float64" and BK >= 128)
+        BT, BV = 1, min(max(16, next_pow2(V)), 32 if narrow else 64)
+        warps = 4
+    elif form == "parallel":
+        BT = 32 if big else 64
+        BV = min(max(16, next_pow2(V)), 64)
+        warps = 8 if BK * BV >= 128 * 64 else 4
+    else:
+        # NOTE: the chunk size is a planner hint; tl.dot needs tiles of >= 16, and the result does
+        # not depend on it, so it is rounded to a power of two in [16, 64] (32 for K = 256 when
+        # fused, whose program also keeps the [256, BV] float32 state resident; the split
+        # stages never hold both, so they keep 64-row tiles, the M that Hopper's wgmma wants).
+        small = big and not split
+        BT = min(max(16, next_pow2(chunk_size)), 32 if small else 64)
+        BV = min(max(16, next_pow2(V)), 32 if small else 64)
+        warps = 8 if BK * BV >= 128 * 64 else 4
+        if split:
+            # NOTE: the split stages walk K in 64-wide blocks, so their tiles do not grow with K
+            # (a [64, 256] q and k and a [256, 64] state in shared memory would not fit
+            # pre-Hopper GPUs in float32), and the states kernel gets a program per K block.
+            # 8 warps once the output kernel's three [BT, BV]/[BT, BT] float32 accumulators
+            # reach 64 x 64: at 4 they spill (ptxas on sm_90, benchmarks/kernel_resources.py).
+            warps = 8 if BT * BV >= 64 * 64 else 4
+            return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2,
+                    "BKC": min(BK, 64)}  # fmt: skip
+    return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
+
+
+def _wide_blocks(form: str, BK: int, V: int, chunk_size: int, split: bool) -> dict[str, int]:
+    """float32/float64 blocks: with 32-bit operands, the 16-bit tiles spill (ptxas, sm_90).
+
+    Measured with "ieee" dots at K = V in {32, 64, 128, 256} and K != V, every BT, BV in
+    {16, 32, 64}, 4 or 8 warps and BKC in {32, 64} (``benchmarks/kernel_resources.py --sweep``),
+    spill bytes per thread of the 16-bit defaults -> these:
+      parallel  BT=64 (32 at K=256), BV=64: 0-13,536 -> BT=32, BV=64, 8 warps: 0 at every K
+      split     BT=64, BKC=64, 8 warps: states 0, output 92-908 -> BT=32, BKC=32, BV=64 and 4
+                warps (8 at K <= 32: one K block, 4 spill 352-632 there): 0 and 0 at every K
+                (BKC=64 or BT=64 spill 4-1,040 at some K; 8 warps at K=64 spill 4)
+      fused     BT=64 (32), BV=64 (32): 10,620-22,680 -> BT=16, 8 warps, BV=32 at K <= 64 and 16
+                above: 0 up to K=128, 596 at K=256 (BT=32 spills at K >= 64 whatever BV and warps)
+    The fused kernel is left with small tiles because float32 passes that write rows split
+    (``use_split``); it runs state-only passes and single chunks.
+    """
+    cover = max(16, next_pow2(V))
+    if form == "parallel":
+        return {"BT": 32, "BK": BK, "BV": min(cover, 64), "num_warps": 8, "num_stages": 2}
+    if split:
+        BT, warps = min(max(16, next_pow2(chunk_size)), 32), 8 if BK <= 32 else 4
+        return {"BT": BT, "BK": BK, "BV": min(cover, 64), "num_warps": warps, "num_stages": 2,
+                "BKC": min(BK, 32)}  # fmt: skip
+    BV = min(cover, 32 if BK <= 64 else 16)
+    return {"BT": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2}
