@@ -287,3 +287,18 @@ def test_one_choice_per_bucket_and_the_launcher_agrees(dtype, phase, B, H, dims,
     assert plan.plan_for(other) == first
     assert first == dataclasses.replace(tune.model_choice(p.at_bucket()), source="model")
     assert names(p, first) == names(p.at_bucket(), first) == names(other, first)
+
+
+def test_tf32_float32_dots_count_at_the_tensor_core_rate(monkeypatch):
+    """After set_float32_matmul_precision("high") the kernels' float32 dots run as TF32 on the
+    tensor cores (spec.float32_precision), and the CUDA estimate follows; CPU never does."""
+    from rtpcompile.kernels import spec
+
+    p = dataclasses.replace(problem(T=4096, H=64, K=128, V=128), device="cuda:0")
+    c = Plan("chunkwise", 64)
+    ieee = tune.estimate(p, c)
+    monkeypatch.setattr(spec, "float32_precision", lambda: "tf32")
+    assert tune.estimate(p, c) < ieee
+    assert tune.estimate(dataclasses.replace(p, dtype="bfloat16"), c) <= tune.estimate(p, c)
+    cpu = dataclasses.replace(p, device="cpu")
+    assert tune.estimate(cpu, c) == ieee

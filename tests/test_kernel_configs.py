@@ -146,6 +146,10 @@ def test_memoised_specs_equal_fresh_ones_and_bad_configs_raise_every_time():
     for _ in range(2):  # a ValueError is not memoised away
         with pytest.raises(ValueError, match="BV must be a power of two"):
             launch._spec(p, 16, {"BV": 24})
+    launch._spec(p, 16, {"num_warps": 1})
+    with pytest.raises(ValueError, match="must be an integer, got bool"):
+        launch._spec(p, 16, {"num_warps": True})  # equal to a cached 1 as a key, still refused
+    assert launch._spec(p, 16, (("BV", 32),)) == launch._spec(p, 16, {"BV": 32})  # pairs
 
 
 # ----------------------------------------------------------------------------- the search

@@ -299,3 +299,9 @@ def test_accelerator_gamma_is_checked_once_per_version(monkeypatch):
         other = torch.full((3,), 0.9, device=device)  # another tensor is checked on its own
         validate.check_gamma(other, q)
         assert len(checked) == expected[-1] + 1
+    with torch.inference_mode():  # inference tensors have no version: checked every call
+        q, gamma = torch.empty(1, 3, 5, 8, device="meta"), torch.full((3,), 0.9, device="meta")
+        checked.clear()
+        for _ in range(2):
+            validate.check_gamma(gamma, q)
+        assert len(checked) == 2

@@ -24,7 +24,15 @@ from collections.abc import Mapping
 import torch
 
 from . import codegen
-from .spec import KernelSpec, choose, default_blocks, dtype_name, float32_precision, use_split
+from .spec import (
+    KernelSpec,
+    check_config,
+    choose,
+    default_blocks,
+    dtype_name,
+    float32_precision,
+    use_split,
+)
 
 Tensor = torch.Tensor
 log = logging.getLogger("rtpcompile")
@@ -96,7 +104,7 @@ def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused")
         p.q.dtype,
         p.out_dtype or p.q.dtype,
         chunk_size,
-        tuple(sorted(config.items())) if config else (),
+        tuple(sorted(check_config(config).items())),  # validated: plain ints, pairs accepted
         flags,
     )
 
@@ -111,7 +119,8 @@ def _fp32_precision(q: Tensor) -> str:
 def _choose(form, direction, K, V, dtype, out_dtype, chunk_size, config, flags) -> KernelSpec:
     # NOTE: memoised: building and validating a KernelSpec costs ~15 us, paid by every pass of
     # every call otherwise (a decode step is one pass, a backward three or four). Everything
-    # choose reads is in the key; a bad config still raises (exceptions are not cached).
+    # choose reads is in the key; the config was validated by check_config before the lookup
+    # (so True is never taken for a cached 1), and exceptions are not cached.
     return choose(form, direction, K, V, dtype, out_dtype, chunk_size, dict(config), **dict(flags))
 
 

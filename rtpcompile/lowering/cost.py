@@ -55,8 +55,10 @@ class Machine:
 # Dense bf16/fp16 tensor-core peak 989 TFLOP/s; Triton's 64-row tl.dot tiles (no warp
 # specialisation, decay element-wise work between dots) are assumed to sustain 35%.
 TENSOR_FLOPS = 989e12 * 0.35
-# float32 dots use input_precision "ieee" (spec.KernelSpec.precision): FMA units, 67 TFLOP/s
-# peak; a tl.dot lowered to FMA loops with operand shuffles is assumed to sustain 25%.
+# float32 dots at input_precision "ieee" (torch's default "highest"; spec.float32_precision):
+# FMA units, 67 TFLOP/s peak; a tl.dot lowered to FMA loops with operand shuffles is assumed to
+# sustain 25%. At "tf32" (after set_float32_matmul_precision("high")) they count as tensor-core
+# dots at TENSOR_FLOPS (TF32 peaks at half the bf16 rate; the tile efficiency dominates).
 FMA_FLOPS = 67e12 * 0.25
 # float64: 34 TFLOP/s FP64 (non-tensor) peak, assumed 25% like float32.
 FP64_FLOPS = 34e12 * 0.25
@@ -225,14 +227,16 @@ def sm_count(device: str) -> int:
     return MACHINES["triton"].sms
 
 
-def kernel_seconds(k: KernelCost, m: Machine, dtype: str, sms: int) -> float:
+def kernel_seconds(k: KernelCost, m: Machine, dtype: str, sms: int, tf32: bool = False) -> float:
     """max(compute, memory) + chain + launch, compute at the fraction of the GPU that the grid
     occupies: one program runs on one SM, so ``min(programs, SMs) / m.sms`` of ``m``'s rates
-    (``m.sms``: the SMs those rates are for; a device with other SMs scales them)."""
+    (``m.sms``: the SMs those rates are for; a device with other SMs scales them). ``tf32``:
+    float32 dots run on the tensor cores."""
+    tensor = dtype in ("bfloat16", "float16") or (tf32 and dtype == "float32")
     if dtype == "float64":
         rate = m.fp64_flops
     else:
-        rate = m.flops if k.dots and dtype in ("bfloat16", "float16") else m.fma_flops
+        rate = m.flops if k.dots and tensor else m.fma_flops
     busy = max(1, min(k.programs, sms)) / m.sms  # NOTE: an empty grid (T = 0) does nothing
     # NOTE: memory runs at the whole GPU's bandwidth even for a few programs: what one program
     # cannot stream is its loads' latency, which the chain term (a step per loaded tile) counts.
@@ -241,8 +245,13 @@ def kernel_seconds(k: KernelCost, m: Machine, dtype: str, sms: int) -> float:
 
 
 def _triton_seconds(p: Problem, plan: Plan, m: Machine) -> float:
+    from ..kernels.spec import float32_precision
+
     sms = sm_count(p.device)
-    return sum(kernel_seconds(k, m, p.dtype, sms) for k in _triton_kernels(p, plan))
+    # NOTE: read at planning time like launch reads it per call; a plan is memoised per bucket,
+    # so changing the precision mid-process keeps the plans made before (only their speed)
+    tf32 = p.dtype == "float32" and p.device.startswith("cuda") and float32_precision() == "tf32"
+    return sum(kernel_seconds(k, m, p.dtype, sms, tf32) for k in _triton_kernels(p, plan))
 
 
 def estimate(p: Problem, plan: Plan) -> float:

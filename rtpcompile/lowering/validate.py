@@ -112,11 +112,15 @@ _CHECKED_MAX = 256
 
 
 def _checked_before(gamma: torch.Tensor) -> bool:
+    if gamma.is_inference():  # NOTE: no version counter; checked every call
+        return False
     entry = _CHECKED.get(id(gamma))
     return entry is not None and entry[0]() is gamma and entry[1] == gamma._version
 
 
 def _remember_checked(gamma: torch.Tensor) -> None:
+    if gamma.is_inference():
+        return
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()
     _CHECKED[id(gamma)] = (weakref.ref(gamma), gamma._version)
