@@ -38,7 +38,11 @@ def _bench(fn) -> tuple[float, int]:
 
 def _bench_graph(fn) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph: the GPU time without the host's launch
-    cost (Python, argument binding), which eager timing of small calls mostly measures."""
+    cost (Python, argument binding), which eager timing of small calls mostly measures.
+
+    Unlike do_bench, the replays do not flush L2 between calls: inputs smaller than L2 (~50 MB
+    on an H100/H200) may stay warm, for ours and the baselines alike, so compare graph columns
+    with graph columns."""
     import triton.testing
 
     fn()  # compile and autotune outside the capture
