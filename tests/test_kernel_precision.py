@@ -231,3 +231,23 @@ def test_interpreter_computes_tf32_dots_in_float32(triton_on_cpu, monkeypatch):
     monkeypatch.setattr(launch, "choose", tf32)
     _check_against_reference("parallel", T=40, K=20, V=24)
     assert specs and all(s.precision == "tf32" for s in specs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("setting", "precision", "bound"), [("highest", "ieee", 2e-4),
+                                                            ("high", "tf32", 5e-3)])  # fmt: skip
+@pytest.mark.parametrize("form", ["chunkwise", "parallel", "recurrent"])
+def test_gpu_float32_follows_the_setting_within_its_accuracy(form, setting, precision, bound):
+    """On CUDA the kernels run the precision torch's setting asks for, each within its own
+    accuracy against float64: "ieee" to float32 rounding, "tf32" to TF32's ~1e-3."""
+    g = torch.Generator().manual_seed(0)
+    T, K, V = 300, 64, 96
+    wide = [torch.randn(2, 4, T, d, generator=g, dtype=F64) for d in (K, K, V)]
+    wide = [x.cuda() for x in wide] + [torch.linspace(0.9, 0.999, 4, dtype=F64, device="cuda")]
+    low = [x.float() for x in wide]
+    with matmul_precision(setting):
+        assert float32_precision() == precision
+        o, _ = torch.ops.rtp.retention_fwd(*low, K**-0.5, None, form, 0)
+    ro, _ = ref.reference_parallel(*wide, K**-0.5)
+    err = (o.double() - ro).abs().max().item() / ro.abs().max().item()
+    assert err <= bound, f"{form} at {setting!r} ({precision}): relative error {err:.2e}"
