@@ -36,3 +36,21 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     if "RTP_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rtp-cache"))
     yield
+
+
+@pytest.fixture
+def triton_on_cpu(tmp_path, monkeypatch):
+    """The rtp op on the generated kernels under the interpreter, with a fresh cache and planner
+    and no RTP_* option left over from the environment."""
+    from rtpcompile.lowering import dispatch, plan
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    dispatch._triton_module.cache_clear()
+    plan.reset()
+    yield
+    plan.reset()
+    dispatch._triton_module.cache_clear()

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from rtpcompile import kernels, ops  # noqa: E402
 from rtpcompile.kernels import cache, codegen, launch  # noqa: E402
 from rtpcompile.kernels.spec import check_config, choose, default_blocks, render  # noqa: E402
-from rtpcompile.lowering import dispatch, plan, tune  # noqa: E402
+from rtpcompile.lowering import plan, tune  # noqa: E402
 from rtpcompile.lowering import reference as ref  # noqa: E402
 from rtpcompile.lowering.plan import Problem  # noqa: E402
 
@@ -26,17 +26,8 @@ TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def _triton_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("RTP_KERNELS", "triton")
-    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    dispatch._triton_module.cache_clear()
-    plan.reset()
+def _triton_on_cpu(triton_on_cpu):  # conftest.py
     yield
-    plan.reset()
-    dispatch._triton_module.cache_clear()
 
 
 def close(actual, expected, dtype, what):

@@ -24,7 +24,7 @@ from rtpcompile.kernels.spec import (  # noqa: E402
     float32_precision,
     render,
 )
-from rtpcompile.lowering import dispatch, plan  # noqa: E402
+from rtpcompile.lowering import dispatch  # noqa: E402
 from rtpcompile.lowering import reference as ref  # noqa: E402
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -175,20 +175,6 @@ def launch_specs(q: torch.Tensor, v: torch.Tensor) -> list[KernelSpec]:
 
 
 # ---- numerics under the interpreter ------------------------------------------------------------
-
-
-@pytest.fixture
-def triton_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("RTP_KERNELS", "triton")
-    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    dispatch._triton_module.cache_clear()
-    plan.reset()
-    yield
-    plan.reset()
-    dispatch._triton_module.cache_clear()
 
 
 def _check_against_reference(form: str, T: int = 70, K: int = 48, V: int = 80) -> None:

@@ -112,7 +112,10 @@ def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused")
 def _fp32_precision(q: Tensor) -> str:
     # NOTE: CUDA (and meta, which kernels_for uses to describe CUDA launches) follow torch's
     # float32 matmul precision, read per call; the interpreter computes in float32 anyway
-    return float32_precision() if q.device.type in ("cuda", "meta") else "ieee"
+    # float32 only: other dtypes ignore it, so their passes skip the read
+    if q.dtype != torch.float32 or q.device.type not in ("cuda", "meta"):
+        return "ieee"
+    return float32_precision()
 
 
 @functools.lru_cache(maxsize=1024)
