@@ -89,11 +89,14 @@ def test_split_equals_fused_bit_for_bit_under_the_interpreter(dtype):
     do = torch.randn_like(fused[0])
     dsf = torch.randn_like(fused[1])
     grads = [
-        kernels.triton_backward("chunkwise", do, dsf, q, k, v, g, 0.3, s0, fused[1], 16, cfg)
-        for cfg in ({"split": 0}, SPLIT)
+        list(kernels.triton_backward("chunkwise", do, dsf, q, k, v, g, 0.3, s0, fused[1], 16, c))
+        for c in ({"split": 0}, SPLIT)
     ]
+    (dg, dg_split) = grads[0].pop(3), grads[1].pop(3)
     for a, b in zip((*fused, *grads[0]), (*split, *grads[1]), strict=True):
         assert torch.equal(a, b)
+    # NOTE: d gamma sums per-program partials, one per fused program or per chunk split
+    torch.testing.assert_close(dg_split, dg, rtol=1e-4, atol=1e-5 * dg.abs().max().item())
 
 
 def test_split_with_ones_column_row_scale_and_row_dots():
@@ -108,9 +111,12 @@ def test_split_with_ones_column_row_scale_and_row_dots():
             row_dot_with=r, state_out=True,
         )  # fmt: skip
         results.append(launch.run(p, 16, cfg))
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
-    assert results[1][0].shape[-1] == 21 and results[1][2].shape == (1, 2, 37)
+    (o, sf, part), (o_split, sf_split, part_split) = results
+    assert torch.equal(o, o_split) and torch.equal(sf, sf_split)
+    # d gamma's partial sums: one per fused program, one per chunk split; summed, the same
+    assert part.shape == (1, 1, 2, 1) and part_split.shape == (1, 1, 2, 3)  # 37 rows: 3 chunks
+    torch.testing.assert_close(part_split.sum((0, 1, 3)), part.sum((0, 1, 3)), rtol=1e-5, atol=0)
+    assert o_split.shape[-1] == 21
 
 
 def _reversed_pass_fused_and_split(T: int, K: int, V: int) -> list:
@@ -130,23 +136,54 @@ def _reversed_pass_fused_and_split(T: int, K: int, V: int) -> list:
 
 
 def test_split_equals_fused_on_a_reversed_pass_with_every_feature():
-    """One K block (K = 12), V = 20 in two blocks: the same operations, bit for bit."""
-    for a, b in zip(*_reversed_pass_fused_and_split(48, 12, 20), strict=True):
-        assert torch.equal(a, b)
+    """One K block (K = 12), V = 20 in two blocks: the same operations, bit for bit (d gamma's
+    partial sums are per program, so they agree once summed, to float32 rounding)."""
+    (o, sf, part), (o_split, sf_split, part_split) = _reversed_pass_fused_and_split(48, 12, 20)
+    assert torch.equal(o, o_split) and torch.equal(sf, sf_split)
+    torch.testing.assert_close(part_split.sum((0, 1, 3)), part.sum((0, 1, 3)), rtol=1e-5, atol=0)
 
 
 def test_split_close_to_fused_with_several_k_blocks_and_every_feature():
     """K = 100 (two K blocks: row scales applied per block): the K reduction is summed in
     another order, so equal to float32 rounding."""
-    for a, b in zip(*_reversed_pass_fused_and_split(40, 100, 40), strict=True):
+    (o, sf, part), (o_split, sf_split, part_split) = _reversed_pass_fused_and_split(40, 100, 40)
+    for a, b in ((o, o_split), (sf, sf_split), (part.sum((0, 1, 3)), part_split.sum((0, 1, 3)))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
 
 
 def test_grid_limits_are_a_clear_error(monkeypatch):
-    monkeypatch.setattr(launch, "GRID_LIMITS", (2**31 - 1, 1, 1))
+    monkeypatch.setattr(launch, "GRID_LIMITS", (2, 65535, 65535))
     _, (q, k, v, g, _) = make(1, 2, 40, 8, 8, torch.float32)
-    with pytest.raises(ValueError, match=r"grid \(\d+, 2\) exceeds the launch limits"):
+    with pytest.raises(ValueError, match=r"grid \(3, 2\) for one sequence exceeds the launch"):
         kernels.triton_forward("chunkwise", q, k, v, g, 0.3, None, 16, SPLIT)
+
+
+@pytest.mark.parametrize(
+    "form,cfg",
+    [("chunkwise", {"split": 0}), ("chunkwise", SPLIT), ("parallel", None), ("recurrent", None)],
+    ids=["fused", "split", "parallel", "recurrent"],
+)
+def test_batch_past_the_grid_limit_launches_in_slices(monkeypatch, form, cfg):
+    """B*H over the batch*head axis's limit runs as several launches over slices of the batch,
+    with the same results as one launch: forward, final state and every gradient (the d gamma
+    partials are batch-first, so a slice writes its own rows)."""
+    T = 5 if form == "recurrent" else 37  # the interpreter runs the recurrent form per token
+    _, (q, k, v, g, s0) = make(5, 2, T, 12, 20, torch.float32, state=True, btHd=True)
+
+    def both():
+        o, sf = kernels.triton_forward(form, q, k, v, g, 0.3, s0, 16, cfg)
+        do, dsf = torch.ones_like(o), torch.ones_like(sf)
+        return (o, sf, *kernels.triton_backward(form, do, dsf, q, k, v, g, 0.3, s0, sf, 16, cfg))
+
+    whole = both()
+    calls = []
+    real = launch._call
+    monkeypatch.setattr(launch, "_call", lambda *a: calls.append(a[-3]) or real(*a))
+    monkeypatch.setattr(launch, "GRID_LIMITS", (2**31 - 1, 5, 5))  # 2 sequences x 2 heads each
+    sliced = both()
+    assert max(calls) == 2 and 1 in calls  # 5 sequences: 2 + 2 + 1
+    for a, b in zip(whole, sliced, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_resource_rule_knows_the_split_kernels(monkeypatch):

@@ -309,3 +309,11 @@ def test_gpu_forms(case, dtype, state):
 def test_gpu_float16(form):
     T = 16 if form == "recurrent" else 300
     check(form, 2, 3, T, 64, 96, torch.float16, True, True, btHd=True, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form,T", [("recurrent", 1), ("chunkwise", 20), ("parallel", 20)])
+def test_gpu_more_than_65535_batch_heads(form, T):
+    """B*H = 69632: more programs per V block than grid axes 1 and 2 take (65535); every kernel
+    runs a 1-D grid, so a large decode batch needs no splitting by the caller."""
+    check(form, 4352, 16, T, 16, 16, torch.float16, True, True, device="cuda")

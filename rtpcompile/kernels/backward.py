@@ -8,9 +8,15 @@ The backward is three passes of the same kernel family (the math is in
     dv = retention(k, q, do) reversed, + gamma^(T-1-t) k_t dsf         (state dsf at position 0)
 
 The direct terms of the final-state gradient enter as an initial state placed at position 0,
-so no tensor is built for them. The dq and dk passes also write the per-row dots <q_t, dq_t>
-and <k_t, dk_t> that the closed form of d log(gamma) needs, and ds0 comes from the final state of
-a reversed (q, do) pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf.
+so no tensor is built for them. d gamma has a closed form (``aten_impl``):
+
+    d log(gamma) = sum_t (t - c) (<q_t, dq_t> - <k_t, dk_t>) + state terms,   c = (T - 1) / 2
+
+The dq and dk passes each add their half of the sum inside the kernel, divided by gamma (the
+reversed dk pass weighs by its own, logical, time, which is c - t: the minus sign for free), as
+one partial sum per program; what is left is two sums over those partials. ds0 comes from the
+final state of a reversed (q, do) pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T
+dsf.
 Every pass takes the call's block ``config`` (see ``launch.run``); a pass whose V is narrower
 than the config's BV clamps it (``spec.choose``).
 """
@@ -57,16 +63,16 @@ def _flip_t(x: Tensor) -> Tensor:
 
 
 def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
-    """dq, dk, dv, the row dots <q, dq> and <k, dk>, and the reversed (q, do) pass state."""
+    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state."""
     dq_pass = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q)
     if s0 is not None:
         dq_pass.s0 = _flip_t(s0)
-    dq, _, dot_q = run(dq_pass, chunk_size, config)
+    dq, _, part_q = run(dq_pass, chunk_size, config)
     direct = {} if dsf is None else {"state_offset": 0, "state_scale": 1.0}
     dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
     if dsf is not None:
         dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), **direct)
-    dk, _, dot_k = run(dk_pass, chunk_size, config)
+    dk, _, part_k = run(dk_pass, chunk_size, config)
     # NOTE: without a final-state gradient the dv pass has no state of its own, so its final
     # state is exactly sum_t gamma^t q_t^T do_t, the part of ds0 that needs a pass.
     want_f = s0 is not None and dsf is None
@@ -77,7 +83,7 @@ def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
     if s0 is not None and f is None:
         state_only = Pass(form, k, q, do, g, scale, reverse=True, store_o=False, state_out=True)
         f = run(state_only, chunk_size, config)[1]
-    return dq, dk, dv, dot_q, dot_k, f
+    return dq, dk, dv, part_q, part_k, f
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
@@ -85,19 +91,25 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     g = _check(q, k, v, gamma, scale)
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
-    dq, dk, dv, dot_q, dot_k, f = _three_passes(
+    dq, dk, dv, part_q, part_k, f = _three_passes(
         form, do, dsf, q, k, v, g, scale, s0, chunk_size, config
     )
-    lg = torch.log(g.to(acc))
+    # NOTE: the common case (no states) is these three small launches; the partials are
+    # [B, NV, H, tiles] and already divided by gamma
+    dg = part_q.sum(dim=(0, 1, 3))
+    dg += part_k.sum(dim=(0, 1, 3))
+    if s0 is None and dsf is None:
+        return dq, dk, dv, dg, None
+    # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head
+    ga = g.to(acc)
     c = (T - 1) / 2
-    centred = torch.arange(T, device=q.device, dtype=acc) - c
-    dlg = ((dot_q - dot_k) * centred).sum(dim=(0, 2))
-    ds0 = None
+    ds0 = dlg = None
     if s0 is not None:
-        ds0 = f * (scale * torch.exp(lg))[:, None, None]
+        ds0 = f * (scale * ga)[:, None, None]
         if dsf is not None:
-            ds0 = ds0 + torch.exp(lg * T)[:, None, None] * dsf.to(acc)
-        dlg = dlg + (c + 1) * (s0.to(acc) * ds0).sum(dim=(0, 2, 3))
+            ds0 = ds0 + (ga**T)[:, None, None] * dsf.to(acc)
+        dlg = (s0.to(acc) * ds0).sum(dim=(0, 2, 3)).mul_(c + 1)
     if dsf is not None:
-        dlg = dlg + (T - 1 - c) * (dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3))
-    return dq, dk, dv, dlg / g.to(acc), ds0
+        term = (dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)).mul_(T - 1 - c)
+        dlg = term if dlg is None else dlg.add_(term)
+    return dq, dk, dv, dg.add_(dlg.div_(ga)), ds0

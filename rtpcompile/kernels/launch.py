@@ -71,7 +71,9 @@ class Pass:
     store_o: bool = True
     state_out: bool = False
     out_dtype: torch.dtype | None = None
-    row_dot_with: Tensor | None = None  # r: also return sum_v o[..., v] * r[..., v] per row
+    # r: also return the pass's d gamma terms, sum over rows of (t - (T-1)/2) <o_t, r_t> / gamma
+    # (t logical: negated in a reversed pass), as partial sums [B, NV, H, tiles] (``_outputs``)
+    row_dot_with: Tensor | None = None
     row_scale: Tensor | None = None  # [B, H, T]
     extra_value_column: bool = False
 
@@ -134,7 +136,8 @@ def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
 def run(
     p: Pass, chunk_size: int = 64, config: Config = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, row dots [B,H,T] | None).
+    """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, the d gamma partial
+    sums [B, NV, H, tiles] of a ``row_dot_with`` pass | None; summed over all but H: d gamma).
 
     A parallel pass that must also produce the final state runs a state-only chunkwise pass.
     """
@@ -159,7 +162,7 @@ def run(
         seen.append(codegen.info(spec))
     elif B * H * T > 0 or p.state_out:
         _launch(spec, p, o, sf, rd, (B, H, T))
-    return o, sf, (rd.sum(0) if rd is not None else None)
+    return o, sf, rd
 
 
 def _run_split(p: Pass, chunk_size: int, config: Config):
@@ -189,17 +192,21 @@ def _run_split(p: Pass, chunk_size: int, config: Config):
         h = torch.empty(B * H, -(-T // states.BT), K, rows.V, dtype=p.q.dtype, device=p.q.device)
         _launch(states, p, None, sf, None, (B, H, T), h)
         _launch(rows, p, o, None, rd, (B, H, T), h)
-    return o, sf, (rd.sum(0) if rd is not None else None)
+    return o, sf, rd
 
 
 def _outputs(p: Pass, spec: KernelSpec) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Empty o [B,H,T,V], final state [B,H,K,V] and per-V-block row dots, each only if asked."""
+    """Empty o [B,H,T,V], final state [B,H,K,V] and the d gamma partial sums [B, NV, H, tiles]
+    (one per program: tiles is 1 for a program that walks every row, the row blocks otherwise),
+    each only if asked."""
     B, H, T, K = p.q.shape
     V, acc, dev = spec.V, acc_dtype(p.q.dtype), p.q.device
     o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
     sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
-    NV = -(-V // spec.BV)
-    rd = torch.empty(NV, B, H, T, dtype=acc, device=dev) if spec.row_dot else None
+    rd = None
+    if spec.row_dot:
+        tiles = -(-T // spec.BT) if spec.form == "parallel" or spec.stage == "output" else 1
+        rd = torch.empty(B, -(-V // spec.BV), H, tiles, dtype=acc, device=dev)
     return o, sf, rd
 
 
@@ -228,25 +235,57 @@ def split_fits(p: Pass, chunk_size: int) -> bool:
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
+def _grid(spec: KernelSpec, B: int, H: int, T: int) -> tuple[int, ...]:
+    NV = -(-spec.V // spec.BV)
+    if spec.form == "parallel":
+        return (NV, -(-T // spec.BT), B * H)
+    if spec.stage == "output":
+        return (NV * -(-T // spec.BT), B * H)
+    if spec.stage == "states":
+        return (NV * -(-spec.K // spec.BKC), B * H)
+    return (NV, B * H)
+
+
+def _batch_per_launch(spec: KernelSpec, B: int, H: int, T: int) -> int:
+    """How many sequences one launch takes: all B unless B*H passes its grid axis's 65535; then
+    the batch goes in slices (every tensor the kernels index by batch is batch-first, so a slice
+    is a view). A grid the batch cannot fix is a ValueError."""
+    grid = _grid(spec, 1, H, T)
+    limit = GRID_LIMITS[len(grid) - 1]
+    bad = [n for n, cap in zip(grid, GRID_LIMITS, strict=False) if n > cap]
+    if bad:
+        raise ValueError(
+            f"retention kernel {spec.short()}: grid {grid} for one sequence exceeds the launch "
+            f"limits {GRID_LIMITS[: len(grid)]} (H={H}, T={T})"
+        )
+    return B if B * H <= limit else max(1, limit // H)
+
+
 def _launch(
     spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int], h: Tensor | None = None
 ) -> None:
     B, H, T = bht
     kernel = codegen.load(spec).kernel
-    NV = -(-spec.V // spec.BV)
-    if spec.form == "parallel":
-        grid = (NV, -(-T // spec.BT), B * H)
-    elif spec.stage == "output":
-        grid = (NV * -(-T // spec.BT), B * H)
-    elif spec.stage == "states":
-        grid = (NV * -(-spec.K // spec.BKC), B * H)
-    else:
-        grid = (NV, B * H)
-    if any(n > limit for n, limit in zip(grid, GRID_LIMITS, strict=False)):
-        raise ValueError(
-            f"retention kernel {spec.short()}: grid {grid} exceeds the launch limits "
-            f"{GRID_LIMITS[: len(grid)]} (B={B}, H={H}, T={T}); split the batch or the heads"
+    per = _batch_per_launch(spec, B, H, T)
+    if per >= B:
+        _call(kernel, spec, p, o, sf, rd, h, B, H, T)
+        return
+    # NOTE: a decode batch of 4096 sequences x 32 heads is 131072 programs on the batch*head axis
+    for b0 in range(0, B, per):
+        rows = slice(b0, min(B, b0 + per))
+        part = dataclasses.replace(
+            p,
+            **{
+                name: None if getattr(p, name) is None else getattr(p, name)[rows]
+                for name in ("q", "k", "v", "s0", "row_dot_with", "row_scale")
+            },
         )
+        cut = [None if x is None else x[rows] for x in (o, sf, rd)]
+        h_part = None if h is None else h[rows.start * H : rows.stop * H]
+        _call(kernel, spec, part, *cut, h_part, rows.stop - rows.start, H, T)
+
+
+def _call(kernel, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int, T: int) -> None:
     # NOTE: only the split stages take the chunk-state buffer h (the fused sources are unchanged)
     extra = () if h is None else (h,)
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
@@ -255,7 +294,7 @@ def _launch(
     r = p.row_dot_with
     scale = float(p.scale)
     state_scale = scale if p.state_scale is None else float(p.state_scale)
-    kernel[grid](
+    kernel[_grid(spec, B, H, T)](
         p.q,
         p.k,
         p.v,

@@ -84,7 +84,8 @@ class KernelSpec:
     store_o:     the output rows are written (False: a state-only pass)
     extra_value_column: v gets one more column of ones (a normaliser carried through every form)
     row_scale:   each query row is multiplied by a per-position scale rs[b, h, t]
-    row_dot:     also write per-row partial dots <o_t, r_t> per V block (for d log gamma)
+    row_dot:     also write d gamma's terms sum_t (t - (T-1)/2) <o_t, r_t> / gamma over the
+                 program's rows (t logical), one partial sum per program (the backward)
     stage:       chunkwise only: "fused", or a stage of the split pass, "states" (write the
                  state entering every chunk) or "output" (every chunk's rows from those states)
     BKC:         split stages only: the K block they walk K in (the states kernel one block

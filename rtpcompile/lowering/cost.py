@@ -172,7 +172,7 @@ def _blocks(p: Problem, form: str, K: int, V: int, plan: Plan, split: bool = Fal
 
 
 def _fused_kernel(p: Problem, K: int, V: int, plan: Plan, store_o: bool) -> KernelCost:
-    """Grid (NV, B*H); each program walks every chunk: per chunk four dots in sequence (scores,
+    """NV x B*H programs; each program walks every chunk: per chunk four dots in sequence (scores,
     scores @ v, q @ state, the state update), or only the update in a state-only pass."""
     d = _blocks(p, "chunkwise", K, V, plan)
     BT, BK, BV, NV, e = d["BT"], d["BK"], d["BV"], d["NV"], d["e"]
@@ -184,8 +184,8 @@ def _fused_kernel(p: Problem, K: int, V: int, plan: Plan, store_o: bool) -> Kern
 
 
 def _split_kernels(p: Problem, K: int, V: int, plan: Plan) -> list[KernelCost]:
-    """Grid (NV * K blocks, B*H): the states kernel walks the chunks, one dot per chunk, writing
-    the [B*H, chunks, K, V] buffer in the input dtype; grid (NV * chunks, B*H): the output kernel
+    """NV x K blocks x B*H programs: the states kernel walks the chunks, one dot per chunk, writing
+    the [B*H, chunks, K, V] buffer in the input dtype; NV x chunks x B*H: the output kernel
     reads it back, every chunk at once (two dots per K block, then scores @ v)."""
     d = _blocks(p, "chunkwise", K, V, plan, split=True)
     BT, BKC, BV, NV, e = d["BT"], d["BKC"], d["BV"], d["NV"], d["e"]
@@ -200,7 +200,7 @@ def _split_kernels(p: Problem, K: int, V: int, plan: Plan) -> list[KernelCost]:
 
 
 def _parallel_kernel(p: Problem, K: int, V: int, plan: Plan) -> KernelCost:
-    """Grid (NV, query blocks, B*H); query block i walks key blocks 0..i, two dots each."""
+    """NV x query blocks x B*H programs; query block i walks key blocks 0..i, two dots each."""
     d = _blocks(p, "parallel", K, V, plan)
     BT, BK, BV, NV, e = d["BT"], d["BK"], d["BV"], d["NV"], d["e"]
     n, N = p.B * p.H, -(-p.T // BT)
@@ -210,7 +210,7 @@ def _parallel_kernel(p: Problem, K: int, V: int, plan: Plan) -> KernelCost:
 
 
 def _recurrent_kernel(p: Problem, K: int, V: int, plan: Plan) -> KernelCost:
-    """Grid (NV, B*H); each program walks every token: broadcast products, no tl.dot."""
+    """NV x B*H programs; each program walks every token: broadcast products, no tl.dot."""
     d = _blocks(p, "recurrent", K, V, plan)
     n, NV = p.B * p.H, d["NV"]
     flops = n * NV * p.T * 4 * d["BK"] * d["BV"]  # the state update and q @ state
