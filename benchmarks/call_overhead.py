@@ -9,9 +9,13 @@ in a few tens of microseconds on an H100/H200, so this overhead decides whether 
 step is launch-bound. Tensors are CPU tensors routed to the kernels (``RTP_KERNELS=triton``);
 ``launch._launch`` is replaced by a no-op, so nothing runs under the interpreter and the figures
 are the Python path alone (CPU allocation of the outputs included, which the CUDA caching
-allocator makes cheaper; the backward column also includes its closed form for d log gamma, a
-dozen element-wise torch ops on state-sized tensors). Median of 5 repeats of ``--calls`` calls,
-in microseconds per call.
+allocator makes cheaper; the backward column also includes its closed form for d gamma). Median
+of 5 repeats of ``--calls`` calls, in microseconds per call.
+
+The launch columns count what one call would launch on a GPU, exactly: the Triton kernels (calls
+of the mocked launcher) plus the torch ops that run a device kernel (seen by a
+``TorchDispatchMode``; views and empty allocations launch nothing). On a GPU each launch costs a
+few microseconds of host time and of device latency, which is what an eager small call pays.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import timeit
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (name, B, H, T, K, V, with initial state): a decode step and a training-length prefill.
 # NOTE: B and H are small on purpose: the Python path does not depend on them, while on a CPU
@@ -74,11 +79,50 @@ def _callables(B, H, T, K, V, with_state) -> tuple[str, dict]:
     }
 
 
+# NOTE: ops that allocate without writing (or only fill metadata) launch no device kernel
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+class _DeviceOps(TorchDispatchMode):
+    """Counts the torch ops of a call that would launch a device kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rtp":
+            # NOTE: our op is not a launch: count the ops inside its CPU implementation
+            with self:
+                return func.redispatch(_CPU, *args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_LAUNCH:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+_TRITON_LAUNCHES: list[int] = []
+
+
+def _launches(fn) -> tuple[int, int]:
+    """(Triton kernels, torch device ops) one call of ``fn`` launches."""
+    _TRITON_LAUNCHES.clear()
+    with _DeviceOps() as seen:
+        fn()
+    if os.environ.get("RTP_SHOW_OPS"):
+        print(seen.ops)
+    return len(_TRITON_LAUNCHES), len(seen.ops)
+
+
 def measure(calls: int) -> list[dict]:
     os.environ.update(TRITON_INTERPRET="1", RTP_KERNELS="triton")
     from rtpcompile.kernels import launch
 
-    launch._launch = lambda *args, **kwargs: None  # the Python path only
+    # the Python path only; each would-be launch is counted
+    launch._launch = lambda *args, **kwargs: _TRITON_LAUNCHES.append(1)
     # NOTE: unlaunched outputs hold whatever memory held; the backward's few element-wise ops on
     # them would time denormal arithmetic, not the path
     torch.set_flush_denormal(True)
@@ -89,6 +133,8 @@ def measure(calls: int) -> list[dict]:
         row = {"case": name, "B": B, "H": H, "T": T, "K": K, "V": V, "form": form}
         for label, fn in calls_of.items():
             row[f"{label}_us"] = round(_per_call(fn, calls), 1)
+        for label in ("op", "op_bwd"):
+            row[f"{label}_triton"], row[f"{label}_torch_ops"] = _launches(calls_of[label])
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -111,6 +157,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['case']} (B={r['B']}, H={r['H']}, K={r['K']}, V={r['V']}) | {r['form']} | "
             f"{r['op_us']} | {r['op_no_grad_us']} | {r['op_bwd_us']} | {r['plan_us']} | "
             f"{r['kernels_us']} |"
+        )
+    lines += [
+        "",
+        "Launches per call on a GPU (exact counts: Triton kernels + torch ops that run a kernel):",
+        "",
+        "| case | forward op | backward op |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['op_triton']} + {r['op_torch_ops']} | "
+            f"{r['op_bwd_triton']} + {r['op_bwd_torch_ops']} |"
         )
     return "\n".join(lines) + "\n"
 

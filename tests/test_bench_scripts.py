@@ -48,6 +48,10 @@ def test_call_overhead_bench_runs(monkeypatch):
     (row,) = bench.measure(calls=3)
     assert row["form"] == "recurrent"
     assert all(row[f"{k}_us"] > 0 for k in ("op", "op_no_grad", "op_bwd", "plan", "kernels"))
+    # exact launch counts: a decode step is one kernel; its backward (with an initial state) three
+    # passes and the state terms of d gamma
+    assert (row["op_triton"], row["op_torch_ops"]) == (1, 0)
+    assert row["op_bwd_triton"] == 3 and 0 < row["op_bwd_torch_ops"] <= 10
     assert "| decode T=1 (B=1, H=2, K=16, V=24) | recurrent |" in bench.markdown(
         {"date": "d", "machine": "m", "torch": "t", "python": "p", "calls": 3}, [row]
     )

@@ -317,3 +317,31 @@ def test_gpu_more_than_65535_batch_heads(form, T):
     """B*H = 69632: more programs per V block than grid axes 1 and 2 take (65535); every kernel
     runs a 1-D grid, so a large decode batch needs no splitting by the caller."""
     check(form, 4352, 16, T, 16, 16, torch.float16, True, True, device="cuda")
+
+
+def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
+    """What a backward without states launches on a GPU: the three passes and, for d gamma, two
+    sums of the kernels' partial sums and an add (no [B, H, T] row-dot buffers, no zeros for an
+    absent initial state's gradient). Launches are mocked; torch ops are seen by a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_like"):
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launched = []
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a, **kw: launched.append(spec.form))
+    _, (q, k, v, g, _) = make(2, 3, 40, 16, 24, torch.float32)
+    sf = torch.zeros(2, 3, 16, 24)
+    do = torch.ones_like(v)
+    for form in FORMS:
+        launched.clear()
+        with Ops() as ops:
+            ops.seen = []
+            out = kernels.triton_backward(form, do, None, q, k, v, g, 0.3, None, sf, 16)
+        assert launched == [form] * 3 and ops.seen == ["sum", "sum", "add_"], (launched, ops.seen)
+        assert out[3].shape == (3,) and out[4] is None

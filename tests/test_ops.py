@@ -256,6 +256,20 @@ def test_opcheck_with_permuted_inputs():
     for form in ("auto", *FORMS):
         torch.library.opcheck(torch.ops.rtp.retention_fwd, (q, k, v, gamma, 0.5, s0, form, 4))
         torch.library.opcheck(torch.ops.rtp.retention_fwd, (q, k, v, gamma, 0.5, None, form, 0))
+    # the backward op too: its fake outputs match the real ones, the gradient of an absent
+    # initial state included (an empty tensor: no [B, H, K, V] of zeros is filled)
+    with torch.no_grad():
+        o, sf = torch.ops.rtp.retention_fwd(q, k, v, gamma, 0.5, s0, "auto", 0)
+    do, dsf = torch.randn_like(o), torch.randn_like(sf)
+    for form in ("auto", *FORMS):
+        for state, dsf_ in ((s0, dsf), (None, None)):
+            # NOTE: detached: the backward op has no autograd formula (no double backward)
+            args = (do, dsf_, q.detach(), k.detach(), v.detach(), gamma.detach(), 0.5)
+            args += (None if state is None else state.detach(), sf, form, 4)
+            torch.library.opcheck(torch.ops.rtp.retention_bwd, args)
+            assert torch.ops.rtp.retention_bwd(*args)[4].shape == (
+                s0.shape if state is not None else (0,)
+            )
 
 
 def test_compiles_fullgraph_dynamic():

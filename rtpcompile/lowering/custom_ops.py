@@ -71,13 +71,15 @@ def retention_bwd(
     form: str,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dgamma, d_initial_state); the last is zeros without a state."""
+    """Gradients (dq, dk, dv, dgamma, d_initial_state); without an initial state the last is an
+    empty tensor (the schema needs a tensor; a [B, H, K, V] of zeros would be a memset launch per
+    backward, and autograd returns None for the absent state anyway)."""
     p = _planned(form, q, v, initial_state, chunk_size, "bwd")
     dq, dk, dv, dgamma, ds0 = dispatch.backward(
         p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size, p.config
     )
     if ds0 is None:
-        ds0 = final_state.new_zeros(final_state.shape)
+        ds0 = final_state.new_empty((0,))
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
     return (
         dq.to(q.dtype).contiguous(),
@@ -96,7 +98,9 @@ def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_si
         torch.empty_like(k, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
         torch.empty_like(gamma, memory_format=torch.contiguous_format),
-        final_state.new_empty(final_state.shape, dtype=state_dtype),
+        final_state.new_empty(
+            final_state.shape if initial_state is not None else (0,), dtype=state_dtype
+        ),
     )
 
 
