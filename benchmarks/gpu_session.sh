@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One phase of a GPU session, sized for the device tool: each phase ends well inside its
+# 10-minute call limit and leaves at most 8 files in $OUT (logs, tables, and one tarball for the
+# rest), which is what the tool brings back. Run from the repository root on the CUDA machine:
+#
+#   bash benchmarks/gpu_session.sh tests      # every gpu-marked test, bfloat16 included (~5 min)
+#   bash benchmarks/gpu_session.sh kernels    # bench_gpu_kernels.py: ours vs FLA vs SDPA (~6 min)
+#   bash benchmarks/gpu_session.sh models     # demo + RetNet-shaped training step, rtp vs inductor
+#
+# flash-linear-attention is optional: carry its wheels in .whl/ (docs/performance-notes.md) and
+# they are installed first. Results are dated and name the device; commit what you keep under
+# benchmarks/results/<device>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?usage: gpu_session.sh tests|kernels|models}
+out=${OUT:-/tmp/rtp-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+day=$(date -u +%Y-%m-%d)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 ||
+  { echo "install failed; see install.log"; tail -20 "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" |
+  tee -a "$out/device.txt"
+
+case "$phase" in
+tests)
+  # NOTE: the e2e file last: it compiles whole models, the slowest part
+  timeout 560 "$PY" -m pytest -m gpu -q --tb=short -rA -p no:cacheprovider \
+    tests/test_kernels.py tests/test_kernel_split.py tests/test_kernel_precision.py \
+    tests/test_gpu_e2e.py 2>&1 | tee "$out/gpu_tests_$day.log" | tail -40
+  ;;
+kernels)
+  timeout 560 "$PY" benchmarks/bench_gpu_kernels.py --out "$out" 2>&1 |
+    tee "$out/bench_kernels_$day.log" | tail -60
+  ;;
+models)
+  timeout 240 "$PY" -m rtpcompile demo --device cuda --no-plot 2>&1 | tee "$out/demo_$day.txt" | tail -40
+  timeout 300 "$PY" -m rtpcompile bench --device cuda --suite model --model retnet \
+    --backends inductor,rtp --prefill-lengths 4096 --train-lengths 4096 --no-decode \
+    --out /tmp/rtp-retnet --no-plot 2>&1 | tail -30
+  tar -czf "$out/retnet_$day.tar.gz" -C /tmp rtp-retnet
+  ;;
+*)
+  echo "unknown phase $phase (tests|kernels|models)" >&2
+  exit 2
+  ;;
+esac
+ls "$out"
