@@ -29,23 +29,29 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" |
   tee -a "$out/device.txt"
 
+# NOTE: pipefail: a step's status is its command's (or the timeout's 124), not tee's or tail's;
+# the script exits with the first failure so the device tool's rc says whether the phase passed
+rc=0
+step() { "$@" || { s=$?; echo "step failed (rc $s): $*" >&2; [ "$rc" -ne 0 ] || rc=$s; }; }
 case "$phase" in
 tests)
   # NOTE: the e2e file last: it compiles whole models, the slowest part
-  timeout 560 "$PY" -m pytest -m gpu -q --tb=short -rA -p no:cacheprovider \
+  step bash -o pipefail -c "timeout 540 $PY -m pytest -m gpu -q --tb=short -rA -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernel_split.py tests/test_kernel_precision.py \
-    tests/test_gpu_e2e.py 2>&1 | tee "$out/gpu_tests_$day.log" | tail -40
+    tests/test_gpu_e2e.py 2>&1 | tee $out/gpu_tests_$day.log | tail -40"
   ;;
 kernels)
-  timeout 560 "$PY" benchmarks/bench_gpu_kernels.py --out "$out" 2>&1 |
-    tee "$out/bench_kernels_$day.log" | tail -60
+  step bash -o pipefail -c "timeout 540 $PY benchmarks/bench_gpu_kernels.py --out $out 2>&1 |
+    tee $out/bench_kernels_$day.log | tail -60"
   ;;
 models)
-  timeout 240 "$PY" -m rtpcompile demo --device cuda --no-plot 2>&1 | tee "$out/demo_$day.txt" | tail -40
-  timeout 300 "$PY" -m rtpcompile bench --device cuda --suite model --model retnet \
+  # NOTE: 200 + 300 s, inside the tool's 600 s call with the install
+  step bash -o pipefail -c "timeout 200 $PY -m rtpcompile demo --device cuda --no-plot 2>&1 |
+    tee $out/demo_$day.txt | tail -40"
+  step bash -o pipefail -c "timeout 300 $PY -m rtpcompile bench --device cuda --suite model --model retnet \
     --backends inductor,rtp --prefill-lengths 4096 --train-lengths 4096 --no-decode \
-    --out /tmp/rtp-retnet --no-plot 2>&1 | tail -30
-  tar -czf "$out/retnet_$day.tar.gz" -C /tmp rtp-retnet
+    --out /tmp/rtp-retnet --no-plot 2>&1 | tail -30"
+  [ -d /tmp/rtp-retnet ] && tar -czf "$out/retnet_$day.tar.gz" -C /tmp rtp-retnet
   ;;
 *)
   echo "unknown phase $phase (tests|kernels|models)" >&2
@@ -53,3 +59,4 @@ models)
   ;;
 esac
 ls "$out"
+exit "$rc"

@@ -314,8 +314,8 @@ def test_gpu_float16(form):
 @pytest.mark.gpu
 @pytest.mark.parametrize("form,T", [("recurrent", 1), ("chunkwise", 20), ("parallel", 20)])
 def test_gpu_more_than_65535_batch_heads(form, T):
-    """B*H = 69632: more programs per V block than grid axes 1 and 2 take (65535); every kernel
-    runs a 1-D grid, so a large decode batch needs no splitting by the caller."""
+    """B*H = 69632: more programs than the batch*head grid axis takes (65535); the launcher
+    runs the batch in slices, so a large decode batch needs no splitting by the caller."""
     check(form, 4352, 16, T, 16, 16, torch.float16, True, True, device="cuda")
 
 
@@ -345,3 +345,22 @@ def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
             out = kernels.triton_backward(form, do, None, q, k, v, g, 0.3, None, sf, 16)
         assert launched == [form] * 3 and ops.seen == ["sum", "sum", "add_"], (launched, ops.seen)
         assert out[3].shape == (3,) and out[4] is None
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("split", [0, 1], ids=["fused", "split"])
+def test_empty_sequence_backward_is_zero(form, split):
+    """T = 0 launches nothing for the gradient passes: d gamma is exactly 0 (its partial sums are
+    zeros, not uninitialised memory), dq, dk, dv are empty and ds0 is dsf (the final state is s0)."""
+    _, (q, k, v, g, s0) = make(2, 3, 0, 12, 20, torch.float32, state=True)
+    cfg = {"split": split} if form == "chunkwise" else None
+    o, sf = kernels.triton_forward(form, q, k, v, g, 0.3, s0, 16, cfg)
+    torch.testing.assert_close(sf, s0)
+    dsf = torch.randn_like(sf)
+    dq, dk, dv, dg, ds0 = kernels.triton_backward(form, o, dsf, q, k, v, g, 0.3, s0, sf, 16, cfg)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    torch.testing.assert_close(ds0, dsf)
+    # d log gamma = (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> with c = -1/2: the two cancel
+    torch.testing.assert_close(dg, torch.zeros(3), atol=1e-5, rtol=0)
+    no_state = kernels.triton_backward(form, o, None, q, k, v, g, 0.3, None, sf, 16, cfg)
+    assert torch.equal(no_state[3], torch.zeros(3))

@@ -206,7 +206,9 @@ def _outputs(p: Pass, spec: KernelSpec) -> tuple[Tensor | None, Tensor | None, T
     rd = None
     if spec.row_dot:
         tiles = -(-T // spec.BT) if spec.form == "parallel" or spec.stage == "output" else 1
-        rd = torch.empty(B, -(-V // spec.BV), H, tiles, dtype=acc, device=dev)
+        # NOTE: at T = 0 no kernel may run to write them (nothing to launch), and d gamma is 0
+        alloc = torch.zeros if T == 0 else torch.empty
+        rd = alloc(B, -(-V // spec.BV), H, tiles, dtype=acc, device=dev)
     return o, sf, rd
 
 
