@@ -347,13 +347,16 @@ def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
         assert out[3].shape == (3,) and out[4] is None
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("split", [0, 1], ids=["fused", "split"])
-def test_empty_sequence_backward_is_zero(form, split):
-    """T = 0 launches nothing for the gradient passes: d gamma is exactly 0 (its partial sums are
-    zeros, not uninitialised memory), dq, dk, dv are empty and ds0 is dsf (the final state is s0)."""
+@pytest.mark.parametrize(
+    "form,cfg",
+    [("chunkwise", {"split": 0}), ("chunkwise", {"split": 1}), ("parallel", None)]
+    + [("recurrent", None)],
+    ids=["fused", "split", "parallel", "recurrent"],
+)
+def test_empty_sequence_backward_is_zero(form, cfg):
+    """T = 0 launches nothing for the gradient passes: d gamma is exactly 0 (its partial sums
+    are zeros, not uninitialised memory), dq, dk, dv are empty, ds0 is dsf (sf is s0)."""
     _, (q, k, v, g, s0) = make(2, 3, 0, 12, 20, torch.float32, state=True)
-    cfg = {"split": split} if form == "chunkwise" else None
     o, sf = kernels.triton_forward(form, q, k, v, g, 0.3, s0, 16, cfg)
     torch.testing.assert_close(sf, s0)
     dsf = torch.randn_like(sf)
