@@ -248,19 +248,17 @@ def _grid(spec: KernelSpec, B: int, H: int, T: int) -> tuple[int, ...]:
     return (NV, B * H)
 
 
-def _batch_per_launch(spec: KernelSpec, B: int, H: int, T: int) -> int:
-    """How many sequences one launch takes: all B unless B*H passes its grid axis's 65535; then
-    the batch goes in slices (every tensor the kernels index by batch is batch-first, so a slice
-    is a view). A grid the batch cannot fix is a ValueError."""
+def _batch_per_launch(spec: KernelSpec, H: int, T: int) -> int:
+    """How many sequences one launch takes when the whole batch's B*H passes its grid axis's
+    65535: the batch goes in slices (every tensor the kernels index by batch is batch-first, so a
+    slice is a view). A grid that one sequence already overflows is a ValueError."""
     grid = _grid(spec, 1, H, T)
-    limit = GRID_LIMITS[len(grid) - 1]
-    bad = [n for n, cap in zip(grid, GRID_LIMITS, strict=False) if n > cap]
-    if bad:
+    if any(n > cap for n, cap in zip(grid, GRID_LIMITS, strict=False)):
         raise ValueError(
             f"retention kernel {spec.short()}: grid {grid} for one sequence exceeds the launch "
             f"limits {GRID_LIMITS[: len(grid)]} (H={H}, T={T})"
         )
-    return B if B * H <= limit else max(1, limit // H)
+    return max(1, GRID_LIMITS[len(grid) - 1] // H)
 
 
 def _launch(
@@ -268,11 +266,12 @@ def _launch(
 ) -> None:
     B, H, T = bht
     kernel = codegen.load(spec).kernel
-    per = _batch_per_launch(spec, B, H, T)
-    if per >= B:
-        _call(kernel, spec, p, o, sf, rd, h, B, H, T)
+    grid = _grid(spec, B, H, T)
+    if all(n <= cap for n, cap in zip(grid, GRID_LIMITS, strict=False)):
+        _call(kernel, grid, spec, p, o, sf, rd, h, B, H, T)
         return
     # NOTE: a decode batch of 4096 sequences x 32 heads is 131072 programs on the batch*head axis
+    per = _batch_per_launch(spec, H, T)
     for b0 in range(0, B, per):
         rows = slice(b0, min(B, b0 + per))
         part = dataclasses.replace(
@@ -284,10 +283,11 @@ def _launch(
         )
         cut = [None if x is None else x[rows] for x in (o, sf, rd)]
         h_part = None if h is None else h[rows.start * H : rows.stop * H]
-        _call(kernel, spec, part, *cut, h_part, rows.stop - rows.start, H, T)
+        n = rows.stop - rows.start
+        _call(kernel, _grid(spec, n, H, T), spec, part, *cut, h_part, n, H, T)
 
 
-def _call(kernel, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int, T: int) -> None:
+def _call(kernel, grid, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int, T: int) -> None:
     # NOTE: only the split stages take the chunk-state buffer h (the fused sources are unchanged)
     extra = () if h is None else (h,)
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
@@ -296,7 +296,7 @@ def _call(kernel, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int, T: in
     r = p.row_dot_with
     scale = float(p.scale)
     state_scale = scale if p.state_scale is None else float(p.state_scale)
-    kernel[_grid(spec, B, H, T)](
+    kernel[grid](
         p.q,
         p.k,
         p.v,
