@@ -345,6 +345,13 @@ def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
             out = kernels.triton_backward(form, do, None, q, k, v, g, 0.3, None, sf, 16)
         assert launched == [form] * 3 and ops.seen == ["sum", "sum", "add_"], (launched, ops.seen)
         assert out[3].shape == (3,) and out[4] is None
+    # with an initial state and a final-state gradient, still three passes: the dv pass's own
+    # final state gives ds0 (no fourth, state-only pass)
+    s0 = torch.randn(2, 3, 16, 24)
+    for form in ("chunkwise", "recurrent"):
+        launched.clear()
+        kernels.triton_backward(form, do, torch.ones_like(s0), q, k, v, g, 0.3, s0, sf, 16)
+        assert launched == [form] * 3, launched
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ so no tensor is built for them. d gamma has a closed form (``aten_impl``):
 The dq and dk passes each add their half of the sum inside the kernel, divided by gamma (the
 reversed dk pass weighs by its own, logical, time, which is c - t: the minus sign for free), as
 one partial sum per program; what is left is two sums over those partials. ds0 comes from the
-final state of a reversed (q, do) pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T
-dsf.
+final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf (the
+second term from the dsf state that pass starts from), so an initial state costs no extra pass.
 Every pass takes the call's block ``config`` (see ``launch.run``); a pass whose V is narrower
 than the config's BV clamps it (``spec.choose``).
 """
@@ -73,16 +73,14 @@ def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
     if dsf is not None:
         dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), **direct)
     dk, _, part_k = run(dk_pass, chunk_size, config)
-    # NOTE: without a final-state gradient the dv pass has no state of its own, so its final
-    # state is exactly sum_t gamma^t q_t^T do_t, the part of ds0 that needs a pass.
-    want_f = s0 is not None and dsf is None
+    # NOTE: the dv pass's final state is ds0 / (scale * gamma): sum_t gamma^t q_t^T do_t, plus,
+    # with a final-state gradient (its state, at position 0 with state_scale 1, so held as
+    # dsf / scale and decayed T - 1 times), gamma^(T-1) dsf / scale; so no pass of its own.
+    want_f = s0 is not None
     dv_pass = Pass(form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=want_f)
     if dsf is not None:
         dv_pass = dataclasses.replace(dv_pass, s0=dsf, **direct)
     dv, f, _ = run(dv_pass, chunk_size, config)
-    if s0 is not None and f is None:
-        state_only = Pass(form, k, q, do, g, scale, reverse=True, store_o=False, state_out=True)
-        f = run(state_only, chunk_size, config)[1]
     return dq, dk, dv, part_q, part_k, f
 
 
@@ -105,9 +103,10 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     c = (T - 1) / 2
     ds0 = dlg = None
     if s0 is not None:
-        ds0 = f * (scale * ga)[:, None, None]
-        if dsf is not None:
-            ds0 = ds0 + (ga**T)[:, None, None] * dsf.to(acc)
+        if T > 0:
+            ds0 = f * (scale * ga)[:, None, None]
+        else:  # no step: the final state is s0 itself (the pass would decay dsf by gamma^-1)
+            ds0 = torch.zeros_like(f) if dsf is None else dsf.to(acc).clone()
         dlg = (s0.to(acc) * ds0).sum(dim=(0, 2, 3)).mul_(c + 1)
     if dsf is not None:
         term = (dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)).mul_(T - 1 - c)
