@@ -38,17 +38,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+def clean_rtp_env(monkeypatch, cache_dir) -> None:
+    """No RTP_* option left over from the environment, and the caches in ``cache_dir``."""
+    for name in [n for n in os.environ if n.startswith("RTP_")]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RTP_CACHE_DIR", str(cache_dir))
+
+
 @pytest.fixture
 def triton_on_cpu(tmp_path, monkeypatch):
     """The rtp op on the generated kernels under the interpreter, with a fresh cache and planner
     and no RTP_* option left over from the environment."""
     from rtpcompile.lowering import dispatch, plan
 
+    clean_rtp_env(monkeypatch, tmp_path / "cache")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_KERNELS", "triton")
-    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("RTP_AUTOTUNE", "RTP_TUNE_CONFIGS", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_CACHE"):
-        monkeypatch.delenv(name, raising=False)
     dispatch._triton_module.cache_clear()
     plan.reset()
     yield

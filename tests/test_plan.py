@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import clean_rtp_env
 
 from rtpcompile import ops
 from rtpcompile.kernels import cache
@@ -15,9 +16,7 @@ from rtpcompile.lowering.plan import Plan, Problem
 
 @pytest.fixture(autouse=True)
 def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("RTP_CACHE", "RTP_AUTOTUNE", "RTP_CHUNK_SIZE", "RTP_FORM", "RTP_KERNELS"):
-        monkeypatch.delenv(name, raising=False)
+    clean_rtp_env(monkeypatch, tmp_path / "cache")
     cache._reported.clear()
     plan.reset()
     yield
