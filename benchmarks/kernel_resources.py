@@ -74,7 +74,8 @@ def _default(
 
 def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
     """The default specs of the backward's shapes of pass at (K, V): time-reversed, a ones
-    column (V + 1), row scales and row dots, the state at position 0; and a state-only pass."""
+    column (V + 1), row scales and row dots, the state at position 0; a state-only pass; and the
+    split backward's dq/dk kernel."""
     specs = []
     rows = {"row_scale": True, "row_dot": True, "extra_value_column": True}
     for kind in ("fused", "output", "parallel"):
@@ -82,6 +83,7 @@ def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[Kernel
         specs.append(_default(kind, K, V + 1, dtype, prec, "bwd", **extra))
     specs.append(_default("states", K, V + 1, dtype, prec, "bwd", extra_value_column=True))
     specs.append(_default("fused", K, V, dtype, prec, "bwd", store_o=False, state_in=True))
+    specs.append(_default("dqk", K, V, dtype, prec, "bwd", state_out=False, row_dot=True))
     return specs
 
 

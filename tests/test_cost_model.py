@@ -142,13 +142,22 @@ def test_backward_is_three_passes_with_swapped_dims():
 )
 def test_split_estimate_follows_use_split(dtype, phase, BH, dims, T, chunk):
     """Each pass is estimated with the kernels launch runs: split (states, output) exactly when
-    spec.use_split says so, the states kernel walking one dot per chunk, the fused four."""
+    spec.use_split says so, the states kernel walking one dot per chunk, the fused four; a
+    backward whose passes all split is the dq pass's states, the dv pass and the dq/dk kernel."""
     K, V = dims
     p = problem(T, H=BH, K=K, V=V, dtype=dtype, phase=phase)
     c = Plan("chunkwise", chunk)
     kernels = iter(tune._triton_kernels(p, c))
-    for pk, pv, _ in tune._triton_passes(p):
-        if use_split("chunkwise", T, pk, chunk, V=pv, BH=BH, dtype=dtype):
+    passes = tune._triton_passes(p)
+    splits = [
+        use_split("chunkwise", T, pk, chunk, V=pv, BH=BH, dtype=dtype) for pk, pv, _ in passes
+    ]
+    if phase == "bwd" and all(splits):
+        names = [k.name for k in kernels]
+        assert names == ["states", "states", "output", "dqk"]
+        return
+    for (pk, pv, _), split in zip(passes, splits, strict=True):
+        if split:
             d = default_blocks("chunkwise", pk, pv, chunk, split=True, dtype=dtype)
             states, output = next(kernels), next(kernels)
             chunks, nv = -(-T // d["BT"]), -(-pv // d["BV"])

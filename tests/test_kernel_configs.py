@@ -84,7 +84,10 @@ def test_config_reaches_every_pass_and_names_its_module():
     tuned = kernels.kernels_for(
         "chunkwise", q, q, v, g, backward=True, config={"BV": 32, "num_warps": 8}
     )
-    assert all(i.spec.BV == 32 and i.spec.num_warps == 8 for i in tuned)
+    assert all(i.spec.num_warps == 8 for i in tuned)
+    # NOTE: the split backward's dq/dk kernel reduces over V in steps of its own (dqk_blocks)
+    assert all(i.spec.BV == 32 for i in tuned if i.spec.stage != "dqk")
+    assert [i.spec.BV for i in tuned if i.spec.stage == "dqk"] == [64]
     assert all(a.module != b.module for a, b in zip(default, tuned, strict=True))
 
 
@@ -229,6 +232,7 @@ def test_warm_cache_config_is_used_by_the_op_forward_and_backward(monkeypatch):
         warps = default_blocks("chunkwise", 16, 40, 16, split=True, dtype="float32")["num_warps"]
         assert won.config == (("BV", 32), ("num_stages", 2), ("num_warps", warps))
     plan.reset()  # a fresh process: the plans now come from the cache
+    launch._choose.cache_clear()  # and no spec memoised by the tuning runs
     seen = []
     real = launch.choose
     monkeypatch.setattr(launch, "choose", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
@@ -238,7 +242,8 @@ def test_warm_cache_config_is_used_by_the_op_forward_and_backward(monkeypatch):
     (o * w.float()).sum().backward()
     assert plan.stats()["cache_hits"] == 2 and plan.stats()["benchmarks"] == 0
     assert seen and all(s.form == "chunkwise" and s.BT == 16 for s in seen)
-    assert {s.BV for s in seen} == {16, 32}  # 32 for V=40, clamped to 16 when the pass has V=16
+    # 32 for V=40, clamped to 16 when the pass has V=16 (the dq pass's states stage)
+    assert {s.BV for s in seen} == {16, 32}
     r_in = [x.requires_grad_() for x in (q, k, v, gamma)]
     expected = ref.reference_parallel(*r_in)[0]
     close(o.detach(), expected.detach(), torch.float32, "o through the op")

@@ -101,6 +101,15 @@ def test_split_defaults_do_not_spill_in_bfloat16(K):
         assert r.spill_bytes == 0, f"{spec.short()}: {r}"
 
 
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (256, 256), (128, 64)])
+def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
+    """The backward's dq/dk kernel (``blocks.dqk_blocks``): a V read in one loop step spilled
+    16-36 bytes (K = 64, V = 64 and K = 128, V = 64), two or more steps spill nothing."""
+    spec = choose("chunkwise", "bwd", K, V, BF16, BF16, 64, {"split": 1}, stage="dqk", row_dot=True)
+    r = aot.resources(spec)
+    assert r.spill_bytes == 0, f"{spec.short()}: {r}"
+
+
 # NOTE: float32 defaults (blocks._wide_blocks) compile spill-free at these K (ptxas of Triton 3.9's
 # wheel, benchmarks/results/static); the bound leaves room for a compiler update's few bytes
 # while failing the pathology the rule fixed: the 16-bit blocks spilled 92 bytes (split output)

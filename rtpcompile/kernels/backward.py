@@ -19,6 +19,13 @@ final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gam
 second term from the dsf state that pass starts from), so an initial state costs no extra pass.
 Every pass takes the call's block ``config`` (see ``launch.run``); a pass whose V is narrower
 than the config's BV clamps it (``spec.choose``).
+
+When the chunkwise dq and dv passes both run split (``launch.runs_split``), the backward is
+four launches instead of six (``_split_passes``): the dk pass's state is the transpose of the
+dv pass's (both are sums of gamma-decayed q_t^T do_t from the end; reversed passes pad their
+timeline so their chunks are the forward chunks, ``_pad`` in the templates), and dq and dk
+share the scores do v^T. So: the dq pass's states, the whole dv pass (keeping its states), then
+one kernel computing dq, dk and the d gamma partials of both (``launch.run_dqk``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,16 @@ import dataclasses
 
 import torch
 
-from .launch import Pass, acc_dtype, run
+from .launch import (
+    Pass,
+    acc_dtype,
+    chunk_states,
+    run,
+    run_dqk,
+    run_split,
+    runs_split,
+    states_bytes,
+)
 
 Tensor = torch.Tensor
 
@@ -62,26 +78,52 @@ def _flip_t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
-def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
-    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state."""
-    dq_pass = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q)
+def _dq_pass(form, do, q, k, v, g, scale, s0) -> Pass:
+    p = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q)
     if s0 is not None:
-        dq_pass.s0 = _flip_t(s0)
-    dq, _, part_q = run(dq_pass, chunk_size, config)
-    direct = {} if dsf is None else {"state_offset": 0, "state_scale": 1.0}
-    dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
-    if dsf is not None:
-        dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), **direct)
-    dk, _, part_k = run(dk_pass, chunk_size, config)
+        p.s0 = _flip_t(s0)
+    return p
+
+
+def _dv_pass(form, do, dsf, q, k, v, g, scale, s0) -> Pass:
     # NOTE: the dv pass's final state is ds0 / (scale * gamma): sum_t gamma^t q_t^T do_t, plus,
     # with a final-state gradient (its state, at position 0 with state_scale 1, so held as
     # dsf / scale and decayed T - 1 times), gamma^(T-1) dsf / scale; so no pass of its own.
-    want_f = s0 is not None
-    dv_pass = Pass(form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=want_f)
+    p = Pass(form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=s0 is not None)
     if dsf is not None:
-        dv_pass = dataclasses.replace(dv_pass, s0=dsf, **direct)
-    dv, f, _ = run(dv_pass, chunk_size, config)
+        p = dataclasses.replace(p, s0=dsf, state_offset=0, state_scale=1.0)
+    return p
+
+
+def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
+    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state."""
+    dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
+    dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
+    if dsf is not None:
+        dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
+    dk, _, part_k = run(dk_pass, chunk_size, config)
+    dv, f, _ = run(_dv_pass(form, do, dsf, q, k, v, g, scale, s0), chunk_size, config)
     return dq, dk, dv, part_q, part_k, f
+
+
+def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
+    """``_three_passes``' results from four launches, or None when a pass would not run split:
+    the states of the dq pass and the whole (split) dv pass, whose states the dk pass shares
+    transposed, then one kernel for dq and dk (``launch.run_dqk``); d gamma in one partial."""
+    if form != "chunkwise":
+        return None
+    dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0)
+    dv_pass = _dv_pass(form, do, dsf, q, k, v, g, scale, s0)
+    held = states_bytes(dq_pass, chunk_size)  # the dq states wait beside the dv pass's
+    if not runs_split(dq_pass, chunk_size, config):
+        return None
+    if not runs_split(dv_pass, chunk_size, config, extra_bytes=held):
+        return None
+    hq, _ = chunk_states(dq_pass, chunk_size, config)
+    dv, f, _, hk = run_split(dv_pass, chunk_size, config, keep_states=True)
+    offset = dv_pass.state_offset
+    dq, dk, part = run_dqk(q, k, v, do, g, scale, hq, hk, offset, chunk_size, config)
+    return dq, dk, dv, part, None, f
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
@@ -89,13 +131,13 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     g = _check(q, k, v, gamma, scale)
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
-    dq, dk, dv, part_q, part_k, f = _three_passes(
-        form, do, dsf, q, k, v, g, scale, s0, chunk_size, config
-    )
-    # NOTE: the common case (no states) is these three small launches; the partials are
-    # [B, NV, H, tiles] and already divided by gamma
+    args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
+    dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
+    # NOTE: the common case (no states) is these (two or) three small launches; the partials
+    # are [B, N, H, tiles] and already divided by gamma
     dg = part_q.sum(dim=(0, 1, 3))
-    dg += part_k.sum(dim=(0, 1, 3))
+    if part_k is not None:
+        dg += part_k.sum(dim=(0, 1, 3))
     if s0 is None and dsf is None:
         return dq, dk, dv, dg, None
     # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head

@@ -181,6 +181,17 @@ def default_blocks(
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 
 
+def dqk_blocks(blocks: dict[str, int], V: int) -> dict[str, int]:
+    """The backward's dq/dk kernel (``chunk_dqk``) from its pass's split blocks: V is reduced
+    over there, not written, so BV is the loop step (half of V's block, 16 to 64: a V read in one
+    step spilled 16-36 bytes at K = 64 and 128 in bfloat16, two or more steps spill nothing,
+    ptxas on sm_90), and three [BT, BT] / [BT, BKC] float32 accumulators take 8 warps at 64 x 64
+    (4 spilled 792 bytes at K = 128)."""
+    BT, BKC = blocks["BT"], blocks["BKC"]
+    BV = max(16, min(64, next_pow2(V) // 2))
+    return {**blocks, "BV": BV, "num_warps": 8 if BT * max(BT, BKC) >= 64 * 64 else 4}
+
+
 def _wide_blocks(form: str, BK: int, V: int, chunk_size: int, split: bool) -> dict[str, int]:
     """float32/float64 blocks: with 32-bit operands, the 16-bit tiles spill (ptxas, sm_90).
 

@@ -76,6 +76,7 @@ class Pass:
     row_dot_with: Tensor | None = None
     row_scale: Tensor | None = None  # [B, H, T]
     extra_value_column: bool = False
+    do: Tensor | None = None  # the dq/dk kernel only (stage "dqk"): the output gradient
 
 
 Config = Mapping[str, int] | None
@@ -149,33 +150,37 @@ def run(
             p, form="chunkwise", store_o=False, row_dot_with=None, row_scale=None
         )
         return o, run(state_only, chunk_size, config)[1], rd
+    if p.store_o and runs_split(p, chunk_size, config):
+        return run_split(p, chunk_size, config)
     B, H, T, K = p.q.shape
-    V, dtype = _value_dim(p), dtype_name(p.q.dtype)
-    if p.store_o and use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
-        if split_fits(p, chunk_size):
-            return _run_split(p, chunk_size, config)
-        log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
     spec = _spec(p, chunk_size, config)
     o, sf, rd = _outputs(p, spec)
     seen = _RECORD.get()
     if seen is not None:
         seen.append(codegen.info(spec))
     elif B * H * T > 0 or p.state_out:
-        _launch(spec, p, o, sf, rd, (B, H, T))
+        _launch(spec, p, (o, sf, rd), (B, H, T))
     return o, sf, rd
 
 
-def _run_split(p: Pass, chunk_size: int, config: Config):
-    """A chunkwise pass as two launches: the states entering each chunk, then every chunk's rows."""
-    # NOTE: each stage's spec carries only the flags its template reads, so the backward's
-    # passes share modules: the states stage writes no rows (out_dtype is moot), and the output
-    # stage reads no s0 (only where a state sits, which matters when there is one).
-    states = _spec(
-        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None, out_dtype=None),
-        chunk_size,
-        config,
-        "states",
-    )
+def runs_split(p: Pass, chunk_size: int, config: Config, extra_bytes: int = 0) -> bool:
+    """Whether ``p``, written as rows, runs split: ``use_split``'s rule, and its chunk-state
+    buffer (plus ``extra_bytes`` held beside it) fits (``split_fits``)."""
+    B, H, T, K = p.q.shape
+    V, dtype = _value_dim(p), dtype_name(p.q.dtype)
+    if not use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
+        return False
+    if split_fits(p, chunk_size, extra_bytes):
+        return True
+    log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
+    return False
+
+
+def run_split(p: Pass, chunk_size: int, config: Config, keep_states: bool = False):
+    """A chunkwise pass as two launches: the states entering each chunk, then every chunk's rows.
+    With ``keep_states``, also returns the chunk-state buffer (for ``run_dqk``)."""
+    h, sf = chunk_states(p, chunk_size, config)
+    # NOTE: the output stage reads no s0 (only where a state sits, which matters when there is one)
     offset = p.state_offset if p.s0 is not None else 1
     rows = _spec(
         dataclasses.replace(p, state_out=False, s0=None, state_offset=offset),
@@ -183,26 +188,51 @@ def _run_split(p: Pass, chunk_size: int, config: Config):
         config,
         "output",
     )
-    B, H, T, K = p.q.shape
-    o, sf, rd = _outputs(p, rows)
+    o, _, rd = _outputs(p, rows, state=False)
     seen = _RECORD.get()
     if seen is not None:
-        seen += [codegen.info(states), codegen.info(rows)]
-    elif B * H * T > 0:
-        h = torch.empty(B * H, -(-T // states.BT), K, rows.V, dtype=p.q.dtype, device=p.q.device)
-        _launch(states, p, None, sf, None, (B, H, T), h)
-        _launch(rows, p, o, None, rd, (B, H, T), h)
-    return o, sf, rd
+        seen.append(codegen.info(rows))
+    elif h is not None:
+        _launch(rows, p, (o, None, rd), p.q.shape[:3], (h,))
+    return (o, sf, rd, h) if keep_states else (o, sf, rd)
 
 
-def _outputs(p: Pass, spec: KernelSpec) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def chunk_states(p: Pass, chunk_size: int, config: Config) -> tuple[Tensor | None, Tensor | None]:
+    """The states stage of a split pass alone: (the states entering each chunk, [B*H, chunks, K,
+    V] in the input dtype, or None when nothing runs; the final state if ``p.state_out``)."""
+    # NOTE: each stage's spec carries only the flags its template reads, so the backward's
+    # passes share modules: the states stage writes no rows (out_dtype is moot)
+    states = _spec(
+        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None, out_dtype=None),
+        chunk_size,
+        config,
+        "states",
+    )
+    _, sf, _ = _outputs(p, states, rows=False)
+    B, H, T, K = p.q.shape
+    seen = _RECORD.get()
+    if seen is not None:
+        seen.append(codegen.info(states))
+        return None, sf
+    if B * H * T == 0:
+        return None, sf
+    h = torch.empty(B * H, -(-T // states.BT), K, states.V, dtype=p.q.dtype, device=p.q.device)
+    _launch(states, p, (None, sf, None), (B, H, T), (h,))
+    return h, sf
+
+
+def _outputs(
+    p: Pass, spec: KernelSpec, rows: bool = True, state: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Empty o [B,H,T,V], final state [B,H,K,V] and the d gamma partial sums [B, NV, H, tiles]
     (one per program: tiles is 1 for a program that walks every row, the row blocks otherwise),
-    each only if asked."""
+    each only if asked (by ``p`` and the spec; ``rows``/``state`` False: not by this stage)."""
     B, H, T, K = p.q.shape
     V, acc, dev = spec.V, acc_dtype(p.q.dtype), p.q.device
-    o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev) if p.store_o else None
-    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if p.state_out else None
+    o = None
+    if rows and p.store_o:
+        o = torch.empty(B, H, T, V, dtype=p.out_dtype or p.q.dtype, device=dev)
+    sf = torch.empty(B, H, K, V, dtype=acc, device=dev) if state and p.state_out else None
     rd = None
     if spec.row_dot:
         tiles = -(-T // spec.BT) if spec.form == "parallel" or spec.stage == "output" else 1
@@ -216,16 +246,22 @@ def _outputs(p: Pass, spec: KernelSpec) -> tuple[Tensor | None, Tensor | None, T
 SPLIT_BUFFER_UNCHECKED = 1 << 30
 
 
-def split_fits(p: Pass, chunk_size: int) -> bool:
-    """Whether the split pass's chunk-state buffer fits: on CUDA, a buffer over 1 GiB must take
-    at most half the free memory (else the pass runs fused, which needs no buffer)."""
-    if p.q.device.type != "cuda":
-        return True
+def states_bytes(p: Pass, chunk_size: int) -> int:
+    """The size of ``p``'s chunk-state buffer when it runs split."""
     B, H, T, K = p.q.shape
     V = _value_dim(p)
     dtype = dtype_name(p.q.dtype)
     BT = default_blocks("chunkwise", K, V, chunk_size, split=True, dtype=dtype)["BT"]  # no config
-    need = B * H * -(-T // BT) * K * V * p.q.element_size()
+    return B * H * -(-T // BT) * K * V * p.q.element_size()
+
+
+def split_fits(p: Pass, chunk_size: int, extra_bytes: int = 0) -> bool:
+    """Whether the split pass's chunk-state buffer (with ``extra_bytes`` held beside it) fits: on
+    CUDA, over 1 GiB they must take at most half the free memory (else the pass runs fused,
+    which needs no buffer)."""
+    if p.q.device.type != "cuda":
+        return True
+    need = states_bytes(p, chunk_size) + extra_bytes
     # NOTE: no driver query while a CUDA graph is being captured (the allocation then comes from
     # the graph's pool, and an out-of-memory there names the buffer's size)
     if need <= SPLIT_BUFFER_UNCHECKED or torch.cuda.is_current_stream_capturing():
@@ -243,6 +279,8 @@ def _grid(spec: KernelSpec, B: int, H: int, T: int) -> tuple[int, ...]:
         return (NV, -(-T // spec.BT), B * H)
     if spec.stage == "output":
         return (NV * -(-T // spec.BT), B * H)
+    if spec.stage == "dqk":
+        return (-(-spec.K // spec.BKC) * -(-T // spec.BT), B * H)
     if spec.stage == "states":
         return (NV * -(-spec.K // spec.BKC), B * H)
     return (NV, B * H)
@@ -262,13 +300,19 @@ def _batch_per_launch(spec: KernelSpec, H: int, T: int) -> int:
 
 
 def _launch(
-    spec: KernelSpec, p: Pass, o, sf, rd, bht: tuple[int, int, int], h: Tensor | None = None
+    spec: KernelSpec,
+    p: Pass,
+    outs: tuple[Tensor | None, ...],
+    bht: tuple[int, int, int],
+    h: tuple[Tensor, ...] = (),
 ) -> None:
+    """Launch ``spec``'s kernel over ``p`` writing ``outs`` ((o, final state, d gamma partials);
+    for "dqk" (dq, dk, partials)), with the chunk-state buffers ``h`` of a split stage."""
     B, H, T = bht
     kernel = codegen.load(spec).kernel
     grid = _grid(spec, B, H, T)
     if all(n <= cap for n, cap in zip(grid, GRID_LIMITS, strict=False)):
-        _call(kernel, grid, spec, p, o, sf, rd, h, B, H, T)
+        _call(kernel, grid, spec, p, outs, h, B, H, T)
         return
     # NOTE: a decode batch of 4096 sequences x 32 heads is 131072 programs on the batch*head axis
     per = _batch_per_launch(spec, H, T)
@@ -278,20 +322,29 @@ def _launch(
             p,
             **{
                 name: None if getattr(p, name) is None else getattr(p, name)[rows]
-                for name in ("q", "k", "v", "s0", "row_dot_with", "row_scale")
+                for name in ("q", "k", "v", "s0", "row_dot_with", "row_scale", "do")
             },
         )
-        cut = [None if x is None else x[rows] for x in (o, sf, rd)]
-        h_part = None if h is None else h[rows.start * H : rows.stop * H]
+        cut = tuple(None if x is None else x[rows] for x in outs)
+        h_part = tuple(x[rows.start * H : rows.stop * H] for x in h)  # [B*H, ...]
         n = rows.stop - rows.start
-        _call(kernel, _grid(spec, n, H, T), spec, part, *cut, h_part, n, H, T)
+        _call(kernel, _grid(spec, n, H, T), spec, part, cut, h_part, n, H, T)
 
 
-def _call(kernel, grid, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int, T: int) -> None:
-    # NOTE: only the split stages take the chunk-state buffer h (the fused sources are unchanged)
-    extra = () if h is None else (h,)
+def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: int) -> None:
+    if spec.stage == "dqk":
+        dq, dk, rd = outs
+        kernel[grid](
+            p.q, p.k, p.v, p.do, p.gamma, dq, dk, rd, *h,
+            *p.q.stride(), *p.k.stride(), *p.v.stride(), *p.do.stride(),
+            B, H, T, float(p.scale),
+            num_warps=spec.num_warps, num_stages=spec.num_stages,
+        )  # fmt: skip
+        return
+    o, sf, rd = outs
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
-    # argument list (and Triton's specialisation) is the same for every flag combination.
+    # argument list (and Triton's specialisation) is the same for every flag combination; only
+    # the split stages take the chunk-state buffer h (the fused sources are unchanged).
     dummy = p.q
     r = p.row_dot_with
     scale = float(p.scale)
@@ -318,7 +371,49 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, o, sf, rd, h, B: int, H: int,
         T,
         scale,
         state_scale,
-        *extra,
+        *h,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
     )
+
+
+def run_dqk(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    do: Tensor,
+    gamma: Tensor,
+    scale: float,
+    hq: Tensor | None,
+    hk: Tensor | None,
+    reverse_offset: int,
+    chunk_size: int,
+    config: Config = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk and their d gamma partial sums [B, NK, H, chunks] from one kernel (``chunk_dqk``):
+    ``hq`` is the states of the split dq pass (do, v, k) and ``hk`` those of the split reversed
+    dv pass (k, q, do), both [B*H, chunks, ., .]; ``reverse_offset`` is the dv pass's state
+    offset (0 with a final-state gradient). The caller runs both passes' states first."""
+    B, H, T, K = q.shape
+    flags = (
+        ("state_offset", reverse_offset),
+        ("row_dot", True),
+        ("stage", "dqk"),
+        ("fp32_precision", _fp32_precision(q)),
+    )
+    cfg = tuple(sorted(check_config(config).items()))
+    spec = _choose("chunkwise", "bwd", K, v.shape[-1], q.dtype, q.dtype, chunk_size, cfg, flags)
+    acc, n_chunks = acc_dtype(q.dtype), -(-T // spec.BT)
+    dq = torch.empty(B, H, T, K, dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    # NOTE: every (sequence, K block, head, chunk) has its program, so nothing is left unwritten
+    rd = torch.empty(B, -(-K // spec.BKC), H, n_chunks, dtype=acc, device=q.device)
+    seen = _RECORD.get()
+    if seen is not None:
+        seen.append(codegen.info(spec))
+        return dq, dk, rd
+    if B * H * T == 0:
+        return dq, dk, rd
+    p = Pass("chunkwise", q, k, v, gamma, scale, do=do)
+    _launch(spec, p, (dq, dk, rd), (B, H, T), (hq, hk))
+    return dq, dk, rd

@@ -36,6 +36,7 @@ from .blocks import (  # noqa: F401 - re-exported: the block rules' names predat
     _block_problem,
     check_config,
     default_blocks,
+    dqk_blocks,
     next_pow2,
     use_split,
 )
@@ -44,7 +45,8 @@ FORMS = ("parallel", "chunkwise", "recurrent")
 DIRECTIONS = ("fwd", "bwd")
 TEMPLATE_VERSION = 1  # NOTE: bump when a template changes meaning without changing its text
 # NOTE: the stages of a chunkwise pass; "fused" is the one-kernel pass (see the module doc)
-STAGES = ("fused", "states", "output")
+# and "dqk", the backward's dq and dk from the states of two split passes (``launch.run_dqk``)
+STAGES = ("fused", "states", "output", "dqk")
 # NOTE: tl.dot's input precisions for float32 (Triton 3.9 on NVIDIA): "ieee" multiplies float32
 # on the FMA units; "tf32" rounds the operands to TF32 (10-bit mantissa) for the tensor cores;
 # "tf32x3" sums three TF32 products (close to float32). Triton's interpreter accepts all three
@@ -228,10 +230,14 @@ def choose(
         fp32_precision = "ieee"
     elif fp32_precision is None:
         fp32_precision = float32_precision()
-    split = flags.get("stage", "fused") != "fused"
-    blocks = default_blocks(form, K, V, chunk_size, split=split, dtype=in_dtype)
+    stage = flags.get("stage", "fused")
+    blocks = default_blocks(form, K, V, chunk_size, split=stage != "fused", dtype=in_dtype)
+    if stage == "dqk":
+        blocks = dqk_blocks(blocks, V)
     for name, value in check_config(config).items():
-        if name == "split":  # decided per pass by launch (use_split), not a block
+        # NOTE: split is decided per pass by launch (use_split), not a block; the dqk kernel's V
+        # block is a loop step of its own (``dqk_blocks``), not the V block the tuner chose
+        if name == "split" or (name == "BV" and stage == "dqk"):
             continue
         # NOTE: one config serves every pass of a call, and the backward's passes swap K and V;
         # a V block wider than this pass's V is clamped to the smallest block covering it.

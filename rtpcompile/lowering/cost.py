@@ -8,7 +8,7 @@ with FLOPs, bytes of temporaries and op launches counted per form from aten_impl
 were fitted on the 2-core CI machine (docs/autotune.md lists the measurements), and a "bwd"
 estimate is three forwards. On the Triton backend it sums, over the kernels the call launches
 (``_triton_kernels``: the grids, blocks and fused/split choice of kernels/launch.py, the
-backward's three passes one by one),
+backward's three passes one by one, or its four split kernels),
 
     max(FLOPs / (dtype rate * min(programs, SMs) / 132), bytes / bandwidth)
         + chain steps * step latency + launch latency
@@ -142,17 +142,24 @@ def _triton_kernels(p: Problem, plan: Plan) -> list[KernelCost]:
     V as launch passes it, without an extra value column)."""
     from ..kernels.spec import use_split
 
+    def split(K: int, V: int) -> bool:
+        c, cfg, BH = plan.chunk_size, plan.config, p.B * p.H
+        return use_split("chunkwise", p.T, K, c, cfg, V=V, BH=BH, dtype=p.dtype)
+
+    passes = _triton_passes(p)
+    if p.phase == "bwd" and plan.form == "chunkwise" and all(split(K, V) for K, V, _ in passes):
+        # backward.py's split path: the dq pass's states, the whole dv pass, one dq/dk kernel
+        return [_split_kernels(p, p.V, p.K, plan)[0], *_split_kernels(p, p.K, p.V, plan),
+                _dqk_kernel(p, plan)]  # fmt: skip
     found: list[KernelCost] = []
-    for K, V, state_out in _triton_passes(p):
+    for K, V, state_out in passes:
         if plan.form == "recurrent":
             found.append(_recurrent_kernel(p, K, V, plan))
         elif plan.form == "parallel":
             found.append(_parallel_kernel(p, K, V, plan))
             if state_out:  # launch.run: the state comes from a state-only chunkwise pass
                 found.append(_fused_kernel(p, K, V, plan, store_o=False))
-        elif use_split(
-            "chunkwise", p.T, K, plan.chunk_size, plan.config, V=V, BH=p.B * p.H, dtype=p.dtype
-        ):
+        elif split(K, V):
             found += _split_kernels(p, K, V, plan)
         else:
             found.append(_fused_kernel(p, K, V, plan, store_o=True))
@@ -197,6 +204,20 @@ def _split_kernels(p: Problem, K: int, V: int, plan: Plan) -> list[KernelCost]:
     output = KernelCost("output", NV * N * n, rows * NV * per_row,
                         n * p.T * 2 * (K + V) * e + h, 2 * NK + 1)  # fmt: skip
     return [states, output]
+
+
+def _dqk_kernel(p: Problem, plan: Plan) -> KernelCost:
+    """K blocks x chunks x B*H programs: over V in steps, the shared scores do v^T and both
+    states' terms (three dots a step), then (ds * D) k and (ds * D)^T q; reads q, k, v, do and
+    both chunk-state buffers, writes dq and dk."""
+    from ..kernels.spec import dqk_blocks
+
+    d = dqk_blocks(_blocks(p, "chunkwise", p.K, p.V, plan, split=True), p.V)
+    BT, BKC, BV, e = d["BT"], d["BKC"], d["BV"], d["e"]
+    n, N, NK = p.B * p.H, -(-p.T // BT), -(-p.K // BKC)
+    per_program = 2 * BT * BT * p.V + 4 * BT * p.V * BKC + 4 * BT * BT * BKC
+    io = n * p.T * (4 * p.K + 2 * p.V) * e + 2 * n * N * p.K * p.V * e
+    return KernelCost("dqk", NK * N * n, NK * N * n * per_program, io, -(-p.V // BV) + 2)
 
 
 def _parallel_kernel(p: Problem, K: int, V: int, plan: Plan) -> KernelCost:

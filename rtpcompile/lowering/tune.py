@@ -203,14 +203,29 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
     pipelines k [BT, BKC] and v loads; the output kernel holds the scores, the rows and the
     state's contribution ([BT, BT] + 2 [BT, BV]) and pipelines q, k [BT, BKC] and the entering
     state [BKC, BV] over its K loop. The larger of the two must fit.
-    The backward's passes swap K and V, so a "bwd" config must fit both orientations.
+    The backward's passes swap K and V, so a "bwd" config must fit both orientations; when both
+    split, its dq/dk kernel (``chunk_dqk``, blocks of its own but the config's warps and stages)
+    holds the scores and two [BT, BKC] row blocks and pipelines do, v [BT, BV] and two [BV, BKC]
+    states over its V loop, then loads q and k.
     """
-    from ..kernels.spec import default_blocks, next_pow2, use_split
+    from ..kernels.spec import default_blocks, dqk_blocks, next_pow2, use_split
 
     size = torch.finfo(getattr(torch, p.dtype)).bits // 8
     stages, warps = cfg["num_stages"], cfg["num_warps"]
+    limit = _shared_memory(p.device)
+
+    def problem(acc: int, tiles: int) -> str | None:
+        per_thread = acc / (32 * warps)
+        if per_thread > MAX_ACC_PER_THREAD:
+            return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
+        if tiles * size > limit:
+            return f"{tiles * size} bytes of shared memory > {limit}"
+        return None
+
+    splits = []
     for K, V in _orientations(p):
         split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
+        splits.append(split)
         d = default_blocks(form, K, V, chunk, split, dtype=p.dtype)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
         if split:
@@ -220,13 +235,14 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
         else:
             acc = BT * BT + BT * BV + (BK * BV if form == "chunkwise" else 0)
             tiles = stages * ((2 if form == "chunkwise" else 1) * BT * BK + BT * BV)
-        per_thread = acc / (32 * warps)
-        if per_thread > MAX_ACC_PER_THREAD:
-            return f"{per_thread:.0f} fp32 accumulators per thread > {MAX_ACC_PER_THREAD}"
-        smem = tiles * size
-        limit = _shared_memory(p.device)
-        if smem > limit:
-            return f"{smem} bytes of shared memory > {limit}"
+        why = problem(acc, tiles)
+        if why:
+            return why
+    if p.phase == "bwd" and all(splits):
+        d = dqk_blocks(default_blocks(form, p.K, p.V, chunk, True, dtype=p.dtype), p.V)
+        BT, BKC, BV = d["BT"], d["BKC"], d["BV"]
+        why = problem(BT * BT + 2 * BT * BKC, stages * 2 * (BT * BV + BV * BKC) + 2 * BT * BKC)
+        return None if why is None else f"dq/dk kernel: {why}"
     return None
 
 

@@ -1,0 +1,131 @@
+"""The split chunkwise backward: the dq pass's states, the dv pass, one kernel for dq and dk.
+
+Runs under the Triton interpreter on CPU. ``tests/test_kernel_split.py`` checks the forced-split
+backward (this path) against the float64 reference on its awkward sizes and by hypothesis;
+here: that the path is taken (four kernels, not six) exactly when both passes split, that it
+agrees with the three-pass backward, that the reversed passes' end-padded chunks line up with
+the forward ones, and the dq/dk kernel's own blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_kernels import check, make  # noqa: E402
+
+from rtpcompile import kernels  # noqa: E402
+from rtpcompile.kernels import backward, launch  # noqa: E402
+from rtpcompile.kernels.spec import choose, default_blocks, dqk_blocks  # noqa: E402
+from rtpcompile.lowering import cost, tune  # noqa: E402
+from rtpcompile.lowering.plan import Plan, Problem  # noqa: E402
+
+SPLIT = {"split": 1}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(triton_on_cpu):
+    yield
+
+
+def _stages(form, *args, cfg=SPLIT) -> list[str]:
+    """The kernels (form.stage/direction) one backward call would launch."""
+    with launch.recording() as seen:
+        kernels.triton_backward(form, *args, 16, cfg)
+    return [k.spec.short().split()[0] for k in seen]
+
+
+def _inputs(T=45, K=24, V=40, dtype=torch.float32, state=True):
+    _, (q, k, v, g, s0) = make(2, 2, T, K, V, dtype, state=state, btHd=True, seed=3)
+    o, sf = kernels.triton_forward("chunkwise", q, k, v, g, 0.3, s0, 16, SPLIT)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(dtype)
+    dsf = torch.randn(sf.shape, generator=gen)
+    return do, dsf, q, k, v, g, 0.3, s0, sf
+
+
+def test_split_backward_is_four_kernels_and_fused_stays_three_passes():
+    args = _inputs()
+    assert _stages("chunkwise", *args) == [
+        "chunkwise.states/fwd",  # the dq pass's states (do, v, k)
+        "chunkwise.states/bwd",  # the dv pass (k, q, do), its states kept for dk
+        "chunkwise.output/bwd",
+        "chunkwise.dqk/bwd",
+    ]
+    assert (
+        _stages("chunkwise", *args, cfg={"split": 0}) == ["chunkwise/fwd"] + ["chunkwise/bwd"] * 2
+    )
+
+
+@pytest.mark.parametrize("state,dsf", [(False, False), (True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("T", [1, 16, 45, 64])
+def test_dqk_path_equals_the_three_passes(T, state, dsf, monkeypatch):
+    """The same gradients as six split launches (the dk pass's own states, dq and dk apart), to
+    float32 rounding: d gamma, dq, dk summed in another order, the dk states transposed."""
+    do, dsf_, q, k, v, g, scale, s0, sf = _inputs(T=T, state=state)
+    args = (do, dsf_ if dsf else None, q, k, v, g, scale, s0, sf, 16, SPLIT)
+    four = kernels.triton_backward("chunkwise", *args)
+    monkeypatch.setattr(backward, "_split_passes", lambda *a: None)
+    six = kernels.triton_backward("chunkwise", *args)
+    assert (four[4] is None) == (six[4] is None) == (not state)
+    for a, b, name in zip(four, six, ("dq", "dk", "dv", "dgamma", "ds0"), strict=True):
+        if b is not None:
+            tol = 1e-5 * (b.abs().max().item() + 1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=tol, msg=name)
+
+
+def test_a_pass_that_would_not_split_keeps_the_three_passes():
+    """K = 256 splits the dv pass (K = 256) but not the dq pass (K = V = 16): no shared states,
+    so the backward runs its three passes, each as the rule says, and stays exact."""
+    args = _inputs(T=70, K=256, V=16, dtype=torch.float16, state=False)
+    stages = _stages("chunkwise", *args, cfg=None)
+    assert "chunkwise.dqk/bwd" not in stages and "chunkwise.output/bwd" in stages
+    check("chunkwise", 1, 1, 70, 256, 16, torch.float16, False, True, chunk=64)
+
+
+def test_reversed_chunks_are_the_forward_chunks_from_the_end():
+    """A reversed split pass with T not a multiple of the chunk: its first chunk is the partial
+    last one of the forward (pad rows first), so its stored states are those of the forward's
+    chunk boundaries."""
+    _, (q, k, v, g, _) = make(1, 2, 45, 8, 12, torch.float32, seed=5)
+    p = launch.Pass("chunkwise", q, k, v, g, 0.5, reverse=True)
+    h, _ = launch.chunk_states(p, 16, SPLIT)
+    assert h.shape == (2, 3, 8, 12)  # 45 rows: chunks of 16, 16, 13
+    # reversed chunk 1 (rows 31..16) starts after the 13 rows 44..32: the state of rows t >= 32
+    # held at row 32, the last the pass read (the forward's convention, mirrored)
+    w = g.double()[:, None] ** torch.arange(0, 13, dtype=torch.float64)  # gamma^(t - 32)
+    want = torch.einsum("ht,htk,htv->hkv", w, k[0, :, 32:].double(), v[0, :, 32:].double())
+    torch.testing.assert_close(h[:, 1].double(), want, rtol=1e-5, atol=1e-5)
+    assert not h[:, 0].any()  # nothing enters the first reversed chunk (no state)
+
+
+def test_dqk_blocks_step_over_v():
+    """V is the dq/dk kernel's reduction: its step is half V's block (at least two loop steps
+    from V = 32 up), whatever BV the tuner picked for the other passes."""
+    spec = choose("chunkwise", "bwd", 128, 64, torch.bfloat16, torch.bfloat16, 64,
+                  {"split": 1, "BV": 128}, stage="dqk", row_dot=True)  # fmt: skip
+    assert (spec.BV, spec.BKC, spec.BT, spec.num_warps) == (32, 64, 64, 8)
+    for V, BV in ((16, 16), (32, 16), (80, 64), (256, 64)):
+        assert dqk_blocks(default_blocks("chunkwise", 64, V, 64, True), V)["BV"] == BV
+    wide = dqk_blocks(default_blocks("chunkwise", 64, 64, 64, True, dtype="float32"), 64)
+    assert (wide["BT"], wide["BKC"], wide["num_warps"]) == (32, 32, 4)
+
+
+def test_cost_model_and_resource_rule_know_the_dqk_kernel(monkeypatch):
+    p = Problem(4, 16, 4096, 128, 128, "bfloat16", "cpu", "triton", False, phase="bwd")
+    names = [k.name for k in cost._triton_kernels(p, Plan("chunkwise", 64, config=(("split", 1),)))]
+    assert names == ["states", "states", "output", "dqk"]
+    fused = cost._triton_kernels(p, Plan("chunkwise", 64, config=(("split", 0),)))
+    assert [k.name for k in fused] == ["fused"] * 3
+    # 64 KiB of shared memory: the output stage pipelines 56 KiB, the dq/dk kernel's do, v and
+    # two state tiles per V step 64 KiB plus q and k after the loop
+    monkeypatch.setattr(tune, "_shared_memory", lambda device: 65536)
+    cfg = {"BV": 64, "num_warps": 8, "num_stages": 2, "split": 1}
+    why = tune.why_not_fits(p, "chunkwise", 64, cfg)
+    assert why is not None and why.startswith("dq/dk kernel: 81920 bytes of shared memory")
+    assert tune.why_not_fits(p, "chunkwise", 64, {**cfg, "num_stages": 1}) is None
+    assert tune.why_not_fits(dataclasses.replace(p, phase="fwd"), "chunkwise", 64, cfg) is None
