@@ -7,12 +7,14 @@ Writes DIR/kernels_<device>_<date>.json and .md. Times are triton.testing.do_ben
 baseline time / our time (> 1: we are faster); peak = extra bytes allocated by one call over the
 inputs (torch.cuda.max_memory_allocated). Inputs are bfloat16 in the
 [B, T, H, D] layout FLA takes; our kernels read the same storage as [B, H, T, D] views.
-Chunkwise rows are timed three ways: the default (rule), and forced fused and split passes.
+Chunkwise rows are timed four ways: the default (rule), forced fused and split passes, and split
+with the backward's older six-kernel path (split6).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -69,8 +71,38 @@ def _gamma(H):
 
 
 # NOTE: "rule" is what a call gets by default (spec.use_split); "fused" and "split" force the
-# chunkwise passes one way, so one run shows what the rule leaves on the table.
-CHUNK_MODES = {"rule": None, "fused": {"split": 0}, "split": {"split": 1}}
+# chunkwise passes one way, so one run shows what the rule leaves on the table. "split6" is split
+# with the backward's three passes (six kernels) instead of its four-kernel path (dq and dk in
+# one kernel, kernels/backward.py): what that kernel buys.
+CHUNK_MODES = {"rule": None, "fused": {"split": 0}, "split": {"split": 1}, "split6": {"split": 1}}
+
+
+@contextlib.contextmanager
+def _backward_path(mode: str):
+    from rtpcompile.kernels import backward
+
+    real = backward._split_passes
+    if mode == "split6":
+        backward._split_passes = lambda *args: None
+    try:
+        yield
+    finally:
+        backward._split_passes = real
+
+
+def _chunk_labels(BH: int, T: int, D: int, modes) -> list[tuple[str, str]]:
+    """(mode, row label) to time: the rule always picks fused or split (K = V here, so every
+    pass the same way), so when that mode is timed anyway its row is labelled the rule's and the
+    rule is not timed twice."""
+    from rtpcompile.kernels.spec import use_split
+
+    same = "split" if use_split("chunkwise", T, D, 64, V=D, BH=BH, dtype="bfloat16") else "fused"
+    out = []
+    for mode in modes:
+        if mode == "rule" and same in modes:
+            continue
+        out.append((mode, f"{mode}, the rule" if mode == same and "rule" in modes else mode))
+    return out
 
 
 def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
@@ -90,7 +122,7 @@ def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
         o, _ = chunk_retention(q, k, v, scale=scale)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    for mode in modes:
+    for mode, label in _chunk_labels(B * H, T, D, modes):
         cfg = CHUNK_MODES[mode]
 
         def ours_fwd(cfg=cfg):
@@ -109,8 +141,11 @@ def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
             ("fwd", ours_fwd, fla_fwd),
             ("fwd+bwd", ours_fwd_bwd, fla_fwd_bwd),
         ):
+            if mode == "split6" and name == "fwd":
+                continue  # the forward is split's
             shape = dict(B=B, H=H, T=T, K=D, V=D)
-            _row(rows, f"chunkwise {name} ({mode})", shape, ours, {"fla": theirs})
+            with _backward_path(mode):
+                _row(rows, f"chunkwise {name} ({label})", shape, ours, {"fla": theirs})
 
 
 def parallel_cases(B, H, T, D, rows):
@@ -279,7 +314,7 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         default=",".join(CHUNK_MODES),
-        help="chunkwise modes to time, among rule (the default choice), fused, split",
+        help="chunkwise modes to time, among rule (the default choice), fused, split, split6",
     )
     args = parser.parse_args()
     modes = tuple(m for m in args.modes.split(",") if m)

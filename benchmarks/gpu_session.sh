@@ -37,7 +37,7 @@ case "$phase" in
 tests)
   # NOTE: the e2e file last: it compiles whole models, the slowest part
   step bash -o pipefail -c "timeout 540 $PY -m pytest -m gpu -q --tb=short -rA -p no:cacheprovider \
-    tests/test_kernels.py tests/test_kernel_split.py tests/test_kernel_precision.py \
+    tests/test_kernels.py tests/test_kernel_split.py tests/test_kernel_dqk.py tests/test_kernel_precision.py \
     tests/test_gpu_e2e.py 2>&1 | tee $out/gpu_tests_$day.log | tail -40"
   ;;
 kernels)

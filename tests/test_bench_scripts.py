@@ -55,3 +55,31 @@ def test_call_overhead_bench_runs(monkeypatch):
     assert "| decode T=1 (B=1, H=2, K=16, V=24) | recurrent |" in bench.markdown(
         {"date": "d", "machine": "m", "torch": "t", "python": "p", "calls": 3}, [row]
     )
+
+
+def test_split6_mode_times_the_three_pass_backward():
+    """The kernel bench's "split6" rows run the backward's six-kernel path; others keep the
+    four-kernel one, and the switch is undone after each row."""
+    bench = _script("bench_gpu_kernels")
+    from rtpcompile.kernels import backward
+
+    real = backward._split_passes
+    with bench._backward_path("split6"):
+        assert backward._split_passes("chunkwise") is None
+    assert backward._split_passes is real
+    with bench._backward_path("split"):
+        assert backward._split_passes is real
+    assert bench.CHUNK_MODES["split6"] == bench.CHUNK_MODES["split"] == {"split": 1}
+
+
+def test_the_rule_is_not_timed_twice():
+    bench = _script("bench_gpu_kernels")
+    modes = tuple(bench.CHUNK_MODES)
+    # T = 2048, B*H = 64, K = V = 128: 32 chunks, 128 programs: the rule runs fused
+    assert bench._chunk_labels(64, 2048, 128, modes) == [
+        ("fused", "fused, the rule"),
+        ("split", "split"),
+        ("split6", "split6"),
+    ]
+    assert ("split", "split, the rule") in bench._chunk_labels(64, 16384, 128, modes)
+    assert bench._chunk_labels(64, 2048, 128, ("rule",)) == [("rule", "rule")]

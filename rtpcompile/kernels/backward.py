@@ -114,7 +114,8 @@ def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
         return None
     dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0)
     dv_pass = _dv_pass(form, do, dsf, q, k, v, g, scale, s0)
-    held = states_bytes(dq_pass, chunk_size)  # the dq states wait beside the dv pass's
+    # NOTE: the dq states wait beside the dv pass's; only CUDA checks the free memory
+    held = states_bytes(dq_pass, chunk_size) if q.device.type == "cuda" else 0
     if not runs_split(dq_pass, chunk_size, config):
         return None
     if not runs_split(dv_pass, chunk_size, config, extra_bytes=held):
