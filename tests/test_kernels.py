@@ -319,10 +319,11 @@ def test_gpu_more_than_65535_batch_heads(form, T):
     check(form, 4352, 16, T, 16, 16, torch.float16, True, True, device="cuda")
 
 
-def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
-    """What a backward without states launches on a GPU: the three passes and, for d gamma, two
-    sums of the kernels' partial sums and an add (no [B, H, T] row-dot buffers, no zeros for an
-    absent initial state's gradient). Launches are mocked; torch ops are seen by a dispatch mode."""
+def test_backward_launches_three_passes_and_two_small_ops(monkeypatch):
+    """What a backward without states launches on a GPU: the three passes and, for d gamma, the
+    kernels' two partial sums added and summed (no [B, H, T] row-dot buffers, no zeros for an
+    absent initial state's gradient). Launches are mocked; torch ops are seen by a dispatch mode.
+    With both states, seven more small ops (two products, two sums, two d gamma updates, ds0)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -343,15 +344,20 @@ def test_backward_launches_three_passes_and_three_small_ops(monkeypatch):
         with Ops() as ops:
             ops.seen = []
             out = kernels.triton_backward(form, do, None, q, k, v, g, 0.3, None, sf, 16)
-        assert launched == [form] * 3 and ops.seen == ["sum", "sum", "add_"], (launched, ops.seen)
+        assert launched == [form] * 3 and ops.seen == ["add_", "sum"], (launched, ops.seen)
         assert out[3].shape == (3,) and out[4] is None
     # with an initial state and a final-state gradient, still three passes: the dv pass's own
     # final state gives ds0 (no fourth, state-only pass)
     s0 = torch.randn(2, 3, 16, 24)
     for form in ("chunkwise", "recurrent"):
         launched.clear()
-        kernels.triton_backward(form, do, torch.ones_like(s0), q, k, v, g, 0.3, s0, sf, 16)
+        dsf = torch.ones_like(s0)
+        with Ops() as ops:
+            ops.seen = []
+            kernels.triton_backward(form, do, dsf, q, k, v, g, 0.3, s0, sf, 16)
         assert launched == [form] * 3, launched
+        assert ops.seen == ["add_", "sum", "mul", "sum", "add_", "mul", "mul", "mul", "sum",
+                            "addcdiv_"], (form, ops.seen)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,10 @@ so no tensor is built for them. d gamma has a closed form (``aten_impl``):
 
 The dq and dk passes each add their half of the sum inside the kernel, divided by gamma (the
 reversed dk pass weighs by its own, logical, time, which is c - t: the minus sign for free), as
-one partial sum per program; what is left is two sums over those partials. ds0 comes from the
-final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf (the
-second term from the dsf state that pass starts from), so an initial state costs no extra pass.
+one partial sum per program; what is left is an add and a sum over those partials. ds0 comes
+from the final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf
+(the second term from the dsf state that pass starts from), so an initial state costs no extra
+pass.
 Every pass takes the call's block ``config`` (see ``launch.run``); a pass whose V is narrower
 than the config's BV clamps it (``spec.choose``).
 
@@ -134,24 +135,29 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     T = q.shape[2]
     args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
     dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
-    # NOTE: the common case (no states) is these (two or) three small launches; the partials
-    # are [B, N, H, tiles] and already divided by gamma
-    dg = part_q.sum(dim=(0, 1, 3))
-    if part_k is not None:
-        dg += part_k.sum(dim=(0, 1, 3))
+    # NOTE: the common case (no states) is one or two small launches: the partials are
+    # [B, N, H, tiles], already divided by gamma, and the three passes' two have one shape
+    if part_k is None:
+        dg = part_q.sum(dim=(0, 1, 3))
+    elif part_k.shape == part_q.shape:
+        dg = part_q.add_(part_k).sum(dim=(0, 1, 3))
+    else:
+        dg = part_q.sum(dim=(0, 1, 3)).add_(part_k.sum(dim=(0, 1, 3)))
     if s0 is None and dsf is None:
         return dq, dk, dv, dg, None
-    # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head
-    ga = g.to(acc)
+    if T == 0:  # no step: the final state is s0 itself, and the two state terms cancel
+        ds0 = (
+            None if s0 is None else dsf.to(acc).clone() if dsf is not None else torch.zeros_like(f)
+        )
+        return dq, dk, dv, dg, ds0
+    # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
+    # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f>
     c = (T - 1) / 2
-    ds0 = dlg = None
+    ga = g.to(acc)
+    ds0 = None
     if s0 is not None:
-        if T > 0:
-            ds0 = f * (scale * ga)[:, None, None]
-        else:  # no step: the final state is s0 itself (the pass would decay dsf by gamma^-1)
-            ds0 = torch.zeros_like(f) if dsf is None else dsf.to(acc).clone()
-        dlg = (s0.to(acc) * ds0).sum(dim=(0, 2, 3)).mul_(c + 1)
+        dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale)
+        ds0 = f * (ga * scale).view(-1, 1, 1)
     if dsf is not None:
-        term = (dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)).mul_(T - 1 - c)
-        dlg = term if dlg is None else dlg.add_(term)
-    return dq, dk, dv, dg.add_(dlg.div_(ga)), ds0
+        dg.addcdiv_((dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)), ga, value=T - 1 - c)
+    return dq, dk, dv, dg, ds0
