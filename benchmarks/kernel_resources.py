@@ -72,6 +72,11 @@ def _default(
     )  # fmt: skip
 
 
+def _dqk(K: int, V: int, dtype: torch.dtype, prec: str) -> KernelSpec:
+    """The split backward's dq/dk kernel at (K, V)."""
+    return _default("dqk", K, V, dtype, prec, "bwd", state_out=False, row_dot=True)
+
+
 def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
     """The default specs of the backward's shapes of pass at (K, V): time-reversed, a ones
     column (V + 1), row scales and row dots, the state at position 0; a state-only pass; and the
@@ -83,7 +88,7 @@ def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[Kernel
         specs.append(_default(kind, K, V + 1, dtype, prec, "bwd", **extra))
     specs.append(_default("states", K, V + 1, dtype, prec, "bwd", extra_value_column=True))
     specs.append(_default("fused", K, V, dtype, prec, "bwd", store_o=False, state_in=True))
-    specs.append(_default("dqk", K, V, dtype, prec, "bwd", state_out=False, row_dot=True))
+    specs.append(_dqk(K, V, dtype, prec))
     return specs
 
 
@@ -163,7 +168,7 @@ def table(capability: int, jobs: int) -> list[dict]:
         spec
         for dtype, prec in SECTIONS
         for K, V in SHAPES
-        for spec in kernels_of(K, V, dtype, prec)
+        for spec in kernels_of(K, V, dtype, prec) + [_dqk(K, V, dtype, prec)]
     ]
     with ProcessPoolExecutor(jobs) as pool:
         rows = list(pool.map(measure, specs, itertools.repeat(capability)))
@@ -183,8 +188,9 @@ def write(rows: list[dict], out: Path, capability: int) -> None:
         f"# Generated kernels on {meta['target']}: registers, spills, shared memory ({date})",
         "",
         f"Compiled on a CPU-only machine by Triton {meta['triton']} (torch {meta['torch']}) and "
-        "read from `ptxas -v`; default blocks of a forward call. float32 rows without a "
-        'precision use `tl.dot(..., input_precision="ieee")` (torch\'s default, "highest"); '
+        "read from `ptxas -v`; default blocks of a forward call, and the split backward's dq/dk "
+        'kernel. float32 rows without a precision use `tl.dot(..., input_precision="ieee")` '
+        '(torch\'s default, "highest"); '
         'rows marked `tf32` are what `torch.set_float32_matmul_precision("high")` runs. '
         f"Reproduce: `python benchmarks/kernel_resources.py --capability {capability}`.",
         "",

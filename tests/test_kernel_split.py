@@ -414,3 +414,8 @@ def test_split_fits_asks_the_driver_only_for_big_buffers_outside_capture(monkeyp
     assert fits(10, 16, 16384, 128, 128)
     assert fits(16, 16, 16384, 128, 128) is capturing
     assert len(asked) == (0 if capturing else 3)
+    # the split backward holds the dq pass's states beside the dv pass's: 1.25 GiB fits alone,
+    # not beside another 1.25 GiB (unless capturing)
+    q = _CudaLike(10, 16, 16384, 128)
+    p = launch.Pass("chunkwise", q, q, q, None, 1.0)
+    assert launch.split_fits(p, 64, extra_bytes=launch.states_bytes(p, 64)) is capturing

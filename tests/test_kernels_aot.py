@@ -115,7 +115,7 @@ def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
 # while failing the pathology the rule fixed: the 16-bit blocks spilled 92 bytes (split output)
 # to 22,680 (fused) per thread in float32.
 F32_SPILL_BOUND = 128
-F32_KINDS = ("parallel", "fused", "states", "output")
+F32_KINDS = ("parallel", "fused", "states", "output", "dqk")
 
 
 F32_FLAGS = {
@@ -123,6 +123,7 @@ F32_FLAGS = {
     "states": {"state_out": True, "store_o": False},
     # the backward's shape of output stage: a ones column, row scales and row dots
     "output": {"extra_value_column": True, "row_scale": True, "row_dot": True},
+    "dqk": {"row_dot": True},  # the split backward's dq/dk kernel
 }
 
 
@@ -133,8 +134,9 @@ def _float32_default(kind: str, K: int):
     flags = F32_FLAGS[kind]
     V = K + int(flags.get("extra_value_column", False))
     cfg = {"split": int(kind != "fused")}
-    return choose("chunkwise", "fwd", K, V, F32, F32, 64, cfg, stage=kind, fp32_precision="ieee",
-                  **flags)  # fmt: skip
+    direction = "bwd" if kind == "dqk" else "fwd"
+    return choose("chunkwise", direction, K, V, F32, F32, 64, cfg, stage=kind,
+                  fp32_precision="ieee", **flags)  # fmt: skip
 
 
 @pytest.mark.parametrize("K", [64, 128])

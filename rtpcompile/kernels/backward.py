@@ -111,15 +111,16 @@ def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
     """``_three_passes``' results from four launches, or None when a pass would not run split:
     the states of the dq pass and the whole (split) dv pass, whose states the dk pass shares
     transposed, then one kernel for dq and dk (``launch.run_dqk``); d gamma in one partial."""
-    if form != "chunkwise":
+    # NOTE: the three kernels share one chunk length, which follows the dtype (blocks.py)
+    if form != "chunkwise" or not q.dtype == k.dtype == v.dtype == do.dtype:
         return None
     dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0)
-    dv_pass = _dv_pass(form, do, dsf, q, k, v, g, scale, s0)
+    if not runs_split(dq_pass, chunk_size, config, quiet=True):
+        return None
     # NOTE: the dq states wait beside the dv pass's; only CUDA checks the free memory
     held = states_bytes(dq_pass, chunk_size) if q.device.type == "cuda" else 0
-    if not runs_split(dq_pass, chunk_size, config):
-        return None
-    if not runs_split(dv_pass, chunk_size, config, extra_bytes=held):
+    dv_pass = _dv_pass(form, do, dsf, q, k, v, g, scale, s0)
+    if not runs_split(dv_pass, chunk_size, config, extra_bytes=held, quiet=True):
         return None
     hq, _ = chunk_states(dq_pass, chunk_size, config)
     dv, f, _, hk = run_split(dv_pass, chunk_size, config, keep_states=True)

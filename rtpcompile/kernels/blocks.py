@@ -181,15 +181,36 @@ def default_blocks(
     return {"BT": BT, "BK": BK, "BV": BV, "num_warps": warps, "num_stages": 2}
 
 
+# NOTE: the split states kernel's grid (K blocks x V blocks x B*H: 256 programs at B*H = 64,
+# K = V = 128) is the small one, and each program is a sequential chain through every chunk, so
+# what matters is how many chains an SM holds at once. Its [BKC, BV] float32 state slice fits 4
+# warps without spilling at any K (ptxas on sm_90: 229 registers at 64 x 64 in bfloat16, 140 in
+# float32), which leaves room for two programs per SM; at 8 warps (142 registers) only one fits,
+# and 256 chains take two waves of 132 SMs instead of one. Unmeasured on a GPU.
+STATES_WARPS = 4
+
+
+def stage_blocks(blocks: dict[str, int], stage: str, V: int) -> dict[str, int]:
+    """A split stage's blocks from its pass's split blocks (``default_blocks(..., split=True)``):
+    the states kernel runs STATES_WARPS warps, the dq/dk kernel its own (``dqk_blocks``)."""
+    if stage == "states":
+        return {**blocks, "num_warps": STATES_WARPS}
+    if stage == "dqk":
+        return dqk_blocks(blocks, V)
+    return blocks
+
+
 def dqk_blocks(blocks: dict[str, int], V: int) -> dict[str, int]:
     """The backward's dq/dk kernel (``chunk_dqk``) from its pass's split blocks: V is reduced
     over there, not written, so BV is the loop step (half of V's block, 16 to 64: a V read in one
     step spilled 16-36 bytes at K = 64 and 128 in bfloat16, two or more steps spill nothing,
     ptxas on sm_90), and three [BT, BT] / [BT, BKC] float32 accumulators take 8 warps at 64 x 64
-    (4 spilled 792 bytes at K = 128)."""
+    (4 spilled 792 bytes at K = 128), as do the pass's own 8-warp blocks (float32 at K <= 32:
+    20 bytes at 4 warps, 0 at 8)."""
     BT, BKC = blocks["BT"], blocks["BKC"]
     BV = max(16, min(64, next_pow2(V) // 2))
-    return {**blocks, "BV": BV, "num_warps": 8 if BT * max(BT, BKC) >= 64 * 64 else 4}
+    warps = max(blocks["num_warps"], 8 if BT * max(BT, BKC) >= 64 * 64 else 4)
+    return {**blocks, "BV": BV, "num_warps": warps}
 
 
 def _wide_blocks(form: str, BK: int, V: int, chunk_size: int, split: bool) -> dict[str, int]:

@@ -163,16 +163,20 @@ def run(
     return o, sf, rd
 
 
-def runs_split(p: Pass, chunk_size: int, config: Config, extra_bytes: int = 0) -> bool:
+def runs_split(
+    p: Pass, chunk_size: int, config: Config, extra_bytes: int = 0, quiet: bool = False
+) -> bool:
     """Whether ``p``, written as rows, runs split: ``use_split``'s rule, and its chunk-state
-    buffer (plus ``extra_bytes`` held beside it) fits (``split_fits``)."""
+    buffer (plus ``extra_bytes`` held beside it) fits (``split_fits``). ``quiet``: a question
+    (the backward's four-kernel path), not the pass's decision, so a misfit is not logged."""
     B, H, T, K = p.q.shape
     V, dtype = _value_dim(p), dtype_name(p.q.dtype)
     if not use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
         return False
     if split_fits(p, chunk_size, extra_bytes):
         return True
-    log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
+    if not quiet:
+        log.info("rtpcompile kernels: chunk states of %s do not fit; running fused", p.q.shape)
     return False
 
 
@@ -404,6 +408,12 @@ def run_dqk(
     cfg = tuple(sorted(check_config(config).items()))
     spec = _choose("chunkwise", "bwd", K, v.shape[-1], q.dtype, q.dtype, chunk_size, cfg, flags)
     acc, n_chunks = acc_dtype(q.dtype), -(-T // spec.BT)
+    for name, h in (("hq", hq), ("hk", hk)):
+        if h is not None and h.shape[1] != n_chunks:
+            raise ValueError(
+                f"run_dqk: {name} holds {h.shape[1]} chunk states, expected {n_chunks} (chunks of "
+                f"{spec.BT} rows of T={T}: the passes must share q's dtype and chunk size)"
+            )
     dq = torch.empty(B, H, T, K, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     # NOTE: every (sequence, K block, head, chunk) has its program, so nothing is left unwritten

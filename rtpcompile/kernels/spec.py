@@ -38,6 +38,7 @@ from .blocks import (  # noqa: F401 - re-exported: the block rules' names predat
     default_blocks,
     dqk_blocks,
     next_pow2,
+    stage_blocks,
     use_split,
 )
 
@@ -232,8 +233,7 @@ def choose(
         fp32_precision = float32_precision()
     stage = flags.get("stage", "fused")
     blocks = default_blocks(form, K, V, chunk_size, split=stage != "fused", dtype=in_dtype)
-    if stage == "dqk":
-        blocks = dqk_blocks(blocks, V)
+    blocks = stage_blocks(blocks, stage, V)
     for name, value in check_config(config).items():
         # NOTE: split is decided per pass by launch (use_split), not a block; the dqk kernel's V
         # block is a loop step of its own (``dqk_blocks``), not the V block the tuner chose

@@ -208,15 +208,15 @@ def _split_kernels(p: Problem, K: int, V: int, plan: Plan) -> list[KernelCost]:
 
 def _dqk_kernel(p: Problem, plan: Plan) -> KernelCost:
     """K blocks x chunks x B*H programs: over V in steps, the shared scores do v^T and both
-    states' terms (three dots a step), then (ds * D) k and (ds * D)^T q; reads q, k, v, do and
-    both chunk-state buffers, writes dq and dk."""
+    states' terms (three dots a step), then (ds * D) k and (ds * D)^T q; reads q, k and both
+    chunk-state buffers once, v and do once per K block, and writes dq and dk."""
     from ..kernels.spec import dqk_blocks
 
     d = dqk_blocks(_blocks(p, "chunkwise", p.K, p.V, plan, split=True), p.V)
     BT, BKC, BV, e = d["BT"], d["BKC"], d["BV"], d["e"]
     n, N, NK = p.B * p.H, -(-p.T // BT), -(-p.K // BKC)
     per_program = 2 * BT * BT * p.V + 4 * BT * p.V * BKC + 4 * BT * BT * BKC
-    io = n * p.T * (4 * p.K + 2 * p.V) * e + 2 * n * N * p.K * p.V * e
+    io = n * p.T * (4 * p.K + 2 * p.V * NK) * e + 2 * n * N * p.K * p.V * e
     return KernelCost("dqk", NK * N * n, NK * N * n * per_program, io, -(-p.V // BV) + 2)
 
 
