@@ -83,3 +83,50 @@ def test_the_rule_is_not_timed_twice():
     ]
     assert ("split", "split, the rule") in bench._chunk_labels(64, 16384, 128, modes)
     assert bench._chunk_labels(64, 2048, 128, ("rule",)) == [("rule", "rule")]
+
+
+def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):
+    """The chunkwise rows of the GPU bench end to end on CPU (the kernels under the interpreter,
+    float32 inputs, FLA stubbed, nothing timed): each mode launches what it names; split6's
+    backward runs six kernels where split's runs four."""
+    import sys
+    import types
+
+    import torch
+
+    from rtpcompile import ops
+    from rtpcompile.kernels import launch
+
+    bench = _script("bench_gpu_kernels")
+    stub = types.ModuleType("fla.ops.retention")
+    stub.chunk_retention = lambda q, k, v, scale: (v * (q * k).sum(-1, keepdim=True) * scale, None)
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.retention", stub)
+
+    def inputs(B, T, H, K, V, grad=False):
+        return tuple(torch.randn(B, T, H, d, requires_grad=grad) for d in (K, K, V))
+
+    launched, rows = [], []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
+
+    def row(rows, what, shape, ours, baselines):
+        launched.clear()
+        ours()
+        for fn in baselines.values():
+            fn()
+        rows.append((what, [s.stage for s in launched]))
+
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    monkeypatch.setattr(bench, "_gamma", ops.retention_init_decay)
+    monkeypatch.setattr(bench, "_row", row)
+    bench.chunk_cases(1, 2, 40, 16, rows)
+    fwd, split_fwd = ["fused"], ["states", "output"]
+    assert rows == [
+        ("chunkwise fwd (fused, the rule)", fwd),
+        ("chunkwise fwd+bwd (fused, the rule)", fwd + ["fused"] * 3),
+        ("chunkwise fwd (split)", split_fwd),
+        ("chunkwise fwd+bwd (split)", split_fwd + ["states", "states", "output", "dqk"]),
+        ("chunkwise fwd+bwd (split6)", split_fwd + ["states", "output"] * 3),
+    ]
