@@ -130,7 +130,8 @@ def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
-    """(dq, dk, dv, dgamma, ds0 | None) by three kernel passes and the closed form for gamma."""
+    """(dq, dk, dv, dgamma, ds0 | None) by three kernel passes (or four split kernels) and the
+    closed form for gamma."""
     g = _check(q, k, v, gamma, scale)
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
@@ -147,10 +148,9 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     if s0 is None and dsf is None:
         return dq, dk, dv, dg, None
     if T == 0:  # no step: the final state is s0 itself, and the two state terms cancel
-        ds0 = (
-            None if s0 is None else dsf.to(acc).clone() if dsf is not None else torch.zeros_like(f)
-        )
-        return dq, dk, dv, dg, ds0
+        if s0 is None:
+            return dq, dk, dv, dg, None
+        return dq, dk, dv, dg, torch.zeros_like(f) if dsf is None else dsf.to(acc).clone()
     # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
     # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f>
     c = (T - 1) / 2
