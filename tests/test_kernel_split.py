@@ -209,11 +209,11 @@ def test_resource_rule_knows_the_split_kernels(monkeypatch):
     assert tune.why_not_fits(p, "chunkwise", 64, {**cfg, "split": 1}) is None
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     T=st.integers(1, 90),
-    K=st.sampled_from([5, 16, 24]),
-    V=st.sampled_from([3, 16, 33]),
+    K=st.sampled_from([5, 16, 24, 48]),
+    V=st.sampled_from([3, 16, 33, 80]),
     state=st.booleans(),
     seed=st.integers(0, 2**16),
 )
