@@ -37,21 +37,22 @@ def retention_init_state(batch: int, num_heads: int, k_dim: int, v_dim: int, dev
     return torch.zeros(batch, num_heads, k_dim, v_dim, dtype=torch.float32, device=device)
 
 
-def _call(q, k, v, gamma, scale, initial_state, form, chunk_size):
+def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True):
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
     validate.check_state(initial_state, q, v)
     validate.check_form(form)
     chunk = validate.check_chunk_size(chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk)
+    # NOTE: a state nobody asked for is not computed (the parallel form skips a whole pass)
+    return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk, state_out)
 
 
 def retention_parallel(
     q: Tensor, k: Tensor, v: Tensor, gamma, scale: float | None = None
 ) -> Tensor:
     """Whole-sequence form ``scale * ((Q K^T) * D) V``: O(T^2) memory, best for short T."""
-    o, _ = _call(q, k, v, gamma, scale, None, "parallel", None)
+    o, _ = _call(q, k, v, gamma, scale, None, "parallel", None, state_out=False)
     return o
 
 
@@ -70,7 +71,7 @@ def retention_chunkwise(
     With ``initial_state`` it continues a sequence exactly; the final state equals the
     recurrent state after the same tokens.
     """
-    o, s = _call(q, k, v, gamma, scale, initial_state, "chunkwise", chunk_size)
+    o, s = _call(q, k, v, gamma, scale, initial_state, "chunkwise", chunk_size, output_final_state)
     return o, (s if output_final_state else None)
 
 
@@ -96,5 +97,5 @@ def retention(
 
     Returns ``o``, or ``(o, final_state)`` when ``output_final_state`` is True.
     """
-    o, s = _call(q, k, v, gamma, scale, initial_state, form, chunk_size)
+    o, s = _call(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state)
     return (o, s) if output_final_state else o

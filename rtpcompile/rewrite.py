@@ -119,7 +119,10 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     s4 = None
     if state is not None:
         s4 = _to4(state.transpose(-1, -2) if state_vk else state).to(gamma.dtype)
-    o, final = torch.ops.rtp.retention_fwd(q4, k4, v4, gamma, 1.0, s4, form, chunk)
+    # NOTE: a region without a state returns none (its final state would have no reader)
+    o, final = torch.ops.rtp.retention_fwd(
+        q4, k4, v4, gamma, 1.0, s4, form, chunk, state is not None
+    )
     o = _from4(o, batch)
     if normaliser == "abs_sum":
         o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)

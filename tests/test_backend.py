@@ -219,6 +219,27 @@ def test_recurrent_step_is_rewritten(inductor):
     assert op_calls(inductor[0][0]) == 1
 
 
+def test_a_region_returns_a_state_only_when_one_came_in(inductor, monkeypatch):
+    """A region without a state has no reader for a final state: its op call asks for none
+    (``output_final_state=False``), so no kernel computes one."""
+    from test_detect import ChunkStep
+
+    from rtpcompile.lowering import dispatch
+
+    asked = []
+    real = dispatch.forward
+    monkeypatch.setattr(
+        dispatch, "forward", lambda *a, **kw: asked.append(kw["state_out"]) or real(*a, **kw)
+    )
+    torch.compile(Retention(), backend="rtp", dynamic=True, fullgraph=True)(*inputs(9))
+    assert asked == [False]
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(B, H, 6, K, generator=gen) for _ in range(2))
+    v, s = torch.randn(B, H, 6, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    torch.compile(ChunkStep(), backend="rtp", dynamic=True, fullgraph=True)(q, k, v, s)
+    assert asked == [False, True]
+
+
 def test_chunk_step_output_and_state_match_eager(inductor):
     from test_detect import ChunkStep
 

@@ -113,6 +113,26 @@ def test_more_heads_never_cost_more_per_head(dtype, phase, BH, more, dims, T):
         assert per_many <= per_few * (1 + 1e-12), c.label
 
 
+def test_parallel_forward_without_a_state_out_is_one_kernel():
+    """The final state of a parallel forward costs a state-only chunkwise pass; a call that
+    returns no state (``output_final_state=False``) launches the parallel kernel alone."""
+    p = problem(T=512, K=128, V=128, dtype="bfloat16", H=64)
+    c = Plan("parallel", 64)
+    assert names(p, c) == ["parallel", "state-only"]
+    lean = dataclasses.replace(p, state_out=False)
+    assert names(lean, c) == ["parallel"]
+    assert tune.estimate(lean, c) < tune.estimate(p, c)
+    # the planner keys it for the Triton forward only: the backward's passes do not depend on
+    # it, and aten computes the state anyway
+    x = torch.empty(1, 2, 8, 4)
+    for phase, backend, kept in (("fwd", "triton", False), ("bwd", "triton", True),
+                                 ("fwd", "aten", True)):  # fmt: skip
+        got = plan.problem_of(x, x, False, phase=phase, backend=backend, state_out=False)
+        assert got.state_out is kept, (phase, backend)
+    key = plan.cache_key(lean)["spec"]
+    assert key["state_out"] is False and plan.cache_key(p)["spec"]["state_out"] is True
+
+
 def test_backward_is_three_passes_with_swapped_dims():
     p = problem(T=4096, K=32, V=128, dtype="bfloat16", H=64)
     bwd = dataclasses.replace(p, phase="bwd")

@@ -50,6 +50,10 @@ def test_decompositions_match_the_op(form, B, H, T, K, V, chunk, state):
     o, s = fn(q, k, v, gamma, 0.3, s0, "auto", 0)
     torch.testing.assert_close(o, expected[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, expected[1], rtol=1e-10, atol=1e-10)
+    # a call that returns no state: the op's own (empty) second result
+    o2, s2 = fn(q, k, v, gamma, 0.3, s0, "auto", 0, False)
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+    assert s2.shape == (0,) and s2.dtype == s.dtype
 
 
 def test_bad_form_and_chunk_are_rejected():

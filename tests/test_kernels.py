@@ -295,6 +295,28 @@ def test_kernels_for_lists_forward_and_backward():
     assert "chunkwise/bwd" in str(both[2])
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_no_state_out_launches_no_state_work(form, monkeypatch):
+    """``state_out=False`` (an op call with ``output_final_state=False``): the same o, no
+    state; the parallel form drops its state-only chunkwise pass, the others their store."""
+    launched = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
+    T = 5 if form == "recurrent" else 37
+    (q, k, v, gamma, s0), (lq, lk, lv, lg, ls0) = make(1, 2, T, 24, 16, torch.float32, state=True)
+    ro, _ = ref.reference_parallel(q, k, v, gamma, 0.5, s0)
+    o, sf = kernels.triton_forward(form, lq, lk, lv, lg, 0.5, ls0, 16, state_out=False)
+    assert sf is None
+    close(o, ro, torch.float32, "o")
+    assert [(x.form, x.state_out) for x in launched] == [(form, False)]
+    meta = [torch.empty_like(x, device="meta") for x in (lq, lk, lv, lg, ls0)]
+    with_state = kernels.kernels_for(form, *meta)
+    without = kernels.kernels_for(form, *meta, state_out=False)
+    assert len(with_state) == (2 if form == "parallel" else 1) and len(without) == 1
+    with pytest.raises(ValueError, match="final_state_grad needs state_out"):
+        kernels.kernels_for(form, *meta, backward=True, final_state_grad=True, state_out=False)
+
+
 def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

@@ -272,6 +272,66 @@ def test_opcheck_with_permuted_inputs():
             )
 
 
+@pytest.mark.parametrize("form", ("auto", *FORMS))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_no_final_state_asked_gives_an_empty_one_and_the_same_gradients(form, with_state):
+    """``output_final_state=False``: the op's second result is an empty tensor (nothing computed
+    or saved for it), o and every gradient are those of a call that returns the state."""
+    q, k, v, _ = make(2, 2, 11, 5, 3, dtype=torch.float32, seed=4)
+    gamma = torch.tensor([0.9, 0.6])
+    s0 = torch.randn(2, 2, 5, 3) if with_state else None
+    results = []
+    for state_out in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gamma)]
+        s = None if s0 is None else s0.clone().requires_grad_()
+        o, sf = torch.ops.rtp.retention_fwd(*leaves, 0.5, s, form, 4, state_out)
+        assert (sf.shape == (0,)) != state_out and sf.dtype == torch.float32
+        o.sin().sum().backward()
+        results.append([o, *(x.grad for x in leaves), None if s is None else s.grad])
+    for a, b in zip(*results, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    args = (q, k, v, gamma.requires_grad_(), 0.5, s0, form, 4, False)
+    torch.library.opcheck(torch.ops.rtp.retention_fwd, args)
+
+
+def test_public_ops_compute_the_state_only_when_asked(monkeypatch):
+    from rtpcompile.lowering import dispatch
+
+    asked = []
+    real = dispatch.forward
+    monkeypatch.setattr(
+        dispatch, "forward", lambda *a, **kw: asked.append(kw["state_out"]) or real(*a, **kw)
+    )
+    q, k, v, _ = make(1, 2, 6, 4, 4, dtype=torch.float32)
+    gamma = torch.tensor([0.9, 0.7])
+    ops.retention_parallel(q, k, v, gamma)
+    ops.retention(q, k, v, gamma)
+    ops.retention(q, k, v, gamma, output_final_state=True)
+    assert ops.retention_chunkwise(q, k, v, gamma, output_final_state=False)[1] is None
+    ops.retention_chunkwise(q, k, v, gamma)
+    ops.retention_recurrent(q, k, v, gamma, None)
+    assert asked == [False, False, True, False, True, True]
+
+
+def test_compiled_without_a_state_matches_eager():
+    """Through AOTAutograd (fake outputs, the empty state's gradient) in training."""
+
+    def f(q, k, v, gamma):
+        return ops.retention(q, k, v, gamma, form="parallel").sin().sum()
+
+    q, k, v, _ = make(1, 2, 9, 4, 6, dtype=torch.float32, seed=2)
+    gamma = torch.tensor([0.9, 0.7])
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gamma)]
+        fn(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_compiles_fullgraph_dynamic():
     def f(q, k, v, gamma):
         return ops.retention(q, k, v, gamma).sin().sum()

@@ -84,6 +84,8 @@ def _region(view: GraphView, node: fx.Node, args: dict, example_inputs: list) ->
     q, k, v = (args.get(name) for name in ("q", "k", "v"))
     state = args.get("initial_state")
     output, state_out = _result(node, 0), _result(node, 1)
+    if args.get("output_final_state", True) is False:
+        state_out = None  # NOTE: its second result is then an empty tensor, not a state
     form, chunk = args.get("form"), args.get("chunk_size")
     eq, ev = (example(x) if isinstance(x, fx.Node) else None for x in (q, v))
     shaped = is_tensor(eq) and is_tensor(ev) and eq.dim() == 4 and ev.dim() == 4

@@ -102,9 +102,18 @@ def parallel(q, k, v, gamma, scale, initial_state):
     return o.to(out_dtype), final
 
 
-def _retention_fwd_as(form: str, chunk_size: int, q, k, v, gamma, scale, s0, _form, _chunk):
+def _retention_fwd_as(
+    form: str, chunk_size: int, q, k, v, gamma, scale, s0, _form, _chunk, state_out=True
+):
     # NOTE: the export's form wins over the one recorded in the op (usually "auto", which the
     # runtime planner resolves from real shapes); an explicit chunk size in the op is kept.
+    o, final = _decomposed(form, chunk_size, q, k, v, gamma, scale, s0, _chunk)
+    if not state_out:  # the op's own result: an empty tensor in the state's dtype
+        return o, final.new_empty((0,))
+    return o, final
+
+
+def _decomposed(form: str, chunk_size: int, q, k, v, gamma, scale, s0, _chunk):
     if q.shape[2] == 0:
         acc = accumulation_dtype(q.dtype)
         B, H, _, K = q.shape

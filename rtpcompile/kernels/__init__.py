@@ -54,11 +54,14 @@ def available() -> bool:
     return interpret or torch.cuda.is_available()
 
 
-def triton_forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None):
-    """(o [B,H,T,V] in q's dtype, final state [B,H,K,V] float32/64) of a resolved form."""
+def triton_forward(
+    form, q, k, v, gamma, scale, initial_state, chunk_size, config=None, state_out=True
+):
+    """(o [B,H,T,V] in q's dtype, final state [B,H,K,V] float32/64, or None when not
+    ``state_out``) of a resolved form."""
     from .backward import forward
 
-    return forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config)
+    return forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config, state_out)
 
 
 def triton_backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
@@ -79,11 +82,15 @@ def kernels_for(
     backward: bool = False,
     final_state_grad: bool = False,
     config: dict[str, int] | None = None,
+    state_out: bool = True,
 ) -> list[KernelInfo]:
-    """The kernels a call with these shapes would launch (forward, then backward if asked).
+    """The kernels a call with these shapes would launch (forward, then backward if asked);
+    ``state_out`` False: a call with ``output_final_state=False`` (no final-state gradient).
 
     Only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any work.
     """
+    if final_state_grad and not state_out:
+        raise ValueError("kernels_for: final_state_grad needs state_out (a final state)")
     from . import backward as bw
     from .launch import recording
 
@@ -95,7 +102,7 @@ def kernels_for(
     ]
     q, k, v, gamma, s0 = meta
     with recording() as seen:
-        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size, config)
+        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size, config, state_out)
         if backward:
             dsf = torch.empty_like(sf) if final_state_grad else None
             do = torch.empty_like(o)

@@ -64,12 +64,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tens
     return gamma.reshape(-1).contiguous()
 
 
-def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None):
-    """(o, final_state) of one resolved form; o in q's dtype, the state in float32/64."""
+def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None, state_out=True):
+    """(o, final_state) of one resolved form; o in q's dtype, the state in float32/64 (None
+    without ``state_out``: no kernel stores it, and the parallel form runs no state pass)."""
     g = _check(q, k, v, gamma, scale)
-    p = Pass(form, q, k, v, g, scale, s0=initial_state, state_out=True)
+    p = Pass(form, q, k, v, g, scale, s0=initial_state, state_out=state_out)
     o, sf, _ = run(p, chunk_size, config)
-    if q.shape[2] == 0:
+    if q.shape[2] == 0 and state_out:
         acc = acc_dtype(q.dtype)
         sf = sf.zero_() if initial_state is None else initial_state.to(acc).clone()
     return o, sf

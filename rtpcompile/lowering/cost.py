@@ -129,10 +129,11 @@ class KernelCost:
 
 def _triton_passes(p: Problem) -> list[tuple[int, int, bool]]:
     """(K, V, writes the final state) of each pass of one call (kernels/backward.py): the
-    forward is one pass; the backward's dq and dk passes swap K and V, its dv pass does not
-    (and writes the state that the initial state's gradient needs)."""
+    forward is one pass (writing the state unless the call returns none); the backward's dq and
+    dk passes swap K and V, its dv pass does not (and writes the state that the initial state's
+    gradient needs)."""
     if p.phase == "fwd":
-        return [(p.K, p.V, True)]
+        return [(p.K, p.V, p.state_out)]
     return [(p.V, p.K, False), (p.V, p.K, False), (p.K, p.V, p.has_state)]
 
 

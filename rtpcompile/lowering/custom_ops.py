@@ -4,6 +4,11 @@ Both are opaque ``torch.library.custom_op``s, so Dynamo, AOTAutograd and Inducto
 single nodes: the backward is its own op (AOTAutograd would otherwise inline it), fake
 implementations return contiguous outputs, and the lowering is planned inside the op from real
 shapes, so the compiled graph installs no shape guards. Inputs may have any strides.
+
+``output_final_state=False`` (the ops that return no state, and rewritten regions without one)
+returns an empty tensor in the state's place: the parallel form then skips the state-only pass
+it would otherwise launch, no kernel stores the state, and autograd saves nothing [B, H, K, V]
+for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from .aten_impl import accumulation_dtype
 Tensor = torch.Tensor
 
 
-def _planned(form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, phase):
+def _planned(
+    form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, phase, state_out=True
+):
     # NOTE: forward and backward are planned separately: every form computes the same function,
     # so the backward may use another form than the forward if that is faster.
     return plan.choose(
@@ -27,7 +34,13 @@ def _planned(form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_siz
         q=q,
         v=v,
         phase=phase,
+        state_out=state_out,
     )
+
+
+def _no_state(q: Tensor) -> Tensor:
+    """The state output of a call with ``output_final_state=False``: empty, the state's dtype."""
+    return q.new_empty((0,), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("rtp::retention_fwd", mutates_args=())
@@ -40,19 +53,27 @@ def retention_fwd(
     initial_state: Tensor | None,
     form: str,
     chunk_size: int,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T)."""
-    p = _planned(form, q, v, initial_state, chunk_size, "fwd")
+    """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T),
+    or (o, an empty tensor) with ``output_final_state=False``."""
+    p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state)
     o, final = dispatch.forward(
-        p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config
-    )
-    return o.to(q.dtype).contiguous(), final.to(accumulation_dtype(q.dtype)).contiguous()
+        p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config,
+        state_out=output_final_state,
+    )  # fmt: skip
+    o = o.to(q.dtype).contiguous()
+    if not output_final_state:
+        return o, _no_state(q)
+    return o, final.to(accumulation_dtype(q.dtype)).contiguous()
 
 
 @retention_fwd.register_fake
-def _(q, k, v, gamma, scale, initial_state, form, chunk_size):
+def _(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True):
     B, H, T, K = q.shape
     V = v.shape[-1]
+    if not output_final_state:
+        return q.new_empty((B, H, T, V)), _no_state(q)
     state = q.new_empty((B, H, K, V), dtype=accumulation_dtype(q.dtype))
     return q.new_empty((B, H, T, V)), state
 
@@ -98,25 +119,29 @@ def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_si
         torch.empty_like(k, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
         torch.empty_like(gamma, memory_format=torch.contiguous_format),
+        # NOTE: initial_state's shape: without a state output, final_state is empty
         final_state.new_empty(
-            final_state.shape if initial_state is not None else (0,), dtype=state_dtype
+            initial_state.shape if initial_state is not None else (0,), dtype=state_dtype
         ),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gamma, scale, initial_state, form, chunk_size = inputs
+    q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state = inputs
     ctx.save_for_backward(q, k, v, gamma, initial_state, output[1])
     ctx.scale, ctx.form, ctx.chunk_size = scale, form, chunk_size
     ctx.has_state = initial_state is not None
+    ctx.state_out = output_final_state
 
 
 def _backward(ctx, do, dsf):
     q, k, v, gamma, initial_state, final_state = ctx.saved_tensors
+    if not ctx.state_out:
+        dsf = None  # NOTE: an empty output's gradient (AOTAutograd may materialise it) is nothing
     dq, dk, dv, dgamma, ds0 = torch.ops.rtp.retention_bwd(
         do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size
     )
-    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None
+    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None, None
 
 
 retention_fwd.register_autograd(_backward, setup_context=_setup_context)

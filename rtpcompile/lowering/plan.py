@@ -77,6 +77,10 @@ class Problem:
     phase: str = "fwd"  # "fwd" | "bwd" (the backward op plans its own pass)
     request: str = "auto"
     chunk: int = 0  # a forced chunk size, 0 when free
+    # the forward writes the final state (a parallel forward then runs a state pass); the
+    # backward's passes do not depend on it, nor does aten's cost (it computes the state
+    # anyway), so those problems always have True: one plan and one tuning for both calls
+    state_out: bool = True
 
     def bucket(self) -> dict[str, int]:
         """T to the next power of two, B*H to the next power of two; K and V stay exact."""
@@ -136,11 +140,13 @@ def choose(
     v: torch.Tensor | None = None,
     phase: str = "fwd",
     tune: bool | None = None,
+    state_out: bool = True,
     **_: object,
 ) -> Plan:
     """Resolve ``form`` ("auto" or a concrete form) and its chunk size for one call.
 
     ``tune`` None follows the ``autotune`` option; explain() passes False (never benchmarks).
+    ``state_out``: whether the forward returns its final state (``output_final_state``).
     """
     opts = _options.current()
     chunk = chunk_size if chunk_size > 0 else (opts.chunk_size or 0)
@@ -152,12 +158,23 @@ def choose(
         problem = Problem(1, 1, T, 64, 64, "float32", "cpu", "aten", has_state, phase, form, chunk)
         return plan_for(problem, tune=False)
     backend = None if q.is_cuda or opts.kernels == "triton" else "aten"  # NOTE: skips a lookup
-    problem = problem_of(q, v, has_state, phase=phase, request=form, chunk=chunk, backend=backend)
+    problem = problem_of(
+        q, v, has_state, phase=phase, request=form, chunk=chunk, backend=backend,
+        state_out=state_out,
+    )  # fmt: skip
     return plan_for(problem, tune=opts.autotune if tune is None else tune)
 
 
 def problem_of(
-    q, v, has_state: bool, *, phase="fwd", request="auto", chunk=0, backend: str | None = None
+    q,
+    v,
+    has_state: bool,
+    *,
+    phase="fwd",
+    request="auto",
+    chunk=0,
+    backend: str | None = None,
+    state_out: bool = True,
 ) -> Problem:
     """The planning problem of one call; ``backend`` None asks dispatch (aten or Triton)."""
     from . import dispatch
@@ -167,7 +184,7 @@ def problem_of(
         backend = "triton" if dispatch.use_triton(q) else "aten"
     return Problem(
         B, H, T, K, v.shape[-1], _dtype_name(q.dtype), str(q.device), backend, has_state,
-        phase, request, chunk,
+        phase, request, chunk, state_out or phase != "fwd" or backend == "aten",
     )  # fmt: skip
 
 
@@ -175,7 +192,7 @@ def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Pl
     """Memo -> cache -> (benchmark when ``tune``) -> cost model. ``force`` re-benchmarks."""
     p = problem
     memo_key = (next_pow2(p.T), next_pow2(p.B * p.H), p.K, p.V, p.dtype, p.device, p.backend,
-                p.has_state, p.phase, p.request, p.chunk, tune)  # fmt: skip
+                p.has_state, p.phase, p.request, p.chunk, p.state_out, tune)  # fmt: skip
     found = None if force else _memo.get(memo_key)
     if found is not None:
         return found
@@ -218,6 +235,7 @@ def _from_cache(key: dict) -> Plan | None:
 
 def shape_text(p: Problem) -> str:
     state = ", state in" if p.has_state else ""
+    state += "" if p.state_out else ", no state out"
     return f"{p.phase} B={p.B} H={p.H} T={p.T} K={p.K} V={p.V} {p.dtype} {p.device}{state}"
 
 
@@ -236,6 +254,7 @@ def cache_key(problem: Problem) -> dict:
         "K": problem.K,
         "V": problem.V,
         "state_in": problem.has_state,
+        "state_out": problem.state_out,
         "request": problem.request,
         "chunk": problem.chunk,
     }

@@ -298,7 +298,7 @@ def _runner(p: Problem, plan: Plan, x: dict) -> Callable[[], object]:
     args = (x["q"], x["k"], x["v"], x["gamma"], scale, x["state"])
     form, chunk, cfg = plan.form, plan.chunk_size, plan.config
     if p.phase == "fwd":
-        return lambda: dispatch.forward(form, *args, chunk, cfg)
+        return lambda: dispatch.forward(form, *args, chunk, cfg, state_out=p.state_out)
     _, final = dispatch.forward(form, *args, chunk, cfg)
     return lambda: dispatch.backward(form, x["do"], None, *args, final, chunk, cfg)
 
