@@ -216,10 +216,38 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
+# NOTE: the schema's position of the op's last argument (``output_final_state``)
+_STATE_OUT_ARG = 8
+
+
+def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
+    """An rtp op call already in the graph whose final state nothing reads (e.g.
+    ``o, _ = ops.retention_chunkwise(...)``) is asked for none: the state is then neither
+    computed nor saved (``output_final_state=False``). Returns whether the call changed. Only
+    calls whose every user is a ``getitem`` qualify (a user of the whole tuple might read it)."""
+    node = next(n for n in graph.nodes if n.name == region.nodes[0])
+    users = list(node.users)
+    if not all(u.target is operator.getitem for u in users):
+        return False
+    if any(u.args[1] == 1 and u.users for u in users):
+        return False
+    if len(node.args) > _STATE_OUT_ARG:
+        if node.args[_STATE_OUT_ARG] is False:
+            return False
+        node.args = (*node.args[:_STATE_OUT_ARG], False, *node.args[_STATE_OUT_ARG + 1 :])
+    elif node.kwargs.get("output_final_state", True) is False:
+        return False
+    else:
+        node.kwargs = {**node.kwargs, "output_final_state": False}
+    return True
+
+
 def rewrite(gm: fx.GraphModule, regions: list[Region], form: str = "auto", chunk_size: int = 0):
     """Rewrite every claimed region of ``gm`` in place; returns ``gm``."""
     for region in regions:
-        if region.claimed:
+        if region.claimed and region.native:
+            drop_unread_state(gm.graph, region)
+        elif region.claimed:
             rewrite_region(gm, region, form, chunk_size)
     gm.graph.lint()
     gm.recompile()

@@ -153,6 +153,57 @@ def test_rewrite_keeps_the_op_node_and_rewrites_the_rest():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class UnreadStates(nn.Module):
+    """Op calls whose final state nothing reads (positional and keyword), and one that is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", torch.tensor(GAMMA))
+
+    def forward(self, q, k, v, s):
+        a, _ = ops.retention_chunkwise(q, k, v, self.gamma, chunk_size=4, initial_state=s)
+        b, _ = torch.ops.rtp.retention_fwd.default(
+            q, k, v, self.gamma, scale=0.25, initial_state=None, form="parallel", chunk_size=0
+        )
+        c, sc = ops.retention_recurrent(q, k, v, self.gamma, s)
+        return a + b + c, sc
+
+
+def _state_out_args(gm) -> list:
+    op = (torch.ops.rtp.retention_fwd, torch.ops.rtp.retention_fwd.default)
+    return [
+        n.args[8] if len(n.args) > 8 else n.kwargs.get("output_final_state", True)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in op
+    ]
+
+
+def test_an_unread_final_state_is_not_computed():
+    """The rewrite asks op calls whose state nothing reads for none (output_final_state=False);
+    Dynamo's graph is left as it was, and the compiled model still equals eager, gradients of
+    the initial state included."""
+    seen = {}
+
+    def capture(gm, example_inputs, **_):
+        new_gm, _ = backend.detect_and_rewrite(gm, example_inputs, options.resolve(None))
+        seen["graphs"] = gm, new_gm
+        return new_gm.forward
+
+    torch._dynamo.reset()
+    model = UnreadStates()
+    x = _inputs(grad=True)
+    got = torch.compile(model, backend=capture, fullgraph=True)(*x)
+    torch._dynamo.reset()
+    gm, new_gm = seen["graphs"]
+    assert _state_out_args(gm) == [True, True, True]
+    assert _state_out_args(new_gm) == [False, False, True]
+    ref = model(*x)
+    loss = [(o * o).sum() + st.sum() for o, st in (got, ref)]
+    got_grads, ref_grads = (torch.autograd.grad(t, x) for t in loss)
+    for a, b in zip((*got, *got_grads), (*ref, *ref_grads), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 class AllForms(nn.Module):
     """Every public op in one graph, a learnable decay (gradients reach it through the ops)."""
 
