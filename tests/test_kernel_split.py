@@ -30,6 +30,7 @@ from rtpcompile.kernels.spec import (  # noqa: E402
     use_split,
 )
 from rtpcompile.lowering import plan, tune  # noqa: E402
+from rtpcompile.lowering import reference as ref  # noqa: E402
 from rtpcompile.lowering.plan import Problem  # noqa: E402
 
 SPLIT = {"split": 1}
@@ -207,6 +208,22 @@ def test_resource_rule_knows_the_split_kernels(monkeypatch):
     cfg = {"BV": 128, "num_warps": 8, "num_stages": 1}
     assert "per thread" in tune.why_not_fits(p, "chunkwise", 64, {**cfg, "split": 0})
     assert tune.why_not_fits(p, "chunkwise", 64, {**cfg, "split": 1}) is None
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_split_forward_without_a_state_out(state, monkeypatch):
+    """``state_out=False`` on the split pass: the states stage stores no final state, o is
+    unchanged."""
+    _force_split(monkeypatch)
+    launched = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
+    (q, k, v, gamma, s0), (lq, lk, lv, lg, ls0) = make(1, 2, 45, 24, 40, torch.float32, state=state)
+    ro, _ = ref.reference_parallel(q, k, v, gamma, 0.5, s0)
+    o, sf = kernels.triton_forward("chunkwise", lq, lk, lv, lg, 0.5, ls0, 16, state_out=False)
+    assert sf is None
+    close(o, ro, torch.float32, "o")
+    assert [(x.stage, x.state_out) for x in launched] == [("states", False), ("output", False)]
 
 
 @settings(max_examples=12, deadline=None)
