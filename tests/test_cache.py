@@ -297,6 +297,28 @@ def test_cli_tune_warms_the_cache(capsys):
     assert plan.counters["benchmarks"] == 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "state_out"),
+    [([], False), (["--state"], True), (["--final-state", "yes"], True),
+     (["--state", "--final-state", "no"], False)],
+)  # fmt: skip
+def test_cli_tune_plans_the_triton_forward_with_or_without_a_final_state(
+    monkeypatch, capsys, flags, state_out
+):
+    from rtpcompile.lowering import dispatch
+
+    seen = []
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    monkeypatch.setattr(
+        plan, "plan_for", lambda p, **kw: seen.append(p) or plan.Plan("parallel", 64, "tuned")
+    )
+    assert cli.main(["tune", "--shape", "1,2,300,8", "--phase", "both", *flags]) == 0
+    fwd, bwd = seen
+    assert (fwd.phase, fwd.backend, fwd.state_out) == ("fwd", "triton", state_out)
+    assert bwd.state_out  # the backward's passes do not depend on it
+    assert ("no state out" in capsys.readouterr().out) != state_out
+
+
 def test_cli_tune_rejects_bad_shapes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["tune", "--shape", "1,2,x"])

@@ -32,6 +32,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--phase", default="fwd", choices=sorted(PHASES))
     parser.add_argument("--state", action="store_true", help="an initial state comes in")
+    parser.add_argument(
+        "--final-state",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="whether the forward returns its final state (Triton forwards are planned for each "
+        "apart; auto: with --state, as a continued sequence does, else not, as ops.retention and "
+        "compiled regions without a state do)",
+    )
     parser.add_argument("--force", action="store_true", help="re-benchmark cached buckets")
     parser.set_defaults(func=run)
 
@@ -74,7 +82,11 @@ def run(args) -> int:
     jobs = [(shape, phase) for shape in args.shape for phase in PHASES[args.phase]]
     before = plan.counters["benchmarks"]
     for done, ((B, H, T, K, V), phase) in enumerate(jobs):
-        problem = plan.Problem(B, H, T, K, V, args.dtype, str(device), backend, args.state, phase)
+        final = args.state if args.final_state == "auto" else args.final_state == "yes"
+        problem = plan.Problem(
+            B, H, T, K, V, args.dtype, str(device), backend, args.state, phase,
+            state_out=final,
+        )  # fmt: skip
         _progress(done, len(jobs), plan.shape_text(problem))
         if T == 1 or (args.state and T <= plan.RECURRENT_MAX_T):
             result = "recurrent (rule: decoding, nothing to tune)"

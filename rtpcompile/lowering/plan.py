@@ -82,6 +82,10 @@ class Problem:
     # anyway), so those problems always have True: one plan and one tuning for both calls
     state_out: bool = True
 
+    def __post_init__(self):
+        if self.phase != "fwd" or self.backend == "aten":
+            object.__setattr__(self, "state_out", True)  # NOTE: frozen; see state_out above
+
     def bucket(self) -> dict[str, int]:
         """T to the next power of two, B*H to the next power of two; K and V stay exact."""
         return {"T": next_pow2(self.T), "BH": next_pow2(self.B * self.H)}
@@ -184,7 +188,7 @@ def problem_of(
         backend = "triton" if dispatch.use_triton(q) else "aten"
     return Problem(
         B, H, T, K, v.shape[-1], _dtype_name(q.dtype), str(q.device), backend, has_state,
-        phase, request, chunk, state_out or phase != "fwd" or backend == "aten",
+        phase, request, chunk, state_out,
     )  # fmt: skip
 
 
