@@ -82,7 +82,9 @@ def run(args) -> int:
     jobs = [(shape, phase) for shape in args.shape for phase in PHASES[args.phase]]
     before = plan.counters["benchmarks"]
     for done, ((B, H, T, K, V), phase) in enumerate(jobs):
-        final = args.state if args.final_state == "auto" else args.final_state == "yes"
+        # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
+        choice = getattr(args, "final_state", "auto")
+        final = args.state if choice == "auto" else choice == "yes"
         problem = plan.Problem(
             B, H, T, K, V, args.dtype, str(device), backend, args.state, phase,
             state_out=final,
