@@ -229,7 +229,7 @@ def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
     users = list(node.users)
     if not all(u.target is operator.getitem for u in users):
         return False
-    if any(u.args[1] == 1 and u.users for u in users):
+    if any(u.args[1] != 0 and u.users for u in users):  # NOTE: != 0: also -1 or a slice
         return False
     if len(node.args) > _STATE_OUT_ARG:
         if node.args[_STATE_OUT_ARG] is False:

@@ -294,6 +294,13 @@ def test_no_final_state_asked_gives_an_empty_one_and_the_same_gradients(form, wi
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     args = (q, k, v, gamma.requires_grad_(), 0.5, s0, form, 4, False)
     torch.library.opcheck(torch.ops.rtp.retention_fwd, args)
+    if with_state:
+        # the backward's fake: ds0 is [B, H, K, V] though the saved final state is empty
+        # NOTE: detached: the backward op has no autograd formula (no double backward)
+        do = torch.randn(o.shape)
+        bwd = (do, None, *(x.detach() for x in (q, k, v, gamma)), 0.5, s0, sf.detach(), form, 4)
+        torch.library.opcheck(torch.ops.rtp.retention_bwd, bwd)
+        assert torch.ops.rtp.retention_bwd(*bwd)[4].shape == (2, 2, 5, 3)
 
 
 def test_public_ops_compute_the_state_only_when_asked(monkeypatch):

@@ -36,9 +36,9 @@ def add_parser(subparsers) -> None:
         "--final-state",
         choices=["auto", "yes", "no"],
         default="auto",
-        help="whether the forward returns its final state (Triton forwards are planned for each "
-        "apart; auto: with --state, as a continued sequence does, else not, as ops.retention and "
-        "compiled regions without a state do)",
+        help="whether the forward returns its final state: Triton forwards are planned for each "
+        "apart (ops.retention and compiled regions without a state return none, "
+        "ops.retention_chunkwise one); auto tunes both",
     )
     parser.add_argument("--force", action="store_true", help="re-benchmark cached buckets")
     parser.set_defaults(func=run)
@@ -79,16 +79,21 @@ def run(args) -> int:
         print("rtpcompile tune: --device cuda but no CUDA device is available", file=sys.stderr)
         return 1
     backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
-    jobs = [(shape, phase) for shape in args.shape for phase in PHASES[args.phase]]
+    # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
+    choice = getattr(args, "final_state", "auto")
+    finals = {"auto": (False, True), "yes": (True,), "no": (False,)}[choice]
+    problems = {
+        plan.Problem(
+            B, H, T, K, V, args.dtype, str(device), backend, args.state, phase, state_out=final
+        ): None
+        for B, H, T, K, V in args.shape
+        for phase in PHASES[args.phase]
+        for final in finals
+    }  # NOTE: a dict: problems that normalise to one (aten, the backward) run once, in order
+    jobs = list(problems)
     before = plan.counters["benchmarks"]
-    for done, ((B, H, T, K, V), phase) in enumerate(jobs):
-        # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
-        choice = getattr(args, "final_state", "auto")
-        final = args.state if choice == "auto" else choice == "yes"
-        problem = plan.Problem(
-            B, H, T, K, V, args.dtype, str(device), backend, args.state, phase,
-            state_out=final,
-        )  # fmt: skip
+    for done, problem in enumerate(jobs):
+        T = problem.T
         _progress(done, len(jobs), plan.shape_text(problem))
         if T == 1 or (args.state and T <= plan.RECURRENT_MAX_T):
             result = "recurrent (rule: decoding, nothing to tune)"

@@ -34,11 +34,13 @@ class _RetentionViaOp(nn.Module):
         msr = self.inner
         q, k, v = msr.project(x, offset)
         gamma = msr.log_decay().exp()
-        y, new_state = ops.retention(
-            q, k, v, gamma, scale=msr.scale, initial_state=state, output_final_state=True
+        want_state = state is not None or return_state
+        y = ops.retention(
+            q, k, v, gamma, scale=msr.scale, initial_state=state, output_final_state=want_state
         )
+        y, new_state = y if want_state else (y, None)
         out = msr.output(y.to(x.dtype), x)
-        return out if state is None and not return_state else (out, new_state)
+        return (out, new_state) if want_state else out
 
     def forward_cached(self, x: Tensor, layer_cache, offset: int) -> Tensor:
         state = layer_cache.state if offset > 0 else None

@@ -119,9 +119,11 @@ def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_si
         torch.empty_like(k, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
         torch.empty_like(gamma, memory_format=torch.contiguous_format),
-        # NOTE: initial_state's shape: without a state output, final_state is empty
+        # NOTE: [B, H, K, V] from q and v: final_state is empty without a state output, and
+        # a broadcastable initial_state ([1, H, K, V]) still gets a per-sequence gradient
         final_state.new_empty(
-            initial_state.shape if initial_state is not None else (0,), dtype=state_dtype
+            (*q.shape[:2], q.shape[3], v.shape[3]) if initial_state is not None else (0,),
+            dtype=state_dtype,
         ),
     )
 
