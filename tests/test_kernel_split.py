@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from test_kernels import check, close, make  # noqa: E402
 
 from rtpcompile import kernels  # noqa: E402
+from rtpcompile.kernels import grid as grids  # noqa: E402
 from rtpcompile.kernels import launch  # noqa: E402
 from rtpcompile.kernels.spec import (  # noqa: E402
     SPLIT_MIN_CHUNKS,
@@ -160,7 +161,7 @@ def test_split_close_to_fused_with_several_k_blocks_and_every_feature():
 
 
 def test_grid_limits_are_a_clear_error(monkeypatch):
-    monkeypatch.setattr(launch, "GRID_LIMITS", (2, 65535, 65535))
+    monkeypatch.setattr(grids, "GRID_LIMITS", (2, 65535, 65535))
     _, (q, k, v, g, _) = make(1, 2, 40, 8, 8, torch.float32)
     with pytest.raises(ValueError, match=r"grid \(3, 2\) for one sequence exceeds the launch"):
         kernels.triton_forward("chunkwise", q, k, v, g, 0.3, None, 16, SPLIT)
@@ -192,7 +193,7 @@ def test_batch_past_the_grid_limit_launches_in_slices(monkeypatch, form, cfg):
         return real(*a)
 
     monkeypatch.setattr(launch, "_call", spy)
-    monkeypatch.setattr(launch, "GRID_LIMITS", (2**31 - 1, 5, 5))  # 2 sequences x 2 heads each
+    monkeypatch.setattr(grids, "GRID_LIMITS", (2**31 - 1, 5, 5))  # 2 sequences x 2 heads each
     sliced = both()
     assert max(calls) == 2 and 1 in calls  # 3 sequences: 2 + 1
     assert dqk_calls == ([2, 1] if cfg == SPLIT else [])  # the split backward's dq/dk kernel

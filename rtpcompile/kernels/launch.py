@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 
 from . import codegen
+from . import grid as grids
 from .spec import (
     KernelSpec,
     check_config,
@@ -273,36 +274,6 @@ def split_fits(p: Pass, chunk_size: int, extra_bytes: int = 0) -> bool:
     return need <= torch.cuda.mem_get_info(p.q.device)[0] // 2
 
 
-# NOTE: CUDA's grid limits; axis 0 takes 2**31 - 1 programs, axes 1 and 2 take 65535
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
-
-
-def _grid(spec: KernelSpec, B: int, H: int, T: int) -> tuple[int, ...]:
-    NV = -(-spec.V // spec.BV)
-    if spec.form == "parallel":
-        return (NV, -(-T // spec.BT), B * H)
-    if spec.stage == "output":
-        return (NV * -(-T // spec.BT), B * H)
-    if spec.stage == "dqk":
-        return (-(-spec.K // spec.BKC) * -(-T // spec.BT), B * H)
-    if spec.stage == "states":
-        return (NV * -(-spec.K // spec.BKC), B * H)
-    return (NV, B * H)
-
-
-def _batch_per_launch(spec: KernelSpec, H: int, T: int) -> int:
-    """How many sequences one launch takes when the whole batch's B*H passes its grid axis's
-    65535: the batch goes in slices (every tensor the kernels index by batch is batch-first, so a
-    slice is a view). A grid that one sequence already overflows is a ValueError."""
-    grid = _grid(spec, 1, H, T)
-    if any(n > cap for n, cap in zip(grid, GRID_LIMITS, strict=False)):
-        raise ValueError(
-            f"retention kernel {spec.short()}: grid {grid} for one sequence exceeds the launch "
-            f"limits {GRID_LIMITS[: len(grid)]} (H={H}, T={T})"
-        )
-    return max(1, GRID_LIMITS[len(grid) - 1] // H)
-
-
 def _launch(
     spec: KernelSpec,
     p: Pass,
@@ -314,12 +285,12 @@ def _launch(
     for "dqk" (dq, dk, partials)), with the chunk-state buffers ``h`` of a split stage."""
     B, H, T = bht
     kernel = codegen.load(spec).kernel
-    grid = _grid(spec, B, H, T)
-    if all(n <= cap for n, cap in zip(grid, GRID_LIMITS, strict=False)):
-        _call(kernel, grid, spec, p, outs, h, B, H, T)
+    shape = grids.grid(spec, B, H, T)
+    if all(n <= cap for n, cap in zip(shape, grids.GRID_LIMITS, strict=False)):
+        _call(kernel, shape, spec, p, outs, h, B, H, T)
         return
     # NOTE: a decode batch of 4096 sequences x 32 heads is 131072 programs on the batch*head axis
-    per = _batch_per_launch(spec, H, T)
+    per = grids.batch_per_launch(spec, H, T)
     for b0 in range(0, B, per):
         rows = slice(b0, min(B, b0 + per))
         part = dataclasses.replace(
@@ -332,7 +303,7 @@ def _launch(
         cut = tuple(None if x is None else x[rows] for x in outs)
         h_part = tuple(x[rows.start * H : rows.stop * H] for x in h)  # [B*H, ...]
         n = rows.stop - rows.start
-        _call(kernel, _grid(spec, n, H, T), spec, part, cut, h_part, n, H, T)
+        _call(kernel, grids.grid(spec, n, H, T), spec, part, cut, h_part, n, H, T)
 
 
 def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: int) -> None:
