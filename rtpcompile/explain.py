@@ -47,6 +47,39 @@ def planned_lowering(region: Region) -> str:
     return text
 
 
+def region_kernels(region: Region, batch: int, dtype: torch.dtype, backward: bool) -> list:
+    """``Report.kernels``: the region's op call as meta tensors through ``kernels_for``."""
+    from . import kernels
+    from .lowering import plan, tune
+
+    if region.seq_len is None or region.seq_len < 1 or region.k_dim is None:
+        raise ValueError(f"kernels(): region at {region.where} has no example shapes")
+    H, T, K = region.heads, region.seq_len, region.k_dim
+    V = region.v_dim + int(region.normaliser == "abs_sum")  # the column of ones
+    has_state = region.state is not None
+    # NOTE: a rewritten region returns a state only when one comes in; an op call, when read
+    state_out = region.state_output is not None if region.native else has_state
+    form = region.form if region.native else "auto"
+    meta = dict(device="meta", dtype=dtype)
+    q = torch.empty(batch, H, T, K, **meta)
+    v = torch.empty(batch, H, T, V, **meta)
+    s0 = torch.empty(batch, H, K, V, device="meta") if has_state else None
+    found, dtype_name = [], str(dtype).removeprefix("torch.")
+    # NOTE: the op plans its backward apart from its forward (it may pick another form)
+    for phase in ("fwd", "bwd") if backward else ("fwd",):
+        problem = plan.Problem(batch, H, T, K, V, dtype_name, "cuda", "triton", has_state, phase,
+                               form, region.chunk_size, state_out)  # fmt: skip
+        chosen = plan.choose(form, T, has_state, region.chunk_size, phase=phase, tune=False)
+        if chosen.source not in ("rule", "forced"):
+            chosen = tune.model_choice(problem.at_bucket())
+        args = (chosen.form, q, q, v, torch.empty(H, device="meta"), s0, chosen.chunk_size)
+        kw = dict(config=dict(chosen.config) or None, state_out=state_out)
+        fwd = kernels.kernels_for(*args, **kw)
+        both = kernels.kernels_for(*args, backward=True, **kw) if phase == "bwd" else fwd
+        found += both[len(fwd) :] if phase == "bwd" else fwd
+    return found
+
+
 @dataclasses.dataclass
 class Report:
     """Claimed and declined regions of one model call (``print(report)`` shows the table)."""
@@ -80,6 +113,19 @@ class Report:
                 )
             )
         return rows
+
+    def kernels(
+        self, index: int, *, batch: int = 1, dtype=torch.bfloat16, backward: bool = False
+    ) -> list:
+        """The generated kernels claimed region ``index`` would launch on a GPU at its example
+        length (``KernelInfo`` rows: module name and spec; ``print`` each). The form and blocks
+        are the Triton cost model's choice for ``batch`` sequences in ``dtype`` (a tuned cache
+        entry on the deployment GPU may pick others); ``backward`` adds the training pass's
+        kernels. Nothing is compiled or launched."""
+        if not 0 <= index < len(self.regions) or not self.regions[index].claimed:
+            claimed = [i for i, r in enumerate(self.regions) if r.claimed]
+            raise ValueError(f"kernels(): region {index} is not claimed (claimed: {claimed})")
+        return region_kernels(self.regions[index], batch, dtype, backward)
 
     def __str__(self) -> str:
         head = (

@@ -91,3 +91,33 @@ def test_recurrent_step_row(no_inductor):
 def test_nothing_to_report(no_inductor):
     report = explain(nn.Linear(4, 4), torch.randn(2, 4))
     assert report.regions == [] and "no retention candidates" in str(report)
+
+
+def test_kernels_of_a_region_on_a_gpu(no_inductor):
+    """Report.kernels: the generated kernels a claimed region would launch on a GPU (the
+    Triton cost model's form and blocks; meta tensors, nothing compiled or launched)."""
+    pytest.importorskip("triton")
+    report = explain(TwoLayers(), *_inputs(T=300))
+    index = report.regions.index(report.claimed[0])
+    fwd = report.kernels(index, batch=4)
+    train = report.kernels(index, batch=4, backward=True)
+    assert train[: len(fwd)] == fwd and len(train) > len(fwd)
+    assert all(i.module.startswith("rtp_") and i.spec.in_dtype == "bfloat16" for i in train)
+    assert {i.spec.direction for i in train} == {"fwd", "bwd"}
+    # the region has no state: no kernel stores one, and a parallel forward adds no state pass
+    assert not any(i.spec.state_out for i in fwd)
+    assert (fwd[0].spec.K, fwd[0].spec.V) == (K, V) and "K=8 V=6" in str(fwd[0])
+    half = report.kernels(index, dtype=torch.float16)
+    assert all(i.spec.in_dtype == "float16" for i in half)
+    with pytest.raises(ValueError, match="not claimed"):
+        report.kernels(report.regions.index(report.declined[0]))
+
+
+def test_kernels_of_a_recurrent_step_keep_its_state(no_inductor):
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(B, H, K, generator=gen) for _ in range(2))
+    v, s = torch.randn(B, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    report = explain(Step(), q, k, v, s)
+    (info,) = report.kernels(0)
+    assert info.spec.form == "recurrent" and info.spec.state_in and info.spec.state_out

@@ -122,6 +122,21 @@ def _explain(model, ids) -> None:
     print(str(rep))
     claimed, declined = len(getattr(rep, "claimed", [])), len(getattr(rep, "declined", []))
     print(f"  regions claimed: {claimed}, declined: {declined}")
+    if claimed:
+        _kernels(rep)
+
+
+def _kernels(rep) -> None:
+    """The generated kernels the first claimed region would launch on a GPU (nothing runs)."""
+    first = next(i for i, r in enumerate(rep.regions) if r.claimed)
+    try:
+        found = rep.kernels(first, backward=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. no Triton here; the demo goes on
+        print(f"  kernels: not shown ({type(exc).__name__}: {exc})")
+        return
+    print(f"  region {first} on a GPU (bfloat16, Triton cost model), training step kernels:")
+    for info in found:
+        print(f"    {info}")
 
 
 def _compile_all(model, backends: list[str], whole: bool) -> dict:
