@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .detect.patterns_native import op_schema
 from .detect.region import Region
 
 _SCALAR_OPS = {"mul": torch.mul, "div": torch.div}
@@ -216,10 +217,6 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
-# NOTE: the schema's position of the op's last argument (``output_final_state``)
-_STATE_OUT_ARG = 8
-
-
 def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
     """An rtp op call already in the graph whose final state nothing reads (e.g.
     ``o, _ = ops.retention_chunkwise(...)``) is asked for none: the state is then neither
@@ -231,10 +228,12 @@ def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
         return False
     if any(u.args[1] != 0 and u.users for u in users):  # NOTE: != 0: also -1 or a slice
         return False
-    if len(node.args) > _STATE_OUT_ARG:
-        if node.args[_STATE_OUT_ARG] is False:
+    names = [a.name for a in op_schema(node.target).arguments]
+    at = names.index("output_final_state")  # the schema's position, not a copy of it
+    if len(node.args) > at:
+        if node.args[at] is False:
             return False
-        node.args = (*node.args[:_STATE_OUT_ARG], False, *node.args[_STATE_OUT_ARG + 1 :])
+        node.args = (*node.args[:at], False, *node.args[at + 1 :])
     elif node.kwargs.get("output_final_state", True) is False:
         return False
     else:
