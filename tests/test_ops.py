@@ -303,6 +303,21 @@ def test_no_final_state_asked_gives_an_empty_one_and_the_same_gradients(form, wi
         assert torch.ops.rtp.retention_bwd(*bwd)[4].shape == (2, 2, 5, 3)
 
 
+@pytest.mark.parametrize("T", [0, 1, 9])
+def test_aten_forms_skip_the_final_state_when_not_asked(T):
+    """The aten forms return no final state without ``state_out`` and the same output."""
+    from rtpcompile.lowering import aten_impl
+
+    q, k, v, _ = make(1, 2, T, 5, 3, dtype=torch.float32, seed=2)
+    lg = torch.log(torch.tensor([0.9, 0.5]))
+    s0 = torch.randn(1, 2, 5, 3)
+    for form in FORMS:
+        o, sf = aten_impl.forward(form, q, k, v, lg, 0.5, s0, 4)
+        o2, none = aten_impl.forward(form, q, k, v, lg, 0.5, s0, 4, state_out=False)
+        assert none is None and sf.shape == (1, 2, 5, 3)
+        torch.testing.assert_close(o2, o, rtol=0, atol=0)
+
+
 def test_public_ops_compute_the_state_only_when_asked(monkeypatch):
     from rtpcompile.lowering import dispatch
 

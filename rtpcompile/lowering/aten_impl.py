@@ -43,23 +43,26 @@ def decay_matrix(log_gamma: Tensor, T: int) -> Tensor:
     return _powers(log_gamma, diff.clamp(min=0)) * (diff >= 0)
 
 
-def parallel_forward(q, k, v, log_gamma, scale, initial_state):
-    """Whole-sequence form: scale * ((Q K^T) * D) V, plus the incoming state at position -1."""
+def parallel_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool = True):
+    """Whole-sequence form: scale * ((Q K^T) * D) V, plus the incoming state at position -1;
+    the final state is None without ``state_out``."""
     acc = accumulation_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     T = q.shape[2]
     pos = torch.arange(T, device=q.device)
     o = ((q @ k.transpose(-1, -2)) * decay_matrix(log_gamma, T)) @ v
+    if initial_state is not None:
+        o = o + _powers(log_gamma, pos + 1)[..., None] * (q @ initial_state.to(acc))
+    if not state_out:
+        return o * scale, None
     to_end = _powers(log_gamma, T - 1 - pos)[..., None]  # [H, T, 1]
     final = (k * to_end).transpose(-1, -2) @ v
     if initial_state is not None:
-        s0 = initial_state.to(acc)
-        o = o + _powers(log_gamma, pos + 1)[..., None] * (q @ s0)
-        final = final + _power(log_gamma, T)[..., None, None] * s0
+        final = final + _power(log_gamma, T)[..., None, None] * initial_state.to(acc)
     return o * scale, final
 
 
-def recurrent_forward(q, k, v, log_gamma, scale, initial_state):
+def recurrent_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool = True):
     """Token by token: S = gamma * S + k^T v ; o = scale * q S. Meant for decoding (small T)."""
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
@@ -75,11 +78,14 @@ def recurrent_forward(q, k, v, log_gamma, scale, initial_state):
         state = g * state + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append((q[:, :, t, None, :] @ state).squeeze(2))
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(B, H, 0, V, dtype=acc)
-    return o * scale, state
+    return o * scale, state if state_out else None
 
 
-def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int = 64):
-    """Parallel inside chunks of ``chunk_size``, recurrent across chunks. Memory is O(T * C)."""
+def chunkwise_forward(
+    q, k, v, log_gamma, scale, initial_state, chunk_size: int = 64, state_out: bool = True
+):
+    """Parallel inside chunks of ``chunk_size``, recurrent across chunks. Memory is O(T * C);
+    the final state is None without ``state_out``."""
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
     V = v.shape[-1]
@@ -109,7 +115,8 @@ def chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size: int 
     incoming = torch.stack(incoming, dim=2)  # [B, H, N, K, V]
     inter = (q * _powers(log_gamma, pos + 1)[:, None, :, None]) @ incoming
     o = (intra + inter).reshape(B, H, N * C, V)[:, :, :T] * scale
-
+    if not state_out:
+        return o, None
     # the last chunk holds r real tokens; padded keys are zero, exponents are clamped at 0
     r = C - pad
     last_to_end = _powers(log_gamma, (r - 1 - pos).clamp(min=0))[..., None]
@@ -124,17 +131,22 @@ FORWARDS: dict[str, Forward] = {
 }
 
 
-def forward(form: str, q, k, v, log_gamma, scale, initial_state, chunk_size: int):
-    """Run one concrete form. ``form`` is already resolved (no "auto")."""
+def forward(
+    form: str, q, k, v, log_gamma, scale, initial_state, chunk_size: int, state_out: bool = True
+):
+    """Run one concrete form. ``form`` is already resolved (no "auto"). Without ``state_out``
+    the final state is None, and the parallel and chunkwise forms skip its products."""
     if q.shape[2] == 0:
         acc = accumulation_dtype(q.dtype)
         B, H, _, K = q.shape
         o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc)
+        if not state_out:
+            return o, None
         s = q.new_zeros(B, H, K, v.shape[-1], dtype=acc)
         return o, s if initial_state is None else initial_state.to(acc).clone()
     if form == "chunkwise":
-        return chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size)
-    return FORWARDS[form](q, k, v, log_gamma, scale, initial_state)
+        return chunkwise_forward(q, k, v, log_gamma, scale, initial_state, chunk_size, state_out)
+    return FORWARDS[form](q, k, v, log_gamma, scale, initial_state, state_out)
 
 
 def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):

@@ -47,15 +47,14 @@ def _config(config) -> dict[str, int] | None:
 
 
 def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None, state_out=True):
-    """(o, final state); with ``state_out`` False the Triton path computes no state (None), aten
-    computes it anyway (one small product of the form's own work) and the caller drops it."""
+    """(o, final state); with ``state_out`` False no state is computed (None)."""
     if use_triton(q):
         return _triton_module().triton_forward(
             form, q, k, v, gamma, scale, initial_state, chunk_size, _config(config),
             state_out=state_out,
         )  # fmt: skip
     lg = torch.log(gamma.to(aten_impl.accumulation_dtype(q.dtype)))
-    return aten_impl.forward(form, q, k, v, lg, scale, initial_state, chunk_size)
+    return aten_impl.forward(form, q, k, v, lg, scale, initial_state, chunk_size, state_out)
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
