@@ -11,6 +11,8 @@ composes with ``torch.compile`` without graph breaks.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .lowering import (
@@ -23,27 +25,29 @@ Tensor = torch.Tensor
 
 def retention_init_decay(num_heads: int, device=None, dtype=torch.float32) -> Tensor:
     """The RetNet multi-scale decay: gamma_h = 1 - 2**(-5 - h), shape [num_heads]."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    exponents = -5.0 - torch.arange(num_heads, dtype=torch.float64, device=device)
+    exponents = -5.0 - torch.arange(int(num_heads), dtype=torch.float64, device=device)
     return (1.0 - torch.pow(2.0, exponents)).to(dtype)
 
 
 def retention_init_state(batch: int, num_heads: int, k_dim: int, v_dim: int, device=None) -> Tensor:
     """A zero recurrent state, float32 [batch, num_heads, k_dim, v_dim]."""
     for name, n in (("batch", batch), ("num_heads", num_heads), ("k_dim", k_dim), ("v_dim", v_dim)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return torch.zeros(batch, num_heads, k_dim, v_dim, dtype=torch.float32, device=device)
+    sizes = (int(batch), int(num_heads), int(k_dim), int(v_dim))
+    return torch.zeros(*sizes, dtype=torch.float32, device=device)
 
 
 def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True):
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
     validate.check_state(initial_state, q, v)
+    validate.check_no_forward_ad(q, k, v, gamma, initial_state)
     validate.check_form(form)
     chunk = validate.check_chunk_size(chunk_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = validate.check_scale(scale, q.shape[-1])
     # NOTE: a state nobody asked for is not computed (the parallel form skips a whole pass)
     return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk, state_out)
 

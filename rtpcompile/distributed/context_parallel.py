@@ -54,6 +54,7 @@ def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def _check_inputs(q, k, v, gamma, initial_state) -> Tensor:
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
+    validate.check_gamma_values(gamma)  # NOTE: before any collective, not in the op
     validate.check_state(initial_state, q, v)
     return gamma
 

@@ -19,11 +19,13 @@ import os
 
 import torch
 
+from .blocks import MAX_DIM
 from .codegen import KernelInfo, cache_dir
 from .spec import CONFIG_KEYS, KernelSpec, check_config, render
 
 __all__ = [
     "CONFIG_KEYS",
+    "MAX_DIM",
     "KernelInfo",
     "KernelSpec",
     "available",

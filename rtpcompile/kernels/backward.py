@@ -35,6 +35,7 @@ import dataclasses
 
 import torch
 
+from .blocks import MAX_DIM
 from .launch import (
     Pass,
     acc_dtype,
@@ -59,8 +60,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tens
         raise ValueError(
             f"expected gamma with {q.shape[1]} entries (one per head), got {gamma.numel()}"
         )
+    K, V = q.shape[-1], v.shape[-1]
+    if K > MAX_DIM or V > MAX_DIM:
+        # NOTE: checked here, on the user's dims: the backward's passes swap K and V
+        raise ValueError(
+            f"the Triton retention kernels support head dims K, V <= {MAX_DIM}, got K={K}, "
+            f"V={V} (kernels='auto' runs wider heads on aten)"
+        )
     if scale == 0:
-        raise ValueError("the Triton retention kernels need a nonzero scale, got 0")
+        raise ValueError(
+            "the Triton retention kernels need a nonzero scale, got 0 (kernels='auto' runs "
+            "it on aten)"
+        )
     return gamma.reshape(-1).contiguous()
 
 

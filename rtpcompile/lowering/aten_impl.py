@@ -136,7 +136,7 @@ def forward(
 ):
     """Run one concrete form. ``form`` is already resolved (no "auto"). Without ``state_out``
     the final state is None, and the parallel and chunkwise forms skip its products."""
-    if q.shape[2] == 0:
+    if q.shape[:3].numel() == 0:  # NOTE: T = 0 returns the incoming state; B = 0 or H = 0 too
         acc = accumulation_dtype(q.dtype)
         B, H, _, K = q.shape
         o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, plan
+from . import dispatch, plan, validate
 from .aten_impl import accumulation_dtype
 
 Tensor = torch.Tensor
@@ -57,6 +57,8 @@ def retention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T),
     or (o, an empty tensor) with ``output_final_state=False``."""
+    validate.check_op_args(q, v, gamma, scale, form, chunk_size)
+    validate.check_gamma_values(gamma)
     p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state)
     o, final = dispatch.forward(
         p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config,
@@ -70,6 +72,7 @@ def retention_fwd(
 
 @retention_fwd.register_fake
 def _(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True):
+    validate.check_op_args(q, v, gamma, scale, form, chunk_size)
     B, H, T, K = q.shape
     V = v.shape[-1]
     if not output_final_state:

@@ -3,6 +3,8 @@
 CUDA tensors use the Triton kernels when they are importable; CPU tensors use aten unless the
 ``kernels`` option (``RTP_KERNELS=triton``) forces Triton, which then runs under
 ``TRITON_INTERPRET=1``. A missing or broken Triton install falls back to aten with one warning.
+With ``kernels="auto"`` a call the kernels cannot run (a head dim K or V over 256, scale 0) runs
+on aten too; forced (``kernels="triton"``), the kernels' own error names the limit.
 ``config`` is the plan's kernel block configuration (``Plan.config``: (name, value) pairs or a
 mapping); the Triton path launches every pass with it, the aten path has no blocks and ignores it.
 """
@@ -33,13 +35,23 @@ def _triton_module():
     return kernels
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.0) -> bool:
+    """Whether a call with queries ``t`` (and values ``v``, ``scale``) runs the Triton kernels."""
     choice = _options.current().kernels
     if choice == "aten":
         return False
-    if choice == "auto" and not t.is_cuda:
+    kernels = _triton_module()
+    if choice == "auto" and (not t.is_cuda or not _fits(kernels, t, v, scale)):
         return False
-    return _triton_module() is not None
+    return kernels is not None
+
+
+def _fits(kernels, q: torch.Tensor, v: torch.Tensor | None, scale: float) -> bool:
+    """The kernels' limits: head dims up to ``MAX_DIM`` and a nonzero scale."""
+    if kernels is None:
+        return False
+    dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])
+    return max(dims) <= kernels.MAX_DIM and scale != 0
 
 
 def _config(config) -> dict[str, int] | None:
@@ -48,7 +60,7 @@ def _config(config) -> dict[str, int] | None:
 
 def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None, state_out=True):
     """(o, final state); with ``state_out`` False no state is computed (None)."""
-    if use_triton(q):
+    if use_triton(q, v, scale):
         return _triton_module().triton_forward(
             form, q, k, v, gamma, scale, initial_state, chunk_size, _config(config),
             state_out=state_out,
@@ -58,7 +70,7 @@ def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None,
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
-    if use_triton(q):
+    if use_triton(q, v, scale):
         return _triton_module().triton_backward(
             form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
         )

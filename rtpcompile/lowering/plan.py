@@ -185,7 +185,7 @@ def problem_of(
 
     B, H, T, K = q.shape
     if backend is None:
-        backend = "triton" if dispatch.use_triton(q) else "aten"
+        backend = "triton" if dispatch.use_triton(q, v) else "aten"
     return Problem(
         B, H, T, K, v.shape[-1], _dtype_name(q.dtype), str(q.device), backend, has_state,
         phase, request, chunk, state_out,

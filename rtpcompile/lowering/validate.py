@@ -1,10 +1,16 @@
-"""Input checks for the public ops: every error names what was expected and what came."""
+"""Input checks for the public ops and the rtp op: every error names what was expected and what
+came. The public ops check their arguments' structure (``check_qkv`` ...); the op itself checks
+its structure again (``check_op_args``: a raw or compiled call reaches no public op) and gamma's
+values (``check_gamma_values``), on real tensors, so a compiled model's gamma is checked too."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from ..options import FORMS
 
@@ -40,11 +46,13 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dims K and V must be >= 1; got K={q.shape[3]}, V={v.shape[3]}")
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
-    # NOTE: nothing is checked while compiling (the rewrite proved the decay already, and a
-    # value check would break the graph) or while capturing a CUDA graph.
+    # NOTE: nothing is checked while tracing (a value check would break the graph; the op's
+    # implementation checks the real tensor at run time) or while capturing a CUDA graph.
     if torch.compiler.is_compiling():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -76,12 +84,17 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
 
 
 def check_gamma(gamma, q) -> torch.Tensor:
-    """Return gamma as a [H] floating tensor on q's device, or raise."""
+    """Return gamma as a [H] floating tensor on q's device, or raise. A number becomes a tensor
+    in q's accumulation dtype (float64 for float64 inputs); a tensor's values are checked by the
+    op (``check_gamma_values``)."""
     H = q.shape[1]
-    if isinstance(gamma, (float, int)):
+    if isinstance(gamma, bool):
+        raise ValueError(f"gamma must be a number in (0, 1] or a [{H}] tensor, got {gamma!r}")
+    if isinstance(gamma, numbers.Real):
         if not 0.0 < float(gamma) <= 1.0:
             raise ValueError(_gamma_range_error([float(gamma)]))
-        return torch.full((H,), float(gamma), device=q.device)
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.full((H,), float(gamma), device=q.device, dtype=dtype)
     if not isinstance(gamma, torch.Tensor):
         raise ValueError(
             f"gamma must be a tensor of shape [{H}] (one decay per head), got {type(gamma)}"
@@ -94,11 +107,46 @@ def check_gamma(gamma, q) -> torch.Tensor:
         raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
     if gamma.device != q.device:
         raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
+    return gamma
+
+
+def check_gamma_values(gamma: torch.Tensor) -> None:
+    """gamma in (0, 1]: a ValueError on CPU, a device-side assertion elsewhere; accelerator
+    tensors once per tensor and version (``_CHECKED``), nothing while tracing or capturing."""
     if _values_checkable(gamma) and not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
         if gamma.device.type != "cpu":
             _remember_checked(gamma)
-    return gamma
+
+
+def check_scale(scale, K: int) -> float:
+    """The scale as a finite Python float; None is K**-0.5."""
+    if scale is None:
+        return K**-0.5
+    if isinstance(scale, torch.Tensor) and (scale.requires_grad or scale.numel() != 1):
+        raise ValueError(
+            "scale must be a Python number (a learnable scale is not supported: scale q "
+            f"instead), got a tensor of shape {_shape(scale)}"
+            + (" that requires grad" if scale.requires_grad else "")
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number or None, got {value}")
+    return value
+
+
+def check_op_args(q, v, gamma, scale, form, chunk_size) -> None:
+    """What the rtp op itself needs beyond its schema's types (also checked on fake tensors)."""
+    check_form(form)
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: the planner decides), got {chunk_size}")
+    H = q.shape[1]
+    if gamma.dim() > 1 or gamma.numel() != H:
+        raise ValueError(f"gamma must have shape [{H}] (one decay per head), got {_shape(gamma)}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
 
 
 # NOTE: id(gamma) -> (weak reference, version counter) of the accelerator gammas already checked.
@@ -124,6 +172,19 @@ def _remember_checked(gamma: torch.Tensor) -> None:
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()
     _CHECKED[id(gamma)] = (weakref.ref(gamma), gamma._version)
+
+
+def check_no_forward_ad(*tensors) -> None:
+    """Forward-mode AD (``torch.func.jvp``, ``forward_ad.dual_level``) is not supported: torch's
+    custom ops have no forward-mode formula and would return a zero tangent, so refuse it."""
+    # NOTE: _current_level is -1 outside any dual level (a module attribute: free to read)
+    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            "rtpcompile ops support reverse-mode autograd only: forward-mode AD (torch.func.jvp, "
+            "forward_ad) would give a zero tangent; use .backward() or torch.autograd.grad"
+        )
 
 
 def check_state(state, q, v, name: str = "initial_state") -> None:
