@@ -66,8 +66,11 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def detect_and_rewrite(gm, example_inputs, opts) -> tuple[fx.GraphModule, list[Region]]:
-    """Detection then rewrite on a copy of ``gm``; returns (rewritten copy, regions)."""
+def detect_and_rewrite(
+    gm, example_inputs, opts, runtime_options: str = ""
+) -> tuple[fx.GraphModule, list[Region]]:
+    """Detection then rewrite on a copy of ``gm``; returns (rewritten copy, regions). Every rtp
+    op call of the copy carries ``runtime_options`` (``options.runtime_text``)."""
     start = time.perf_counter()
     # NOTE: under DDP's graph splitting the example inputs are fake; the mask proof needs the
     # real buffer values Dynamo recorded for the whole graph's inputs.
@@ -76,7 +79,9 @@ def detect_and_rewrite(gm, example_inputs, opts) -> tuple[fx.GraphModule, list[R
     counters["detect_seconds"] += middle - start
     new_gm = gm
     if any(r.claimed for r in regions):
-        new_gm = rewrite(copy_graph_module(gm), regions, opts.form, opts.chunk_size or 0)
+        new_gm = rewrite(
+            copy_graph_module(gm), regions, opts.form, opts.chunk_size or 0, runtime_options
+        )
     counters["rewrite_seconds"] += time.perf_counter() - middle
     return new_gm, regions
 
@@ -92,11 +97,14 @@ def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
 def rtp_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     """The torch.compile backend (``mode=`` and ``options=`` arrive only when non-default)."""
     opts = options_mod.resolve(kwargs.get("options"))
+    # NOTE: the op reads its run-time options when it runs, long after this call returns: the
+    # options dict's kernels/autotune travel inside each op call (RTP_* apply as they stand)
+    runtime = options_mod.runtime_text(kwargs.get("options"))
     configure_logging(opts.log)
     start = time.perf_counter()
     counters["graphs"] += 1
     try:
-        new_gm, regions = detect_and_rewrite(gm, example_inputs, opts)
+        new_gm, regions = detect_and_rewrite(gm, example_inputs, opts, runtime)
     except Exception as exc:
         if opts.strict:
             raise

@@ -35,7 +35,11 @@ def planned_lowering(region: Region) -> str:
         T=region.seq_len,
         has_state=region.state is not None,
         chunk_size=region.chunk_size,
+        tune=False,
     )
+    problem = _example_problem(region)
+    if chosen.source not in ("rule", "forced") and problem is not None:
+        chosen = plan.plan_for(problem, tune=False)  # the memo, the autotune cache, the model
     text = chosen.form + (f" (chunk {chosen.chunk_size})" if chosen.form == "chunkwise" else "")
     text += f" at T={region.seq_len}"
     if region.native:
@@ -45,6 +49,32 @@ def planned_lowering(region: Region) -> str:
     elif region.normaliser == "sum_abs":
         text += ", sum-of-|A| normaliser computed beside the op"
     return text
+
+
+def _example_problem(region: Region):
+    """The planning problem of the region's example call (its batch, heads, dims, dtype and
+    device, on the backend the op would use), or None when detection could not see them."""
+    from . import options as _options
+    from .lowering import dispatch, plan
+
+    options = _options.current()
+    if None in (region.batch, region.heads, region.k_dim, region.v_dim, region.dtype):
+        return None
+    K = region.k_dim
+    V = region.v_dim + int(region.normaliser == "abs_sum")  # the column of ones
+    try:
+        probe = torch.empty(0, device=region.device)
+    except (RuntimeError, ValueError):  # NOTE: a device this process cannot use
+        return None
+    q, v = probe.new_empty((0, 0, 0, K)), probe.new_empty((0, 0, 0, V))
+    has_state = region.state is not None
+    state_out = region.state_output is not None if region.native else has_state
+    return plan.Problem(
+        region.batch, region.heads, region.seq_len, K, V, region.dtype, str(probe.device),
+        "triton" if dispatch.use_triton(q, v) else "aten", has_state, "fwd",
+        region.form if region.native else "auto", region.chunk_size or options.chunk_size,
+        state_out,
+    )  # fmt: skip
 
 
 def region_kernels(region: Region, batch: int, dtype: torch.dtype, backward: bool) -> list:

@@ -6,6 +6,8 @@ variables are read at call time so tests and users can change them without re-im
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -69,10 +71,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "chunk_size":
         if value is None or value == "":
             return None
-        try:
-            size = int(value)
-        except (TypeError, ValueError):
-            size = -1
+        # NOTE: a whole number only: int(3.7) or int(True) would pass a wrong size silently
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        size = value if whole else int(value) if isinstance(value, str) and value.isdigit() else -1
         if size < 1:
             raise ValueError(
                 f"{source}: option 'chunk_size' must be a positive integer, got {value!r}"
@@ -119,12 +120,40 @@ def _env_values() -> tuple:
     return tuple(map(os.environ.get, _ENV_KEYS))
 
 
+# The run-time options a compiled graph's op calls carry (``runtime_text``): what the op reads
+# besides the environment. Set by ``scoped`` around one op call.
+RUNTIME = ("kernels", "autotune")
+_SCOPED: contextvars.ContextVar[str] = contextvars.ContextVar("rtp_runtime_options", default="")
+
+
+def runtime_text(options: Mapping[str, Any] | None) -> str:
+    """The run-time options given explicitly in a backend's ``options`` dict, as the op's
+    ``runtime_options`` argument ("kernels=triton;autotune=1"; "" when none)."""
+    given = {name: _coerce(name, value, "options") for name, value in (options or {}).items()}
+    return ";".join(f"{n}={int(given[n]) if n == 'autotune' else given[n]}" for n in RUNTIME
+                    if n in given)  # fmt: skip
+
+
+@contextlib.contextmanager
+def scoped(text: str):
+    """Inside the block ``current()`` also applies ``text`` (``runtime_text``) over the
+    environment, as the backend's ``options`` dict did over it when the graph was compiled."""
+    token = _SCOPED.set(text)
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
 def current() -> Options:
-    """Options visible to the runtime ops (environment only; the backend passes its own)."""
+    """Options visible to the runtime ops: the environment, and the run-time options of the
+    compiled op call being run (``scoped``)."""
     # NOTE: called on every op call; memoised on the raw RTP_* values so a change still applies.
-    return _current_for(_env_values())
+    return _current_for(_env_values(), _SCOPED.get())
 
 
 @functools.lru_cache(maxsize=16)
-def _current_for(_env_values: tuple[str | None, ...]) -> Options:
-    return resolve(None)
+def _current_for(_env_values: tuple[str | None, ...], scoped_text: str = "") -> Options:
+    if not scoped_text:
+        return resolve(None)
+    return resolve(dict(item.split("=", 1) for item in scoped_text.split(";")))

@@ -94,10 +94,11 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     """The region's value computed by the rtp op; returns ``(output, new_state or None)``.
 
     ``spec`` (constants only): (q_perm, k_perm, v_perm, token_axis, mask_kind, mask_axes,
-    normaliser, normaliser_min, out_perm, state_vk, form, chunk_size, row_scale).
+    normaliser, normaliser_min, out_perm, state_vk, form, chunk_size, row_scale,
+    runtime_options).
     """
     (q_perm, k_perm, v_perm, token_axis, kind, axes, normaliser, low, out_perm, state_vk, form,
-     chunk, use_row_scale) = spec  # fmt: skip
+     chunk, use_row_scale, runtime) = spec  # fmt: skip
     q, k, v = (x if p is None else x.permute(p) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
@@ -122,7 +123,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         s4 = _to4(state.transpose(-1, -2) if state_vk else state).to(gamma.dtype)
     # NOTE: a region without a state returns none (its final state would have no reader)
     o, final = torch.ops.rtp.retention_fwd(
-        q4, k4, v4, gamma, 1.0, s4, form, chunk, state is not None
+        q4, k4, v4, gamma, 1.0, s4, form, chunk, state is not None, runtime
     )
     o = _from4(o, batch)
     if normaliser == "abs_sum":
@@ -141,7 +142,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     return o, new_state
 
 
-def _spec(region: Region, form: str, chunk_size: int) -> tuple:
+def _spec(region: Region, form: str, chunk_size: int, runtime_options: str) -> tuple:
     return (
         region.q.perm,
         region.k.perm,
@@ -156,6 +157,7 @@ def _spec(region: Region, form: str, chunk_size: int) -> tuple:
         form,
         chunk_size,
         region.row_scale,
+        runtime_options,
     )
 
 
@@ -164,7 +166,12 @@ def _factors(factors, named) -> tuple:
 
 
 def rewrite_region(
-    gm: fx.GraphModule, region: Region, form: str, chunk_size: int, keep: bool = False
+    gm: fx.GraphModule,
+    region: Region,
+    form: str,
+    chunk_size: int,
+    keep: bool = False,
+    runtime_options: str = "",
 ) -> list[fx.Node]:
     """Insert the op call for one claimed region and reroute the region's outputs to it.
 
@@ -184,7 +191,7 @@ def rewrite_region(
         _factors(region.pre, named),
         _factors(region.post, named),
         named[region.state.node] if region.state is not None else None,
-        _spec(region, form, chunk_size),
+        _spec(region, form, chunk_size, runtime_options),
     )
     inputs: list[fx.Node] = []
     fx.node.map_arg(args, inputs.append)
@@ -241,13 +248,34 @@ def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
     return True
 
 
-def rewrite(gm: fx.GraphModule, regions: list[Region], form: str = "auto", chunk_size: int = 0):
-    """Rewrite every claimed region of ``gm`` in place; returns ``gm``."""
+def set_runtime_options(graph: fx.Graph, region: Region, text: str) -> None:
+    """An rtp op call already in the graph runs with the backend's run-time options (``text``,
+    ``options.runtime_text``): its ``runtime_options`` argument, which its backward inherits."""
+    node = next(n for n in graph.nodes if n.name == region.nodes[0])
+    names = [a.name for a in op_schema(node.target).arguments]
+    at = names.index("runtime_options")
+    if len(node.args) > at:
+        node.args = (*node.args[:at], text, *node.args[at + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, "runtime_options": text}
+
+
+def rewrite(
+    gm: fx.GraphModule,
+    regions: list[Region],
+    form: str = "auto",
+    chunk_size: int = 0,
+    runtime_options: str = "",
+):
+    """Rewrite every claimed region of ``gm`` in place; returns ``gm``. ``runtime_options``
+    (``options.runtime_text``): the run-time options every rtp op call of the graph carries."""
     for region in regions:
         if region.claimed and region.native:
             drop_unread_state(gm.graph, region)
+            if runtime_options:
+                set_runtime_options(gm.graph, region, runtime_options)
         elif region.claimed:
-            rewrite_region(gm, region, form, chunk_size)
+            rewrite_region(gm, region, form, chunk_size, runtime_options=runtime_options)
     gm.graph.lint()
     gm.recompile()
     return gm

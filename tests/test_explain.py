@@ -121,3 +121,40 @@ def test_kernels_of_a_recurrent_step_keep_its_state(no_inductor):
     report = explain(Step(), q, k, v, s)
     (info,) = report.kernels(0)
     assert info.spec.form == "recurrent" and info.spec.state_in and info.spec.state_out
+
+
+def test_the_lowering_is_planned_for_the_example_call(no_inductor, monkeypatch):
+    """The lowering column is what the op plans for the region's own batch, heads, dims, dtype
+    and device (the planner's memo key), not a default shape."""
+    from rtpcompile.lowering import plan
+
+    monkeypatch.setenv("RTP_CACHE", "off")
+    region = explain(TwoLayers(), *_inputs(T=96)).claimed[0]
+    assert (region.batch, region.dtype, region.device) == (B, "float32", "cpu")
+    asked = []
+    real = plan.plan_for
+    monkeypatch.setattr(plan, "plan_for", lambda p, **kw: asked.append(p) or real(p, **kw))
+    text = str(explain(TwoLayers(), *_inputs(T=96)))
+    problem = asked[-1]
+    assert (problem.B, problem.H, problem.T, problem.K, problem.V) == (B, H, 96, K, V)
+    assert (problem.dtype, problem.backend) == ("float32", "aten")
+    q, k, v, _ = _inputs(T=96)
+    chosen = plan.choose("auto", 96, False, q=q, v=v, tune=False)
+    assert f"{chosen.form}" in text.split("T=96")[0].split("claimed")[-1]
+
+
+def test_a_one_token_example_does_not_claim_gamma_1(no_inductor):
+    report = explain(TwoLayers(), *_inputs(T=1))
+    assert "gamma unseen at T=1" in str(report) and "causal linear" not in str(report)
+
+
+def test_checkpointed_retention_is_reported_not_silently_skipped(no_inductor):
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(TwoLayers):
+        def forward(self, q, k, v, pad):
+            return checkpoint(super().forward, q, k, v, pad, use_reentrant=False)
+
+    q, k, v, pad = (x.requires_grad_() for x in _inputs(T=9))
+    (region,) = explain(Checkpointed(), q, k, v, pad).regions
+    assert not region.claimed and "torch.utils.checkpoint" in region.reason

@@ -9,11 +9,13 @@ declined with a reason. Every decision is counted in :data:`counters` and logged
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 
 import torch.fx as fx
+from torch._ops import HigherOrderOperator
 
-from .graph_view import GraphView
+from .graph_view import GraphView, example, hint, is_tensor, where
 from .patterns_chunk import merge_chunk_steps
 from .patterns_native import find_native
 from .patterns_parallel import find_parallel
@@ -26,16 +28,56 @@ log = logging.getLogger("rtpcompile")
 counters: collections.Counter = collections.Counter()
 
 
+def _with_example_call(region: Region, named: dict[str, fx.Node]) -> Region:
+    """The region with its example call's batch, dtype and device (from q's example value)."""
+    value = example(named[region.q.node]) if region.q and region.q.node in named else None
+    if not is_tensor(value):
+        return region
+    batch = None
+    if region.heads and region.seq_len and region.k_dim and region.heads > 0:
+        rows = region.heads * region.seq_len * region.k_dim
+        numel = hint(value.numel())
+        batch = numel // rows if numel > 0 and numel % rows == 0 else None
+    dtype = str(value.dtype).removeprefix("torch.")
+    return dataclasses.replace(region, batch=batch, dtype=dtype, device=str(value.device))
+
+
+def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
+    """A declined region for each higher-order op (``torch.utils.checkpoint``'s
+    tag_activation_checkpoint, ...) whose subgraph holds two matrix products or more: detection
+    does not search inside them, and explain() should say so rather than show nothing."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, HigherOrderOperator):
+            continue
+        attrs = [getattr(gm, a.target, None) for a in node.args
+                 if isinstance(a, fx.Node) and a.op == "get_attr"]  # fmt: skip
+        subs = [sub for sub in attrs if isinstance(sub, fx.GraphModule)]
+        products = sum(GraphView(sub).kind(n) == "matmul" for sub in subs for n in sub.graph.nodes)
+        if products >= 2:
+            found.append(
+                Region(
+                    written=f"{node.target.name()} subgraph",
+                    where=where(node),
+                    output=node.name,
+                    reason=f"inside {node.target.name()} (torch.utils.checkpoint, ...): not "
+                    "searched; checkpoint outside the retention, or not at all",
+                )
+            )
+    return found
+
+
 def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     """Every retention candidate of ``gm``: claimed regions first use no node twice."""
     view = GraphView(gm)
     parallel = merge_chunk_steps(view, find_parallel(view, example_inputs), example_inputs)
     found = find_native(view, example_inputs) + find_recurrent(view, example_inputs) + parallel
+    found += _unsearched_subgraphs(gm)
     named = {node.name: node for node in view.nodes}
     found.sort(key=lambda r: view.order.get(named.get(r.output or r.state_output or ""), 0))
     regions: list[Region] = []
     used: set[str] = set()
-    for region in found:
+    for region in (_with_example_call(r, named) for r in found):
         if region.claimed and used & set(region.nodes):
             region = region.declined("overlaps another claimed region")
         if region.claimed:

@@ -36,6 +36,8 @@ class Region:
     normaliser: "none" | "abs_sum" (clamp(|sum_j A|)) | "sum_abs" (clamp(sum_j |A|))
     out_perm:   the region's output is the canonical [*batch, T, V] permuted by this
     seq_len, heads, k_dim, v_dim, decay: example sizes and compile-time gammas (for explain)
+    batch, dtype, device: the example call's sequences (B of [B, H, T, D]), q's dtype name
+                ("float32") and device (for explain's planned lowering; None when unknown)
     native:     an rtp op call already in the graph: claimed as-is, never rewritten; ``form`` and
                 ``chunk_size`` are what the call requests ("auto" and 0 for every other region)
     """
@@ -69,6 +71,9 @@ class Region:
     native: bool = False
     form: str = "auto"
     chunk_size: int = 0
+    batch: int | None = None
+    dtype: str | None = None
+    device: str | None = None
 
     @property
     def claimed(self) -> bool:
@@ -82,6 +87,8 @@ class Region:
         """The per-head decays, short: "gamma=0.969..0.999" or "gamma=1 (causal linear)"."""
         if not self.decay:
             return "runtime" if self.native else "-"
+        if self.seq_len == 1 and self.mask_kind == "mul" and not self.native:
+            return "gamma unseen at T=1 (no effect there)"  # NOTE: a 1x1 mask holds no decay
         lo, hi = min(self.decay), max(self.decay)
         if abs(lo - 1.0) < 1e-9 and abs(hi - 1.0) < 1e-9:
             text = "gamma=1 (causal linear)"

@@ -103,8 +103,9 @@ def parallel(q, k, v, gamma, scale, initial_state):
 
 
 def _retention_fwd_as(
-    form: str, chunk_size: int, q, k, v, gamma, scale, s0, _form, _chunk, output_final_state=True
-):
+    form: str, chunk_size: int, q, k, v, gamma, scale, s0, _form, _chunk, output_final_state=True,
+    runtime_options="",
+):  # fmt: skip
     # NOTE: the export's form wins over the one recorded in the op (usually "auto", which the
     # runtime planner resolves from real shapes); an explicit chunk size in the op is kept.
     o, final = _decomposed(form, chunk_size, q, k, v, gamma, scale, s0, _chunk)

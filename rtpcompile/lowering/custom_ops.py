@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import options as _options
 from . import dispatch, plan, validate
 from .aten_impl import accumulation_dtype
 
@@ -54,11 +55,22 @@ def retention_fwd(
     form: str,
     chunk_size: int,
     output_final_state: bool = True,
+    runtime_options: str = "",
 ) -> tuple[Tensor, Tensor]:
     """o[b,h,t] = scale * sum_{s<=t} gamma_h^(t-s) (q_t . k_s) v_s (+ state); returns (o, S_T),
-    or (o, an empty tensor) with ``output_final_state=False``."""
+    or (o, an empty tensor) with ``output_final_state=False``. ``runtime_options``: the
+    compiling backend's explicit run-time options (``options.runtime_text``), applied over the
+    environment for this call and its backward."""
     validate.check_op_args(q, v, gamma, scale, form, chunk_size)
     validate.check_gamma_values(gamma)
+    if runtime_options:
+        with _options.scoped(runtime_options):
+            return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size,
+                            output_final_state)  # fmt: skip
+    return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state)
+
+
+def _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state):
     p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state)
     o, final = dispatch.forward(
         p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config,
@@ -71,7 +83,10 @@ def retention_fwd(
 
 
 @retention_fwd.register_fake
-def _(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True):
+def _(
+    q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True,
+    runtime_options="",
+):  # fmt: skip
     validate.check_op_args(q, v, gamma, scale, form, chunk_size)
     B, H, T, K = q.shape
     V = v.shape[-1]
@@ -94,14 +109,17 @@ def retention_bwd(
     final_state: Tensor,
     form: str,
     chunk_size: int,
+    runtime_options: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dgamma, d_initial_state); without an initial state the last is an
     empty tensor (the schema needs a tensor; a [B, H, K, V] of zeros would be a memset launch per
     backward, and autograd returns None for the absent state anyway)."""
-    p = _planned(form, q, v, initial_state, chunk_size, "bwd")
-    dq, dk, dv, dgamma, ds0 = dispatch.backward(
-        p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size, p.config
-    )
+    with _options.scoped(runtime_options):
+        p = _planned(form, q, v, initial_state, chunk_size, "bwd")
+        dq, dk, dv, dgamma, ds0 = dispatch.backward(
+            p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size,
+            p.config,
+        )  # fmt: skip
     if ds0 is None:
         ds0 = final_state.new_empty((0,))
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
@@ -115,7 +133,10 @@ def retention_bwd(
 
 
 @retention_bwd.register_fake
-def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size):
+def _(
+    do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size,
+    runtime_options="",
+):  # fmt: skip
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -132,9 +153,9 @@ def _(do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_si
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state = inputs
+    q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state, runtime = inputs
     ctx.save_for_backward(q, k, v, gamma, initial_state, output[1])
-    ctx.scale, ctx.form, ctx.chunk_size = scale, form, chunk_size
+    ctx.scale, ctx.form, ctx.chunk_size, ctx.runtime_options = scale, form, chunk_size, runtime
     ctx.has_state = initial_state is not None
     ctx.state_out = output_final_state
 
@@ -144,9 +165,10 @@ def _backward(ctx, do, dsf):
     if not ctx.state_out:
         dsf = None  # NOTE: an empty output's gradient (AOTAutograd may materialise it) is nothing
     dq, dk, dv, dgamma, ds0 = torch.ops.rtp.retention_bwd(
-        do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size
-    )
-    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None, None
+        do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size,
+        ctx.runtime_options,
+    )  # fmt: skip
+    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None, None, None
 
 
 retention_fwd.register_autograd(_backward, setup_context=_setup_context)
