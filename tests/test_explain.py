@@ -158,3 +158,13 @@ def test_checkpointed_retention_is_reported_not_silently_skipped(no_inductor):
     q, k, v, pad = (x.requires_grad_() for x in _inputs(T=9))
     (region,) = explain(Checkpointed(), q, k, v, pad).regions
     assert not region.claimed and "torch.utils.checkpoint" in region.reason
+
+
+def test_softmax_attention_is_named_as_declined(no_inductor):
+    class Softmax(nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+    q, k, v, _ = _inputs(T=7)
+    (region,) = explain(Softmax(), q, k, v).regions
+    assert region.written == "softmax attention" and "not retention" in region.reason

@@ -70,9 +70,10 @@ def test_symbolic_length_is_proven_at_capped_lengths(monkeypatch):
     assert seen and max(seen) == 16 and 1 in seen
 
 
-def test_bad_budget_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("RTP_PROOF_MAX_GB", "lots")
-    with pytest.raises(ValueError, match="RTP_PROOF_MAX_GB must be a number"):
+@pytest.mark.parametrize("bad", ["lots", "inf", "nan", "0", "-2"])
+def test_bad_budget_setting_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv("RTP_PROOF_MAX_GB", bad)
+    with pytest.raises(ValueError, match="RTP_PROOF_MAX_GB must be a positive number of GiB"):
         mask_proof.proof_budget()
 
 

@@ -17,6 +17,7 @@ same mask nodes at run time (see rewrite.py); the values here only feed explain(
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -292,9 +293,12 @@ def proof_budget() -> int:
     env = os.environ.get("RTP_PROOF_MAX_GB")
     if env:
         try:
-            return int(float(env) * 2**30)
+            gib = float(env)
         except ValueError:
-            raise ValueError(f"RTP_PROOF_MAX_GB must be a number of GiB, got {env!r}") from None
+            gib = math.nan
+        if not (math.isfinite(gib) and gib > 0):
+            raise ValueError(f"RTP_PROOF_MAX_GB must be a positive number of GiB, got {env!r}")
+        return int(gib * 2**30)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # NOTE: not POSIX: assume 32 GiB

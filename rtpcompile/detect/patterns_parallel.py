@@ -84,8 +84,9 @@ def _square(node: fx.Node) -> bool:
     return is_tensor(value) and value.dim() >= 2 and same_size(value.shape[-1], value.shape[-2])
 
 
-def _leads_to_scores(node: fx.Node) -> bool:
-    """Whether element-wise steps over [.., T, T] tensors lead back to a score product."""
+def _leads_to_scores(node: fx.Node) -> str | None:
+    """The kind of the first product the element-wise steps over [.., T, T] tensors lead back
+    to: "scores" (a score product), "softmax" (attention, not retention), or None."""
     frontier, seen = [node], set()
     for _ in range(_MAX_WALK):
         nxt = []
@@ -94,12 +95,12 @@ def _leads_to_scores(node: fx.Node) -> bool:
                 continue
             seen.add(current)
             if "softmax" in str(current.target):
-                return False
+                return "softmax"
             if score_product(current) is not None:
-                return True
+                return "scores"
             nxt += [a for a in current.all_input_nodes if _square(a)]
         frontier = nxt
-    return False
+    return None
 
 
 def value_products(view: GraphView) -> list[tuple[fx.Node, fx.Node, Layout, tuple | None, list]]:
@@ -107,9 +108,25 @@ def value_products(view: GraphView) -> list[tuple[fx.Node, fx.Node, Layout, tupl
     found = []
     for o in view.nodes_of_kind("matmul", "einsum"):
         for cand in _value_product(o):
-            if cand is not None and _leads_to_scores(cand[1]):
+            if cand is not None and _leads_to_scores(cand[1]) == "scores":
                 found.append(cand)
                 break
+    return found
+
+
+def softmax_attention(view: GraphView) -> list[Region]:
+    """A declined region per ``softmax(scores) @ V`` (explain() names it instead of nothing)."""
+    found = []
+    for o in view.nodes_of_kind("matmul", "einsum"):
+        if any(c is not None and _leads_to_scores(c[1]) == "softmax" for c in _value_product(o)):
+            found.append(
+                Region(
+                    written="softmax attention",
+                    where=where(o),
+                    output=o.name,
+                    reason="softmax attention, not retention: compiled by Inductor",
+                )
+            )
     return found
 
 
@@ -412,4 +429,5 @@ def _factor(factor) -> tuple[str, object]:
 
 def find_parallel(view: GraphView, inputs: list) -> list[Region]:
     """Every parallel-form candidate of the graph, claimed or declined."""
-    return [check_candidate(view, cand, inputs) for cand in value_products(view)]
+    found = [check_candidate(view, cand, inputs) for cand in value_products(view)]
+    return found + softmax_attention(view)
