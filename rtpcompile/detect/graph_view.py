@@ -195,6 +195,17 @@ def is_constant_source(node: fx.Node) -> bool:
     return False
 
 
+def is_input_attribute(node: fx.Node) -> bool:
+    """True for a placeholder read from an attribute of a call argument other than the module
+    itself (``L['cache'].layers[0].state``): caller-owned state, not model state."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None or "._buffers[" in source.name or "._parameters[" in source.name:
+        return False
+    while getattr(source, "base", None) is not None:
+        source = source.base
+    return type(source).__name__ == "LocalSource" and source.local_name != "self"
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """``node`` seen as ``base.permute(perm)`` (perm None: the identity)."""

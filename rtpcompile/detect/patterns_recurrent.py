@@ -1,10 +1,12 @@
 """The recurrent step ``S' = a * S + k (x) v ; o = contraction(q, S')`` (state in and out).
 
 Recognised spellings: the outer product as ``k^T @ v`` (one token), a 2-operand einsum, or a
-broadcast product of ``k.unsqueeze(-1)`` and ``v.unsqueeze(-2)``; the read-out as ``q @ S'``,
+broadcast product of a column and a row (``k.unsqueeze(-1) * v.unsqueeze(-2)``,
+``k[:, :, n, :, None] * v[:, :, n, None, :]``); the read-out as ``q @ S'``,
 ``S' @ q^T``, an einsum, or ``(q.unsqueeze(-1) * S').sum(-2)``; the state laid out (K, V) or
 (V, K), decided by which state dim the read-out contracts with q. The state must be a graph
-input and S' a graph output; the decay ``a`` must come from constants/buffers (per head only).
+input (an argument, or an attribute of one such as a decode cache's, not the module's own
+state) and S' a graph output; the decay ``a`` must come from constants/buffers (per head only).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .graph_view import (
     example,
     hint,
     is_constant_source,
+    is_input_attribute,
     is_scalar,
     is_tensor,
     layout,
@@ -73,6 +76,18 @@ def outer_product(view: GraphView, node: fx.Node) -> tuple[_Side, _Side] | None:
             a, b = b, a
         if x is not None and y is not None:
             return _Side(layout(x), True, (a,)), _Side(layout(y), True, (b,))
+        return _column_times_row(*node.args)
+    return None
+
+
+def _column_times_row(a: fx.Node, b: fx.Node) -> tuple[_Side, _Side] | None:
+    """A broadcast product of a column [.., K, 1] and a row [.., 1, V] made some other way than
+    ``unsqueeze`` (e.g. ``k[:, :, n, :, None] * v[:, :, n, None, :]``): as ``k^T @ v``."""
+    for col, row in ((a, b), (b, a)):
+        ec, er = example(col), example(row)
+        if is_tensor(ec) and is_tensor(er) and ec.dim() == er.dim() >= 3:
+            if ec.shape[-1] == 1 and er.shape[-2] == 1 and ec.shape[-2] != 1 != er.shape[-1]:
+                return _Side(layout(col).swapped(), False), _Side(layout(row), False)
     return None
 
 
@@ -116,7 +131,12 @@ def _decay_side(view: GraphView, node: fx.Node) -> tuple[fx.Node, fx.Node] | Non
     if view.kind(node) != "mul" or len(node.args) != 2:
         return None
     for a, s in (node.args, node.args[::-1]):
-        if isinstance(s, fx.Node) and s.op == "placeholder" and not is_constant_source(s):
+        # NOTE: a state held by a caller's object (a decode cache) is an input too
+        if (
+            isinstance(s, fx.Node)
+            and s.op == "placeholder"
+            and (not is_constant_source(s) or is_input_attribute(s))
+        ):
             if isinstance(a, fx.Node) and is_tensor(example(a)) and is_tensor(example(s)):
                 return a, s
     return None
