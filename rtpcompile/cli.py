@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from . import __version__, commands
+from .commands._common import UsageError
 
 # NOTE: the order shown in --help; modules not listed here follow alphabetically.
 _ORDER = ("demo", "bench", "tune", "cache", "export")
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # e.g. `rtpcompile cache list | head`
         sys.stderr.close()
         return 0

@@ -1,20 +1,76 @@
-"""What the timing commands (``bench``, ``demo``) share: device/thread options and list parsers."""
+"""What the commands share: device/thread options, argparse value types, and ``UsageError``.
+
+A value an argparse ``type=`` rejects ends the command line as argparse does (usage, one error
+line, exit code 2); a command that finds a bad input later raises ``UsageError``, which
+``cli.main`` prints as one line with the same exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 import torch
 
 
+class UsageError(Exception):
+    """A bad command-line input found after parsing: one line on stderr, exit code 2."""
+
+
+def device(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N, and CUDA only when a device is there."""
+    expected = "expected cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"expected cpu (no CUDA device is available here), got {text!r}"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"expected cuda:0 to cuda:{count - 1}, got {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
+    )
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
     )
 
 
@@ -48,4 +104,9 @@ def prepare(args) -> str:
         # NOTE: on a CPU shared with other busy processes, fewer threads than cores avoids
         # OpenMP oversubscription, which can slow small ops down by 10-50x.
         torch.set_num_threads(args.threads)
+    if args.device is not None:
+        try:  # NOTE: the parser checked it already; a Namespace built in code may not have been
+            device(args.device)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--device: {exc}") from None
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")

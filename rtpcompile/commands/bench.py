@@ -18,15 +18,29 @@ import torch
 
 from ..bench import env as bench_env
 from ..bench import model_suite, models, op_suite, writers
+from ..bench import variants as op_variants
 from ..bench.models import BACKENDS
-from ._common import add_device_argument, add_threads_argument, int_list, names, prepare
+from ._common import (
+    UsageError,
+    add_device_argument,
+    add_threads_argument,
+    int_list,
+    names,
+    positive_float,
+    positive_int,
+    prepare,
+)
 
 SUITES = ("op", "model")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="op- and model-level benchmarks (JSON, markdown, plots)", description=__doc__
+        "bench",
+        help="op- and model-level benchmarks (JSON, markdown, plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="short lengths and few repetitions")
     add_device_argument(p)
@@ -36,17 +50,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--modes", type=_choices(op_suite.MODES), default=list(op_suite.MODES))
     p.add_argument("--variants", type=names, default=None, help="op variants to run (all)")
     p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (5; quick 3)")
-    p.add_argument("--max-call-s", type=float, default=None, help="skip calls predicted slower")
-    p.add_argument("--max-mem-gb", type=float, default=None, help="skip T x T buffers larger")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (5; quick 3)")
+    p.add_argument(
+        "--max-call-s", type=positive_float, default=None, help="skip calls predicted slower"
+    )
+    p.add_argument(
+        "--max-mem-gb", type=positive_float, default=None, help="skip T x T buffers larger"
+    )
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
     p.add_argument(
         "--memory-lengths", type=_ints, default=None, help="measure memory only at these T"
     )
-    p.add_argument("--dtype", default=None, help="op-level dtype (float32 on CPU, bfloat16 GPU)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=None, help="op-level heads (8 CPU, 16 GPU)")
-    p.add_argument("--head-dim", type=int, default=None, help="op-level K = V (64 CPU, 128 GPU)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="op-level dtype (float32 CPU, bfloat16 GPU)"
+    )
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument(
+        "--heads", type=positive_int, default=None, help="op-level heads (8 CPU, 16 GPU)"
+    )
+    p.add_argument(
+        "--head-dim", type=positive_int, default=None, help="op-level K = V (64 CPU, 128 GPU)"
+    )
     p.add_argument("--whole-model", action="store_true", help="compile models as one graph")
     p.add_argument(
         "--model",
@@ -132,6 +156,11 @@ def _model_defaults(args, device: str) -> model_suite.ModelConfig:
 def run(args) -> int:
     """Run the chosen suites and write their files; 0 unless a suite crashed."""
     device = prepare(args)
+    if args.variants and "op" in args.suite:
+        try:
+            op_variants.build(device, list(args.variants))
+        except ValueError as exc:  # NOTE: which variants exist depends on the device
+            raise UsageError(f"--variants: {exc}") from None
     default_out = Path("benchmarks/results") / (torch.device(device).type + ("-quick" * args.quick))
     out = args.out or default_out
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []

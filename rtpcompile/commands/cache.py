@@ -5,6 +5,7 @@ rtpcompile cache list [--json]   one line per entry: id, shape bucket, winner
 rtpcompile cache show KEY        the full entry (KEY: an id or a unique id prefix)
 rtpcompile cache clear           delete every entry
 rtpcompile cache export FILE     every valid entry in one JSON file, to ship with a model
+                                 (FILE "-": stdout; a symlink is written through)
 rtpcompile cache import FILE     store the valid entries of an exported file
 """
 
@@ -25,20 +26,35 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("path", help="print the cache directory").set_defaults(func=_path)
+    actions.add_parser("path", help="print the cache directory").set_defaults(func=_checked(_path))
     listing = actions.add_parser("list", help="list entries")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(func=_list)
+    listing.set_defaults(func=_checked(_list))
     show = actions.add_parser("show", help="print one entry")
     show.add_argument("key", help="entry id or a unique prefix of it")
-    show.set_defaults(func=_show)
-    actions.add_parser("clear", help="delete every entry").set_defaults(func=_clear)
+    show.set_defaults(func=_checked(_show))
+    actions.add_parser("clear", help="delete every entry").set_defaults(func=_checked(_clear))
     export = actions.add_parser("export", help="write every valid entry to FILE")
     export.add_argument("file")
-    export.set_defaults(func=_export)
+    export.set_defaults(func=_checked(_export))
     imp = actions.add_parser("import", help="store the valid entries of FILE")
     imp.add_argument("file")
-    imp.set_defaults(func=_import)
+    imp.set_defaults(func=_checked(_import))
+
+
+def _checked(action):
+    """``action`` run after ``RTP_CACHE`` validated: a bad value is an error like any option's."""
+
+    def run(args) -> int:
+        try:
+            cache.mode()
+        except ValueError as exc:
+            print(f"rtpcompile cache: error: {exc}", file=sys.stderr)
+            return 2
+        return action(args)
+
+    run.__doc__ = action.__doc__
+    return run
 
 
 def _path(args) -> int:
@@ -47,11 +63,21 @@ def _path(args) -> int:
 
 
 def summary(entry: dict) -> str:
-    """``B*H<=8 T<=512 K=64 V=64 float32 fwd -> chunkwise(C=64)[BV=64,...] 2.7 ms``."""
+    """``B*H<=8 T<=512 K=64 V=64 float32 fwd triton on NAME -> chunkwise(C=64)[BV=64,...] 2.7 ms``.
+
+    After the phase: "state" (a state comes in), "no-state-out" (the forward returns none),
+    "request=FORM" / "chunk=C" (what the call forced), so that no two entries read the same.
+    """
     key, value = entry["key"], entry["value"]
     spec, bucket = key["spec"], key["bucket"]
     bh, t = bucket.get("BH", "?"), bucket.get("T", "?")
     state = " state" if spec.get("state_in") else ""
+    if spec.get("state_out") is False:
+        state += " no-state-out"
+    if spec.get("request", "auto") != "auto":
+        state += f" request={spec['request']}"
+    if spec.get("chunk"):
+        state += f" chunk={spec['chunk']}"
     winner = value["form"] + (f"(C={value['chunk_size']})" if value["form"] == "chunkwise" else "")
     if value.get("config"):
         winner += "[" + ",".join(f"{k}={v}" for k, v in sorted(value["config"].items())) + "]"
@@ -89,14 +115,25 @@ def _show(args) -> int:
 
 
 def _clear(args) -> int:
-    removed = cache.clear()
+    try:
+        removed = cache.clear()
+    except OSError as exc:
+        print(f"rtpcompile cache clear: {exc}", file=sys.stderr)
+        return 1
     print(f"removed {removed} file(s) from {cache.directory()}")
     return 0
 
 
 def _export(args) -> int:
-    count = cache.export_entries(args.file)
-    print(f"exported {count} entr{'y' if count == 1 else 'ies'} to {args.file}")
+    try:
+        count = cache.export_entries(args.file)
+    except OSError as exc:
+        print(f"rtpcompile cache export: cannot write {args.file!r} ({exc})", file=sys.stderr)
+        return 1
+    # NOTE: with FILE "-" the entries went to stdout; the count goes to stderr
+    where = "stdout" if args.file == "-" else args.file
+    out = sys.stderr if args.file == "-" else sys.stdout
+    print(f"exported {count} entr{'y' if count == 1 else 'ies'} to {where}", file=out)
     return 0
 
 

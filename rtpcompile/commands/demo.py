@@ -19,7 +19,14 @@ import torch
 from ..bench import env as bench_env
 from ..bench import models, optional, report
 from ..bench.stats import interleaved, synchronizer
-from ._common import add_device_argument, add_threads_argument, int_list, names, prepare
+from ._common import (
+    add_device_argument,
+    add_threads_argument,
+    int_list,
+    names,
+    positive_int,
+    prepare,
+)
 
 TOLERANCE = 1e-3
 PROJECTED_CONTEXT = 32768
@@ -34,15 +41,19 @@ def add_parser(subparsers) -> None:
     add_device_argument(p)
     p.add_argument("--tiny", action="store_true", help="a 3-layer toy model, short lengths (tests)")
     p.add_argument("--lengths", type=_ints, default=None, help="prefill lengths, e.g. 128,512")
-    p.add_argument("--train-length", type=int, default=None, help="sequence length of the step")
+    p.add_argument(
+        "--train-length", type=positive_int, default=None, help="sequence length of the step"
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
-    p.add_argument("--decode-tokens", type=int, default=None, help="tokens to decode")
-    p.add_argument("--prompt", type=int, default=None, help="prompt length before decoding")
+    p.add_argument("--decode-tokens", type=positive_int, default=None, help="tokens to decode")
+    p.add_argument(
+        "--prompt", type=positive_int, default=None, help="prompt length before decoding"
+    )
     p.add_argument("--backends", type=_names, default=list(models.BACKENDS))
     p.add_argument(
         "--whole-model", action="store_true", help="compile the model as one graph, not per block"
     )
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per variant")
     p.add_argument("--plot", type=Path, default=Path("rtpcompile_demo.png"))
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     add_threads_argument(p)

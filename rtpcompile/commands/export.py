@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..export.decompose import DEFAULT_EXPORT_CHUNK, EXPORT_FORMS
 from ..export.mlir import DIALECTS
+from ._common import UsageError, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -34,10 +36,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_EXPORT_CHUNK)
     p.add_argument("--position", type=int, default=1, help="recurrent step: tokens already seen")
     p.add_argument("--checkpoint", help="a torch.save'd model (loaded with weights_only=False)")
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=positive_int, default=256)
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--ratio", type=float, default=1.0, help="fraction of retention layers")
     p.add_argument("--program", action="store_true", help="print the decomposed FX program")
     p.add_argument("-o", "--output", help="write here instead of stdout")
@@ -50,12 +52,33 @@ def _model(args):
     from ..nn import RTPHybridLM
 
     if args.checkpoint:
-        # NOTE: a full pickled module; only load checkpoints you trust.
-        model = torch.load(args.checkpoint, weights_only=False)
+        model = _load_checkpoint(args.checkpoint)
     else:
         torch.manual_seed(0)
         model = RTPHybridLM(args.vocab, args.dim, args.layers, args.heads, ratio=args.ratio)
     return model.eval()
+
+
+def _load_checkpoint(path: str):
+    """The RTPHybridLM saved at ``path``; a UsageError when it cannot be read or is not one."""
+    import pickle
+
+    import torch
+
+    from ..nn import RTPHybridLM
+
+    expected = "expected a torch.save'd RTPHybridLM"
+    try:
+        # NOTE: a full pickled module; only load checkpoints you trust.
+        model = torch.load(path, weights_only=False)
+    except OSError as exc:
+        raise UsageError(f"--checkpoint: cannot read {path!r} ({exc.strerror or exc})") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError) as exc:
+        raise UsageError(f"--checkpoint: {expected}, {path!r} did not load ({exc})") from None
+    if not isinstance(model, RTPHybridLM):
+        hint = " (a state dict? torch.save the model itself)" if isinstance(model, dict) else ""
+        raise UsageError(f"--checkpoint: {expected}, got a {type(model).__name__}{hint}")
+    return model
 
 
 def _inputs(args, model):
@@ -84,6 +107,12 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parent = Path(args.output).parent
+        raise UsageError(
+            f"-o: expected a file in an existing folder, got {args.output!r} "
+            f"({str(parent)!r} is not a folder)"
+        )
     try:
         target, inputs, seq_len = _inputs(args, _model(args))
         if args.program:
@@ -102,8 +131,12 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        try:
+            with open(args.output, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"error: cannot write {args.output!r} ({exc.strerror or exc})", file=sys.stderr)
+            return 1
     else:
         sys.stdout.write(text)
     if not args.program:

@@ -8,12 +8,16 @@ phase (forward, backward or both) unless its bucket is already cached (``--force
 and the winner is stored where the planner reads it at run time, whatever ``RTP_AUTOTUNE`` is.
 On the Triton backend (CUDA, or ``RTP_KERNELS=triton``) the winner includes its kernel block
 configuration (BV, num_warps, num_stages, split), printed after the form and stored in the entry.
+CPU entries are keyed by torch's thread count: tune with ``--threads N`` when the model will run
+with ``torch.set_num_threads(N)`` (or ``rtpcompile demo/bench --threads N``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import _common
 
 PHASES = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}
 
@@ -29,7 +33,9 @@ def add_parser(subparsers) -> None:
         "--shape", action="append", required=True, type=parse_shape, metavar="B,H,T,K[,V]"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument(
+        "--device", type=_common.device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)"
+    )
     parser.add_argument("--phase", default="fwd", choices=sorted(PHASES))
     parser.add_argument("--state", action="store_true", help="an initial state comes in")
     parser.add_argument(
@@ -41,6 +47,13 @@ def add_parser(subparsers) -> None:
         "ops.retention_chunkwise one); auto tunes both",
     )
     parser.add_argument("--force", action="store_true", help="re-benchmark cached buckets")
+    parser.add_argument(
+        "--threads",
+        type=_common.positive_int,
+        default=None,
+        help="torch CPU threads to tune for: CPU entries are keyed by the thread count, so use "
+        "the count the model will run with (default: torch's choice)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -74,10 +87,13 @@ def run(args) -> int:
 
     from ..lowering import dispatch, plan
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("rtpcompile tune: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 1
+    threads = getattr(args, "threads", None)  # NOTE: getattr: see --final-state below
+    if threads:
+        torch.set_num_threads(threads)
+    try:  # NOTE: the parser checked it already; a Namespace built in code may not have been
+        device = torch.device(_common.device(str(args.device)))
+    except argparse.ArgumentTypeError as exc:
+        raise _common.UsageError(f"--device: {exc}") from None
     backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
     # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
     choice = getattr(args, "final_state", "auto")

@@ -8,11 +8,12 @@ torch and triton versions, dtype and shape bucket (see ``KEY_FIELDS``). Bumping
 ``FORMAT_VERSION`` changes every id, so every old entry becomes a miss.
 
 Entries are plain JSON validated on read -- never pickle, never code. A wrong type, a missing or
-unknown field, a key that is not the one asked for, or an unreadable file is a miss (logged once
-per file); the next ``store`` rewrites it. Writes go to a temporary file in the same directory
-and ``os.replace`` it into place, so concurrent writers never expose a partial entry. A
-read-only or unusable directory works without persisting (one warning). ``RTP_CACHE=off``
-disables the cache, ``RTP_CACHE=readonly`` reads without writing.
+unknown field, a key that is not the one asked for, a chunk size or kernel config the tuner never
+writes (``check_value``), or an unreadable file (even one nested too deeply to parse) is a miss
+(logged once per file); the next ``store`` rewrites it. Writes go to a temporary file in the
+same directory and ``os.replace`` it into place, so concurrent writers never expose a partial
+entry. A read-only or unusable directory works without persisting (one warning).
+``RTP_CACHE=off`` disables the cache, ``RTP_CACHE=readonly`` reads without writing.
 
 This module only imports the standard library (the tests load it in many processes at once).
 """
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -60,7 +62,13 @@ VALUE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "timings": dict,
 }
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {"key": dict, "value": dict, "created": float}
+# NOTE: the chunk sizes the tuner tries (lowering/tune.py CHUNKS, TRITON_CHUNKS: powers of two in
+# [16, 256]); an entry may also hold the chunk its key forced (key.spec.chunk), any positive size
+MIN_CHUNK = 16
+MAX_CHUNK = 256
 _TMP_PREFIX = ".tmp-"
+# NOTE: what a file written for users (an export) gets, before the umask (0644 under umask 022)
+_SHARED_MODE = 0o666
 
 _reported: set[str] = set()  # files / directories already logged or warned about
 
@@ -135,8 +143,8 @@ def check_key(key: Any) -> str | None:
     return reason
 
 
-def check_value(value: Any) -> str | None:
-    """None when ``value`` is a well-formed tuning result, else why not."""
+def _value_shape(value: Any) -> str | None:
+    """None when ``value`` has the fields and types of a tuning result, else why not."""
     reason = _check_fields(value, VALUE_FIELDS, "value")
     if reason is not None:
         return reason
@@ -149,11 +157,44 @@ def check_value(value: Any) -> str | None:
     return _scalar_map(value["timings"], "value.timings", (float, int, type(None)))
 
 
+def check_value(value: Any, key: dict[str, Any] | None = None) -> str | None:
+    """None when ``value`` is a usable tuning result (for ``key`` when given), else why not.
+
+    Beyond its shape: the chunk size must be one the tuner tries (a power of two in
+    [MIN_CHUNK, MAX_CHUNK]) or the chunk ``key`` forces, and the config must pass
+    ``kernels.check_config`` and be empty for the aten backend, which has no kernel blocks.
+    """
+    reason = _value_shape(value) or _chunk_problem(value["chunk_size"], key)
+    return reason or _config_problem(value["config"], key)
+
+
+def _chunk_problem(chunk: int, key: dict[str, Any] | None) -> str | None:
+    forced = key["spec"].get("chunk") if key is not None else None
+    if chunk == forced and type(forced) is int and forced > 0:
+        return None
+    if MIN_CHUNK <= chunk <= MAX_CHUNK and not chunk & (chunk - 1):
+        return None
+    return f"value.chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk}"
+
+
+def _config_problem(config: dict, key: dict[str, Any] | None) -> str | None:
+    # NOTE: blocks.py is standard-library only, like this module
+    from .blocks import check_config
+
+    if config and key is not None and key["spec"].get("backend") == "aten":
+        return f"value.config must be empty for the aten backend, got {config}"
+    try:
+        check_config(config)
+    except ValueError as exc:
+        return f"value.config: {exc}"
+    return None
+
+
 def check_entry(entry: Any) -> str | None:
     """None when ``entry`` is a valid cache entry of the current format version, else why not."""
     reason = _check_fields(entry, ENTRY_FIELDS, "entry")
     if reason is None:
-        reason = check_key(entry["key"]) or check_value(entry["value"])
+        reason = check_key(entry["key"]) or check_value(entry["value"], entry["key"])
     if reason is None and entry["key"]["version"] != FORMAT_VERSION:
         reason = f"format version {entry['key']['version']} != {FORMAT_VERSION}"
     return reason
@@ -177,8 +218,12 @@ def read_file(path: Path) -> dict | None:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        _report_once(str(path), f"ignoring unreadable entry {path} ({exc}); it will be rewritten")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # NOTE: RecursionError: json nests one Python frame per level ("[[[[..." is valid JSON)
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        _report_once(
+            str(path), f"ignoring unreadable entry {path} ({reason}); it will be rewritten"
+        )
         return None
     reason = check_entry(entry)
     if reason is not None:
@@ -197,10 +242,14 @@ def load(key: dict[str, Any]) -> dict | None:
     return entry["value"]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place; ``mode``
+    None keeps mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=path.parent)
     try:
+        if mode is not None:
+            os.chmod(tmp, mode)  # NOTE: not fchmod, which Windows lacks before Python 3.13
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -213,8 +262,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def store(key: dict[str, Any], value: dict[str, Any]) -> bool:
-    """Persist ``value`` under ``key``; False when the cache is off, read-only or unusable."""
-    reason = check_key(key) or check_value(value)
+    """Persist ``value`` under ``key``; False when the cache is off, read-only or unusable.
+
+    A malformed key or value (a missing field, a wrong type) is a ValueError; a well-formed value
+    the tuner would never choose (``check_value``) is stored, and read back as a miss.
+    """
+    # NOTE: tests plant such entries through store() to check that readers reject them
+    reason = check_key(key) or _value_shape(value)
     if reason is not None:
         raise ValueError(f"refusing to store an invalid cache entry: {reason}")
     if mode() != "on":
@@ -270,16 +324,57 @@ def clear() -> int:
 
 
 def export_entries(path: str | os.PathLike) -> int:
-    """Write every valid entry to one JSON file (to ship tuned configs with a model)."""
+    """Write every valid entry to one JSON file (to ship tuned configs with a model).
+
+    ``path`` "-" is stdout. A symlink is written through (its target is replaced atomically); an
+    existing file that is not a regular one (a fifo, a device, ``/dev/stdout``) is written
+    directly; a new file gets 0666 less the umask (0644 usually), an existing one keeps its mode.
+    """
     valid = [entry for _, _, entry in entries() if entry is not None]
     doc = {"format": EXPORT_FORMAT, "version": FORMAT_VERSION, "entries": valid}
-    _write_atomic(Path(path), json.dumps(doc, sort_keys=True, indent=1))
+    text = json.dumps(doc, sort_keys=True, indent=1) + "\n"
+    if os.fspath(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return len(valid)
+    target = Path(path)
+    try:
+        st = target.stat()  # NOTE: follows symlinks: the file the user means
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(target, "w", encoding="utf-8") as f:  # NOTE: a device cannot be renamed onto
+            f.write(text)
+        return len(valid)
+    mode = stat.S_IMODE(st.st_mode) if st is not None else _SHARED_MODE & ~_umask()
+    _write_atomic(target.resolve(), text, mode)
     return len(valid)
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and restoring it at once."""
+    # NOTE: os.umask has no read-only form; /proc avoids changing it under other threads
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def import_entries(path: str | os.PathLike) -> tuple[int, int]:
-    """Store every valid entry of an exported file; returns (imported, skipped)."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Store every valid entry of an exported file; returns (imported, skipped).
+
+    A file that is not an export is a ValueError; a cache directory that cannot be written is an
+    OSError naming it.
+    """
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not an rtpcompile autotune export (format {EXPORT_FORMAT!r})")
     if not isinstance(doc.get("entries"), list):
@@ -292,8 +387,11 @@ def import_entries(path: str | os.PathLike) -> tuple[int, int]:
         if reason is not None:
             log.warning("rtpcompile cache: skipping imported entry (%s)", reason)
             skipped += 1
-        elif _persist(directory() / f"{key_id(entry['key'])}.json", entry):
-            imported += 1
-        else:
-            skipped += 1
+            continue
+        target = directory() / f"{key_id(entry['key'])}.json"
+        try:
+            _write_atomic(target, json.dumps(entry, sort_keys=True, indent=1))
+        except OSError as exc:
+            raise OSError(f"cannot write to the cache directory {directory()} ({exc})") from None
+        imported += 1
     return imported, skipped

@@ -1,34 +1,44 @@
 """Generated modules: named by the hash of their source, verified before every first import.
 
 ``load(spec)`` renders the spec, writes ``rtp_<sha256[:24]>.py`` into a directory only the
-current user can write (``$RTP_CACHE_DIR/kernels`` or ``~/.cache/rtpcompile/kernels``, created
-0700), and imports it once per process. The file's content must still hash to its name when it
-is imported; a file that does not (tampered, truncated) is rewritten from the spec, and a
-directory that others can write is refused. The module is executed from the verified text, and
-that same text is what Triton's ``inspect`` reads (it is placed in ``linecache``), so nothing
-read later from disk can change what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source
-there for reading.
+current user can write (``kernels/`` under ``cache.root()``, the autotune cache's root:
+``$RTP_CACHE_DIR`` or the user cache directory; created 0700; for this process a private
+temporary directory, with one warning, when that one cannot be used), and imports it once per
+process. The file's content must still hash to its name when it is imported; a file that does
+not (tampered, truncated) is rewritten from the spec, and a directory that another user owns is
+refused. The module is executed from the verified text, and that same text is what Triton's
+``inspect`` reads (it is placed in ``linecache``), so nothing read later from disk can change
+what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source there for reading.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import linecache
+import logging
 import os
+import shutil
 import stat
 import sys
 import tempfile
 import threading
 import types
+import warnings
 from pathlib import Path
 
+from . import cache
 from .spec import KernelSpec, render
+
+log = logging.getLogger("rtpcompile")
 
 _PREFIX = "rtp_"
 _LOADED: dict[tuple[str, bool], types.ModuleType] = {}
 _NAMES: dict[KernelSpec, str] = {}  # spec -> module name (the hash of its rendered source)
 _LOCK = threading.Lock()
+_FALLBACK: dict[str, Path] = {}  # unusable kernel cache -> this process's temporary directory
+_FALLBACK_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +67,48 @@ def info(spec: KernelSpec) -> KernelInfo:
 
 
 def cache_dir() -> Path:
-    """The kernel cache directory, created 0700; refused if another user could write to it."""
-    root = os.environ.get("RTP_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "rtpcompile"
-    path = base / "kernels"
+    """The kernel cache directory ``cache.root()/kernels``, created 0700.
+
+    One that cannot be used (a file in the way, not writable, owned by another user) is replaced
+    for this process by a private temporary directory, with one warning naming it and the reason.
+    """
+    path = cache.root() / "kernels"
+    try:
+        return _private_dir(path)
+    except OSError as exc:
+        return _fallback_dir(path, exc)
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created 0700 when missing; an OSError when this user cannot safely use it."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.stat()
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise PermissionError(
-            f"rtpcompile kernel cache {path} is owned by uid {st.st_uid}, expected {os.getuid()}"
-        )
+        # NOTE: never import from a directory another user controls, however its mode reads
+        raise PermissionError(f"it is owned by uid {st.st_uid}, not by this user ({os.getuid()})")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         # NOTE: we own it, so tightening is safe; anything already inside is re-verified on import
         path.chmod(0o700)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError("it is not writable")
     return path
+
+
+def _fallback_dir(path: Path, exc: OSError) -> Path:
+    with _FALLBACK_LOCK:
+        found = _FALLBACK.get(str(path))
+        if found is not None:
+            return found
+        found = Path(tempfile.mkdtemp(prefix="rtpcompile-kernels-"))  # NOTE: mkdtemp: 0700
+        atexit.register(shutil.rmtree, found, ignore_errors=True)
+        _FALLBACK[str(path)] = found
+    message = (
+        f"rtpcompile: cannot use the kernel cache {path} ({exc}); generated kernels go to the "
+        f"temporary directory {found} for this process (set RTP_CACHE_DIR to a directory you own)"
+    )
+    log.warning("%s", message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return found
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -127,7 +165,11 @@ def load(spec: KernelSpec) -> types.ModuleType:
         if key in _LOADED:
             return _LOADED[key]
         path = cache_dir() / f"{name}.py"
-        text = _verified_source(path, source, name)
+        try:
+            text = _verified_source(path, source, name)
+        except OSError as exc:  # e.g. the directory became unwritable or the disk is full
+            path = _fallback_dir(path.parent, exc) / f"{name}.py"
+            text = _verified_source(path, source, name)
         _dump(name, text)
         # NOTE: Triton reads kernel source through inspect/linecache; pin the verified text there
         # (mtime None: linecache.checkcache never reloads it from disk).

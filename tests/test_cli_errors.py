@@ -1,0 +1,174 @@
+"""Bad command-line input: one argparse-style error line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rtpcompile import cli
+from rtpcompile.kernels import cache
+from rtpcompile.lowering import plan
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RTP_CACHE", raising=False)
+    cache._reported.clear()
+    plan.reset()
+    yield tmp_path / "cache"
+    plan.reset()
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """The error line of a command line argparse rejects (exit code 2)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["bench", "--dtype", "banana"], "invalid choice: 'banana'"),
+        (["bench", "--heads", "0"], "--heads: expected a positive integer, got '0'"),
+        (["bench", "--reps", "0"], "--reps: expected a positive integer, got '0'"),
+        (["bench", "--batch", "-1"], "--batch: expected a positive integer, got '-1'"),
+        (["bench", "--max-call-s", "0"], "--max-call-s: expected a positive number, got '0'"),
+        (["bench", "--threads", "0"], "--threads: expected a positive integer, got '0'"),
+        (["demo", "--decode-tokens", "0"], "expected a positive integer, got '0'"),
+        (["demo", "--threads", "0"], "--threads: expected a positive integer, got '0'"),
+        (["demo", "--reps", "0"], "--reps: expected a positive integer, got '0'"),
+        (["tune", "--shape", "1,2,40,16", "--device", "foo"], "expected cpu, cuda or cuda:N"),
+        (["tune", "--shape", "1,2,40,16", "--device", "meta"], "got 'meta'"),
+        (["tune", "--shape", "1,2,40,16", "--threads", "0"], "expected a positive integer"),
+        (["bench", "--device", "meta"], "expected cpu, cuda or cuda:N, got 'meta'"),
+        (["export", "--heads", "0"], "--heads: expected a positive integer, got '0'"),
+    ],
+)
+def test_bad_values_are_usage_errors(capsys, argv, expected):
+    assert expected in _usage_error(capsys, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["demo", "--tiny"], ["bench"], ["tune", "--shape", "1,2,8,8"]])
+def test_cuda_without_a_cuda_device(capsys, command):
+    line = _usage_error(capsys, [*command, "--device", "cuda"])
+    assert "expected cpu (no CUDA device is available here), got 'cuda'" in line
+
+
+def test_unknown_bench_variant(capsys, tmp_path):
+    argv = ["bench", "--suite", "op", "--variants", "foo", "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtpcompile bench: error: --variants") and "['foo']" in err
+    assert "chunkwise" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_checkpoint_errors(capsys, tmp_path):
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read" in err and "nope.pt" in err and len(err.splitlines()) == 1
+    state_dict = tmp_path / "sd.pt"
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    assert cli.main(["export", "--checkpoint", str(state_dict)]) == 2
+    err = capsys.readouterr().err
+    assert "expected a torch.save'd RTPHybridLM, got a dict (a state dict?" in err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert cli.main(["export", "--checkpoint", str(garbage)]) == 2
+    assert "did not load" in capsys.readouterr().err
+
+
+def test_export_into_a_missing_folder(capsys, tmp_path):
+    target = tmp_path / "missing" / "x.mlir"
+    assert cli.main(["export", "--program", "--seq-len", "8", "-o", str(target)]) == 2
+    assert "expected a file in an existing folder" in capsys.readouterr().err
+
+
+def test_bench_help_keeps_its_example_lines(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert any(line.startswith("rtpcompile bench --quick") for line in lines)
+
+
+def test_tune_threads_sets_the_thread_count_of_the_key(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["tune", "--shape", "1,2,40,8", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    [(_, _, entry)] = cache.entries()
+    assert entry["key"]["capability"].endswith("/1threads")
+
+
+# ----------------------------------------------------------------------------- cache commands
+
+
+def _entry(**spec) -> tuple[dict, dict]:
+    key = {
+        "version": cache.FORMAT_VERSION, "source": "s", "device": "cpu0", "capability": "x/2t",
+        "spec": {"op": "retention", "phase": "fwd", "backend": "aten", "K": 8, "V": 8,
+                 "state_in": False, "state_out": True, "request": "auto", "chunk": 0, **spec},
+        "torch": "2.13", "triton": "3.9", "dtype": "float32", "bucket": {"T": 64, "BH": 2},
+    }  # fmt: skip
+    value = {"form": "chunkwise", "chunk_size": 16, "config": {}, "time_ms": 1.0, "timings": {}}
+    return key, value
+
+
+def test_cache_list_tells_entries_apart(capsys):
+    variants = [{}, {"state_out": False}, {"request": "chunkwise"}, {"chunk": 32}]
+    for spec in variants:
+        key, value = _entry(**spec)
+        cache.store(key, {**value, "chunk_size": spec.get("chunk", 16)})
+    assert cli.main(["cache", "list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summaries = [line.split("  ", 1)[1] for line in lines]
+    assert len(set(summaries)) == len(variants)
+    text = "\n".join(summaries)
+    assert "no-state-out" in text and "request=chunkwise" in text and "chunk=32" in text
+
+
+@pytest.mark.parametrize("action", [["list"], ["clear"], ["path"], ["show", "x"]])
+def test_cache_commands_reject_a_bad_rtp_cache(capsys, monkeypatch, action):
+    monkeypatch.setenv("RTP_CACHE", "sometimes")
+    assert cli.main(["cache", *action]) == 2
+    err = capsys.readouterr().err
+    assert "RTP_CACHE must be one of ['on', 'off', 'readonly']" in err and "'sometimes'" in err
+
+
+def test_cache_import_into_an_unwritable_directory_fails(capsys, tmp_path, monkeypatch):
+    cache.store(*_entry())
+    exported = tmp_path / "x.json"
+    assert cli.main(["cache", "export", str(exported)]) == 0
+    assert len(json.loads(exported.read_text())["entries"]) == 1
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
+    capsys.readouterr()
+    assert cli.main(["cache", "import", str(exported)]) == 1
+    assert "cannot write to the cache directory" in capsys.readouterr().err
+
+
+def test_cache_import_of_a_deeply_nested_file(capsys, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert cli.main(["cache", "import", str(deep)]) == 1
+    assert "nested too deeply" in capsys.readouterr().err
+
+
+def test_commands_run_from_code_check_the_device_too():
+    import argparse
+
+    from rtpcompile.commands import _common, tune
+
+    args = argparse.Namespace(shape=[(1, 1, 8, 8, 8)], dtype="float32", device="meta")
+    with pytest.raises(_common.UsageError, match="expected cpu, cuda or cuda:N, got 'meta'"):
+        tune.run(args)
+    with pytest.raises(_common.UsageError, match="got 'meta'"):
+        _common.prepare(argparse.Namespace(threads=None, device="meta"))
