@@ -111,12 +111,11 @@ def check_gamma(gamma, q) -> torch.Tensor:
 
 
 def check_gamma_values(gamma: torch.Tensor) -> None:
-    """gamma in (0, 1]: a ValueError on CPU, a device-side assertion elsewhere; accelerator
-    tensors once per tensor and version (``_CHECKED``), nothing while tracing or capturing."""
+    """gamma in (0, 1]: a ValueError on CPU, a device-side assertion elsewhere; once per tensor
+    and version (``_CHECKED``), nothing while tracing or capturing."""
     if _values_checkable(gamma) and not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
-        if gamma.device.type != "cpu":
-            _remember_checked(gamma)
+        _remember_checked(gamma)  # NOTE: after the check: a gamma that failed is checked again
 
 
 def check_scale(scale, K: int) -> float:
@@ -149,12 +148,12 @@ def check_op_args(q, v, gamma, scale, form, chunk_size) -> None:
         raise ValueError(f"scale must be finite, got {scale}")
 
 
-# NOTE: id(gamma) -> (weak reference, version counter) of the accelerator gammas already checked.
-# A decode loop passes the same gamma every step; re-checking it costs ~5 tiny kernel launches
-# per call. Any in-place change (an optimizer step) bumps the version, so a learnable gamma is
-# re-checked after each update (a write through ``.data`` does not, like autograd's own checks).
-# CPU gammas are always checked (cheap, and they raise the exact ValueError). Keyed by id with
-# the weak reference confirming identity: a WeakKeyDictionary would compare tensors with ==.
+# NOTE: id(gamma) -> (weak reference, version counter) of the gammas already checked. A decode
+# loop passes the same gamma every step; re-checking it costs ~5 small ops per call (kernel
+# launches on an accelerator). Any in-place change (an optimizer step) bumps the version, so a
+# learnable gamma is re-checked after each update (a write through ``.data`` does not, like
+# autograd's own checks). Keyed by id with the weak reference confirming identity: a
+# WeakKeyDictionary would compare tensors with ==.
 _CHECKED: dict[int, tuple[weakref.ref, int]] = {}
 _CHECKED_MAX = 256
 
