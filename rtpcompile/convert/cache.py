@@ -42,6 +42,7 @@ if CacheLayerMixin is not None:
         def __init__(self, **kwargs) -> None:
             super().__init__()
             self.state: Tensor | None = None
+            self.valid: Tensor | None = None  # [B, L] bool: which cached K/V are real tokens
             self.seen = 0
             self.is_initialized = True
 
@@ -56,6 +57,20 @@ if CacheLayerMixin is not None:
                 self.keys = torch.cat([self.keys, key_states], dim=-2)
                 self.values = torch.cat([self.values, value_states], dim=-2)
             return self.keys, self.values
+
+        def update_valid(self, valid: Tensor | None, new: int) -> Tensor | None:
+            """Append which of the ``new`` K/V just cached are real tokens (None: all of them);
+            returns the [B, L] mask over every cached K/V, or None while none was padding."""
+            if valid is None and self.valid is None:
+                return None
+            batch, total = self.keys.shape[0], self.keys.shape[-2]
+            device = self.keys.device
+            if valid is None:
+                valid = torch.ones(batch, new, dtype=torch.bool, device=device)
+            if self.valid is None:
+                self.valid = torch.ones(batch, total - new, dtype=torch.bool, device=device)
+            self.valid = torch.cat([self.valid, valid.to(device)], dim=-1)
+            return self.valid
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.seen + query_length, 0
@@ -73,13 +88,14 @@ if CacheLayerMixin is not None:
             return None
 
         def reset(self) -> None:
-            self.state = self.keys = self.values = None
+            self.state = self.keys = self.values = self.valid = None
             self.seen = 0
 
         def _map(self, fn) -> None:
             self.state = None if self.state is None else fn(self.state)
             self.keys = None if self.keys is None else fn(self.keys)
             self.values = None if self.values is None else fn(self.values)
+            self.valid = None if self.valid is None else fn(self.valid)
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -159,3 +175,97 @@ def layer_slot(cache, index: int):
         )
     cache.layers[index] = RetentionCacheLayer()
     return cache.layers[index]
+
+
+# -- padding: which keys are real tokens (the converted layers zero the others) --------------------
+
+
+def key_valid(mask, batch: int, length: int) -> Tensor | None:
+    """Which of the ``length`` new tokens are real (not padding): bool [batch, length], or None.
+
+    Reads the mask a Hugging Face model hands its attention layers: 2D ``[B, L]`` (1/True =
+    token, 0 = padding; what flash attention gets) or 4D ``[B, 1, T, L]`` (bool: True = may
+    attend, as for sdpa; float: 0 = may attend, a large negative = masked, as for eager). In a
+    4D mask a key column masked for every query is padding: causal and sliding-window masks
+    leave every real key visible at least to its own query. The new tokens are the last
+    ``length`` columns (the cache's earlier positions come first). Anything else is refused.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise ValueError(
+            f"a converted retention layer cannot read an attention mask of type "
+            f"{type(mask).__name__} (a flex-attention BlockMask?); load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    if mask.dim() == 2:
+        keep = mask != 0
+    elif mask.dim() == 4:
+        if mask.shape[-2] not in (1, length):
+            raise ValueError(
+                f"4D attention mask has {mask.shape[-2]} query rows, expected {length} "
+                f"(got shape {tuple(mask.shape)})"
+            )
+        if mask.dtype == torch.bool:
+            visible = mask
+        elif mask.is_floating_point():
+            # NOTE: additive masks hold finfo.min or -inf where a key is hidden, 0 (or a small
+            # bias) where it is visible.
+            visible = mask > torch.finfo(mask.dtype).min / 2
+        else:
+            raise ValueError(f"4D attention mask must be bool or floating, got {mask.dtype}")
+        keep = visible.flatten(1, 2).any(dim=1)
+    else:
+        raise ValueError(
+            "expected a 2D [batch, keys] or 4D [batch, heads, queries, keys] attention mask, "
+            f"got shape {tuple(mask.shape)}"
+        )
+    if keep.shape[-1] < length or keep.shape[0] not in (1, batch):
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)} does not cover batch {batch} and "
+            f"{length} new tokens"
+        )
+    return keep[:, keep.shape[-1] - length :].expand(batch, length)
+
+
+# -- torch.nn.MultiheadAttention masks (for the converted ``nn.MultiheadAttention``) -------------
+
+
+def _torch_visible(mask: Tensor) -> Tensor:
+    """torch.nn.MultiheadAttention masks: bool True = masked out, float = added to the scores."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    if mask.is_floating_point():
+        return mask > torch.finfo(mask.dtype).min / 2
+    raise ValueError(f"attention masks must be bool or floating, got {mask.dtype}")
+
+
+def mha_valid(key_padding_mask, attn_mask, batch: int, length: int) -> Tensor | None:
+    """Real keys [B, T] from nn.MultiheadAttention's key_padding_mask [B, T] and attn_mask
+    ([T, T] or [B * heads, T, T]; a key column masked for every query is padding)."""
+    valid = None
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (batch, length):
+            raise ValueError(
+                f"key_padding_mask must have shape {(batch, length)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        valid = _torch_visible(key_padding_mask)
+    if attn_mask is not None:
+        if attn_mask.dim() not in (2, 3) or attn_mask.shape[-1] != length:
+            raise ValueError(
+                f"attn_mask must have shape [{length}, {length}] or [batch * heads, {length}, "
+                f"{length}], got {tuple(attn_mask.shape)}"
+            )
+        cols = _torch_visible(attn_mask).any(dim=-2)  # [T] or [B * heads, T]
+        if cols.dim() == 2:
+            if cols.shape[0] % batch:
+                raise ValueError(
+                    f"a 3D attn_mask needs batch * heads rows, got {cols.shape[0]} rows for "
+                    f"batch {batch}"
+                )
+            cols = cols.view(batch, -1, length).any(dim=1)  # real if any head may see it
+        else:
+            cols = cols.expand(batch, -1)
+        valid = cols if valid is None else valid & cols
+    return valid

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,9 +52,12 @@ def distill(
 ) -> DistillResult:
     """Train ``model`` (retrofitted) towards ``teacher`` (the unconverted original, frozen).
 
-    ``data`` yields batches: a LongTensor of token ids (called as ``model(ids)``) or a dict of
-    keyword arguments; it is cycled when shorter than the step counts. Progress lines go to
-    ``log`` (stderr by default) every ``log_every`` steps unless ``progress=False``.
+    ``data`` is an iterable of batches: each a [B, T] LongTensor of token ids (called as
+    ``model(ids)``) or a dict of keyword arguments (a single tensor or dict is refused: wrap it,
+    ``[ids]``). Re-iterable data (a list, a DataLoader) is cycled when shorter than
+    ``stage1_steps + stage2_steps``; a one-shot iterator (a generator) must yield that many.
+    Progress lines go to ``log`` (stderr by default) every ``log_every`` steps unless
+    ``progress=False``.
     """
     layers = converted_layers(model)
     if not layers:
@@ -63,9 +66,10 @@ def distill(
         raise ValueError("distill: teacher must be a separate, unconverted copy of the model")
     if stage1_params not in ("new", "layer"):
         raise ValueError(f"stage1_params must be 'new' or 'layer', got {stage1_params!r}")
+    _check_data(data)
     say = _logger(progress, log)
     teacher.eval().requires_grad_(False)
-    batches = _cycle(data)
+    batches = _cycle(data, max(stage1_steps, 0) + max(stage2_steps, 0))
     result = DistillResult()
     if stage1_steps > 0:
         result.stage1 = _stage1(
@@ -78,16 +82,40 @@ def distill(
     return result
 
 
-def _cycle(data: Iterable):
+def _check_data(data) -> None:
+    if isinstance(data, (Tensor, dict)):
+        what = (
+            f"a single tensor of shape {tuple(data.shape)}"
+            if isinstance(data, Tensor)
+            else "a dict"
+        )
+        raise ValueError(
+            "distill: data must be an iterable of batches (each a [B, T] tensor of token ids or "
+            f"a dict of keyword arguments), got {what}; wrap one batch in a list, e.g. [ids]"
+        )
+    if not hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):
+        raise ValueError(f"distill: data must be an iterable of batches, got {type(data).__name__}")
+
+
+def _cycle(data: Iterable, needed: int):
     """Batches forever: re-iterates ``data`` (a list, a DataLoader) when it runs out."""
     # NOTE: not itertools.cycle, which keeps a copy of every batch of the first pass.
+    one_shot = isinstance(data, Iterator)
+    used = 0
     while True:
-        empty = True
+        count = 0
         for batch in data:
-            empty = False
+            count += 1
+            used += 1
             yield batch
-        if empty:
-            raise ValueError("distill: data yielded no batches (an exhausted generator?)")
+        if count == 0 and used == 0:
+            raise ValueError("distill: data yielded no batches (an empty or exhausted iterable)")
+        if count == 0 or one_shot:
+            raise ValueError(
+                f"distill: data ran out after {used} batches but the steps need {needed} "
+                f"(stage1_steps + stage2_steps); a one-shot iterator such as a generator is "
+                "not cycled: pass a list or a re-iterable (a DataLoader), or fewer steps"
+            )
 
 
 def _logger(progress: bool, log: Callable[[str], None] | None) -> Callable[[str], None]:

@@ -2,14 +2,17 @@
 
 Discovery is structural: a module is recognised by the projections it owns, not by its class
 name, so every Hugging Face decoder written in the Llama style (Llama, Mistral, Qwen2, ...) and
-GPT-2's fused ``c_attn`` are found without a per-model table. Nothing here mutates the model.
+GPT-2's fused ``c_attn`` are found without a per-model table. Retention is causal
+self-attention, so cross-attention and bidirectional (encoder) attention are found but never
+offered for conversion (``survey`` lists them with the reason), and layers an earlier retrofit
+already converted are recognised as retention. Nothing here mutates the model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -23,8 +26,20 @@ LOOKED_FOR = (
 )
 
 _HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 _OUT_NAMES = ("o_proj", "out_proj", "proj", "c_proj")
 _FUSED_NAMES = ("qkv", "Wqkv", "qkv_proj")
+# NOTE: module-path components (lower case) that hold cross-attention in common decoders:
+# Mllama/Idefics `cross_attn`, BART/Whisper/Marian `encoder_attn`, BERT `crossattention`, T5
+# `EncDecAttention`, GPT-2 `crossattention`.
+_CROSS_NAMES = (
+    "cross_attn",
+    "cross_attention",
+    "crossattention",
+    "encoder_attn",
+    "encdecattention",
+)
+_SLIDING_TYPES = ("sliding_attention", "hybrid_sliding")
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class AttentionSite:
     head_dim: int
     cache_index: int  # index of this layer in a Hugging Face cache (the module's layer_idx)
     sliding_window: int | None = None
+    converted: bool = False  # already retention (an earlier retrofit); never converted again
 
     @property
     def parent_and_attr(self) -> tuple[str, str]:
@@ -46,45 +62,84 @@ class AttentionSite:
         return parent, attr
 
 
+@dataclass(frozen=True)
+class SkippedAttention:
+    """An attention module that cannot become retention, and why (kept as attention)."""
+
+    name: str
+    kind: str  # type name of the module
+    reason: str
+
+
 def find_attention(
     model: nn.Module, predicate: Callable[[str, nn.Module], bool] | None = None
 ) -> list[AttentionSite]:
-    """Every attention module of ``model`` in module order (outer modules win, no nesting).
+    """Every convertible or already converted attention module of ``model``, in module order.
 
-    With ``predicate(name, module) -> bool`` only the modules it picks are taken; each must still
-    have a recognisable structure (see ``LOOKED_FOR``), else ValueError names what is missing.
+    See ``survey``; cross-attention and bidirectional attention are left out.
+    """
+    return survey(model, predicate)[0]
+
+
+def survey(
+    model: nn.Module, predicate: Callable[[str, nn.Module], bool] | None = None
+) -> tuple[list[AttentionSite], list[SkippedAttention]]:
+    """Attention sites of ``model`` in module order (outer modules win, no nesting), and the
+    attention modules skipped because retention cannot replace them.
+
+    Layers converted by an earlier retrofit are sites with ``converted=True`` whatever the
+    predicate. With ``predicate(name, module) -> bool`` only the modules it picks are taken; each
+    must have a recognisable structure (see ``LOOKED_FOR``) and be causal self-attention, else
+    ValueError names the module and the reason.
     """
     sites: list[AttentionSite] = []
+    skipped: list[SkippedAttention] = []
     taken: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in taken):
             continue
-        if predicate is not None:
-            if not predicate(name, module):
-                continue
-            family = classify(module, allow_generic=True)
-            if family is None:
+        if _is_converted(module):
+            sites.append(replace(module.site, index=len(sites), name=name, converted=True))
+            taken.append(name)
+            continue
+        picked = predicate is not None and predicate(name, module)
+        if predicate is not None and not picked:
+            continue
+        family = classify(module, allow_generic=picked)
+        if family is None:
+            if picked:
                 raise ValueError(
-                    f"predicate picked {name!r} ({type(module).__name__}) but its structure is not "
-                    f"recognised; looked for {LOOKED_FOR}"
+                    f"predicate picked {name!r} ({type(module).__name__}) but its structure is "
+                    f"not recognised; looked for {LOOKED_FOR}"
                 )
-        else:
-            family = classify(module, allow_generic=False)
-            if family is None:
-                continue
-        sites.append(_describe(len(sites), name, module, family))
+            continue
         taken.append(name)
-    return sites
+        reason = why_not_convert(model, name, module)
+        if reason is not None:
+            if picked:
+                raise ValueError(
+                    f"predicate picked {name!r} ({type(module).__name__}) but it cannot become "
+                    f"retention: {reason}"
+                )
+            skipped.append(SkippedAttention(name, type(module).__name__, reason))
+            continue
+        sites.append(_describe(len(sites), name, module, family))
+    return sites, skipped
 
 
 def classify(module: nn.Module, allow_generic: bool) -> str | None:
-    """The family of an attention module, or None when it is not one we can convert."""
+    """The family of an attention module, or None when it is not one we can convert.
+
+    Structure only: ``why_not_convert`` decides whether a recognised module may be converted.
+    """
+    if _is_converted(module):
+        return None
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
     if _has(module, "q_proj", "k_proj", "v_proj", "o_proj") and hasattr(module, "head_dim"):
         return "llama"
-    if _has(module, "c_attn", "c_proj") and not getattr(module, "is_cross_attention", False):
-        if hasattr(module, "num_heads") and hasattr(module, "split_size"):
+    if _has(module, "c_attn", "c_proj") and hasattr(module, "num_heads"):
+        if hasattr(module, "split_size"):
             return "gpt2"
     if allow_generic and _head_count(module) is not None and _out_proj(module) is not None:
         if _has(module, "q_proj", "k_proj", "v_proj") or _fused_qkv(module) is not None:
@@ -92,14 +147,57 @@ def classify(module: nn.Module, allow_generic: bool) -> str | None:
     return None
 
 
+def why_not_convert(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """None when ``module`` (at ``name`` in ``model``) is causal self-attention, else the reason.
+
+    Retention is causal self-attention: queries and keys come from the same sequence and a
+    position sees only earlier ones.
+    """
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parts = [p.lower() for p in name.split(".")]
+    if (
+        getattr(module, "is_cross_attention", False) is True
+        or any(p in _CROSS_NAMES for p in parts)
+        or "crossattention" in type(module).__name__.lower()
+        or (isinstance(parent, nn.TransformerDecoderLayer) and attr == "multihead_attn")
+    ):
+        return (
+            "cross-attention (its keys and values come from another sequence, e.g. an encoder "
+            "or an image); retention replaces causal self-attention only"
+        )
+    if isinstance(parent, nn.TransformerEncoderLayer) and attr == "self_attn":
+        return (
+            "self-attention of an nn.TransformerEncoderLayer (an encoder: bidirectional unless "
+            "a causal mask is passed, and its fast path reads nn.MultiheadAttention internals); "
+            "retention is causal"
+        )
+    if getattr(module, "is_causal", None) is False:
+        return (
+            "is_causal=False (bidirectional attention, e.g. an encoder or a vision tower); "
+            "retention is causal: every position would lose its view of later positions"
+        )
+    return None
+
+
+def _is_converted(module: nn.Module) -> bool:
+    from .layers import RetrofitRetention  # NOTE: layers imports this module
+
+    return isinstance(module, RetrofitRetention)
+
+
 def _has(module: nn.Module, *names: str) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
 
 
 def _head_count(module: nn.Module) -> int | None:
-    for attr in _HEAD_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and value > 0:
+    return _int_attr(module, _HEAD_ATTRS)
+
+
+def _int_attr(obj, names: tuple[str, ...]) -> int | None:
+    for attr in names:
+        value = getattr(obj, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
@@ -126,16 +224,9 @@ def _describe(index: int, name: str, module: nn.Module, family: str) -> Attentio
         dim = int(module.head_dim)
         kv_heads = heads
     else:
-        heads = _head_count(module)
-        width = (
-            module.q_proj.out_features
-            if hasattr(module, "q_proj")
-            else getattr(module, _fused_qkv(module)).out_features // 3
-        )
-        dim = width // heads
-        kv_heads = module.k_proj.out_features // dim if hasattr(module, "k_proj") else heads
+        heads, kv_heads, dim = _generic_geometry(name, module)
     layer_idx = getattr(module, "layer_idx", None)
-    window = getattr(module, "sliding_window", None)
+    cache_index = layer_idx if isinstance(layer_idx, int) else index
     return AttentionSite(
         index=index,
         name=name,
@@ -143,9 +234,69 @@ def _describe(index: int, name: str, module: nn.Module, family: str) -> Attentio
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=dim,
-        cache_index=layer_idx if isinstance(layer_idx, int) else index,
-        sliding_window=window if isinstance(window, int) and window > 0 else None,
+        cache_index=cache_index,
+        sliding_window=_sliding_window(module, cache_index),
     )
+
+
+def _sliding_window(module: nn.Module, layer: int) -> int | None:
+    """The layer's sliding window: Hugging Face keeps it on the config (``sliding_window``,
+    per layer ``layer_types``); older models and plain modules on the module itself."""
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and 0 <= layer < len(types):
+        window = window if types[layer] in _SLIDING_TYPES else None
+    own = getattr(module, "sliding_window", None)
+    window = own if isinstance(own, int) and own > 0 and types is None else window
+    return (
+        window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    )
+
+
+def _generic_geometry(name: str, module: nn.Module) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of a predicate-picked module, checked against its widths.
+
+    ``head_dim`` and the K/V head count are read from the module (or its ``config``) when
+    present, else derived from the output projection (its input is heads * head_dim).
+    """
+    config = getattr(module, "config", None)
+    heads = _head_count(module)
+    dim = _int_attr(module, ("head_dim",)) or _int_attr(config, ("head_dim",))
+    kv = _int_attr(module, _KV_HEAD_ATTRS) or _int_attr(config, _KV_HEAD_ATTRS)
+    out_in = getattr(module, _out_proj(module)).in_features
+    if dim is None and out_in % heads == 0:
+        dim = out_in // heads
+    fused = _fused_qkv(module) if not hasattr(module, "q_proj") else None
+    if fused:
+        widths = {"q+k+v": getattr(module, fused).out_features}
+        total = widths["q+k+v"]
+        if kv is None and dim and total % dim == 0 and (total // dim - heads) % 2 == 0:
+            kv = (total // dim - heads) // 2
+        ok = bool(dim and kv and total == (heads + 2 * kv) * dim)
+    else:
+        widths = {p: getattr(module, p).out_features for p in ("q_proj", "k_proj", "v_proj")}
+        if kv is None and dim and widths["k_proj"] % dim == 0:
+            kv = widths["k_proj"] // dim
+        ok = bool(dim and kv and widths["q_proj"] == heads * dim)
+        ok = ok and widths["k_proj"] == widths["v_proj"] == kv * dim
+    if not ok or heads % kv != 0 or out_in != heads * dim:
+        raise ValueError(
+            f"cannot determine the head geometry of {name!r} ({type(module).__name__}): found "
+            f"num_heads={heads}, kv_heads={kv}, head_dim={dim}, projection widths {widths}, "
+            f"output projection input {out_in}; expected q = heads * head_dim, k = v = kv_heads "
+            "* head_dim (fused: (heads + 2 * kv_heads) * head_dim) with heads a multiple of "
+            "kv_heads. Set head_dim / num_key_value_heads on the module"
+        )
+    if fused and kv != heads:
+        # NOTE: GenericRetention splits a fused projection into three equal parts.
+        raise ValueError(
+            f"{name!r} ({type(module).__name__}) has a fused {fused} projection with grouped K/V "
+            f"heads ({heads} query heads, {kv} K/V heads); the generic converter supports a "
+            "fused q/k/v only with as many K/V heads as query heads (use separate q_proj/k_proj/"
+            "v_proj for GQA)"
+        )
+    return heads, kv, dim
 
 
 def round_half_up(x: float) -> int:

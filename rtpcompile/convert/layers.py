@@ -1,25 +1,32 @@
 """Converted layers: an attention module's own Q/K/V/O weights driving retention.
 
-Each class keeps the original projections as children under their original names (so a
-state dict keeps its keys and shares the tensors), keeps the rotary embedding the model passes
-in, and adds two new parameters: a per-head decay (``decay_logit``, gamma = sigmoid) and a
-per-head output RMS norm (``out_norm``). Retention runs through ``rtpcompile.ops``: the chunkwise
-form for a prefill that fills the cache, the recurrent form once a state exists, "auto" (the
-planner's choice) without a cache. ``head_mix`` keeps some heads as softmax attention (type C).
+Each class keeps the original projections as children under their original names (state-dict
+keys stay, the tensors are shared), applies the rotary embedding the model passes in with the
+model family's own rotary function, and adds two parameters in the attention's dtype: a per-head
+decay (``decay_logit``; gamma = sigmoid, always computed in float32 or wider) and a per-head
+output RMS norm (``out_norm``). Retention runs through ``rtpcompile.ops``: the chunkwise form for
+a prefill that fills the cache, the recurrent form once a state exists, "auto" (the planner's
+choice) without a cache. ``head_mix`` keeps some heads as softmax attention (type C).
+
+Padding: the key and value of a padded position are zeroed. For retention that is an exact key
+mask (a pad adds nothing to the state, and decays depend only on distances), so a left-padded
+row computes what its unpadded run computes when the model passes matching position ids.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .cache import layer_slot
+from .cache import key_valid, layer_slot, mha_valid
 from .find import AttentionSite, round_half_up
 
 
-def resolve_decay(decay, num_heads: int) -> Tensor:
+def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: int = 0) -> Tensor:
     """Per-head gamma, float32 [num_heads], from "retnet", a sequence/tensor or a callable."""
     if isinstance(decay, str):
         if decay != "retnet":
@@ -32,17 +39,40 @@ def resolve_decay(decay, num_heads: int) -> Tensor:
     if gamma.numel() == 1:
         gamma = gamma.expand(num_heads).clone()
     if gamma.shape != (num_heads,):
-        raise ValueError(f"decay must give {num_heads} values (one per head), got {gamma.numel()}")
+        which = "one per head"
+        if head_mix is not None:
+            which = (
+                f"one per retention head: head_mix={head_mix} makes {num_heads} of the "
+                f"{total} heads retention"
+            )
+        raise ValueError(f"decay must give {num_heads} values ({which}), got {gamma.numel()}")
     if bool(((gamma <= 0) | (gamma >= 1)).any()):
         raise ValueError(f"decay values must lie in (0, 1), got {gamma.tolist()}")
     return gamma
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating parameter (float32 when it has none)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return torch.float32 if p is None else p.dtype
+
+
+def decay_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The decay is computed in float32 (float64 for float64): 1 - gamma is as small as 2**-20."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class RetrofitRetention(nn.Module):
     """Shared core of every converted layer: decay, output norm, cache, retention and mixing."""
 
     def __init__(
-        self, site: AttentionSite, head_mix: float | None, decay, learn_decay: bool, eps: float
+        self,
+        site: AttentionSite,
+        head_mix: float | None,
+        decay,
+        learn_decay: bool,
+        eps: float,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.site = site
@@ -54,12 +84,14 @@ class RetrofitRetention(nn.Module):
         self.retention_kv_heads = kv_ret
         self.layer_idx = site.cache_index
         self.eps = eps
-        logit = torch.logit(resolve_decay(decay, max(self.retention_heads, 1)).double()).float()
+        heads = max(self.retention_heads, 1)
+        gamma = resolve_decay(decay, heads, head_mix, site.num_heads).double()
+        logit = torch.logit(gamma).to(dtype)
         if learn_decay:
             self.decay_logit = nn.Parameter(logit)
         else:
             self.register_buffer("decay_logit", logit)
-        self.out_norm = nn.Parameter(torch.ones(max(self.retention_heads, 1), site.head_dim))
+        self.out_norm = nn.Parameter(torch.ones(heads, site.head_dim, dtype=dtype))
         self.attn_scale = site.head_dim**-0.5
 
     def new_parameters(self) -> list[nn.Parameter]:
@@ -67,11 +99,23 @@ class RetrofitRetention(nn.Module):
         return [p for p in (self.decay_logit, self.out_norm) if isinstance(p, nn.Parameter)]
 
     def gamma(self) -> Tensor:
-        return torch.sigmoid(self.decay_logit)
+        """Per-head decays, float32 (float64 for a float64 logit) whatever the module dtype."""
+        logit = self.decay_logit
+        return torch.sigmoid(logit.to(decay_dtype(logit.dtype)))
 
-    def mix(self, q: Tensor, k: Tensor, v: Tensor, cache) -> Tensor:
-        """q [B, H, T, D], k/v [B, H_kv, T, D] (rotated) -> mixed heads [B, T, H * D]."""
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, cache, attention_mask=None) -> Tensor:
+        """q [B, H, T, D], k/v [B, H_kv, T, D] (rotated) -> mixed heads [B, T, H * D].
+
+        ``attention_mask``: what the model passed its attention (see ``cache.key_valid``), or a
+        bool [B, T] (True = real token); the K/V of padded positions are zeroed.
+        """
         B, H, T, D = q.shape
+        valid = attention_mask
+        if not (isinstance(valid, Tensor) and valid.dtype == torch.bool and valid.shape == (B, T)):
+            valid = key_valid(attention_mask, B, T)
+        if valid is not None:
+            keep = valid[:, None, :, None].to(k.device)
+            k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
         group = H // k.shape[1]
         slot = layer_slot(cache, self.layer_idx)
         r, rk = self.retention_heads, self.retention_kv_heads
@@ -81,7 +125,7 @@ class RetrofitRetention(nn.Module):
             vr = v[:, :rk].repeat_interleave(group, dim=1)
             parts.append(self._norm(self._retain(q[:, :r], kr, vr, slot)))
         if r < H:
-            parts.append(self._attend(q[:, r:], k[:, rk:], v[:, rk:], slot, group))
+            parts.append(self._attend(q[:, r:], k[:, rk:], v[:, rk:], slot, group, valid))
         if slot is not None:
             slot.seen += T
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -107,16 +151,25 @@ class RetrofitRetention(nn.Module):
         x = x * self.out_norm[: o.shape[1], None, :].to(dtype)
         return x.to(o.dtype)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, slot, group: int) -> Tensor:
-        """Softmax heads of a type-C layer, K/V cached in the same slot as the state."""
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, slot, group: int, valid: Tensor | None
+    ) -> Tensor:
+        """Softmax heads of a type-C layer, K/V (and which are padding) cached with the state."""
+        T = q.shape[-2]
         if slot is not None:
             k, v = slot.update(k, v)
+            valid = slot.update_valid(valid, T)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        T, L = q.shape[-2], k.shape[-2]
+        L = k.shape[-2]
         mask = None
-        if T > 1:
-            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
+        if T > 1 or valid is not None:
+            rows = torch.arange(L - T, L, device=q.device)[:, None]
+            cols = torch.arange(L, device=q.device)[None, :]
+            mask = cols <= rows
+            if valid is not None:
+                # NOTE: a query always sees itself, so a padded query's row is never empty (NaN).
+                mask = (mask & valid[:, None, None, :].to(q.device)) | (cols == rows)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
 
     def extra_repr(self) -> str:
@@ -134,22 +187,111 @@ def _heads(x: Tensor, head_dim: int) -> Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def _llama_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate-half RoPE (Llama's convention); the fallback when the model has no function."""
+
+    def rotate_half(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+_CROSS_KWARGS = ("cross_attention_states", "key_value_states", "encoder_hidden_states")
+
+
+def _check_children(original: nn.Module) -> None:
+    """Refuse a module with sub-layers a converted layer would silently skip (StableLM's
+    ``q_layernorm``, ...); dropout, identities and rotary embeddings are fine."""
+    ignored = [
+        name
+        for name, child in original.named_children()
+        if name not in _CHILDREN
+        and "rotary" not in name
+        and not isinstance(child, (nn.Dropout, nn.Identity))
+    ]
+    if ignored:
+        raise ValueError(
+            f"cannot convert {type(original).__name__}: its sub-modules {ignored} would be "
+            "ignored by a converted layer (it applies q_proj/k_proj/v_proj/o_proj, q_norm/k_norm "
+            "and the rotary embedding only)"
+        )
+
+
+def _qk_norm_mode(original: nn.Module, site: AttentionSite) -> str | None:
+    """None, "head" (norm over each head's D channels: Qwen3, Gemma3, Cohere) or "flat" (over
+    the whole projection, before the head split: OLMo2)."""
+    norm = getattr(original, "q_norm", None)
+    if not isinstance(norm, nn.Module):
+        return None
+    weight = getattr(norm, "weight", None)
+    width = weight.shape[-1] if isinstance(weight, Tensor) and weight.dim() else None
+    if width == site.head_dim:
+        return "head"
+    if width == site.num_heads * site.head_dim:
+        return "flat"
+    raise ValueError(
+        f"cannot convert {type(original).__name__}: q_norm must normalise each head "
+        f"({site.head_dim} channels) or the whole projection ({site.num_heads * site.head_dim}), "
+        f"its weight has shape {None if weight is None else tuple(weight.shape)}"
+    )
 
 
 class LlamaStyleRetention(RetrofitRetention):
-    """Converted Llama/Mistral/Qwen2-style attention (separate q/k/v/o projections, GQA, RoPE)."""
+    """Converted Llama-style attention (separate q/k/v/o projections, GQA, RoPE).
+
+    Covers Llama, Mistral, Qwen2/3, Gemma, Cohere, GLM, StableLM, OLMo/OLMo2, ...: optional
+    per-head or whole-width q/k norms, OLMo's ``clip_qkv``, partial rotary (cos/sin narrower
+    than the head: the first channels rotate, the rest pass through) and the family's own
+    rotary convention (``apply_rotary_pos_emb`` of the attention's module).
+    """
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
-        super().__init__(site, **kw)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        _check_children(original)
+        norm_mode = _qk_norm_mode(original, site)
+        super().__init__(site, dtype=param_dtype(original), **kw)
+        for name in _CHILDREN:
             if isinstance(getattr(original, name, None), nn.Module):
                 setattr(self, name, getattr(original, name))
+        self.qk_norm = norm_mode
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
         self.config = getattr(original, "config", None)
+        clip = getattr(self.config, "clip_qkv", None)
+        self.clip_qkv = float(clip) if isinstance(clip, (int, float)) and clip else None
         self.head_dim = site.head_dim
+        module = sys.modules.get(type(original).__module__)
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        # NOTE: the family's function carries its convention (Cohere/GLM rotate adjacent pairs,
+        # Llama rotates halves); a plain function, so the module stays picklable and compilable.
+        self.rotary_fn = fn if callable(fn) else _llama_rotary
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, dim] -> q [B, H, T, D], k and v [B, H_kv, T, D] (not yet rotated)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.clip_qkv is not None:  # OLMo
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        if self.qk_norm == "flat":  # OLMo2: one norm over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        if self.qk_norm == "head":  # Qwen3, Gemma3, Cohere: per-head norms
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        rot = cos.shape[-1]
+        if rot > self.head_dim or rot % 2:
+            raise ValueError(
+                f"rotary cos/sin of width {rot} do not fit head_dim {self.head_dim} "
+                "(expected an even width <= head_dim)"
+            )
+        if rot == self.head_dim:
+            return self.rotary_fn(q, k, cos, sin)
+        qr, kr = self.rotary_fn(q[..., :rot], k[..., :rot], cos, sin)  # partial rotary
+        return torch.cat([qr, q[..., rot:]], dim=-1), torch.cat([kr, k[..., rot:]], dim=-1)
 
     def forward(
         self,
@@ -159,23 +301,23 @@ class LlamaStyleRetention(RetrofitRetention):
         past_key_values=None,
         **kwargs,
     ):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q, k = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape)
-        if hasattr(self, "q_norm"):  # Qwen3-style per-head q/k norms
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        for name in _CROSS_KWARGS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"a converted retention layer is causal self-attention only, got {name} "
+                    f"({self.site.name} is cross-attention; keep it as attention)"
+                )
+        q, k, v = self._project(hidden_states)
         if position_embeddings is not None:
-            cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        return self.o_proj(self.mix(q, k, v, past_key_values)), None
+            q, k = self._rotate(q, k, *position_embeddings)
+        return self.o_proj(self.mix(q, k, v, past_key_values, attention_mask)), None
 
 
 class GPT2StyleRetention(RetrofitRetention):
     """Converted GPT-2 attention: fused ``c_attn`` (Conv1D) and ``c_proj``; no rotary."""
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
-        super().__init__(site, **kw)
+        super().__init__(site, dtype=param_dtype(original), **kw)
         self.c_attn, self.c_proj = original.c_attn, original.c_proj
         self.resid_dropout = getattr(original, "resid_dropout", nn.Identity())
         self.split_size = original.split_size
@@ -189,37 +331,67 @@ class GPT2StyleRetention(RetrofitRetention):
             )
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         d = self.site.head_dim
-        o = self.mix(_heads(q, d), _heads(k, d), _heads(v, d), past_key_values)
+        o = self.mix(_heads(q, d), _heads(k, d), _heads(v, d), past_key_values, attention_mask)
         return self.resid_dropout(self.c_proj(o)), None
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a is b or (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
 class MultiheadRetention(RetrofitRetention):
-    """Converted ``nn.MultiheadAttention`` (self-attention, causal; packed in_proj weights)."""
+    """Converted ``nn.MultiheadAttention`` (self-attention, causal; packed in_proj weights).
+
+    ``key``/``value`` must be the query tensor itself (self-attention); ``key_padding_mask`` and
+    padding columns of ``attn_mask`` zero the padded keys; the layer is causal whatever
+    ``is_causal`` says.
+    """
 
     def __init__(self, original: nn.MultiheadAttention, site: AttentionSite, **kw) -> None:
         if not original._qkv_same_embed_dim:
             raise ValueError("nn.MultiheadAttention with kdim/vdim != embed_dim is not supported")
-        super().__init__(site, **kw)
+        super().__init__(site, dtype=param_dtype(original), **kw)
         self.in_proj_weight = original.in_proj_weight
         self.in_proj_bias = original.in_proj_bias
         self.out_proj = original.out_proj
         self.batch_first = original.batch_first
+        self.num_heads, self.embed_dim = original.num_heads, original.embed_dim
+        # NOTE: nn.TransformerEncoderLayer reads this to pick its fused fast path, which would
+        # bypass this module and run softmax attention on in_proj_weight; False turns it off.
+        self._qkv_same_embed_dim = False
 
     def forward(
-        self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *args, **kwargs
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        *args,
+        **kwargs,
     ):
         for name, other in (("key", key), ("value", value)):
-            if other is not None and other is not query and other.shape != query.shape:
+            if other is not None and not _same_tensor(other, query):
                 raise ValueError(
-                    f"a converted MultiheadAttention is self-attention only: {name} has shape "
-                    f"{tuple(other.shape)}, query {tuple(query.shape)}"
+                    f"a converted MultiheadAttention is self-attention only: {name} must be the "
+                    f"query tensor itself (got a different tensor of shape {tuple(other.shape)}, "
+                    f"query {tuple(query.shape)}); cross-attention cannot become retention"
                 )
         x = query if self.batch_first or query.dim() == 2 else query.transpose(0, 1)
         squeeze = x.dim() == 2
         x = x.unsqueeze(0) if squeeze else x
+        if squeeze and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        valid = mha_valid(key_padding_mask, attn_mask, x.shape[0], x.shape[1])
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         d = self.site.head_dim
-        o = self.out_proj(self.mix(_heads(q, d), _heads(k, d), _heads(v, d), None))
+        o = self.out_proj(self.mix(_heads(q, d), _heads(k, d), _heads(v, d), None, valid))
         o = o.squeeze(0) if squeeze else o
         o = o if self.batch_first or squeeze else o.transpose(0, 1)
         return o, None
@@ -232,7 +404,7 @@ class GenericRetention(RetrofitRetention):
     """
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
-        super().__init__(site, **kw)
+        super().__init__(site, dtype=param_dtype(original), **kw)
         from .find import _fused_qkv, _out_proj
 
         self._fused = _fused_qkv(original) if not hasattr(original, "q_proj") else None

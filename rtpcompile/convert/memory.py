@@ -1,24 +1,30 @@
 """memory_report(): what decoding keeps per layer, before and after retrofit.
 
 An attention layer keeps K and V for every position: ``2 * kv_heads * head_dim * itemsize``
-bytes per token per sequence (capped at the sliding window when the layer has one). A retention
-layer keeps one float32 state per head, ``heads * head_dim * head_dim * 4`` bytes per sequence,
-whatever the length. A type-C layer keeps both, for its own share of heads. The break-even
+bytes per token per sequence (capped at the sliding window when the layer has one: a Hugging Face
+dynamic cache keeps the last ``window - 1`` tokens). A retention layer keeps one float32 state per
+head (float64 for a float64 model), ``heads * head_dim * head_dim * 4`` (or 8) bytes per
+sequence, whatever the length. A type-C layer keeps both, for its own share of heads. The break-even
 length of a converted layer is the number of tokens at which the K/V it replaced would have
 taken as many bytes as its state; below it the state is the larger of the two.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .find import AttentionSite, find_attention
-from .layers import RetrofitRetention
 
-STATE_ITEMSIZE = 4  # retention states are float32
+STATE_ITEMSIZE = 4  # retention states are float32 (float64 for float64 models: state_itemsize)
+
+
+def state_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of the retention state kept for a model of ``dtype``."""
+    # NOTE: the ops keep the state in float32 for every floating dtype but float64.
+    return 8 if dtype == torch.float64 else STATE_ITEMSIZE
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,13 @@ def memory_report(
     """Decoding memory per layer of a (retrofitted or plain) model at ``seq_len`` x ``batch``.
 
     ``dtype``: the K/V element type; default the dtype of the model's first floating parameter.
+    The retention state is float32, float64 when ``dtype`` is float64.
     """
     for name, n in (("seq_len", seq_len), ("batch", batch)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
-    itemsize = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
+    dtype = dtype or _model_dtype(model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     sites = _sites(model)
     if not sites:
         raise ValueError(
@@ -97,7 +105,7 @@ def memory_report(
         )
     rows, warnings = [], []
     for site, module in sites:
-        row = _row(site, module, itemsize, seq_len, batch)
+        row = _row(site, module, itemsize, state_itemsize(dtype), seq_len, batch)
         rows.append(row)
         if row.state_bytes and row.break_even is not None and seq_len < row.break_even:
             warnings.append(
@@ -115,18 +123,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _sites(model: nn.Module) -> list[tuple[AttentionSite, nn.Module | None]]:
     """Attention sites in layer order: converted ones carry their module, kept ones None."""
-    found = {m.site.index: (m.site, m) for m in model.modules() if isinstance(m, RetrofitRetention)}
-    skip = {site.name for site, _ in found.values()}
-    kept = [s for s in find_attention(model) if s.name not in skip]
-    # NOTE: find_attention numbers the kept layers among themselves; converted modules remember
-    # their original index, so the kept ones fill the remaining positions in module order.
-    free = [i for i in range(len(found) + len(kept)) if i not in found]
-    for i, site in zip(free, kept, strict=False):
-        found[i] = (replace(site, index=i), None)
-    return [found[i] for i in sorted(found)]
+    return [
+        (s, model.get_submodule(s.name) if s.converted else None) for s in find_attention(model)
+    ]
 
 
-def _row(site: AttentionSite, module, itemsize: int, seq_len: int, batch: int) -> LayerMemory:
+def _row(
+    site: AttentionSite, module, itemsize: int, state_item: int, seq_len: int, batch: int
+) -> LayerMemory:
     per_kv_head = 2 * site.head_dim * itemsize
     original = site.num_kv_heads * per_kv_head
     r = 0 if module is None else module.retention_heads
@@ -134,8 +138,12 @@ def _row(site: AttentionSite, module, itemsize: int, seq_len: int, batch: int) -
         site.num_kv_heads if module is None else site.num_kv_heads - module.retention_kv_heads
     )
     kv = kv_heads_kept * per_kv_head
-    state = r * site.head_dim * site.head_dim * STATE_ITEMSIZE
-    tokens = seq_len if site.sliding_window is None else min(seq_len, site.sliding_window)
+    state = r * site.head_dim * site.head_dim * state_item
+    tokens = seq_len
+    if site.sliding_window is not None:
+        # NOTE: a Hugging Face DynamicSlidingWindowLayer keeps window - 1 tokens between steps
+        # (the new token completes the window).
+        tokens = min(seq_len, max(site.sliding_window - 1, 1))
     replaced = original - kv
     kind = "attention" if r == 0 else ("retention" if kv == 0 else "hybrid")
     return LayerMemory(

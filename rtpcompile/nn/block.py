@@ -73,6 +73,11 @@ class HybridHeadMixer(nn.Module):
     ) -> None:
         super().__init__()
         check_divisible(dim, num_heads)
+        if num_heads < 2:
+            raise ValueError(
+                f"a hybrid (type C) layer splits its heads between retention and attention, so "
+                f"it needs num_heads >= 2, got {num_heads}"
+            )
         if not 0 < retention_heads < num_heads:
             raise ValueError(
                 f"retention_heads must be in [1, {num_heads - 1}] for a hybrid layer, "

@@ -56,8 +56,13 @@ class RTPConfig:
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("ffn", self.ffn, FFNS)
         check_choice("norm", self.norm, NORMS)
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio (fraction of retention) must be in [0, 1], got {self.ratio!r}")
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ValueError(f"ratio (fraction of retention) must be in [0, 1], got {ratio!r}")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
     def layer_plan(self) -> list[tuple[str, int]]:
         """(mixer kind, retention heads) per layer, first layer first."""

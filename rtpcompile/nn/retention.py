@@ -96,9 +96,11 @@ class MultiScaleRetention(nn.Module):
 
     def log_decay(self) -> Tensor:
         """log gamma per head, shape [H] (differentiable when ``learnable_decay``)."""
+        # NOTE: in float32 (float64) even after .half()/.bfloat16(): 1 - gamma is as small as
+        # 2**-20, and sigmoid/exp in 16 bits would round gamma to 1 (no decay at all).
         if self.learnable_decay:
-            return F.logsigmoid(self.decay_logit)
-        return self.log_gamma
+            return F.logsigmoid(self.decay_logit.to(state_dtype(self.decay_logit.dtype)))
+        return self.log_gamma.to(state_dtype(self.log_gamma.dtype))
 
     @property
     def gamma(self) -> Tensor:
@@ -209,6 +211,11 @@ class MultiScaleRetention(nn.Module):
         expected = (x.shape[0], self.num_heads, self.head_dim_k, self.head_dim_v)
         if tuple(state.shape) != expected:
             raise ValueError(f"expected state of shape {expected}, got {tuple(state.shape)}")
+        if state.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"the retention state must be float32 or float64 (it accumulates over the whole "
+                f"sequence), got {state.dtype}; build it with init_state()"
+            )
 
     def extra_repr(self) -> str:
         gammas = ", ".join(f"{g:.6f}" for g in self.gamma.detach().double().tolist()[:4])
