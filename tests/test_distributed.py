@@ -52,8 +52,8 @@ def _rtp_without_inductor() -> str:
 
     detect_and_rewrite = backend.detect_and_rewrite
 
-    def recording(gm, example_inputs, opts):
-        new_gm, regions = detect_and_rewrite(gm, example_inputs, opts)
+    def recording(gm, example_inputs, opts, *rest):
+        new_gm, regions = detect_and_rewrite(gm, example_inputs, opts, *rest)
         REGIONS.append([(r.claimed, getattr(r, "reason", None)) for r in regions])
         return new_gm, regions
 

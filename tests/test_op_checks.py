@@ -154,3 +154,15 @@ def test_forced_kernels_name_the_users_dims(monkeypatch):
     q, k, v = inputs()
     with pytest.raises(ValueError, match="need a nonzero scale"):
         ops.retention(q, k, v, 0.9, scale=0.0)
+
+
+def test_a_cpu_call_on_auto_does_not_ask_for_the_kernels(monkeypatch):
+    """The kernels' import answer is cached and depends on TRITON_INTERPRET on CPU: an aten call
+    must not fix it before a later call forces the kernels."""
+    from rtpcompile.lowering import dispatch
+
+    asked = []
+    monkeypatch.setattr(dispatch, "_triton_module", lambda: asked.append(1))
+    monkeypatch.delenv("RTP_KERNELS", raising=False)
+    q, k, v = inputs()
+    assert not dispatch.use_triton(q, v, 0.5) and asked == []

@@ -38,10 +38,12 @@ def _triton_module():
 def use_triton(t: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.0) -> bool:
     """Whether a call with queries ``t`` (and values ``v``, ``scale``) runs the Triton kernels."""
     choice = _options.current().kernels
-    if choice == "aten":
+    if choice == "aten" or (choice == "auto" and not t.is_cuda):
         return False
+    # NOTE: asked only now: the import's answer is cached, and on CPU it depends on
+    # TRITON_INTERPRET, which a CPU call with kernels="auto" must not freeze
     kernels = _triton_module()
-    if choice == "auto" and (not t.is_cuda or not _fits(kernels, t, v, scale)):
+    if choice == "auto" and not _fits(kernels, t, v, scale):
         return False
     return kernels is not None
 
