@@ -43,6 +43,8 @@ def retention_init_state(batch: int, num_heads: int, k_dim: int, v_dim: int, dev
 def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True):
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
+    if gamma.device.type != "cpu":  # NOTE: CPU gammas are checked by the op itself
+        validate.check_gamma_values(gamma)
     validate.check_state(initial_state, q, v)
     validate.check_no_forward_ad(q, k, v, gamma, initial_state)
     validate.check_form(form)

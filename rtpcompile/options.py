@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -72,8 +73,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value is None or value == "":
             return None
         # NOTE: a whole number only: int(3.7) or int(True) would pass a wrong size silently
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        size = value if whole else int(value) if isinstance(value, str) and value.isdigit() else -1
+        size = -1
+        if isinstance(value, str) and value.strip().isdigit():
+            size = int(value.strip())
+        elif not isinstance(value, (bool, str)):
+            try:
+                size = operator.index(value)  # ints, numpy integers, integer 0-dim tensors
+            except TypeError:
+                pass
         if size < 1:
             raise ValueError(
                 f"{source}: option 'chunk_size' must be a positive integer, got {value!r}"
@@ -156,4 +163,18 @@ def current() -> Options:
 def _current_for(_env_values: tuple[str | None, ...], scoped_text: str = "") -> Options:
     if not scoped_text:
         return resolve(None)
-    return resolve(dict(item.split("=", 1) for item in scoped_text.split(";")))
+    return resolve(parse_runtime_text(scoped_text))
+
+
+def parse_runtime_text(text: str) -> dict[str, str]:
+    """``runtime_text``'s inverse: {"kernels": "triton", ...}; a ValueError names a bad item."""
+    found = {}
+    for item in text.split(";"):
+        name, sep, value = item.partition("=")
+        if not sep or name not in RUNTIME:
+            raise ValueError(
+                f"runtime_options: expected ';'-separated NAME=VALUE items with NAME in "
+                f"{list(RUNTIME)}, got {item!r} in {text!r}"
+            )
+        found[name] = value
+    return found

@@ -3,6 +3,7 @@ backward, for rewritten regions and for rtp op calls already in the graph."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_backend import Retention, inputs
@@ -44,10 +45,14 @@ def test_runtime_text_keeps_only_the_explicit_runtime_options():
     with options.scoped(text):
         assert options.current().kernels == "triton" and options.current().autotune
     assert options.current().kernels == "auto"
-    for bad in (3.7, True, "4.0"):
+    for bad in (3.7, True, "4.0", torch.tensor(2.5)):
         with pytest.raises(ValueError, match="'chunk_size' must be a positive integer"):
             options.resolve({"chunk_size": bad})
-    assert options.resolve({"chunk_size": "16"}).chunk_size == 16
+    for good in ("16", " 16", np.int64(16), torch.tensor(16)):
+        assert options.resolve({"chunk_size": good}).chunk_size == 16
+    for bad in ("kernels", "kernels=triton;", "strict=1", "form=parallel"):
+        with pytest.raises(ValueError, match="runtime_options: expected"):
+            options.parse_runtime_text(bad)
 
 
 def test_a_rewritten_region_runs_forward_and_backward_with_the_options(seen):

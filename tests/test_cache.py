@@ -442,6 +442,18 @@ def test_export_writes_through_a_symlink(tmp_path):
     assert dangling.is_symlink() and len(_exported((tmp_path / "new.json").read_text())) == 1
 
 
+def test_export_refuses_another_users_symlink(tmp_path, monkeypatch):
+    """A link another user planted (a shared /tmp) must not redirect the write onto our file."""
+    cache.store(make_key(), make_value())
+    target, link = tmp_path / "mine.json", tmp_path / "planted.json"
+    target.write_text("precious")
+    link.symlink_to(target)
+    monkeypatch.setattr(os, "getuid", lambda: link.lstat().st_uid + 1)
+    with pytest.raises(PermissionError, match="symlink owned by uid"):
+        cache.export_entries(link)
+    assert target.read_text() == "precious"
+
+
 def test_export_file_permissions(tmp_path):
     cache.store(make_key(), make_value())
     old = os.umask(0o022)

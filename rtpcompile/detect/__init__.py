@@ -60,8 +60,8 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
                     written=f"{node.target.name()} subgraph",
                     where=where(node),
                     output=node.name,
-                    reason=f"inside {node.target.name()} (torch.utils.checkpoint, ...): not "
-                    "searched; checkpoint outside the retention, or not at all",
+                    reason=f"inside a {node.target.name()} subgraph: higher-order ops (e.g. "
+                    "torch.utils.checkpoint's) are not searched; keep the retention outside",
                 )
             )
     return found

@@ -326,7 +326,8 @@ def clear() -> int:
 def export_entries(path: str | os.PathLike) -> int:
     """Write every valid entry to one JSON file (to ship tuned configs with a model).
 
-    ``path`` "-" is stdout. A symlink is written through (its target is replaced atomically); an
+    ``path`` "-" is stdout. A symlink of this user's is written through (its target is replaced
+    atomically; another user's link is refused); an
     existing file that is not a regular one (a fifo, a device, ``/dev/stdout``) is written
     directly; a new file gets 0666 less the umask (0644 usually), an existing one keeps its mode.
     """
@@ -338,6 +339,13 @@ def export_entries(path: str | os.PathLike) -> int:
         sys.stdout.flush()
         return len(valid)
     target = Path(path)
+    if target.is_symlink() and hasattr(os, "getuid") and target.lstat().st_uid != os.getuid():
+        # NOTE: like the kernel's protected_symlinks: a link another user planted (in /tmp, say)
+        # must not redirect our write onto a file of ours
+        raise PermissionError(
+            f"cache export: {target} is a symlink owned by uid {target.lstat().st_uid}, not by "
+            "this user; refusing to write through it"
+        )
     try:
         st = target.stat()  # NOTE: follows symlinks: the file the user means
     except FileNotFoundError:

@@ -13,6 +13,8 @@ for it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import options as _options
@@ -62,7 +64,10 @@ def retention_fwd(
     compiling backend's explicit run-time options (``options.runtime_text``), applied over the
     environment for this call and its backward."""
     validate.check_op_args(q, v, gamma, scale, form, chunk_size)
-    validate.check_gamma_values(gamma)
+    if gamma.device.type == "cpu":
+        # NOTE: here, so compiled CPU calls are checked too; off the CPU the public ops check
+        # (a device assertion per new gamma tensor would add launches to every compiled call)
+        validate.check_gamma_values(gamma)
     if runtime_options:
         with _options.scoped(runtime_options):
             return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size,
@@ -114,7 +119,8 @@ def retention_bwd(
     """Gradients (dq, dk, dv, dgamma, d_initial_state); without an initial state the last is an
     empty tensor (the schema needs a tensor; a [B, H, K, V] of zeros would be a memset launch per
     backward, and autograd returns None for the absent state anyway)."""
-    with _options.scoped(runtime_options):
+    scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
+    with scope:
         p = _planned(form, q, v, initial_state, chunk_size, "bwd")
         dq, dk, dv, dgamma, ds0 = dispatch.backward(
             p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size,
