@@ -1,0 +1,219 @@
+"""The persistent autotune cache's files: entry values, damaged files, import and export
+(symlinks, devices, modes), and the kernel module cache directory beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from test_cache import (  # noqa: F401  (fresh_cache: the autouse fixture, for this module too)
+    _entry_path,
+    fresh_cache,
+    make_key,
+    make_value,
+)
+
+from rtpcompile import cli
+from rtpcompile.kernels import cache
+
+
+def _aten_key(**spec) -> dict:
+    return make_key(spec={**make_key()["spec"], "backend": "aten", **spec})
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [(make_key(), {"chunk_size": c}) for c in (0, 1, 7, 24, 512, 10**9)]
+    + [(make_key(), {"form": "parallel", "chunk_size": 0}),
+       (make_key(), {"config": {"BV": 3, "bogus": 1}}),
+       (make_key(), {"config": {"BV": 8}}),
+       (make_key(), {"config": {"num_warps": 3}}),
+       (_aten_key(), {"config": {"BV": 32}})],
+)  # fmt: skip
+def test_values_the_tuner_never_writes_are_logged_misses(key, change, caplog):
+    value = {**make_value(), **change}
+    assert cache.check_entry({"key": key, "value": value, "created": 1.0}) is not None
+    assert cache.store(key, value)  # well-formed: stored, then read back as a miss
+    assert cache.load(key) is None and cache.load(key) is None
+    assert sum("ignoring invalid entry" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_valid_chunks_and_configs_are_kept():
+    for chunk in (16, 32, 64, 128, 256):
+        assert cache.check_value(make_value(chunk=chunk)) is None
+    triton = make_key(spec={**make_key()["spec"], "backend": "triton"})
+    value = {**make_value(), "config": {"BV": 32, "num_warps": 4, "num_stages": 2, "split": 1}}
+    assert cache.store(triton, value) and cache.load(triton) == value
+    forced = _aten_key(chunk=7)  # the call forced chunk_size=7: the tuner stores that chunk
+    assert cache.store(forced, make_value(chunk=7)) and cache.load(forced) == make_value(chunk=7)
+    assert cache.check_value(make_value(chunk=7), _aten_key(chunk=8)) is not None
+
+
+def test_deeply_nested_entry_is_a_logged_miss(caplog):
+    key = make_key()
+    path = _entry_path(key)
+    path.parent.mkdir(parents=True)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert cache.load(key) is None
+    assert any("nested too deeply" in r.getMessage() for r in caplog.records)
+    assert cache.store(key, make_value()) and cache.load(key) == make_value()
+
+
+def test_import_of_a_deeply_nested_file_is_a_value_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        cache.import_entries(deep)
+
+
+def test_import_into_an_unwritable_directory_raises(tmp_path, monkeypatch):
+    cache.store(make_key(), make_value())
+    exported = tmp_path / "x.json"
+    cache.export_entries(exported)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(OSError, match="cannot write to the cache directory .*a-file"):
+        cache.import_entries(exported)
+
+
+# ----------------------------------------------------------------------------- export target
+
+
+def _exported(text: str) -> list:
+    doc = json.loads(text)
+    assert doc["format"] == cache.EXPORT_FORMAT
+    return doc["entries"]
+
+
+def test_export_writes_through_a_symlink(tmp_path):
+    cache.store(make_key(), make_value())
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert cache.export_entries(link) == 1
+    assert link.is_symlink() and len(_exported(target.read_text())) == 1
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "new.json")
+    cache.export_entries(dangling)
+    assert dangling.is_symlink() and len(_exported((tmp_path / "new.json").read_text())) == 1
+
+
+def test_export_refuses_another_users_symlink(tmp_path, monkeypatch):
+    """A link another user planted (a shared /tmp) must not redirect the write onto our file."""
+    cache.store(make_key(), make_value())
+    target, link = tmp_path / "mine.json", tmp_path / "planted.json"
+    target.write_text("precious")
+    link.symlink_to(target)
+    monkeypatch.setattr(os, "getuid", lambda: link.lstat().st_uid + 1)
+    with pytest.raises(PermissionError, match="symlink owned by uid"):
+        cache.export_entries(link)
+    assert target.read_text() == "precious"
+
+
+def test_export_file_permissions(tmp_path):
+    cache.store(make_key(), make_value())
+    old = os.umask(0o022)
+    try:
+        cache.export_entries(tmp_path / "new.json")
+        (tmp_path / "private.json").write_text("")
+        os.chmod(tmp_path / "private.json", 0o600)
+        cache.export_entries(tmp_path / "private.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # ships with a model
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600  # an existing mode stays
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_export_writes_into_a_fifo_without_replacing_it(tmp_path):
+    import stat
+    import threading
+
+    cache.store(make_key(), make_value())
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert cache.export_entries(fifo) == 1
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and len(_exported(got[0])) == 1
+
+
+def test_export_dash_is_stdout(capsys):
+    cache.store(make_key(), make_value())
+    assert cache.export_entries("-") == 1
+    assert len(_exported(capsys.readouterr().out)) == 1
+    assert cli.main(["cache", "export", "-"]) == 0
+    captured = capsys.readouterr()
+    assert len(_exported(captured.out)) == 1 and "exported 1 entry to stdout" in captured.err
+
+
+# ----------------------------------------------------------------------------- kernel cache dir
+
+
+@pytest.fixture
+def kernel_dirs(monkeypatch):
+    from rtpcompile.kernels import codegen
+
+    monkeypatch.setattr(codegen, "_FALLBACK", {})
+    return codegen
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="XDG layout")
+def test_both_caches_share_one_root(tmp_path, monkeypatch, kernel_dirs):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RTP_CACHE_DIR", "~/x")
+    assert cache.directory() == tmp_path / "home" / "x" / "autotune"
+    assert kernel_dirs.cache_dir() == tmp_path / "home" / "x" / "kernels"
+    monkeypatch.delenv("RTP_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.directory() == tmp_path / "xdg" / "rtpcompile" / "autotune"
+    assert kernel_dirs.cache_dir() == tmp_path / "xdg" / "rtpcompile" / "kernels"
+
+
+def _assert_falls_back_once(codegen, blocked: Path, why: str) -> Path:
+    with pytest.warns(RuntimeWarning, match=f"{blocked}.*{why}.*RTP_CACHE_DIR"):
+        fallback = codegen.cache_dir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert codegen.cache_dir() == fallback  # one warning, one directory per process
+    assert fallback != blocked and fallback.is_dir()
+    assert fallback.stat().st_mode & 0o777 == 0o700
+    return fallback
+
+
+def test_kernel_cache_under_a_file_falls_back(tmp_path, monkeypatch, kernel_dirs):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
+    fallback = _assert_falls_back_once(kernel_dirs, tmp_path / "a-file" / "kernels", "directory")
+    pytest.importorskip("triton")
+    import torch
+
+    from rtpcompile.kernels.spec import choose
+
+    spec = choose("recurrent", "fwd", 16, 16, torch.float32, torch.float32, 16)
+    monkeypatch.setattr(kernel_dirs, "_LOADED", {})
+    module = kernel_dirs.load(spec)  # the kernels still load, from the private directory
+    assert Path(module.__file__).parent == fallback
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners")
+def test_kernel_cache_owned_by_another_user_is_never_used(tmp_path, monkeypatch, kernel_dirs):
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "kernels").mkdir()
+    owner = (tmp_path / "kernels").stat().st_uid
+    monkeypatch.setattr(kernel_dirs.os, "getuid", lambda: owner + 1)
+    _assert_falls_back_once(kernel_dirs, tmp_path / "kernels", "owned by uid")
+
+
+def test_read_only_kernel_cache_falls_back(tmp_path, monkeypatch, kernel_dirs):
+    # NOTE: os.access stands in for a read-only directory, which root could still write
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_dirs.os, "access", lambda path, mode: False)
+    _assert_falls_back_once(kernel_dirs, tmp_path / "kernels", "not writable")
