@@ -3,7 +3,8 @@
 Whole sequences use the parallel form ``Retention(X) = (Q K^T * D) V`` with the decay mask
 ``D[h, n, m] = gamma_h^(n - m)`` for ``n >= m`` and 0 above the diagonal, rebuilt in the graph on
 every call; a sequence continued from a state uses the recurrent form
-``S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n``, one token at a time. Layout [B, H, T, D].
+``S_n = gamma S_{n-1} + k_n^T v_n, o_n = q_n S_n`` for one token, and for several the parallel
+form among them plus the state's decayed part (one chunk step). Layout [B, H, T, D].
 This module is plain PyTorch: the ``rtp`` compiler backend recognises these spellings and swaps
 in its own kernels; nothing here knows about it.
 """
@@ -154,6 +155,19 @@ class MultiScaleRetention(nn.Module):
             outs.append((q[:, :, n, None, :] @ state) * self.scale)  # [B, H, 1, V]
         return torch.cat(outs, dim=2), state
 
+    def chunk_step(self, q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """T > 1 tokens continuing from ``state`` at once (a prompt after a prefix, a draft to
+        verify): the parallel form among them plus the state's part, gamma^(n+1) q_n S, and the
+        new state as ``final_state`` gives it. Same result as ``recurrent``, without a T-step
+        loop (which Dynamo would also unroll into T steps)."""
+        sdt = state.dtype
+        q, k, v = q.to(sdt), k.to(sdt), v.to(sdt)
+        log_gamma = self.log_decay().to(sdt)
+        idx = torch.arange(q.shape[2], device=q.device, dtype=sdt)
+        from_state = torch.exp(log_gamma[:, None] * (idx + 1))[None, :, :, None]  # [1, H, T, 1]
+        y = self.parallel(q, k, v) + ((q * from_state) @ state) * self.scale
+        return y, self.final_state(k, v, state)
+
     def output(self, y: Tensor, x: Tensor) -> Tensor:
         """y [B, H, T, V] -> GroupNorm over heads, swish gate, output projection -> [B, T, dim]."""
         B, H, T, V = y.shape
@@ -178,16 +192,19 @@ class MultiScaleRetention(nn.Module):
         ``return_state``.
 
         ``state`` given ([B, H, K, V], float32 or float64): the sequence continues from it at
-        position ``offset`` (the number of tokens the state has absorbed); the recurrent form
-        runs token by token. Returns ``(y, new_state)``.
+        position ``offset`` (the number of tokens the state has absorbed): the recurrent step for
+        one token, ``chunk_step`` for more. Returns ``(y, new_state)``.
         """
         self._check_input(x, state)
         q, k, v = self.project(x, offset)
         if state is None:
             y = self.parallel(q, k, v)
             new_state = self.final_state(k, v) if return_state else None
-        else:
+        elif q.shape[2] == 1:
             y, new_state = self.recurrent(q, k, v, state)
+            y = y.to(x.dtype)
+        else:
+            y, new_state = self.chunk_step(q, k, v, state)
             y = y.to(x.dtype)
         out = self.output(y, x)
         return out if new_state is None else (out, new_state)
