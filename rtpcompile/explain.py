@@ -51,6 +51,16 @@ def planned_lowering(region: Region) -> str:
     return text
 
 
+def _op_call(region: Region) -> tuple[int, int, bool, bool, str]:
+    """(K, V, state in, state out, form) of the op call a claimed region runs: V counts the
+    column of ones of an abs-sum normaliser; a rewritten region returns a state only when one
+    comes in, an op call already in the graph when it is read."""
+    V = region.v_dim + int(region.normaliser == "abs_sum")
+    has_state = region.state is not None
+    state_out = region.state_output is not None if region.native else has_state
+    return region.k_dim, V, has_state, state_out, region.form if region.native else "auto"
+
+
 def _example_problem(region: Region):
     """The planning problem of the region's example call (its batch, heads, dims, dtype and
     device, on the backend the op would use), or None when detection could not see them."""
@@ -60,20 +70,16 @@ def _example_problem(region: Region):
     options = _options.current()
     if None in (region.batch, region.heads, region.k_dim, region.v_dim, region.dtype):
         return None
-    K = region.k_dim
-    V = region.v_dim + int(region.normaliser == "abs_sum")  # the column of ones
+    K, V, has_state, state_out, form = _op_call(region)
     try:
         probe = torch.empty(0, device=region.device)
     except (RuntimeError, ValueError):  # NOTE: a device this process cannot use
         return None
     q, v = probe.new_empty((0, 0, 0, K)), probe.new_empty((0, 0, 0, V))
-    has_state = region.state is not None
-    state_out = region.state_output is not None if region.native else has_state
     return plan.Problem(
         region.batch, region.heads, region.seq_len, K, V, region.dtype, str(probe.device),
-        "triton" if dispatch.use_triton(q, v) else "aten", has_state, "fwd",
-        region.form if region.native else "auto", region.chunk_size or options.chunk_size,
-        state_out,
+        "triton" if dispatch.use_triton(q, v) else "aten", has_state, "fwd", form,
+        region.chunk_size or options.chunk_size, state_out,
     )  # fmt: skip
 
 
@@ -84,12 +90,8 @@ def region_kernels(region: Region, batch: int, dtype: torch.dtype, backward: boo
 
     if region.seq_len is None or region.seq_len < 1 or region.k_dim is None:
         raise ValueError(f"kernels(): region at {region.where} has no example shapes")
-    H, T, K = region.heads, region.seq_len, region.k_dim
-    V = region.v_dim + int(region.normaliser == "abs_sum")  # the column of ones
-    has_state = region.state is not None
-    # NOTE: a rewritten region returns a state only when one comes in; an op call, when read
-    state_out = region.state_output is not None if region.native else has_state
-    form = region.form if region.native else "auto"
+    H, T = region.heads, region.seq_len
+    K, V, has_state, state_out, form = _op_call(region)
     meta = dict(device="meta", dtype=dtype)
     q = torch.empty(batch, H, T, K, **meta)
     v = torch.empty(batch, H, T, V, **meta)

@@ -224,40 +224,43 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
+def _op_node(graph: fx.Graph, region: Region) -> fx.Node:
+    return next(n for n in graph.nodes if n.name == region.nodes[0])
+
+
+def _set_op_arg(node: fx.Node, name: str, value) -> bool:
+    """Set argument ``name`` of an rtp op call node, found by the op's schema (positional or
+    keyword, as the call was written); returns whether it changed."""
+    at = [a.name for a in op_schema(node.target).arguments].index(name)
+    if len(node.args) > at:
+        if node.args[at] is value or node.args[at] == value:
+            return False
+        node.args = (*node.args[:at], value, *node.args[at + 1 :])
+    elif name in node.kwargs and node.kwargs[name] == value:
+        return False
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+    return True
+
+
 def drop_unread_state(graph: fx.Graph, region: Region) -> bool:
     """An rtp op call already in the graph whose final state nothing reads (e.g.
     ``o, _ = ops.retention_chunkwise(...)``) is asked for none: the state is then neither
     computed nor saved (``output_final_state=False``). Returns whether the call changed. Only
     calls whose every user is a ``getitem`` qualify (a user of the whole tuple might read it)."""
-    node = next(n for n in graph.nodes if n.name == region.nodes[0])
+    node = _op_node(graph, region)
     users = list(node.users)
     if not all(u.target is operator.getitem for u in users):
         return False
     if any(u.args[1] != 0 and u.users for u in users):  # NOTE: != 0: also -1 or a slice
         return False
-    names = [a.name for a in op_schema(node.target).arguments]
-    at = names.index("output_final_state")  # the schema's position, not a copy of it
-    if len(node.args) > at:
-        if node.args[at] is False:
-            return False
-        node.args = (*node.args[:at], False, *node.args[at + 1 :])
-    elif node.kwargs.get("output_final_state", True) is False:
-        return False
-    else:
-        node.kwargs = {**node.kwargs, "output_final_state": False}
-    return True
+    return _set_op_arg(node, "output_final_state", False)
 
 
 def set_runtime_options(graph: fx.Graph, region: Region, text: str) -> None:
     """An rtp op call already in the graph runs with the backend's run-time options (``text``,
     ``options.runtime_text``): its ``runtime_options`` argument, which its backward inherits."""
-    node = next(n for n in graph.nodes if n.name == region.nodes[0])
-    names = [a.name for a in op_schema(node.target).arguments]
-    at = names.index("runtime_options")
-    if len(node.args) > at:
-        node.args = (*node.args[:at], text, *node.args[at + 1 :])
-    else:
-        node.kwargs = {**node.kwargs, "runtime_options": text}
+    _set_op_arg(_op_node(graph, region), "runtime_options", text)
 
 
 def rewrite(

@@ -18,7 +18,9 @@ from torch import nn
 from rtpcompile.convert import distill, find_attention, memory_report, retrofit
 from rtpcompile.convert.layers import RetrofitRetention
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="retrofit of Hugging Face models needs the transformers extra"
+)
 
 
 def _llama_like(config: str, model: str, **extra):

@@ -15,7 +15,9 @@ from rtpcompile.convert import retrofit
 from rtpcompile.convert.cache import key_valid
 from rtpcompile.nn import MultiScaleRetention, RTPBlock, RTPConfig
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="retrofit of Hugging Face models needs the transformers extra"
+)
 
 VOCAB = 97
 COMMON = dict(

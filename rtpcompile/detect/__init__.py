@@ -15,7 +15,7 @@ import logging
 import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
-from .graph_view import GraphView, example, hint, is_tensor, where
+from .graph_view import GraphView, example, hint, is_tensor, kind_of, where
 from .patterns_chunk import merge_chunk_steps
 from .patterns_native import find_native
 from .patterns_parallel import find_parallel
@@ -53,7 +53,7 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
         attrs = [getattr(gm, a.target, None) for a in node.args
                  if isinstance(a, fx.Node) and a.op == "get_attr"]  # fmt: skip
         subs = [sub for sub in attrs if isinstance(sub, fx.GraphModule)]
-        products = sum(GraphView(sub).kind(n) == "matmul" for sub in subs for n in sub.graph.nodes)
+        products = sum(kind_of(n) == "matmul" for sub in subs for n in sub.graph.nodes)
         if products >= 2:
             found.append(
                 Region(
