@@ -5,6 +5,7 @@ Tiny random Hugging Face models built from configs (nothing downloaded), CPU, fl
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -146,6 +147,55 @@ def test_key_valid_reads_the_mask_forms():
     ]:
         with pytest.raises(ValueError, match=match):
             key_valid(bad, 2, 4)
+
+
+# -- 1b. sliding window: the softmax heads of a type-C layer keep it -----------------------------
+
+
+def _softmax_heads_only(attn: str) -> tuple[nn.Module, nn.Module]:
+    """A 1-layer Mistral with a 4-token window whose output reads only the heads ``head_mix=0.5``
+    keeps as softmax (the first two heads' output-projection columns are zero): the converted
+    model must then equal the original exactly, window included."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(
+        **{**COMMON, "num_hidden_layers": 1, "sliding_window": 4, "head_dim": 16}
+    )
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.config._attn_implementation = attn
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, :32] = 0
+    original = copy.deepcopy(model)
+    retrofit(model, ratio=1.0, head_mix=0.5)
+    return original, model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_type_c_softmax_heads_keep_the_sliding_window(attn):
+    original, model = _softmax_heads_only(attn)
+    x = ids(2, 11, seed=4)
+    want = original(x, use_cache=False).logits
+    torch.testing.assert_close(model(x, use_cache=False).logits, want)
+    out = model(x[:, :5], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(5, 11):
+        out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), want)
+    # the softmax heads' cache holds the last window - 1 K/V, as Hugging Face's sliding layer does
+    assert cache.layers[0].keys.shape[-2] == 3
+
+
+@torch.no_grad()
+def test_type_c_sliding_window_with_left_padding():
+    original, model = _softmax_heads_only("sdpa")
+    x = ids(2, 10, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    want = original(x[1:, 3:], use_cache=False).logits
+    got = model(x, attention_mask=mask, position_ids=pos, use_cache=False).logits[1:, 3:]
+    torch.testing.assert_close(got, want)
 
 
 # -- 2. self-attention only -----------------------------------------------------------------------

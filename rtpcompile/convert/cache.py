@@ -72,6 +72,14 @@ if CacheLayerMixin is not None:
             self.valid = torch.cat([self.valid, valid.to(device)], dim=-1)
             return self.valid
 
+        def keep_last(self, tokens: int) -> None:
+            """Drop all but the last ``tokens`` cached K/V (a sliding-window layer's softmax heads
+            never see older ones again); the retention state and ``seen`` are unchanged."""
+            if self.keys is None or self.keys.shape[-2] <= tokens:
+                return
+            self.keys, self.values = self.keys[..., -tokens:, :], self.values[..., -tokens:, :]
+            self.valid = None if self.valid is None else self.valid[:, -tokens:]
+
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.seen + query_length, 0
 

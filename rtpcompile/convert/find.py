@@ -244,6 +244,8 @@ def _sliding_window(module: nn.Module, layer: int) -> int | None:
     per layer ``layer_types``); older models and plain modules on the module itself."""
     config = getattr(module, "config", None)
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # NOTE: Qwen2 keeps an unused one
+        window = None
     types = getattr(config, "layer_types", None)
     if isinstance(types, (list, tuple)) and 0 <= layer < len(types):
         window = window if types[layer] in _SLIDING_TYPES else None

@@ -156,19 +156,28 @@ class RetrofitRetention(nn.Module):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, slot, group: int, valid: Tensor | None
     ) -> Tensor:
-        """Softmax heads of a type-C layer, K/V (and which are padding) cached with the state."""
+        """Softmax heads of a type-C layer, K/V (and which are padding) cached with the state.
+
+        A sliding-window layer keeps its window: a query sees the last ``window`` positions, itself
+        included (Hugging Face's convention), and the cache keeps only the last ``window - 1`` K/V.
+        """
         T = q.shape[-2]
+        window = self.site.sliding_window
         if slot is not None:
             k, v = slot.update(k, v)
             valid = slot.update_valid(valid, T)
+            if window is not None:
+                slot.keep_last(max(window - 1, 1))
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         L = k.shape[-2]
         mask = None
-        if T > 1 or valid is not None:
+        if T > 1 or valid is not None or (window is not None and L > window):
             rows = torch.arange(L - T, L, device=q.device)[:, None]
             cols = torch.arange(L, device=q.device)[None, :]
             mask = cols <= rows
+            if window is not None:
+                mask = mask & (cols > rows - window)
             if valid is not None:
                 # NOTE: a query always sees itself, so a padded query's row is never empty (NaN).
                 mask = (mask & valid[:, None, None, :].to(q.device)) | (cols == rows)
