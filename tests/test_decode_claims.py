@@ -57,3 +57,24 @@ def test_compiled_decode_loop_equals_eager(eager_inductor, ratio):
             outs = [model(token, cache=caches[0]), compiled(token, cache=caches[1])]
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     assert backend.counters["regions_claimed"] >= 1  # the decode graph's recurrent steps
+
+
+def test_a_cached_multi_token_continuation_is_one_chunk_step(eager_inductor):
+    """Several tokens after a prefix (a chunked prefill, a draft): each retention layer's chunk
+    step (parallel part, the state's decayed part scaled like the scores, the state update) is one
+    claimed region, and the compiled continuation equals eager."""
+    model = _model()
+    with torch.no_grad():
+        caches = [model.new_cache(2), model.new_cache(2)]
+        for cache in caches:
+            model(_ids(11), cache=cache)
+        report = rtpcompile.explain(model, _ids(5), cache=caches[1])
+        assert [r.written for r in report.claimed] == ["chunk step"] * 2
+        assert all(r.state is not None and r.state_output is not None for r in report.claimed)
+        caches[1] = model.new_cache(2)
+        model(_ids(11), cache=caches[1])
+        compiled = torch.compile(model, backend="rtp")
+        want, got = model(_ids(5), cache=caches[0]), compiled(_ids(5), cache=caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        torch.testing.assert_close(a.state, b.state, rtol=1e-5, atol=1e-5)

@@ -359,3 +359,40 @@ def test_chunk_step_with_a_wrong_cross_decay_stays_parallel():
     q, k, v = qkv(t=7)
     found = regions(Wrong(), q, k, v, torch.randn(B, H, K, V))
     assert [r.written for r in found if r.claimed] == ["parallel"]
+
+
+class ScaledChunkStep(ChunkStep):
+    """The chunk step with a number scaling the scores (``score_scale``) and the cross term
+    (``cross_scale``; None: the same attribute), k and v read through no-op casts as
+    ``rtpcompile.nn`` writes it.
+
+    NOTE: Dynamo may turn each float attribute into its own graph input, so two attributes with
+    equal values are not provably equal: "the same scale" is the same attribute here."""
+
+    def __init__(self, score_scale: float, cross_scale: float | None):
+        super().__init__()
+        self.score_scale, self.cross_scale = score_scale, cross_scale
+
+    def forward(self, q, k, v, state):
+        C = q.shape[2]
+        log_g = torch.log(self.gamma)[:, None]
+        idx = torch.arange(C)
+        diff = idx[:, None] - idx[None, :]
+        inner = torch.exp(log_g[..., None] * diff.clamp(min=0)) * (diff >= 0)
+        cross_scale = self.score_scale if self.cross_scale is None else self.cross_scale
+        cross = ((q * torch.exp(log_g * (idx + 1))[..., None]) @ state) * cross_scale
+        o = (q @ k.transpose(-1, -2) * self.score_scale * inner) @ v + cross
+        k_decay = torch.exp(log_g * (C - 1 - idx))[..., None]
+        kv = (k.to(q.dtype) * k_decay).transpose(-1, -2) @ v.to(q.dtype)
+        return o, kv + torch.exp(log_g * C)[..., None] * state
+
+
+@pytest.mark.parametrize(
+    "score_scale, cross_scale, written",
+    [(0.25, None, "chunk step"), (0.25, 1.0, "parallel"), (0.25, 0.5, "parallel")],
+)
+def test_a_scaled_chunk_step_merges_only_with_the_same_scale(score_scale, cross_scale, written):
+    q, k, v = qkv(t=7)
+    model = ScaledChunkStep(score_scale, cross_scale)
+    found = regions(model, q, k, v, torch.randn(B, H, K, V))
+    assert [r.written for r in found if r.claimed] == [written]

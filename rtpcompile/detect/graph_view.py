@@ -206,6 +206,16 @@ def is_input_attribute(node: fx.Node) -> bool:
     return type(source).__name__ == "LocalSource" and source.local_name != "self"
 
 
+def is_state_input(node) -> bool:
+    """A graph input that can carry a retention state: an activation argument, or an attribute
+    of a caller's object (a decode cache), never the model's own buffers or parameters."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "placeholder"
+        and (not is_constant_source(node) or is_input_attribute(node))
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """``node`` seen as ``base.permute(perm)`` (perm None: the identity)."""

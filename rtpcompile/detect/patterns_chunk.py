@@ -6,19 +6,50 @@
 becomes one chunkwise call of the rtp op with ``initial_state=S`` returning (o, S'). The three
 decay tensors are evaluated like masks (constants and sizes only) at several chunk lengths and
 must equal the powers of the region's proven gamma; otherwise the parallel claim stands alone.
+A number scaling the scores (``scale``) must scale the cross term by the same number, and
+casts to the dtype a tensor already has (``k.to(torch.float32)`` of a float32 k) are passed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import mask_proof
-from .graph_view import GraphView, example, is_constant_source, layout, ndim
+from .graph_view import (
+    GraphView,
+    example,
+    is_scalar,
+    is_state_input,
+    kind_of,
+    layout,
+    ndim,
+)
 from .region import Operand, Region
+
+
+def _same_dtype_cast(node) -> bool:
+    """``node`` casts a tensor to the dtype it already has (a no-op on its value)."""
+    if not isinstance(node, fx.Node) or kind_of(node) != "cast" or not node.args:
+        return False
+    src = node.args[0]
+    a, b = example(node), example(src) if isinstance(src, fx.Node) else None
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+
+
+def _reads(node: fx.Node, base: Operand) -> bool:
+    """``node`` is ``base`` (in its layout), through no-op casts."""
+    lay = layout(node)
+    if lay.perm != base.perm:
+        return False
+    core = lay.base
+    while core.name != base.node and _same_dtype_cast(core):
+        core = core.args[0]
+    return core.name == base.node
 
 
 def _split_mul(view: GraphView, node, base: Operand):
@@ -26,22 +57,66 @@ def _split_mul(view: GraphView, node, base: Operand):
     if not isinstance(node, fx.Node) or view.kind(node) != "mul" or len(node.args) != 2:
         return None
     for x, d in (node.args, node.args[::-1]):
-        if isinstance(x, fx.Node) and isinstance(d, fx.Node):
-            lay = layout(x)
-            if lay.base.name == base.node and lay.perm == base.perm:
-                return d
+        if isinstance(x, fx.Node) and isinstance(d, fx.Node) and _reads(x, base):
+            return d
     return None
 
 
+def _product(factors) -> tuple[float, tuple] | None:
+    """``("mul" | "div", x)`` factors as (product of the numbers, sorted (op, node name) of the
+    rest): two factor lists scale alike when these agree. None for a division by zero."""
+    total, named = 1.0, []
+    for op, x in factors:
+        if isinstance(x, fx.Node):
+            named.append((op, x.name))
+        elif isinstance(x, str):  # a Region factor names its node
+            named.append((op, x))
+        elif op == "div" and x == 0:
+            return None
+        else:
+            total = total * x if op == "mul" else total / x
+    return total, tuple(sorted(named))
+
+
+def _peel_numbers(view: GraphView, node: fx.Node):
+    """(core, factors, wrappers): ``node`` is ``core`` times/over scalars (no-op casts passed),
+    e.g. ``((q * qd) @ S) * scale``."""
+    factors, chain = [], []
+    while True:
+        if _same_dtype_cast(node):
+            chain.append(node)
+            node = node.args[0]
+            continue
+        kind = view.kind(node)
+        if kind in ("mul", "div") and len(node.args) == 2:
+            a, b = node.args
+            if kind == "mul" and not isinstance(a, fx.Node):
+                a, b = b, a
+            if isinstance(a, fx.Node) and not is_scalar(a) and is_scalar(b):
+                factors.append((kind, b))
+                chain.append(node)
+                node = a
+                continue
+        return node, tuple(factors), tuple(chain)
+
+
 def _cross(view: GraphView, node: fx.Node, region: Region):
-    """(q decay, state) when ``node`` is ``(q * q_decay) @ S`` with S a graph-input state."""
-    if view.kind(node) != "matmul" or len(node.args) != 2:
+    """(q decay, nodes, state) when ``node`` is ``(q * q_decay) @ S`` with S a graph-input state,
+    times the number that scales the region's scores (its ``pre`` factors), if any."""
+    pre = _product(region.pre)
+    core, factors, chain = _peel_numbers(view, node)
+    cross = _product(factors)
+    if pre is None or cross is None or pre[1] != cross[1]:
         return None
-    left, state = node.args
-    if not isinstance(state, fx.Node) or state.op != "placeholder" or is_constant_source(state):
+    if not math.isclose(pre[0], cross[0], rel_tol=1e-12):
+        return None
+    if view.kind(core) != "matmul" or len(core.args) != 2:
+        return None
+    left, state = core.args
+    if not is_state_input(state):
         return None
     decay = _split_mul(view, left, region.q)
-    return None if decay is None else (decay, left, state)
+    return None if decay is None else (decay, (left, core, *chain), state)
 
 
 def _update(view: GraphView, state: fx.Node, region: Region):
@@ -57,9 +132,9 @@ def _update(view: GraphView, state: fx.Node, region: Region):
             continue
         chunk_decay = scaled.args[0] if scaled.args[1] is state else scaled.args[1]
         kt, v = outer.args
-        lay_k, lay_v = layout(kt), layout(v)
+        lay_k = layout(kt)
         k_decay = _split_mul(view, lay_k.base, region.k)
-        if k_decay is None or lay_v.base.name != region.v.node or lay_v.perm != region.v.perm:
+        if k_decay is None or not _reads(v, region.v):
             continue
         nodes = (scaled, new, outer, lay_k.base, *lay_k.chain)
         return chunk_decay, k_decay, nodes, new
@@ -113,7 +188,7 @@ def merge_chunk_steps(view: GraphView, regions: list[Region], inputs: list) -> l
 
 
 def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
-    simple = region.pre == () and region.normaliser == "none" and region.out_perm is None
+    simple = region.post == () and region.normaliser == "none" and region.out_perm is None
     if not (region.claimed and region.written == "parallel" and simple):
         return None
     if region.mask_kind != "mul" or region.row_scale or ndim(named[region.q.node]) != 4:
@@ -125,7 +200,7 @@ def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
     cross = _cross(view, other, region) if isinstance(other, fx.Node) else None
     if cross is None:
         return None
-    q_decay, scaled_q, state = cross
+    q_decay, cross_nodes, state = cross
     update = _update(view, state, region)
     if update is None:
         return None
@@ -133,7 +208,7 @@ def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
     seq = example(named[region.output]).shape[-2]
     if not _decays_match(view, (q_decay, k_decay, chunk_decay), region, seq, inputs):
         return None
-    inside = set(nodes) | {add, other, scaled_q}
+    inside = set(nodes) | {add, *cross_nodes}
     return dataclasses.replace(
         region,
         written="chunk step",

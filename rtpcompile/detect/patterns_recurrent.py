@@ -23,9 +23,8 @@ from .graph_view import (
     Layout,
     example,
     hint,
-    is_constant_source,
-    is_input_attribute,
     is_scalar,
+    is_state_input,
     is_tensor,
     layout,
     ndim,
@@ -131,12 +130,7 @@ def _decay_side(view: GraphView, node: fx.Node) -> tuple[fx.Node, fx.Node] | Non
     if view.kind(node) != "mul" or len(node.args) != 2:
         return None
     for a, s in (node.args, node.args[::-1]):
-        # NOTE: a state held by a caller's object (a decode cache) is an input too
-        if (
-            isinstance(s, fx.Node)
-            and s.op == "placeholder"
-            and (not is_constant_source(s) or is_input_attribute(s))
-        ):
+        if is_state_input(s):
             if isinstance(a, fx.Node) and is_tensor(example(a)) and is_tensor(example(s)):
                 return a, s
     return None
