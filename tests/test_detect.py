@@ -189,6 +189,10 @@ DECLINES = {
         lambda s, q, k, v, pad: (q @ k.mT).tril(-1) @ v,
         "diagonal=-1",
     ),
+    "integer scores": (  # NOTE: a cast to integers truncates: not one the patterns look through
+        lambda s, q, k, v, pad: ((q @ k.mT * 3).to(torch.int64) * _decay(s, T)) @ v,
+        "no single score product",
+    ),
 }
 
 
@@ -204,6 +208,34 @@ def test_look_alikes_are_declined_with_a_reason(name):
     found = regions(Fn(fn), *qkv(), pad)
     assert found and not any(r.claimed for r in found), found
     assert reason in found[0].reason
+
+
+def _write_q_after_scores(s, q, k, v):
+    q = q * 1.0
+    scores = q.transpose(-1, -2).transpose(-1, -2) @ k.mT  # read through a view of q
+    q.mul_(2.0)
+    return (scores * _decay(s, T)) @ v
+
+
+def _write_q_after_output(s, q, k, v):
+    q = q * 1.0
+    out = (q @ k.mT * _decay(s, T)) @ v
+    q.mul_(2.0)
+    return out + q.sum()
+
+
+def test_an_operand_written_in_place_inside_the_region_is_declined():
+    """The op runs where the region's output was: a write to q between the first read and the
+    output would change what it reads; a write after the output does not."""
+    (region,) = regions(Fn(_write_q_after_scores), *qkv())
+    assert not region.claimed and "q is written in place (mul_)" in region.reason
+    (region,) = regions(Fn(_write_q_after_output), *qkv())
+    assert region.claimed
+    for fn in (_write_q_after_scores, _write_q_after_output):
+        model, x = Fn(fn), qkv()
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="rtp")(*(t.clone() for t in x))
+        torch.testing.assert_close(got, model(*(t.clone() for t in x)))
 
 
 def test_dropout_declined_in_training_only():
@@ -284,6 +316,17 @@ def test_recurrent_step_with_squeezed_tokens_and_broadcast_product():
 
     (region,) = regions(Fn(fn), *_step_inputs(squeeze=True))
     assert region.claimed and region.q.token_axis
+
+
+def test_one_token_update_read_by_several_queries_is_declined():
+    def fn(s, q, k, v, st):
+        new = s.gamma[:, None, None] * st + k.mT @ v
+        return q @ new, new
+
+    _, k, v, st = _step_inputs()
+    q = torch.randn(B, H, 5, K)
+    (region,) = regions(Fn(fn), q, k, v, st)
+    assert not region.claimed and "different token counts" in region.reason
 
 
 def test_recurrent_step_with_activation_decay_is_declined():

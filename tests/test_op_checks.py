@@ -45,17 +45,23 @@ def test_compiled_calls_check_gamma_values(bad):
         (dict(gamma=torch.full((3,), 0.9)), r"gamma must have shape \[2\]"),
         (dict(scale=float("inf")), "scale must be finite"),
         (dict(gamma=torch.tensor([0.9, 1.5])), r"gamma values must lie in \(0, 1\]"),
+        (dict(k=torch.randn(1, 2, 1, 4)), r"must agree in \[B, H, T\]"),
+        (dict(k=torch.randn(1, 2, 6, 5)), "the same head dim K"),
+        (dict(v=torch.randn(1, 2, 6)), "must have 4 dims"),
+        (dict(state=torch.zeros(1, 2, 3, 4)), r"initial_state must have shape \[B, H, K, V\]"),
     ],
 )
 def test_the_raw_op_checks_what_its_schema_cannot(change, message):
+    """Public-op messages for a raw (or compiled) call, not an IndexError from inside a form."""
     q, k, v = inputs()
     args = dict(gamma=torch.full((2,), 0.9), scale=0.5, form="chunkwise", chunk_size=4)
     args.update(change)
+    k, v = args.get("k", k), args.get("v", v)
 
     def call(q, k, v):
         a = args
         return torch.ops.rtp.retention_fwd(
-            q, k, v, a["gamma"], a["scale"], None, a["form"], a["chunk_size"]
+            q, k, v, a["gamma"], a["scale"], a.get("state"), a["form"], a["chunk_size"]
         )
 
     with pytest.raises(ValueError, match=message):

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
 from .graph_view import GraphView, example, hint, is_tensor, kind_of, where
+from .mutation import written_between
 from .patterns_chunk import merge_chunk_steps
 from .patterns_native import find_native
 from .patterns_parallel import find_parallel
@@ -80,6 +81,9 @@ def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     for region in (_with_example_call(r, named) for r in found):
         if region.claimed and used & set(region.nodes):
             region = region.declined("overlaps another claimed region")
+        if region.claimed and not region.native:
+            written = written_between(view, region, named)
+            region = region if written is None else region.declined(written)
         if region.claimed:
             used |= set(region.nodes)
         regions.append(region)

@@ -97,10 +97,20 @@ def kind_of(node: fx.Node) -> str:
             return "layout"
         if node.target is operator.getitem:
             return "getitem"
-        return _FUNCTION_KINDS.get(node.target, "other")
-    if node.op == "call_method":
-        return _METHOD_KINDS.get(node.target, "other")
-    return node.op
+        kind = _FUNCTION_KINDS.get(node.target, "other")
+    elif node.op == "call_method":
+        kind = _METHOD_KINDS.get(node.target, "other")
+    else:
+        return node.op
+    if kind == "cast" and _to_integers(node):
+        return "other"  # NOTE: truncates values: not a cast the patterns may look through
+    return kind
+
+
+def _to_integers(node: fx.Node) -> bool:
+    """A cast whose result is an integer or bool tensor."""
+    value = example(node)
+    return is_tensor(value) and not (value.is_floating_point() or value.is_complex())
 
 
 def target_name(node: fx.Node) -> str:

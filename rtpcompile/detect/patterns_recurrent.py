@@ -16,6 +16,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import mask_proof
 from .graph_view import (
@@ -163,6 +164,9 @@ def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
     q, contracted, out, out_perm, out_nodes = readouts[0]
     if not (q.squeezed == x.squeezed == y.squeezed):
         return base.declined("read-out and outer product disagree on the token axis")
+    if not q.squeezed and not _same_tokens(q, x, y):
+        # NOTE: T queries reading one token's update is no recurrence over T tokens
+        return base.declined("the read-out and the state update cover different token counts")
     k, v = (x, y) if contracted == -2 else (y, x)
     inside = {scaled, outer_node := new_state.args[1 - new_state.args.index(scaled)]}
     inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain)
@@ -194,6 +198,17 @@ def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
         decay=gamma,
     )
     return region if reason is None else region.declined(reason)
+
+
+def _tokens(row) -> object:
+    """The token count of a row operand [.., T, D] (seen in its layout)."""
+    shape = example(row.lay.base).shape
+    return shape[row.lay.perm[-2] if row.lay.perm else -2]
+
+
+def _same_tokens(*rows) -> bool:
+    first = _tokens(rows[0])
+    return all(statically_known_true(first == _tokens(r)) for r in rows[1:])
 
 
 def _prove_decay(view, a: fx.Node, state: fx.Node, inputs) -> tuple[str | None, tuple]:

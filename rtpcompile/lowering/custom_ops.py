@@ -63,7 +63,7 @@ def retention_fwd(
     or (o, an empty tensor) with ``output_final_state=False``. ``runtime_options``: the
     compiling backend's explicit run-time options (``options.runtime_text``), applied over the
     environment for this call and its backward."""
-    validate.check_op_args(q, v, gamma, scale, form, chunk_size)
+    validate.check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state)
     if gamma.device.type == "cpu":
         # NOTE: here, so compiled CPU calls are checked too; off the CPU the public ops check
         # (a device assertion per new gamma tensor would add launches to every compiled call)
@@ -92,7 +92,7 @@ def _(
     q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True,
     runtime_options="",
 ):  # fmt: skip
-    validate.check_op_args(q, v, gamma, scale, form, chunk_size)
+    validate.check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state)
     B, H, T, K = q.shape
     V = v.shape[-1]
     if not output_final_state:

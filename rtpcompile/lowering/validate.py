@@ -136,8 +136,11 @@ def check_scale(scale, K: int) -> float:
     return value
 
 
-def check_op_args(q, v, gamma, scale, form, chunk_size) -> None:
-    """What the rtp op itself needs beyond its schema's types (also checked on fake tensors)."""
+def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -> None:
+    """What the rtp op itself needs beyond its schema's types (also checked on fake tensors):
+    a raw call gets the public ops' messages, not an IndexError from deep inside a form."""
+    check_qkv(q, k, v)
+    check_state(initial_state, q, v)
     check_form(form)
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: the planner decides), got {chunk_size}")

@@ -1,0 +1,87 @@
+"""In-place writes to what a region reads: the rewrite must not move a read across one.
+
+The op that replaces a region runs where the region's output was computed; eager read q, k, v,
+the masks and the state at the region's first node. A write between the two (``q.mul_(2)`` after
+``q @ k^T``) would change what the op reads, so such a region is declined. Writes before the
+first read or after the output are harmless. Aliases are followed through view-like ops (a
+write to ``x`` changes ``x.view(...).transpose(1, 2)``) -- conservatively: a cast or
+``contiguous`` may return its input itself, so they count as views too.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .graph_view import GraphView, target_name
+from .region import Region
+
+_VIEWS = {
+    "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
+    "flatten", "unflatten", "chunk", "split", "unbind", "narrow", "select", "as_strided",
+    "getitem", "contiguous", "to", "float", "half", "bfloat16", "double", "type_as", "detach",
+    "view_as", "movedim", "swapaxes", "t", "mT", "diagonal", "unfold", "getattr",
+}  # fmt: skip
+_IN_PLACE_FUNCTIONS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor, operator.setitem,
+}  # fmt: skip
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op in ("call_method", "call_function") and target_name(node) in _VIEWS
+
+
+def _writes(node: fx.Node, target: fx.Node) -> bool:
+    """``node`` writes into ``target`` (its first argument) in place, or through ``out=``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.kwargs.get("out") is target:
+        return True
+    if not node.args or node.args[0] is not target:
+        return False
+    if node.target in _IN_PLACE_FUNCTIONS:
+        return True
+    name = target_name(node)
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that may share its storage through view-like ops."""
+    root = node
+    while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    seen, todo = {root}, [root]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and _is_view(user):
+                seen.add(user)
+                todo.append(user)
+    return seen | {node}
+
+
+def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) -> str | None:
+    """Why the region is declined: an operand written in place between the region's first node
+    and its output (an in-place scaling the region itself looks through included: the op would
+    apply it twice); None when there is no such write."""
+    inside = [named[n] for n in region.nodes if n in named]
+    out = named.get(region.output)
+    if not inside or out is None:
+        return None
+    first = min(view.order.get(n, 0) for n in inside)
+    last = view.order.get(out, 0)
+    operands = [("q", region.q), ("k", region.k), ("v", region.v), ("the state", region.state)]
+    reads = [(role, named.get(op.node)) for role, op in operands if op is not None]
+    reads += [("a mask", named.get(m)) for m in region.masks]
+    for role, node in reads:
+        if node is None:
+            continue
+        for alias in _aliases(node):
+            for user in alias.users:
+                if first <= view.order.get(user, -1) <= last and _writes(user, alias):
+                    return (
+                        f"{role} is written in place ({target_name(user)}) inside the region, "
+                        "after its first read: the op would read the new values"
+                    )
+    return None
