@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import operator
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,9 +90,32 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+# Other RTP_* variables rtpcompile reads (not options): a name outside both is a likely typo.
+OTHER_VARIABLES = (
+    "RTP_CACHE", "RTP_CACHE_DIR", "RTP_DUMP_KERNELS", "RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS",
+    "RTP_SHOW_OPS", "RTP_VENV", "RTP_ZOO_BACKEND",
+)  # fmt: skip
+_WARNED: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """One warning per unknown ``RTP_*`` variable (``RTP_FORMS=parallel`` would do nothing)."""
+    known = {f"RTP_{name.upper()}" for name in FIELDS} | set(OTHER_VARIABLES)
+    for key in environ:
+        if key.startswith("RTP_") and key not in known and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"rtpcompile: unknown environment variable {key} is ignored; options are "
+                f"{sorted(known - set(OTHER_VARIABLES))}, other variables {list(OTHER_VARIABLES)}",
+                stacklevel=3,
+            )
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The options set through ``RTP_<NAME>`` environment variables."""
+    """The options set through ``RTP_<NAME>`` environment variables (an unknown ``RTP_*`` name
+    is a warning: other tools may share the prefix, so it is not an error)."""
     environ = os.environ if environ is None else environ
+    _warn_unknown(environ)
     found = {}
     for name in FIELDS:
         key = f"RTP_{name.upper()}"

@@ -238,6 +238,79 @@ def test_an_operand_written_in_place_inside_the_region_is_declined():
         torch.testing.assert_close(got, model(*(t.clone() for t in x)))
 
 
+class Temperature(nn.Module):
+    """A learnable per-head temperature inside the mask: 1 at compile time, then trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", gamma_of())
+        self.temp = nn.Parameter(torch.ones(H, 1, 1))
+
+    def forward(self, q, k, v):
+        return (q @ k.mT * (self.temp * causal(self.gamma, q.shape[-2]))) @ v
+
+
+class DistanceTable(nn.Module):
+    """A learnable per-distance table gathered into the mask, initialised to gamma**n: a decay
+    only while its entries keep that structure."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(gamma_of()[:, None] ** torch.arange(16.0))
+
+    def forward(self, q, k, v):
+        idx = torch.arange(q.shape[-2])
+        diff = idx[:, None] - idx[None, :]
+        mask = self.table[:, diff.clamp(min=0)] * (diff >= 0)
+        return (q @ k.mT * mask) @ v
+
+
+def test_a_trainable_parameter_in_the_mask_must_keep_the_structure():
+    (region,) = regions(DistanceTable(), *qkv())
+    assert not region.claimed and "once the trainable" in region.reason
+    (region,) = regions(Temperature(), *qkv())
+    assert region.claimed and region.row_scale  # the temperature is the mask's diagonal
+
+
+def test_a_trained_temperature_stays_equal_to_eager():
+    model = Temperature().double()
+    x = [t.double().requires_grad_() for t in qkv()]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="rtp")
+    for temp in ([1.0, 1.0, 1.0], [0.5, 2.0, 3.0]):
+        with torch.no_grad():
+            model.temp.copy_(torch.tensor(temp, dtype=torch.float64)[:, None, None])
+        got, want = compiled(*x), model(*x)
+        torch.testing.assert_close(got, want)
+        leaves = (*x, model.temp)
+        for a, b in zip(
+            torch.autograd.grad(got.sum(), leaves),
+            torch.autograd.grad(want.sum(), leaves),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_mask_held_by_a_call_argument_is_an_activation():
+    class Batch:
+        def __init__(self, mask):
+            self.mask = mask
+
+    def fn(s, q, k, v, batch):
+        return (q @ k.mT * batch.mask) @ v
+
+    (region,) = regions(Fn(fn), *qkv(), Batch(causal(gamma_of(), T)))
+    assert not region.claimed and "depends on activations" in region.reason
+
+
+def test_a_decay_just_above_one_is_declined():
+    def fn(s, q, k, v):
+        return (q @ k.mT * causal(torch.tensor([0.9, 1.000005, 0.99]), T)) @ v
+
+    (region,) = regions(Fn(fn), *qkv())
+    assert not region.claimed and "outside (0, 1]" in region.reason
+
+
 def test_dropout_declined_in_training_only():
     def fn(s, q, k, v):
         return F.dropout(q @ k.mT * _decay(s, T), p=0.5, training=s.training) @ v

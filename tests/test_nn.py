@@ -309,6 +309,10 @@ def test_model_trains():
         (lambda: MultiScaleRetention(30, 4), "multiple of 4, got dim=30"),
         (lambda: MultiScaleRetention(12, 4), "even head_dim_k, got 3"),
         (lambda: RTPBlock(16, 2, mixer="mamba"), r"mixer must be one of .*got 'mamba'"),
+        (lambda: RTPBlock(16, 2, retention_heads=1), "for mixer='hybrid' only"),
+        (lambda: RTPHybridLM(10, 32, 2, 4, ffn_mult="2"), "ffn_mult must be a finite number"),
+        (lambda: RTPHybridLM(10, 32, 2, 4, rope_base=math.inf), "rope_base must be a finite"),
+        (lambda: RTPHybridLM(10, 32, 2, 4, learnable_decay="no"), "True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_raise(make, match):
@@ -327,6 +331,42 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, 3, dtype=torch.long), cache=model.new_cache(2))
     with pytest.raises(ValueError, match="integer input_ids"):
         model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"T >= 1 \(a prompt to continue\), got shape \(2, 0\)"):
+        model.generate_greedy(torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got 2.5"):
+        model.generate_greedy(torch.zeros(2, 3, dtype=torch.long), 2.5)
+
+
+@pytest.mark.parametrize("layout", ["B", "C"])
+def test_autocast_keeps_the_state_float32_through_prefill_and_decode(layout):
+    """Under bfloat16 autocast the state's products still run in float32: a prefill's state is
+    float32 and decoding continues from it (it was refused as bfloat16)."""
+    model = _tiny_lm(layout, 0.5).float().eval()
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(2)
+        model(ids[:, :6], cache=cache)
+        states = [layer.state for layer in cache.layers if layer.state is not None]
+        assert states and all(s.dtype == torch.float32 for s in states)
+        for t in range(6, 9):
+            model(ids[:, t : t + 1], cache=cache)
+        assert model.generate_greedy(ids[:, :4], 3).shape == (2, 7)
+    # and the state equals the float32 one of the same tokens (only q/k/v were rounded)
+    with torch.no_grad():
+        ref = model.new_cache(2)
+        model(ids, cache=ref)
+    for a, b in zip(cache.layers, ref.layers, strict=True):
+        if a.state is not None:
+            assert (a.state - b.state).norm() < 0.05 * b.state.norm()
+
+
+def test_prefill_caches_contiguous_keys_and_values():
+    """Like every later call's concatenation: a compiled decode does not recompile on strides."""
+    model = _tiny_lm("C", 0.5).eval()
+    cache = model.new_cache(2)
+    model(torch.randint(0, 40, (2, 6)), cache=cache)
+    kv = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    assert kv and all(t.is_contiguous() for t in kv)
 
 
 def test_models_know_nothing_of_the_compiler():

@@ -172,3 +172,18 @@ def test_a_cpu_call_on_auto_does_not_ask_for_the_kernels(monkeypatch):
     monkeypatch.delenv("RTP_KERNELS", raising=False)
     q, k, v = inputs()
     assert not dispatch.use_triton(q, v, 0.5) and asked == []
+
+
+def test_forced_kernels_that_cannot_run_raise_instead_of_running_aten(monkeypatch):
+    """kernels="triton" on CPU without TRITON_INTERPRET (the kernels unavailable) is an error
+    that says what to set; before, the call ran aten silently (a CI job would believe it had
+    tested the kernels)."""
+    from rtpcompile.lowering import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_module", lambda: None)
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    q, k, v = inputs()
+    with pytest.raises(RuntimeError, match="forces the Triton kernels.*TRITON_INTERPRET=1"):
+        ops.retention(q, k, v, 0.9)
+    monkeypatch.setenv("RTP_KERNELS", "auto")
+    ops.retention(q, k, v, 0.9)  # auto: aten, no error

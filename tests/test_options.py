@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from rtpcompile import options
@@ -59,3 +61,15 @@ def test_current_follows_every_environment_change(monkeypatch):
     monkeypatch.delenv("RTP_CHUNK_SIZE")
     assert options.current() == options.Options()
     assert options.current() == options.resolve(None)
+
+
+def test_an_unknown_rtp_variable_is_a_warning_once(monkeypatch):
+    """``RTP_FORMS=parallel`` (a typo of RTP_FORM) would do nothing: it is said, once."""
+    monkeypatch.setattr(options, "_WARNED", set())
+    env = {"RTP_FORMS": "parallel", "RTP_CACHE": "off", "RTP_FORM": "chunkwise"}
+    with pytest.warns(UserWarning, match="unknown environment variable RTP_FORMS") as caught:
+        assert options.from_env(env) == {"form": "chunkwise"}
+    assert len(caught) == 1  # RTP_CACHE is a known variable, not an option
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        options.from_env(env)  # already said

@@ -24,7 +24,14 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_view import GraphView, example, is_constant_source, is_random, is_tensor
+from .graph_view import (
+    GraphView,
+    example,
+    is_constant_source,
+    is_input_attribute,
+    is_random,
+    is_tensor,
+)
 
 _PRIME = 7
 _MAX_SYMBOLIC_T = 1024
@@ -47,9 +54,23 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
             if is_random(node):
                 return f"the mask is random ({node.name})"
             if node.op == "placeholder" and is_tensor(example(node)):
-                if not is_constant_source(node):
+                # NOTE: an attribute of a call argument (``batch.mask``) changes with the call
+                if not is_constant_source(node) or is_input_attribute(node):
                     return f"the mask depends on activations (input {node.name!r})"
     return None
+
+
+def trainable_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> list[str]:
+    """The mask's ancestors that are trainable parameters (graph inputs requiring grad)."""
+    index = {node: i for i, node in enumerate(view.placeholders)}
+    found = []
+    for mask in masks:
+        values, _ = view.data_ancestors(mask)
+        for node in view.sorted(values | {mask}):
+            value = inputs[index[node]] if node in index and index[node] < len(inputs) else None
+            if is_tensor(value) and value.requires_grad and value.is_floating_point():
+                found.append(node.name)
+    return sorted(set(found))
 
 
 def _hints(shape_env) -> dict:
@@ -89,8 +110,17 @@ class _Sizes:
         return value
 
 
-def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes) -> list:
-    """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values."""
+def evaluate(
+    view: GraphView,
+    masks: list[fx.Node],
+    inputs: list,
+    sizes: _Sizes,
+    perturb: torch.Generator | None = None,
+) -> list:
+    """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
+
+    ``perturb``: trainable parameters take other values (each element times a random factor in
+    [0.9, 0.99)), as training would give them."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -113,6 +143,8 @@ def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes)
         if node.op == "placeholder":
             value = inputs[index[node]]
             env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
+            if perturb is not None and is_tensor(value) and value.requires_grad:
+                env[node] = _moved(env[node], perturb)
             if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
                 env[node] = sizes.value(example(node))
             continue
@@ -124,6 +156,13 @@ def evaluate(view: GraphView, masks: list[fx.Node], inputs: list, sizes: _Sizes)
             if last_read.get(arg) == step and arg not in outputs and arg in needed:
                 del env[arg]
     return [env[mask] for mask in masks]
+
+
+def _moved(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if not value.is_floating_point():
+        return value
+    factor = torch.rand(value.shape, generator=gen, dtype=torch.float64) * 0.09 + 0.9
+    return (value.double() * factor.to(value.device)).to(value.dtype)
 
 
 def _stand_in(node: fx.Node, sizes: _Sizes):
@@ -186,7 +225,9 @@ def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.T
         return "the mask's diagonal is not positive (not a decay)", gamma, False
     if t >= 2:
         gamma = m[:, 1, 0].double() / m[:, 1, 1].double()
-    if (gamma > 1 + 1e-5).any() or not (gamma > 0).all():
+    # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
+    # compile a model the op then refuses)
+    if (gamma > 1).any() or not (gamma > 0).all():
         if bool((torch.triu(m[:, : min(t, 64)], diagonal=1) == 0).all()):
             return f"decay outside (0, 1]: gamma={gamma.tolist()}", gamma, False
         return "the mask is not causal (non-zero above the diagonal)", gamma, False
@@ -239,33 +280,57 @@ def prove(
     reason = check_provenance(view, masks)
     if reason is not None:
         return Proof(reason)
+    # NOTE: a trainable parameter in the mask will change: the structure must hold for other
+    # values too (a learnable decay keeps it; a learned per-distance table does not). The
+    # rewrite reads gamma and the diagonal from the mask at run time, so a diagonal that other
+    # values move off 1 (a per-head temperature) is folded as a row scale.
+    trainable = trainable_inputs(view, masks, inputs)
     proof = Proof("the mask could not be evaluated")
+    row_scale = False
     for t in lengths_for(seq):
         sizes = _Sizes(seq, t)
         need, budget = proof_bytes(view, masks, sizes), proof_budget()
         if need > budget:
+            gib = f"{need / 2**30:.2g} GiB (budget {budget / 2**30:.2g} GiB, RTP_PROOF_MAX_GB)"
             return Proof(
-                f"proving the mask at T={t} needs about {need / 2**30:.1f} GiB (budget "
-                f"{budget / 2**30:.1f} GiB, RTP_PROOF_MAX_GB); with dynamic=True (or "
-                "torch._dynamo.mark_dynamic on the sequence dim) it is proven at T <= "
-                f"{_MAX_SYMBOLIC_T}"
+                f"proving the mask at T={t} needs about {gib}; raise the budget, or compile with "
+                "dynamic=True (or torch._dynamo.mark_dynamic on the sequence dim): it is then "
+                f"proven at T <= {_MAX_SYMBOLIC_T}"
             )
-        try:
-            with unset_fake_temporarily(), torch.no_grad():
-                mask = transform(evaluate(view, masks, inputs, sizes))
-        except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
-            return Proof(f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})")
-        if mask.is_complex():
-            return Proof("complex-valued mask")
-        reason, heads = _heads(mask, t, batch_ndim)
-        if reason is not None:
-            return Proof(reason)
-        rtol = 1e-2 if mask.dtype in (torch.float16, torch.bfloat16) else 1e-3
-        reason, gamma, row_scale = fit_decay(heads, t, rtol)
-        if reason is not None:
-            return Proof(f"{reason} at T={t}")
-        proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
-    return proof
+        for perturb in (None, torch.Generator().manual_seed(t)) if trainable else (None,):
+            reason, gamma, scaled = _fit_at(
+                view, masks, transform, inputs, sizes, batch_ndim, perturb
+            )
+            if reason is not None and perturb is not None:
+                reason = (
+                    f"{reason} once the trainable {', '.join(trainable)} change (the mask must be "
+                    "a decay for any of their values)"
+                )
+            if reason is not None:
+                return Proof(reason)
+            row_scale = row_scale or scaled
+            if perturb is None:
+                proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
+    return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
+
+
+def _fit_at(view, masks, transform, inputs, sizes: _Sizes, batch_ndim: int, perturb):
+    """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``."""
+    t = sizes.t
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            mask = transform(evaluate(view, masks, inputs, sizes, perturb))
+    except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
+        reason = f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})"
+        return reason, None, False
+    if mask.is_complex():
+        return "complex-valued mask", None, False
+    reason, heads = _heads(mask, t, batch_ndim)
+    if reason is not None:
+        return reason, None, False
+    rtol = 1e-2 if mask.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    reason, gamma, row_scale = fit_decay(heads, t, rtol)
+    return (None if reason is None else f"{reason} at T={t}"), gamma, row_scale
 
 
 def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: _Sizes) -> int:

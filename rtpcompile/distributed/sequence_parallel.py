@@ -59,6 +59,11 @@ class _CPRetention(nn.Module):
         super().__init__()
         self.inner, self.info = inner, info
 
+    # NOTE: eager even inside a compiled model. AOTAutograd orders a compiled graph's backward
+    # collectives by its own partition, and ranks compile different graphs (rank 0 reads no
+    # earlier keys): their all-reduces would pair up wrongly -- same sizes, no error, wrong
+    # gradients. Eager, the autograd engine runs them in creation order on every rank.
+    @torch.compiler.disable
     def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
         msr = self.inner
         q, k, v = msr.project(x, self.info.offset + offset)
@@ -72,6 +77,7 @@ class _CPAttention(nn.Module):
         super().__init__()
         self.inner, self.info = inner, info
 
+    @torch.compiler.disable  # NOTE: see _CPRetention.forward
     def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
         att, info = self.inner, self.info
         B, T, _ = x.shape
@@ -99,15 +105,42 @@ class _CPAttention(nn.Module):
 _WRAPPERS = {MultiScaleRetention: _CPRetention, CausalSelfAttention: _CPAttention}
 
 
+def _wrapper_for(name: str, child: nn.Module):
+    """The context-parallel wrapper of a sequence mixer, None for a token-wise module; a mixer
+    this module cannot shard is refused (it would see only this rank's piece: wrong, silently)."""
+    for kind, wrapper in _WRAPPERS.items():
+        if isinstance(child, kind):
+            if type(child).forward is not kind.forward:
+                raise ValueError(
+                    f"context_parallel_forward: {name} ({type(child).__name__}) overrides "
+                    f"{kind.__name__}.forward; only the stock forward can be sharded"
+                )
+            return wrapper
+    if isinstance(child, nn.MultiheadAttention) or type(child).__name__.endswith(
+        ("Attention", "Retention")
+    ):
+        raise ValueError(
+            f"context_parallel_forward shards MultiScaleRetention and CausalSelfAttention "
+            f"mixers only; {name} ({type(child).__name__}) mixes the sequence and would see "
+            "only this rank's piece of it"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def _sharded_mixers(model: nn.Module, info: _ShardInfo):
     swapped = []
-    for parent in list(model.modules()):
+    inside: list[str] = []  # NOTE: names of the swapped mixers: their children are their own
+    for parent_name, parent in list(model.named_modules()):
+        if any(parent_name == w or parent_name.startswith(w + ".") for w in inside):
+            continue
         for name, child in list(parent.named_children()):
-            wrapper = _WRAPPERS.get(type(child))
+            full = f"{parent_name}.{name}" if parent_name else name
+            wrapper = _wrapper_for(full, child)
             if wrapper is not None:
                 setattr(parent, name, wrapper(child, info))
                 swapped.append((parent, name, child))
+                inside.append(full)
     try:
         yield
     finally:

@@ -2,7 +2,9 @@
 
 CUDA tensors use the Triton kernels when they are importable; CPU tensors use aten unless the
 ``kernels`` option (``RTP_KERNELS=triton``) forces Triton, which then runs under
-``TRITON_INTERPRET=1``. A missing or broken Triton install falls back to aten with one warning.
+``TRITON_INTERPRET=1`` (forced without it, or without a usable Triton, the call raises rather
+than run aten silently). A missing or broken Triton install falls back to aten with one warning
+on ``kernels="auto"``.
 With ``kernels="auto"`` a call the kernels cannot run (a head dim K or V over 256, scale 0) runs
 on aten too; forced (``kernels="triton"``), the kernels' own error names the limit.
 ``config`` is the plan's kernel block configuration (``Plan.config``: (name, value) pairs or a
@@ -45,7 +47,25 @@ def use_triton(t: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.
     kernels = _triton_module()
     if choice == "auto" and not _fits(kernels, t, v, scale):
         return False
+    if kernels is None and choice == "triton":
+        raise RuntimeError(_forced_but_unavailable(t))
     return kernels is not None
+
+
+def _forced_but_unavailable(t: torch.Tensor) -> str:
+    """Why forced kernels (``kernels="triton"``) cannot run: said, never a silent aten run."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        why = "Triton is not installed"
+    elif t.is_cuda:
+        why = "Triton could not be imported (see the warning above)"
+    else:
+        why = (
+            f"a {t.device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before the first rtpcompile call"
+        )
+    return f"kernels='triton' (RTP_KERNELS or the backend option) forces the Triton kernels: {why}"
 
 
 def _fits(kernels, q: torch.Tensor, v: torch.Tensor | None, scale: float) -> bool:

@@ -61,7 +61,10 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 
 def _gamma_range_error(values) -> str:
-    return f"gamma values must lie in (0, 1]; got {values}"
+    return (
+        f"gamma values must lie in (0, 1]; got {values} (a learnable decay must stay there: "
+        "parametrise it, e.g. gamma = sigmoid(logit))"
+    )
 
 
 def _check_gamma_values(gamma: torch.Tensor) -> None:

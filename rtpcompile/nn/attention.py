@@ -89,7 +89,10 @@ class CausalSelfAttention(nn.Module):
         past = None
         if offset > 0 and layer_cache.keys is not None:
             past = (layer_cache.keys, layer_cache.values)
-        out, (layer_cache.keys, layer_cache.values) = self(x, past, offset, return_kv=True)
+        out, (keys, values) = self(x, past, offset, return_kv=True)
+        # NOTE: contiguous, like the concatenations of later calls: a prefill's transposed views
+        # would give the cache other strides, and a compiled decode would recompile on them
+        layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
         return out
 
 

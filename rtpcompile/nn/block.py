@@ -156,6 +156,11 @@ class RTPBlock(nn.Module):
         check_positive("dim", dim)
         check_positive("num_heads", num_heads)
         check_divisible(dim, num_heads)
+        if retention_heads is not None and mixer != "hybrid":
+            raise ValueError(
+                f"retention_heads is for mixer='hybrid' only, got mixer={mixer!r} with "
+                f"retention_heads={retention_heads!r}"
+            )
         self.kind = mixer
         ret_kwargs = dict(
             rotary=rotary,

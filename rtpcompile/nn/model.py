@@ -59,10 +59,14 @@ class RTPConfig:
         ratio = self.ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ValueError(f"ratio (fraction of retention) must be in [0, 1], got {ratio!r}")
-        for name in ("norm_eps", "rope_base"):
+        for name in ("norm_eps", "rope_base", "ffn_mult"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("rotary", "gate", "group_norm", "learnable_decay", "bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def layer_plan(self) -> list[tuple[str, int]]:
         """(mixer kind, retention heads) per layer, first layer first."""
@@ -170,8 +174,15 @@ class RTPHybridLM(nn.Module):
         ``cache=True`` prefills a HybridCache once and then decodes one token per call;
         ``cache=False`` reruns the whole sequence every step (the slow reference).
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be [B, T] with T >= 1 (a prompt to continue), got shape "
+                f"{tuple(input_ids.shape)}"
+            )
         ids = input_ids
         state = self.new_cache(ids.shape[0], ids.device) if cache else None
         step_input = ids

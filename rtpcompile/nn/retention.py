@@ -30,6 +30,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _state_precision(like: Tensor):
+    """Autocast off: under ``torch.autocast`` the state's products would run in bfloat16/float16,
+    and the state is float32 (float64 for float64 inputs) however the model runs."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class MultiScaleRetention(nn.Module):
     """MSR(X) = W_O (swish(X W_G) * GroupNorm(Retention_1(X), ..., Retention_H(X))).
 
@@ -135,24 +141,26 @@ class MultiScaleRetention(nn.Module):
     def final_state(self, k: Tensor, v: Tensor, state: Tensor | None = None) -> Tensor:
         """S_T = sum_j gamma^(T-1-j) k_j^T v_j + gamma^T S_prev, in the state dtype."""
         T = k.shape[2]
-        sdt = state_dtype(k.dtype)
-        log_gamma = self.log_decay().to(sdt)
-        idx = torch.arange(T, device=k.device, dtype=sdt)
-        to_end = torch.exp(log_gamma[:, None] * (T - 1 - idx)[None, :])  # [H, T]
-        s = (k.to(sdt) * to_end[:, :, None]).transpose(-1, -2) @ v.to(sdt)
-        if state is not None:
-            s = s + torch.exp(log_gamma * T)[:, None, None] * state
+        sdt = state_dtype(k.dtype) if state is None else state.dtype
+        with _state_precision(k):
+            log_gamma = self.log_decay().to(sdt)
+            idx = torch.arange(T, device=k.device, dtype=sdt)
+            to_end = torch.exp(log_gamma[:, None] * (T - 1 - idx)[None, :])  # [H, T]
+            s = (k.to(sdt) * to_end[:, :, None]).transpose(-1, -2) @ v.to(sdt)
+            if state is not None:
+                s = s + torch.exp(log_gamma * T)[:, None, None] * state
         return s
 
     def recurrent(self, q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """S_n = gamma S_{n-1} + k_n^T v_n ; o_n = scale * q_n S_n, looping over the T tokens."""
         sdt = state.dtype
-        gamma = self.log_decay().to(sdt).exp()[None, :, None, None]
-        q, k, v = q.to(sdt), k.to(sdt), v.to(sdt)
-        outs = []
-        for n in range(q.shape[2]):
-            state = gamma * state + k[:, :, n, :, None] * v[:, :, n, None, :]
-            outs.append((q[:, :, n, None, :] @ state) * self.scale)  # [B, H, 1, V]
+        with _state_precision(q):
+            gamma = self.log_decay().to(sdt).exp()[None, :, None, None]
+            q, k, v = q.to(sdt), k.to(sdt), v.to(sdt)
+            outs = []
+            for n in range(q.shape[2]):
+                state = gamma * state + k[:, :, n, :, None] * v[:, :, n, None, :]
+                outs.append((q[:, :, n, None, :] @ state) * self.scale)  # [B, H, 1, V]
         return torch.cat(outs, dim=2), state
 
     def chunk_step(self, q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,12 +169,13 @@ class MultiScaleRetention(nn.Module):
         new state as ``final_state`` gives it. Same result as ``recurrent``, without a T-step
         loop (which Dynamo would also unroll into T steps)."""
         sdt = state.dtype
-        q, k, v = q.to(sdt), k.to(sdt), v.to(sdt)
-        log_gamma = self.log_decay().to(sdt)
-        idx = torch.arange(q.shape[2], device=q.device, dtype=sdt)
-        from_state = torch.exp(log_gamma[:, None] * (idx + 1))[None, :, :, None]  # [1, H, T, 1]
-        y = self.parallel(q, k, v) + ((q * from_state) @ state) * self.scale
-        return y, self.final_state(k, v, state)
+        with _state_precision(q):
+            q, k, v = q.to(sdt), k.to(sdt), v.to(sdt)
+            log_gamma = self.log_decay().to(sdt)
+            idx = torch.arange(q.shape[2], device=q.device, dtype=sdt)
+            from_state = torch.exp(log_gamma[:, None] * (idx + 1))[None, :, :, None]  # [1, H, T, 1]
+            y = self.parallel(q, k, v) + ((q * from_state) @ state) * self.scale
+            return y, self.final_state(k, v, state)
 
     def output(self, y: Tensor, x: Tensor) -> Tensor:
         """y [B, H, T, V] -> GroupNorm over heads, swish gate, output projection -> [B, T, dim]."""
