@@ -234,3 +234,82 @@ def test_bad_inputs_are_rejected_before_any_collective():
     assert shard_lengths(10, 4) == [3, 3, 2, 2]
     with pytest.raises(ValueError, match="sum to"):
         shard_sequence(torch.zeros(1, 5), 0, [2, 2])
+
+
+# Rank 1 deviates from rank 0 in one way; every rank must raise ValueError (no abort, no hang).
+MISMATCHES = {
+    "K": ("K=8", "K=4"),
+    "H": ("H=3", "H=2"),
+    "B": ("B=2", "B=1"),
+    "V": ("V=3", "V=4"),
+    "dtype": ("dtype=torch.float32", "dtype=torch.float64"),
+    "scale": ("scale=0.25", "scale=0.5"),
+    "initial_state": ("initial_state=True", "initial_state=False"),
+    "needs_grad": ("needs_grad=True", "needs_grad=False"),
+}
+
+
+def _mismatch_call(rank: int, kind: str) -> None:
+    from rtpcompile.distributed import context_parallel_retention
+
+    dims = {"B": 1, "H": 2, "K": 4, "V": 4}
+    odd = rank == 1
+    if odd and kind in dims:
+        dims[kind] = {"K": 8, "H": 3, "B": 2, "V": 3}[kind]
+    B, H, K, V = dims["B"], dims["H"], dims["K"], dims["V"]
+    dtype = torch.float32 if odd and kind == "dtype" else torch.float64
+    q, k = torch.randn(B, H, 3, K, dtype=dtype), torch.randn(B, H, 3, K, dtype=dtype)
+    v = torch.randn(B, H, 3, V, dtype=dtype)
+    q.requires_grad_(odd and kind == "needs_grad")
+    s0 = torch.zeros(B, H, K, V) if odd and kind == "initial_state" else None
+    gamma = 1.5 if odd and kind == "invalid" else 0.9
+    scale = 0.25 if odd and kind == "scale" else None
+    context_parallel_retention(q, k, v, gamma, scale=scale, initial_state=s0)
+
+
+def _mismatch_worker(rank: int, world: int, kinds: list[str], t: dict) -> dict:
+    from rtpcompile.distributed import context_parallel_retention
+
+    out = {}
+    for kind in kinds:
+        try:
+            _mismatch_call(rank, kind)
+            out[kind] = ("no error", "")
+        except Exception as e:  # noqa: BLE001 -- reported back to the test
+            out[kind] = (type(e).__name__, str(e))
+    # the group is still usable, and a matching call afterwards is exact
+    lengths = t["lengths"]
+    q, k, v = (_shard(t[n], rank, lengths) for n in ("q", "k", "v"))
+    out["after"] = context_parallel_retention(q, k, v, t["gamma"], chunk_size=t["chunk"])[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mismatch_results():
+    from rtpcompile.distributed import run_local
+
+    t = _case_tensors("uneven_k_ne_v", 2)
+    return t, run_local(_mismatch_worker, 2, args=([*MISMATCHES, "invalid"], t))
+
+
+@pytest.mark.parametrize("kind", list(MISMATCHES))
+def test_mismatch_across_ranks_raises_on_every_rank(mismatch_results, kind):
+    """A different K, H, B, V, dtype, scale, initial state or grad mode on one rank used to
+    abort every worker inside gloo (collective size mismatch); now each rank raises the same
+    ValueError naming the rank and the difference."""
+    _, results = mismatch_results
+    errors = [r[kind] for r in results]
+    assert [e[0] for e in errors] == ["ValueError"] * 2, errors
+    assert errors[0][1] == errors[1][1]
+    rank1, rank0 = MISMATCHES[kind]
+    assert f"rank 1 has {rank1}, rank 0 has {rank0}" in errors[0][1]
+
+
+def test_invalid_input_on_one_rank_raises_on_every_rank(mismatch_results):
+    t, results = mismatch_results
+    (name0, msg0), (name1, msg1) = results[0]["invalid"], results[1]["invalid"]
+    assert (name0, name1) == ("ValueError", "ValueError")
+    assert "rank(s) [1] failed validation" in msg0
+    assert "gamma" in msg1  # the rank with the bad input raises its own, precise error
+    ref, _ = ops.retention_chunkwise(t["q"], t["k"], t["v"], t["gamma"], t["chunk"])
+    _close(torch.cat([r["after"] for r in results], dim=2), ref, "output after the errors")

@@ -311,6 +311,34 @@ def test_a_decay_just_above_one_is_declined():
     assert not region.claimed and "outside (0, 1]" in region.reason
 
 
+def _window(s, q, k, v):
+    """The decay cut off past distance 12: retention at T <= 12, not beyond."""
+    t = q.shape[-2]
+    idx = torch.arange(t)
+    diff = idx[:, None] - idx[None, :]
+    keep = (diff >= 0) & (diff < 12)
+    return (q @ k.mT * torch.where(keep, s.gamma[:, None, None] ** diff.clamp(min=0), 0.0)) @ v
+
+
+def _triu_complement(s, q, k, v):
+    t = q.shape[-2]
+    above = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    return (q @ k.mT).masked_fill(above, 0.0) @ v
+
+
+def test_a_window_is_declined_for_a_dynamic_length_and_proven_for_a_static_one():
+    """The proof evaluates a few lengths: with a symbolic T a cut-off past them would escape, so a
+    mask comparing positions with a constant is declined; at a static T it is proven there."""
+    (region,) = regions(Fn(_window), *qkv(t=10))
+    assert not region.claimed and "compares positions with 12" in region.reason
+    (region,) = regions(Fn(_window), *qkv(t=10), dynamic=False)
+    assert region.claimed
+    (region,) = regions(Fn(_window), *qkv(t=20), dynamic=False)
+    assert not region.claimed
+    (region,) = regions(Fn(_triu_complement), *qkv(t=10))  # triu(diagonal=1) is causal
+    assert region.claimed
+
+
 def test_dropout_declined_in_training_only():
     def fn(s, q, k, v):
         return F.dropout(q @ k.mT * _decay(s, T), p=0.5, training=s.training) @ v

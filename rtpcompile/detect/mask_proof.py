@@ -31,6 +31,7 @@ from .graph_view import (
     is_input_attribute,
     is_random,
     is_tensor,
+    target_name,
 )
 
 _PRIME = 7
@@ -57,6 +58,40 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
                 # NOTE: an attribute of a call argument (``batch.mask``) changes with the call
                 if not is_constant_source(node) or is_input_attribute(node):
                     return f"the mask depends on activations (input {node.name!r})"
+    return None
+
+
+_CUTOFF_OPS = {
+    "lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
+    "clamp", "clamp_max", "clamp_min", "clip", "minimum", "maximum", "tril", "triu", "fmin", "fmax",
+}  # fmt: skip
+
+
+def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
+    """Why a mask is not provable for every length of a symbolic T: it compares (or clamps) with a
+    number other than 0 -- ``i - j < W``, ``clamp(max=W)``, ``triu(diagonal=-W)``: a window the
+    proof, which evaluates a few lengths, would miss once T grows past it. None otherwise."""
+    for mask in masks:
+        values, _ = view.data_ancestors(mask)
+        for node in view.sorted(values | {mask}):
+            if node.op not in ("call_function", "call_method"):
+                continue
+            if target_name(node) not in _CUTOFF_OPS:
+                continue
+            # NOTE: triu(diagonal=1) is the complement of tril() (a causal mask); tril(-1) is
+            # declined with its own reason
+            allowed = (0, 1, -1) if target_name(node) in ("tril", "triu") else (0,)
+            numbers = [
+                a
+                for a in (*node.args, *node.kwargs.values())
+                if isinstance(a, (int, float)) and not isinstance(a, bool) and a not in allowed
+            ]
+            if numbers:
+                return (
+                    f"the mask compares positions with {numbers[0]} ({target_name(node)}): a "
+                    "window the proof cannot check at every length of a dynamic T (compile "
+                    "with a static sequence length to prove it at that length)"
+                )
     return None
 
 
@@ -278,6 +313,8 @@ def prove(
     multiplied into the scores (unsqueezes, products, ``~cond`` for masked_fill ...).
     """
     reason = check_provenance(view, masks)
+    if reason is None and _Sizes(seq, 0).symbol is not None:
+        reason = position_cutoff(view, masks)
     if reason is not None:
         return Proof(reason)
     # NOTE: a trainable parameter in the mask will change: the structure must hold for other

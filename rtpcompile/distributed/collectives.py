@@ -50,13 +50,23 @@ def all_gather_stacked(x: Tensor, group: dist.ProcessGroup | None = None) -> Ten
     return _AllGatherStacked.apply(x, group)
 
 
-def all_gather_lengths(n: int, device, group: dist.ProcessGroup | None = None) -> list[int]:
-    """Every rank's integer ``n`` (e.g. its shard length), in rank order."""
+def all_gather_ints(
+    values: list[int], device, group: dist.ProcessGroup | None = None
+) -> list[list[int]]:
+    """Every rank's list of integers, in rank order (one all-gather of a small int64 tensor).
+
+    The list must have the same length on every rank (that length sizes the collective).
+    """
     _, world = group_rank_and_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
-    return [int(p.item()) for p in parts]
+    return [p.tolist() for p in parts]
+
+
+def all_gather_lengths(n: int, device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Every rank's integer ``n`` (e.g. its shard length), in rank order."""
+    return [p[0] for p in all_gather_ints([n], device, group)]
 
 
 def all_gather_along(

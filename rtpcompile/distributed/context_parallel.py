@@ -3,6 +3,9 @@
 Retention is a linear recurrence, ``S_t = gamma S_{t-1} + k_t^T v_t``, so a shard only needs
 the state that enters it. Each rank r holding positions ``[start_r, start_r + L_r)``:
 
+0. checks, with one all-gather of a few int64s, that every rank's call agrees (B, H, K, V,
+   dtype, ...): a mismatch would otherwise abort or hang inside the state all-gather;
+
 1. runs the chunkwise form on its shard from a zero state -> local output, local end state S_r;
 2. exchanges ``(S_r, L_r * log gamma)`` with every rank in ONE all-gather
    (B*H*K*V + H numbers per rank);
@@ -20,13 +23,15 @@ states and log decays, so a key on rank 0 receives the gradient of every later r
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from .. import ops
 from ..lowering import validate
 from ..lowering.aten_impl import accumulation_dtype
-from .collectives import all_gather_stacked, group_rank_and_size
+from .collectives import all_gather_ints, all_gather_stacked, group_rank_and_size
 
 Tensor = torch.Tensor
 
@@ -51,12 +56,75 @@ def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return weights, start
 
 
-def _check_inputs(q, k, v, gamma, initial_state) -> Tensor:
+def _check_inputs(q, k, v, gamma, initial_state, scale) -> tuple[Tensor, float]:
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
     validate.check_gamma_values(gamma)  # NOTE: before any collective, not in the op
     validate.check_state(initial_state, q, v)
-    return gamma
+    return gamma, validate.check_scale(scale, q.shape[-1])
+
+
+# What must agree on every rank; "valid" is 0 on a rank whose inputs failed the local checks.
+_FIELDS = ("valid", "B", "H", "K", "V", "dtype", "initial_state", "needs_grad", "scale")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _signature(q, k, v, gamma, initial_state, scale: float) -> list[int]:
+    """This rank's call as integers, one per entry of ``_FIELDS``."""
+    B, H, _, K = q.shape
+    # NOTE: a rank whose gathered state needs no gradient skips the backward all-reduce that
+    # the other ranks then wait in forever.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gamma))
+    scale_bits = torch.tensor(scale, dtype=torch.float64).view(torch.int64).item()
+    has_state = initial_state is not None
+    return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), has_state, needs_grad, scale_bits]
+
+
+def _describe(field: str, value: int) -> str:
+    if field == "dtype":
+        return str(_DTYPES[value])
+    if field == "scale":
+        return repr(torch.tensor(value, dtype=torch.int64).view(torch.float64).item())
+    if field in ("initial_state", "needs_grad"):
+        return str(bool(value))
+    return str(value)
+
+
+def _signal_device(q, group: dist.ProcessGroup | None) -> torch.device:
+    if isinstance(q, Tensor):
+        return q.device
+    if dist.get_backend(group) == "nccl":  # NOTE: a rank whose q is not even a tensor
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree_across_ranks(
+    signature: list[int] | None, device, group: dist.ProcessGroup | None
+) -> None:
+    """Raise the same ValueError on every rank unless all ranks' calls agree.
+
+    One all-gather of ``len(_FIELDS)`` int64s per call. Without it, a rank with another K (or
+    dtype, ...) sends a state of another size, and gloo/NCCL abort the process or hang.
+    """
+    gathered = all_gather_ints(signature or [0] * len(_FIELDS), device, group)
+    rejected = [r for r, sig in enumerate(gathered) if sig[0] == 0]
+    if rejected:
+        raise ValueError(
+            f"context_parallel_retention: the inputs of rank(s) {rejected} failed validation "
+            "(see the error raised on that rank); every rank stops before the state exchange"
+        )
+    diffs = [
+        f"rank {r} has {field}={_describe(field, sig[i])}, "
+        f"rank 0 has {field}={_describe(field, gathered[0][i])}"
+        for r, sig in enumerate(gathered)
+        for i, field in enumerate(_FIELDS)
+        if sig[i] != gathered[0][i]
+    ]
+    if diffs:
+        raise ValueError(
+            "context_parallel_retention: every rank must pass the same B, H, K, V, dtype, "
+            "scale, initial_state (given or not) and need gradients or not; " + "; ".join(diffs)
+        )
 
 
 def context_parallel_retention(
@@ -79,8 +147,10 @@ def context_parallel_retention(
         gamma: per-head decay [H] (or a float), identical on every rank; gets a gradient (each
             rank receives its own contribution: sum it across ranks like a replicated parameter,
             as DDP does).
-        group: the process group (default: the world). B, H, K, V and dtypes must agree on all
-            ranks.
+        group: the process group (default: the world). B, H, K, V, the dtype, the scale,
+            whether an initial state is given and whether gradients are needed must agree on
+            all ranks: one tiny all-gather checks it first, and on a mismatch (or when one
+            rank's inputs fail validation) every rank raises ValueError.
         scale: score scale, default ``K ** -0.5``.
         chunk_size: chunk of the local chunkwise form (default: the planner's).
         initial_state: optional state [B, H, K, V] before the sequence's first token, identical
@@ -94,9 +164,17 @@ def context_parallel_retention(
     Every rank must call this (one all-gather) and, when training, run backward on a loss that
     depends on its output (the backward runs one all-reduce).
     """
-    gamma = _check_inputs(q, k, v, gamma, initial_state)
+    try:
+        gamma, scale = _check_inputs(q, k, v, gamma, initial_state, scale)
+    except ValueError:
+        if dist.is_available() and dist.is_initialized():
+            # NOTE: still join the agreement check, so the other ranks raise instead of waiting;
+            # this rank raises its own, more precise error.
+            with contextlib.suppress(ValueError):
+                _agree_across_ranks(None, _signal_device(q, group), group)
+        raise
     rank, _ = group_rank_and_size(group)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _agree_across_ranks(_signature(q, k, v, gamma, initial_state, scale), q.device, group)
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
     V = v.shape[-1]
