@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) with torch, the package in editable mode and the extras for $1 ("demo" or "test").
-# On a machine without CUDA this installs the CPU build torch==2.13.0, never a multi-GB CUDA build.
+# On a machine without CUDA this installs the CPU build torch==2.13.0+cpu, never a multi-GB CUDA
+# build: from pip's configured indexes/find-links if they hold it, else from PyTorch's CPU index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         pip install "${TORCH_SPEC:-torch>=2.11}"
     else
-        pip install "${TORCH_SPEC:-torch==2.13.0}"  # the CPU wheel on CPU machines
+        # NOTE: plain PyPI's Linux torch==2.13.0 is the CUDA build; "+cpu" names the CPU one
+        pip install "${TORCH_SPEC:-torch==2.13.0+cpu}" 2>/dev/null \
+            || pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
     fi
 fi
 case "$want" in

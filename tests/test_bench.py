@@ -89,6 +89,18 @@ def test_markdown_pivot_tables():
     ]
 
 
+def test_memory_table_has_no_rows_of_unmeasured_lengths():
+    """Memory is measured at some lengths only: a length where a variant ran without a memory
+    measurement (its skips are time skips) gets no row of blank cells; an all-skip one stays."""
+    t = stats.summarize([0.010, 0.012, 0.011])
+    recs = _records() + [
+        Record("op-fwd", "chunkwise", 2048, time=t),  # timed, memory not measured
+        Record("op-fwd", "naive-eager", 2048, status="skipped", note="too slow"),
+    ]
+    rows = report.pivot(recs, "op-fwd", "memory").splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 512", "| 1024"]
+
+
 def test_formatting_units():
     assert report.fmt_seconds(2.5e-5) == "25 µs"
     assert report.fmt_seconds(0.1234) == "123 ms"

@@ -126,6 +126,10 @@ def pivot(records: Iterable[Record], bench: str, what: str = "time") -> str:
     lengths = sorted({r.T for r in recs})
     cells = {(r.variant, r.T): r for r in recs}
     rows = [[str(T)] + [_cell(cells.get((v, T)), what) for v in variants] for T in lengths]
+    if what == "memory":
+        # NOTE: a length where some variant ran but nothing was measured is not a memory length
+        # (its skips are time skips): no row of blank cells
+        rows = [r for r in rows if "" not in r[1:] or set(r[1:]) - {"", "skip", "error"}]
     return table(["T"] + variants, rows)
 
 
