@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtpcompile.nn import (
+    CausalSelfAttention,
     HybridCache,
     MultiScaleRetention,
     RTPBlock,
@@ -333,6 +334,11 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"T >= 1 \(a prompt to continue\), got shape \(2, 0\)"):
         model.generate_greedy(torch.zeros(2, 0, dtype=torch.long), 3)
+    att = CausalSelfAttention(16, 2)
+    with pytest.raises(
+        ValueError, match=r"past keys must have shape \[1, 2, P, 8\], got \(1, 2, 4, 4\)"
+    ):
+        att(torch.randn(1, 3, 16), past=(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 8)))
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got 2.5"):
         model.generate_greedy(torch.zeros(2, 3, dtype=torch.long), 2.5)
 

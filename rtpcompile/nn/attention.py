@@ -76,6 +76,7 @@ class CausalSelfAttention(nn.Module):
         if self.rotary:
             q, k = rotate_qk(q, k, offset, self.rope_base)
         if past is not None:
+            _check_past(past, B, self.num_heads, self.head_dim)
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         y = _causal_attention(q, k, v)
@@ -94,6 +95,16 @@ class CausalSelfAttention(nn.Module):
         # would give the cache other strides, and a compiled decode would recompile on them
         layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
         return out
+
+
+def _check_past(past, B: int, H: int, D: int) -> None:
+    if not (isinstance(past, (tuple, list)) and len(past) == 2):
+        raise ValueError(f"past must be (keys, values) of shape [{B}, {H}, P, {D}], got {past!r}")
+    for name, t in zip(("keys", "values"), past, strict=True):
+        ok = isinstance(t, Tensor) and t.dim() == 4
+        if not ok or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"past {name} must have shape [{B}, {H}, P, {D}], got {shape}")
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
