@@ -9,6 +9,8 @@ parameters and buffers, ready for ``torch.export``.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -20,11 +22,13 @@ class ReplayModule(nn.Module):
         super().__init__()
         self.graph, self.model, self.sources = graph, model, sources
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         inputs = []
         for kind, where in self.sources:
             if kind == "arg":
                 inputs.append(args[where])
+            elif kind == "kwarg":
+                inputs.append(kwargs[where])
             elif kind == "param":
                 inputs.append(self.model.get_parameter(where))
             else:
@@ -33,7 +37,9 @@ class ReplayModule(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
 
-def _sources(example_inputs: list, model: nn.Module, args: tuple) -> list[tuple[str, object]]:
+def _sources(
+    example_inputs: list, model: nn.Module, args: tuple, kwargs: dict
+) -> list[tuple[str, object]]:
     by_id: dict[int, tuple[str, object]] = {}
     for name, p in model.named_parameters():
         by_id[id(p)] = ("param", name)
@@ -41,6 +47,8 @@ def _sources(example_inputs: list, model: nn.Module, args: tuple) -> list[tuple[
         by_id[id(b)] = ("buffer", name)
     for i, a in enumerate(args):
         by_id[id(a)] = ("arg", i)
+    for name, a in kwargs.items():
+        by_id[id(a)] = ("kwarg", name)
     sources = []
     for i, x in enumerate(example_inputs):
         if id(x) not in by_id:
@@ -52,8 +60,16 @@ def _sources(example_inputs: list, model: nn.Module, args: tuple) -> list[tuple[
     return sources
 
 
-def rewrite_with_backend(model: nn.Module, args: tuple):
-    """(ReplayModule whose graph calls the rtp op per claimed region, regions) for ``model``."""
+def _call_model(model, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = None):
+    """(ReplayModule whose graph calls the rtp op per claimed region, regions) for ``model``.
+
+    The ReplayModule takes the same ``*args, **kwargs`` as ``model`` (tensors only are read).
+    """
+    kwargs = kwargs or {}
     from .. import options
     from ..backend import detect_and_rewrite
 
@@ -64,9 +80,19 @@ def rewrite_with_backend(model: nn.Module, args: tuple):
         captured.update(gm=new_gm, regions=regions, inputs=list(example_inputs))
         return gm.forward
 
-    # NOTE: a fresh backend object gets its own Dynamo cache entry; static shapes match export.
-    torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args)
+    # NOTE: Dynamo keys its cache (and its recompile limit, 8 by default) on the code object of
+    # the frame it compiles. Compiling ``model`` directly would add one entry per capture to
+    # ``type(model).forward`` and fail the 9th export of a model class with fullgraph=True.
+    # Each capture instead compiles a fresh copy of a one-line caller that inlines the model,
+    # and drops that copy's cache afterwards: the user's own Dynamo caches are never touched.
+    caller = types.FunctionType(_call_model.__code__.replace(), _call_model.__globals__)
+    try:
+        torch.compile(caller, backend=capture, fullgraph=True, dynamic=False)(
+            model, *args, **kwargs
+        )
+    finally:
+        torch._C._dynamo.eval_frame.reset_code(caller.__code__)
     if "gm" not in captured:
         raise RuntimeError("Dynamo did not produce a graph for the model")
-    sources = _sources(captured["inputs"], model, args)
+    sources = _sources(captured["inputs"], model, args, kwargs)
     return ReplayModule(captured["gm"], sources, model), captured["regions"]

@@ -1,19 +1,21 @@
 """Plain-aten decompositions of ``rtp::retention_fwd``, one per form, traceable by torch.export.
 
 Each function has the op's signature and computes the op's result (o in q's dtype, the final
-state in float32 / float64) with static Python control flow only: the chunkwise form loops over
-the ``ceil(T / C)`` chunks of the export's fixed T (unrolled into the program, O(T * C) memory,
-no T x T tensor), the recurrent form over the T tokens (meant for one-token decoding steps).
+state in float32 / float64). The chunkwise form is parallel inside chunks of C tokens (O(T * C)
+memory, no T x T tensor); across chunks it unrolls the state recurrence when T is fixed, and
+applies an [N, N] chunk-decay matrix (N = ceil(T / C)) when T is symbolic, so a dynamic-shape
+export keeps T dynamic. The parallel form is dynamic-safe too; the recurrent form unrolls one
+step per token (meant for one-token decoding steps) and rejects a symbolic T with a ValueError.
 Decays are ``exp(n * log gamma)`` with n >= 0 only, as in the runtime op.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from ..lowering.aten_impl import accumulation_dtype
 
@@ -45,39 +47,82 @@ def _prepare(q, k, v, gamma, initial_state):
     return acc, q.to(acc), k.to(acc), v.to(acc), torch.log(gamma.to(acc)), state
 
 
-def chunkwise(q, k, v, gamma, scale, initial_state, chunk_size: int = DEFAULT_EXPORT_CHUNK):
-    """Parallel inside chunks of C tokens, an unrolled state recurrence across them."""
-    out_dtype = q.dtype
-    acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
-    B, H, T, K = q.shape
-    C = max(1, min(int(chunk_size), T))
-    N = math.ceil(T / C)
-    last = T - (N - 1) * C  # real tokens in the last chunk
-    q, k, v = (F.pad(x, (0, 0, 0, N * C - T)).reshape(B, H, N, C, -1) for x in (q, k, v))
-    pos = torch.arange(C, dtype=acc, device=q.device)
+def _is_symbolic(n) -> bool:
+    """True when ``n`` is a SymInt a dynamic-shape export keeps symbolic (e.g. a Dim on T)."""
+    return not is_concrete_int(n)
 
-    # [B, H, N, C, K] @ [B, H, N, K, C] -> [B, H, N, C, C]; then @ [B, H, N, C, V]
-    intra = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, C)[:, None]) @ v
-    # each chunk's keys decayed to the chunk's end: [B, H, N, K, V]
-    chunk_kv = (k * _decay(lg, C - 1 - pos)[:, None, :, None]).transpose(-1, -2) @ v
+
+def _unrolled_states(state, chunk_kv, lg, C: int, N: int) -> Tensor:
+    """[B, H, N, K, V]: the state entering each chunk, one unrolled update per chunk."""
     whole = torch.exp(lg * float(C))[:, None, None]
     incoming = []
     for n in range(N):
         incoming.append(state)
         if n < N - 1:
             state = whole * state + chunk_kv[:, :, n]
-    inter = (q * _decay(lg, pos + 1)[:, None, :, None]) @ torch.stack(incoming, dim=2)
-    o = (intra + inter).reshape(B, H, N * C, -1)[:, :, :T] * scale
+    return torch.stack(incoming, dim=2)
+
+
+def _matrix_states(state, chunk_kv, lg, C: int, N) -> Tensor:
+    """[B, H, N, K, V]: the same states with no loop over chunks, so N may be symbolic.
+
+    S_n = gamma^(C n) S_0 + sum_{m < n} gamma^(C (n - 1 - m)) chunk_kv_m, as an [N, N] decay
+    matrix over chunks (N = ceil(T / C), not T) applied to the flattened chunk states.
+    """
+    B, H, _, K, V = chunk_kv.shape
+    idx = torch.arange(N, dtype=lg.dtype, device=lg.device)
+    lag = idx[:, None] - idx[None, :] - 1  # n - 1 - m
+    mix = _decay(lg, lag.clamp(min=0) * C) * (lag >= 0).to(lg.dtype)  # [H, N, N]
+    carried = (mix @ chunk_kv.reshape(B, H, N, K * V)).reshape(B, H, N, K, V)
+    return carried + _decay(lg, idx * C)[None, :, :, None, None] * state[:, :, None]
+
+
+def chunkwise(q, k, v, gamma, scale, initial_state, chunk_size: int = DEFAULT_EXPORT_CHUNK):
+    """Parallel inside chunks of C tokens, a state recurrence across them.
+
+    A fixed T unrolls the recurrence (one update per chunk); a symbolic T (a dynamic-shape
+    export) uses the loop-free chunk-decay matrix of :func:`_matrix_states`.
+    """
+    out_dtype = q.dtype
+    acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
+    B, H, T, K = q.shape
+    dynamic = _is_symbolic(T)
+    # NOTE: min(C, T) on a symbolic T would install a guard on T; pad up to C instead.
+    C = max(1, int(chunk_size)) if dynamic else max(1, min(int(chunk_size), T))
+    N = (T + C - 1) // C
+    last = T - (N - 1) * C  # real tokens in the last chunk
+    # NOTE: a symbolic N would meet shape checks that special-case a dim of size 1 and guard
+    # N != 1 (failing every T <= C at run time); one extra all-zero chunk keeps the chunk count
+    # provably >= 2. Its outputs are cut off and its state is never read.
+    chunks = N + 1 if dynamic else N
+    q, k, v = (F.pad(x, (0, 0, 0, chunks * C - T)).reshape(B, H, chunks, C, -1) for x in (q, k, v))
+    pos = torch.arange(C, dtype=acc, device=q.device)
+
+    # [B, H, N, C, K] @ [B, H, N, K, C] -> [B, H, N, C, C]; then @ [B, H, N, C, V]
+    intra = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, C)[:, None]) @ v
+    # each chunk's keys decayed to the chunk's end: [B, H, N, K, V]
+    chunk_kv = (k * _decay(lg, C - 1 - pos)[:, None, :, None]).transpose(-1, -2) @ v
+    states = (_matrix_states if dynamic else _unrolled_states)(state, chunk_kv, lg, C, chunks)
+    inter = (q * _decay(lg, pos + 1)[:, None, :, None]) @ states
+    o = (intra + inter).reshape(B, H, chunks * C, -1)[:, :, :T] * scale
 
     # the last chunk's real keys decayed to position T - 1 (padded keys are zero)
     tail = (last - 1 - pos).clamp(min=0)
-    last_kv = (k[:, :, -1] * _decay(lg, tail)[..., None]).transpose(-1, -2) @ v[:, :, -1]
-    final = torch.exp(lg * float(last))[:, None, None] * state + last_kv
+    last_kv = (k.select(2, N - 1) * _decay(lg, tail)[..., None]).transpose(-1, -2) @ v.select(
+        2, N - 1
+    )
+    final = torch.exp(lg * last)[:, None, None] * states.select(2, N - 1) + last_kv
     return o.to(out_dtype), final
 
 
 def recurrent(q, k, v, gamma, scale, initial_state):
     """S_t = gamma S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, one unrolled step per token."""
+    if _is_symbolic(q.shape[2]):
+        raise ValueError(
+            "the recurrent decomposition unrolls one step per token and needs a fixed sequence "
+            f"length, got a symbolic T ({q.shape[2]}); export with a fixed T (e.g. a one-token "
+            "decoding step) or use form='chunkwise' or 'parallel', which accept a dynamic T"
+        )
     out_dtype = q.dtype
     acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
     g = torch.exp(lg)[:, None, None]
@@ -98,7 +143,7 @@ def parallel(q, k, v, gamma, scale, initial_state):
     o = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, T)) @ v
     o = (o + (q * _decay(lg, pos + 1)[..., None]) @ state) * scale
     final = (k * _decay(lg, T - 1 - pos)[..., None]).transpose(-1, -2) @ v
-    final = final + torch.exp(lg * float(T))[:, None, None] * state
+    final = final + torch.exp(lg * T)[:, None, None] * state
     return o.to(out_dtype), final
 
 
@@ -115,7 +160,7 @@ def _retention_fwd_as(
 
 
 def _decomposed(form: str, chunk_size: int, q, k, v, gamma, scale, s0, _chunk):
-    if q.shape[2] == 0:
+    if statically_known_true(q.shape[2] == 0):
         acc = accumulation_dtype(q.dtype)
         B, H, _, K = q.shape
         state = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if s0 is None else s0.to(acc)

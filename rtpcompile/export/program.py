@@ -81,6 +81,7 @@ def export_program(
     chunk_size: int = DEFAULT_EXPORT_CHUNK,
     kwargs: dict | None = None,
     detect: bool | None = None,
+    dynamic_shapes=None,
 ) -> torch.export.ExportedProgram:
     """torch.export ``model(*args, **kwargs)`` with retention decomposed into ``form``.
 
@@ -89,6 +90,9 @@ def export_program(
     ``detect``: also find regions written in the parallel form with the rtp backend's detection
     (a Dynamo capture, see :mod:`.capture`); None (default) does so only when the model has
     neither reference retention modules nor rtp op calls.
+    ``dynamic_shapes``: passed to ``torch.export.export`` (e.g. a ``Dim`` on T). The chunkwise
+    and parallel forms keep T symbolic; the recurrent form and detection need a fixed T
+    (ValueError otherwise).
     """
     table = decomposition_table(form, chunk_size)
     if not isinstance(model, nn.Module):
@@ -97,14 +101,14 @@ def export_program(
     with retention_via_ops(model) as routed, torch.no_grad(), warnings.catch_warnings():
         # NOTE: torch.export trips its own pytree deprecation warnings (torch 2.13).
         warnings.simplefilter("ignore", FutureWarning)
-        program = _export(routed, args, kwargs)
+        program = _export(routed, args, kwargs, dynamic_shapes)
         if detect or (detect is None and not has_reference and not rtp_op_count(program)):
-            if kwargs:
-                raise ValueError("detect=True needs positional arguments only")
+            if dynamic_shapes is not None:
+                raise ValueError(_DETECT_IS_STATIC)
             from .capture import rewrite_with_backend
 
-            replay, _ = rewrite_with_backend(routed, tuple(args))
-            program = _export(replay, args, None)
+            replay, _ = rewrite_with_backend(routed, tuple(args), kwargs)
+            program = _export(replay, args, kwargs, None)
         program = program.run_decompositions(table)
     left = rtp_op_count(program)
     if left:
@@ -112,8 +116,19 @@ def export_program(
     return program
 
 
-def _export(module: nn.Module, args, kwargs) -> torch.export.ExportedProgram:
-    return torch.export.export(module, tuple(args), kwargs or {}, strict=False)
+_DETECT_IS_STATIC = (
+    "dynamic_shapes cannot be used with detection: retention written in the parallel form is "
+    "found by a Dynamo capture at the example inputs' fixed shapes (detection runs when "
+    "detect=True, or by default when the model has no rtpcompile.nn retention modules and no "
+    "rtpcompile.ops calls). Export at a fixed sequence length, or call rtpcompile.ops in the "
+    "model so that no detection is needed"
+)
+
+
+def _export(module: nn.Module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
+    return torch.export.export(
+        module, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False
+    )
 
 
 def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -> list[str]:
