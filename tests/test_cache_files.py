@@ -217,3 +217,34 @@ def test_read_only_kernel_cache_falls_back(tmp_path, monkeypatch, kernel_dirs):
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernel_dirs.os, "access", lambda path, mode: False)
     _assert_falls_back_once(kernel_dirs, tmp_path / "kernels", "not writable")
+
+
+# ----------------------------------------------------------------------------- unusable directory
+
+
+def test_directory_under_a_file_is_one_warning_and_no_log(tmp_path, monkeypatch, caplog):
+    """Was: one "ignoring unreadable entry ... it will be rewritten" log line per key read, and
+    the "cannot write" message twice (a log line and a RuntimeWarning)."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
+    keys = [make_key(T=t) for t in (16, 32, 64)]
+    with caplog.at_level("WARNING", logger="rtpcompile"):
+        with pytest.warns(RuntimeWarning) as record:
+            for key in keys:
+                assert cache.load(key) is None
+                assert not cache.store(key, make_value())
+    assert [r.getMessage() for r in caplog.records] == []
+    [warning] = record
+    assert "cannot write to" in str(warning.message) and "a-file" in str(warning.message)
+
+
+def test_why_not_writable(tmp_path, monkeypatch):
+    assert cache.why_not_writable() is None
+    assert cache.directory().is_dir() and list(cache.directory().iterdir()) == []
+    for mode in ("off", "readonly"):
+        monkeypatch.setenv("RTP_CACHE", mode)
+        assert f"RTP_CACHE='{mode}' never writes" in cache.why_not_writable()
+    monkeypatch.delenv("RTP_CACHE")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
+    assert "cannot write to " + str(tmp_path / "a-file") in cache.why_not_writable()

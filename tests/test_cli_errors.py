@@ -172,3 +172,40 @@ def test_commands_run_from_code_check_the_device_too():
         tune.run(args)
     with pytest.raises(_common.UsageError, match="got 'meta'"):
         _common.prepare(argparse.Namespace(threads=None, device="meta"))
+
+
+# ----------------------------------------------------------------------------- tune must store
+
+
+@pytest.mark.parametrize("mode", ["off", "readonly", "a-file"])
+def test_tune_that_cannot_store_fails_before_benchmarking(capsys, tmp_path, monkeypatch, mode):
+    """Was exit code 0 and "(autotuned)" with nothing stored."""
+    if mode == "a-file":
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
+    else:
+        monkeypatch.setenv("RTP_CACHE", mode)
+    assert cli.main(["tune", "--shape", "1,2,40,8"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and plan.counters["benchmarks"] == 0
+    expected = "cannot write to" if mode == "a-file" else f"RTP_CACHE='{mode}' never writes"
+    assert err.startswith("rtpcompile tune: cannot store tuned plans:") and expected in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_tune_reports_a_winner_it_could_not_store(capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "_write_atomic", full_disk)
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        assert cli.main(["tune", "--shape", "1,2,40,8", "--final-state", "yes"]) == 1
+    out, err = capsys.readouterr()
+    assert "(autotuned), NOT STORED" in out
+    assert "1 tuned plan(s) could not be stored in" in err
+
+
+def test_tune_with_a_bad_rtp_cache_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("RTP_CACHE", "sometimes")
+    assert cli.main(["tune", "--shape", "1,2,40,8"]) == 2
+    assert "RTP_CACHE must be one of ['on', 'off', 'readonly']" in capsys.readouterr().err

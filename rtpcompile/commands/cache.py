@@ -104,7 +104,8 @@ def _show(args) -> int:
     found = cache.find(args.key)
     if len(found) != 1:
         what = "no entry" if not found else f"{len(found)} entries"
-        print(f"{what} matches {args.key!r} in {cache.directory()}", file=sys.stderr)
+        verb = "matches" if len(found) < 2 else "match"
+        print(f"{what} {verb} {args.key!r} in {cache.directory()}", file=sys.stderr)
         return 1
     entry_id, path, entry = found[0]
     if entry is None:

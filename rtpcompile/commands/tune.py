@@ -10,6 +10,10 @@ On the Triton backend (CUDA, or ``RTP_KERNELS=triton``) the winner includes its 
 configuration (BV, num_warps, num_stages, split), printed after the form and stored in the entry.
 CPU entries are keyed by torch's thread count: tune with ``--threads N`` when the model will run
 with ``torch.set_num_threads(N)`` (or ``rtpcompile demo/bench --threads N``).
+
+Tuning stores its winners, so it needs a cache it can write: with ``RTP_CACHE=off`` or
+``readonly``, or a cache directory that cannot be written, it fails (exit code 1) before
+benchmarking anything, and a winner that could not be stored fails it too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..kernels import cache
 from . import _common
 
 PHASES = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}
@@ -94,6 +99,13 @@ def run(args) -> int:
         device = torch.device(_common.device(str(args.device)))
     except argparse.ArgumentTypeError as exc:
         raise _common.UsageError(f"--device: {exc}") from None
+    try:
+        unusable = cache.why_not_writable()
+    except ValueError as exc:  # a bad RTP_CACHE
+        raise _common.UsageError(str(exc)) from None
+    if unusable:
+        print(f"rtpcompile tune: cannot store tuned plans: {unusable}", file=sys.stderr)
+        return 1
     backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
     # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
     choice = getattr(args, "final_state", "auto")
@@ -106,20 +118,37 @@ def run(args) -> int:
         for phase in PHASES[args.phase]
         for final in finals
     }  # NOTE: a dict: problems that normalise to one (aten, the backward) run once, in order
-    jobs = list(problems)
+    return _tune_all(list(problems), args, backend)
+
+
+def _tune_all(jobs: list, args, backend: str) -> int:
+    """Tune ``jobs`` in order, one line each; 1 when a winner could not be stored."""
+    from ..lowering import plan
+
     before = plan.counters["benchmarks"]
+    lost = 0
     for done, problem in enumerate(jobs):
-        T = problem.T
         _progress(done, len(jobs), plan.shape_text(problem))
-        if T == 1 or (args.state and T <= plan.RECURRENT_MAX_T):
+        if problem.T == 1 or (args.state and problem.T <= plan.RECURRENT_MAX_T):
             result = "recurrent (rule: decoding, nothing to tune)"
         else:
+            failures = cache.write_failures
             chosen = plan.plan_for(problem, tune=True, force=args.force)
             result = plan.describe(chosen)
             if backend == "triton" and not chosen.config:
                 result += ", kernel config: defaults"
+            # NOTE: the directory can still fail after the check in run (a full disk)
+            if chosen.source == "tuned" and cache.write_failures > failures:
+                result += ", NOT STORED"
+                lost += 1
         _progress(done + 1, len(jobs), plan.shape_text(problem))
         print(f"{plan.shape_text(problem)}: {result}")
     ran = plan.counters["benchmarks"] - before
     print(f"{ran} benchmark run(s) on the {backend} backend; cache: {plan.cache_location()}")
+    if lost:
+        print(
+            f"rtpcompile tune: {lost} tuned plan(s) could not be stored in {cache.directory()}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

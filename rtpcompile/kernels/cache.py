@@ -10,9 +10,11 @@ torch and triton versions, dtype and shape bucket (see ``KEY_FIELDS``). Bumping
 Entries are plain JSON validated on read -- never pickle, never code. A wrong type, a missing or
 unknown field, a key that is not the one asked for, a chunk size or kernel config the tuner never
 writes (``check_value``), or an unreadable file (even one nested too deeply to parse) is a miss
-(logged once per file); the next ``store`` rewrites it. Writes go to a temporary file in the
+(logged once per file); the next ``store`` rewrites it. A missing directory, or a file in its
+place, is a silent miss. Writes go to a temporary file in the
 same directory and ``os.replace`` it into place, so concurrent writers never expose a partial
-entry. A read-only or unusable directory works without persisting (one warning).
+entry. A read-only or unusable directory works without persisting (one RuntimeWarning, at the
+first failed write; ``why_not_writable`` asks beforehand).
 ``RTP_CACHE=off`` disables the cache, ``RTP_CACHE=readonly`` reads without writing.
 
 This module only imports the standard library (the tests load it in many processes at once).
@@ -71,6 +73,8 @@ _TMP_PREFIX = ".tmp-"
 _SHARED_MODE = 0o666
 
 _reported: set[str] = set()  # files / directories already logged or warned about
+# NOTE: every store that failed to write (warned once per directory); ``rtpcompile tune`` reads it
+write_failures = 0
 
 
 def mode() -> str:
@@ -204,26 +208,33 @@ def check_entry(entry: Any) -> str | None:
 
 
 def _report_once(tag: str, message: str, *, warn: bool = False) -> None:
+    """Log ``message`` once per ``tag``; ``warn``: a RuntimeWarning instead (shown once, not
+    twice: the logger's last-resort handler would print the log record too)."""
     if tag in _reported:
         return
     _reported.add(tag)
-    log.warning("rtpcompile cache: %s", message)
     if warn:
+        log.debug("rtpcompile cache: %s", message)
         warnings.warn(f"rtpcompile cache: {message}", RuntimeWarning, stacklevel=3)
+    else:
+        log.warning("rtpcompile cache: %s", message)
 
 
 def read_file(path: Path) -> dict | None:
     """The validated entry stored at ``path``, or None (missing, unreadable, corrupt)."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # NOTE: NotADirectoryError: a file where the directory should be; a miss like a missing
+        # directory, and the first store warns once, naming it
         return None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except OSError as exc:  # NOTE: not "rewritten": the directory may not be writable either
+        _report_once(str(path), f"ignoring unreadable entry {path} ({exc})")
+        return None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # NOTE: RecursionError: json nests one Python frame per level ("[[[[..." is valid JSON)
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        _report_once(
-            str(path), f"ignoring unreadable entry {path} ({reason}); it will be rewritten"
-        )
+        _report_once(str(path), f"ignoring corrupt entry {path} ({reason}); it will be rewritten")
         return None
     reason = check_entry(entry)
     if reason is not None:
@@ -277,10 +288,28 @@ def store(key: dict[str, Any], value: dict[str, Any]) -> bool:
     return _persist(directory() / f"{key_id(key)}.json", entry)
 
 
+def why_not_writable() -> str | None:
+    """None when ``store`` can persist entries now, else why not: the mode, or the directory
+    and the OS error (``rtpcompile tune`` checks before benchmarking). Creates the directory
+    and leaves no file in it."""
+    if mode() != "on":
+        return f"RTP_CACHE={mode()!r} never writes the cache (unset it or set it to 'on')"
+    try:
+        directory().mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=directory())
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"cannot write to {directory()} ({exc})"
+    return None
+
+
 def _persist(path: Path, entry: dict) -> bool:
+    global write_failures
     try:
         _write_atomic(path, json.dumps(entry, sort_keys=True, indent=1))
     except OSError as exc:
+        write_failures += 1
         _report_once(
             f"dir:{path.parent}",
             f"cannot write to {path.parent} ({exc}); tuned plans are kept in memory only",

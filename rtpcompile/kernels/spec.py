@@ -124,7 +124,16 @@ class KernelSpec:
         if self.form not in FORMS:
             raise ValueError(f"KernelSpec.form must be one of {list(FORMS)}, got {self.form!r}")
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"KernelSpec.direction must be one of {list(DIRECTIONS)}")
+            raise ValueError(
+                f"KernelSpec.direction must be one of {list(DIRECTIONS)}, got {self.direction!r}"
+            )
+        for name in ("in_dtype", "out_dtype"):
+            # NOTE: names, not torch dtypes or their str() ("torch.float32"): see dtype_name
+            dtype = getattr(self, name)
+            if dtype not in _DTYPE_NAMES.values():
+                raise ValueError(
+                    f"KernelSpec.{name} must be one of {list(_DTYPE_NAMES.values())}, got {dtype!r}"
+                )
         for name in ("K", "V"):
             dim = getattr(self, name)
             if not 1 <= dim <= MAX_DIM + 1:
