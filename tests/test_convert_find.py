@@ -298,3 +298,47 @@ def test_distill_refuses_a_single_tensor_or_dict():
         distill(model, teacher, ids, stage1_steps=1, progress=False)
     with pytest.raises(ValueError, match="got a dict"):
         distill(model, teacher, {"input_ids": ids}, stage1_steps=1, progress=False)
+
+
+# -- projections wider than the head geometry, predicate messages --------------------------------
+
+
+def test_gated_q_proj_is_refused_with_its_width():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=["full_attention"],
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
+    model = transformers.Qwen3NextForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"q_proj gives 128 features but o_proj takes 64"):
+        retrofit(model, ratio=1.0)
+
+
+def test_predicate_messages_name_what_is_missing():
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+    )
+    phi3 = transformers.Phi3ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"takes position_embeddings .* generic converter"):
+        retrofit(phi3, ratio=1.0, predicate=lambda name, m: name.endswith("self_attn"))
+    headless = _SplitGQA()
+    del headless.num_heads
+    with pytest.raises(ValueError, match=r"not recognised \(no head count attribute.*qkv_proj"):
+        retrofit(nn.Sequential(headless), ratio=1.0, predicate=_pick(_SplitGQA))

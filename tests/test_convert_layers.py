@@ -152,43 +152,58 @@ def test_key_valid_reads_the_mask_forms():
 # -- 1b. sliding window: the softmax heads of a type-C layer keep it -----------------------------
 
 
-def _softmax_heads_only(attn: str) -> tuple[nn.Module, nn.Module]:
-    """A 1-layer Mistral with a 4-token window whose output reads only the heads ``head_mix=0.5``
-    keeps as softmax (the first two heads' output-projection columns are zero): the converted
-    model must then equal the original exactly, window included."""
+def _softmax_heads_only(
+    config: str, model_cls: str, attn: str = "sdpa", layers: int = 1, **kw
+) -> tuple[nn.Module, nn.Module]:
+    """A tiny model whose output reads only the heads ``head_mix=0.5`` keeps as softmax (the
+    output-projection columns of the heads that become retention are zeroed): the converted
+    model must then equal the original exactly (window, rotary, soft cap... included)."""
     torch.manual_seed(0)
-    cfg = transformers.MistralConfig(
-        **{**COMMON, "num_hidden_layers": 1, "sliding_window": 4, "head_dim": 16}
-    )
-    model = transformers.MistralForCausalLM(cfg).eval()
+    cfg = getattr(transformers, config)(**{**COMMON, "num_hidden_layers": layers, **kw})
+    model = getattr(transformers, model_cls)(cfg).eval()
     model.config._attn_implementation = attn
+    handle = retrofit(model, ratio=1.0, head_mix=0.5)
     with torch.no_grad():
-        model.model.layers[0].self_attn.o_proj.weight[:, :32] = 0
-    original = copy.deepcopy(model)
-    retrofit(model, ratio=1.0, head_mix=0.5)
-    return original, model
+        for layer in handle.modules.values():
+            out = layer.o_proj if hasattr(layer, "o_proj") else layer.c_proj
+            out.weight[:, : layer.retention_heads * layer.site.head_dim] = 0  # shared tensor
+    converted = copy.deepcopy(model)
+    handle.undo()
+    return model, converted
+
+
+def _mistral(attn: str) -> tuple[nn.Module, nn.Module]:
+    """A 1-layer Mistral with a 4-token window (see ``_softmax_heads_only``)."""
+    return _softmax_heads_only(
+        "MistralConfig", "MistralForCausalLM", attn, sliding_window=4, head_dim=16
+    )
+
+
+def _assert_exact(original: nn.Module, model: nn.Module, length: int = 11, prefill: int = 5):
+    """Full forward, then prefill + token-by-token decode with the cache, equal the original."""
+    x = ids(2, length, seed=4)
+    want = original(x, use_cache=False).logits
+    torch.testing.assert_close(model(x, use_cache=False).logits, want)
+    out = model(x[:, :prefill], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(prefill, length):
+        out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), want)
+    return cache
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @torch.no_grad()
 def test_type_c_softmax_heads_keep_the_sliding_window(attn):
-    original, model = _softmax_heads_only(attn)
-    x = ids(2, 11, seed=4)
-    want = original(x, use_cache=False).logits
-    torch.testing.assert_close(model(x, use_cache=False).logits, want)
-    out = model(x[:, :5], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
-    for t in range(5, 11):
-        out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), want)
+    cache = _assert_exact(*_mistral(attn))
     # the softmax heads' cache holds the last window - 1 K/V, as Hugging Face's sliding layer does
     assert cache.layers[0].keys.shape[-2] == 3
 
 
 @torch.no_grad()
 def test_type_c_sliding_window_with_left_padding():
-    original, model = _softmax_heads_only("sdpa")
+    original, model = _mistral("sdpa")
     x = ids(2, 10, seed=5)
     mask = torch.ones_like(x)
     mask[1, :3] = 0
@@ -196,6 +211,124 @@ def test_type_c_sliding_window_with_left_padding():
     want = original(x[1:, 3:], use_cache=False).logits
     got = model(x, attention_mask=mask, position_ids=pos, use_cache=False).logits[1:, 3:]
     torch.testing.assert_close(got, want)
+
+
+# -- 1c. type C exactness per family: rotary rules, soft cap, fused layouts -----------------------
+
+# Families whose global layers skip RoPE (layer 0 rotates, layer 1 does not).
+NOPE = {
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {"sliding_window": 4}),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {"sliding_window": 4}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(NOPE))
+@torch.no_grad()
+def test_type_c_layers_without_rope_stay_without_rope(family):
+    config, model_cls, kw = NOPE[family]
+    if family != "smollm3":
+        kw = {**kw, "layer_types": ["sliding_attention", "full_attention"]}
+    original, model = _softmax_heads_only(config, model_cls, layers=2, **kw)
+    assert [m.use_rotary for m in model.modules() if hasattr(m, "use_rotary")] == [True, False]
+    _assert_exact(original, model)
+
+
+@torch.no_grad()
+def test_type_c_gemma2_applies_the_attention_soft_cap():
+    kw = dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, final_logit_softcapping=None)
+    # NOTE: eager is Gemma2's own path (SDPA has no soft cap); a small cap makes it matter
+    original, model = _softmax_heads_only(
+        "Gemma2Config", "Gemma2ForCausalLM", "eager", 2, attn_logit_softcapping=0.05, **kw
+    )
+    _assert_exact(original, model)
+    # Gemma3 keeps attn_logit_softcapping on the module but never passes it: no cap there
+    kw["sliding_window_pattern"] = 2
+    original, model = _softmax_heads_only(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", "eager", 2, attn_logit_softcapping=0.05, **kw
+    )
+    assert {m.softcap for m in model.modules() if hasattr(m, "softcap")} == {None}
+    _assert_exact(original, model)
+
+
+BIGCODE = dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, n_positions=64)
+
+
+@torch.no_grad()
+def test_type_c_gpt_bigcode_reads_its_per_head_qkv_layout():
+    torch.manual_seed(0)
+    original, model = _softmax_heads_only(
+        "GPTBigCodeConfig", "GPTBigCodeForCausalLM", multi_query=False, **BIGCODE
+    )
+    _assert_exact(original, model)
+
+
+@torch.no_grad()
+def test_gpt_bigcode_multi_query_projects_like_the_original(monkeypatch):
+    torch.manual_seed(0)
+    cfg = transformers.GPTBigCodeConfig(multi_query=True, **BIGCODE)
+    model = transformers.GPTBigCodeForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    module = sys.modules[type(model.transformer.h[0].attn).__module__]
+    seen: list = []
+    original = module.eager_attention_forward
+    monkeypatch.setattr(
+        module,
+        "eager_attention_forward",
+        lambda attn, q, k, v, *a, **kw: seen.append((q, k, v)) or original(attn, q, k, v, *a, **kw),
+    )
+    x = ids(2, 7, seed=3)
+    model(x, use_cache=False)
+    handle = retrofit(model, ratio=1.0)
+    assert (handle.sites[0].num_heads, handle.sites[0].num_kv_heads) == (4, 1)
+    hidden = model.transformer.wte(x) + model.transformer.wpe(torch.arange(7))
+    got = handle.modules[0]._project(model.transformer.h[0].ln_1(hidden))
+    for a, b in zip(got, seen[0], strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.isfinite(model(x).logits).all()
+
+
+def test_attention_owning_parameters_directly_is_refused():
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(
+        **{**COMMON, "num_hidden_layers": 1, "head_dim": 16, "num_local_experts": 2},
+        num_experts_per_tok=1,
+    )
+    with pytest.raises(ValueError, match=r"GptOssAttention: it owns parameters \['sinks'\]"):
+        retrofit(transformers.GptOssForCausalLM(cfg), ratio=1.0)
+
+
+def test_q_norm_without_weight_is_refused():
+    torch.manual_seed(0)
+    cfg = transformers.NanoChatConfig(**{**COMMON, "num_hidden_layers": 1})
+    with pytest.raises(ValueError, match=r"q_norm \(NanoChatRMSNorm\) has no weight"):
+        retrofit(transformers.NanoChatForCausalLM(cfg), ratio=1.0)
+
+
+def test_rotary_guard_that_cannot_be_read_is_refused():
+    from transformers.models.llama import modeling_llama as ml
+
+    class GuardedRope(ml.LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, **kwargs):
+            q = k = hidden_states
+            if hidden_states.shape[1] > 1:
+                q, k = ml.apply_rotary_pos_emb(q, k, *position_embeddings)
+            return q, None
+
+    class GivenRope(ml.LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, **kwargs):
+            q = k = hidden_states
+            if position_embeddings is not None and self.layer_idx == 0:
+                q, k = ml.apply_rotary_pos_emb(q, k, *position_embeddings)
+            return q, None
+
+    model = tiny("llama", layers=2)
+    model.model.layers[0].self_attn.__class__ = GuardedRope
+    with pytest.raises(ValueError, match=r"only when `hidden_states.shape\[1\] > 1`"):
+        retrofit(model, ratio=1.0)
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = GivenRope  # the converted layer checks for cos/sin itself
+    assert [m.use_rotary for m in retrofit(model, ratio=1.0).modules.values()] == [True, False]
 
 
 # -- 2. self-attention only -----------------------------------------------------------------------

@@ -339,6 +339,56 @@ def test_a_window_is_declined_for_a_dynamic_length_and_proven_for_a_static_one()
     assert region.claimed
 
 
+class WindowBuffer(nn.Module):
+    """A decay cut off at distance 12, precomputed for 24 positions and sliced to T."""
+
+    def __init__(self):
+        super().__init__()
+        idx = torch.arange(24)
+        diff = idx[:, None] - idx[None, :]
+        window = (diff >= 0) & (diff < 12)
+        self.register_buffer("mask", gamma_of()[:, None, None] ** diff.clamp(min=0) * window)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        return (q @ k.mT * self.mask[:, :t, :t]) @ v
+
+
+def _periodic(s, q, k, v):
+    pos = torch.arange(q.shape[-2]) % 9  # the decay restarts every 9 positions
+    diff = pos[:, None] - pos[None, :]
+    return (q @ k.mT * torch.where(diff >= 0, s.gamma[:, None, None] ** diff.clamp(min=0), 0.0)) @ v
+
+
+def _written_mask(s, q, k, v):
+    mask = causal(s.gamma, q.shape[-2])
+    mask[:, 3, 0] = 5.0  # an in-place write the proof's re-evaluation would not see
+    return (q @ k.mT * mask) @ v
+
+
+def _skip_current_token(s, q, k, v):
+    ones = torch.ones(q.shape[-2], q.shape[-2]).tril()
+    ones.fill_diagonal_(0)
+    return (q @ k.mT * (ones * causal(s.gamma, q.shape[-2]))) @ v
+
+
+def test_windows_past_the_proven_lengths_are_declined_for_a_dynamic_length():
+    """A window baked into a buffer (checked at the buffer's own length) or a period."""
+    (region,) = regions(WindowBuffer(), *qkv(t=10))
+    assert not region.claimed and "past the example length" in region.reason
+    (region,) = regions(Fn(_periodic), *qkv(t=7))
+    assert not region.claimed and "compares positions with 9" in region.reason
+
+
+@pytest.mark.parametrize("fn", [_written_mask, _skip_current_token], ids=lambda f: f.__name__)
+def test_a_mask_written_in_place_is_declined(fn):
+    (region,) = regions(Fn(fn), *qkv(), dynamic=False)
+    assert not region.claimed and "written in place" in region.reason
+    model, x = Fn(fn), qkv()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="rtp")(*x), model(*x))
+
+
 def test_dropout_declined_in_training_only():
     def fn(s, q, k, v):
         return F.dropout(q @ k.mT * _decay(s, T), p=0.5, training=s.training) @ v

@@ -10,6 +10,7 @@ already converted are recognised as retention. Nothing here mutates the model.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,8 +22,9 @@ FAMILIES = ("llama", "gpt2", "mha", "generic")
 LOOKED_FOR = (
     "Hugging Face decoder attention with q_proj/k_proj/v_proj/o_proj (Llama, Mistral, Qwen2, ...), "
     "GPT-2 attention with a fused c_attn and c_proj, torch.nn.MultiheadAttention, or (with "
-    "predicate=) a module with q_proj/k_proj/v_proj or a fused qkv/Wqkv Linear, an output "
-    "projection (o_proj/out_proj/proj) and a num_heads/n_head/num_attention_heads attribute"
+    "predicate=) a module with q_proj/k_proj/v_proj or a fused qkv/Wqkv/qkv_proj Linear, an "
+    "output projection (o_proj/out_proj/proj/c_proj) and a num_heads/n_heads/n_head/"
+    "num_attention_heads attribute (on the module or its config)"
 )
 
 _HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
@@ -110,11 +112,11 @@ def survey(
             if picked:
                 raise ValueError(
                     f"predicate picked {name!r} ({type(module).__name__}) but its structure is "
-                    f"not recognised; looked for {LOOKED_FOR}"
+                    f"not recognised ({_missing(module)}); looked for {LOOKED_FOR}"
                 )
             continue
         taken.append(name)
-        reason = why_not_convert(model, name, module)
+        reason = why_not_convert(model, name, module) or _width_problem(module, family)
         if reason is not None:
             if picked:
                 raise ValueError(
@@ -191,7 +193,68 @@ def _has(module: nn.Module, *names: str) -> bool:
 
 
 def _head_count(module: nn.Module) -> int | None:
-    return _int_attr(module, _HEAD_ATTRS)
+    """The query head count, from the module or (Hugging Face) its config."""
+    return _int_attr(module, _HEAD_ATTRS) or _int_attr(getattr(module, "config", None), _HEAD_ATTRS)
+
+
+def _missing(module: nn.Module) -> str:
+    """What a predicate-picked module lacks for the generic family, in words."""
+    lacks = []
+    if _head_count(module) is None:
+        lacks.append("no head count attribute (num_heads/n_heads/n_head/num_attention_heads)")
+    if _out_proj(module) is None:
+        lacks.append("no output projection Linear (o_proj/out_proj/proj/c_proj)")
+    if not _has(module, "q_proj", "k_proj", "v_proj") and _fused_qkv(module) is None:
+        lacks.append("no q_proj/k_proj/v_proj nor a fused qkv/Wqkv/qkv_proj Linear")
+    return "; ".join(lacks) or "an unsupported combination of projections"
+
+
+def _width(layer: nn.Module, attr: str) -> int | None:
+    value = getattr(layer, attr, None)
+    return value if isinstance(value, int) else None
+
+
+def _width_problem(module: nn.Module, family: str) -> str | None:
+    """None when the projections are as wide as the head geometry says, else the reason
+    (Qwen3-Next's gated attention: q_proj also carries an output gate)."""
+    if family == "llama":
+        dim = int(module.head_dim)
+        q_out, o_in = _width(module.q_proj, "out_features"), _width(module.o_proj, "in_features")
+        # NOTE: compared with each other, not with the config's head count (which a pruned model
+        # may not update); _describe reads the heads from q_proj's width.
+        if q_out is not None and o_in is not None and (q_out != o_in or q_out % dim):
+            return (
+                f"q_proj gives {q_out} features but o_proj takes {o_in}; expected both to be "
+                f"heads * head_dim {dim} (e.g. a gated attention whose q_proj also carries an "
+                "output gate); a converted layer could not split it"
+            )
+    if family == "generic" and "position_embeddings" in _forward_parameters(module):
+        return (
+            "its forward takes position_embeddings (a rotary embedding, e.g. Phi-3's attention "
+            "with a fused qkv_proj), which the generic converter would not apply"
+        )
+    if family == "gpt2":
+        heads, dim = int(module.num_heads), int(module.head_dim)
+        kv = _gpt2_kv_heads(module)
+        fused = _width(module.c_attn, "out_features") or _width(module.c_attn, "nf")
+        if fused is not None and fused != (heads + 2 * kv) * dim:
+            return (
+                f"c_attn gives {fused} features, expected (heads {heads} + 2 * kv_heads {kv}) * "
+                f"head_dim {dim} = {(heads + 2 * kv) * dim}"
+            )
+    return None
+
+
+def _forward_parameters(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _gpt2_kv_heads(module: nn.Module) -> int:
+    """K/V heads of a GPT-2-style module: GPTBigCode's ``kv_heads`` (1 with multi_query)."""
+    return _int_attr(module, ("kv_heads",)) or int(module.num_heads)
 
 
 def _int_attr(obj, names: tuple[str, ...]) -> int | None:
@@ -222,7 +285,7 @@ def _describe(index: int, name: str, module: nn.Module, family: str) -> Attentio
     elif family == "gpt2":
         heads = int(module.num_heads)
         dim = int(module.head_dim)
-        kv_heads = heads
+        kv_heads = _gpt2_kv_heads(module)
     else:
         heads, kv_heads, dim = _generic_geometry(name, module)
     layer_idx = getattr(module, "layer_idx", None)

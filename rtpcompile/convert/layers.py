@@ -2,11 +2,12 @@
 
 Each class keeps the original projections as children under their original names (state-dict
 keys stay, the tensors are shared), applies the rotary embedding the model passes in with the
-model family's own rotary function, and adds two parameters in the attention's dtype: a per-head
-decay (``decay_logit``; gamma = sigmoid, always computed in float32 or wider) and a per-head
-output RMS norm (``out_norm``). Retention runs through ``rtpcompile.ops``: the chunkwise form for
-a prefill that fills the cache, the recurrent form once a state exists, "auto" (the planner's
-choice) without a cache. ``head_mix`` keeps some heads as softmax attention (type C).
+model family's own rotary function on the layers the original rotates (see ``rules``), and adds
+two parameters in the attention's dtype: a per-head decay (``decay_logit``; gamma = sigmoid,
+always computed in float32 or wider) and a per-head output RMS norm (``out_norm``). Retention
+runs through ``rtpcompile.ops``: the chunkwise form for a prefill that fills the cache, the
+recurrent form once a state exists, "auto" (the planner's choice) without a cache. ``head_mix``
+keeps some heads as softmax attention (type C).
 
 Padding: the key and value of a padded position are zeroed. For retention that is an exact key
 mask (a pad adds nothing to the state, and decays depend only on distances), so a left-padded
@@ -23,43 +24,18 @@ from torch import Tensor, nn
 
 from .. import ops
 from .cache import key_valid, layer_slot, mha_valid
+from .decay import decay_dtype, param_dtype, resolve_decay
 from .find import AttentionSite, round_half_up
-
-
-def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: int = 0) -> Tensor:
-    """Per-head gamma, float32 [num_heads], from "retnet", a sequence/tensor or a callable."""
-    if isinstance(decay, str):
-        if decay != "retnet":
-            raise ValueError(
-                f"decay must be 'retnet', a sequence, a tensor or a callable, got {decay!r}"
-            )
-        return ops.retention_init_decay(num_heads)
-    values = decay(num_heads) if callable(decay) else decay
-    gamma = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
-    if gamma.numel() == 1:
-        gamma = gamma.expand(num_heads).clone()
-    if gamma.shape != (num_heads,):
-        which = "one per head"
-        if head_mix is not None:
-            which = (
-                f"one per retention head: head_mix={head_mix} makes {num_heads} of the "
-                f"{total} heads retention"
-            )
-        raise ValueError(f"decay must give {num_heads} values ({which}), got {gamma.numel()}")
-    if bool(((gamma <= 0) | (gamma >= 1)).any()):
-        raise ValueError(f"decay values must lie in (0, 1), got {gamma.tolist()}")
-    return gamma
-
-
-def param_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating parameter (float32 when it has none)."""
-    p = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return torch.float32 if p is None else p.dtype
-
-
-def decay_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The decay is computed in float32 (float64 for float64): 1 - gamma is as small as 2**-20."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .rules import (
+    CHILDREN,
+    CROSS_KWARGS,
+    applies_rotary,
+    attention_softcap,
+    check_children,
+    check_own_parameters,
+    llama_rotary,
+    qk_norm_mode,
+)
 
 
 class RetrofitRetention(nn.Module):
@@ -95,6 +71,7 @@ class RetrofitRetention(nn.Module):
             self.register_buffer("decay_logit", logit)
         self.out_norm = nn.Parameter(torch.ones(heads, site.head_dim, dtype=dtype))
         self.attn_scale = site.head_dim**-0.5
+        self.softcap: float | None = None  # Gemma2's attn_logit_softcapping (softmax heads)
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters retrofit added (the ones distillation stage 1 trains)."""
@@ -181,7 +158,9 @@ class RetrofitRetention(nn.Module):
             if valid is not None:
                 # NOTE: a query always sees itself, so a padded query's row is never empty (NaN).
                 mask = (mask & valid[:, None, None, :].to(q.device)) | (cols == rows)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
+        return _capped_attention(q, k, v, mask, self.attn_scale, self.softcap)
 
     def extra_repr(self) -> str:
         s = self.site
@@ -193,61 +172,22 @@ class RetrofitRetention(nn.Module):
         )
 
 
+def _capped_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float
+) -> Tensor:
+    """Softmax attention with Gemma2's logit soft cap, ``cap * tanh(s / cap)`` before the mask
+    (its eager path; SDPA has no soft cap)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
 def _heads(x: Tensor, head_dim: int) -> Tensor:
     """[B, T, H * D] -> [B, H, T, D]."""
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
-
-
-def _llama_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate-half RoPE (Llama's convention); the fallback when the model has no function."""
-
-    def rotate_half(x: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
-_CROSS_KWARGS = ("cross_attention_states", "key_value_states", "encoder_hidden_states")
-
-
-def _check_children(original: nn.Module) -> None:
-    """Refuse a module with sub-layers a converted layer would silently skip (StableLM's
-    ``q_layernorm``, ...); dropout, identities and rotary embeddings are fine."""
-    ignored = [
-        name
-        for name, child in original.named_children()
-        if name not in _CHILDREN
-        and "rotary" not in name
-        and not isinstance(child, (nn.Dropout, nn.Identity))
-    ]
-    if ignored:
-        raise ValueError(
-            f"cannot convert {type(original).__name__}: its sub-modules {ignored} would be "
-            "ignored by a converted layer (it applies q_proj/k_proj/v_proj/o_proj, q_norm/k_norm "
-            "and the rotary embedding only)"
-        )
-
-
-def _qk_norm_mode(original: nn.Module, site: AttentionSite) -> str | None:
-    """None, "head" (norm over each head's D channels: Qwen3, Gemma3, Cohere) or "flat" (over
-    the whole projection, before the head split: OLMo2)."""
-    norm = getattr(original, "q_norm", None)
-    if not isinstance(norm, nn.Module):
-        return None
-    weight = getattr(norm, "weight", None)
-    width = weight.shape[-1] if isinstance(weight, Tensor) and weight.dim() else None
-    if width == site.head_dim:
-        return "head"
-    if width == site.num_heads * site.head_dim:
-        return "flat"
-    raise ValueError(
-        f"cannot convert {type(original).__name__}: q_norm must normalise each head "
-        f"({site.head_dim} channels) or the whole projection ({site.num_heads * site.head_dim}), "
-        f"its weight has shape {None if weight is None else tuple(weight.shape)}"
-    )
 
 
 class LlamaStyleRetention(RetrofitRetention):
@@ -260,14 +200,15 @@ class LlamaStyleRetention(RetrofitRetention):
     """
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
-        _check_children(original)
-        norm_mode = _qk_norm_mode(original, site)
+        check_children(original)
+        norm_mode = qk_norm_mode(original, site)
         super().__init__(site, dtype=param_dtype(original), **kw)
-        for name in _CHILDREN:
+        for name in CHILDREN:
             if isinstance(getattr(original, name, None), nn.Module):
                 setattr(self, name, getattr(original, name))
         self.qk_norm = norm_mode
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
+        self.softcap = attention_softcap(original)
         self.config = getattr(original, "config", None)
         clip = getattr(self.config, "clip_qkv", None)
         self.clip_qkv = float(clip) if isinstance(clip, (int, float)) and clip else None
@@ -276,7 +217,8 @@ class LlamaStyleRetention(RetrofitRetention):
         fn = getattr(module, "apply_rotary_pos_emb", None)
         # NOTE: the family's function carries its convention (Cohere/GLM rotate adjacent pairs,
         # Llama rotates halves); a plain function, so the module stays picklable and compilable.
-        self.rotary_fn = fn if callable(fn) else _llama_rotary
+        self.rotary_fn = fn if callable(fn) else llama_rotary
+        self.use_rotary = applies_rotary(original)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, dim] -> q [B, H, T, D], k and v [B, H_kv, T, D] (not yet rotated)."""
@@ -312,37 +254,54 @@ class LlamaStyleRetention(RetrofitRetention):
         past_key_values=None,
         **kwargs,
     ):
-        for name in _CROSS_KWARGS:
+        for name in CROSS_KWARGS:
             if kwargs.get(name) is not None:
                 raise ValueError(
                     f"a converted retention layer is causal self-attention only, got {name} "
                     f"({self.site.name} is cross-attention; keep it as attention)"
                 )
         q, k, v = self._project(hidden_states)
-        if position_embeddings is not None:
+        if position_embeddings is not None and self.use_rotary:
             q, k = self._rotate(q, k, *position_embeddings)
         return self.o_proj(self.mix(q, k, v, past_key_values, attention_mask)), None
 
 
 class GPT2StyleRetention(RetrofitRetention):
-    """Converted GPT-2 attention: fused ``c_attn`` (Conv1D) and ``c_proj``; no rotary."""
+    """Converted GPT-2 attention: fused ``c_attn`` (Conv1D or Linear) and ``c_proj``; no rotary.
+
+    Also GPTBigCode: with ``multi_query`` its c_attn is q | k | v with one K/V head, without it
+    the q, k, v of each head sit side by side ([H, 3 * D]).
+    """
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
+        check_own_parameters(original)
         super().__init__(site, dtype=param_dtype(original), **kw)
         self.c_attn, self.c_proj = original.c_attn, original.c_proj
         self.resid_dropout = getattr(original, "resid_dropout", nn.Identity())
-        self.split_size = original.split_size
+        # NOTE: GPTBigCode without multi_query interleaves q/k/v per head in c_attn
+        self.per_head = getattr(original, "multi_query", None) is False
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
         self.config = getattr(original, "config", None)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, dim] -> q [B, H, T, D], k and v [B, H_kv, T, D]."""
+        s, d = self.site, self.site.head_dim
+        qkv = self.c_attn(x)
+        if self.per_head:
+            q, k, v = qkv.view(*x.shape[:-1], s.num_heads, 3 * d).split(d, dim=-1)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = qkv.split([s.num_heads * d, s.num_kv_heads * d, s.num_kv_heads * d], dim=-1)
+        return _heads(q, d), _heads(k, d), _heads(v, d)
 
     def forward(self, hidden_states: Tensor, past_key_values=None, attention_mask=None, **kwargs):
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError(
                 "a converted GPT-2 layer is self-attention only (got encoder_hidden_states)"
             )
-        q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
-        d = self.site.head_dim
-        o = self.mix(_heads(q, d), _heads(k, d), _heads(v, d), past_key_values, attention_mask)
+        if past_key_values is None:  # NOTE: GPTBigCode passes its cache as layer_past
+            past_key_values = kwargs.get("layer_past")
+        q, k, v = self._project(hidden_states)
+        o = self.mix(q, k, v, past_key_values, attention_mask)
         return self.resid_dropout(self.c_proj(o)), None
 
 

@@ -33,6 +33,7 @@ from .graph_view import (
     is_tensor,
     target_name,
 )
+from .mutation import written_anywhere
 
 _PRIME = 7
 _MAX_SYMBOLIC_T = 1024
@@ -51,6 +52,9 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
     """None when every mask depends only on constants, buffers and sizes; else the reason."""
     for mask in masks:
         values, _ = view.data_ancestors(mask)
+        written = written_anywhere(view.sorted(values | {mask}))
+        if written is not None:
+            return f"the mask or what it is built from is written in place: {written}"
         for node in view.sorted(values | {mask}):
             if is_random(node):
                 return f"the mask is random ({node.name})"
@@ -64,6 +68,7 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
 _CUTOFF_OPS = {
     "lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
     "clamp", "clamp_max", "clamp_min", "clip", "minimum", "maximum", "tril", "triu", "fmin", "fmax",
+    "mod", "remainder", "fmod", "floordiv", "floor_divide", "__mod__", "__floordiv__",
 }  # fmt: skip
 
 
@@ -348,7 +353,46 @@ def prove(
             row_scale = row_scale or scaled
             if perturb is None:
                 proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
+    if proof.reason is None and _Sizes(seq, 0).symbol is not None:
+        reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim)
+        if reason is not None:
+            return Proof(reason)
+        row_scale = row_scale or scaled
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
+
+
+def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
+    """Lengths past the example one where a symbolic T's mask is checked once more: the cap,
+    then the sizes of the constant tensors the mask reads (a precomputed mask sliced to T runs
+    only up to its own length), longest first."""
+    t_example = lengths_for(seq)[-1]
+    sizes = set()
+    for mask in masks:
+        values, _ = view.data_ancestors(mask)
+        for node in values:
+            value = example(node)
+            if node.op == "placeholder" and is_tensor(value):
+                sizes |= {int(d) for d in value.shape if isinstance(d, int)}
+    longer = sorted((d for d in sizes if t_example < d < _MAX_SYMBOLIC_T), reverse=True)
+    return [_MAX_SYMBOLIC_T, *longer] if t_example < _MAX_SYMBOLIC_T else []
+
+
+def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | None, bool]:
+    """(reason, row_scale) at the longest length past the example one where the mask can be
+    evaluated: with a symbolic T a window (``i - j < 40`` baked into a buffer, a period) past
+    the lengths proven so far would otherwise escape. No such length (or none in the budget):
+    nothing more is proven."""
+    for t in _long_lengths(view, masks, seq):
+        sizes = _Sizes(seq, t)
+        if proof_bytes(view, masks, sizes) > proof_budget():
+            continue
+        reason, _, scaled = _fit_at(view, masks, transform, inputs, sizes, batch_ndim, None)
+        if reason is not None and ("could not be evaluated" in reason or "shape" in reason):
+            continue  # NOTE: the mask does not exist at this length; try a shorter one
+        if reason is not None:
+            return f"{reason} (a dynamic T: the mask changes past the example length)", False
+        return None, scaled
+    return None, False
 
 
 def _fit_at(view, masks, transform, inputs, sizes: _Sizes, batch_ndim: int, perturb):

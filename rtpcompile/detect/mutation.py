@@ -43,6 +43,8 @@ def _writes(node: fx.Node, target: fx.Node) -> bool:
         return False
     if node.target in _IN_PLACE_FUNCTIONS:
         return True
+    if getattr(node.target, "__module__", None) in ("operator", "_operator"):
+        return False  # NOTE: operator.and_/or_/not_ are not in place (iand etc. are above)
     name = target_name(node)
     return name.endswith("_") and not name.startswith("_")
 
@@ -59,6 +61,18 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
                 seen.add(user)
                 todo.append(user)
     return seen | {node}
+
+
+def written_anywhere(nodes) -> str | None:
+    """A write in place to any of ``nodes`` (or a view of one) anywhere in the graph, as
+    "name (op)"; None when there is none. The mask proof re-runs a mask's value ancestors, which
+    do not include such writes: it would prove another mask than the one the model uses."""
+    for node in nodes:
+        for alias in _aliases(node):
+            for user in alias.users:
+                if _writes(user, alias):
+                    return f"{alias.name} ({target_name(user)})"
+    return None
 
 
 def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) -> str | None:

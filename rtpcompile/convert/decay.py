@@ -1,0 +1,45 @@
+"""Decays and dtypes of converted layers: the initial per-head gamma and the precision it
+is kept in (float32 at least: 1 - gamma is as small as 2**-20, below bfloat16's resolution)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+
+def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: int = 0) -> Tensor:
+    """Per-head gamma, float32 [num_heads], from "retnet", a sequence/tensor or a callable."""
+    if isinstance(decay, str):
+        if decay != "retnet":
+            raise ValueError(
+                f"decay must be 'retnet', a sequence, a tensor or a callable, got {decay!r}"
+            )
+        return ops.retention_init_decay(num_heads)
+    values = decay(num_heads) if callable(decay) else decay
+    gamma = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+    if gamma.numel() == 1:
+        gamma = gamma.expand(num_heads).clone()
+    if gamma.shape != (num_heads,):
+        which = "one per head"
+        if head_mix is not None:
+            which = (
+                f"one per retention head: head_mix={head_mix} makes {num_heads} of the "
+                f"{total} heads retention"
+            )
+        raise ValueError(f"decay must give {num_heads} values ({which}), got {gamma.numel()}")
+    if bool(((gamma <= 0) | (gamma >= 1)).any()):
+        raise ValueError(f"decay values must lie in (0, 1), got {gamma.tolist()}")
+    return gamma
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating parameter (float32 when it has none)."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return torch.float32 if p is None else p.dtype
+
+
+def decay_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The decay is computed in float32 (float64 for float64): 1 - gamma is as small as 2**-20."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
