@@ -307,13 +307,16 @@ class Peeled:
     chain: tuple[fx.Node, ...]  # the wrapper nodes passed through, outermost first
 
 
-def peel(node: fx.Node) -> Peeled:
-    """Strip casts and multiplications/divisions by scalars: ``(core, factors, wrappers)``."""
+def peel(node: fx.Node, passes_cast=None) -> Peeled:
+    """Strip casts and multiplications/divisions by scalars: ``(core, factors, wrappers)``.
+
+    ``passes_cast(node)``: which casts to strip (default: every non-complex one)."""
+    passes_cast = passes_cast or (lambda n: not _complex(n))
     factors: list[tuple[str, object]] = []
     chain: list[fx.Node] = []
     while True:
         kind = kind_of(node)
-        if kind == "cast" and isinstance(node.args[0], fx.Node) and not _complex(node):
+        if kind == "cast" and isinstance(node.args[0], fx.Node) and passes_cast(node):
             chain.append(node)
             node = node.args[0]
             continue

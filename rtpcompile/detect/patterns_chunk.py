@@ -23,11 +23,11 @@ from . import mask_proof
 from .graph_view import (
     GraphView,
     example,
-    is_scalar,
     is_state_input,
     kind_of,
     layout,
     ndim,
+    peel,
 )
 from .region import Operand, Region
 
@@ -78,33 +78,13 @@ def _product(factors) -> tuple[float, tuple] | None:
     return total, tuple(sorted(named))
 
 
-def _peel_numbers(view: GraphView, node: fx.Node):
-    """(core, factors, wrappers): ``node`` is ``core`` times/over scalars (no-op casts passed),
-    e.g. ``((q * qd) @ S) * scale``."""
-    factors, chain = [], []
-    while True:
-        if _same_dtype_cast(node):
-            chain.append(node)
-            node = node.args[0]
-            continue
-        kind = view.kind(node)
-        if kind in ("mul", "div") and len(node.args) == 2:
-            a, b = node.args
-            if kind == "mul" and not isinstance(a, fx.Node):
-                a, b = b, a
-            if isinstance(a, fx.Node) and not is_scalar(a) and is_scalar(b):
-                factors.append((kind, b))
-                chain.append(node)
-                node = a
-                continue
-        return node, tuple(factors), tuple(chain)
-
-
 def _cross(view: GraphView, node: fx.Node, region: Region):
     """(q decay, nodes, state) when ``node`` is ``(q * q_decay) @ S`` with S a graph-input state,
     times the number that scales the region's scores (its ``pre`` factors), if any."""
     pre = _product(region.pre)
-    core, factors, chain = _peel_numbers(view, node)
+    # NOTE: only casts to the dtype a tensor has: a real cast would change the cross term
+    peeled = peel(node, _same_dtype_cast)
+    core, factors, chain = peeled.core, peeled.factors, peeled.chain
     cross = _product(factors)
     if pre is None or cross is None or pre[1] != cross[1]:
         return None
