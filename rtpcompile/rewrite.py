@@ -203,7 +203,12 @@ def rewrite_region(
     first_use = min((order[u] for out in outputs for u in out.users), default=len(order))
     if order[last] >= first_use:
         raise RuntimeError(f"cannot place the rtp op for {region.where}: inputs follow a use")
-    with graph.inserting_after(last):
+    # NOTE: where the region computed its first output, not right after the last input: an
+    # in-place write to an input between the two (a mask fixed with ``m.mul_``, ``D[...] = 0``)
+    # happened before eager read it, so the op must read it after too
+    anchor = min(outputs, key=order.__getitem__)
+    place = graph.inserting_before(anchor) if order[last] < order[anchor] else None
+    with place or graph.inserting_after(last):
         call = graph.call_function(rtp_retention, args)
     with graph.inserting_after(call):
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]

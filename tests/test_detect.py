@@ -372,6 +372,16 @@ def _skip_current_token(s, q, k, v):
     return (q @ k.mT * (ones * causal(s.gamma, q.shape[-2]))) @ v
 
 
+def _clamped_decay(s, q, k, v):
+    """A clamp of the decay values (not of positions): no window."""
+    return (q @ k.mT * causal(s.gamma.clamp(1e-4, 1 - 1e-6), q.shape[-2])) @ v
+
+
+def test_a_clamp_of_values_is_not_a_window():
+    (region,) = regions(Fn(_clamped_decay), *qkv(t=10))
+    assert region.claimed, region.reason
+
+
 def test_windows_past_the_proven_lengths_are_declined_for_a_dynamic_length():
     """A window baked into a buffer (checked at the buffer's own length) or a period."""
     (region,) = regions(WindowBuffer(), *qkv(t=10))
@@ -380,10 +390,31 @@ def test_windows_past_the_proven_lengths_are_declined_for_a_dynamic_length():
     assert not region.claimed and "compares positions with 9" in region.reason
 
 
-@pytest.mark.parametrize("fn", [_written_mask, _skip_current_token], ids=lambda f: f.__name__)
-def test_a_mask_written_in_place_is_declined(fn):
+def _doubled_in_place(s, q, k, v):
+    mask = causal(s.gamma, q.shape[-2])
+    mask.mul_(2.0)  # still retention, with a row scale of 2
+    return (q @ k.mT * mask) @ v
+
+
+def _nan_cleared(s, q, k, v):
+    idx = torch.arange(q.shape[-2])
+    diff = (idx[:, None] - idx[None, :]).float()
+    mask = s.gamma[:, None, None] ** diff * (diff >= 0).float()
+    mask[mask != mask] = 0  # a no-op fix-up written in place (Jamie-Stirling/RetNet's spelling)
+    return (q @ k.mT * mask) @ v
+
+
+@pytest.mark.parametrize(
+    "fn, claimed",
+    [(_written_mask, False), (_skip_current_token, False), (_doubled_in_place, True),
+     (_nan_cleared, True)],
+    ids=lambda f: getattr(f, "__name__", str(f)),
+)  # fmt: skip
+def test_in_place_writes_to_a_mask_are_replayed_by_the_proof(fn, claimed):
+    """The proof re-runs the mask with its in-place writes (they happen before the mask is used),
+    and the op reads the mask where the region used it, after them."""
     (region,) = regions(Fn(fn), *qkv(), dynamic=False)
-    assert not region.claimed and "written in place" in region.reason
+    assert region.claimed is claimed, region.reason
     model, x = Fn(fn), qkv()
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, backend="rtp")(*x), model(*x))

@@ -33,7 +33,7 @@ from .graph_view import (
     is_tensor,
     target_name,
 )
-from .mutation import written_anywhere
+from .mutation import root_of, writers
 
 _PRIME = 7
 _MAX_SYMBOLIC_T = 1024
@@ -48,14 +48,37 @@ class Proof:
     row_scale: bool = False
 
 
+def subgraph(view: GraphView, mask: fx.Node) -> tuple[set[fx.Node], set[fx.Node], str | None]:
+    """(value nodes, metadata-only nodes, reason) of what computes ``mask``, the in-place writes
+    to it or its ancestors before the mask is used included (``D[D != D] = 0`` builds a mask
+    too: the proof replays them in graph order). A write to a graph input (model state changed
+    in place), or one after the mask is first used, is the reason to decline."""
+    values, meta = view.data_ancestors(mask)
+    values = values | {mask}
+    written: list[tuple[fx.Node, fx.Node]] = []
+    while new := [(w, a) for w, a in writers(values) if w not in values]:
+        for writer, alias in new:
+            if root_of(alias).op == "placeholder":
+                return values, meta, f"{alias.name} ({target_name(writer)}) changes a graph input"
+            more, reads = view.data_ancestors(writer)
+            values |= more | {writer}
+            meta |= reads
+        written += new
+    # NOTE: the mask's first use outside what builds it (``mask != mask`` feeding a write is not)
+    limit = min((view.order[u] for u in mask.users if u not in values), default=len(view.order))
+    for writer, alias in written:
+        if view.order[writer] > limit:
+            return values, meta, f"{alias.name} ({target_name(writer)}) after the mask's use"
+    return values, meta - values, None
+
+
 def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
     """None when every mask depends only on constants, buffers and sizes; else the reason."""
     for mask in masks:
-        values, _ = view.data_ancestors(mask)
-        written = written_anywhere(view.sorted(values | {mask}))
+        values, _, written = subgraph(view, mask)
         if written is not None:
             return f"the mask or what it is built from is written in place: {written}"
-        for node in view.sorted(values | {mask}):
+        for node in view.sorted(values):
             if is_random(node):
                 return f"the mask is random ({node.name})"
             if node.op == "placeholder" and is_tensor(example(node)):
@@ -72,6 +95,35 @@ _CUTOFF_OPS = {
 }  # fmt: skip
 
 
+# Ops that keep a position a position (``(i - j).float() * 2``); exp, pow, log, sums do not.
+_POSITION_OPS = {
+    "sub", "add", "neg", "mul", "abs", "to", "float", "double", "long", "int", "type_as",
+    "getitem", "unsqueeze", "view", "reshape", "expand", "transpose", "permute", "__getitem__",
+    "clamp", "clamp_min", "clamp_max", "__sub__", "__add__", "__rsub__", "__neg__",
+}  # fmt: skip
+
+
+def _reads_positions(node: fx.Node) -> bool:
+    """A tensor argument of ``node`` is a position (``arange``, or integers, or a linear
+    function of one): a comparison or clamp with a constant there is a window. A clamp of a
+    decay, a normaliser or a temperature is not."""
+    todo = [a for a in node.all_input_nodes if is_tensor(example(a))]
+    seen: set[fx.Node] = set()
+    while todo:
+        arg = todo.pop()
+        if arg in seen:
+            continue
+        seen.add(arg)
+        value = example(arg)
+        if target_name(arg) == "arange" or (
+            is_tensor(value) and not (value.is_floating_point() or value.dtype == torch.bool)
+        ):
+            return True
+        if arg.op in ("call_function", "call_method") and target_name(arg) in _POSITION_OPS:
+            todo += [a for a in arg.all_input_nodes if is_tensor(example(a))]
+    return False
+
+
 def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
     """Why a mask is not provable for every length of a symbolic T: it compares (or clamps) with a
     number other than 0 -- ``i - j < W``, ``clamp(max=W)``, ``triu(diagonal=-W)``: a window the
@@ -81,7 +133,7 @@ def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
         for node in view.sorted(values | {mask}):
             if node.op not in ("call_function", "call_method"):
                 continue
-            if target_name(node) not in _CUTOFF_OPS:
+            if target_name(node) not in _CUTOFF_OPS or not _reads_positions(node):
                 continue
             # NOTE: triu(diagonal=1) is the complement of tril() (a causal mask); tril(-1) is
             # declined with its own reason
@@ -164,7 +216,7 @@ def evaluate(
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
-        values, reads = view.data_ancestors(mask)
+        values, reads, _ = subgraph(view, mask)
         needed |= values
         meta |= reads
     env: dict[fx.Node, object] = {}
@@ -362,9 +414,9 @@ def prove(
 
 
 def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
-    """Lengths past the example one where a symbolic T's mask is checked once more: the cap,
-    then the sizes of the constant tensors the mask reads (a precomputed mask sliced to T runs
-    only up to its own length), longest first."""
+    """Lengths past the example one where a symbolic T's mask is checked once more: the sizes
+    of the constant tensors the mask reads (a precomputed mask sliced to T runs only up to its
+    own length), longest first, then the cap."""
     t_example = lengths_for(seq)[-1]
     sizes = set()
     for mask in masks:
@@ -373,8 +425,10 @@ def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
             value = example(node)
             if node.op == "placeholder" and is_tensor(value):
                 sizes |= {int(d) for d in value.shape if isinstance(d, int)}
-    longer = sorted((d for d in sizes if t_example < d < _MAX_SYMBOLIC_T), reverse=True)
-    return [_MAX_SYMBOLIC_T, *longer] if t_example < _MAX_SYMBOLIC_T else []
+    # NOTE: a sliced constant first (the model runs only up to its length), longest first
+    longer = sorted((d for d in sizes if d > t_example and d != _MAX_SYMBOLIC_T), reverse=True)
+    cap = [_MAX_SYMBOLIC_T] if t_example < _MAX_SYMBOLIC_T else []
+    return longer + cap
 
 
 def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | None, bool]:

@@ -63,16 +63,20 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return seen | {node}
 
 
-def written_anywhere(nodes) -> str | None:
-    """A write in place to any of ``nodes`` (or a view of one) anywhere in the graph, as
-    "name (op)"; None when there is none. The mask proof re-runs a mask's value ancestors, which
-    do not include such writes: it would prove another mask than the one the model uses."""
+def root_of(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a view of (through view-like ops), itself if none."""
+    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def writers(nodes) -> list[tuple[fx.Node, fx.Node]]:
+    """(writer, written alias) for every in-place write to any of ``nodes`` or their views."""
+    found = []
     for node in nodes:
         for alias in _aliases(node):
-            for user in alias.users:
-                if _writes(user, alias):
-                    return f"{alias.name} ({target_name(user)})"
-    return None
+            found += [(user, alias) for user in alias.users if _writes(user, alias)]
+    return found
 
 
 def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) -> str | None:
