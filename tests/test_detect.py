@@ -420,6 +420,29 @@ def test_in_place_writes_to_a_mask_are_replayed_by_the_proof(fn, claimed):
     torch.testing.assert_close(torch.compile(model, backend="rtp")(*x), model(*x))
 
 
+def _fla_naive(s, q, k, v, subscripts="bhqd,bhkd,hqk->bhqk"):
+    """flash-linear-attention's naive retention: the mask is the score einsum's third operand."""
+    scores = torch.einsum(subscripts, q * K**-0.5, k, causal(s.gamma, q.shape[-2]))
+    return torch.einsum("bhqk,bhkd->bhqd", scores, v)
+
+
+def test_a_mask_inside_the_score_einsum_is_claimed_and_equals_eager():
+    (region,) = regions(Fn(_fla_naive), *qkv())
+    assert region.claimed and region.masks
+    model = Fn(_fla_naive).double()
+    x = [t.double().requires_grad_() for t in qkv()]
+    torch._dynamo.reset()
+    got, want = torch.compile(model, backend="rtp")(*x), model(*x)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), x), torch.autograd.grad(want.sum(), x), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    # the mask transposed ("hkq") is not a causal mask of these scores: nothing is claimed
+    transposed = Fn(lambda s, q, k, v: _fla_naive(s, q, k, v, "bhqd,bhkd,hkq->bhqk"))
+    assert not any(r.claimed for r in regions(transposed, *qkv()))
+
+
 def test_dropout_declined_in_training_only():
     def fn(s, q, k, v):
         return F.dropout(q @ k.mT * _decay(s, T), p=0.5, training=s.training) @ v

@@ -65,6 +65,32 @@ def score_product(node: fx.Node) -> tuple[Layout, Layout] | None:
     if parsed is None or len(parsed[0]) != 2:
         return None
     (sq, sk), out, (a, b) = parsed
+    return _einsum_qk(sq, sk, out, a, b)
+
+
+def masked_score_product(node: fx.Node):
+    """(Q, K, mask, mask axes) when ``node`` is ``einsum('bhqd,bhkd,hqk->bhqk', q, k, mask)``:
+    a score product with the mask as a third operand (flash-linear-attention's naive form)."""
+    parsed = parse_einsum(node)
+    if parsed is None or len(parsed[0]) != 3 or len(parsed[1]) < 2:
+        return None
+    inputs, out, operands = parsed
+    batch, ts = out[:-2], out[-2:]
+    for im, sm in enumerate(inputs):
+        order = [batch.find(c) for c in sm[:-2]]
+        if sm[-2:] != ts or -1 in order or order != sorted(order):
+            continue
+        (sq, sk), (a, b) = ([inputs[i] for i in range(3) if i != im],
+                            [operands[i] for i in range(3) if i != im])  # fmt: skip
+        found = _einsum_qk(sq, sk, out, a, b)
+        if found is not None:
+            axes = tuple(i for i, c in enumerate(batch) if c not in sm[:-2])
+            return (*found, operands[im], axes)
+    return None
+
+
+def _einsum_qk(sq: str, sk: str, out: str, a: fx.Node, b: fx.Node):
+    """(Q, K) layouts when ``einsum(sq, sk -> out)`` of ``a``, ``b`` is a Q K^T product."""
     if len(out) < 2:
         return None
     batch, t, s = out[:-2], out[-2], out[-1]
@@ -96,7 +122,7 @@ def _leads_to_scores(node: fx.Node) -> str | None:
             seen.add(current)
             if "softmax" in str(current.target):
                 return "softmax"
-            if score_product(current) is not None:
+            if score_product(current) is not None or masked_score_product(current) is not None:
                 return "scores"
             nxt += [a for a in current.all_input_nodes if _square(a)]
         frontier = nxt
@@ -286,6 +312,14 @@ def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str 
         x = inner.core
     else:
         chain.pre += outer.factors
+    masked = None if einsum_masks else masked_score_product(x)
+    if masked is not None:  # NOTE: the mask is the score einsum's third operand
+        chain.q, chain.k, mask, axes = masked
+        chain.masks.append(mask)
+        chain.mask_axes.append(axes)
+        chain.scores = x
+        chain.nodes += [x, *chain.q.chain, *chain.k.chain]
+        return chain, None
     if einsum_masks:
         chain.masks += [m for m, _ in einsum_masks]
         chain.mask_axes += [axes for _, axes in einsum_masks]
