@@ -192,7 +192,7 @@ def test_kernel_cache_under_a_file_falls_back(tmp_path, monkeypatch, kernel_dirs
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
     fallback = _assert_falls_back_once(kernel_dirs, tmp_path / "a-file" / "kernels", "directory")
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
     import torch
 
     from rtpcompile.kernels.spec import choose

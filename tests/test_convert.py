@@ -15,7 +15,9 @@ import rtpcompile
 from rtpcompile.convert import memory_report, retrofit, select_layers
 from rtpcompile.convert.layers import RetrofitRetention
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="Hugging Face models need the transformers extra"
+)
 
 # -- placement ---------------------------------------------------------------------------------
 

@@ -249,7 +249,7 @@ def test_retrofitted_multihead_attention_model_is_fully_claimed():
 
 @pytest.mark.parametrize("use_cache, form", [(False, "auto"), (True, "chunkwise")])
 def test_retrofitted_tiny_llama_is_fully_claimed(use_cache, form):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="Hugging Face models need the transformers extra")
     model = tiny_hf("llama", layers=3)
     handle = rtpcompile.retrofit(model, ratio=1.0)
     report = rtpcompile.explain(model, token_ids(), use_cache=use_cache)

@@ -10,7 +10,9 @@ from torch import nn
 
 from rtpcompile.convert import distill, retrofit
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip(
+    "transformers", reason="Hugging Face models need the transformers extra"
+)
 
 
 def _llama():

@@ -29,7 +29,7 @@ from rtpcompile.backend import counters as backend_counters
 from rtpcompile.lowering import reference
 from rtpcompile.nn import RTPHybridLM, default_config
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from rtpcompile.kernels import launch  # noqa: E402
 

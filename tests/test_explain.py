@@ -96,7 +96,7 @@ def test_nothing_to_report(no_inductor):
 def test_kernels_of_a_region_on_a_gpu(no_inductor):
     """Report.kernels: the generated kernels a claimed region would launch on a GPU (the
     Triton cost model's form and blocks; meta tensors, nothing compiled or launched)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
     report = explain(TwoLayers(), *_inputs(T=300))
     index = report.regions.index(report.claimed[0])
     fwd = report.kernels(index, batch=4)
@@ -114,7 +114,7 @@ def test_kernels_of_a_region_on_a_gpu(no_inductor):
 
 
 def test_kernels_of_a_recurrent_step_keep_its_state(no_inductor):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
     gen = torch.Generator().manual_seed(1)
     q, k = (torch.randn(B, H, K, generator=gen) for _ in range(2))
     v, s = torch.randn(B, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)

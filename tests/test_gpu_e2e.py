@@ -21,7 +21,7 @@ import rtpcompile
 from rtpcompile import ops
 from rtpcompile.nn import default_model
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from test_e2e_triton_cpu import (  # noqa: E402
     check_errors,

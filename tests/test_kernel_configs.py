@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from rtpcompile import kernels, ops  # noqa: E402
 from rtpcompile.kernels import cache, codegen, launch  # noqa: E402

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from conftest import clean_rtp_env  # noqa: E402
 from test_kernels import check, make  # noqa: E402

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from rtpcompile.kernels import codegen, launch  # noqa: E402
 from rtpcompile.kernels.spec import (  # noqa: E402

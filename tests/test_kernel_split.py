@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from test_kernels import check, close, make  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from rtpcompile import kernels  # noqa: E402
 from rtpcompile.kernels import codegen, launch  # noqa: E402

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from rtpcompile.kernels import aot  # noqa: E402
 from rtpcompile.kernels.spec import choose  # noqa: E402

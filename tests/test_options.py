@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -37,7 +38,7 @@ def test_unknown_option_lists_valid_ones():
     ],
 )
 def test_bad_values(name, value, message):
-    with pytest.raises(ValueError, match=pytest.importorskip("re").escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         options.resolve({name: value})
 
 

@@ -129,7 +129,7 @@ def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
     number other than 0 -- ``i - j < W``, ``clamp(max=W)``, ``triu(diagonal=-W)``: a window the
     proof, which evaluates a few lengths, would miss once T grows past it. None otherwise."""
     for mask in masks:
-        values, _ = view.data_ancestors(mask)
+        values, _, _ = subgraph(view, mask)
         for node in view.sorted(values | {mask}):
             if node.op not in ("call_function", "call_method"):
                 continue
@@ -157,7 +157,7 @@ def trainable_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> lis
     index = {node: i for i, node in enumerate(view.placeholders)}
     found = []
     for mask in masks:
-        values, _ = view.data_ancestors(mask)
+        values, _, _ = subgraph(view, mask)
         for node in view.sorted(values | {mask}):
             value = inputs[index[node]] if node in index and index[node] < len(inputs) else None
             if is_tensor(value) and value.requires_grad and value.is_floating_point():
@@ -420,7 +420,7 @@ def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
     t_example = lengths_for(seq)[-1]
     sizes = set()
     for mask in masks:
-        values, _ = view.data_ancestors(mask)
+        values, _, _ = subgraph(view, mask)
         for node in values:
             value = example(node)
             if node.op == "placeholder" and is_tensor(value):
@@ -477,7 +477,7 @@ def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: _Sizes) -> int:
     """
     largest = 0
     for mask in masks:
-        values, _ = view.data_ancestors(mask)
+        values, _, _ = subgraph(view, mask)
         for node in values | {mask}:
             value = example(node)
             if is_tensor(value):
