@@ -572,11 +572,16 @@ def test_fit_decay_rejects(mask, words):
 
 
 class ChunkStep(nn.Module):
-    """One chunk of the chunkwise form: parallel term + cross term + state update."""
+    """One chunk of the chunkwise form: parallel term + cross term + state update.
 
-    def __init__(self):
+    ``score_scale`` (None: none) scales the scores and the cross term -- by ``cross_scale`` if
+    given; the scaled variant also reads k and v through no-op casts, as ``rtpcompile.nn`` does.
+    """
+
+    def __init__(self, score_scale: float | None = None, cross_scale: float | None = None):
         super().__init__()
         self.register_buffer("gamma", gamma_of())
+        self.score_scale, self.cross_scale = score_scale, cross_scale
 
     def forward(self, q, k, v, state):
         C = q.shape[2]
@@ -585,7 +590,12 @@ class ChunkStep(nn.Module):
         diff = idx[:, None] - idx[None, :]
         inner = torch.exp(log_g[..., None] * diff.clamp(min=0)) * (diff >= 0)
         cross = (q * torch.exp(log_g * (idx + 1))[..., None]) @ state
-        o = (q @ k.transpose(-1, -2) * inner) @ v + cross
+        scores = q @ k.transpose(-1, -2)
+        if self.score_scale is not None:
+            scores = scores * self.score_scale
+            cross = cross * (self.score_scale if self.cross_scale is None else self.cross_scale)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        o = (scores * inner) @ v + cross
         k_decay = torch.exp(log_g * (C - 1 - idx))[..., None]
         new_state = torch.exp(log_g * C)[..., None] * state + (k * k_decay).transpose(-1, -2) @ v
         return o, new_state
@@ -610,29 +620,13 @@ def test_chunk_step_with_a_wrong_cross_decay_stays_parallel():
 
 
 class ScaledChunkStep(ChunkStep):
-    """The chunk step with a number scaling the scores (``score_scale``) and the cross term
-    (``cross_scale``; None: the same attribute), k and v read through no-op casts as
-    ``rtpcompile.nn`` writes it.
+    """``ChunkStep(score_scale, cross_scale)``; ``cross_scale`` None is the same attribute.
 
     NOTE: Dynamo may turn each float attribute into its own graph input, so two attributes with
     equal values are not provably equal: "the same scale" is the same attribute here."""
 
     def __init__(self, score_scale: float, cross_scale: float | None):
-        super().__init__()
-        self.score_scale, self.cross_scale = score_scale, cross_scale
-
-    def forward(self, q, k, v, state):
-        C = q.shape[2]
-        log_g = torch.log(self.gamma)[:, None]
-        idx = torch.arange(C)
-        diff = idx[:, None] - idx[None, :]
-        inner = torch.exp(log_g[..., None] * diff.clamp(min=0)) * (diff >= 0)
-        cross_scale = self.score_scale if self.cross_scale is None else self.cross_scale
-        cross = ((q * torch.exp(log_g * (idx + 1))[..., None]) @ state) * cross_scale
-        o = (q @ k.transpose(-1, -2) * self.score_scale * inner) @ v + cross
-        k_decay = torch.exp(log_g * (C - 1 - idx))[..., None]
-        kv = (k.to(q.dtype) * k_decay).transpose(-1, -2) @ v.to(q.dtype)
-        return o, kv + torch.exp(log_g * C)[..., None] * state
+        super().__init__(score_scale, cross_scale)
 
 
 @pytest.mark.parametrize(
