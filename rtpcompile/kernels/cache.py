@@ -35,6 +35,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .cache_schema import (  # noqa: F401 - re-exported: the schema's names predate its module
+    ENTRY_FIELDS,
+    FORMS,
+    KEY_FIELDS,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    VALUE_FIELDS,
+    check_fields,
+    check_key,
+    check_value,
+    value_shape,
+)
+
 log = logging.getLogger("rtpcompile")
 
 FORMAT_VERSION = 1
@@ -42,32 +55,7 @@ EXPORT_FORMAT = "rtpcompile-autotune"
 MODES = ("on", "off", "readonly")
 _MODE_ALIASES = {"1": "on", "true": "on", "yes": "on", "": "on", "0": "off", "false": "off",
                  "no": "off", "ro": "readonly"}  # fmt: skip
-FORMS = ("parallel", "chunkwise", "recurrent")
 
-# field -> allowed JSON types; a key or entry with any other field is a miss
-KEY_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "version": int,
-    "source": str,
-    "spec": dict,
-    "device": str,
-    "capability": str,
-    "torch": str,
-    "triton": str,
-    "dtype": str,
-    "bucket": dict,
-}
-VALUE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "form": str,
-    "chunk_size": int,
-    "config": dict,
-    "time_ms": (float, int, type(None)),
-    "timings": dict,
-}
-ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {"key": dict, "value": dict, "created": float}
-# NOTE: the chunk sizes the tuner tries (lowering/tune.py CHUNKS, TRITON_CHUNKS: powers of two in
-# [16, 256]); an entry may also hold the chunk its key forced (key.spec.chunk), any positive size
-MIN_CHUNK = 16
-MAX_CHUNK = 256
 _TMP_PREFIX = ".tmp-"
 # NOTE: what a file written for users (an export) gets, before the umask (0644 under umask 022)
 _SHARED_MODE = 0o666
@@ -115,88 +103,9 @@ def key_id(key: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_fields(obj: Any, fields: dict, what: str) -> str | None:
-    if not isinstance(obj, dict):
-        return f"{what} is {type(obj).__name__}, expected an object"
-    missing = sorted(set(fields) - set(obj))
-    unknown = sorted(set(obj) - set(fields))
-    if missing or unknown:
-        return f"{what} has missing fields {missing} / unknown fields {unknown}"
-    for name, kinds in fields.items():
-        value = obj[name]
-        # NOTE: bool is an int subclass in Python; a JSON true is never a valid number here.
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            return f"{what}.{name} is {type(value).__name__}"
-    return None
-
-
-def _scalar_map(obj: dict, what: str, kinds: tuple[type, ...]) -> str | None:
-    for name, value in obj.items():
-        if not isinstance(name, str) or not isinstance(value, kinds):
-            return f"{what}[{name!r}] is {type(value).__name__}"
-    return None
-
-
-def check_key(key: Any) -> str | None:
-    """None when ``key`` is a well-formed cache key, else why not."""
-    reason = _check_fields(key, KEY_FIELDS, "key")
-    if reason is None:
-        reason = _scalar_map(key["spec"], "key.spec", (str, int, bool))
-    if reason is None and not all(type(v) is int for v in key["bucket"].values()):
-        reason = "key.bucket values must be integers"
-    return reason
-
-
-def _value_shape(value: Any) -> str | None:
-    """None when ``value`` has the fields and types of a tuning result, else why not."""
-    reason = _check_fields(value, VALUE_FIELDS, "value")
-    if reason is not None:
-        return reason
-    if value["form"] not in FORMS:
-        return f"value.form {value['form']!r} is not one of {list(FORMS)}"
-    if value["chunk_size"] < 0:
-        return f"value.chunk_size {value['chunk_size']} is negative"
-    if not all(isinstance(k, str) and type(v) is int for k, v in value["config"].items()):
-        return "value.config must map names to integers"
-    return _scalar_map(value["timings"], "value.timings", (float, int, type(None)))
-
-
-def check_value(value: Any, key: dict[str, Any] | None = None) -> str | None:
-    """None when ``value`` is a usable tuning result (for ``key`` when given), else why not.
-
-    Beyond its shape: the chunk size must be one the tuner tries (a power of two in
-    [MIN_CHUNK, MAX_CHUNK]) or the chunk ``key`` forces, and the config must pass
-    ``kernels.check_config`` and be empty for the aten backend, which has no kernel blocks.
-    """
-    reason = _value_shape(value) or _chunk_problem(value["chunk_size"], key)
-    return reason or _config_problem(value["config"], key)
-
-
-def _chunk_problem(chunk: int, key: dict[str, Any] | None) -> str | None:
-    forced = key["spec"].get("chunk") if key is not None else None
-    if chunk == forced and type(forced) is int and forced > 0:
-        return None
-    if MIN_CHUNK <= chunk <= MAX_CHUNK and not chunk & (chunk - 1):
-        return None
-    return f"value.chunk_size must be a power of two in [{MIN_CHUNK}, {MAX_CHUNK}], got {chunk}"
-
-
-def _config_problem(config: dict, key: dict[str, Any] | None) -> str | None:
-    # NOTE: blocks.py is standard-library only, like this module
-    from .blocks import check_config
-
-    if config and key is not None and key["spec"].get("backend") == "aten":
-        return f"value.config must be empty for the aten backend, got {config}"
-    try:
-        check_config(config)
-    except ValueError as exc:
-        return f"value.config: {exc}"
-    return None
-
-
 def check_entry(entry: Any) -> str | None:
     """None when ``entry`` is a valid cache entry of the current format version, else why not."""
-    reason = _check_fields(entry, ENTRY_FIELDS, "entry")
+    reason = check_fields(entry, ENTRY_FIELDS, "entry")
     if reason is None:
         reason = check_key(entry["key"]) or check_value(entry["value"], entry["key"])
     if reason is None and entry["key"]["version"] != FORMAT_VERSION:
@@ -279,7 +188,7 @@ def store(key: dict[str, Any], value: dict[str, Any]) -> bool:
     the tuner would never choose (``check_value``) is stored, and read back as a miss.
     """
     # NOTE: tests plant such entries through store() to check that readers reject them
-    reason = check_key(key) or _value_shape(value)
+    reason = check_key(key) or value_shape(value)
     if reason is not None:
         raise ValueError(f"refusing to store an invalid cache entry: {reason}")
     if mode() != "on":
