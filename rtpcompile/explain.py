@@ -8,13 +8,17 @@ lowering the runtime planner picks for these shapes or the reason it was decline
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import types
 
 import torch
+from torch._dynamo.utils import counters
 
 from .detect import find_regions
+from .detect.graph_view import GraphView
+from .detect.patterns_parallel import scores_leaving_graph
 from .detect.region import Region
 
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
@@ -118,6 +122,7 @@ class Report:
 
     regions: list[Region]
     graphs: int = 0
+    graph_breaks: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def claimed(self) -> list[Region]:
@@ -166,11 +171,15 @@ class Report:
         )
         rows = self.rows()
         if not rows:
-            return head + "\n(no retention candidates found)"
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
-        lines = [head, "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+            lines = [head, "(no retention candidates found)"]
+        else:
+            widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
+            lines = [head, "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
+            lines.append("  ".join("-" * w for w in widths))
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        if self.graph_breaks:
+            lines.append(f"graph breaks ({len(self.graph_breaks)}):")
+            lines += [f"  {reason}" for reason in self.graph_breaks]
         return "\n".join(line.rstrip() for line in lines)
 
     __repr__ = __str__
@@ -183,18 +192,33 @@ def explain(model, *args, **kwargs) -> Report:
 
     configure_logging(resolve(None).log)
     report = Report([])
+    at_breaks: list[Region] = []
 
     def collect(gm, example_inputs, **_):
         report.graphs += 1
         report.regions.extend(find_regions(gm, example_inputs))
+        at_breaks.extend(scores_leaving_graph(GraphView(gm)))
         return gm.forward
 
+    before = collections.Counter(counters["graph_break"])
     compiled = torch.compile(model, backend=collect, dynamic=True)
     try:
         compiled(*args, **kwargs)
     finally:
         _forget(model)
+    broken = collections.Counter(counters["graph_break"]) - before
+    report.graph_breaks = [_first_line(reason) for reason in broken.elements()]
+    if report.graph_breaks:  # NOTE: without a break, scores returned from a graph are its result
+        report.regions.extend(at_breaks)
     return report
+
+
+def _first_line(reason: str) -> str:
+    """Dynamo's graph-break reason, short: its first line and its explanation when given."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    text = lines[0] if lines else "unknown reason"
+    why = next((ln for ln in lines[1:] if ln.startswith("Explanation:")), None)
+    return f"{text} ({why.removeprefix('Explanation:').strip()})" if why else text
 
 
 def _forget(model) -> None:

@@ -168,3 +168,44 @@ def test_softmax_attention_is_named_as_declined(no_inductor):
     q, k, v, _ = _inputs(T=7)
     (region,) = explain(Softmax(), q, k, v).regions
     assert region.written == "softmax attention" and "not retention" in region.reason
+
+
+class BrokenInside(TwoLayers):
+    """Retention with a graph break between its scores and their product with V."""
+
+    def forward(self, q, k, v, pad):
+        scores = q @ k.transpose(-1, -2) * self.decay(q.shape[2])
+        torch._dynamo.graph_break()
+        return scores @ v
+
+
+def test_a_region_split_by_a_graph_break_is_named_with_the_break(no_inductor):
+    q, k, v, pad = _inputs(T=9)
+    report = explain(BrokenInside(), q, k, v, pad)
+    (region,) = report.regions
+    assert not region.claimed and region.written == "scores at a graph break"
+    assert "graph break splits the region" in region.reason
+    assert "test_explain.py" in region.where
+    assert len(report.graph_breaks) == 1 and "graph breaks (1):" in str(report)
+
+
+def test_scores_returned_without_a_graph_break_are_not_a_split_region(no_inductor):
+    class Similarity(nn.Module):
+        def forward(self, q, k):
+            return q @ k.transpose(-1, -2)
+
+    q, k, _, _ = _inputs(T=9)
+    report = explain(Similarity(), q, k)
+    assert report.regions == [] and report.graph_breaks == []
+
+
+def test_a_graph_break_elsewhere_keeps_the_region_claimed(no_inductor):
+    class BreakAfter(TwoLayers):
+        def forward(self, q, k, v, pad):
+            out = (q @ k.transpose(-1, -2) * self.decay(q.shape[2])) @ v
+            torch._dynamo.graph_break()
+            return out * 2
+
+    q, k, v, pad = _inputs(T=9)
+    report = explain(BreakAfter(), q, k, v, pad)
+    assert [r.claimed for r in report.regions] == [True] and len(report.graph_breaks) == 1

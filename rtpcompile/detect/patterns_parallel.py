@@ -156,6 +156,43 @@ def softmax_attention(view: GraphView) -> list[Region]:
     return found
 
 
+def scores_leaving_graph(view: GraphView) -> list[Region]:
+    """A declined region per graph output that holds retention-like scores (a Q K^T product,
+    possibly masked) with no product against V after it in this graph. After a graph break
+    (explain() asks only then), Dynamo ended the graph inside a region, so its two halves are
+    never seen together."""
+    found = []
+    for out in view.sorted(view.outputs):
+        if _leads_to_scores(out) != "scores" or _reaches_product(view, out):
+            continue
+        found.append(
+            Region(
+                written="scores at a graph break",
+                where=where(out),
+                output=out.name,
+                reason="the scores leave the graph before their product with V: a graph break "
+                "splits the region (see the report's graph breaks; fullgraph=True names it); "
+                "move what breaks the graph out of the retention",
+            )
+        )
+    return found
+
+
+def _reaches_product(view: GraphView, node: fx.Node) -> bool:
+    """Whether a matrix product in this graph reads ``node``'s value, directly or not."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        for user in view.g.successors(current):
+            if user in seen or view.g.edges[current, user]["meta"]:
+                continue
+            if view.kind(user) in ("matmul", "einsum"):
+                return True
+            seen.add(user)
+            stack.append(user)
+    return False
+
+
 def _value_product(o: fx.Node):
     if parse_einsum(o) is None:
         if len(o.args) == 2 and all(isinstance(x, fx.Node) for x in o.args):
