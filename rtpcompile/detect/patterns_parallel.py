@@ -49,6 +49,9 @@ class _Chain:
     scores: fx.Node | None = None
     q: Layout | None = None
     k: Layout | None = None
+    # a 0/1 causal step beside a decay product (``s.masked_fill(~c, 0) * decay``): its condition
+    # (None for tril) joins the proof, not the run time (the proven product equals tril x decay)
+    causal: tuple[str, fx.Node | None] | None = None
 
 
 def score_product(node: fx.Node) -> tuple[Layout, Layout] | None:
@@ -282,15 +285,73 @@ def _apply_mask(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
             return "dropout on the scores"
         chain.nodes.append(x)
         return _apply_mask(view, chain, x.args[0])
-    if kind == "mul" and len(x.args) == 2 and not any(is_scalar(a) for a in x.args):
-        leaves = _mul_leaves(view, x, chain)
-        scores = [leaf for leaf in leaves if score_product(peel(leaf).core) is not None]
-        if len(scores) != 1:
-            return "no single score product under the mask product"
-        chain.masks += [leaf for leaf in leaves if leaf is not scores[0]]
+    if _is_product(x):
+        return _decay_product(view, chain, x)
+    if kind in _CAUSAL_STEPS:
+        reason = _causal_step(view, chain, x)
+        inner = peel(chain.scores) if reason is None else None
+        if inner is None or chain.causal is not None or not _is_product(inner.core):
+            return reason
+        # NOTE: the causal step is applied to a decay product: (s * decay).masked_fill(~c, 0)
+        _as_causal(chain)
+        chain.nodes += inner.chain
+        chain.pre += inner.factors
+        return _decay_product(view, chain, inner.core)
+    name = getattr(x.target, "__name__", str(x.target))
+    return f"{name!r} on the scores is not a multiplicative decay mask"
+
+
+_CAUSAL_STEPS = ("tril", "masked_fill", "where")
+
+
+def _is_product(x: fx.Node) -> bool:
+    return kind_of(x) == "mul" and len(x.args) == 2 and not any(is_scalar(a) for a in x.args)
+
+
+def _decay_product(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
+    """The scores times decay tensors; the scores may sit under one 0/1 causal step."""
+    leaves = _mul_leaves(view, x, chain)
+    scores = [leaf for leaf in leaves if score_product(peel(leaf).core) is not None]
+    steps = [leaf for leaf in leaves if _masks_scores(view, peel(leaf).core)]
+    if not scores and len(steps) == 1 and chain.causal is None:
+        step = peel(steps[0])
+        chain.masks += [leaf for leaf in leaves if leaf is not steps[0]]
         chain.mask_axes += [()] * (len(leaves) - 1)
-        chain.scores = scores[0]
-        return None
+        chain.nodes += step.chain
+        chain.pre += step.factors
+        reason = _causal_step(view, chain, step.core)
+        if reason is None:
+            _as_causal(chain)
+        return reason
+    if len(scores) != 1:
+        return "no single score product under the mask product"
+    chain.masks += [leaf for leaf in leaves if leaf is not scores[0]]
+    chain.mask_axes += [()] * (len(leaves) - 1)
+    chain.scores = scores[0]
+    return None
+
+
+def _masks_scores(view: GraphView, x: fx.Node) -> bool:
+    """Whether ``x`` is a 0/1 causal step (tril, masked_fill, where) applied to the scores."""
+    kind = view.kind(x)
+    if kind not in _CAUSAL_STEPS or len(x.args) < (2 if kind == "where" else 1):
+        return False
+    inner = x.args[1] if kind == "where" else x.args[0]
+    return isinstance(inner, fx.Node) and score_product(peel(inner).core) is not None
+
+
+def _as_causal(chain: _Chain) -> None:
+    """The 0/1 step just read becomes ``chain.causal`` beside the decay masks."""
+    kind = chain.mask_kind
+    cond = chain.masks.pop() if kind in ("fill", "where") else None
+    if cond is not None:
+        chain.mask_axes.pop()
+    chain.causal, chain.mask_kind = (kind, cond), "mul"
+
+
+def _causal_step(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
+    """Read a 0/1 causal step (tril, masked_fill(c, 0), where(c, s, 0)) at ``x``."""
+    kind = view.kind(x)
     if kind == "tril":
         diagonal = x.kwargs.get("diagonal", x.args[1] if len(x.args) > 1 else 0)
         if diagonal != 0:
@@ -407,22 +468,33 @@ def _check_shapes(chain: _Chain, v: Layout) -> str | None:
 
 
 def _mask_transform(chain: _Chain):
+    """values of ``_proof_masks(chain)`` -> the mask the scores are multiplied by."""
     kind, axes = chain.mask_kind, list(chain.mask_axes)
+    causal = chain.causal[0] if chain.causal is not None else None
+
+    def indicator(kind, value):
+        return (~value.bool() if kind == "fill" else value.bool()).double()
 
     def transform(values):
-        if kind == "fill":
-            return (~values[0].bool()).double()
-        if kind == "where":
-            return values[0].bool().double()
+        if kind in ("fill", "where"):
+            return indicator(kind, values[0])
         total = None
-        for value, dims in zip(values, axes, strict=True):
+        # NOTE: a causal step's condition comes after the decay masks
+        for value, dims in zip(values[: len(axes)], axes, strict=True):
             value = value.double() if value.dtype == torch.bool else value
             for dim in dims:
                 value = value.unsqueeze(dim)
             total = value if total is None else total * value
-        return total
+        if causal in ("fill", "where"):
+            return total * indicator(causal, values[-1])
+        return total.tril() if causal == "tril" else total
 
     return transform
+
+
+def _proof_masks(chain: _Chain) -> list[fx.Node]:
+    cond = chain.causal[1] if chain.causal is not None else None
+    return chain.masks + ([cond] if cond is not None else [])
 
 
 def _before_casts(mask: fx.Node) -> fx.Node:
@@ -453,7 +525,8 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
             if any(user not in inside for user in readers):
                 reason = "the score matrix is used elsewhere (e.g. returned as attention weights)"
                 break
-    if reason is None and chain.normaliser != "none" and chain.mask_kind != "mul":
+    zero_one = chain.mask_kind != "mul" or chain.causal is not None
+    if reason is None and chain.normaliser != "none" and zero_one:
         reason = "normaliser combined with a 0/1 mask: not supported"
     if reason is not None:
         return base.declined(reason)
@@ -464,7 +537,12 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
         proof = mask_proof.Proof(None, (1.0,))
     else:
         proof = mask_proof.prove(
-            view, chain.masks, _mask_transform(chain), inputs, scores.shape[-1], scores.dim() - 2
+            view,
+            _proof_masks(chain),
+            _mask_transform(chain),
+            inputs,
+            scores.shape[-1],
+            scores.dim() - 2,
         )
     q_shape = _canonical_shape(chain.q)
     heads = len(proof.gamma)
