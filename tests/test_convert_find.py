@@ -324,7 +324,22 @@ def test_gated_q_proj_is_refused_with_its_width():
         retrofit(model, ratio=1.0)
 
 
+class _RotaryFused(nn.Module):
+    """A fused-qkv module that takes a rotary embedding the generic converter cannot apply."""
+
+    num_heads = 4
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o_proj = nn.Linear(64, 192), nn.Linear(64, 64)
+
+    def forward(self, x, position_embeddings=None):
+        return self.o_proj(self.qkv(x)[..., :64])
+
+
 def test_predicate_messages_name_what_is_missing():
+    with pytest.raises(ValueError, match=r"takes position_embeddings .* generic converter"):
+        retrofit(nn.Sequential(_RotaryFused()), ratio=1.0, predicate=_pick(_RotaryFused))
     torch.manual_seed(0)
     cfg = transformers.Phi3Config(
         vocab_size=97,
@@ -335,9 +350,9 @@ def test_predicate_messages_name_what_is_missing():
         num_key_value_heads=4,
         pad_token_id=0,
     )
-    phi3 = transformers.Phi3ForCausalLM(cfg).eval()
-    with pytest.raises(ValueError, match=r"takes position_embeddings .* generic converter"):
-        retrofit(phi3, ratio=1.0, predicate=lambda name, m: name.endswith("self_attn"))
+    phi3 = transformers.Phi3ForCausalLM(cfg).eval()  # picked: found as its own family
+    handle = retrofit(phi3, ratio=1.0, predicate=lambda name, m: name.endswith("self_attn"))
+    assert handle.sites[0].family == "phi3" and handle.converted == [0]
     headless = _SplitGQA()
     del headless.num_heads
     with pytest.raises(ValueError, match=r"not recognised \(no head count attribute.*qkv_proj"):

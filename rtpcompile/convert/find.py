@@ -2,7 +2,8 @@
 
 Discovery is structural: a module is recognised by the projections it owns, not by its class
 name, so every Hugging Face decoder written in the Llama style (Llama, Mistral, Qwen2, ...) and
-GPT-2's fused ``c_attn`` are found without a per-model table. Retention is causal
+GPT-2's fused ``c_attn`` are found without a per-model table (Phi-3, GPT-NeoX, Phi and Falcon
+layouts: ``families``). Retention is causal
 self-attention, so cross-attention and bidirectional (encoder) attention are found but never
 offered for conversion (``survey`` lists them with the reason), and layers an earlier retrofit
 already converted are recognised as retention. Nothing here mutates the model.
@@ -10,18 +11,27 @@ already converted are recognised as retention. Nothing here mutates the model.
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
 
-FAMILIES = ("llama", "gpt2", "mha", "generic")
+from .families import (
+    FUSED_FAMILIES,
+    LOOKED_FOR_FUSED,
+    classify_fused,
+    fused_geometry,
+    fused_problem,
+)
+from .placement import round_half_up, select_layers  # noqa: F401  (re-exported)
+from .rules import forward_parameters
+
+FAMILIES = ("llama", "gpt2", *FUSED_FAMILIES, "mha", "generic")
 
 LOOKED_FOR = (
     "Hugging Face decoder attention with q_proj/k_proj/v_proj/o_proj (Llama, Mistral, Qwen2, ...), "
-    "GPT-2 attention with a fused c_attn and c_proj, torch.nn.MultiheadAttention, or (with "
+    f"GPT-2 attention with a fused c_attn and c_proj, {LOOKED_FOR_FUSED}, "
+    "torch.nn.MultiheadAttention, or (with "
     "predicate=) a module with q_proj/k_proj/v_proj or a fused qkv/Wqkv/qkv_proj Linear, an "
     "output projection (o_proj/out_proj/proj/c_proj) and a num_heads/n_heads/n_head/"
     "num_attention_heads attribute (on the module or its config)"
@@ -143,6 +153,9 @@ def classify(module: nn.Module, allow_generic: bool) -> str | None:
     if _has(module, "c_attn", "c_proj") and hasattr(module, "num_heads"):
         if hasattr(module, "split_size"):
             return "gpt2"
+    family = classify_fused(module)
+    if family is not None:
+        return family
     if allow_generic and _head_count(module) is not None and _out_proj(module) is not None:
         if _has(module, "q_proj", "k_proj", "v_proj") or _fused_qkv(module) is not None:
             return "generic"
@@ -228,10 +241,12 @@ def _width_problem(module: nn.Module, family: str) -> str | None:
                 f"heads * head_dim {dim} (e.g. a gated attention whose q_proj also carries an "
                 "output gate); a converted layer could not split it"
             )
-    if family == "generic" and "position_embeddings" in _forward_parameters(module):
+    if family in FUSED_FAMILIES:
+        return fused_problem(module, family)
+    if family == "generic" and "position_embeddings" in forward_parameters(module):
         return (
-            "its forward takes position_embeddings (a rotary embedding, e.g. Phi-3's attention "
-            "with a fused qkv_proj), which the generic converter would not apply"
+            "its forward takes position_embeddings (a rotary embedding), which the generic "
+            "converter would not apply"
         )
     if family == "gpt2":
         heads, dim = int(module.num_heads), int(module.head_dim)
@@ -243,13 +258,6 @@ def _width_problem(module: nn.Module, family: str) -> str | None:
                 f"head_dim {dim} = {(heads + 2 * kv) * dim}"
             )
     return None
-
-
-def _forward_parameters(module: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return []
 
 
 def _gpt2_kv_heads(module: nn.Module) -> int:
@@ -286,6 +294,8 @@ def _describe(index: int, name: str, module: nn.Module, family: str) -> Attentio
         heads = int(module.num_heads)
         dim = int(module.head_dim)
         kv_heads = _gpt2_kv_heads(module)
+    elif family in FUSED_FAMILIES:
+        heads, kv_heads, dim = fused_geometry(module, family)
     else:
         heads, kv_heads, dim = _generic_geometry(name, module)
     layer_idx = getattr(module, "layer_idx", None)
@@ -362,48 +372,3 @@ def _generic_geometry(name: str, module: nn.Module) -> tuple[int, int, int]:
             "v_proj for GQA)"
         )
     return heads, kv, dim
-
-
-def round_half_up(x: float) -> int:
-    # NOTE: not round(): Python rounds half to even, so ratio=0.5 of 3 layers would give 2.
-    return int(math.floor(x + 0.5 + 1e-9))
-
-
-def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
-    """Indices (into the attention modules found) that become retention.
-
-    ``placement``: "front" (the first round(ratio * L) layers), "back" (the last ones),
-    "interleave:N" (in every group of N consecutive layers the first N - 1 are converted and the
-    last keeps attention; ``ratio`` is ignored), or an explicit list of layer indices.
-    """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        raise ValueError(f"ratio (fraction of layers converted) must be in [0, 1], got {ratio!r}")
-    if isinstance(placement, (list, tuple, range)):
-        return _explicit(num_layers, list(placement))
-    count = round_half_up(ratio * num_layers)
-    if placement == "front":
-        return list(range(count))
-    if placement == "back":
-        return list(range(num_layers - count, num_layers))
-    if isinstance(placement, str) and placement.startswith("interleave:"):
-        period = placement.partition(":")[2]
-        if not period.isdigit() or int(period) < 2:
-            raise ValueError(
-                f"interleave needs a period N >= 2 ('interleave:4'), got {placement!r}"
-            )
-        n = int(period)
-        return [i for i in range(num_layers) if (i + 1) % n != 0]
-    raise ValueError(
-        "placement must be 'front', 'back', 'interleave:N' or a list of layer indices, "
-        f"got {placement!r}"
-    )
-
-
-def _explicit(num_layers: int, indices: list) -> list[int]:
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -num_layers <= i < num_layers:
-            raise ValueError(
-                f"layer index {i!r} is out of range for {num_layers} attention layers "
-                f"(expected 0..{num_layers - 1})"
-            )
-    return sorted({i % num_layers for i in indices})

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .. import ops
 from .cache import key_valid, layer_slot, mha_valid
 from .decay import decay_dtype, param_dtype, resolve_decay
-from .find import AttentionSite, round_half_up
+from .find import AttentionSite
+from .placement import round_half_up
 from .rules import (
     CHILDREN,
     CROSS_KWARGS,
@@ -35,6 +36,7 @@ from .rules import (
     check_own_parameters,
     llama_rotary,
     qk_norm_mode,
+    rotate,
 )
 
 
@@ -234,18 +236,6 @@ class LlamaStyleRetention(RetrofitRetention):
             q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        rot = cos.shape[-1]
-        if rot > self.head_dim or rot % 2:
-            raise ValueError(
-                f"rotary cos/sin of width {rot} do not fit head_dim {self.head_dim} "
-                "(expected an even width <= head_dim)"
-            )
-        if rot == self.head_dim:
-            return self.rotary_fn(q, k, cos, sin)
-        qr, kr = self.rotary_fn(q[..., :rot], k[..., :rot], cos, sin)  # partial rotary
-        return torch.cat([qr, q[..., rot:]], dim=-1), torch.cat([kr, k[..., rot:]], dim=-1)
-
     def forward(
         self,
         hidden_states: Tensor,
@@ -262,7 +252,7 @@ class LlamaStyleRetention(RetrofitRetention):
                 )
         q, k, v = self._project(hidden_states)
         if position_embeddings is not None and self.use_rotary:
-            q, k = self._rotate(q, k, *position_embeddings)
+            q, k = rotate(self.rotary_fn, q, k, *position_embeddings)
         return self.o_proj(self.mix(q, k, v, past_key_values, attention_mask)), None
 
 
@@ -398,3 +388,8 @@ CONVERTERS = {
     "mha": MultiheadRetention,
     "generic": GenericRetention,
 }
+
+# NOTE: imported last: the family layers subclass RetrofitRetention defined above.
+from .family_layers import FAMILY_CONVERTERS  # noqa: E402
+
+CONVERTERS.update(FAMILY_CONVERTERS)

@@ -15,11 +15,13 @@ import functools
 import inspect
 import operator
 import textwrap
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .find import AttentionSite
+if TYPE_CHECKING:  # NOTE: find imports this module (through families)
+    from .find import AttentionSite
 
 
 def llama_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,6 +35,21 @@ def llama_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def rotate(fn, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply the family's rotary ``fn`` to q/k [B, H, T, D]; cos/sin narrower than D (partial
+    rotary: GLM, StableLM, Phi, GPT-NeoX) rotate the first channels, the rest pass through."""
+    rot, dim = cos.shape[-1], q.shape[-1]
+    if rot > dim or rot % 2:
+        raise ValueError(
+            f"rotary cos/sin of width {rot} do not fit head_dim {dim} "
+            "(expected an even width <= head_dim)"
+        )
+    if rot == dim:
+        return fn(q, k, cos, sin)
+    qr, kr = fn(q[..., :rot], k[..., :rot], cos, sin)
+    return torch.cat([qr, q[..., rot:]], dim=-1), torch.cat([kr, k[..., rot:]], dim=-1)
+
+
 @functools.cache
 def _forward_tree(cls: type) -> ast.AST | None:
     """The parsed ``forward`` of an attention class, None when its source cannot be read."""
@@ -42,12 +59,14 @@ def _forward_tree(cls: type) -> ast.AST | None:
         return None
 
 
-def applies_rotary(original: nn.Module) -> bool:
+def applies_rotary(original: nn.Module, assume: dict | None = None) -> bool:
     """Whether ``original`` rotates q/k with the position embeddings it is given.
 
     True when its ``forward`` calls a rotary function unconditionally (or its source cannot be
     read, or it names no rotary function: the converted layer then rotates whenever it is given
-    cos/sin, as before). A guarded call is decided by evaluating the guard on the module.
+    cos/sin, as before). A guarded call is decided by evaluating the guard on the module, with
+    the ``forward`` arguments named in ``assume`` taken at the given value (Falcon's
+    ``if alibi is None``: ALiBi layers are never converted, so ``alibi`` is None).
     """
     tree = _forward_tree(type(original))
     if tree is None:
@@ -57,7 +76,8 @@ def applies_rotary(original: nn.Module) -> bool:
     if not guards:
         return True
     name = type(original).__name__
-    return any(all(_truth(test, want, original, name) for test, want in g) for g in guards)
+    names = assume or {}
+    return any(all(_truth(test, want, original, name, names) for test, want in g) for g in guards)
 
 
 def attention_softcap(original: nn.Module) -> float | None:
@@ -80,6 +100,28 @@ def attention_softcap(original: nn.Module) -> float | None:
                 f"softcap={ast.unparse(found[0])}, a value the converter cannot read"
             ) from None
     return float(cap) if isinstance(cap, (int, float)) and cap else None
+
+
+def forward_parameters(module: nn.Module) -> list[str]:
+    """The parameter names of ``module.forward`` (empty when they cannot be read)."""
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def returned_values(original: nn.Module) -> int | None:
+    """How many values ``original.forward`` returns when every ``return`` in it is a tuple of
+    the same length, else None (unknown: no source, or a return of another form)."""
+    tree = _forward_tree(type(original))
+    if tree is None:
+        return None
+    lengths = {
+        len(node.value.elts) if isinstance(node.value, ast.Tuple) else None
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Return)
+    }
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 def _rotary_guards(node: ast.AST, path: list[tuple[ast.expr, bool]]):
@@ -113,10 +155,10 @@ _COMPARE = {
 }
 
 
-def _truth(test: ast.expr, want: bool, module: nn.Module, name: str) -> bool:
+def _truth(test: ast.expr, want: bool, module: nn.Module, name: str, names: dict) -> bool:
     """Whether the branch (``want``) of ``if test`` is taken for ``module``."""
     try:
-        return bool(_value(test, module)) == want
+        return bool(_value(test, module, names)) == want
     except _Unreadable:
         raise ValueError(
             f"cannot convert {name}: it applies the rotary embedding only when "
@@ -132,9 +174,11 @@ class _Unreadable(Exception):
 _GIVEN = object()  # stands for the cos/sin a call passes
 
 
-def _value(node: ast.expr, module: nn.Module):
+def _value(node: ast.expr, module: nn.Module, names: dict | None = None):
     if isinstance(node, ast.Constant):
         return node.value
+    if isinstance(node, ast.Name) and names and node.id in names:
+        return names[node.id]
     if isinstance(node, ast.Name) and node.id == "self":
         return module
     if isinstance(node, ast.Name) and node.id == "position_embeddings":
@@ -142,17 +186,18 @@ def _value(node: ast.expr, module: nn.Module):
         # makes the same check at run time, so here the embeddings count as given.
         return _GIVEN
     if isinstance(node, ast.Attribute):
-        owner = _value(node.value, module)
+        owner = _value(node.value, module, names)
         if not hasattr(owner, node.attr):
             raise _Unreadable
         return getattr(owner, node.attr)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        return not _value(node.operand, module)
+        return not _value(node.operand, module, names)
     if isinstance(node, ast.BoolOp):
-        values = [bool(_value(v, module)) for v in node.values]
+        values = [bool(_value(v, module, names)) for v in node.values]
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
-        left, right = _value(node.left, module), _value(node.comparators[0], module)
+        left = _value(node.left, module, names)
+        right = _value(node.comparators[0], module, names)
         return _COMPARE[type(node.ops[0])](left, right)
     raise _Unreadable
 

@@ -1,0 +1,50 @@
+"""Which of the attention layers found become retention: ratio and placement."""
+
+from __future__ import annotations
+
+import math
+
+
+def round_half_up(x: float) -> int:
+    # NOTE: not round(): Python rounds half to even, so ratio=0.5 of 3 layers would give 2.
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
+    """Indices (into the attention modules found) that become retention.
+
+    ``placement``: "front" (the first round(ratio * L) layers), "back" (the last ones),
+    "interleave:N" (in every group of N consecutive layers the first N - 1 are converted and the
+    last keeps attention; ``ratio`` is ignored), or an explicit list of layer indices.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"ratio (fraction of layers converted) must be in [0, 1], got {ratio!r}")
+    if isinstance(placement, (list, tuple, range)):
+        return _explicit(num_layers, list(placement))
+    count = round_half_up(ratio * num_layers)
+    if placement == "front":
+        return list(range(count))
+    if placement == "back":
+        return list(range(num_layers - count, num_layers))
+    if isinstance(placement, str) and placement.startswith("interleave:"):
+        period = placement.partition(":")[2]
+        if not period.isdigit() or int(period) < 2:
+            raise ValueError(
+                f"interleave needs a period N >= 2 ('interleave:4'), got {placement!r}"
+            )
+        n = int(period)
+        return [i for i in range(num_layers) if (i + 1) % n != 0]
+    raise ValueError(
+        "placement must be 'front', 'back', 'interleave:N' or a list of layer indices, "
+        f"got {placement!r}"
+    )
+
+
+def _explicit(num_layers: int, indices: list) -> list[int]:
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -num_layers <= i < num_layers:
+            raise ValueError(
+                f"layer index {i!r} is out of range for {num_layers} attention layers "
+                f"(expected 0..{num_layers - 1})"
+            )
+    return sorted({i % num_layers for i in indices})
