@@ -638,3 +638,42 @@ def test_a_scaled_chunk_step_merges_only_with_the_same_scale(score_scale, cross_
     model = ScaledChunkStep(score_scale, cross_scale)
     found = regions(model, q, k, v, torch.randn(B, H, K, V))
     assert [r.written for r in found if r.claimed] == [written]
+
+
+class TwoDecayParams(nn.Module):
+    """A chunk step whose mask decays with parameter ``a`` and whose cross term and state update
+    decay with ``b``: equal at initialisation, apart once trained (``shared``: b is a)."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        logit = torch.logit(gamma_of().double())
+        self.a = nn.Parameter(logit.clone())
+        self.b = self.a if shared else nn.Parameter(logit.clone())
+
+    def forward(self, q, k, v, state):
+        C = q.shape[2]
+        la, lb = (F.logsigmoid(p)[:, None] for p in (self.a, self.b))
+        idx = torch.arange(C)
+        diff = idx[:, None] - idx[None, :]
+        inner = torch.exp(la[..., None] * diff.clamp(min=0)) * (diff >= 0)
+        cross = (q * torch.exp(lb * (idx + 1))[..., None]) @ state
+        o = (q @ k.transpose(-1, -2) * inner) @ v + cross
+        k_decay = torch.exp(lb * (C - 1 - idx))[..., None]
+        new_state = torch.exp(lb * C)[..., None] * state + (k * k_decay).transpose(-1, -2) @ v
+        return o, new_state
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_chunk_step_merges_only_when_its_decays_move_with_the_mask(shared):
+    model = TwoDecayParams(shared).double()
+    q, k, v = (x.double() for x in qkv(t=7))
+    s = torch.randn(B, H, K, V, dtype=torch.float64)
+    found = regions(model, q, k, v, s)
+    assert [r.written for r in found if r.claimed] == ["chunk step" if shared else "parallel"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="rtp", dynamic=True)
+    compiled(q, k, v, s)
+    with torch.no_grad():
+        model.b.sub_(1.0)  # as training would move it
+    for got, want in zip(compiled(q, k, v, s), model(q, k, v, s), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

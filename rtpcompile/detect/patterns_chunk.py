@@ -155,7 +155,43 @@ def _decays_match(view, nodes, region: Region, seq, inputs) -> bool:
         wants = _expected(gamma, t)
         if not all(_matches(v, w) for v, w in zip(values, wants, strict=True)):
             return False
-    return True
+    return _match_when_trained(view, nodes, region, seq, inputs)
+
+
+def _match_when_trained(view, nodes, region: Region, seq, inputs) -> bool:
+    """With trainable parameters in the decays or the mask, the three decays must still be the
+    powers of the mask's gamma once the parameters move (a cross decay from another parameter
+    than the mask's equals it only at its initial values); the op reads gamma from the mask."""
+    named = {node.name: node for node in view.nodes}
+    masks = [named[m] for m in region.masks]
+    if not mask_proof.trainable_inputs(view, masks + list(nodes), inputs):
+        return True
+    t = max(2, max(mask_proof.lengths_for(seq)))
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            values = mask_proof.evaluate(
+                view, masks + list(nodes), inputs, mask_proof._Sizes(seq, t), perturb=gen
+            )
+    except Exception:  # noqa: BLE001 - not provable: keep the parallel claim
+        return False
+    mask = _mask_product(values[: len(masks)], region.mask_axes)
+    if mask is None or mask.shape[-1] != t or mask.shape[-2] != t:
+        return False
+    rows = mask.double().reshape(-1, t, t)
+    gamma = rows[:, 1, 0] / rows[:, 1, 1]
+    wants = _expected(gamma, t)
+    return all(_matches(v, w) for v, w in zip(values[len(masks) :], wants, strict=True))
+
+
+def _mask_product(values, axes) -> torch.Tensor | None:
+    """The decay masks multiplied as the scores see them (None when there are none)."""
+    total = None
+    for value, dims in zip(values, axes, strict=True):
+        for dim in dims:
+            value = value.unsqueeze(dim)
+        total = value if total is None else total * value
+    return total
 
 
 def merge_chunk_steps(view: GraphView, regions: list[Region], inputs: list) -> list[Region]:
