@@ -39,11 +39,17 @@ if CacheLayerMixin is not None:
         is_compileable = False
         supports_early_init = False
 
-        def __init__(self, **kwargs) -> None:
+        def __init__(self, max_cache_len: int | None = None, **kwargs) -> None:
             super().__init__()
             self.state: Tensor | None = None
             self.valid: Tensor | None = None  # [B, L] bool: which cached K/V are real tokens
             self.seen = 0
+            # NOTE: set when this slot replaced a StaticLayer: the kept static attention layers
+            # hold max_cache_len slots, so the model's masks must have that many columns, and
+            # the cache must stay "compileable" or the model skips the decode mask and those
+            # layers attend to their empty slots.
+            self.max_cache_len = max_cache_len
+            self.is_compileable = max_cache_len is not None
             self.is_initialized = True
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -81,13 +87,24 @@ if CacheLayerMixin is not None:
             self.valid = None if self.valid is None else self.valid[:, -tokens:]
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.seen + query_length, 0
+            if self.max_cache_len is None:
+                return self.seen + query_length, 0
+            return max(self.max_cache_len, self.seen + query_length), 0
 
         def get_seq_length(self) -> int:
             return self.seen
 
         def get_max_length(self) -> int:
-            return -1
+            return -1 if self.max_cache_len is None else self.max_cache_len
+
+        def check_batch(self, batch: int) -> None:
+            """Refuse an input whose batch differs from the one the cached state was built for."""
+            held = next((t.shape[0] for t in (self.state, self.keys) if t is not None), batch)
+            if held != batch:
+                raise ValueError(
+                    f"the cache holds batch {held} but the input has batch {batch}; a cache "
+                    "cannot change batch size: build a new one (handle.new_cache()) for this input"
+                )
 
         def offload(self) -> None:
             return None
@@ -158,7 +175,9 @@ def layer_slot(cache, index: int):
     """The ``RetentionCacheLayer`` for layer ``index`` of a transformers cache, or None.
 
     Grows a lazily built cache and replaces an empty attention slot in place, so an ordinary
-    ``DynamicCache`` created by ``generate()`` works. A slot that already holds K/V is an error.
+    ``DynamicCache`` created by ``generate()`` works, and so does a ``StaticCache``: the new slot
+    then keeps the cache's ``max_cache_len`` and sizes the model's masks to it, as the kept
+    static attention layers need. A slot that already holds K/V is an error.
     """
     if cache is None or Cache is None:
         return None
@@ -176,27 +195,34 @@ def layer_slot(cache, index: int):
     slot = cache.layers[index]
     if isinstance(slot, RetentionCacheLayer):
         return slot
-    if getattr(slot, "keys", None) is not None and slot.keys.numel() > 0:
+    if int(slot.get_seq_length()) > 0:
         raise ValueError(
             f"cache layer {index} already holds attention keys/values, but layer {index} is a "
             "converted retention layer; build the cache after retrofit (handle.new_cache())"
         )
-    cache.layers[index] = RetentionCacheLayer()
+    static = None
+    if slot.get_max_length() > 0:  # NOTE: a StaticLayer; -1 for dynamic layers
+        static = max(layer.get_max_length() for layer in cache.layers)
+    cache.layers[index] = RetentionCacheLayer(max_cache_len=static)
     return cache.layers[index]
 
 
 # -- padding: which keys are real tokens (the converted layers zero the others) --------------------
 
 
-def key_valid(mask, batch: int, length: int) -> Tensor | None:
+def key_valid(mask, batch: int, length: int, seen: int | None = None) -> Tensor | None:
     """Which of the ``length`` new tokens are real (not padding): bool [batch, length], or None.
 
     Reads the mask a Hugging Face model hands its attention layers: 2D ``[B, L]`` (1/True =
     token, 0 = padding; what flash attention gets) or 4D ``[B, 1, T, L]`` (bool: True = may
     attend, as for sdpa; float: 0 = may attend, a large negative = masked, as for eager). In a
     4D mask a key column masked for every query is padding: causal and sliding-window masks
-    leave every real key visible at least to its own query. The new tokens are the last
-    ``length`` columns (the cache's earlier positions come first). Anything else is refused.
+    leave every real key visible at least to its own query. Anything else is refused.
+
+    Columns are cache positions. ``seen`` (tokens the cache held before these) places the new
+    tokens at columns ``[seen, seen + length)`` when the mask has room for them (a static
+    cache's mask has ``max_cache_len`` columns, the empty slots last); otherwise, and without
+    ``seen``, they are the last ``length`` columns (dynamic and sliding-window caches).
     """
     if mask is None:
         return None
@@ -233,7 +259,10 @@ def key_valid(mask, batch: int, length: int) -> Tensor | None:
             f"attention mask of shape {tuple(mask.shape)} does not cover batch {batch} and "
             f"{length} new tokens"
         )
-    return keep[:, keep.shape[-1] - length :].expand(batch, length)
+    start = keep.shape[-1] - length
+    if seen is not None and seen + length <= keep.shape[-1]:
+        start = seen
+    return keep[:, start : start + length].expand(batch, length)
 
 
 # -- torch.nn.MultiheadAttention masks (for the converted ``nn.MultiheadAttention``) -------------

@@ -91,14 +91,17 @@ class RetrofitRetention(nn.Module):
         bool [B, T] (True = real token); the K/V of padded positions are zeroed.
         """
         B, H, T, D = q.shape
+        q, k, v = _one_dtype(q, k, v)
+        slot = layer_slot(cache, self.layer_idx)
+        if slot is not None:
+            slot.check_batch(B)
         valid = attention_mask
         if not (isinstance(valid, Tensor) and valid.dtype == torch.bool and valid.shape == (B, T)):
-            valid = key_valid(attention_mask, B, T)
+            valid = key_valid(attention_mask, B, T, None if slot is None else slot.seen)
         if valid is not None:
             keep = valid[:, None, :, None].to(k.device)
             k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
         group = H // k.shape[1]
-        slot = layer_slot(cache, self.layer_idx)
         r, rk = self.retention_heads, self.retention_kv_heads
         parts = []
         if r > 0:
@@ -172,6 +175,16 @@ class RetrofitRetention(nn.Module):
             f"retention_heads={self.retention_heads}, head_dim={s.head_dim}, "
             f"converted_from={s.family}:{s.name}"
         )
+
+
+def _one_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in one dtype: autocast's when it is on (as the attention they replace would run;
+    autocast leaves float64 alone), else their promoted type (the rotary promotes 16-bit q/k
+    times float32 cos/sin)."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dtype != torch.float64 and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _capped_attention(

@@ -69,13 +69,25 @@ class RetrofitHandle:
         return [p for m in self.modules.values() for p in m.new_parameters()]
 
     def retention_cache_layers(self) -> list[int]:
-        """Cache indices of every retention layer, the earlier retrofits' included."""
-        return [self.sites[i].cache_index for i in sorted({*self.earlier, *self.converted})]
+        """Cache indices of every retention layer, the earlier retrofits' included (after
+        ``undo()`` only those: this handle's layers are attention again)."""
+        mine = self.converted if self.active else []
+        return [self.sites[i].cache_index for i in sorted({*self.earlier, *mine})]
 
     def new_cache(self):
-        """An empty ``RetrofitCache`` for ``model(..., past_key_values=)`` / ``generate``."""
+        """An empty ``RetrofitCache`` for ``model(..., past_key_values=)`` / ``generate``.
+
+        Raises ValueError after ``undo()``: the layers are attention again, so a
+        ``transformers.DynamicCache`` (or no ``past_key_values``) is the cache to use.
+        """
         from .cache import RetrofitCache, _require_transformers
 
+        if not self.active:
+            raise ValueError(
+                "handle.new_cache() after handle.undo(): this handle's layers are attention "
+                "again, so there is no retention cache to build; pass a plain "
+                "transformers.DynamicCache(config=model.config) or no past_key_values"
+            )
         _require_transformers()
         return RetrofitCache(getattr(self.model, "config", None), self.retention_cache_layers())
 

@@ -1,0 +1,221 @@
+"""Generation edge cases of retrofitted models: static caches, autocast, undo, batch changes.
+
+- ``generate(cache_implementation="static")`` and an explicit ``StaticCache``: the converted
+  layers read the new tokens' mask columns at their cache positions, kept attention layers keep
+  their static slots, and the tokens and scores equal the dynamic cache's (float64).
+- ``torch.autocast`` on a float32 model: every family's converted layer hands the ops one dtype
+  (autocast's) and stays close to the float32 run.
+- ``handle.new_cache()`` after ``undo()`` and a cache reused with another batch size raise a
+  ``ValueError`` that says what to do.
+Tiny random models, CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import MHAModel
+from torch import nn
+
+from rtpcompile.convert import retrofit
+from rtpcompile.convert.cache import RetentionCacheLayer, key_valid
+
+transformers = pytest.importorskip(
+    "transformers", reason="retrofit of Hugging Face models needs the transformers extra"
+)
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# family -> (config class, model class, config overrides)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=6),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(num_key_value_heads=2, partial_rotary_factor=0.5),
+    ),
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_key_value_heads=2, partial_rotary_factor=0.5)),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(new_decoder_architecture=True, num_kv_heads=2),
+    ),
+}
+
+
+def tiny(family: str, dtype: torch.dtype = torch.float64, attn: str = "sdpa") -> nn.Module:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, pad_token_id=0
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        config_cls, model_cls, extra = FAMILIES[family]
+        cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+        model = getattr(transformers, model_cls)(cfg)
+    model.config._attn_implementation = attn
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # never stop early
+    return model
+
+
+def ids(batch: int = 1, length: int = 9, seed: int = 10) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows, the second with 4 pads in front."""
+    x = ids(2)
+    mask = torch.ones_like(x)
+    x[1, :4], mask[1, :4] = 0, 0
+    return x, mask
+
+
+# -- static caches -------------------------------------------------------------------------------
+
+
+def test_key_valid_reads_the_new_tokens_at_their_cache_positions():
+    # a static cache's mask: 8 columns (cache slots), 3 tokens seen, 2 new; slot 0 is padding
+    visible = torch.ones(1, 1, 2, 8, dtype=torch.bool)
+    visible[..., 0] = False
+    visible[..., 5:] = False  # empty slots after the new tokens
+    visible[0, 0, 0, 4] = False  # causal: the first new token does not see the second
+    assert key_valid(visible, 1, 2, seen=3).tolist() == [[True, True]]
+    assert key_valid(visible, 1, 2).tolist() == [[False, False]]  # the last columns: empty slots
+    assert key_valid(visible[..., :5], 1, 2, seen=3).tolist() == [[True, True]]  # dynamic
+    pad = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert key_valid(pad[:, None, None, :].expand(1, 1, 1, 8), 1, 1, seen=0).tolist() == [[False]]
+    # a sliding window mask that no longer has room for [seen, seen + T): the last columns
+    assert key_valid(torch.ones(1, 1, 1, 4, dtype=torch.bool), 1, 1, seen=10).tolist() == [[True]]
+
+
+CASES = [
+    ("llama", "sdpa", 0.5, None),
+    ("llama", "eager", 1.0, None),
+    ("mistral", "sdpa", 0.5, 0.5),
+    ("gpt2", "sdpa", 0.5, None),
+]
+
+
+@pytest.mark.parametrize("family, attn, ratio, head_mix", CASES, ids=lambda p: str(p))
+def test_generate_with_static_cache_equals_dynamic(family, attn, ratio, head_mix):
+    model = tiny(family, attn=attn)
+    retrofit(model, ratio=ratio, head_mix=head_mix)
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    for x, mask in [(ids(), None), left_padded()]:
+        dynamic = model.generate(x, attention_mask=mask, **kw)
+        static = model.generate(x, attention_mask=mask, cache_implementation="static", **kw)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        diff = (torch.stack(static.scores) - torch.stack(dynamic.scores)).abs().max()
+        assert diff < 1e-10
+
+
+def test_explicit_static_cache_keeps_static_attention_slots():
+    model = tiny("llama")
+    handle = retrofit(model, ratio=0.5)
+    x = ids(length=10)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        full = model(x).logits
+        first = model(x[:, :7], past_key_values=cache).logits
+        rest = [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(7, 10)]
+    got = torch.cat([first, *rest], dim=1)
+    torch.testing.assert_close(got, full, rtol=1e-9, atol=1e-9)
+    kept = [cache.layers[i] for i in range(2) if i not in handle.retention_cache_layers()]
+    assert [type(layer).__name__ for layer in kept] == ["StaticLayer"]
+    slot = cache.layers[handle.retention_cache_layers()[0]]
+    assert isinstance(slot, RetentionCacheLayer) and slot.seen == 10
+    assert slot.get_mask_sizes(1) == (16, 0) and slot.get_max_length() == 16
+    assert cache.is_compileable  # else the model skips the decode mask of the static layers
+
+
+# -- autocast --------------------------------------------------------------------------------------
+
+
+class GenericAttention(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.o_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+
+def _plain_model(kind: str) -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    if kind == "mha":
+        return MHAModel(layers=2), {}
+    pick = {"predicate": lambda name, m: isinstance(m, GenericAttention)}
+    return nn.Sequential(GenericAttention(), nn.GELU(), GenericAttention()), pick
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
+def test_autocast_bfloat16_on_a_float32_model(family):
+    model = tiny(family, dtype=torch.float32)
+    handle = retrofit(model, ratio=0.5)
+    x = ids(2)
+    with torch.no_grad():
+        want = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model(x).logits.float()
+            cache = handle.new_cache()
+            first = model(x[:, :6], past_key_values=cache).logits.float()
+            last = model(x[:, 6:], past_key_values=cache).logits.float()
+    scale = want.abs().max()
+    for got in (plain, torch.cat([first, last], dim=1)):
+        assert (got - want).abs().max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("kind", ["mha", "generic"])
+def test_autocast_bfloat16_plain_modules(kind):
+    model, kw = _plain_model(kind)
+    retrofit(model, ratio=1.0, **kw)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+# -- undo and reuse -----------------------------------------------------------------------------
+
+
+def test_new_cache_after_undo_is_refused():
+    model = tiny("llama")
+    handle = retrofit(model, ratio=0.5)
+    assert handle.retention_cache_layers() == [0]
+    handle.undo()
+    assert handle.retention_cache_layers() == []
+    with pytest.raises(ValueError, match=r"after handle.undo\(\).*DynamicCache"):
+        handle.new_cache()
+    again = retrofit(model, ratio=0.5)  # a new retrofit gives a usable cache again
+    assert isinstance(again.new_cache().layers[0], RetentionCacheLayer)
+
+
+def test_cache_reused_with_another_batch_size_names_both():
+    model = tiny("llama", dtype=torch.float32)
+    handle = retrofit(model, ratio=0.5)
+    cache = handle.new_cache()
+    with torch.no_grad():
+        model(ids(2), past_key_values=cache)
+        with pytest.raises(ValueError, match="cache holds batch 2 but the input has batch 1"):
+            model(ids(1, length=1), past_key_values=cache)
