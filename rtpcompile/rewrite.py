@@ -34,30 +34,46 @@ def _scaled(x: torch.Tensor, factors) -> torch.Tensor:
     return x
 
 
+def _broadcast(mask: torch.Tensor, dims, t) -> torch.Tensor:
+    """One mask factor as a [.., T, T] view of what it contributes to the scores' product.
+
+    NOTE: a factor may broadcast along a row or a column (``g**i[:, :, None]``, a per-row scale
+    [H, T, 1]): its entries (i, j) are read from the expanded view. expand() is a view, so the
+    O(1) / O(T) reads below stay O(1) / O(T); no T x T tensor is made."""
+    for dim in dims:
+        mask = mask.unsqueeze(dim)
+    while mask.dim() < 2:
+        mask = mask[None]
+    return mask.expand(*mask.shape[:-2], t, t)
+
+
 def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = True):
-    """(gamma over the mask's batch dims, row scale [.., T] or None) from the mask tensors."""
+    """(gamma over the mask's batch dims, row scale [.., T] or None) from the mask tensors.
+
+    The mask is the product of its factors, so gamma = M[.., 1, 0] / M[.., 1, 1] and the
+    diagonal are products of the factors' own entries there."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if kind == "decay" and not isinstance(masks[0], torch.Tensor):  # a literal (0.9 * S)
+        return torch.full((1,), masks[0], dtype=dtype, device=like.device), None
     if kind == "decay":
         return masks[0].to(dtype), None
     if kind != "mul":
         return torch.ones(1, dtype=dtype, device=like.device), None
-    gamma = diag = None
+    t = like.shape[-2]
+    pair = diag = None
     for mask, dims in zip(masks, axes, strict=True):
-        for dim in dims:
-            mask = mask.unsqueeze(dim)
-        mask = mask.to(dtype)
+        mask = _broadcast(mask.to(dtype), dims, t)
         # NOTE: only slices and index gathers of the mask: Inductor keeps those lazy and computes
         # O(1) / O(T) mask elements, whereas diagonal() is an as_strided view that would realise
-        # the whole T x T mask. gamma = M[.., 1, 0] / M[.., 1, 1]; 1 when T = 1 (no effect there).
-        # one read of the mask (two reads make Inductor realise it on reuse)
-        pair = mask[..., 1:2, 0:2].clone()
-        ratio = pair[..., :1] / pair[..., -1:]  # [.., 0, 1] when T = 1
-        g = torch.cat([ratio, torch.ones_like(mask[..., :1, :1])], dim=-2)[..., 0, 0]
-        gamma = g if gamma is None else gamma * g
+        # the whole T x T mask. One read per factor (two reads make Inductor realise it on reuse)
+        entries = mask[..., 1:2, 0:2].clone()  # [.., 0, 2] when T = 1
+        pair = entries if pair is None else pair * entries
         if want_row_scale:
-            idx = torch.arange(mask.shape[-1], device=mask.device)
+            idx = torch.arange(t, device=mask.device)
             d = mask[..., idx, idx]
             diag = d if diag is None else diag * d
+    ratio = pair[..., :1] / pair[..., -1:]  # [.., 0, 1] when T = 1: gamma 1, no effect there
+    gamma = torch.cat([ratio, pair.new_ones((*pair.shape[:-2], 1, 1))], dim=-2)[..., 0, 0]
     return gamma, diag
 
 
@@ -79,8 +95,10 @@ def _from4(x: torch.Tensor, batch) -> torch.Tensor:
     return x if n == 2 else x.unflatten(0, tuple(batch[:-1]))
 
 
-def _full_mask(masks, kind: str, axes, t: int, like: torch.Tensor) -> torch.Tensor:
+def _full_mask(masks, kind: str, axes, like: torch.Tensor) -> torch.Tensor:
+    """The region's whole [.., T, T] mask (the product of its factors), in ``like``'s dtype."""
     if kind != "mul":
+        t = like.shape[-2]
         return torch.ones(t, t, dtype=like.dtype, device=like.device).tril()
     total = None
     for mask, dims in zip(masks, axes, strict=True):
@@ -103,18 +121,17 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
     q = _scaled(q, pre)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    den = None
+    if normaliser == "sum_abs":
+        # NOTE: from q before the row scale is folded in: the full mask already holds it
+        scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(masks, kind, axes, q)
+        den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
     if row_scale is not None and use_row_scale:
         q = q * row_scale[..., None].to(q.dtype)
-    k, v = k.to(q.dtype), v.to(q.dtype)
     batch = q.shape[:-2]
-    den = None
-    if normaliser == "sum_abs":
-        scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(
-            masks, kind, axes, q.shape[-2], q
-        )
-        den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
-    elif normaliser == "abs_sum":
+    if normaliser == "abs_sum":
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     q4, k4, v4 = _to4(q), _to4(k), _to4(v)
     gamma = gamma.reshape(-1).expand(q4.shape[1])
@@ -183,11 +200,14 @@ def rewrite_region(
     named = {node.name: node for node in graph.nodes}
     if region.native:
         return [named[n] for n in (region.output, region.state_output) if n is not None]
+    masks = [named[m] for m in region.masks]
+    if region.mask_kind == "decay" and not region.masks:
+        masks = [float(region.decay[0])]  # NOTE: a literal state decay (0.9 * S): the number
     args = (
         named[region.q.node],
         named[region.k.node],
         named[region.v.node],
-        [named[m] for m in region.masks],
+        masks,
         _factors(region.pre, named),
         _factors(region.post, named),
         named[region.state.node] if region.state is not None else None,

@@ -24,6 +24,7 @@ _FUNCTION_KINDS = {
     operator.matmul: "matmul",
     torch.matmul: "matmul",
     torch.bmm: "matmul",
+    torch.baddbmm: "baddbmm",
     torch.einsum: "einsum",
     torch.functional.einsum: "einsum",
     operator.mul: "mul",
@@ -32,6 +33,9 @@ _FUNCTION_KINDS = {
     operator.truediv: "div",
     operator.itruediv: "div",
     torch.div: "div",
+    torch.divide: "div",
+    torch.true_divide: "div",
+    torch.multiply: "mul",
     operator.add: "add",
     operator.iadd: "add",
     torch.add: "add",
@@ -53,10 +57,14 @@ _FUNCTION_KINDS = {
 _METHOD_KINDS = {
     "matmul": "matmul",
     "bmm": "matmul",
+    "baddbmm": "baddbmm",
     "mul": "mul",
     "mul_": "mul",
+    "multiply": "mul",
     "div": "div",
     "div_": "div",
+    "divide": "div",
+    "true_divide": "div",
     "add": "add",
     "add_": "add",
     "tril": "tril",
@@ -104,6 +112,10 @@ def kind_of(node: fx.Node) -> str:
         return node.op
     if kind == "cast" and _to_integers(node):
         return "other"  # NOTE: truncates values: not a cast the patterns may look through
+    if kind == "div" and node.kwargs.get("rounding_mode") is not None:
+        return "other"  # NOTE: floor/trunc division rounds values: not a scale
+    if kind == "add" and node.kwargs.get("alpha", 1) != 1:
+        return "other"  # NOTE: add(x, y, alpha=a) is x + a*y, not a plain sum
     return kind
 
 

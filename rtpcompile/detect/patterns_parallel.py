@@ -56,19 +56,57 @@ class _Chain:
 
 def score_product(node: fx.Node) -> tuple[Layout, Layout] | None:
     """(Q, K) in the canonical layout [*batch, T, D] when ``node`` is a Q K^T product."""
+    kind = kind_of(node)
+    if kind == "layout":
+        return _transposed_product(node)
+    if kind == "baddbmm":
+        return _matrix_product(node, *node.args[1:]) if _drops_input(node) else None
     if node.op in ("call_function", "call_method") and len(node.args) == 2:
-        if kind_of(node) == "matmul":
-            a, b = node.args
-            if not all(isinstance(x, fx.Node) and is_tensor(example(x)) for x in (a, b)):
-                return None
-            if ndim(a) != ndim(b) or ndim(a) < 2:
-                return None
-            return layout(a), layout(b).swapped()
+        return _matrix_product(node, *node.args) if kind == "matmul" else None
     parsed = parse_einsum(node)
     if parsed is None or len(parsed[0]) != 2:
         return None
     (sq, sk), out, (a, b) = parsed
     return _einsum_qk(sq, sk, out, a, b)
+
+
+def _matrix_product(node: fx.Node, a, b) -> tuple[Layout, Layout] | None:
+    """(Q, K) of ``a @ b`` (``node`` computes it, possibly scaled: see score_factors)."""
+    if not all(isinstance(x, fx.Node) and is_tensor(example(x)) for x in (a, b)):
+        return None
+    if ndim(a) != ndim(b) or ndim(a) < 2:
+        return None
+    return layout(a), layout(b).swapped()
+
+
+def _drops_input(node: fx.Node) -> bool:
+    """``baddbmm(input, a, b, beta=0, alpha=s)``: ``s * a @ b``, the input unread (HF style)."""
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    return len(node.args) == 3 and beta == 0 and not isinstance(beta, bool) and is_scalar(alpha)
+
+
+def score_factors(node: fx.Node) -> list[tuple[str, object]]:
+    """The scalar factors a score product applies itself (``baddbmm``'s alpha)."""
+    alpha = node.kwargs.get("alpha", 1) if kind_of(node) == "baddbmm" else 1
+    return [] if isinstance(alpha, (int, float)) and alpha == 1 else [("mul", alpha)]
+
+
+def _transposed_product(node: fx.Node) -> tuple[Layout, Layout] | None:
+    """(Q, K) when ``node`` is ``(K Q^T)^T`` (a transpose of the last two dims of a product).
+
+    NOTE: the product itself rides in Q's chain, so the region owns it (its other users decline
+    the region) and the rewrite erases it."""
+    lay, rank = layout(node), ndim(node) or 0
+    inner = lay.base
+    if rank < 2 or lay.perm != (*range(rank - 2), rank - 1, rank - 2):
+        return None
+    if kind_of(inner) != "matmul" or len(inner.args) != 2:
+        return None
+    found = _matrix_product(inner, *inner.args)
+    if found is None:
+        return None
+    k, q = found  # inner = K Q^T, so inner^T = Q K^T
+    return dataclasses.replace(q, chain=(*q.chain, *lay.chain, inner)), k
 
 
 def masked_score_product(node: fx.Node):
@@ -263,7 +301,10 @@ def _denominator(view: GraphView, div: fx.Node) -> tuple[str, float, list] | str
         return "unknown normaliser between the masked scores and V"
     clamp, total = steps[0], steps[1] if kinds[1] == "sum" else steps[2]
     low = clamp.kwargs.get("min", clamp.args[1] if len(clamp.args) > 1 else None)
-    if not isinstance(low, (int, float)) or low <= 0 or clamp.kwargs.get("max") is not None:
+    high = clamp.kwargs.get("max", clamp.args[2] if len(clamp.args) > 2 else None)
+    if high is not None:  # NOTE: positional clamp(1, 3) too; only a floor is reproducible
+        return f"unknown normaliser (clamp with a maximum, {high})"
+    if not isinstance(low, (int, float)) or isinstance(low, bool) or low <= 0:
         return "unknown normaliser (clamp without a positive minimum)"
     dim = total.kwargs.get("dim", total.args[1] if len(total.args) > 1 else None)
     dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
@@ -433,6 +474,7 @@ def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str 
     if found is None:
         return chain, "the masked matrix is not a Q K^T product"
     chain.scores = scores.core
+    chain.pre += score_factors(scores.core)
     chain.q, chain.k = found
     chain.nodes += [scores.core, *chain.q.chain, *chain.k.chain]
     return chain, None

@@ -126,14 +126,17 @@ def read_out(view: GraphView, state: fx.Node, user: fx.Node):
     return None
 
 
-def _decay_side(view: GraphView, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(a, S) when node is ``a * S`` with S a graph-input state."""
+def _decay_side(view: GraphView, node: fx.Node) -> tuple[fx.Node | float, fx.Node] | None:
+    """(a, S) when node is ``a * S`` with S a graph-input state; ``a`` a tensor node or a
+    Python number written in the code (``0.9 * S``: Dynamo bakes it into the graph)."""
     if view.kind(node) != "mul" or len(node.args) != 2:
         return None
     for a, s in (node.args, node.args[::-1]):
-        if is_state_input(s):
-            if isinstance(a, fx.Node) and is_tensor(example(a)) and is_tensor(example(s)):
+        if is_state_input(s) and is_tensor(example(s)):
+            if isinstance(a, fx.Node) and is_tensor(example(a)):
                 return a, s
+            if isinstance(a, (int, float)) and not isinstance(a, bool):
+                return float(a), s
     return None
 
 
@@ -184,7 +187,7 @@ def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
         q=Operand(q.lay.base.name, q.lay.perm, q.squeezed),
         k=Operand(k.lay.base.name, k.lay.perm, q.squeezed),
         v=Operand(v.lay.base.name, v.lay.perm, q.squeezed),
-        masks=(a.name,),
+        masks=(a.name,) if isinstance(a, fx.Node) else (),
         mask_kind="decay",
         out_perm=out_perm,
         state=Operand(state.name),
@@ -192,7 +195,7 @@ def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
         seq_len=1
         if q.squeezed
         else hint(example(q.lay.base).shape[q.lay.perm[-2] if q.lay.perm else -2]),
-        heads=len(gamma) or None,
+        heads=_heads(state),
         k_dim=hint(example(state).shape[-2 if contracted == -2 else -1]),
         v_dim=hint(example(state).shape[-1 if contracted == -2 else -2]),
         decay=gamma,
@@ -211,8 +214,19 @@ def _same_tokens(*rows) -> bool:
     return all(statically_known_true(first == _tokens(r)) for r in rows[1:])
 
 
-def _prove_decay(view, a: fx.Node, state: fx.Node, inputs) -> tuple[str | None, tuple]:
+def _heads(state: fx.Node) -> int:
+    """The heads the op sees: the state's dim -3 ([.., H, K, V]; 1 for a 2-D state), whatever
+    the decay's shape (a 0-dim or per-head decay both apply to every head)."""
+    shape = example(state).shape
+    return hint(shape[-3]) if len(shape) >= 3 else 1
+
+
+def _prove_decay(view, a, state: fx.Node, inputs) -> tuple[str | None, tuple]:
     """The state decay must be constant-derived, per head only, and in (0, 1]."""
+    if not isinstance(a, fx.Node):
+        if not 0 < a <= 1:
+            return f"state decay outside (0, 1]: {a}", ()
+        return None, (a,)
     reason = mask_proof.check_provenance(view, [a])
     if reason is not None:
         return reason.replace("mask", "state decay"), ()
