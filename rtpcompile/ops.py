@@ -5,8 +5,8 @@
 
 Every form computes the same function; they differ in cost. Low-precision inputs accumulate in
 float32 and states are float32 (float64 for float64 inputs). ``gamma`` is a per-head tensor in
-(0, 1] and receives a gradient. Each op is one ``torch.ops.rtp.retention_fwd`` call, so it
-composes with ``torch.compile`` without graph breaks.
+[0, 1] (0 included: 0**0 = 1) and receives a gradient. Each op is one
+``torch.ops.rtp.retention_fwd`` call, so it composes with ``torch.compile`` without graph breaks.
 """
 
 from __future__ import annotations

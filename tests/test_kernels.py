@@ -388,7 +388,10 @@ def test_backward_launches_three_passes_and_two_small_ops(monkeypatch):
         with Ops() as ops:
             ops.seen = []
             out = kernels.triton_backward(form, do, None, q, k, v, g, 0.3, None, sf, 16)
-        assert launched == [form] * 3 and ops.seen == ["add_", "sum"], (launched, ops.seen)
+        assert launched == [form] * 3 and ops.seen == ["clamp", "add_", "sum", "div"], (
+            launched,
+            ops.seen,
+        )
         assert out[3].shape == (3,) and out[4] is None
     # with an initial state and a final-state gradient, still three passes: the dv pass's own
     # final state gives ds0 (no fourth, state-only pass)
@@ -400,8 +403,8 @@ def test_backward_launches_three_passes_and_two_small_ops(monkeypatch):
             ops.seen = []
             kernels.triton_backward(form, do, dsf, q, k, v, g, 0.3, s0, sf, 16)
         assert launched == [form] * 3, launched
-        assert ops.seen == ["add_", "sum", "mul", "sum", "add_", "mul", "mul", "mul", "sum",
-                            "addcdiv_"], (form, ops.seen)  # fmt: skip
+        assert ops.seen == ["clamp", "add_", "sum", "div", "mul", "sum", "add_", "mul", "mul",
+                            "mul", "sum", "addcdiv_"], (form, ops.seen)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,12 @@ so no tensor is built for them. d gamma has a closed form (``aten_impl``):
 
     d log(gamma) = sum_t (t - c) (<q_t, dq_t> - <k_t, dk_t>) + state terms,   c = (T - 1) / 2
 
-The dq and dk passes each add their half of the sum inside the kernel, divided by gamma (the
-reversed dk pass weighs by its own, logical, time, which is c - t: the minus sign for free), as
-one partial sum per program; what is left is an add and a sum over those partials. ds0 comes
+The dq and dk passes each add their half of the sum inside the kernel (the reversed dk pass
+weighs by its own, logical, time, which is c - t: the minus sign for free), as one partial sum
+per program; what is left is an add, a sum over those partials and one division by gamma
+(after the sum: a tiny gamma made per-partial quotients +-inf, and their sum NaN). gamma = 0
+runs as the smallest normal float32 (``_log2_gamma`` in the templates, ``MIN_GAMMA`` here);
+on CPU tensors the op replaces d gamma below 1e-2 by its series (``lowering.dispatch``). ds0 comes
 from the final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf
 (the second term from the dsf state that pass starts from), so an initial state costs no extra
 pass.
@@ -48,6 +51,9 @@ from .launch import (
 )
 
 Tensor = torch.Tensor
+# NOTE: gamma = 0 runs as the smallest normal float32 (the templates' ``_log2_gamma``; the aten
+# path's ``lowering.aten_impl.MIN_GAMMA``, not imported: kernels do not depend on lowering)
+MIN_GAMMA = torch.finfo(torch.float32).tiny
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tensor:
@@ -149,14 +155,16 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     T = q.shape[2]
     args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
     dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
-    # NOTE: the common case (no states) is one or two small launches: the partials are
-    # [B, N, H, tiles], already divided by gamma, and the three passes' two have one shape
+    # NOTE: the common case (no states) is two or three small launches: the partials are
+    # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
+    ga = g.to(acc).clamp(min=MIN_GAMMA)  # gamma = 0 runs as MIN_GAMMA (as in the kernels)
     if part_k is None:
         dg = part_q.sum(dim=(0, 1, 3))
     elif part_k.shape == part_q.shape:
         dg = part_q.add_(part_k).sum(dim=(0, 1, 3))
     else:
         dg = part_q.sum(dim=(0, 1, 3)).add_(part_k.sum(dim=(0, 1, 3)))
+    dg = dg / ga
     if s0 is None and dsf is None:
         return dq, dk, dv, dg, None
     if T == 0:  # no step: the final state is s0 itself, and the two state terms cancel
@@ -166,7 +174,6 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
     # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f>
     c = (T - 1) / 2
-    ga = g.to(acc)
     ds0 = None
     if s0 is not None:
         dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale)

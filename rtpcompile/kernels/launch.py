@@ -72,7 +72,7 @@ class Pass:
     store_o: bool = True
     state_out: bool = False
     out_dtype: torch.dtype | None = None
-    # r: also return the pass's d gamma terms, sum over rows of (t - (T-1)/2) <o_t, r_t> / gamma
+    # r: also return the pass's d log(gamma) terms, sum over rows of (t - (T-1)/2) <o_t, r_t>
     # (t logical: negated in a reversed pass), as partial sums [B, NV, H, tiles] (``_outputs``)
     row_dot_with: Tensor | None = None
     row_scale: Tensor | None = None  # [B, H, T]
@@ -139,7 +139,7 @@ def run(
     p: Pass, chunk_size: int = 64, config: Config = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, the d gamma partial
-    sums [B, NV, H, tiles] of a ``row_dot_with`` pass | None; summed over all but H: d gamma).
+    sums [B, NV, H, tiles] of a ``row_dot_with`` pass | None; summed over all but H: d log gamma).
 
     A parallel pass that must also produce the final state runs a state-only chunkwise pass.
     """

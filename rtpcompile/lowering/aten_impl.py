@@ -18,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+# NOTE: gamma = 0 (0**0 = 1: o_t = scale q_t k_t^T v_t) runs as the smallest normal float32,
+# 2**-126, so log(gamma) stays finite; gamma^n is then 0 for n >= 2 in every dtype and the
+# difference from the exact 0 is ~1e-38 relative. Inside the op only: autograd sees gamma itself.
+MIN_GAMMA = torch.finfo(torch.float32).tiny
+# d gamma below this comes from its series (``small_gamma_dgamma``), with ``SERIES_LAGS`` terms
+SMALL_GAMMA = 1e-2
+SERIES_LAGS = 6
 Forward = Callable[[Tensor, Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
@@ -43,6 +50,42 @@ def decay_matrix(log_gamma: Tensor, T: int) -> Tensor:
     return _powers(log_gamma, diff.clamp(min=0)) * (diff >= 0)
 
 
+def causal_scores(q: Tensor, k: Tensor, log_gamma: Tensor) -> Tensor:
+    """(Q K^T) * D over the last two dims, with the part above the diagonal selected to 0.
+
+    NOTE: a select, not a multiply by D's zeros: a NaN or inf in a later key (q_t . k_s, s > t)
+    times 0 is NaN and would reach earlier rows; the recurrence never reads them.
+    """
+    T = q.shape[-2]
+    pos = torch.arange(T, device=q.device)
+    causal = pos[:, None] >= pos[None, :]
+    decay = _powers(log_gamma, (pos[:, None] - pos[None, :]).clamp(min=0))
+    if q.dim() == 5:  # chunked [B, H, N, C, D]: one decay per head for every chunk
+        decay = decay[:, None]
+    return torch.where(causal, (q @ k.transpose(-1, -2)) * decay, 0)
+
+
+def finite_values(v: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(v with its non-finite entries zeroed, the [B, H, T, V] mask of the outputs they reach),
+    or (v, None) when a CPU v is finite.
+
+    NOTE: a matmul of the causal scores with v multiplies the zeros above the diagonal by later
+    values, and 0 * inf is NaN; so the product reads finite values only, and a non-finite v_s[j]
+    marks column j of every row t >= s (what the recurrence gives: its state column turns
+    inf/NaN for good), as NaN. O(T * V) extra, skipped on CPU when v is finite (free to test
+    there; elsewhere the test would synchronise the host).
+    """
+    bad = ~torch.isfinite(v)
+    if v.device.type == "cpu" and not bool(bad.any()):
+        return v, None
+    reach = bad.cumsum(dim=2) > 0
+    return v.masked_fill(bad, 0), reach
+
+
+def _poison(o: Tensor, reach: Tensor | None) -> Tensor:
+    return o if reach is None else o.masked_fill(reach, float("nan"))
+
+
 def parallel_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool = True):
     """Whole-sequence form: scale * ((Q K^T) * D) V, plus the incoming state at position -1;
     the final state is None without ``state_out``."""
@@ -50,16 +93,18 @@ def parallel_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool =
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     T = q.shape[2]
     pos = torch.arange(T, device=q.device)
-    o = ((q @ k.transpose(-1, -2)) * decay_matrix(log_gamma, T)) @ v
+    v_ok, reach = finite_values(v)
+    o = causal_scores(q, k, log_gamma) @ v_ok
     if initial_state is not None:
         o = o + _powers(log_gamma, pos + 1)[..., None] * (q @ initial_state.to(acc))
+    o = _poison(o * scale, reach)
     if not state_out:
-        return o * scale, None
+        return o, None
     to_end = _powers(log_gamma, T - 1 - pos)[..., None]  # [H, T, 1]
     final = (k * to_end).transpose(-1, -2) @ v
     if initial_state is not None:
         final = final + _power(log_gamma, T)[..., None, None] * initial_state.to(acc)
-    return o * scale, final
+    return o, final
 
 
 def recurrent_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool = True):
@@ -92,15 +137,18 @@ def chunkwise_forward(
     C = max(1, min(int(chunk_size), T))
     N = math.ceil(T / C)
     pad = N * C - T
-    # NOTE: reshape copies only what it must (a permuted [B,T,H,D] view); pad only when needed
-    q, k, v = (
-        (F.pad(x.to(acc), (0, 0, 0, pad)) if pad else x.to(acc)).reshape(B, H, N, C, -1)
-        for x in (q, k, v)
-    )
+    v_ok, reach = finite_values(v.to(acc))
+
+    def chunked(x):
+        # NOTE: reshape copies only what it must (a permuted [B,T,H,D] view); pad only when needed
+        return (F.pad(x.to(acc), (0, 0, 0, pad)) if pad else x.to(acc)).reshape(B, H, N, C, -1)
+
+    q, k, v = chunked(q), chunked(k), chunked(v)
+    v_ok = v if reach is None else chunked(v_ok)
     pos = torch.arange(C, device=q.device)
 
-    # [B, H, N, C, C] @ [B, H, N, C, V] -> [B, H, N, C, V]
-    intra = ((q @ k.transpose(-1, -2)) * decay_matrix(log_gamma, C)[:, None]) @ v
+    # [B, H, N, C, C] @ [B, H, N, C, V] -> [B, H, N, C, V]; finite values only (``finite_values``)
+    intra = causal_scores(q, k, log_gamma) @ v_ok
     # each full chunk's contribution to the state at its end: [B, H, N, K, V]
     to_end = _powers(log_gamma, C - 1 - pos)[:, None, :, None]
     chunk_kv = (k * to_end).transpose(-1, -2) @ v
@@ -114,7 +162,7 @@ def chunkwise_forward(
             state = whole_chunk * state + chunk_kv[:, :, n]
     incoming = torch.stack(incoming, dim=2)  # [B, H, N, K, V]
     inter = (q * _powers(log_gamma, pos + 1)[:, None, :, None]) @ incoming
-    o = (intra + inter).reshape(B, H, N * C, V)[:, :, :T] * scale
+    o = _poison((intra + inter).reshape(B, H, N * C, V)[:, :, :T] * scale, reach)
     if not state_out:
         return o, None
     # the last chunk holds r real tokens; padded keys are zero, exponents are clamped at 0
@@ -163,7 +211,8 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
     acc = accumulation_dtype(q.dtype)
     q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
     T = q.shape[2]
-    lg = torch.log(gamma.to(acc))
+    gamma = gamma.to(acc).clamp(min=MIN_GAMMA)
+    lg = torch.log(gamma)
     pos = torch.arange(T, device=q.device)
 
     def flip(x):
@@ -191,5 +240,58 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
         dlg = dlg + (c + 1) * (s0 * ds0).sum(dim=(0, 2, 3))
     if dsf is not None:
         dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
-    dgamma = dlg / gamma.to(acc)
+    dgamma = dlg / gamma
     return dq, dk, dv, dgamma, ds0
+
+
+def small_gamma_dgamma(do, dsf, q, k, v, gamma, scale, s0, lags: int = SERIES_LAGS) -> Tensor:
+    """d gamma as its power series, sum_{l=1..lags} l gamma^(l-1) X_l: X_l sums the products
+    whose reader is l positions after its writer (scale (q_t . k_{t-l}) (do_t . v_{t-l}), the
+    incoming state read by q_{l-1}, and k_{T-1-l}, v_{T-1-l} or the initial state read by the
+    final state). Shape [H], the accumulation dtype.
+
+    NOTE: the closed form (``retention_backward``) is d log(gamma) / gamma, and d log(gamma) is
+    a difference of sums whose lag-0 terms cancel: its rounding error (~eps * their size) is
+    divided by gamma, so below ~1e-2 it grows like eps / gamma (float32: wrong sign and 1e24
+    times too large at gamma = 1e-30). The series has no division and is exact at gamma = 0
+    (X_1, the one-sided derivative); the terms it drops are below (lags + 1) gamma^lags ~ 7e-12
+    relative at gamma = 1e-2. Cost: O(lags * T * (K + V)) elementwise, no T^2.
+    """
+    acc = accumulation_dtype(q.dtype)
+    q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
+    T = q.shape[2]
+    g = gamma.reshape(-1).to(acc)
+    x = [torch.zeros_like(g) for _ in range(lags + 1)]  # x[l] = X_l, [H]
+    for n in range(1, min(lags, T - 1) + 1):
+        qk = (q[:, :, n:] * k[:, :, :-n]).sum(-1)
+        dv = (do[:, :, n:] * v[:, :, :-n]).sum(-1)
+        x[n] = x[n] + (qk * dv).sum(dim=(0, 2)) * scale
+    if s0 is not None:  # o_t reads the incoming state at lag t + 1
+        m = min(lags, T)
+        reads = ((q[:, :, :m] @ s0.to(acc)) * do[:, :, :m]).sum(dim=(0, 3)) * scale  # [H, m]
+        for n in range(1, m + 1):
+            x[n] = x[n] + reads[:, n - 1]
+    if dsf is not None:  # the final state (at T - 1) reads k_t v_t at lag T - 1 - t, s0 at T
+        dsf = dsf.to(acc)
+        for n in range(1, min(lags, T - 1) + 1):
+            t = T - 1 - n
+            kd = (k[:, :, t, None, :] @ dsf).squeeze(-2)  # [B, H, V]
+            x[n] = x[n] + (kd * v[:, :, t]).sum(dim=(0, 2))
+        if s0 is not None and 1 <= T <= lags:
+            x[T] = x[T] + (dsf * s0.to(acc)).sum(dim=(0, 2, 3))
+    dgamma = x[1]
+    for n in range(2, lags + 1):
+        dgamma = dgamma + n * g ** (n - 1) * x[n]
+    return dgamma
+
+
+def refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0) -> Tensor:
+    """``dgamma`` with the heads whose gamma is below ``SMALL_GAMMA`` (0 included) replaced by
+    ``small_gamma_dgamma``. On CPU skipped when no head is that small (free to test there)."""
+    acc = accumulation_dtype(q.dtype)
+    g = gamma.detach().reshape(-1).to(acc)
+    small = g < SMALL_GAMMA
+    if g.device.type == "cpu" and not bool(small.any()):
+        return dgamma
+    series = small_gamma_dgamma(do, dsf, q, k, v, g, scale, s0)
+    return torch.where(small, series, dgamma.to(acc))

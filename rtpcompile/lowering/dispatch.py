@@ -87,17 +87,27 @@ def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None,
             form, q, k, v, gamma, scale, initial_state, chunk_size, _config(config),
             state_out=state_out,
         )  # fmt: skip
-    lg = torch.log(gamma.to(aten_impl.accumulation_dtype(q.dtype)))
-    return aten_impl.forward(form, q, k, v, lg, scale, initial_state, chunk_size, state_out)
+    # NOTE: gamma = 0 runs as MIN_GAMMA (inside the op: the gradient is still for gamma itself)
+    g = gamma.to(aten_impl.accumulation_dtype(q.dtype)).clamp(min=aten_impl.MIN_GAMMA)
+    return aten_impl.forward(
+        form, q, k, v, torch.log(g), scale, initial_state, chunk_size, state_out
+    )
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
+    """(dq, dk, dv, dgamma, ds0 | None). On CPU tensors, d gamma of heads with gamma below
+    ``aten_impl.SMALL_GAMMA`` comes from its series (``aten_impl.refine_small_gamma``): the
+    closed form both implementations share loses ~eps / gamma there."""
     if use_triton(q, v, scale):
-        return _triton_module().triton_backward(
+        grads = _triton_module().triton_backward(
             form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
         )
+    else:
 
-    def run(q_, k_, v_, lg, scale_, state):
-        return aten_impl.forward(form, q_, k_, v_, lg, scale_, state, chunk_size)
+        def run(q_, k_, v_, lg, scale_, state):
+            return aten_impl.forward(form, q_, k_, v_, lg, scale_, state, chunk_size)
 
-    return aten_impl.retention_backward(run, do, dsf, q, k, v, gamma, scale, s0, sf)
+        grads = aten_impl.retention_backward(run, do, dsf, q, k, v, gamma, scale, s0, sf)
+    dq, dk, dv, dgamma, ds0 = grads
+    dgamma = aten_impl.refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0)
+    return dq, dk, dv, dgamma, ds0

@@ -36,18 +36,27 @@ def reference_recurrent(q, k, v, gamma, scale=None, initial_state=None):
 
 
 def reference_parallel(q, k, v, gamma, scale=None, initial_state=None):
-    """o = scale * ((Q K^T) * D) V with D[h, i, j] = gamma_h^(i - j) for i >= j, plus the state."""
+    """o = scale * ((Q K^T) * D) V with D[h, i, j] = gamma_h^(i - j) for i >= j, plus the state.
+
+    NOTE: causal for non-finite values too, like the recurrence: the scores above the diagonal
+    are selected to 0 (not multiplied by 0: 0 * NaN = NaN), and the product with V reads finite
+    values only, a non-finite v_s[j] setting column j of the rows t >= s to NaN (the recurrent
+    state's column is inf/NaN from s on). Gamma may be 0 (0**0 = 1: the diagonal keeps weight 1).
+    """
     q, k, v, gamma, scale, s0 = _prep(q, k, v, gamma, scale, initial_state)
     T = q.shape[2]
     pos = torch.arange(T, dtype=torch.float64, device=q.device)
     diff = pos[:, None] - pos[None, :]
-    lg = torch.log(gamma)[:, None, None]
-    decay = torch.where(diff >= 0, torch.exp(lg * diff.clamp(min=0)), torch.zeros_like(diff))
-    o = scale * (q @ k.transpose(-1, -2) * decay) @ v
+    g = gamma[:, None, None]
+    causal = diff >= 0
+    scores = torch.where(causal, (q @ k.transpose(-1, -2)) * g ** diff.clamp(min=0), 0)
+    bad = ~torch.isfinite(v)
+    o = scores @ v.masked_fill(bad, 0)
     # the incoming state sits at position -1
-    o = o + scale * torch.exp(lg * (pos[:, None] + 1)) * (q @ s0)
-    to_end = torch.exp(lg * (T - 1 - pos)[:, None])  # [H, T, 1]
-    final = (k * to_end).transpose(-1, -2) @ v + torch.exp(torch.log(gamma) * T)[:, None, None] * s0
+    o = scale * (o + g ** (pos + 1)[:, None] * (q @ s0))
+    o = o.masked_fill(bad.cumsum(dim=2) > 0, float("nan"))
+    to_end = g ** (T - 1 - pos)[:, None]  # [H, T, 1]
+    final = (k * to_end).transpose(-1, -2) @ v + (gamma**T)[:, None, None] * s0
     return o, final
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import weakref
 
 import torch
@@ -62,9 +63,20 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 def _gamma_range_error(values) -> str:
     return (
-        f"gamma values must lie in (0, 1]; got {values} (a learnable decay must stay there: "
-        "parametrise it, e.g. gamma = sigmoid(logit))"
+        f"gamma values must lie in [0, 1]; got {values} (a learnable decay must stay there: "
+        "parametrise it, e.g. gamma = sigmoid(logit), which may underflow to 0: allowed)"
     )
+
+
+def _gamma_shape_error(gamma: torch.Tensor, q: torch.Tensor) -> str:
+    H, T = q.shape[1], q.shape[2]
+    hint = ""
+    if gamma.numel() == T != H:
+        hint = (
+            f"; q has T={T} where H is expected: the ops take [B, H, T, D] "
+            "(transpose(1, 2) a [B, T, H, D] tensor)"
+        )
+    return f"gamma must have shape [{H}] (one decay per head), got {_shape(gamma)}{hint}"
 
 
 def _check_gamma_values(gamma: torch.Tensor) -> None:
@@ -78,7 +90,7 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
     programming error). CPU tensors keep the ValueError with the offending values; python
     floats are checked before any tensor exists.
     """
-    ok = ((gamma > 0) & (gamma <= 1)).all()  # NaN compares False: rejected too
+    ok = ((gamma >= 0) & (gamma <= 1)).all()  # NaN compares False: rejected too
     if gamma.device.type == "cpu":
         if not bool(ok):
             raise ValueError(_gamma_range_error(gamma.tolist()))
@@ -92,9 +104,9 @@ def check_gamma(gamma, q) -> torch.Tensor:
     op (``check_gamma_values``)."""
     H = q.shape[1]
     if isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a number in (0, 1] or a [{H}] tensor, got {gamma!r}")
+        raise ValueError(f"gamma must be a number in [0, 1] or a [{H}] tensor, got {gamma!r}")
     if isinstance(gamma, numbers.Real):
-        if not 0.0 < float(gamma) <= 1.0:
+        if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(_gamma_range_error([float(gamma)]))
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.full((H,), float(gamma), device=q.device, dtype=dtype)
@@ -105,7 +117,7 @@ def check_gamma(gamma, q) -> torch.Tensor:
     if gamma.dim() == 0:
         gamma = gamma.expand(H)
     if gamma.shape != (H,):
-        raise ValueError(f"gamma must have shape [{H}] (one decay per head), got {_shape(gamma)}")
+        raise ValueError(_gamma_shape_error(gamma, q))
     if not gamma.is_floating_point():
         raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
     if gamma.device != q.device:
@@ -114,7 +126,7 @@ def check_gamma(gamma, q) -> torch.Tensor:
 
 
 def check_gamma_values(gamma: torch.Tensor) -> None:
-    """gamma in (0, 1]: a ValueError on CPU, a device-side assertion elsewhere; once per tensor
+    """gamma in [0, 1]: a ValueError on CPU, a device-side assertion elsewhere; once per tensor
     and version (``_CHECKED``), nothing while tracing or capturing."""
     if _values_checkable(gamma) and not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
@@ -150,9 +162,12 @@ def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -
     check_form(form)
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: the planner decides), got {chunk_size}")
-    H = q.shape[1]
-    if gamma.dim() > 1 or gamma.numel() != H:
-        raise ValueError(f"gamma must have shape [{H}] (one decay per head), got {_shape(gamma)}")
+    if gamma.dim() > 1 or gamma.numel() != q.shape[1]:
+        raise ValueError(_gamma_shape_error(gamma, q))
+    if not gamma.is_floating_point():
+        raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
+    if gamma.device != q.device:
+        raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
@@ -237,8 +252,16 @@ def check_form(form: str) -> None:
 
 
 def check_chunk_size(chunk_size) -> int:
+    """A positive integer (a Python int, or a numpy/torch integer scalar: ``operator.index``) or
+    None (0: the planner decides)."""
     if chunk_size is None:
         return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    value = None
+    if not isinstance(chunk_size, bool):
+        try:
+            value = operator.index(chunk_size)
+        except TypeError:
+            value = None
+    if value is None or value < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return value
