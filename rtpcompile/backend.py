@@ -10,6 +10,8 @@ goes to Inductor, unless ``options={"strict": True}``. Timing and decision count
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -44,7 +46,8 @@ def source_hash() -> str:
 
 
 def configure_logging(level: str) -> None:
-    """Apply the ``log`` option ("off" leaves the logger as the application configured it)."""
+    """Apply ``RTP_LOG`` to the ``rtpcompile`` logger for the process (its run-time planner
+    messages included); "off" leaves the logger as the application configured it."""
     if level == "off":
         return
     log.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
@@ -52,6 +55,20 @@ def configure_logging(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[rtpcompile] %(message)s"))
         log.addHandler(handler)
+
+
+@contextlib.contextmanager
+def logging_scope(level: str):
+    """Apply the ``log`` option inside the block only (one compile's messages, its verify
+    check), then put the logger's level and handlers back as they were."""
+    saved_level, saved_handlers = log.level, list(log.handlers)
+    configure_logging(level)
+    try:
+        yield
+    finally:
+        log.setLevel(saved_level)
+        for handler in [h for h in log.handlers if h not in saved_handlers]:
+            log.removeHandler(handler)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -94,13 +111,28 @@ def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def compile_options(options) -> options_mod.Options:
+    """The options a compile freezes into its graph: ``resolve(options)``, except that a chunk
+    size from ``RTP_CHUNK_SIZE`` is left to the planner, which reads it at every call (only
+    ``options={"chunk_size": ...}`` is frozen into the rewritten regions)."""
+    opts = options_mod.resolve(options)
+    if "chunk_size" not in (options or {}):
+        opts = dataclasses.replace(opts, chunk_size=None)
+    return opts
+
+
 def rtp_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     """The torch.compile backend (``mode=`` and ``options=`` arrive only when non-default)."""
-    opts = options_mod.resolve(kwargs.get("options"))
+    opts = compile_options(kwargs.get("options"))
     # NOTE: the op reads its run-time options when it runs, long after this call returns: the
     # options dict's kernels/autotune travel inside each op call (RTP_* apply as they stand)
     runtime = options_mod.runtime_text(kwargs.get("options"))
-    configure_logging(opts.log)
+    configure_logging(options_mod.resolve(None).log)  # RTP_LOG: the process's setting
+    with logging_scope(opts.log):
+        return _compile(gm, example_inputs, opts, runtime, kwargs.get("mode"))
+
+
+def _compile(gm: fx.GraphModule, example_inputs, opts, runtime: str, mode: str | None):
     start = time.perf_counter()
     counters["graphs"] += 1
     try:
@@ -112,40 +144,47 @@ def rtp_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         warnings.warn(
             f"rtpcompile: retention detection/rewrite failed ({type(exc).__name__}: {exc}); "
             "compiling this graph unchanged with Inductor (options={'strict': True} raises)",
-            stacklevel=2,
+            stacklevel=3,
         )
         new_gm, regions = gm, []
     claimed = [r for r in regions if r.claimed]
     log.info("rtp: %d region(s) claimed, %d declined", len(claimed), len(regions) - len(claimed))
-    compiled = _inductor(new_gm, example_inputs, kwargs.get("mode"))
+    compiled = _inductor(new_gm, example_inputs, mode)
     counters["compile_seconds"] += time.perf_counter() - start
     # NOTE: an rtp op already in the graph (native region) is its own reference: nothing to verify
     rewritten = [r for r in claimed if not r.native]
     if opts.verify and rewritten:
-        return _verified(compiled, gm, rewritten, opts)
+        return _verified(compiled, gm, rewritten, opts, runtime)
     return compiled
 
 
-def _verified(compiled, gm: fx.GraphModule, regions: list[Region], opts):
-    """Run each region's original subgraph beside the op on the first call; raise on mismatch."""
+def _verified(compiled, gm: fx.GraphModule, regions: list[Region], opts, runtime: str = ""):
+    """Run each region's original subgraph beside the op on the first call; raise on mismatch.
+    The op runs as in the compiled graph: same form, chunk size and run-time options."""
     state = {"pending": True}
 
     def run(*args):
         if state["pending"]:
             state["pending"] = False
-            verify_regions(gm, regions, list(args), opts)
+            with logging_scope(opts.log):
+                verify_regions(gm, regions, list(args), opts, runtime)
         return compiled(*args)
 
     return run
 
 
-def verify_regions(gm: fx.GraphModule, regions: list[Region], args: list, opts) -> None:
-    """Compare every region's original output with the op's on real inputs (eager)."""
+def verify_regions(
+    gm: fx.GraphModule, regions: list[Region], args: list, opts, runtime: str = ""
+) -> None:
+    """Compare every region's original output with the op's on real inputs (eager); the op
+    calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do."""
     check = copy_graph_module(gm)
     named = {node.name: node for node in check.graph.nodes}
     pairs = []
     for region in regions:
-        results = rewrite_region(check, region, opts.form, opts.chunk_size or 0, keep=True)
+        results = rewrite_region(
+            check, region, opts.form, opts.chunk_size or 0, keep=True, runtime_options=runtime
+        )
         outs = [region.output] + ([region.state_output] if region.state_output else [])
         pairs += [(region, named[o], r) for o, r in zip(outs, results, strict=True)]
     output = next(n for n in check.graph.nodes if n.op == "output")

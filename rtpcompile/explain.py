@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import sys
 import types
 
@@ -18,9 +19,10 @@ from torch._dynamo.utils import counters
 
 from .detect import find_regions
 from .detect.graph_view import GraphView
-from .detect.patterns_parallel import scores_leaving_graph
+from .detect.products import scores_leaving_graph
 from .detect.region import Region
 
+_CALLS = itertools.count()  # explain calls: each traces a caller of its own (``explain``)
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
 
 
@@ -28,14 +30,16 @@ def planned_lowering(region: Region) -> str:
     """The lowering the op's planner picks at run time for the region's example shapes.
 
     A native region (an rtp op call already in the graph) is planned from the form and chunk
-    size its call requests; every other region from "auto".
+    size its call requests; every other region from the ``form`` option (``RTP_FORM``, as the
+    backend rewrites it). The planner reads ``RTP_CHUNK_SIZE`` itself, as it does at run time.
     """
     from .lowering import plan
 
+    form = _op_call(region)[4]
     if region.seq_len is None or region.seq_len < 1:
-        return f"{region.form} (decided per call)"
+        return f"{form} (decided per call)"
     chosen = plan.choose(
-        region.form,
+        form,
         T=region.seq_len,
         has_state=region.state is not None,
         chunk_size=region.chunk_size,
@@ -48,6 +52,8 @@ def planned_lowering(region: Region) -> str:
     text += f" at T={region.seq_len}"
     if region.native:
         text += ", op call kept" if region.form == "auto" else ", forced by the op call"
+    elif form != "auto":
+        text += ", forced by RTP_FORM"
     if region.normaliser == "abs_sum":
         text += ", +1 value column for the row normaliser"
     elif region.normaliser == "sum_abs":
@@ -58,11 +64,15 @@ def planned_lowering(region: Region) -> str:
 def _op_call(region: Region) -> tuple[int, int, bool, bool, str]:
     """(K, V, state in, state out, form) of the op call a claimed region runs: V counts the
     column of ones of an abs-sum normaliser; a rewritten region returns a state only when one
-    comes in, an op call already in the graph when it is read."""
-    V = region.v_dim + int(region.normaliser == "abs_sum")
+    comes in, an op call already in the graph when it is read. A rewritten region's form is the
+    ``form`` option of the environment (``RTP_FORM``), as the backend would rewrite it."""
+    from . import options
+
+    V = (region.v_dim or 0) + int(region.normaliser == "abs_sum")
     has_state = region.state is not None
     state_out = region.state_output is not None if region.native else has_state
-    return region.k_dim, V, has_state, state_out, region.form if region.native else "auto"
+    form = region.form if region.native else options.current().form
+    return region.k_dim, V, has_state, state_out, form
 
 
 def _example_problem(region: Region):
@@ -159,8 +169,14 @@ class Report:
         are the Triton cost model's choice for ``batch`` sequences in ``dtype`` (a tuned cache
         entry on the deployment GPU may pick others); ``backward`` adds the training pass's
         kernels. Nothing is compiled or launched."""
-        if not 0 <= index < len(self.regions) or not self.regions[index].claimed:
-            claimed = [i for i, r in enumerate(self.regions) if r.claimed]
+        claimed = [i for i, r in enumerate(self.regions) if r.claimed]
+        if not 0 <= index < len(self.regions):
+            valid = f"0..{len(self.regions) - 1}" if self.regions else "none: no regions"
+            raise ValueError(
+                f"kernels(): region index {index} is out of range (valid: {valid}; "
+                f"claimed: {claimed})"
+            )
+        if not self.regions[index].claimed:
             raise ValueError(f"kernels(): region {index} is not claimed (claimed: {claimed})")
         return region_kernels(self.regions[index], batch, dtype, backward)
 
@@ -201,11 +217,23 @@ def explain(model, *args, **kwargs) -> Report:
         return gm.forward
 
     before = collections.Counter(counters["graph_break"])
-    compiled = torch.compile(model, backend=collect, dynamic=True)
+    # NOTE: Dynamo keys its cache entries (and its recompile limit, 8) on the code object of the
+    # frame it compiles. Tracing ``model`` itself would add an entry to ``type(model).forward``
+    # per explain, and dropping them (reset_code) would drop the user's own compiled entries
+    # too. So each explain traces a fresh copy of a one-line caller that inlines the model
+    # (graph breaks inside it stay in that frame: nested_graph_breaks), and drops only the
+    # copy's entries afterwards: the user's compiled models keep theirs.
+    # NOTE: a name of its own too: Dynamo remembers automatic-dynamic shapes per (file, line,
+    # name) of a code object, and one explain's shapes must not change how the next one traces
+    code = _call_model.__code__
+    name = f"{code.co_name}_{next(_CALLS)}"
+    caller = types.FunctionType(code.replace(co_name=name, co_qualname=name), globals())
+    compiled = torch.compile(caller, backend=collect, dynamic=True)
     try:
-        compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(nested_graph_breaks=True):
+            compiled(model, *args, **kwargs)
     finally:
-        _forget(model)
+        _forget(caller)
     broken = collections.Counter(counters["graph_break"]) - before
     report.graph_breaks = [_first_line(reason) for reason in broken.elements()]
     if report.graph_breaks:  # NOTE: without a break, scores returned from a graph are its result
@@ -221,16 +249,17 @@ def _first_line(reason: str) -> str:
     return f"{text} ({why.removeprefix('Explanation:').strip()})" if why else text
 
 
-def _forget(model) -> None:
-    """Drop the collecting backend's cache entries so later compiles of the model start clean."""
-    forward = getattr(type(model), "forward", None) if isinstance(model, torch.nn.Module) else model
-    code = getattr(forward, "__code__", None)
-    if code is None:
-        return
+def _call_model(model, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def _forget(caller) -> None:
+    """Drop the collecting backend's cache entries (those of ``caller``, explain's own copy of
+    ``_call_model``): a later explain traces again, nothing counts against a recompile limit."""
     try:
         from torch._dynamo.eval_frame import reset_code
 
-        reset_code(code)
+        reset_code(caller.__code__)
     except Exception:  # noqa: BLE001 - best effort; only the cache entry count is at stake
         pass
 

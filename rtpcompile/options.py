@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import math
 import operator
 import os
 import warnings
@@ -33,8 +34,11 @@ class Options:
     kernels:   "auto" (Triton on CUDA, aten on CPU), "aten", or "triton" (also on CPU tensors under
                TRITON_INTERPRET=1 — how CI tests the kernels)
     autotune:  benchmark candidate lowerings once per shape bucket and remember the winner
-    chunk_size: force the chunk size of the chunkwise form (None: planner decides)
-    log:       "off" | "info" | "debug" for the ``rtpcompile`` logger
+    chunk_size: force the chunk size of the chunkwise form (None: planner decides); in the
+               options dict it is frozen into the rewritten regions, RTP_CHUNK_SIZE is read by
+               the planner at every call
+    log:       "off" | "info" | "debug" for the ``rtpcompile`` logger: RTP_LOG for the process,
+               the options dict for that compile's own messages (and its verify check) only
     """
 
     form: str = "auto"
@@ -116,12 +120,39 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     is a warning: other tools may share the prefix, so it is not an error)."""
     environ = os.environ if environ is None else environ
     _warn_unknown(environ)
+    check_variables(environ)
     found = {}
     for name in FIELDS:
         key = f"RTP_{name.upper()}"
         if key in environ:
             found[name] = _coerce(name, environ[key], f"environment variable {key}")
     return found
+
+
+def check_variables(environ: Mapping[str, str]) -> None:
+    """A ValueError for a bad value of an ``RTP_*`` variable read deep inside a stage (the mask
+    proof's budget, the tuner's config space), so it fails up front like a bad option: at
+    compile time (``resolve``) and at an op call (``current``), never caught by a fallback."""
+    raw = environ.get("RTP_PROOF_MAX_GB")
+    if raw:  # NOTE: the rule of detect.mask_proof.proof_budget, which reads it
+        try:
+            gib = float(raw)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib > 0):
+            raise ValueError(
+                f"environment variable RTP_PROOF_MAX_GB must be a positive number of GiB, "
+                f"got {raw!r}"
+            )
+    raw = environ.get("RTP_TUNE_CONFIGS")
+    if raw is not None:
+        from .lowering.tune import CONFIG_SPACES  # NOTE: lazily: lowering imports this module
+
+        if (raw.strip().lower() or "auto") not in CONFIG_SPACES:
+            raise ValueError(
+                f"environment variable RTP_TUNE_CONFIGS must be one of {list(CONFIG_SPACES)}, "
+                f"got {raw!r}"
+            )
 
 
 def resolve(options: Mapping[str, Any] | None = None) -> Options:
@@ -136,7 +167,9 @@ def resolve(options: Mapping[str, Any] | None = None) -> Options:
     return Options(**values)
 
 
-_ENV_KEYS = tuple(f"RTP_{name.upper()}" for name in FIELDS)
+# NOTE: the variables check_variables validates too, so a changed value is checked again
+_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS")
+_ENV_KEYS = tuple(f"RTP_{name.upper()}" for name in FIELDS) + _CHECKED
 _ENCODED_KEYS = tuple(map(getattr(os.environ, "encodekey", str), _ENV_KEYS))
 
 

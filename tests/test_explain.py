@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backend import Retention
+from test_backend import inputs as retention_inputs
 from torch import nn
 
 import rtpcompile
@@ -209,3 +211,50 @@ def test_a_graph_break_elsewhere_keeps_the_region_claimed(no_inductor):
     q, k, v, pad = _inputs(T=9)
     report = explain(BreakAfter(), q, k, v, pad)
     assert [r.claimed for r in report.regions] == [True] and len(report.graph_breaks) == 1
+
+
+def test_kernels_index_out_of_range_names_the_valid_range(no_inductor):
+    report = explain(TwoLayers(), *_inputs())
+    for bad in (len(report.regions), 3, -1):
+        with pytest.raises(ValueError, match=rf"index {bad} is out of range \(valid: 0\.\.1"):
+            report.kernels(bad)
+    declined = report.regions.index(report.declined[0])
+    with pytest.raises(ValueError, match=f"region {declined} is not claimed"):
+        report.kernels(declined)
+
+
+class Breaking(nn.Module):
+    """Retention, then a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Retention()
+
+    def forward(self, q, k, v):
+        out = self.inner(q, k, v)
+        torch._dynamo.graph_break()
+        return out + 1
+
+
+@pytest.mark.parametrize("model_type", [Retention, Breaking])
+def test_explain_keeps_the_users_compiled_model_and_the_recompile_limit(monkeypatch, model_type):
+    """explain drops only its own Dynamo cache entries: a model compiled before keeps its
+    compiled code (no recompile), and explaining more often than the recompile limit (set to 1
+    here: each explain would otherwise be a recompile) still traces every time, graph break or
+    not."""
+    import torch._inductor.compile_fx as cfx
+
+    import rtpcompile.backend as backend
+
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, example_inputs, **kw: gm.forward)
+    torch._dynamo.reset()
+    model, args = model_type(), retention_inputs(5)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled = torch.compile(model, backend="rtp")
+        compiled(*args)
+        graphs = backend.counters["graphs"]
+        for _ in range(2):
+            assert len(explain(model, *args).claimed) == 1
+        compiled(*args)
+    assert backend.counters["graphs"] == graphs
+    torch._dynamo.reset()

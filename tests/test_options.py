@@ -74,3 +74,36 @@ def test_an_unknown_rtp_variable_is_a_warning_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         options.from_env(env)  # already said
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("RTP_PROOF_MAX_GB", "abc", "must be a positive number of GiB"),
+        ("RTP_PROOF_MAX_GB", "-1", "must be a positive number of GiB"),
+        ("RTP_TUNE_CONFIGS", "bogus", "must be one of"),
+    ],
+)
+def test_bad_other_variables_raise_up_front(monkeypatch, name, value, words):
+    """Read deep in a stage (the mask proof, the Triton tuner), they are checked with the
+    options: at compile time and at every op call, never swallowed by the backend's fallback."""
+    import torch
+    import torch._inductor.compile_fx as cfx
+    from test_backend import Retention, inputs
+
+    from rtpcompile import ops
+
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, example_inputs, **kw: gm.forward)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"environment variable {name} {words}"):
+        options.resolve(None)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=f"{name} {words}"):
+        torch.compile(Retention(), backend="rtp")(*inputs(8))
+    torch._dynamo.reset()
+    monkeypatch.setenv("RTP_AUTOTUNE", "1")  # NOTE: on aten the tuner never reads the space
+    monkeypatch.setenv("RTP_CACHE", "off")
+    with pytest.raises(ValueError, match=f"{name} {words}"):
+        ops.retention(*inputs(8), 0.9)
+    monkeypatch.setenv(name, "1" if name == "RTP_PROOF_MAX_GB" else "quick")
+    options.resolve(None)

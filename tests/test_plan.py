@@ -305,3 +305,42 @@ def test_choose_with_tune_false_never_benchmarks(monkeypatch):
     q, _, v = tensors(T=300)
     assert plan.choose("auto", T=300, has_state=False, q=q, v=v, tune=False).source == "model"
     assert plan.counters["benchmarks"] == 0
+
+
+def _stored(p: Problem, form: str, chunk: int, config: dict) -> None:
+    value = {"form": form, "chunk_size": chunk, "config": config, "time_ms": 1.0, "timings": {}}
+    cache.store(plan.cache_key(p), value)
+
+
+def test_cached_form_other_than_the_forced_one_is_a_miss():
+    p = problem(T=200, H=2, K=8, V=8, request="chunkwise")
+    _stored(p, "parallel", 64, {})
+    found = plan.plan_for(p)
+    assert (found.form, found.source) == ("chunkwise", "model")
+    assert plan.stats()["cache_misses"] == 1
+
+
+def test_cached_triton_config_must_fit_the_resource_rule():
+    p = problem(T=512, H=8, K=128, V=128, backend="triton")
+    big = {"BV": 256, "num_warps": 32, "num_stages": 8}
+    assert tune.why_not_fits(p, "chunkwise", 64, big) is not None  # the tuner prunes it
+    _stored(p, "chunkwise", 64, big)
+    assert plan.plan_for(p).source == "model" and plan.stats()["cache_misses"] == 1
+    plan.reset()
+    _stored(p, "chunkwise", 64, {"BV": 32, "split": 1})
+    found = plan.plan_for(p)
+    assert found.source == "cache" and found.config == (("BV", 32), ("split", 1))
+
+
+def test_memo_follows_the_cpu_thread_count():
+    """The cache key's device part holds the thread count; the in-process memo does too."""
+    p = problem(T=60, H=2, K=8, V=8)
+    threads = torch.get_num_threads()
+    plan.plan_for(p)
+    try:
+        torch.set_num_threads(threads + 1)
+        plan.plan_for(p)
+    finally:
+        torch.set_num_threads(threads)
+    plan.plan_for(p)
+    assert plan.stats()["model"] == 2

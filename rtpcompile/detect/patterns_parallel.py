@@ -28,11 +28,10 @@ from .graph_view import (
     same_size,
     where,
 )
-from .products import (  # noqa: F401 - scores_leaving_graph: explain imported it from here
+from .products import (
     masked_score_product,
     score_factors,
     score_product,
-    scores_leaving_graph,
     softmax_attention,
     value_products,
 )

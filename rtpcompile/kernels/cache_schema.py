@@ -87,12 +87,22 @@ def value_shape(value: Any) -> str | None:
 def check_value(value: Any, key: dict[str, Any] | None = None) -> str | None:
     """None when ``value`` is a usable tuning result (for ``key`` when given), else why not.
 
-    Beyond its shape: the chunk size must be one the tuner tries (a power of two in
+    Beyond its shape: the form must be the one ``key`` forces (its spec's ``request``) when it
+    forces one, the chunk size must be one the tuner tries (a power of two in
     [MIN_CHUNK, MAX_CHUNK]) or the chunk ``key`` forces, and the config must pass
     ``kernels.check_config`` and be empty for the aten backend, which has no kernel blocks.
+    (The kernels' resource rule needs torch: the planner applies it, ``plan._config_problem``.)
     """
-    reason = value_shape(value) or _chunk_problem(value["chunk_size"], key)
+    reason = value_shape(value) or _form_problem(value["form"], key)
+    reason = reason or _chunk_problem(value["chunk_size"], key)
     return reason or _config_problem(value["config"], key)
+
+
+def _form_problem(form: str, key: dict[str, Any] | None) -> str | None:
+    request = key["spec"].get("request") if key is not None else None
+    if request in FORMS and form != request:
+        return f"value.form {form!r} differs from the form the key forces ({request!r})"
+    return None
 
 
 def _chunk_problem(chunk: int, key: dict[str, Any] | None) -> str | None:

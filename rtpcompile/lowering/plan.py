@@ -195,15 +195,18 @@ def problem_of(
 def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Plan:
     """Memo -> cache -> (benchmark when ``tune``) -> cost model. ``force`` re-benchmarks."""
     p = problem
+    # NOTE: what the cache key's device part varies with inside one process: the CPU thread
+    # count (device_info); a device's name and capability are fixed by its string
+    threads = torch.get_num_threads() if p.device == "cpu" else 0  # ~0.1 us
     memo_key = (next_pow2(p.T), next_pow2(p.B * p.H), p.K, p.V, p.dtype, p.device, p.backend,
-                p.has_state, p.phase, p.request, p.chunk, p.state_out, tune)  # fmt: skip
+                p.has_state, p.phase, p.request, p.chunk, p.state_out, tune, threads)  # fmt: skip
     found = None if force else _memo.get(memo_key)
     if found is not None:
         return found
     from . import tune as _tune
 
     key = cache_key(problem)
-    found = None if force else _from_cache(key)
+    found = None if force else _from_cache(key, problem)
     if found is None and tune:
         found = _tune.autotune(problem, key)
     if found is None:
@@ -214,17 +217,14 @@ def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Pl
     return found
 
 
-def _from_cache(key: dict) -> Plan | None:
+def _from_cache(key: dict, problem: Problem) -> Plan | None:
     from ..kernels import cache
 
     value = cache.load(key)
     if value is not None and key["spec"]["backend"] == "triton" and value["config"]:
-        from ..kernels.spec import check_config
-
-        try:
-            check_config(value["config"])
-        except ValueError as exc:  # e.g. written by another version: re-tune, do not crash
-            log.warning("rtpcompile plan: ignoring cached kernel config (%s)", exc)
+        reason = _config_problem(problem, value)
+        if reason is not None:  # e.g. written by another version or by hand: re-tune, no crash
+            log.warning("rtpcompile plan: ignoring cached kernel config (%s)", reason)
             value = None
     if value is None:
         counters["cache_misses"] += 1
@@ -235,6 +235,25 @@ def _from_cache(key: dict) -> Plan | None:
     )
     log.info("rtpcompile plan: %s from the autotune cache (%s)", found.label, cache.key_id(key))
     return found
+
+
+def _config_problem(problem: Problem, value: dict) -> str | None:
+    """Why a cached Triton config is unusable for ``problem``'s bucket, or None: it must pass
+    ``check_config`` and the tuner's resource rule (``tune.why_not_fits``), which pruned every
+    config the tuner itself could have stored."""
+    from ..kernels.spec import check_config, default_blocks, use_split
+    from .tune import why_not_fits
+
+    try:
+        cfg = check_config(value["config"])
+    except ValueError as exc:
+        return str(exc)
+    p, form, chunk = problem.at_bucket(), value["form"], value["chunk_size"]
+    split = use_split(form, p.T, p.K, chunk, cfg, V=p.V, BH=p.B * p.H, dtype=p.dtype)
+    blocks = default_blocks(form, p.K, p.V, chunk, split, dtype=p.dtype)
+    full = {name: blocks[name] for name in ("BV", "num_warps", "num_stages")} | cfg
+    why = why_not_fits(p, form, chunk, full)
+    return None if why is None else f"{cfg} does not fit: {why}"
 
 
 def shape_text(p: Problem) -> str:
