@@ -26,7 +26,7 @@ from . import options as options_mod
 from .detect import counters, find_regions
 from .detect.region import Region
 from .distributed.ddp import real_example_inputs
-from .rewrite import rewrite, rewrite_region
+from .rewrite import rewrite, rewrite_region, rtp_retention
 
 log = logging.getLogger("rtpcompile")
 
@@ -107,6 +107,12 @@ def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode else {}
+    # NOTE: AOTAutograd's cache bypasses a graph calling a function it does not know; the glue's
+    # behaviour is fixed by its constant arguments (in the graph, so in the key) and by the
+    # package source, which the key holds here, so its entries can be reused safely.
+    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions)
+    marked[f"{rtp_retention.__module__}.{rtp_retention.__name__}"] = source_hash()
+    patches["unsafe_marked_cacheable_functions"] = marked
     with torch.compiler.config.patch(cache_key_tag=source_hash()):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
