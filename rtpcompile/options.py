@@ -155,12 +155,27 @@ def check_variables(environ: Mapping[str, str]) -> None:
             )
 
 
+def _inductor_hint(names: list[str]) -> str:
+    """A hint when an unknown option is an Inductor setting (``options=`` of backend="inductor")."""
+    import torch._inductor.config as inductor_config
+
+    if not any(hasattr(inductor_config, name.replace("-", "_")) for name in names):
+        return ""
+    return (
+        ". Inductor settings are not passed through the rtp backend's options: use "
+        "torch.compile(..., mode=...) or set torch._inductor.config before compiling"
+    )
+
+
 def resolve(options: Mapping[str, Any] | None = None) -> Options:
     """Defaults, then ``RTP_*`` variables, then explicit ``options`` (highest priority)."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown rtp option(s) {unknown}; valid options are {list(FIELDS)}")
+        raise ValueError(
+            f"unknown rtp option(s) {unknown}; valid options are {list(FIELDS)}"
+            + _inductor_hint(unknown)
+        )
     values = from_env()
     for name, value in options.items():
         values[name] = _coerce(name, value, "options")

@@ -26,6 +26,8 @@ def test_environment_then_explicit(monkeypatch):
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown rtp option\(s\) \['fast'\]; valid options are"):
         options.resolve({"fast": True})
+    with pytest.raises(ValueError, match=r"\['max_autotune'\].*Inductor settings are not passed"):
+        options.resolve({"max_autotune": True})
 
 
 @pytest.mark.parametrize(
