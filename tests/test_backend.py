@@ -301,16 +301,16 @@ def test_aot_autograd_cache_serves_a_rewritten_graph(monkeypatch, tmp_path):
     from torch._dynamo.utils import counters as dynamo_counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
     model = Retention(learnable=True)
     dynamo_counters.clear()
     outs = []
-    for _ in range(2):
-        torch._dynamo.reset()
-        x = inputs(13, seed=1, grad=True)
-        out = torch.compile(model, backend="rtp", dynamic=True)(*x)
-        outs.append((out, torch.autograd.grad(out.sum(), [*x, model.decay_logit])))
+    # NOTE: config.patch, not monkeypatch: a monkeypatched torch config attribute is not restored
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            x = inputs(13, seed=1, grad=True)
+            out = torch.compile(model, backend="rtp", dynamic=True)(*x)
+            outs.append((out, torch.autograd.grad(out.sum(), [*x, model.decay_logit])))
     aot = dict(dynamo_counters["aot_autograd"])
     assert aot.get("autograd_cache_hit") == 1 and not aot.get("autograd_cache_bypass"), aot
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
