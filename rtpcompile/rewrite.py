@@ -17,6 +17,7 @@ per region plus the permutes/views to [B, H, T, D] and back.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -45,6 +46,19 @@ def _broadcast(mask: torch.Tensor, dims, t) -> torch.Tensor:
     while mask.dim() < 2:
         mask = mask[None]
     return mask.expand(*mask.shape[:-2], t, t)
+
+
+def _split_scale(factors) -> tuple[float, tuple]:
+    """(product of the constant factors as one number, the tensor factors left to apply)."""
+    scale, rest = 1.0, []
+    for op, value in factors:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0:
+            scale = scale * value if op == "mul" else scale / value
+        else:
+            rest.append((op, value))
+    if not math.isfinite(scale) or scale == 0:  # NOTE: degenerate: left on q, as before
+        return 1.0, tuple(factors)
+    return scale, tuple(rest)
 
 
 def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = True):
@@ -120,12 +134,18 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     q, k, v = (x if p is None else x.permute(p) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
+    # NOTE: constant score factors (1/sqrt(K)) become the op's scale, applied in float32 after
+    # the q.k reductions: q * c rounded to bf16/fp16 first loses the digits that cancel in a
+    # small q.k (rows a GroupNorm after the retention then amplifies), which eager's
+    # (q @ k^T) * c keeps. Tensor factors are still folded into q.
+    op_scale, pre = _split_scale(pre)
     q = _scaled(q, pre)
     k, v = k.to(q.dtype), v.to(q.dtype)
     den = None
     if normaliser == "sum_abs":
         # NOTE: from q before the row scale is folded in: the full mask already holds it
         scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(masks, kind, axes, q)
+        scores = scores * op_scale
         den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
     if row_scale is not None and use_row_scale:
@@ -140,7 +160,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         s4 = _to4(state.transpose(-1, -2) if state_vk else state).to(gamma.dtype)
     # NOTE: a region without a state returns none (its final state would have no reader)
     o, final = torch.ops.rtp.retention_fwd(
-        q4, k4, v4, gamma, 1.0, s4, form, chunk, state is not None, runtime
+        q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
     )
     o = _from4(o, batch)
     if normaliser == "abs_sum":

@@ -315,3 +315,29 @@ def test_aot_autograd_cache_serves_a_rewritten_graph(monkeypatch, tmp_path):
     assert aot.get("autograd_cache_hit") == 1 and not aot.get("autograd_cache_bypass"), aot
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_a_constant_score_scale_is_applied_after_the_product_in_16_bit(inductor):
+    """``(q @ k^T) * s`` rounds after the dot product; folding s into a bfloat16 q first loses
+    the digits that cancel in a small q.k (the scale now goes to the op, in float32)."""
+
+    class Scaled(nn.Module):
+        def forward(self, q, k, v):
+            T = q.shape[2]
+            idx = torch.arange(T)
+            diff = idx[:, None] - idx[None, :]
+            mask = torch.where(diff >= 0, 0.9 ** diff.clamp(min=0).float(), 0.0)
+            return ((q @ k.mT) * 0.35355339 * mask.to(q.dtype)) @ v
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 64, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 64, generator=gen, dtype=torch.float64)
+    k[..., -1] -= (q * k).sum() / q[..., -1]  # q . k = 0 up to rounding, |q_i k_i| ~ 1
+    v = torch.randn(1, 1, 1, 8, generator=gen, dtype=torch.float64)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    want = Scaled()(*(x.double() for x in (q, k, v)))
+    got = torch.compile(Scaled(), backend="rtp", dynamic=False)(q, k, v)
+    eager = Scaled()(q, k, v)
+    assert op_calls(inductor[0][0]) == 1
+    error, eager_error = ((x.double() - want).abs().max().item() for x in (got, eager))
+    assert error <= 2 * eager_error + 1e-6, (error, eager_error)
