@@ -24,18 +24,8 @@ transformers = pytest.importorskip(
     "transformers", reason="retrofit of Hugging Face models needs the transformers extra"
 )
 
-VOCAB = 128
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from test_convert_families import COMMON, VOCAB  # noqa: E402 - after the importorskip
+
 # family -> (config class, model class, config overrides)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),

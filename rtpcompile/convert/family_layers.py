@@ -18,28 +18,9 @@ from torch import Tensor, nn
 from .decay import param_dtype
 from .find import AttentionSite
 from .layers import RetrofitRetention
-from .rules import CROSS_KWARGS, applies_rotary, check_own_parameters, llama_rotary, rotate
+from .rules import CROSS_KWARGS, applies_rotary, check_children, llama_rotary, rotate
 
 _QK_NORMS = ("q_layernorm", "k_layernorm")
-
-
-def _check_children(original: nn.Module, used: tuple[str, ...]) -> None:
-    """Refuse sub-layers the converted layer would silently skip (dropout, identities and rotary
-    embeddings are fine)."""
-    ignored = [
-        name
-        for name, child in original.named_children()
-        if name not in used
-        and "rotary" not in name
-        and not isinstance(child, (nn.Dropout, nn.Identity))
-    ]
-    if ignored:
-        raise ValueError(
-            f"cannot convert {type(original).__name__}: its sub-modules {ignored} would be "
-            f"ignored by a converted layer (it applies {'/'.join(used)} and the rotary "
-            "embedding only)"
-        )
-    check_own_parameters(original)
 
 
 class FusedRotaryRetention(RetrofitRetention):
@@ -52,7 +33,7 @@ class FusedRotaryRetention(RetrofitRetention):
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
         used = (*self.PROJECTIONS, self.OUT, *self.NORMS)
-        _check_children(original, used)
+        check_children(original, used)
         super().__init__(site, dtype=param_dtype(original), **kw)
         for name in used:
             if isinstance(getattr(original, name, None), nn.Module):

@@ -208,21 +208,23 @@ CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
 CROSS_KWARGS = ("cross_attention_states", "key_value_states", "encoder_hidden_states")
 
 
-def check_children(original: nn.Module) -> None:
+def check_children(original: nn.Module, used=None) -> None:
     """Refuse a module with sub-layers a converted layer would silently skip (StableLM's
-    ``q_layernorm``, ...); dropout, identities and rotary embeddings are fine."""
+    ``q_layernorm``, ...); dropout, identities and rotary embeddings are fine. ``used``: the
+    sub-layers the converted layer applies (default: the Llama-style ones, ``CHILDREN``)."""
+    allowed = CHILDREN if used is None else set(used)
     ignored = [
         name
         for name, child in original.named_children()
-        if name not in CHILDREN
+        if name not in allowed
         and "rotary" not in name
         and not isinstance(child, (nn.Dropout, nn.Identity))
     ]
     if ignored:
+        applied = "q_proj/k_proj/v_proj/o_proj, q_norm/k_norm" if used is None else "/".join(used)
         raise ValueError(
             f"cannot convert {type(original).__name__}: its sub-modules {ignored} would be "
-            "ignored by a converted layer (it applies q_proj/k_proj/v_proj/o_proj, q_norm/k_norm "
-            "and the rotary embedding only)"
+            f"ignored by a converted layer (it applies {applied} and the rotary embedding only)"
         )
     check_own_parameters(original)
 
