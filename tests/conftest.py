@@ -59,3 +59,25 @@ def triton_on_cpu(tmp_path, monkeypatch):
     yield
     plan.reset()
     dispatch._triton_module.cache_clear()
+
+
+@pytest.fixture
+def inductor_graphs(monkeypatch):
+    """Inductor's compile_fx replaced by the (rewritten) graph run eagerly: fast, and the test
+    can inspect every graph module Inductor would have received (the list yielded)."""
+    import torch
+    import torch._inductor.compile_fx as cfx
+
+    from rtpcompile.backend import counters
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, **kwargs):
+        seen.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    counters.clear()
+    yield seen
+    torch._dynamo.reset()

@@ -87,28 +87,11 @@ def _regions(model, *inputs):
     return found
 
 
-@pytest.fixture
-def inductor(monkeypatch):
-    """compile_fx replaced by the rewritten graph run eagerly; records each graph module."""
-    seen = []
-
-    def fake_compile_fx(gm, example_inputs, **kwargs):
-        seen.append(gm)
-        return gm.forward
-
-    import torch._inductor.compile_fx as cfx
-
-    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
-    torch._dynamo.reset()
-    yield seen
-    torch._dynamo.reset()
-
-
 # NOTE: each spelling once (CI time), half of them with a symmetric decay |i - j|
 @pytest.mark.parametrize(
     "name, symmetric", [(name, n % 2 == 0) for n, name in enumerate(sorted(SPELLINGS))]
 )
-def test_two_step_masks_are_claimed_and_equal_eager(inductor, name, symmetric):
+def test_two_step_masks_are_claimed_and_equal_eager(inductor_graphs, name, symmetric):
     model = TwoStep(SPELLINGS[name], symmetric).double()
     compiled = torch.compile(model, backend="rtp", dynamic=True, fullgraph=True)
     for t in (9, 1, 20):
@@ -119,7 +102,7 @@ def test_two_step_masks_are_claimed_and_equal_eager(inductor, name, symmetric):
         want = torch.autograd.grad(ref.square().sum(), [*x, model.logit])
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
-    ops = sum(n.target is rtp_retention for gm in inductor for n in gm.graph.nodes)
+    ops = sum(n.target is rtp_retention for gm in inductor_graphs for n in gm.graph.nodes)
     assert ops >= 1 and backend.counters["regions_claimed"] >= 1
 
 

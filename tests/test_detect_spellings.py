@@ -14,30 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-import rtpcompile.backend as backend
 from rtpcompile.detect import find_regions
 from rtpcompile.rewrite import rtp_retention
 
 B, H, T, K, V = 2, 3, 9, 5, 7
 GAMMA = (0.75, 0.875, 0.9375)
-
-
-@pytest.fixture
-def inductor(monkeypatch):
-    """compile_fx replaced by the rewritten graph run eagerly; records each graph module."""
-    seen = []
-
-    def fake_compile_fx(gm, example_inputs, **kwargs):
-        seen.append(gm)
-        return gm.forward
-
-    import torch._inductor.compile_fx as cfx
-
-    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
-    torch._dynamo.reset()
-    backend.counters.clear()
-    yield seen
-    torch._dynamo.reset()
 
 
 def _qkv(t=T, seed=0):
@@ -69,7 +50,7 @@ def _ops(seen) -> int:
     return sum(n.target is rtp_retention for gm in seen for n in gm.graph.nodes)
 
 
-def assert_matches_eager(inductor, model, inputs, claimed, dynamic=False, lengths=()):
+def assert_matches_eager(inductor_graphs, model, inputs, claimed, dynamic=False, lengths=()):
     """Compiled (rtp, Inductor stubbed) equals eager at each input set; ``claimed``: whether the
     graph holds an rtp op (the region was claimed) or none (declined)."""
     compiled = torch.compile(model, backend="rtp", dynamic=dynamic, fullgraph=True)
@@ -78,7 +59,9 @@ def assert_matches_eager(inductor, model, inputs, claimed, dynamic=False, length
         want, want_grads = _forward_backward(model, model, x)
         for g, w in zip(got + got_grads, want + want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
-    assert (_ops(inductor) > 0) == claimed, f"claimed={claimed} expected, ops={_ops(inductor)}"
+    assert (_ops(inductor_graphs) > 0) == claimed, (
+        f"claimed={claimed} expected, ops={_ops(inductor_graphs)}"
+    )
 
 
 def _decay_mask(gamma: torch.Tensor, t: int) -> torch.Tensor:
@@ -122,10 +105,10 @@ class FactoredMask(nn.Module):
 
 
 @pytest.mark.parametrize("combined", [False, True])
-def test_factored_decay_mask(inductor, combined):
+def test_factored_decay_mask(inductor_graphs, combined):
     model = FactoredMask(combined)
     lengths = [_qkv(5, seed=1), _qkv(12, seed=2)] if combined else []
-    assert_matches_eager(inductor, model, _qkv(), True, dynamic=combined, lengths=lengths)
+    assert_matches_eager(inductor_graphs, model, _qkv(), True, dynamic=combined, lengths=lengths)
 
 
 class RowFactor(nn.Module):
@@ -150,8 +133,8 @@ class RowFactor(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["buffer", "parameter", "premultiplied"])
-def test_per_head_row_factor(inductor, kind):
-    assert_matches_eager(inductor, RowFactor(kind), _qkv(), True)
+def test_per_head_row_factor(inductor_graphs, kind):
+    assert_matches_eager(inductor_graphs, RowFactor(kind), _qkv(), True)
 
 
 class RowNormalised(nn.Module):
@@ -178,8 +161,8 @@ class RowNormalised(nn.Module):
 
 
 @pytest.mark.parametrize("normaliser", ["sum_abs", "abs_sum"])
-def test_row_normalised_decay_with_normaliser(inductor, normaliser):
-    assert_matches_eager(inductor, RowNormalised(normaliser), _qkv(), True)
+def test_row_normalised_decay_with_normaliser(inductor_graphs, normaliser):
+    assert_matches_eager(inductor_graphs, RowNormalised(normaliser), _qkv(), True)
 
 
 # ---- wrong results before: steps that are not what they look like ---------------------------
@@ -207,8 +190,8 @@ class Clamped(nn.Module):
         ("clamp_min", lambda s: s.clamp_min(2), True),
     ],
 )
-def test_normaliser_clamp_with_a_maximum_is_declined(inductor, name, clamp, claimed):
-    assert_matches_eager(inductor, Clamped(clamp), _qkv(), claimed)
+def test_normaliser_clamp_with_a_maximum_is_declined(inductor_graphs, name, clamp, claimed):
+    assert_matches_eager(inductor_graphs, Clamped(clamp), _qkv(), claimed)
 
 
 class Divided(nn.Module):
@@ -225,8 +208,8 @@ class Divided(nn.Module):
 
 
 @pytest.mark.parametrize("mode, claimed", [("floor", False), ("trunc", False), (None, True)])
-def test_rounding_division_is_not_a_scale(inductor, mode, claimed):
-    assert_matches_eager(inductor, Divided(mode), _qkv(), claimed)
+def test_rounding_division_is_not_a_scale(inductor_graphs, mode, claimed):
+    assert_matches_eager(inductor_graphs, Divided(mode), _qkv(), claimed)
 
 
 # ---- false declines before: score products written other ways -------------------------------
@@ -251,8 +234,8 @@ class Baddbmm(nn.Module):
 
 
 @pytest.mark.parametrize("beta, claimed", [(0.0, True), (1.0, False)])
-def test_baddbmm_scores(inductor, beta, claimed):
-    assert_matches_eager(inductor, Baddbmm(beta), _qkv(), claimed)
+def test_baddbmm_scores(inductor_graphs, beta, claimed):
+    assert_matches_eager(inductor_graphs, Baddbmm(beta), _qkv(), claimed)
 
 
 class Transposed(nn.Module):
@@ -270,8 +253,8 @@ class Transposed(nn.Module):
 
 
 @pytest.mark.parametrize("weights, claimed", [(False, True), (True, False)])
-def test_transposed_score_product(inductor, weights, claimed):
-    assert_matches_eager(inductor, Transposed(weights), _qkv(), claimed)
+def test_transposed_score_product(inductor_graphs, weights, claimed):
+    assert_matches_eager(inductor_graphs, Transposed(weights), _qkv(), claimed)
 
 
 # ---- the recurrent step ---------------------------------------------------------------------
@@ -297,14 +280,14 @@ class Step(nn.Module):
     "decay, alpha, claimed",
     [(0.9, 1.0, True), (1, 1.0, True), (1.5, 1.0, False), (0.9, 2.0, False), ("0-dim", 2.0, False)],
 )
-def test_recurrent_step_with_a_python_number_decay(inductor, decay, alpha, claimed):
+def test_recurrent_step_with_a_python_number_decay(inductor_graphs, decay, alpha, claimed):
     if decay == "0-dim":  # NOTE: claimed with alpha=1 (below): add(.., alpha=2) is not the update
         decay = torch.tensor(0.9, dtype=torch.float64)
-    assert_matches_eager(inductor, Step(decay, alpha), _token(), claimed)
+    assert_matches_eager(inductor_graphs, Step(decay, alpha), _token(), claimed)
 
 
-def test_recurrent_zero_dim_decay_shows_every_head(inductor):
+def test_recurrent_zero_dim_decay_shows_every_head(inductor_graphs):
     model = Step(torch.tensor(0.8, dtype=torch.float64))
     (region,) = _regions(model, *_token())
     assert region.claimed and region.heads == H and region.decay == (pytest.approx(0.8),)
-    assert_matches_eager(inductor, model, _token(1), True)
+    assert_matches_eager(inductor_graphs, model, _token(1), True)
