@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_detect import regions
 from torch import nn
 
 import rtpcompile.backend as backend
-from rtpcompile.detect import find_regions
 from rtpcompile.rewrite import rtp_retention
 
 B, H, K, V = 2, 3, 5, 7
@@ -75,18 +75,6 @@ def _inputs(t, seed=0):
     return [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
 
 
-def _regions(model, *inputs):
-    found = []
-
-    def collect(gm, example_inputs, **_):
-        found.extend(find_regions(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=collect, dynamic=True, fullgraph=True)(*inputs)
-    return found
-
-
 # NOTE: each spelling once (CI time), half of them with a symmetric decay |i - j|
 @pytest.mark.parametrize(
     "name, symmetric", [(name, n % 2 == 0) for n, name in enumerate(sorted(SPELLINGS))]
@@ -118,7 +106,7 @@ def test_two_step_masks_are_claimed_and_equal_eager(inductor_graphs, name, symme
 def test_an_indicator_that_is_not_causal_is_declined(indicator, why):
     for name in ("fill_then_decay", "decay_then_where"):
         model = TwoStep(SPELLINGS[name], symmetric=True, indicator=indicator).double()
-        found = _regions(model, *_inputs(9))
+        found = regions(model, *_inputs(9))
         assert found and not any(r.claimed for r in found), (why, name)
 
 
@@ -131,5 +119,5 @@ def test_an_indicator_read_from_an_input_is_declined():
             return (s * decay) @ v
 
     keep = torch.ones(B, 9, dtype=torch.bool)
-    (region,) = _regions(Padded(_fill_then_decay).double(), *_inputs(9), keep)
+    (region,) = regions(Padded(_fill_then_decay).double(), *_inputs(9), keep)
     assert not region.claimed

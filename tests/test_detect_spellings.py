@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_detect import regions
 from torch import nn
 
-from rtpcompile.detect import find_regions
 from rtpcompile.rewrite import rtp_retention
 
 B, H, T, K, V = 2, 3, 9, 5, 7
@@ -68,18 +68,6 @@ def _decay_mask(gamma: torch.Tensor, t: int) -> torch.Tensor:
     i = torch.arange(t)
     d = i[:, None] - i[None, :]
     return torch.where(d >= 0, gamma[:, None, None] ** d.clamp(min=0), 0.0)
-
-
-def _regions(model, *inputs):
-    found = []
-
-    def collect(gm, example_inputs, **_):
-        found.extend(find_regions(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=collect, fullgraph=True)(*inputs)
-    return found
 
 
 # ---- wrong results before: mask factors that broadcast along a row or a column --------------
@@ -288,6 +276,6 @@ def test_recurrent_step_with_a_python_number_decay(inductor_graphs, decay, alpha
 
 def test_recurrent_zero_dim_decay_shows_every_head(inductor_graphs):
     model = Step(torch.tensor(0.8, dtype=torch.float64))
-    (region,) = _regions(model, *_token())
+    (region,) = regions(model, *_token(), dynamic=False)
     assert region.claimed and region.heads == H and region.decay == (pytest.approx(0.8),)
     assert_matches_eager(inductor_graphs, model, _token(1), True)
