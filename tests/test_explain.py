@@ -256,5 +256,8 @@ def test_explain_keeps_the_users_compiled_model_and_the_recompile_limit(monkeypa
         for _ in range(2):
             assert len(explain(model, *args).claimed) == 1
         compiled(*args)
+        # the compiled wrapper explained: its location reads as the model's own
+        (region,) = explain(compiled, *args).claimed
+        assert region.where == explain(model, *args).claimed[0].where
     assert backend.counters["graphs"] == graphs
     torch._dynamo.reset()

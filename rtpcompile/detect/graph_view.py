@@ -437,6 +437,8 @@ def where(node: fx.Node) -> str:
         path = str(path[0] if isinstance(path, tuple) else path)
         path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
         path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+        # NOTE: explain() of an already compiled model traces through its OptimizedModule
+        path = re.sub(r"^_orig_mod(\.|$)", "", path)
         if path:
             parts.append(path)
     trace = node.meta.get("stack_trace") or ""
