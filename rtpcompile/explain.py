@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import sys
 import types
 
@@ -21,8 +20,8 @@ from .detect import find_regions
 from .detect.graph_view import GraphView
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
+from .fresh_caller import fresh_caller
 
-_CALLS = itertools.count()  # explain calls: each traces a caller of its own (``explain``)
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
 
 
@@ -217,23 +216,12 @@ def explain(model, *args, **kwargs) -> Report:
         return gm.forward
 
     before = collections.Counter(counters["graph_break"])
-    # NOTE: Dynamo keys its cache entries (and its recompile limit, 8) on the code object of the
-    # frame it compiles. Tracing ``model`` itself would add an entry to ``type(model).forward``
-    # per explain, and dropping them (reset_code) would drop the user's own compiled entries
-    # too. So each explain traces a fresh copy of a one-line caller that inlines the model
-    # (graph breaks inside it stay in that frame: nested_graph_breaks), and drops only the
-    # copy's entries afterwards: the user's compiled models keep theirs.
-    # NOTE: a name of its own too: Dynamo remembers automatic-dynamic shapes per (file, line,
-    # name) of a code object, and one explain's shapes must not change how the next one traces
-    code = _call_model.__code__
-    name = f"{code.co_name}_{next(_CALLS)}"
-    caller = types.FunctionType(code.replace(co_name=name, co_qualname=name), globals())
-    compiled = torch.compile(caller, backend=collect, dynamic=True)
-    try:
+    # NOTE: through a throwaway frame (fresh_caller), so the user's compiled models keep their
+    # cache entries; graph breaks inside the model stay in that frame (nested_graph_breaks)
+    with fresh_caller() as caller:
+        compiled = torch.compile(caller, backend=collect, dynamic=True)
         with torch._dynamo.config.patch(nested_graph_breaks=True):
             compiled(model, *args, **kwargs)
-    finally:
-        _forget(caller)
     broken = collections.Counter(counters["graph_break"]) - before
     report.graph_breaks = [_first_line(reason) for reason in broken.elements()]
     if report.graph_breaks:  # NOTE: without a break, scores returned from a graph are its result
@@ -247,21 +235,6 @@ def _first_line(reason: str) -> str:
     text = lines[0] if lines else "unknown reason"
     why = next((ln for ln in lines[1:] if ln.startswith("Explanation:")), None)
     return f"{text} ({why.removeprefix('Explanation:').strip()})" if why else text
-
-
-def _call_model(model, *args, **kwargs):
-    return model(*args, **kwargs)
-
-
-def _forget(caller) -> None:
-    """Drop the collecting backend's cache entries (those of ``caller``, explain's own copy of
-    ``_call_model``): a later explain traces again, nothing counts against a recompile limit."""
-    try:
-        from torch._dynamo.eval_frame import reset_code
-
-        reset_code(caller.__code__)
-    except Exception:  # noqa: BLE001 - best effort; only the cache entry count is at stake
-        pass
 
 
 class _CallableModule(types.ModuleType):

@@ -24,7 +24,7 @@ transformers = pytest.importorskip(
     "transformers", reason="retrofit of Hugging Face models needs the transformers extra"
 )
 
-from test_convert_families import COMMON, VOCAB  # noqa: E402 - after the importorskip
+from test_convert_families import COMMON, VARIANTS, VOCAB  # noqa: E402 - after the importorskip
 
 # family -> (config class, model class, config overrides)
 FAMILIES = {
@@ -34,18 +34,9 @@ FAMILIES = {
         "MistralForCausalLM",
         dict(num_key_value_heads=2, sliding_window=6),
     ),
-    "phi3": (
-        "Phi3Config",
-        "Phi3ForCausalLM",
-        dict(num_key_value_heads=2, partial_rotary_factor=0.5),
-    ),
-    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25)),
-    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_key_value_heads=2, partial_rotary_factor=0.5)),
-    "falcon": (
-        "FalconConfig",
-        "FalconForCausalLM",
-        dict(new_decoder_architecture=True, num_kv_heads=2),
-    ),
+    # NOTE: the fused families as the family tests build them (Falcon: its grouped layout)
+    **{name: VARIANTS[name][:3] for name in ("phi3", "neox", "phi")},
+    "falcon": VARIANTS["falcon-grouped"][:3],
 }
 
 

@@ -11,6 +11,7 @@ the cache as ``past_key_values`` (Phi-3, Phi) or ``layer_past`` (GPT-NeoX, Falco
 
 from __future__ import annotations
 
+import abc
 import sys
 
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from .rules import CROSS_KWARGS, applies_rotary, check_children, llama_rotary, r
 _QK_NORMS = ("q_layernorm", "k_layernorm")
 
 
-class FusedRotaryRetention(RetrofitRetention):
+class FusedRotaryRetention(RetrofitRetention, metaclass=abc.ABCMeta):
     """Shared part of the four families: children, rotary, forward. Subclasses split q/k/v."""
 
     PROJECTIONS: tuple[str, ...] = ()  # children applied by ``_project``
@@ -47,9 +48,10 @@ class FusedRotaryRetention(RetrofitRetention):
         self.rotary_fn = fn if callable(fn) else llama_rotary
         self.use_rotary = applies_rotary(original, self.ASSUME)
 
+    @abc.abstractmethod
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, dim] -> q [B, H, T, D], k and v [B, H_kv, T, D] (not yet rotated)."""
-        raise NotImplementedError
+        """x [B, T, dim] -> q [B, H, T, D], k and v [B, H_kv, T, D] (not yet rotated); each
+        family's layout is its subclass's."""
 
     def _qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Phi's and Persimmon's optional per-head LayerNorms (before the rotary)."""

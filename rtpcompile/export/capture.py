@@ -9,10 +9,10 @@ parameters and buffers, ready for ``torch.export``.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+
+from ..fresh_caller import fresh_caller
 
 
 class ReplayModule(nn.Module):
@@ -60,10 +60,6 @@ def _sources(
     return sources
 
 
-def _call_model(model, *args, **kwargs):
-    return model(*args, **kwargs)
-
-
 def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = None):
     """(ReplayModule whose graph calls the rtp op per claimed region, regions) for ``model``.
 
@@ -80,18 +76,12 @@ def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = No
         captured.update(gm=new_gm, regions=regions, inputs=list(example_inputs))
         return gm.forward
 
-    # NOTE: Dynamo keys its cache (and its recompile limit, 8 by default) on the code object of
-    # the frame it compiles. Compiling ``model`` directly would add one entry per capture to
-    # ``type(model).forward`` and fail the 9th export of a model class with fullgraph=True.
-    # Each capture instead compiles a fresh copy of a one-line caller that inlines the model,
-    # and drops that copy's cache afterwards: the user's own Dynamo caches are never touched.
-    caller = types.FunctionType(_call_model.__code__.replace(), _call_model.__globals__)
-    try:
+    # NOTE: through a throwaway frame: the user's own Dynamo caches are never touched, and the
+    # 9th export of a model class does not hit the recompile limit (``fresh_caller``)
+    with fresh_caller() as caller:
         torch.compile(caller, backend=capture, fullgraph=True, dynamic=False)(
             model, *args, **kwargs
         )
-    finally:
-        torch._C._dynamo.eval_frame.reset_code(caller.__code__)
     if "gm" not in captured:
         raise RuntimeError("Dynamo did not produce a graph for the model")
     sources = _sources(captured["inputs"], model, args, kwargs)
