@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .decay import param_dtype
 from .find import AttentionSite
-from .layers import RetrofitRetention
+from .layers import RetrofitRetention, _heads
 from .rules import CROSS_KWARGS, applies_rotary, check_children, llama_rotary, rotate
 
 _QK_NORMS = ("q_layernorm", "k_layernorm")
@@ -86,11 +86,6 @@ class FusedRotaryRetention(RetrofitRetention, metaclass=abc.ABCMeta):
             q, k = rotate(self.rotary_fn, q, k, *position_embeddings)
         out = getattr(self, self.OUT)
         return out(self.mix(q, k, v, cache, attention_mask)), None
-
-
-def _heads(x: Tensor, head_dim: int) -> Tensor:
-    """[B, T, H * D] -> [B, H, T, D]."""
-    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 def _per_head(qkv: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from .decay_fit import fit_decay, per_head
 from .graph_view import (
     GraphView,
     example,
@@ -33,10 +34,9 @@ from .graph_view import (
     is_tensor,
     target_name,
 )
-from .mutation import root_of, writers
+from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
 
-_PRIME = 7
-_MAX_SYMBOLIC_T = 1024
+__all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,30 +46,6 @@ class Proof:
     reason: str | None
     gamma: tuple[float, ...] = ()
     row_scale: bool = False
-
-
-def subgraph(view: GraphView, mask: fx.Node) -> tuple[set[fx.Node], set[fx.Node], str | None]:
-    """(value nodes, metadata-only nodes, reason) of what computes ``mask``, the in-place writes
-    to it or its ancestors before the mask is used included (``D[D != D] = 0`` builds a mask
-    too: the proof replays them in graph order). A write to a graph input (model state changed
-    in place), or one after the mask is first used, is the reason to decline."""
-    values, meta = view.data_ancestors(mask)
-    values = values | {mask}
-    written: list[tuple[fx.Node, fx.Node]] = []
-    while new := [(w, a) for w, a in writers(values) if w not in values]:
-        for writer, alias in new:
-            if root_of(alias).op == "placeholder":
-                return values, meta, f"{alias.name} ({target_name(writer)}) changes a graph input"
-            more, reads = view.data_ancestors(writer)
-            values |= more | {writer}
-            meta |= reads
-        written += new
-    # NOTE: the mask's first use outside what builds it (``mask != mask`` feeding a write is not)
-    limit = min((view.order[u] for u in mask.users if u not in values), default=len(view.order))
-    for writer, alias in written:
-        if view.order[writer] > limit:
-            return values, meta, f"{alias.name} ({target_name(writer)}) after the mask's use"
-    return values, meta - values, None
 
 
 def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
@@ -165,197 +141,6 @@ def trainable_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> lis
     return sorted(set(found))
 
 
-def _hints(shape_env) -> dict:
-    """The example value of every backed symbol (the attribute was renamed in torch 2.13)."""
-    return getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
-
-
-class _Sizes:
-    """Concrete values of symbolic sizes with the sequence length replaced by ``t``."""
-
-    def __init__(self, seq, t: int):
-        self.t = t
-        self.symbol = None
-        self.shape_env = None
-        if isinstance(seq, torch.SymInt):
-            expr = seq.node.expr
-            self.shape_env = seq.node.shape_env
-            self.symbol = expr if expr.is_Symbol else None
-
-    def value(self, size) -> int:
-        if not isinstance(size, torch.SymInt):
-            return int(size)
-        expr = size.node.expr
-        env = size.node.shape_env
-        repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
-        if self.symbol is not None and self.symbol in repl:
-            repl[self.symbol] = self.t
-        return int(expr.xreplace(repl))
-
-    def scalar(self, value):
-        if isinstance(value, torch.SymInt):
-            return self.value(value)
-        if isinstance(value, torch.SymFloat):
-            expr = value.node.expr
-            env = value.node.shape_env
-            return float(expr.xreplace({s: _hints(env).get(s, s) for s in expr.free_symbols}))
-        return value
-
-
-def evaluate(
-    view: GraphView,
-    masks: list[fx.Node],
-    inputs: list,
-    sizes: _Sizes,
-    perturb: torch.Generator | None = None,
-) -> list:
-    """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
-
-    ``perturb``: trainable parameters take other values (each element times a random factor in
-    [0.9, 0.99)), as training would give them."""
-    needed: set[fx.Node] = set(masks)
-    meta: set[fx.Node] = set()
-    for mask in masks:
-        values, reads, _ = subgraph(view, mask)
-        needed |= values
-        meta |= reads
-    env: dict[fx.Node, object] = {}
-    index = {node: i for i, node in enumerate(view.placeholders)}
-    for leaf in meta - needed:
-        env[leaf] = _stand_in(leaf, sizes)
-    order = view.sorted(needed)
-    # NOTE: drop each intermediate after its last reader, so a mask built at the example length
-    # (T x T per op) holds a couple of T x T tensors at once, not one per node of its subgraph
-    last_read: dict[fx.Node, int] = {}
-    for step, node in enumerate(order):
-        for arg in node.all_input_nodes:
-            last_read[arg] = step
-    outputs = set(masks)
-    for step, node in enumerate(order):
-        if node.op == "placeholder":
-            value = inputs[index[node]]
-            env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
-            if perturb is not None and is_tensor(value) and value.requires_grad:
-                env[node] = _moved(env[node], perturb)
-            if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
-                env[node] = sizes.value(example(node))
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = _run(view.gm, node, args, kwargs)
-        del args, kwargs
-        for arg in node.all_input_nodes:
-            if last_read.get(arg) == step and arg not in outputs and arg in needed:
-                del env[arg]
-    return [env[mask] for mask in masks]
-
-
-def _moved(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if not value.is_floating_point():
-        return value
-    factor = torch.rand(value.shape, generator=gen, dtype=torch.float64) * 0.09 + 0.9
-    return (value.double() * factor.to(value.device)).to(value.dtype)
-
-
-def _stand_in(node: fx.Node, sizes: _Sizes):
-    """A zero tensor with the node's dtype/device and its shape at length t (metadata reads)."""
-    value = example(node)
-    if is_tensor(value):
-        shape = [sizes.value(s) for s in value.shape]
-        return torch.zeros(shape, dtype=value.dtype, device=value.device)
-    return sizes.scalar(value)
-
-
-def _run(gm: fx.GraphModule, node: fx.Node, args, kwargs):
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "get_attr":
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    raise ValueError(f"cannot evaluate node {node.name} ({node.op})")
-
-
-def lengths_for(seq) -> list[int]:
-    """The sequence lengths the proof evaluates at (only the example one for a static T)."""
-    hint = _Sizes(seq, 0)
-    t_example = hint.value(seq) if hint.symbol is None else int(_hints(hint.shape_env)[hint.symbol])
-    if hint.symbol is None:
-        return [t_example]
-    # NOTE: with a symbolic T every length runs the same program, so a long example length is
-    # capped: proving at T = 65536 would build several 16 GiB masks for no extra certainty
-    return sorted({1, 2, min(_PRIME, t_example), min(t_example, _MAX_SYMBOLIC_T)})
-
-
-def _row_blocks(heads: int, t: int):
-    """Row ranges of [heads, rows, t] slices of about 64 Ki elements (temporaries stay in L2)."""
-    rows = max(1, (1 << 16) // max(1, heads * t))
-    return [(r, min(t, r + rows)) for r in range(0, t, rows)]
-
-
-def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.Tensor, bool]:
-    """Fit [heads, t, t] to c[h,i] gamma_h^(i-j) [i>=j]: (reason, gamma, has_row_scale).
-
-    NOTE: one pass over blocks of rows in the mask's own precision (float32 at least), so a long
-    example length (T = 16384) needs a few MiB, not T x T float64 copies. The expected values
-    are never exponentiated per element: gamma^(i-j) [i>=j] is a Toeplitz matrix, read as a
-    strided view of one row of 2t-1 powers (see ``_toeplitz_rows``).
-    """
-    m = m.detach().cpu()
-    dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
-    heads = m.shape[0]
-    gamma = torch.ones(heads, dtype=torch.float64)
-    diag = m.diagonal(dim1=-2, dim2=-1).double()
-    if not (diag > 0).all():
-        if (m.abs().amax() > 0) and (torch.triu(m[:, : min(t, 64)], diagonal=1) != 0).any():
-            return "the mask is not causal (non-zero above the diagonal)", gamma, False
-        return "the mask's diagonal is not positive (not a decay)", gamma, False
-    if t >= 2:
-        gamma = m[:, 1, 0].double() / m[:, 1, 1].double()
-    # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
-    # compile a model the op then refuses)
-    if (gamma > 1).any() or not (gamma > 0).all():
-        if bool((torch.triu(m[:, : min(t, 64)], diagonal=1) == 0).all()):
-            return f"decay outside (0, 1]: gamma={gamma.tolist()}", gamma, False
-        return "the mask is not causal (non-zero above the diagonal)", gamma, False
-    c = diag.to(dtype)
-    table = _power_table(torch.log(gamma).to(dtype), t)
-    for r0, r1 in _row_blocks(heads, t):
-        # |m - c E| <= rtol c E + 1e-6 c, divided by c > 0; E = gamma^(i-j) [i >= j]
-        expected = _toeplitz_rows(table, t, r0, r1)
-        err = (m[:, r0:r1].to(dtype) / c[:, r0:r1, None]).sub_(expected).abs_()
-        if (err > expected.mul_(rtol).add_(1e-6)).any():
-            above = torch.triu(m[:, r0:r1], diagonal=r0 + 1)
-            if (above.abs() > 1e-6 * c[:, r0:r1, None]).any():
-                return "the mask is not causal (non-zero above the diagonal)", gamma, False
-            return "the mask is not gamma**(i-j) below the diagonal", gamma, False
-    row_scale = bool(((diag - 1).abs() > 1e-6).any())
-    return None, gamma.clamp(max=1.0), row_scale
-
-
-def _power_table(log_gamma: torch.Tensor, t: int) -> torch.Tensor:
-    """[heads, 2t-1]: entry s is gamma^(t-1-s) for s < t, else 0 (the region above the diagonal)."""
-    exponents = torch.arange(t - 1, -1, -1, dtype=log_gamma.dtype)
-    powers = torch.exp(log_gamma[:, None] * exponents)
-    return torch.cat([powers, powers.new_zeros(powers.shape[0], t - 1)], dim=1)
-
-
-def _toeplitz_rows(table: torch.Tensor, t: int, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0..r1 of E[h, i, j] = gamma_h^(i-j) [i >= j], as a fresh tensor.
-
-    With rows counted from the bottom (i' = t-1-i), E[h, i, j] = table[h, i' + j]: a view with
-    strides (2t-1, 1, 1) holds every row; flipping the block back copies it once.
-    """
-    heads = table.shape[0]
-    bottom_up = table.as_strided((heads, r1 - r0, t), (2 * t - 1, 1, 1), t - r1)
-    return bottom_up.flip(1)
-
-
 def prove(
     view: GraphView,
     masks: list[fx.Node],
@@ -370,7 +155,7 @@ def prove(
     multiplied into the scores (unsqueezes, products, ``~cond`` for masked_fill ...).
     """
     reason = check_provenance(view, masks)
-    if reason is None and _Sizes(seq, 0).symbol is not None:
+    if reason is None and Sizes(seq, 0).symbol is not None:
         reason = position_cutoff(view, masks)
     if reason is not None:
         return Proof(reason)
@@ -382,14 +167,14 @@ def prove(
     proof = Proof("the mask could not be evaluated")
     row_scale = False
     for t in lengths_for(seq):
-        sizes = _Sizes(seq, t)
+        sizes = Sizes(seq, t)
         need, budget = proof_bytes(view, masks, sizes), proof_budget()
         if need > budget:
             gib = f"{need / 2**30:.2g} GiB (budget {budget / 2**30:.2g} GiB, RTP_PROOF_MAX_GB)"
             return Proof(
                 f"proving the mask at T={t} needs about {gib}; raise the budget, or compile with "
                 "dynamic=True (or torch._dynamo.mark_dynamic on the sequence dim): it is then "
-                f"proven at T <= {_MAX_SYMBOLIC_T}"
+                f"proven at T <= {MAX_SYMBOLIC_T}"
             )
         for perturb in (None, torch.Generator().manual_seed(t)) if trainable else (None,):
             reason, gamma, scaled = _fit_at(
@@ -405,7 +190,7 @@ def prove(
             row_scale = row_scale or scaled
             if perturb is None:
                 proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
-    if proof.reason is None and _Sizes(seq, 0).symbol is not None:
+    if proof.reason is None and Sizes(seq, 0).symbol is not None:
         reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim)
         if reason is not None:
             return Proof(reason)
@@ -426,8 +211,8 @@ def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
             if node.op == "placeholder" and is_tensor(value):
                 sizes |= {int(d) for d in value.shape if isinstance(d, int)}
     # NOTE: a sliced constant first (the model runs only up to its length), longest first
-    longer = sorted((d for d in sizes if d > t_example and d != _MAX_SYMBOLIC_T), reverse=True)
-    cap = [_MAX_SYMBOLIC_T] if t_example < _MAX_SYMBOLIC_T else []
+    longer = sorted((d for d in sizes if d > t_example and d != MAX_SYMBOLIC_T), reverse=True)
+    cap = [MAX_SYMBOLIC_T] if t_example < MAX_SYMBOLIC_T else []
     return longer + cap
 
 
@@ -437,7 +222,7 @@ def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | 
     the lengths proven so far would otherwise escape. No such length (or none in the budget):
     nothing more is proven."""
     for t in _long_lengths(view, masks, seq):
-        sizes = _Sizes(seq, t)
+        sizes = Sizes(seq, t)
         if proof_bytes(view, masks, sizes) > proof_budget():
             continue
         reason, _, scaled = _fit_at(view, masks, transform, inputs, sizes, batch_ndim, None)
@@ -449,7 +234,7 @@ def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | 
     return None, False
 
 
-def _fit_at(view, masks, transform, inputs, sizes: _Sizes, batch_ndim: int, perturb):
+def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb):
     """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``."""
     t = sizes.t
     try:
@@ -460,32 +245,12 @@ def _fit_at(view, masks, transform, inputs, sizes: _Sizes, batch_ndim: int, pert
         return reason, None, False
     if mask.is_complex():
         return "complex-valued mask", None, False
-    reason, heads = _heads(mask, t, batch_ndim)
+    reason, heads = per_head(mask, t, batch_ndim)
     if reason is not None:
         return reason, None, False
     rtol = 1e-2 if mask.dtype in (torch.float16, torch.bfloat16) else 1e-3
     reason, gamma, row_scale = fit_decay(heads, t, rtol)
     return (None if reason is None else f"{reason} at T={t}"), gamma, row_scale
-
-
-def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: _Sizes) -> int:
-    """Estimated peak bytes of evaluating and fitting the masks at length ``sizes.t``.
-
-    NOTE: evaluate() frees each intermediate after its last reader, so about three of the
-    largest tensors of the subgraph (an op's inputs and output, then the mask and a fit block)
-    are alive at once.
-    """
-    largest = 0
-    for mask in masks:
-        values, _, _ = subgraph(view, mask)
-        for node in values | {mask}:
-            value = example(node)
-            if is_tensor(value):
-                numel = 1
-                for size in value.shape:
-                    numel *= sizes.value(size)
-                largest = max(largest, numel * max(value.element_size(), 4))
-    return 3 * largest
 
 
 def proof_budget() -> int:
@@ -504,15 +269,3 @@ def proof_budget() -> int:
     except (ValueError, OSError, AttributeError):  # NOTE: not POSIX: assume 32 GiB
         ram = 32 * 2**30
     return min(16 * 2**30, ram // 2)
-
-
-def _heads(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
-    """Check the mask's shape [.., t, t] varies over at most the last batch dim; -> [heads,t,t]."""
-    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (t, t):
-        return f"the mask has shape {tuple(mask.shape)}, expected [..., {t}, {t}]", mask
-    batch = mask.shape[:-2]
-    if len(batch) > batch_ndim:
-        return "the mask has more dimensions than the scores", mask
-    if any(size != 1 for size in batch[:-1]):
-        return "the mask varies over a batch dimension other than the heads", mask
-    return None, mask.reshape(-1, t, t)

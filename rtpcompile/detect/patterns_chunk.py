@@ -25,10 +25,9 @@ from .graph_view import (
     example,
     is_state_input,
     kind_of,
-    layout,
     ndim,
-    peel,
 )
+from .operands import layout, peel
 from .region import Operand, Region
 
 
@@ -149,7 +148,7 @@ def _decays_match(view, nodes, region: Region, seq, inputs) -> bool:
     for t in mask_proof.lengths_for(seq):
         try:
             with unset_fake_temporarily(), torch.no_grad():
-                values = mask_proof.evaluate(view, list(nodes), inputs, mask_proof._Sizes(seq, t))
+                values = mask_proof.evaluate(view, list(nodes), inputs, mask_proof.Sizes(seq, t))
         except Exception:  # noqa: BLE001 - not provable: keep the parallel claim
             return False
         wants = _expected(gamma, t)
@@ -171,7 +170,7 @@ def _match_when_trained(view, nodes, region: Region, seq, inputs) -> bool:
     try:
         with unset_fake_temporarily(), torch.no_grad():
             values = mask_proof.evaluate(
-                view, masks + list(nodes), inputs, mask_proof._Sizes(seq, t), perturb=gen
+                view, masks + list(nodes), inputs, mask_proof.Sizes(seq, t), perturb=gen
             )
     except Exception:  # noqa: BLE001 - not provable: keep the parallel claim
         return False

@@ -118,7 +118,7 @@ def _constant_decay(view: GraphView, gamma, example_inputs: list) -> tuple[float
         return ()
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            (value,) = mask_proof.evaluate(view, [gamma], example_inputs, mask_proof._Sizes(0, 0))
+            (value,) = mask_proof.evaluate(view, [gamma], example_inputs, mask_proof.Sizes(0, 0))
     except Exception:  # noqa: BLE001 - only the decay column is at stake: shown as "runtime"
         return ()
     if not is_tensor(value) or value.is_complex():

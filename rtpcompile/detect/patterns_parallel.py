@@ -17,17 +17,16 @@ import torch.fx as fx
 from . import mask_proof
 from .graph_view import (
     GraphView,
-    Layout,
     example,
     hint,
     is_scalar,
     is_tensor,
     kind_of,
     ndim,
-    peel,
     same_size,
     where,
 )
+from .operands import Layout, peel
 from .products import (
     masked_score_product,
     score_factors,

@@ -21,17 +21,16 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import mask_proof
 from .graph_view import (
     GraphView,
-    Layout,
     example,
     hint,
     is_scalar,
     is_state_input,
     is_tensor,
-    layout,
     ndim,
     parse_einsum,
     where,
 )
+from .operands import Layout, layout
 from .region import Operand, Region
 
 
@@ -236,7 +235,7 @@ def _prove_decay(view, a, state: fx.Node, inputs) -> tuple[str | None, tuple]:
         return f"the state decay has shape {shape}: it must vary over the heads only", ()
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            (value,) = mask_proof.evaluate(view, [a], inputs, mask_proof._Sizes(0, 0))
+            (value,) = mask_proof.evaluate(view, [a], inputs, mask_proof.Sizes(0, 0))
     except Exception as exc:  # noqa: BLE001 - declined, with the reason
         return f"the state decay could not be evaluated ({exc})", ()
     gamma = value.double().reshape(-1)

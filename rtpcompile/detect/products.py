@@ -15,17 +15,16 @@ import torch.fx as fx
 
 from .graph_view import (
     GraphView,
-    Layout,
     example,
     is_scalar,
     is_tensor,
     kind_of,
-    layout,
     ndim,
     parse_einsum,
     same_size,
     where,
 )
+from .operands import Layout, layout
 from .region import Region
 
 _MAX_WALK = 12

@@ -1,0 +1,81 @@
+"""Fit evaluated mask values to ``c[h, i] * gamma_h ** (i - j) * [i >= j]``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _row_blocks(heads: int, t: int):
+    """Row ranges of [heads, rows, t] slices of about 64 Ki elements (temporaries stay in L2)."""
+    rows = max(1, (1 << 16) // max(1, heads * t))
+    return [(r, min(t, r + rows)) for r in range(0, t, rows)]
+
+
+def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.Tensor, bool]:
+    """Fit [heads, t, t] to c[h,i] gamma_h^(i-j) [i>=j]: (reason, gamma, has_row_scale).
+
+    NOTE: one pass over blocks of rows in the mask's own precision (float32 at least), so a long
+    example length (T = 16384) needs a few MiB, not T x T float64 copies. The expected values
+    are never exponentiated per element: gamma^(i-j) [i>=j] is a Toeplitz matrix, read as a
+    strided view of one row of 2t-1 powers (see ``_toeplitz_rows``).
+    """
+    m = m.detach().cpu()
+    dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
+    heads = m.shape[0]
+    gamma = torch.ones(heads, dtype=torch.float64)
+    diag = m.diagonal(dim1=-2, dim2=-1).double()
+    if not (diag > 0).all():
+        if (m.abs().amax() > 0) and (torch.triu(m[:, : min(t, 64)], diagonal=1) != 0).any():
+            return "the mask is not causal (non-zero above the diagonal)", gamma, False
+        return "the mask's diagonal is not positive (not a decay)", gamma, False
+    if t >= 2:
+        gamma = m[:, 1, 0].double() / m[:, 1, 1].double()
+    # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
+    # compile a model the op then refuses)
+    if (gamma > 1).any() or not (gamma > 0).all():
+        if bool((torch.triu(m[:, : min(t, 64)], diagonal=1) == 0).all()):
+            return f"decay outside (0, 1]: gamma={gamma.tolist()}", gamma, False
+        return "the mask is not causal (non-zero above the diagonal)", gamma, False
+    c = diag.to(dtype)
+    table = _power_table(torch.log(gamma).to(dtype), t)
+    for r0, r1 in _row_blocks(heads, t):
+        # |m - c E| <= rtol c E + 1e-6 c, divided by c > 0; E = gamma^(i-j) [i >= j]
+        expected = _toeplitz_rows(table, t, r0, r1)
+        err = (m[:, r0:r1].to(dtype) / c[:, r0:r1, None]).sub_(expected).abs_()
+        if (err > expected.mul_(rtol).add_(1e-6)).any():
+            above = torch.triu(m[:, r0:r1], diagonal=r0 + 1)
+            if (above.abs() > 1e-6 * c[:, r0:r1, None]).any():
+                return "the mask is not causal (non-zero above the diagonal)", gamma, False
+            return "the mask is not gamma**(i-j) below the diagonal", gamma, False
+    row_scale = bool(((diag - 1).abs() > 1e-6).any())
+    return None, gamma.clamp(max=1.0), row_scale
+
+
+def _power_table(log_gamma: torch.Tensor, t: int) -> torch.Tensor:
+    """[heads, 2t-1]: entry s is gamma^(t-1-s) for s < t, else 0 (the region above the diagonal)."""
+    exponents = torch.arange(t - 1, -1, -1, dtype=log_gamma.dtype)
+    powers = torch.exp(log_gamma[:, None] * exponents)
+    return torch.cat([powers, powers.new_zeros(powers.shape[0], t - 1)], dim=1)
+
+
+def _toeplitz_rows(table: torch.Tensor, t: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of E[h, i, j] = gamma_h^(i-j) [i >= j], as a fresh tensor.
+
+    With rows counted from the bottom (i' = t-1-i), E[h, i, j] = table[h, i' + j]: a view with
+    strides (2t-1, 1, 1) holds every row; flipping the block back copies it once.
+    """
+    heads = table.shape[0]
+    bottom_up = table.as_strided((heads, r1 - r0, t), (2 * t - 1, 1, 1), t - r1)
+    return bottom_up.flip(1)
+
+
+def per_head(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
+    """Check the mask's shape [.., t, t] varies over at most the last batch dim; -> [heads,t,t]."""
+    if mask.dim() < 2 or tuple(mask.shape[-2:]) != (t, t):
+        return f"the mask has shape {tuple(mask.shape)}, expected [..., {t}, {t}]", mask
+    batch = mask.shape[:-2]
+    if len(batch) > batch_ndim:
+        return "the mask has more dimensions than the scores", mask
+    if any(size != 1 for size in batch[:-1]):
+        return "the mask varies over a batch dimension other than the heads", mask
+    return None, mask.reshape(-1, t, t)

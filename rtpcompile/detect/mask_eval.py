@@ -1,0 +1,190 @@
+"""Re-run a mask's subgraph with real constants at another sequence length.
+
+A claimed region's mask is built from constants, buffers, parameters and sizes (provenance is
+checked in mask_proof.py). ``evaluate`` replays exactly the nodes that compute it -- in-place
+writes before its first use included (``subgraph``) -- with the symbol of T replaced by a
+chosen length and every other symbolic size at its example value, so the proof can fit the
+decay at several lengths without the example inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph_view import GraphView, example, is_tensor, target_name
+from .mutation import root_of, writers
+
+_PRIME = 7
+MAX_SYMBOLIC_T = 1024
+
+
+def subgraph(view: GraphView, mask: fx.Node) -> tuple[set[fx.Node], set[fx.Node], str | None]:
+    """(value nodes, metadata-only nodes, reason) of what computes ``mask``, the in-place writes
+    to it or its ancestors before the mask is used included (``D[D != D] = 0`` builds a mask
+    too: the proof replays them in graph order). A write to a graph input (model state changed
+    in place), or one after the mask is first used, is the reason to decline."""
+    values, meta = view.data_ancestors(mask)
+    values = values | {mask}
+    written: list[tuple[fx.Node, fx.Node]] = []
+    while new := [(w, a) for w, a in writers(values) if w not in values]:
+        for writer, alias in new:
+            if root_of(alias).op == "placeholder":
+                return values, meta, f"{alias.name} ({target_name(writer)}) changes a graph input"
+            more, reads = view.data_ancestors(writer)
+            values |= more | {writer}
+            meta |= reads
+        written += new
+    # NOTE: the mask's first use outside what builds it (``mask != mask`` feeding a write is not)
+    limit = min((view.order[u] for u in mask.users if u not in values), default=len(view.order))
+    for writer, alias in written:
+        if view.order[writer] > limit:
+            return values, meta, f"{alias.name} ({target_name(writer)}) after the mask's use"
+    return values, meta - values, None
+
+
+def _hints(shape_env) -> dict:
+    """The example value of every backed symbol (the attribute was renamed in torch 2.13)."""
+    return getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+
+
+class Sizes:
+    """Concrete values of symbolic sizes with the sequence length replaced by ``t``."""
+
+    def __init__(self, seq, t: int):
+        self.t = t
+        self.symbol = None
+        self.shape_env = None
+        if isinstance(seq, torch.SymInt):
+            expr = seq.node.expr
+            self.shape_env = seq.node.shape_env
+            self.symbol = expr if expr.is_Symbol else None
+
+    def value(self, size) -> int:
+        if not isinstance(size, torch.SymInt):
+            return int(size)
+        expr = size.node.expr
+        env = size.node.shape_env
+        repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
+        if self.symbol is not None and self.symbol in repl:
+            repl[self.symbol] = self.t
+        return int(expr.xreplace(repl))
+
+    def scalar(self, value):
+        if isinstance(value, torch.SymInt):
+            return self.value(value)
+        if isinstance(value, torch.SymFloat):
+            expr = value.node.expr
+            env = value.node.shape_env
+            return float(expr.xreplace({s: _hints(env).get(s, s) for s in expr.free_symbols}))
+        return value
+
+
+def evaluate(
+    view: GraphView,
+    masks: list[fx.Node],
+    inputs: list,
+    sizes: Sizes,
+    perturb: torch.Generator | None = None,
+) -> list:
+    """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
+
+    ``perturb``: trainable parameters take other values (each element times a random factor in
+    [0.9, 0.99)), as training would give them."""
+    needed: set[fx.Node] = set(masks)
+    meta: set[fx.Node] = set()
+    for mask in masks:
+        values, reads, _ = subgraph(view, mask)
+        needed |= values
+        meta |= reads
+    env: dict[fx.Node, object] = {}
+    index = {node: i for i, node in enumerate(view.placeholders)}
+    for leaf in meta - needed:
+        env[leaf] = _stand_in(leaf, sizes)
+    order = view.sorted(needed)
+    # NOTE: drop each intermediate after its last reader, so a mask built at the example length
+    # (T x T per op) holds a couple of T x T tensors at once, not one per node of its subgraph
+    last_read: dict[fx.Node, int] = {}
+    for step, node in enumerate(order):
+        for arg in node.all_input_nodes:
+            last_read[arg] = step
+    outputs = set(masks)
+    for step, node in enumerate(order):
+        if node.op == "placeholder":
+            value = inputs[index[node]]
+            env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
+            if perturb is not None and is_tensor(value) and value.requires_grad:
+                env[node] = _moved(env[node], perturb)
+            if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
+                env[node] = sizes.value(example(node))
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        env[node] = _run(view.gm, node, args, kwargs)
+        del args, kwargs
+        for arg in node.all_input_nodes:
+            if last_read.get(arg) == step and arg not in outputs and arg in needed:
+                del env[arg]
+    return [env[mask] for mask in masks]
+
+
+def _moved(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if not value.is_floating_point():
+        return value
+    factor = torch.rand(value.shape, generator=gen, dtype=torch.float64) * 0.09 + 0.9
+    return (value.double() * factor.to(value.device)).to(value.dtype)
+
+
+def _stand_in(node: fx.Node, sizes: Sizes):
+    """A zero tensor with the node's dtype/device and its shape at length t (metadata reads)."""
+    value = example(node)
+    if is_tensor(value):
+        shape = [sizes.value(s) for s in value.shape]
+        return torch.zeros(shape, dtype=value.dtype, device=value.device)
+    return sizes.scalar(value)
+
+
+def _run(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    raise ValueError(f"cannot evaluate node {node.name} ({node.op})")
+
+
+def lengths_for(seq) -> list[int]:
+    """The sequence lengths the proof evaluates at (only the example one for a static T)."""
+    hint = Sizes(seq, 0)
+    t_example = hint.value(seq) if hint.symbol is None else int(_hints(hint.shape_env)[hint.symbol])
+    if hint.symbol is None:
+        return [t_example]
+    # NOTE: with a symbolic T every length runs the same program, so a long example length is
+    # capped: proving at T = 65536 would build several 16 GiB masks for no extra certainty
+    return sorted({1, 2, min(_PRIME, t_example), min(t_example, MAX_SYMBOLIC_T)})
+
+
+def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: Sizes) -> int:
+    """Estimated peak bytes of evaluating and fitting the masks at length ``sizes.t``.
+
+    NOTE: evaluate() frees each intermediate after its last reader, so about three of the
+    largest tensors of the subgraph (an op's inputs and output, then the mask and a fit block)
+    are alive at once.
+    """
+    largest = 0
+    for mask in masks:
+        values, _, _ = subgraph(view, mask)
+        for node in values | {mask}:
+            value = example(node)
+            if is_tensor(value):
+                numel = 1
+                for size in value.shape:
+                    numel *= sizes.value(size)
+                largest = max(largest, numel * max(value.element_size(), 4))
+    return 3 * largest
