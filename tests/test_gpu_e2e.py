@@ -132,3 +132,21 @@ def test_compiled_decode_under_reduce_overhead_matches_full_forward():
     print("\ncudagraph skips:", dict(counters["inductor"]).get("cudagraph_skips", 0))
     got = torch.stack(steps, dim=1)
     torch.testing.assert_close(got, full[:, 289:299], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_op_on_a_device_that_is_not_current():
+    """Triton launches on the current device: the op must make its tensors' device current, or
+    an eager call on cuda:1 (a model placed there, nothing compiled) runs on cuda:0."""
+    torch.manual_seed(0)
+    B, H, T, K, V = 2, 4, 130, 48, 80
+    q, k = (torch.randn(B, H, T, K, device="cuda:1") for _ in range(2))
+    v = torch.randn(B, H, T, V, device="cuda:1", requires_grad=True)
+    gamma = ops.retention_init_decay(H).to("cuda:1")
+    torch.cuda.set_device(0)
+    o = ops.retention(q, k, v, gamma, form="chunkwise")
+    o.sum().backward()
+    want = ops.retention(q.double(), k.double(), v.double(), gamma, form="parallel")
+    assert o.device == torch.device("cuda", 1) and v.grad.device == o.device
+    torch.testing.assert_close(o.double(), want, rtol=1e-3, atol=1e-3)
+    torch.cuda.synchronize(1)

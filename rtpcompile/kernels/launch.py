@@ -283,6 +283,22 @@ def _launch(
 ) -> None:
     """Launch ``spec``'s kernel over ``p`` writing ``outs`` ((o, final state, d gamma partials);
     for "dqk" (dq, dk, partials)), with the chunk-state buffers ``h`` of a split stage."""
+    with on_device(p.q.device):
+        _launch_grid(spec, p, outs, bht, h)
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the *current* CUDA device (and
+    its current stream), not on the device of the tensors it is given, so an eager call on
+    ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU. Inductor guards its own
+    launches the same way; inside a compiled graph the device is already current (no switch)."""
+    if device.type == "cuda" and device.index is not None:
+        if device.index != torch.cuda.current_device():
+            return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+def _launch_grid(spec: KernelSpec, p: Pass, outs, bht, h) -> None:
     B, H, T = bht
     kernel = codegen.load(spec).kernel
     shape = grids.grid(spec, B, H, T)

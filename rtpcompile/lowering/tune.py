@@ -305,7 +305,7 @@ def _runner(p: Problem, plan: Plan, x: dict) -> Callable[[], object]:
 
 def _time(fn: Callable[[], object], device: torch.device, budget: float = 0.25) -> float:
     """Best-of-N milliseconds after one warm-up run (N <= 10, within ``budget`` seconds)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     sync()
     best, spent, runs = INF, 0.0, 0
