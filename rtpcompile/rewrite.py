@@ -10,9 +10,10 @@ per region plus the permutes/views to [B, H, T, D] and back.
 # no effect). Buffer values are not guarded by Dynamo, so freezing the compile-time values would
 # serve a stale decay after ``model.decay.copy_(...)``; reading the diagonals of a mask the graph
 # already builds costs O(T) once Inductor fuses it, syncs nothing and keeps gamma learnable.
-# The row scale is folded into q only when the proof found a diagonal other than 1 (decay masks
-# built from gamma have M[h,i,i] = gamma^0 = 1 whatever the buffer holds); skipping the
-# identity fold also keeps Inductor's backward free of a stride guard that recompiled per T.
+# The row scale multiplies the op's output rows (in float32) only when the proof found a diagonal
+# other than 1 (decay masks built from gamma have M[h,i,i] = gamma^0 = 1 whatever the buffer
+# holds); skipping the identity scale also keeps Inductor's backward free of a stride guard that
+# recompiled per T.
 """
 
 from __future__ import annotations
@@ -143,13 +144,13 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     k, v = k.to(q.dtype), v.to(q.dtype)
     den = None
     if normaliser == "sum_abs":
-        # NOTE: from q before the row scale is folded in: the full mask already holds it
+        # NOTE: the full mask already holds the row scale (the op's output gets it below)
         scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(masks, kind, axes, q)
         scores = scores * op_scale
         den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
-    if row_scale is not None and use_row_scale:
-        q = q * row_scale[..., None].to(q.dtype)
+    if not use_row_scale:
+        row_scale = None
     batch = q.shape[:-2]
     if normaliser == "abs_sum":
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
@@ -163,6 +164,12 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
     )
     o = _from4(o, batch)
+    if row_scale is not None:
+        # NOTE: c[h, i] scales query row i, so it scales output row i (the state term and the
+        # normaliser's value column included): applied here, in float32, not folded into a 16-bit
+        # q, where q * c rounded first loses the digits that cancel in a small q.k (a row whose
+        # q_i.k_i nearly cancels kept no correct digit in dv_i). Its gradient flows as before.
+        o = (o.to(row_scale.dtype) * row_scale[..., None]).to(q.dtype)
     if normaliser == "abs_sum":
         o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)
     if den is not None:
