@@ -24,6 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .detect.decay_fit import distances, gamma_at_distances
 from .detect.patterns_native import op_schema
 from .detect.region import Region
 
@@ -75,21 +76,22 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
     if kind != "mul":
         return torch.ones(1, dtype=dtype, device=like.device), None
     t = like.shape[-2]
-    pair = diag = None
+    n = distances(t, like.device)
+    k = n.shape[0]
+    rows, cols = torch.cat([n, n]), torch.cat([torch.zeros_like(n), n])
+    if want_row_scale:
+        idx = torch.arange(t, device=like.device)
+        rows, cols = torch.cat([rows, idx]), torch.cat([cols, idx])
+    entries = None
     for mask, dims in zip(masks, axes, strict=True):
         mask = _broadcast(mask.to(dtype), dims, t)
-        # NOTE: only slices and index gathers of the mask: Inductor keeps those lazy and computes
-        # O(1) / O(T) mask elements, whereas diagonal() is an as_strided view that would realise
-        # the whole T x T mask. One read per factor (two reads make Inductor realise it on reuse)
-        entries = mask[..., 1:2, 0:2].clone()  # [.., 0, 2] when T = 1
-        pair = entries if pair is None else pair * entries
-        if want_row_scale:
-            idx = torch.arange(t, device=mask.device)
-            d = mask[..., idx, idx]
-            diag = d if diag is None else diag * d
-    ratio = pair[..., :1] / pair[..., -1:]  # [.., 0, 1] when T = 1: gamma 1, no effect there
-    gamma = torch.cat([ratio, pair.new_ones((*pair.shape[:-2], 1, 1))], dim=-2)[..., 0, 0]
-    return gamma, diag
+        # NOTE: only index gathers of the mask, one per factor: Inductor keeps those lazy and
+        # computes O(T) mask elements, whereas diagonal() is an as_strided view that would
+        # realise the whole T x T mask (and two reads make Inductor realise it on reuse)
+        read = mask[..., rows, cols]
+        entries = read if entries is None else entries * read
+    gamma = gamma_at_distances(entries[..., :k], entries[..., k : 2 * k], n)
+    return gamma, (entries[..., 2 * k :] if want_row_scale else None)
 
 
 def _to4(x: torch.Tensor) -> torch.Tensor:

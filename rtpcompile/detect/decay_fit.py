@@ -4,6 +4,44 @@ from __future__ import annotations
 
 import torch
 
+# Distances at which gamma is read off a mask: powers of two (up to 4096), capped at T - 1.
+DISTANCES = tuple(2**k for k in range(13))
+# A ratio M[n, 0] / M[n, n] below this is not read as gamma**n (too close to underflow).
+_TINY = 2.0**-100
+
+
+def distances(t, device=None) -> torch.Tensor:
+    """The candidate distances for length ``t`` (an int or a SymInt: no guard on its value)."""
+    return (2 ** torch.arange(len(DISTANCES), device=device)).clamp_max(t - 1)
+
+
+def gamma_at_distances(num: torch.Tensor, den: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """gamma from ``num = M[.., n, 0]`` and ``den = M[.., n, n]`` at the distances ``n``.
+
+    gamma = (num / den) ** (1 / n) at the longest distance whose ratio is a normal number: one
+    rounded mask entry then costs gamma a relative eps / n, where the ratio at distance 1 costs
+    eps, which compounds to n * eps at distance n (a bfloat16 mask read at distance 1 was off by
+    1% at distance 5). None usable: 1 when T = 1 or the diagonal is 0 (gamma has no effect
+    there), else the ratio at distance 1 (a decay below 2**-100). Differentiable, with no
+    division by zero or log of zero in the branches not taken.
+    """
+    ok = den != 0
+    ratio = num / torch.where(ok, den, torch.ones_like(den))
+    usable = ok & (n > 0) & (ratio >= _TINY)
+    index = torch.arange(n.shape[-1], device=n.device)
+    pick = torch.where(usable, index, -1).amax(-1, keepdim=True)
+    none = pick < 0
+    pick = pick.clamp(min=0)
+    r = torch.where(none, torch.ones_like(pick, dtype=ratio.dtype), ratio.gather(-1, pick))
+    d = torch.where(none, 1, n.expand_as(ratio).gather(-1, pick)).to(ratio.dtype)
+    gamma = torch.exp(torch.log(r) / d)
+    first = torch.where(ok[..., :1] & (n[..., :1] > 0), ratio[..., :1], 1.0)
+    gamma = torch.where(none, first, gamma)
+    # NOTE: a negative ratio at any distance is no decay (gamma**2 of a negative gamma is
+    # positive): returned as gamma, so the op refuses it as it refuses gamma > 1
+    lowest = torch.where(ok & (n > 0), ratio, 1.0).amin(-1, keepdim=True)
+    return torch.where(lowest < 0, lowest, gamma)[..., 0]
+
 
 def _row_blocks(heads: int, t: int):
     """Row ranges of [heads, rows, t] slices of about 64 Ki elements (temporaries stay in L2)."""
@@ -11,8 +49,13 @@ def _row_blocks(heads: int, t: int):
     return [(r, min(t, r + rows)) for r in range(0, t, rows)]
 
 
-def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.Tensor, bool]:
+def fit_decay(
+    m: torch.Tensor, t: int, rtol: float, atol: float = 1e-6
+) -> tuple[str | None, torch.Tensor, bool]:
     """Fit [heads, t, t] to c[h,i] gamma_h^(i-j) [i>=j]: (reason, gamma, has_row_scale).
+
+    Each element may be off by ``rtol`` of its expected value plus ``atol`` (both relative to
+    the row's diagonal c[h, i]).
 
     NOTE: one pass over blocks of rows in the mask's own precision (float32 at least), so a long
     example length (T = 16384) needs a few MiB, not T x T float64 copies. The expected values
@@ -29,7 +72,8 @@ def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.T
             return "the mask is not causal (non-zero above the diagonal)", gamma, False
         return "the mask's diagonal is not positive (not a decay)", gamma, False
     if t >= 2:
-        gamma = m[:, 1, 0].double() / m[:, 1, 1].double()
+        n = distances(t)
+        gamma = gamma_at_distances(m[:, n, 0].double(), m[:, n, n].double(), n)
     # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
     # compile a model the op then refuses)
     if (gamma > 1).any() or not (gamma > 0).all():
@@ -39,10 +83,10 @@ def fit_decay(m: torch.Tensor, t: int, rtol: float) -> tuple[str | None, torch.T
     c = diag.to(dtype)
     table = _power_table(torch.log(gamma).to(dtype), t)
     for r0, r1 in _row_blocks(heads, t):
-        # |m - c E| <= rtol c E + 1e-6 c, divided by c > 0; E = gamma^(i-j) [i >= j]
+        # |m - c E| <= rtol c E + atol c, divided by c > 0; E = gamma^(i-j) [i >= j]
         expected = _toeplitz_rows(table, t, r0, r1)
         err = (m[:, r0:r1].to(dtype) / c[:, r0:r1, None]).sub_(expected).abs_()
-        if (err > expected.mul_(rtol).add_(1e-6)).any():
+        if (err > expected.mul_(rtol).add_(atol)).any():
             above = torch.triu(m[:, r0:r1], diagonal=r0 + 1)
             if (above.abs() > 1e-6 * c[:, r0:r1, None]).any():
                 return "the mask is not causal (non-zero above the diagonal)", gamma, False
