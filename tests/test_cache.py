@@ -160,6 +160,19 @@ def test_cache_readonly_mode_reads_without_writing(monkeypatch):
     assert cache.load(make_key(T=64)) is None
 
 
+@pytest.mark.parametrize("setting", ["readonly", "off"])
+def test_clear_is_refused_unless_the_cache_is_on(monkeypatch, capsys, setting):
+    """Deleting is a write: ``cache clear`` under readonly removed every entry and exited 0."""
+    cache.store(make_key(), make_value())
+    monkeypatch.setenv("RTP_CACHE", setting)
+    with pytest.raises(ValueError, match=f"cannot clear with RTP_CACHE='{setting}'"):
+        cache.clear()
+    assert cli.main(["cache", "clear"]) == 1
+    assert "cannot clear" in capsys.readouterr().err
+    monkeypatch.setenv("RTP_CACHE", "on")
+    assert cache.load(make_key()) == make_value()
+
+
 def test_bad_cache_mode_lists_valid_ones(monkeypatch):
     monkeypatch.setenv("RTP_CACHE", "sometimes")
     with pytest.raises(ValueError, match=r"RTP_CACHE.*'on', 'off', 'readonly'.*'sometimes'"):

@@ -69,6 +69,16 @@ def test_unknown_bench_variant(capsys, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("flag", [["--variants", "auto"], ["--lengths", "64"]])
+def test_op_only_bench_flags_with_the_model_suite_are_refused(capsys, tmp_path, flag):
+    """Was silently ignored: the long model benchmark started without the op-level flag."""
+    argv = ["bench", "--suite", "model", *flag, "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flag[0]} applies to the op suite only" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_checkpoint_errors(capsys, tmp_path):
     assert cli.main(["export", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err.strip()

@@ -156,6 +156,10 @@ def _model_defaults(args, device: str) -> model_suite.ModelConfig:
 def run(args) -> int:
     """Run the chosen suites and write their files; 0 unless a suite crashed."""
     device = prepare(args)
+    if "op" not in args.suite:
+        for flag in ("lengths", "variants"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} applies to the op suite only (add --suite op)")
     if args.variants and "op" in args.suite:
         try:
             op_variants.build(device, list(args.variants))

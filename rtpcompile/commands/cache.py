@@ -118,7 +118,7 @@ def _show(args) -> int:
 def _clear(args) -> int:
     try:
         removed = cache.clear()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"rtpcompile cache clear: {exc}", file=sys.stderr)
         return 1
     print(f"removed {removed} file(s) from {cache.directory()}")

@@ -249,7 +249,12 @@ def find(prefix: str) -> list[tuple[str, Path, dict | None]]:
 
 
 def clear() -> int:
-    """Delete every entry and leftover temporary file; returns how many files were removed."""
+    """Delete every entry and leftover temporary file; returns how many files were removed.
+
+    Refused unless the cache is writable ``RTP_CACHE=on``, like ``import_entries``: readonly
+    means no write, and deleting is one."""
+    if mode() != "on":
+        raise ValueError(f"cannot clear with RTP_CACHE={mode()!r}; the cache must be 'on'")
     d = directory()
     removed = 0
     if d.is_dir():
