@@ -21,6 +21,8 @@ from ..export.decompose import DEFAULT_EXPORT_CHUNK, EXPORT_FORMS
 from ..export.mlir import DIALECTS
 from ._common import UsageError, positive_int
 
+DEFAULT_SEQ_LEN = 512
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,7 +33,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--form", choices=EXPORT_FORMS, default="chunkwise")
     p.add_argument("--dialect", choices=DIALECTS, default="linalg-on-tensors")
-    p.add_argument("--seq-len", type=int, default=512, help="T of the exported prefill")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"T of the exported prefill (default {DEFAULT_SEQ_LEN}; not for --form recurrent, "
+        "which exports a one-token step)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_EXPORT_CHUNK)
     p.add_argument("--position", type=int, default=1, help="recurrent step: tokens already seen")
@@ -103,6 +111,16 @@ def _signature(text: str) -> str:
 def run(args) -> int:
     from .. import export
 
+    if args.form == "recurrent" and args.seq_len not in (None, 1):
+        print(
+            f"error: --seq-len {args.seq_len} does not apply to --form recurrent, which exports "
+            "a one-token decoding step (T=1, states in and out); set the tokens already seen "
+            "with --position, or export a prefill with --form chunkwise",
+            file=sys.stderr,
+        )
+        return 2
+    if args.seq_len is None:
+        args.seq_len = DEFAULT_SEQ_LEN
     for name in ("seq_len", "batch", "chunk_size"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -24,16 +24,28 @@ states and log decays, so a key on rank 0 receives the gradient of every later r
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
 from ..lowering import validate
-from ..lowering.aten_impl import accumulation_dtype
+from ..lowering.aten_impl import MIN_GAMMA, accumulation_dtype
 from .collectives import all_gather_ints, all_gather_stacked, group_rank_and_size
 
 Tensor = torch.Tensor
+
+
+def _log_gamma(gamma: Tensor) -> Tensor:
+    """log gamma with gamma below ``MIN_GAMMA`` (0 included) run as ``MIN_GAMMA``, as in the op.
+
+    Unclamped, gamma = 0 gives -inf, and every exponent 0 * (-inf) (gamma^0, an empty shard's
+    decay, a shard not between two others) is NaN. Straight-through: autograd differentiates as
+    if gamma were ``MIN_GAMMA``, so d gamma stays finite and matches the op's (to ~1e-38).
+    """
+    clamped = gamma + (gamma.clamp(min=MIN_GAMMA) - gamma).detach()
+    return torch.log(clamped)
 
 
 def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -75,7 +87,8 @@ def _signature(q, k, v, gamma, initial_state, scale: float) -> list[int]:
     # NOTE: a rank whose gathered state needs no gradient skips the backward all-reduce that
     # the other ranks then wait in forever.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gamma))
-    scale_bits = torch.tensor(scale, dtype=torch.float64).view(torch.int64).item()
+    # NOTE: struct, not Tensor.item(): Dynamo folds it (no graph break inside torch.compile)
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     has_state = initial_state is not None
     return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), has_state, needs_grad, scale_bits]
 
@@ -84,7 +97,7 @@ def _describe(field: str, value: int) -> str:
     if field == "dtype":
         return str(_DTYPES[value])
     if field == "scale":
-        return repr(torch.tensor(value, dtype=torch.int64).view(torch.float64).item())
+        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if field in ("initial_state", "needs_grad"):
         return str(bool(value))
     return str(value)
@@ -144,9 +157,10 @@ def context_parallel_retention(
         q, k: this rank's shard, [B, H, T_r, K]; rank r holds the r-th consecutive piece of the
             sequence (rank order = sequence order). ``T_r`` may differ per rank and may be 0.
         v: [B, H, T_r, V].
-        gamma: per-head decay [H] (or a float), identical on every rank; gets a gradient (each
-            rank receives its own contribution: sum it across ranks like a replicated parameter,
-            as DDP does).
+        gamma: per-head decay [H] (or a float; 0 allowed), identical on every rank; gets a
+            gradient: each rank receives the part due to its own loss, and the full gradient is
+            the sum over ranks (DDP all-reduces with a mean, so it leaves the sum / world size,
+            as for every other parameter).
         group: the process group (default: the world). B, H, K, V, the dtype, the scale,
             whether an initial state is given and whether gradients are needed must agree on
             all ranks: one tiny all-gather checks it first, and on a mismatch (or when one
@@ -180,7 +194,7 @@ def context_parallel_retention(
     V = v.shape[-1]
 
     o_local, s_local = ops.retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, scale=scale)
-    log_gamma = torch.log(gamma.to(acc))
+    log_gamma = _log_gamma(gamma.to(acc))
     packed = torch.cat([s_local.to(acc).reshape(-1), log_gamma * T])
     gathered = all_gather_stacked(packed, group)  # [W, B*H*K*V + H]
     states = gathered[:, : B * H * K * V].reshape(-1, B, H, K, V)

@@ -10,8 +10,9 @@ feed-forward, LM head) need nothing from other ranks. Mixers do:
   ``2 * B * T_max * H * D * world`` numbers and each rank keeps up to the whole sequence's
   K/V, so attention layers keep their O(T) memory and O(T^2) compute (split across ranks).
 
-The mixers are swapped for context-parallel wrappers for the duration of one call; the model's
-own forward (and its parameters) are used unchanged.
+Each mixer's ``forward`` is replaced on the instance by its context-parallel version for the
+duration of one call; the modules stay in place (their hooks run), and the model's own forward
+and its parameters are used unchanged.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class _ShardInfo:
         self.offset = sum(lengths[:rank])
 
 
-class _CPRetention(nn.Module):
+class _CPRetention:
+    """The sharded forward of one MultiScaleRetention, installed as the instance's ``forward``
+    for the duration of a call (the module stays in place: its hooks still run)."""
+
     def __init__(self, inner: MultiScaleRetention, info: _ShardInfo) -> None:
-        super().__init__()
         self.inner, self.info = inner, info
 
     # NOTE: eager even inside a compiled model. AOTAutograd orders a compiled graph's backward
@@ -64,7 +67,7 @@ class _CPRetention(nn.Module):
     # earlier keys): their all-reduces would pair up wrongly -- same sizes, no error, wrong
     # gradients. Eager, the autograd engine runs them in creation order on every rank.
     @torch.compiler.disable
-    def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+    def __call__(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
         msr = self.inner
         q, k, v = msr.project(x, self.info.offset + offset)
         gamma = msr.log_decay().exp()
@@ -72,13 +75,14 @@ class _CPRetention(nn.Module):
         return msr.output(y.to(x.dtype), x)
 
 
-class _CPAttention(nn.Module):
+class _CPAttention:
+    """The sharded forward of one CausalSelfAttention (see :class:`_CPRetention`)."""
+
     def __init__(self, inner: CausalSelfAttention, info: _ShardInfo) -> None:
-        super().__init__()
         self.inner, self.info = inner, info
 
-    @torch.compiler.disable  # NOTE: see _CPRetention.forward
-    def forward(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+    @torch.compiler.disable  # NOTE: see _CPRetention.__call__
+    def __call__(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
         att, info = self.inner, self.info
         B, T, _ = x.shape
         q, k, v = (
@@ -106,11 +110,11 @@ _WRAPPERS = {MultiScaleRetention: _CPRetention, CausalSelfAttention: _CPAttentio
 
 
 def _wrapper_for(name: str, child: nn.Module):
-    """The context-parallel wrapper of a sequence mixer, None for a token-wise module; a mixer
+    """The context-parallel forward of a sequence mixer, None for a token-wise module; a mixer
     this module cannot shard is refused (it would see only this rank's piece: wrong, silently)."""
     for kind, wrapper in _WRAPPERS.items():
         if isinstance(child, kind):
-            if type(child).forward is not kind.forward:
+            if type(child).forward is not kind.forward or "forward" in vars(child):
                 raise ValueError(
                     f"context_parallel_forward: {name} ({type(child).__name__}) overrides "
                     f"{kind.__name__}.forward; only the stock forward can be sharded"
@@ -129,23 +133,26 @@ def _wrapper_for(name: str, child: nn.Module):
 
 @contextlib.contextmanager
 def _sharded_mixers(model: nn.Module, info: _ShardInfo):
+    """Replace each mixer's ``forward`` (on the instance) by its sharded version for the block.
+
+    The modules stay in place, so their forward hooks and pre-hooks still run (on this rank's
+    piece of the sequence), as they do in ``model(ids)``.
+    """
     swapped = []
     inside: list[str] = []  # NOTE: names of the swapped mixers: their children are their own
-    for parent_name, parent in list(model.named_modules()):
-        if any(parent_name == w or parent_name.startswith(w + ".") for w in inside):
-            continue
-        for name, child in list(parent.named_children()):
-            full = f"{parent_name}.{name}" if parent_name else name
-            wrapper = _wrapper_for(full, child)
+    try:  # NOTE: a mixer refused halfway through must not leave the earlier ones swapped
+        for name, child in list(model.named_modules()):
+            if not name or any(name == w or name.startswith(w + ".") for w in inside):
+                continue
+            wrapper = _wrapper_for(name, child)
             if wrapper is not None:
-                setattr(parent, name, wrapper(child, info))
-                swapped.append((parent, name, child))
-                inside.append(full)
-    try:
+                child.forward = wrapper(child, info)
+                swapped.append(child)
+                inside.append(name)
         yield
     finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+        for child in swapped:
+            del child.forward
 
 
 def context_parallel_forward(

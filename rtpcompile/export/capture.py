@@ -16,24 +16,37 @@ from ..fresh_caller import fresh_caller
 
 
 class ReplayModule(nn.Module):
-    """Calls a captured Dynamo graph; parameters and buffers are read from ``model``."""
+    """Calls a captured Dynamo graph; parameters and buffers are read from ``model``.
+
+    The model's children, parameters and buffers are registered here under their own names (the
+    same objects, nothing is copied), so an exported program's state_dict keys are the model's.
+    """
 
     def __init__(self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]], model):
         super().__init__()
-        self.graph, self.model, self.sources = graph, model, sources
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        skipped = getattr(model, "_non_persistent_buffers_set", set())
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in skipped)
+        # NOTE: plain attributes (not submodules): the names above are the model's own
+        vars(self)["_rtp_replay"] = (graph, sources)
 
     def forward(self, *args, **kwargs):
+        graph, sources = vars(self)["_rtp_replay"]
         inputs = []
-        for kind, where in self.sources:
+        for kind, where in sources:
             if kind == "arg":
                 inputs.append(args[where])
             elif kind == "kwarg":
                 inputs.append(kwargs[where])
             elif kind == "param":
-                inputs.append(self.model.get_parameter(where))
+                inputs.append(self.get_parameter(where))
             else:
-                inputs.append(self.model.get_buffer(where))
-        out = self.graph(*inputs)
+                inputs.append(self.get_buffer(where))
+        out = graph(*inputs)
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
 
 import torch
@@ -20,49 +21,68 @@ from .. import ops
 from ..nn.retention import MultiScaleRetention
 from .decompose import DEFAULT_EXPORT_CHUNK, decomposition_table
 
+# NOTE: the op replaces the module's forward only while these are MultiScaleRetention's own:
+# project / output / log_decay (which the op path calls as methods) may be overridden.
+_STOCK = ("forward", "parallel", "recurrent", "chunk_step", "final_state")
 
-class _RetentionViaOp(nn.Module):
-    """MultiScaleRetention with its parallel/recurrent core replaced by one rtp op call."""
 
-    def __init__(self, inner: MultiScaleRetention) -> None:
-        super().__init__()
-        self.inner = inner
+def _forward_via_op(
+    msr: MultiScaleRetention,
+    x: Tensor,
+    state: Tensor | None = None,
+    offset: int = 0,
+    return_state: bool = False,
+):
+    """MultiScaleRetention.forward with its parallel/recurrent core replaced by one rtp op call."""
+    msr._check_input(x, state)
+    q, k, v = msr.project(x, offset)
+    gamma = msr.log_decay().exp()
+    want_state = state is not None or return_state
+    y = ops.retention(
+        q, k, v, gamma, scale=msr.scale, initial_state=state, output_final_state=want_state
+    )
+    y, new_state = y if want_state else (y, None)
+    out = msr.output(y.to(x.dtype), x)
+    return (out, new_state) if want_state else out
 
-    def forward(
-        self, x: Tensor, state: Tensor | None = None, offset: int = 0, return_state: bool = False
-    ):
-        msr = self.inner
-        q, k, v = msr.project(x, offset)
-        gamma = msr.log_decay().exp()
-        want_state = state is not None or return_state
-        y = ops.retention(
-            q, k, v, gamma, scale=msr.scale, initial_state=state, output_final_state=want_state
-        )
-        y, new_state = y if want_state else (y, None)
-        out = msr.output(y.to(x.dtype), x)
-        return (out, new_state) if want_state else out
 
-    def forward_cached(self, x: Tensor, layer_cache, offset: int) -> Tensor:
-        state = layer_cache.state if offset > 0 else None
-        out, layer_cache.state = self(x, state=state, offset=offset, return_state=True)
-        return out
+def _routable(module: MultiScaleRetention) -> bool:
+    return "forward" not in vars(module) and all(
+        getattr(type(module), name) is getattr(MultiScaleRetention, name) for name in _STOCK
+    )
 
 
 @contextlib.contextmanager
 def retention_via_ops(model: nn.Module):
-    """Temporarily route every ``MultiScaleRetention`` inside ``model`` through the rtp op."""
-    swapped = []
-    targets = [model] if isinstance(model, MultiScaleRetention) else []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MultiScaleRetention):
-                setattr(parent, name, _RetentionViaOp(child))
-                swapped.append((parent, name, child))
+    """Temporarily route every ``MultiScaleRetention`` inside ``model`` through the rtp op.
+
+    Only the module's ``forward`` is replaced (on the instance, for the duration of the block):
+    the module stays where it is, so its hooks run and the parameter names are the model's own.
+    A subclass that overrides ``forward`` or the retention core (``parallel``, ``recurrent``,
+    ``chunk_step``, ``final_state``) is left as written, with a warning: its own code is
+    exported (its parallel form keeps its T x T scores unless ``detect=True`` finds them).
+    """
+    routed, kept = [], []
     try:
-        yield _RetentionViaOp(model) if targets else model
+        for name, module in model.named_modules():
+            if isinstance(module, MultiScaleRetention):
+                if _routable(module):
+                    module.forward = types.MethodType(_forward_via_op, module)
+                    routed.append(module)
+                else:
+                    kept.append(f"{name or '<model>'} ({type(module).__name__})")
+        if kept:
+            warnings.warn(
+                "retention_via_ops: " + ", ".join(kept) + " override(s) MultiScaleRetention's "
+                "forward or retention core; exported as written, not through the rtp op (a "
+                "parallel form keeps its T x T scores; export_program(detect=True) can find "
+                "them)",
+                stacklevel=3,
+            )
+        yield model
     finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+        for module in routed:
+            del module.forward
 
 
 def rtp_op_count(program: torch.export.ExportedProgram) -> int:
@@ -89,7 +109,9 @@ def export_program(
     one-token step that takes and returns the state) or "parallel" (T x T scores).
     ``detect``: also find regions written in the parallel form with the rtp backend's detection
     (a Dynamo capture, see :mod:`.capture`); None (default) does so only when the model has
-    neither reference retention modules nor rtp op calls.
+    neither reference retention modules nor rtp op calls, so a model mixing a reference module
+    with a parallel-form layer (or a MultiScaleRetention subclass with its own forward, see
+    :func:`retention_via_ops`) needs ``detect=True`` for that layer's T x T scores to go.
     ``dynamic_shapes``: passed to ``torch.export.export`` (e.g. a ``Dim`` on T). The chunkwise
     and parallel forms keep T symbolic; the recurrent form and detection need a fixed T
     (ValueError otherwise).
