@@ -183,7 +183,7 @@ DECLINES = {
     ),
     "growing decay": (
         lambda s, q, k, v, pad: (q @ k.mT * causal(1.0 / s.gamma, T)) @ v,
-        "outside (0, 1]",
+        "outside [0, 1]",
     ),
     "diagonal offset": (
         lambda s, q, k, v, pad: (q @ k.mT).tril(-1) @ v,
@@ -308,7 +308,7 @@ def test_a_decay_just_above_one_is_declined():
         return (q @ k.mT * causal(torch.tensor([0.9, 1.000005, 0.99]), T)) @ v
 
     (region,) = regions(Fn(fn), *qkv())
-    assert not region.claimed and "outside (0, 1]" in region.reason
+    assert not region.claimed and "outside [0, 1]" in region.reason
 
 
 def _window(s, q, k, v):

@@ -76,12 +76,13 @@ def fit_decay(
         gamma = gamma_at_distances(m[:, n, 0].double(), m[:, n, n].double(), n)
     # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
     # compile a model the op then refuses)
-    if (gamma > 1).any() or not (gamma > 0).all():
+    # NOTE: gamma = 0 (a learned decay whose exp underflowed) is a decay the op runs
+    if (gamma > 1).any() or not (gamma >= 0).all():
         if bool((torch.triu(m[:, : min(t, 64)], diagonal=1) == 0).all()):
-            return f"decay outside (0, 1]: gamma={gamma.tolist()}", gamma, False
+            return f"decay outside [0, 1]: gamma={gamma.tolist()}", gamma, False
         return "the mask is not causal (non-zero above the diagonal)", gamma, False
     c = diag.to(dtype)
-    table = _power_table(torch.log(gamma).to(dtype), t)
+    table = _power_table(torch.log(gamma.clamp(min=torch.finfo(torch.float64).tiny)).to(dtype), t)
     for r0, r1 in _row_blocks(heads, t):
         # |m - c E| <= rtol c E + atol c, divided by c > 0; E = gamma^(i-j) [i >= j]
         expected = _toeplitz_rows(table, t, r0, r1)
@@ -115,6 +116,8 @@ def _toeplitz_rows(table: torch.Tensor, t: int, r0: int, r1: int) -> torch.Tenso
 
 def per_head(mask: torch.Tensor, t: int, batch_ndim: int) -> tuple[str | None, torch.Tensor]:
     """Check the mask's shape [.., t, t] varies over at most the last batch dim; -> [heads,t,t]."""
+    if t == 0:
+        return "the sequence is empty (T = 0): nothing to prove or to run", mask
     if mask.dim() < 2 or tuple(mask.shape[-2:]) != (t, t):
         return f"the mask has shape {tuple(mask.shape)}, expected [..., {t}, {t}]", mask
     batch = mask.shape[:-2]

@@ -338,7 +338,12 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
         reason = _check_shapes(chain, v)
     if reason is None:
         inside = set(chain.nodes) | {o}
+        # NOTE: q's and k's transposes are views of the inputs, not of the scores: another reader
+        # (a final state computed from the same k) keeps them alive after the rewrite, harmlessly
+        operands = set(chain.q.chain) | set(chain.k.chain) if chain.q and chain.k else set()
         for node in chain.nodes:
+            if node in operands:
+                continue
             readers = [u for u in node.users if not view.g.edges[node, u]["meta"]]
             if any(user not in inside for user in readers):
                 reason = "the score matrix is used elsewhere (e.g. returned as attention weights)"
