@@ -47,6 +47,9 @@ def _usage_error(capsys, argv: list[str]) -> str:
         (["tune", "--shape", "1,2,40,16", "--threads", "0"], "expected a positive integer"),
         (["bench", "--device", "meta"], "expected cpu, cuda or cuda:N, got 'meta'"),
         (["export", "--heads", "0"], "--heads: expected a positive integer, got '0'"),
+        (["export", "--seq-len", "0"], "--seq-len: expected a positive integer, got '0'"),
+        (["export", "--position", "0"], "--position: expected a positive integer, got '0'"),
+        (["export", "--batch", "0"], "--batch: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_values_are_usage_errors(capsys, argv, expected):
@@ -77,6 +80,30 @@ def test_op_only_bench_flags_with_the_model_suite_are_refused(capsys, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert f"{flag[0]} applies to the op suite only" in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--heads", "3", "--dim", "64"], "model size flags: dim must be divisible"),
+        (["--ratio", "2"], "model size flags: ratio"),
+    ],
+)
+def test_export_argument_errors_are_usage_errors(capsys, flags, message):
+    """Sizes that do not fit together exited with code 1 like a failed export."""
+    assert cli.main(["export", "--program", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("rtpcompile export: error:") and message in err
+
+
+def test_export_summary_skips_weights_and_explains_a_width_equal_to_t(capsys):
+    argv = ["export", "--program", "--dim", "16", "--heads", "2", "--layers", "1"]
+    assert cli.main([*argv, "--seq-len", "16", "--chunk-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "T x T tensors (T=16)" in err and "equals a model width" in err
+    assert "p_" not in err.split("T x T tensors")[1].split("\n")[0]  # no parameter listed
+    assert cli.main([*argv, "--seq-len", "24", "--chunk-size", "8"]) == 0
+    assert "T x T tensors (T=24): 0 []" in capsys.readouterr().err
 
 
 def test_export_checkpoint_errors(capsys, tmp_path):

@@ -35,14 +35,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dialect", choices=DIALECTS, default="linalg-on-tensors")
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"T of the exported prefill (default {DEFAULT_SEQ_LEN}; not for --form recurrent, "
         "which exports a one-token step)",
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_EXPORT_CHUNK)
-    p.add_argument("--position", type=int, default=1, help="recurrent step: tokens already seen")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_EXPORT_CHUNK)
+    p.add_argument(
+        "--position",
+        type=positive_int,
+        default=1,
+        help="recurrent step: tokens already seen (>= 1: the prompt's prefill comes first)",
+    )
     p.add_argument("--checkpoint", help="a torch.save'd model (loaded with weights_only=False)")
     p.add_argument("--vocab", type=positive_int, default=256)
     p.add_argument("--dim", type=positive_int, default=64)
@@ -63,7 +68,10 @@ def _model(args):
         model = _load_checkpoint(args.checkpoint)
     else:
         torch.manual_seed(0)
-        model = RTPHybridLM(args.vocab, args.dim, args.layers, args.heads, ratio=args.ratio)
+        try:
+            model = RTPHybridLM(args.vocab, args.dim, args.layers, args.heads, ratio=args.ratio)
+        except ValueError as exc:  # NOTE: sizes that do not fit together are argument errors
+            raise UsageError(f"model size flags: {exc}") from None
     return model.eval()
 
 
@@ -121,10 +129,6 @@ def run(args) -> int:
         return 2
     if args.seq_len is None:
         args.seq_len = DEFAULT_SEQ_LEN
-    for name in ("seq_len", "batch", "chunk_size"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     if args.output and not Path(args.output).resolve().parent.is_dir():
         parent = Path(args.output).parent
         raise UsageError(
@@ -160,4 +164,16 @@ def run(args) -> int:
     if not args.program:
         print(_signature(text), file=sys.stderr)
     print(f"T x T tensors (T={seq_len}): {len(quadratic)} {quadratic[:4]}", file=sys.stderr)
+    widths = _widths(target)
+    if quadratic and seq_len in widths:
+        print(
+            f"note: T={seq_len} equals a model width, so [.., T, width] values count too; "
+            f"export at another --seq-len to see only T x T ones",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _widths(model) -> set[int]:
+    """Sizes of the model's weights (a T equal to one makes [.., T, width] look T x T)."""
+    return {int(d) for p in model.parameters() for d in p.shape}

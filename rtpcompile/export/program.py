@@ -154,9 +154,17 @@ def _export(module: nn.Module, args, kwargs, dynamic_shapes) -> torch.export.Exp
 
 
 def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -> list[str]:
-    """Nodes whose value has two dims equal to ``seq_len`` (a T x T intermediate): 'name: shape'."""
+    """Nodes whose value has two dims equal to ``seq_len`` (a T x T intermediate): 'name: shape'.
+
+    Weights, buffers and constants are not intermediates and are skipped (a 64 x 64 projection
+    matched at T = 64); a [.., T, width] value still matches when T equals the width."""
+    sig = program.graph_signature
+    state = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
+    state |= set(getattr(sig, "inputs_to_lifted_tensor_constants", {}))
     found = []
     for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in state:
+            continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and list(val.shape).count(seq_len) >= 2:
             found.append(f"{node.name}: {tuple(val.shape)}")
