@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
+import re
 import sys
 import types
 
@@ -209,9 +211,11 @@ def explain(model, *args, **kwargs) -> Report:
     report = Report([])
     at_breaks: list[Region] = []
 
+    rename = _user_names(model)
+
     def collect(gm, example_inputs, **_):
         report.graphs += 1
-        report.regions.extend(find_regions(gm, example_inputs))
+        report.regions.extend(rename(r) for r in find_regions(gm, example_inputs))
         at_breaks.extend(scores_leaving_graph(GraphView(gm)))
         return gm.forward
 
@@ -227,6 +231,33 @@ def explain(model, *args, **kwargs) -> Report:
     if report.graph_breaks:  # NOTE: without a break, scores returned from a graph are its result
         report.regions.extend(at_breaks)
     return report
+
+
+def _user_names(model):
+    """Region -> the region with the throwaway caller's input names in its reason replaced by
+    the ones compiling the model gives them (``'l_args_3_'`` -> ``'l_x_'``, ``'l_model_mask'``
+    -> ``'l_self_mask'``), so explain's reasons read as the model's own."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (AttributeError, TypeError, ValueError):
+        params = []
+    code = getattr(getattr(type(model), "forward", None), "__code__", None)
+    owner = code.co_varnames[0] if code is not None and code.co_argcount else "self"
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def arg(match: re.Match) -> str:
+        i = int(match.group(1))
+        return f"l_{positional[i]}_" if i < len(positional) else match.group(0)
+
+    def rename(region: Region) -> Region:
+        if not region.reason:
+            return region
+        reason = re.sub(r"\bl_args_(\d+)_", arg, region.reason)
+        reason = re.sub(r"\bl_kwargs_", "l_", reason)
+        reason = re.sub(r"\bl_model_", f"l_{owner}_", reason)
+        return dataclasses.replace(region, reason=reason)
+
+    return rename
 
 
 def _first_line(reason: str) -> str:

@@ -45,6 +45,9 @@ _FUNCTION_KINDS = {
     torch.permute: "layout",
     torch.sum: "sum",
     torch.abs: "abs",
+    operator.neg: "neg",
+    torch.neg: "neg",
+    torch.negative: "neg",
     torch.clamp: "clamp",
     torch.clamp_min: "clamp",
     torch.detach: "detach",
@@ -72,6 +75,8 @@ _METHOD_KINDS = {
     "permute": "layout",
     "sum": "sum",
     "abs": "abs",
+    "neg": "neg",
+    "negative": "neg",
     "clamp": "clamp",
     "clamp_min": "clamp",
     "detach": "detach",
@@ -111,11 +116,31 @@ def kind_of(node: fx.Node) -> str:
         return node.op
     if kind == "cast" and _to_integers(node):
         return "other"  # NOTE: truncates values: not a cast the patterns may look through
+    if kind == "cast" and _written_in_place(node):
+        # NOTE: ``m = mask.clone(); m.mul_(0.5)``: the copy's values are not its input's, so
+        # the patterns must not look through it to the tensor it was copied from
+        return "other"
     if kind == "div" and node.kwargs.get("rounding_mode") is not None:
         return "other"  # NOTE: floor/trunc division rounds values: not a scale
     if kind == "add" and node.kwargs.get("alpha", 1) != 1:
         return "other"  # NOTE: add(x, y, alpha=a) is x + a*y, not a plain sum
     return kind
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """The node's result, or a view of it, is written in place by a later node."""
+    from .mutation import is_view, writes  # NOTE: mutation imports this module
+
+    seen, todo = {node}, [node]
+    while todo:
+        alias = todo.pop()
+        for user in alias.users:
+            if writes(user, alias):
+                return True
+            if user not in seen and is_view(user) and user.args and user.args[0] is alias:
+                seen.add(user)
+                todo.append(user)
+    return False
 
 
 def _to_integers(node: fx.Node) -> bool:
@@ -217,14 +242,20 @@ def is_constant_source(node: fx.Node) -> bool:
 
 
 def is_input_attribute(node: fx.Node) -> bool:
-    """True for a placeholder read from an attribute of a call argument other than the module
-    itself (``L['cache'].layers[0].state``): caller-owned state, not model state."""
+    """True for a placeholder read from an attribute of a call argument that is not an
+    ``nn.Module`` (``L['cache'].layers[0].state``, ``batch.mask``): caller-owned state, not model
+    state. Dynamo marks a module in the source chain (``UnspecializedNNModuleSource``), whatever
+    the argument is called (``self``, ``me``, explain's throwaway caller's ``model``)."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     if source is None or "._buffers[" in source.name or "._parameters[" in source.name:
         return False
+    attribute = False
     while getattr(source, "base", None) is not None:
+        if "NNModuleSource" in type(source).__name__:
+            return False
+        attribute |= type(source).__name__ == "AttrSource"
         source = source.base
-    return type(source).__name__ == "LocalSource" and source.local_name != "self"
+    return attribute and type(source).__name__ == "LocalSource"
 
 
 def is_state_input(node) -> bool:

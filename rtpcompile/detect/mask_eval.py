@@ -49,16 +49,67 @@ def _hints(shape_env) -> dict:
 
 
 class Sizes:
-    """Concrete values of symbolic sizes with the sequence length replaced by ``t``."""
+    """Concrete values of symbolic sizes with the sequence length replaced by ``t``.
+
+    T may be a symbol (``s0``) or an expression of one (``s0 - 1`` after ``q[..., 1:, :]``):
+    ``symbol`` is then the symbol T varies with, set to the value that makes T equal ``t``
+    (every other symbol keeps its example value). ``t`` must be attainable (``attainable``).
+    """
 
     def __init__(self, seq, t: int):
         self.t = t
         self.symbol = None
         self.shape_env = None
+        self._expr = None
+        self._symbol_value: int | None = None
         if isinstance(seq, torch.SymInt):
             expr = seq.node.expr
             self.shape_env = seq.node.shape_env
-            self.symbol = expr if expr.is_Symbol else None
+            # NOTE: several symbols (``s0 + s1``): T varies with the first, the rest stay fixed
+            free = sorted(expr.free_symbols, key=str)
+            self.symbol = free[0] if free else None
+            self._expr = expr
+
+    def _length_at(self, value: int) -> int:
+        """T when the symbol takes ``value`` (every other symbol at its example value)."""
+        repl = {s: _hints(self.shape_env).get(s, s) for s in self._expr.free_symbols}
+        repl[self.symbol] = value
+        return int(self._expr.xreplace(repl))
+
+    def _solve(self, t: int) -> int | None:
+        """The smallest symbol value at which T >= t (T grows with its symbol), or None."""
+        hi = 1
+        try:
+            while self._length_at(hi) < t:
+                hi *= 2
+                if hi > 2**40:
+                    return None
+            lo = 0
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._length_at(mid) >= t:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
+        return lo
+
+    def attainable(self, t: int) -> int | None:
+        """The smallest length >= ``t`` that T takes for some value of its symbol (``t`` itself
+        for a bare symbol), or None."""
+        if self.symbol is None:
+            return None
+        value = self._solve(t)
+        return None if value is None else self._length_at(value)
+
+    def _value_of_symbol(self) -> int:
+        if self._symbol_value is None:
+            value = self._solve(self.t)
+            if value is None or self._length_at(value) != self.t:
+                raise ValueError(f"the sequence length {self._expr} never equals {self.t}")
+            self._symbol_value = value
+        return self._symbol_value
 
     def value(self, size) -> int:
         if not isinstance(size, torch.SymInt):
@@ -67,8 +118,13 @@ class Sizes:
         env = size.node.shape_env
         repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
         if self.symbol is not None and self.symbol in repl:
-            repl[self.symbol] = self.t
+            repl[self.symbol] = self._value_of_symbol()
         return int(expr.xreplace(repl))
+
+    def example_length(self) -> int:
+        """T at the example call (every symbol at its example value)."""
+        repl = {s: _hints(self.shape_env).get(s, s) for s in self._expr.free_symbols}
+        return int(self._expr.xreplace(repl))
 
     def scalar(self, value):
         if isinstance(value, torch.SymInt):
@@ -76,7 +132,10 @@ class Sizes:
         if isinstance(value, torch.SymFloat):
             expr = value.node.expr
             env = value.node.shape_env
-            return float(expr.xreplace({s: _hints(env).get(s, s) for s in expr.free_symbols}))
+            repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
+            if self.symbol is not None and self.symbol in repl:
+                repl[self.symbol] = self._value_of_symbol()
+            return float(expr.xreplace(repl))
         return value
 
 
@@ -160,18 +219,26 @@ def _run(gm: fx.GraphModule, node: fx.Node, args, kwargs):
 
 
 def lengths_for(seq) -> list[int]:
-    """The sequence lengths the proof evaluates at (only the example one for a static T)."""
+    """The sequence lengths the proof evaluates at (only the example one for a static T).
+
+    With a symbolic T: 1, 2, a prime and the example length (capped), each moved up to the
+    nearest length T can take (``2 * s0`` is never odd)."""
     hint = Sizes(seq, 0)
-    t_example = hint.value(seq) if hint.symbol is None else int(_hints(hint.shape_env)[hint.symbol])
     if hint.symbol is None:
-        return [t_example]
+        return [hint.value(seq)]
+    t_example = hint.example_length()
     # NOTE: with a symbolic T every length runs the same program, so a long example length is
     # capped: proving at T = 65536 would build several 16 GiB masks for no extra certainty
-    return sorted({1, 2, min(_PRIME, t_example), min(t_example, MAX_SYMBOLIC_T)})
+    wanted = {1, 2, min(_PRIME, t_example), min(t_example, MAX_SYMBOLIC_T)}
+    found = {hint.attainable(t) for t in wanted}
+    return sorted(t for t in found if t is not None and t <= max(t_example, MAX_SYMBOLIC_T))
 
 
-def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: Sizes) -> int:
-    """Estimated peak bytes of evaluating and fitting the masks at length ``sizes.t``.
+def proof_bytes(
+    view: GraphView, masks: list[fx.Node], sizes: Sizes, constants_only: bool = False
+) -> int:
+    """Estimated peak bytes of evaluating and fitting the masks at length ``sizes.t``
+    (``constants_only``: of the graph inputs the mask reads alone, whatever the length).
 
     NOTE: evaluate() frees each intermediate after its last reader, so about three of the
     largest tensors of the subgraph (an op's inputs and output, then the mask and a fit block)
@@ -182,7 +249,7 @@ def proof_bytes(view: GraphView, masks: list[fx.Node], sizes: Sizes) -> int:
         values, _, _ = subgraph(view, mask)
         for node in values | {mask}:
             value = example(node)
-            if is_tensor(value):
+            if is_tensor(value) and (node.op == "placeholder" or not constants_only):
                 numel = 1
                 for size in value.shape:
                     numel *= sizes.value(size)

@@ -32,9 +32,9 @@ from .graph_view import (
     is_input_attribute,
     is_random,
     is_tensor,
-    target_name,
 )
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
+from .positions import position_cutoff
 
 __all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
 
@@ -61,70 +61,6 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
                 # NOTE: an attribute of a call argument (``batch.mask``) changes with the call
                 if not is_constant_source(node) or is_input_attribute(node):
                     return f"the mask depends on activations (input {node.name!r})"
-    return None
-
-
-_CUTOFF_OPS = {
-    "lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
-    "clamp", "clamp_max", "clamp_min", "clip", "minimum", "maximum", "tril", "triu", "fmin", "fmax",
-    "mod", "remainder", "fmod", "floordiv", "floor_divide", "__mod__", "__floordiv__",
-}  # fmt: skip
-
-
-# Ops that keep a position a position (``(i - j).float() * 2``); exp, pow, log, sums do not.
-_POSITION_OPS = {
-    "sub", "add", "neg", "mul", "abs", "to", "float", "double", "long", "int", "type_as",
-    "getitem", "unsqueeze", "view", "reshape", "expand", "transpose", "permute", "__getitem__",
-    "clamp", "clamp_min", "clamp_max", "__sub__", "__add__", "__rsub__", "__neg__",
-}  # fmt: skip
-
-
-def _reads_positions(node: fx.Node) -> bool:
-    """A tensor argument of ``node`` is a position (``arange``, or integers, or a linear
-    function of one): a comparison or clamp with a constant there is a window. A clamp of a
-    decay, a normaliser or a temperature is not."""
-    todo = [a for a in node.all_input_nodes if is_tensor(example(a))]
-    seen: set[fx.Node] = set()
-    while todo:
-        arg = todo.pop()
-        if arg in seen:
-            continue
-        seen.add(arg)
-        value = example(arg)
-        if target_name(arg) == "arange" or (
-            is_tensor(value) and not (value.is_floating_point() or value.dtype == torch.bool)
-        ):
-            return True
-        if arg.op in ("call_function", "call_method") and target_name(arg) in _POSITION_OPS:
-            todo += [a for a in arg.all_input_nodes if is_tensor(example(a))]
-    return False
-
-
-def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
-    """Why a mask is not provable for every length of a symbolic T: it compares (or clamps) with a
-    number other than 0 -- ``i - j < W``, ``clamp(max=W)``, ``triu(diagonal=-W)``: a window the
-    proof, which evaluates a few lengths, would miss once T grows past it. None otherwise."""
-    for mask in masks:
-        values, _, _ = subgraph(view, mask)
-        for node in view.sorted(values | {mask}):
-            if node.op not in ("call_function", "call_method"):
-                continue
-            if target_name(node) not in _CUTOFF_OPS or not _reads_positions(node):
-                continue
-            # NOTE: triu(diagonal=1) is the complement of tril() (a causal mask); tril(-1) is
-            # declined with its own reason
-            allowed = (0, 1, -1) if target_name(node) in ("tril", "triu") else (0,)
-            numbers = [
-                a
-                for a in (*node.args, *node.kwargs.values())
-                if isinstance(a, (int, float)) and not isinstance(a, bool) and a not in allowed
-            ]
-            if numbers:
-                return (
-                    f"the mask compares positions with {numbers[0]} ({target_name(node)}): a "
-                    "window the proof cannot check at every length of a dynamic T (compile "
-                    "with a static sequence length to prove it at that length)"
-                )
     return None
 
 
@@ -170,12 +106,7 @@ def prove(
         sizes = Sizes(seq, t)
         need, budget = proof_bytes(view, masks, sizes), proof_budget()
         if need > budget:
-            gib = f"{need / 2**30:.2g} GiB (budget {budget / 2**30:.2g} GiB, RTP_PROOF_MAX_GB)"
-            return Proof(
-                f"proving the mask at T={t} needs about {gib}; raise the budget, or compile with "
-                "dynamic=True (or torch._dynamo.mark_dynamic on the sequence dim): it is then "
-                f"proven at T <= {MAX_SYMBOLIC_T}"
-            )
+            return Proof(_over_budget(view, masks, sizes, need, budget))
         for perturb in (None, torch.Generator().manual_seed(t)) if trainable else (None,):
             reason, gamma, scaled = _fit_at(
                 view, masks, transform, inputs, sizes, batch_ndim, perturb
@@ -198,6 +129,24 @@ def prove(
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
 
 
+def _over_budget(view, masks, sizes: Sizes, need: int, budget: int) -> str:
+    """Why the proof is over its budget, with the way out that helps."""
+    gib = f"{need / 2**30:.2g} GiB (budget {budget / 2**30:.2g} GiB, RTP_PROOF_MAX_GB)"
+    if proof_bytes(view, masks, sizes, constants_only=True) > budget:
+        # NOTE: a large constant (a precomputed [Tmax, Tmax] mask) costs the same at every T
+        return (
+            f"proving the mask needs about {gib} at any length: the constants it reads are that "
+            "large; raise the budget"
+        )
+    if sizes.symbol is not None:
+        return f"proving the mask at T={sizes.t} needs about {gib}; raise the budget"
+    return (
+        f"proving the mask at T={sizes.t} needs about {gib}; raise the budget, or compile with "
+        "dynamic=True (or torch._dynamo.mark_dynamic on the sequence dim): it is then "
+        f"proven at T <= {MAX_SYMBOLIC_T}"
+    )
+
+
 def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
     """Lengths past the example one where a symbolic T's mask is checked once more: the sizes
     of the constant tensors the mask reads (a precomputed mask sliced to T runs only up to its
@@ -213,7 +162,10 @@ def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
     # NOTE: a sliced constant first (the model runs only up to its length), longest first
     longer = sorted((d for d in sizes if d > t_example and d != MAX_SYMBOLIC_T), reverse=True)
     cap = [MAX_SYMBOLIC_T] if t_example < MAX_SYMBOLIC_T else []
-    return longer + cap
+    # NOTE: T = 2 * s0 is never odd: each length moves up to the nearest one T can take
+    probe = Sizes(seq, 0)
+    found = [probe.attainable(t) for t in longer + cap]
+    return list(dict.fromkeys(t for t in found if t is not None and t > t_example))
 
 
 def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | None, bool]:
@@ -234,6 +186,29 @@ def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | 
     return None, False
 
 
+def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
+    """(rtol, atol) of the fit, from the least precise float the mask is computed in.
+
+    NOTE: a mask computed in float64 throughout is fitted to float64 precision (an element off
+    by 5e-4 is not rounding there); one float32 step anywhere (a float32 buffer's powers) makes
+    it a float32 mask."""
+    dtypes = set()
+    for mask in masks:
+        values, _, _ = subgraph(view, mask)
+        for node in values | {mask}:
+            value = example(node)
+            if is_tensor(value) and value.is_floating_point():
+                dtypes.add(value.dtype)
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return 1e-2, _ATOL
+    if dtypes == {torch.float64}:
+        return 1e-9, 1e-12
+    return 1e-3, _ATOL
+
+
+_ATOL = 1e-6
+
+
 def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb):
     """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``."""
     t = sizes.t
@@ -248,8 +223,9 @@ def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, pertu
     reason, heads = per_head(mask, t, batch_ndim)
     if reason is not None:
         return reason, None, False
-    rtol = 1e-2 if mask.dtype in (torch.float16, torch.bfloat16) else 1e-3
-    reason, gamma, row_scale = fit_decay(heads, t, rtol)
+    rtol, atol = _tolerance(view, masks)
+    extra = {} if atol == _ATOL else {"atol": atol}  # NOTE: fit_decay's default atol otherwise
+    reason, gamma, row_scale = fit_decay(heads, t, rtol, **extra)
     return (None if reason is None else f"{reason} at T={t}"), gamma, row_scale
 
 

@@ -22,6 +22,10 @@ _VIEWS = {
     "flatten", "unflatten", "chunk", "split", "unbind", "narrow", "select", "as_strided",
     "getitem", "contiguous", "to", "float", "half", "bfloat16", "double", "type_as", "detach",
     "view_as", "movedim", "swapaxes", "t", "mT", "diagonal", "unfold", "getattr",
+    "moveaxis", "swapdims", "adjoint", "tensor_split", "hsplit", "vsplit", "dsplit",
+    "split_with_sizes", "unsafe_split", "unsafe_chunk", "ravel", "broadcast_to", "view_as_real",
+    "view_as_complex", "real", "imag", "conj", "resolve_conj", "resolve_neg", "alias",
+    "atleast_1d", "atleast_2d", "atleast_3d", "positive", "type", "cpu", "cuda",
 }  # fmt: skip
 _IN_PLACE_FUNCTIONS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -29,11 +33,11 @@ _IN_PLACE_FUNCTIONS = {
 }  # fmt: skip
 
 
-def _is_view(node: fx.Node) -> bool:
+def is_view(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and target_name(node) in _VIEWS
 
 
-def _writes(node: fx.Node, target: fx.Node) -> bool:
+def writes(node: fx.Node, target: fx.Node) -> bool:
     """``node`` writes into ``target`` (its first argument) in place, or through ``out=``."""
     if node.op not in ("call_method", "call_function"):
         return False
@@ -52,12 +56,12 @@ def _writes(node: fx.Node, target: fx.Node) -> bool:
 def _aliases(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node that may share its storage through view-like ops."""
     root = node
-    while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+    while is_view(root) and root.args and isinstance(root.args[0], fx.Node):
         root = root.args[0]
     seen, todo = {root}, [root]
     while todo:
         for user in todo.pop().users:
-            if user not in seen and _is_view(user):
+            if user not in seen and is_view(user):
                 seen.add(user)
                 todo.append(user)
     return seen | {node}
@@ -65,7 +69,7 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
 
 def root_of(node: fx.Node) -> fx.Node:
     """The tensor ``node`` is a view of (through view-like ops), itself if none."""
-    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -75,7 +79,7 @@ def writers(nodes) -> list[tuple[fx.Node, fx.Node]]:
     found = []
     for node in nodes:
         for alias in _aliases(node):
-            found += [(user, alias) for user in alias.users if _writes(user, alias)]
+            found += [(user, alias) for user in alias.users if writes(user, alias)]
     return found
 
 
@@ -97,7 +101,7 @@ def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) 
             continue
         for alias in _aliases(node):
             for user in alias.users:
-                if first <= view.order.get(user, -1) <= last and _writes(user, alias):
+                if first <= view.order.get(user, -1) <= last and writes(user, alias):
                     return (
                         f"{role} is written in place ({target_name(user)}) inside the region, "
                         "after its first read: the op would read the new values"

@@ -98,7 +98,8 @@ class Peeled:
 
 
 def peel(node: fx.Node, passes_cast=None) -> Peeled:
-    """Strip casts and multiplications/divisions by scalars: ``(core, factors, wrappers)``.
+    """Strip casts, negations and multiplications/divisions by scalars: ``(core, factors,
+    wrappers)``.
 
     ``passes_cast(node)``: which casts to strip (default: every non-complex one)."""
     passes_cast = passes_cast or (lambda n: not _complex(n))
@@ -107,6 +108,11 @@ def peel(node: fx.Node, passes_cast=None) -> Peeled:
     while True:
         kind = kind_of(node)
         if kind == "cast" and isinstance(node.args[0], fx.Node) and passes_cast(node):
+            chain.append(node)
+            node = node.args[0]
+            continue
+        if kind == "neg" and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
+            factors.append(("mul", -1))  # NOTE: -(q @ k^T) is a constant factor -1
             chain.append(node)
             node = node.args[0]
             continue
@@ -125,3 +131,24 @@ def peel(node: fx.Node, passes_cast=None) -> Peeled:
 def _complex(node: fx.Node) -> bool:
     value = example(node)
     return is_tensor(value) and value.is_complex()
+
+
+_PRODUCTS = ("matmul", "einsum", "baddbmm")
+
+
+def operand_views(*layouts: Layout | None) -> set[fx.Node]:
+    """The nodes of the operands' layout chains that view an input, not the scores: in
+    ``(K Q^T)^T`` the product and its transpose ride in Q's chain and stay the region's own."""
+    found: set[fx.Node] = set()
+    for lay in layouts:
+        if lay is None:
+            continue
+        nodes = set(lay.chain)
+        for node in lay.chain:
+            x, of_scores = node, False
+            while x in nodes and not of_scores:
+                of_scores = kind_of(x) in _PRODUCTS
+                x = x.args[0] if x.args and isinstance(x.args[0], fx.Node) else None
+            if not of_scores:
+                found.add(node)
+    return found

@@ -26,7 +26,7 @@ from .graph_view import (
     same_size,
     where,
 )
-from .operands import Layout, peel
+from .operands import Layout, operand_views, peel
 from .products import (
     masked_score_product,
     score_factors,
@@ -340,7 +340,7 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
         inside = set(chain.nodes) | {o}
         # NOTE: q's and k's transposes are views of the inputs, not of the scores: another reader
         # (a final state computed from the same k) keeps them alive after the rewrite, harmlessly
-        operands = set(chain.q.chain) | set(chain.k.chain) if chain.q and chain.k else set()
+        operands = operand_views(chain.q, chain.k)
         for node in chain.nodes:
             if node in operands:
                 continue

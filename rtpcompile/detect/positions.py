@@ -1,0 +1,324 @@
+"""With a symbolic T, what may be done to positions on the way to the mask.
+
+The proof evaluates the mask at a few lengths (up to 1024); a cut-off past them (a window
+``i - j < 1100``, a decay floor ``(g ** d).clamp(min=0.01)``, a period ``i % 2000``) would escape.
+So every op on a *position-derived* value must be one that cannot introduce a length-dependent
+cut-off (an allow-list, not a list of known windows):
+
+- layout ops, casts (to an integer dtype only from integers), true products and divisions,
+  negation, ``abs``, ``exp``/``exp2``/``pow`` (a decay), sums, roots and logs;
+- additions and subtractions -- of two positions (``i - j``), or with a constant, which *shifts*
+  the result (``i - j - 1100``); mixing scales shifts too (a sum with a decay, a product of two
+  linear positions, a power of one: ``2048 i - i * i`` changes sign at i = 2048);
+- ``tril``/``triu`` with a diagonal of 0 or +-1; ``where``/``masked_fill`` (values of 0 or +-inf
+  keep a position unshifted, other constants shift it); boolean logic;
+- a comparison, clamp, ``relu``, ``sign``, ``heaviside``, ``maximum``/``minimum`` of an unshifted
+  position with 0 or of two linear ones (``i >= j``: causality; ``m != m`` finds NaNs).
+
+Anything else on a position-derived value declines, with the op in the reason. Positions are
+``arange``-like results; tensors whose shape depends on the sizes (``ones(T, T)``, a buffer
+sliced to T) are *shaped*: ops on them must be on the allow-list too (``ones(T).cumsum(0)`` is
+positions), but they are constants, not positions, in a comparison (``d < full((T, T), 1100)``
+shifts nothing and still compares with 1100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .graph_view import GraphView, example, is_tensor, target_name
+from .mask_eval import subgraph
+
+_SEEDS = {"arange", "range", "linspace", "logspace"}
+_LAYOUT = {
+    "getitem", "__getitem__", "view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as",
+    "transpose", "permute", "flatten", "unflatten", "contiguous", "clone", "detach", "movedim",
+    "moveaxis", "swapaxes", "swapdims", "repeat", "t", "view_as", "broadcast_to", "getattr",
+    "stack", "select", "diagonal", "unbind", "chunk", "split", "tensor_split", "atleast_2d",
+    "atleast_3d", "repeat_interleave", "unsafe_split",
+}  # fmt: skip
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "type", "long", "int", "short",
+          "bool", "byte", "char"}  # fmt: skip
+_SCALES = {
+    "mul", "__mul__", "__rmul__", "multiply", "truediv", "div", "__truediv__", "__rtruediv__",
+    "divide", "true_divide", "neg", "__neg__", "negative", "abs", "__abs__", "exp", "exp2", "pow",
+    "__pow__", "__rpow__", "float_power", "square", "positive", "imul", "itruediv",
+}  # fmt: skip
+_SHIFTS = {"add", "sub", "rsub", "__add__", "__sub__", "__radd__", "__rsub__", "subtract",
+           "iadd", "isub"}  # fmt: skip
+_SELECTS = {
+    "where", "masked_fill", "logical_and", "logical_or", "logical_not", "logical_xor", "and_",
+    "or_", "xor", "invert", "inv", "__and__", "__or__", "__xor__", "__invert__", "bitwise_and",
+    "bitwise_or", "bitwise_not", "bitwise_xor", "not_", "iand", "ior",
+}  # fmt: skip
+# NOTE: smooth, no threshold; but an unsafe input could hide one (log(c - d) is nan past c)
+_SMOOTH = {"sum", "sqrt", "rsqrt", "log", "log2", "reciprocal", "nan_to_num", "mean"}
+_CUTOFFS = {
+    "lt", "le", "gt", "ge", "eq", "ne", "less", "greater", "less_equal", "greater_equal",
+    "not_equal", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "clamp",
+    "clamp_min", "clamp_max", "clip", "relu", "maximum", "minimum", "fmax", "fmin", "sign",
+    "heaviside", "signbit",
+}  # fmt: skip
+_PERIODS = {"mod", "remainder", "fmod", "floordiv", "floor_divide", "__mod__", "__floordiv__",
+            "__rmod__", "__rfloordiv__", "imod", "ifloordiv"}  # fmt: skip
+_PRODUCTS = {"mul", "__mul__", "__rmul__", "multiply", "truediv", "div", "__truediv__",
+             "__rtruediv__", "divide", "true_divide", "imul", "itruediv"}  # fmt: skip
+_POWERS = {"pow", "__pow__", "__rpow__", "float_power", "square"}
+# ops after which a linear position stays linear (with a non-position operand for products)
+_EXPS = _POWERS | {"exp", "exp2"}
+_LINEAR = (
+    _LAYOUT | _CASTS | _SHIFTS | _PRODUCTS
+    | {"neg", "__neg__", "negative", "abs", "__abs__", "positive", "tril", "triu", "relu",
+       "clamp", "clamp_min", "clamp_max", "clip", "maximum", "minimum", "fmax", "fmin"}
+)  # fmt: skip
+_IN_PLACE_OK = {"mul_", "div_", "tril_", "triu_", "masked_fill_", "setitem", "neg_", "abs_"}
+_FILLS = (0, 0.0, math.inf, -math.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Taint:
+    position: bool = False  # derived from an arange-like value
+    shaped: bool = False  # a tensor whose shape depends on the sizes (or derived from one)
+    shifted: bool = False  # a position with a constant added (``i - j - W``)
+    # NOTE: linear: positively homogeneous in the positions (``i - j``, ``|i - j|``, ``2 * i``):
+    # its sign pattern is the same at every scale, so comparing it with 0 or with another linear
+    # one cuts nowhere that depends on T. A sum of a decay and anything, a product of two linear
+    # values (``2048 i - i*i``), or a power of one mixes scales: that counts as shifted.
+    linear: bool = False
+    # NOTE: an exponential of positions overflows or underflows at some length; a product or
+    # quotient of two (``exp(d / 10) * exp(-d / 10)``) is then inf * 0 = NaN there, and clearing
+    # NaNs (nan_to_num, ``m[m != m] = 0``) would cut at that length
+    extreme: bool = False
+    nan_risk: bool = False
+
+
+_CLEAN = _Taint()
+
+
+def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
+    """Why the masks may hold a cut-off past the lengths the proof evaluates (see the module
+    docstring), or None."""
+    for mask in masks:
+        values, _, _ = subgraph(view, mask)
+        taint: dict[fx.Node, _Taint] = {}
+        for node in view.sorted(values | {mask}):
+            reason = _visit(view, node, taint)
+            if reason is not None:
+                return (
+                    f"{reason}: a window the proof cannot check at every length of a dynamic T "
+                    "(compile with a static sequence length to prove it at that length)"
+                )
+    return None
+
+
+def _name(node: fx.Node) -> str:
+    if node.target is operator.setitem:
+        return "setitem"
+    return target_name(node)
+
+
+def _symbolic_shape(node: fx.Node) -> bool:
+    value = example(node)
+    return is_tensor(value) and any(isinstance(s, torch.SymInt) for s in value.shape)
+
+
+def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
+    """Record the node's taint; the reason when it is an op not allowed on its inputs."""
+    data = [
+        a
+        for a in node.all_input_nodes
+        if view.g.has_edge(a, node) and not view.g.edges[a, node]["meta"]
+    ]
+    ins = [taint.get(a, _CLEAN) for a in data]
+    name = _name(node)
+    if node.op == "call_module" and any(t.position or t.shaped for t in ins):
+        return f"the mask applies module {node.target!r} to positions"
+    if node.op not in ("call_function", "call_method"):
+        taint[node] = _Taint(shaped=node.op != "placeholder" and _symbolic_shape(node))
+        return None
+    if not any(t.position or t.shaped for t in ins):
+        if name in _SEEDS:
+            starts = [a for a in node.args[:1] if len(node.args) > 1 or "end" in node.kwargs]
+            shifted = any(not (isinstance(a, (int, float)) and a == 0) for a in starts)
+            taint[node] = _Taint(position=True, shifted=shifted, linear=True)
+        else:
+            taint[node] = _Taint(shaped=_symbolic_shape(node))
+        return None
+    position = any(t.position for t in ins)
+    shifted = any(t.shifted for t in ins)
+    linear = all(t.linear for t in ins if t.position) and name.removesuffix("_") in _LINEAR
+    result = _Taint(
+        position=position,
+        shaped=True,
+        shifted=shifted,
+        linear=position and linear,
+        extreme=any(t.extreme for t in ins) or (position and name.removesuffix("_") in _EXPS),
+        nan_risk=any(t.nan_risk for t in ins) or _risks_nan(node, name, taint),
+    )
+    reason = _check(node, name, data, ins, taint, position, shifted)
+    if reason is not None:
+        return reason
+    if name in _SHIFTS:
+        result = dataclasses.replace(result, shifted=shifted or _shifts(node, taint))
+    if _mixes_scales(node, name, taint):
+        result = dataclasses.replace(result, shifted=True, linear=False)
+    if name in ("where", "masked_fill", "masked_fill_", "setitem"):
+        result = dataclasses.replace(result, shifted=shifted or _fills(node, taint))
+    taint[node] = result
+    if name.endswith("_") or name == "setitem":
+        target = node.args[0]
+        taint[target] = _merge(taint.get(target, _CLEAN), result)
+    return None
+
+
+def _merge(a: _Taint, b: _Taint) -> _Taint:
+    linear = (a.linear or not a.position) and (b.linear or not b.position)
+    return _Taint(
+        a.position or b.position,
+        a.shaped or b.shaped,
+        a.shifted or b.shifted,
+        linear,
+        a.extreme or b.extreme,
+        a.nan_risk or b.nan_risk,
+    )
+
+
+def _risks_nan(node: fx.Node, name: str, taint: dict) -> bool:
+    """A product/quotient of two exponentials of positions (see ``_Taint.extreme``)."""
+    if name.removesuffix("_") not in _PRODUCTS:
+        return False
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return len(operands) == 2 and all(taint.get(a, _CLEAN).extreme for a in operands)
+
+
+def _mixes_scales(node: fx.Node, name: str, taint: dict) -> bool:
+    """A product/quotient of two linear positions, a power of one, or a sum with a position that
+    is not linear (a decay): no longer the same sign pattern at every scale."""
+    operands = [taint.get(a, _CLEAN) for a in node.args[:2] if isinstance(a, fx.Node)]
+    positions = [t for t in operands if t.position]
+    base = name.removesuffix("_")
+    if base in _PRODUCTS:
+        return sum(t.linear for t in positions) >= 2
+    if base in _POWERS:
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and taint.get(first, _CLEAN).linear
+    if base in _SHIFTS:
+        return any(not t.linear for t in positions)
+    return False
+
+
+def _check(node, name, data, ins, taint, position, shifted) -> str | None:
+    """The reason an op on a position-derived or shaped value is not allowed, or None."""
+    if node.kwargs.get("out") is not None:
+        return f"the mask writes positions through out= ({name})"
+    if name.endswith("_") and name not in _IN_PLACE_OK:
+        return f"the mask changes positions in place ({name})"
+    base = name.removesuffix("_") if name.endswith("_") else name
+    if base in ("getitem", "__getitem__", "setitem"):
+        reason = _check_index(node.args[1] if len(node.args) > 1 else None, name)
+        if reason is not None or base != "setitem":
+            return reason
+        return None
+    if base in _CASTS:
+        value, inner = example(node), example(node.args[0]) if node.args else None
+        to_int = is_tensor(value) and not (value.is_floating_point() or value.is_complex())
+        if to_int and value.dtype != torch.bool and is_tensor(inner) and inner.is_floating_point():
+            return f"the mask rounds positions to integers ({name})"
+        return None
+    if base in ("cat", "concat", "concatenate"):
+        value = example(node)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if is_tensor(value) and isinstance(dim, int) and isinstance(value.shape[dim], int):
+            return None
+        return f"the mask concatenates positions along a length ({name})"
+    if base in _PERIODS or node.kwargs.get("rounding_mode") is not None:
+        numbers = [a for a in node.args[1:] if isinstance(a, (int, float))]
+        if numbers:
+            return f"the mask compares positions with {numbers[0]} ({name})"
+        return f"the mask rounds positions ({name})"
+    if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
+        return None
+    if base in ("tril", "triu"):
+        diagonal = node.kwargs.get("diagonal", node.args[1] if len(node.args) > 1 else 0)
+        if diagonal in (0, 1, -1):
+            return None
+        return f"the mask compares positions with {diagonal} ({name})"
+    if base in _SMOOTH:
+        if base == "nan_to_num" and any(t.nan_risk for t in ins):
+            return f"the mask clears the NaNs of a product of exponentials of positions ({name})"
+        return f"the mask applies {name} to shifted positions" if shifted else None
+    if base in _CUTOFFS:
+        return _check_cutoff(node, name, data, ins, taint, position, shifted)
+    return f"the mask applies {name} to positions (not an op that keeps a decay a decay)"
+
+
+def _check_index(index, name: str) -> str | None:
+    """Indexing by sizes, tensors, None and whole slices is layout; a literal bound cuts."""
+    items = index if isinstance(index, tuple) else (index,)
+    for item in items:
+        if isinstance(item, slice):
+            bounds = ((item.start, 0), (item.stop, None), (item.step, 1))
+            for bound, plain in bounds:
+                if bound is not None and not isinstance(bound, fx.Node) and bound != plain:
+                    return f"the mask slices positions at {bound} ({name})"
+    return None
+
+
+def _check_cutoff(node, name, data, ins, taint, position, shifted) -> str | None:
+    """A comparison/clamp: of unshifted positions with 0 or with each other only."""
+    if not position:
+        return None  # NOTE: shaped constants (``ones(T, T).tril() == 0``): no position to cut
+    if shifted:
+        return f"the mask compares positions shifted by a constant ({name})"
+    tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    if any(taint.get(a, _CLEAN).nan_risk for a in tensors):
+        return f"the mask compares a product of exponentials of positions ({name})"
+    if name != "heaviside" and len(set(tensors)) >= 2:  # NOTE: ``m != m`` finds NaNs
+        bent = [a for a in tensors if not taint.get(a, _CLEAN).linear]
+        if bent and all(taint.get(a, _CLEAN).position for a in tensors):
+            return f"the mask compares a decay of positions with another ({name})"
+    others = [a for a in (*node.args, *node.kwargs.values()) if a is not None]
+    if name == "heaviside":
+        others = node.args[:1]  # NOTE: the second argument is the value at 0
+    for arg in others:
+        if isinstance(arg, fx.Node):
+            t = taint.get(arg, _CLEAN)
+            if is_tensor(example(arg)) and not t.position:
+                return f"the mask compares positions with a tensor {arg.name!r} ({name})"
+            if not is_tensor(example(arg)):
+                return f"the mask compares positions with a size {arg.name!r} ({name})"
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            if arg != 0:
+                return f"the mask compares positions with {arg} ({name})"
+        elif isinstance(arg, (list, tuple)):
+            return f"the mask compares positions with {arg} ({name})"
+    return None
+
+
+def _shifts(node: fx.Node, taint: dict) -> bool:
+    """An addition/subtraction with something that is not a position (a constant, a size)."""
+    for arg in node.args[:2]:
+        if isinstance(arg, fx.Node):
+            if not taint.get(arg, _CLEAN).position:
+                return True
+        elif isinstance(arg, (int, float)) and arg != 0:
+            return True
+    return node.kwargs.get("alpha", 1) != 1
+
+
+def _fills(node: fx.Node, taint: dict) -> bool:
+    """A where/masked_fill/setitem whose values include a constant other than 0 or +-inf."""
+    values = node.args[1:] if _name(node) == "where" else node.args[2:3]
+    values = list(values) + [node.kwargs.get("value")] if "value" in node.kwargs else list(values)
+    for arg in values:
+        if isinstance(arg, fx.Node):
+            if not taint.get(arg, _CLEAN).position:
+                return True
+        elif isinstance(arg, (int, float)) and arg not in _FILLS:
+            return True
+    return False
