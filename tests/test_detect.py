@@ -48,7 +48,8 @@ def qkv(t: int = T, layout: str = "bhtd"):
     return q, k, v
 
 
-def regions(model, *inputs, dynamic=True):
+def regions(model, *inputs, dynamic=True, fullgraph=True):
+    """Every region ``find_regions`` reports for the graphs of ``model(*inputs)``."""
     found = []
 
     def collect(gm, example_inputs, **_):
@@ -56,7 +57,7 @@ def regions(model, *inputs, dynamic=True):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=collect, dynamic=dynamic, fullgraph=True)(*inputs)
+    torch.compile(model, backend=collect, dynamic=dynamic, fullgraph=fullgraph)(*inputs)
     return found
 
 

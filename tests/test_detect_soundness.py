@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
+from test_detect import regions as detected
 from torch import nn
 
 import rtpcompile
-from rtpcompile.detect import find_regions
 
 H, K = 2, 4
 
@@ -30,15 +30,7 @@ def qkv(t: int, seed: int = 0, heads: int = H):
 
 
 def regions(model, *inputs, dynamic=True):
-    found = []
-
-    def collect(gm, example_inputs, **_):
-        found.extend(find_regions(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=collect, dynamic=dynamic)(*inputs)
-    return found
+    return detected(model, *inputs, dynamic=dynamic, fullgraph=False)
 
 
 def rel_err(model, *inputs, dynamic=None) -> float:
