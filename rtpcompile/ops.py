@@ -24,9 +24,19 @@ Tensor = torch.Tensor
 
 
 def retention_init_decay(num_heads: int, device=None, dtype=torch.float32) -> Tensor:
-    """The RetNet multi-scale decay: gamma_h = 1 - 2**(-5 - h), shape [num_heads]."""
+    """The RetNet multi-scale decay: gamma_h = 1 - 2**(-5 - h), shape [num_heads].
+
+    ``dtype`` float32 or float64: a 16-bit decay rounds to 1.0 (no decay) from head 4 in
+    bfloat16 and head 7 in float16, so it is refused; the ops take a float32 gamma with 16-bit
+    q, k, v (as ``nn.MultiScaleRetention`` keeps its decays)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"dtype must be torch.float32 or torch.float64, got {dtype}: gamma = 1 - 2**(-5 - h) "
+            "rounds to 1.0 (no decay) from head 4 in bfloat16 and head 7 in float16; keep the "
+            "decay in float32 (the ops accept a float32 gamma with 16-bit q, k, v)"
+        )
     exponents = -5.0 - torch.arange(int(num_heads), dtype=torch.float64, device=device)
     return (1.0 - torch.pow(2.0, exponents)).to(dtype)
 

@@ -51,13 +51,17 @@ class Options:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {"form": FORMS, "kernels": KERNELS, "log": LOG_LEVELS}
+# NOTE: the op's chunk_size is an int64 in its schema; a larger one would fail inside torch
+MAX_CHUNK = 2**63 - 1
 FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
+    """``value`` as option ``name``'s type. Text is taken without surrounding blanks and case
+    (" Parallel" is "parallel", " 16" is 16); a number is ASCII digits only ("１６" is refused)."""
     default = getattr(Options(), name)
     if name in _CHOICES:
-        value = str(value).lower()
+        value = str(value).strip().lower()
         if value not in _CHOICES[name]:
             raise ValueError(
                 f"{source}: option {name!r} must be one of {list(_CHOICES[name])}, got {value!r}"
@@ -66,7 +70,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        text = str(value).lower()
+        text = str(value).strip().lower()
         if text in _TRUE:
             return True
         if text in _FALSE:
@@ -79,16 +83,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return None
         # NOTE: a whole number only: int(3.7) or int(True) would pass a wrong size silently
         size = -1
-        if isinstance(value, str) and value.strip().isdigit():
-            size = int(value.strip())
+        text = value.strip() if isinstance(value, str) else ""
+        if text.isascii() and text.isdigit():  # NOTE: str.isdigit alone takes "１６" and "²"
+            size = int(text)
         elif not isinstance(value, (bool, str)):
             try:
                 size = operator.index(value)  # ints, numpy integers, integer 0-dim tensors
             except TypeError:
                 pass
-        if size < 1:
+        if not 1 <= size <= MAX_CHUNK:
             raise ValueError(
-                f"{source}: option 'chunk_size' must be a positive integer, got {value!r}"
+                f"{source}: option 'chunk_size' must be a positive integer (at most 2**63 - 1), "
+                f"got {value!r}"
             )
         return size
     return value
@@ -144,6 +150,14 @@ def check_variables(environ: Mapping[str, str]) -> None:
                 f"environment variable RTP_PROOF_MAX_GB must be a positive number of GiB, "
                 f"got {raw!r}"
             )
+    raw = environ.get("RTP_DUMP_KERNELS")
+    if raw and os.path.exists(raw) and not os.path.isdir(raw):
+        # NOTE: only what a stat can tell; a directory that cannot be created or written is a
+        # warning when the first kernel is dumped (kernels.codegen), the kernels still run
+        raise ValueError(
+            f"environment variable RTP_DUMP_KERNELS must name a directory to write generated "
+            f"kernel sources into (created when missing), got {raw!r}, which is not a directory"
+        )
     raw = environ.get("RTP_TUNE_CONFIGS")
     if raw is not None:
         from .lowering.tune import CONFIG_SPACES  # NOTE: lazily: lowering imports this module
@@ -183,7 +197,7 @@ def resolve(options: Mapping[str, Any] | None = None) -> Options:
 
 
 # NOTE: the variables check_variables validates too, so a changed value is checked again
-_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS")
+_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS", "RTP_DUMP_KERNELS")
 _ENV_KEYS = tuple(f"RTP_{name.upper()}" for name in FIELDS) + _CHECKED
 _ENCODED_KEYS = tuple(map(getattr(os.environ, "encodekey", str), _ENV_KEYS))
 

@@ -30,6 +30,9 @@ dv pass's (both are sums of gamma-decayed q_t^T do_t from the end; reversed pass
 timeline so their chunks are the forward chunks, ``_pad`` in the templates), and dq and dk
 share the scores do v^T. So: the dq pass's states, the whole dv pass (keeping its states), then
 one kernel computing dq, dk and the d gamma partials of both (``launch.run_dqk``).
+
+A backward that wants only some gradients (``needs``, the backward op's ``output_mask``) runs
+only their passes, on the three-pass path unless all three are needed.
 """
 
 from __future__ import annotations
@@ -114,14 +117,19 @@ def _dv_pass(form, do, dsf, q, k, v, g, scale, s0) -> Pass:
     return p
 
 
-def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
-    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state."""
-    dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
-    dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
-    if dsf is not None:
-        dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
-    dk, _, part_k = run(dk_pass, chunk_size, config)
-    dv, f, _ = run(_dv_pass(form, do, dsf, q, k, v, g, scale, s0), chunk_size, config)
+def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, runs=(True,) * 3):
+    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state;
+    ``runs``: which of the dq, dk and dv passes to launch (the others' results are None)."""
+    dq = part_q = dk = part_k = dv = f = None
+    if runs[0]:
+        dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
+    if runs[1]:
+        dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
+        if dsf is not None:
+            dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
+        dk, _, part_k = run(dk_pass, chunk_size, config)
+    if runs[2]:
+        dv, f, _ = run(_dv_pass(form, do, dsf, q, k, v, g, scale, s0), chunk_size, config)
     return dq, dk, dv, part_q, part_k, f
 
 
@@ -147,14 +155,29 @@ def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
     return dq, dk, dv, part, None, f
 
 
-def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
+def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None, needs=None):
     """(dq, dk, dv, dgamma, ds0 | None) by three kernel passes (or four split kernels) and the
-    closed form for gamma."""
+    closed form for gamma. ``needs``: five bools, which of them are wanted (None: all); only the
+    passes they need run (dq's for dq or d gamma, dk's for dk or d gamma, dv's for dv, or with an
+    initial state for ds0 or d gamma) and the unwanted come back None."""
     g = _check(q, k, v, gamma, scale)
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
     args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
-    dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
+    if needs is None or all(needs):
+        dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
+    else:
+        want_dq, want_dk, want_dv, want_dg, want_ds0 = needs
+        runs = (want_dq or want_dg, want_dk or want_dg,
+                want_dv or (s0 is not None and (want_ds0 or want_dg)))  # fmt: skip
+        found = _split_passes(*args) if all(runs) else None
+        dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs)
+        if not want_dg:
+            ds0 = None
+            if s0 is not None and want_ds0:
+                ga = g.to(acc).clamp(min=MIN_GAMMA)
+                ds0 = _ds0(f, ga, scale) if T else _ds0_empty(f, dsf, acc)
+            return dq, dk, dv, None, ds0
     # NOTE: the common case (no states) is two or three small launches: the partials are
     # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
     ga = g.to(acc).clamp(min=MIN_GAMMA)  # gamma = 0 runs as MIN_GAMMA (as in the kernels)
@@ -170,14 +193,25 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     if T == 0:  # no step: the final state is s0 itself, and the two state terms cancel
         if s0 is None:
             return dq, dk, dv, dg, None
-        return dq, dk, dv, dg, torch.zeros_like(f) if dsf is None else dsf.to(acc).clone()
+        return dq, dk, dv, dg, _ds0_empty(f, dsf, acc)
     # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
     # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f>
     c = (T - 1) / 2
     ds0 = None
     if s0 is not None:
         dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale)
-        ds0 = f * (ga * scale).view(-1, 1, 1)
+        ds0 = _ds0(f, ga, scale)
     if dsf is not None:
         dg.addcdiv_((dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)), ga, value=T - 1 - c)
     return dq, dk, dv, dg, ds0
+
+
+def _ds0(f: Tensor, ga: Tensor, scale: float) -> Tensor:
+    """ds0 = scale * gamma * f, f the dv pass's final state (T >= 1; dsf's term included), ga
+    gamma in the accumulation dtype, clamped to ``MIN_GAMMA``."""
+    return f * (ga * scale).view(-1, 1, 1)
+
+
+def _ds0_empty(f: Tensor, dsf, acc) -> Tensor:
+    """ds0 of a call with T = 0: the final state is s0 itself."""
+    return torch.zeros_like(f) if dsf is None else dsf.to(acc).clone()

@@ -8,7 +8,9 @@ process. The file's content must still hash to its name when it is imported; a f
 not (tampered, truncated) is rewritten from the spec, and a directory that another user owns is
 refused. The module is executed from the verified text, and that same text is what Triton's
 ``inspect`` reads (it is placed in ``linecache``), so nothing read later from disk can change
-what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source there for reading.
+what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source there for reading (a value that
+is not a directory is a ValueError at the op call, ``options.check_variables``; a directory
+that cannot be created or written, one warning and no dump).
 """
 
 from __future__ import annotations
@@ -137,12 +139,28 @@ def _verified_source(path: Path, source: str, name: str) -> str:
     return source
 
 
+_DUMP_WARNED: set[str] = set()
+
+
 def _dump(name: str, source: str) -> None:
+    """Write ``source`` into ``$RTP_DUMP_KERNELS`` for reading; a directory that cannot be used
+    is one warning per value and no dump (a debugging aid must not stop the kernels)."""
     target = os.environ.get("RTP_DUMP_KERNELS")
-    if target:
+    if not target:
+        return
+    try:
         out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.py").write_text(source)
+    except OSError as exc:
+        if target not in _DUMP_WARNED:
+            _DUMP_WARNED.add(target)
+            message = (
+                f"rtpcompile: cannot dump generated kernels into RTP_DUMP_KERNELS={target!r} "
+                f"({exc}); the kernels run without being dumped (set it to a writable directory)"
+            )
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _interpreting() -> bool:

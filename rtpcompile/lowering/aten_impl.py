@@ -197,7 +197,7 @@ def forward(
     return FORWARDS[form](q, k, v, log_gamma, scale, initial_state, state_out)
 
 
-def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
+def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf, needs=None):
     """Gradients of retention via three forward passes and one closed form.
 
     dq = retention(do, v, k) with state s0^T; dk and dv are time-reversed retentions
@@ -206,8 +206,11 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
     writer at position b (a key k_j, or the initial state at -1) through gamma**(a - b), so
     d log(gamma) = sum_a (a - c) <r_a, dr_a> - sum_b (b - c) <w_b, dw_b> for any shift c
     (we take the middle of the sequence to keep the two sums small).
-    Returns (dq, dk, dv, dgamma, ds0) in the accumulation dtype.
+    Returns (dq, dk, dv, dgamma, ds0) in the accumulation dtype. ``needs``: five bools, which
+    of them are wanted (None: all); the passes only unwanted ones need are skipped (dq's for dq
+    or d gamma, dk's for dk or d gamma, dv's for dv) and those come back None.
     """
+    want_dq, want_dk, want_dv, want_dg, want_ds0 = (True,) * 5 if needs is None else needs
     acc = accumulation_dtype(q.dtype)
     q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
     T = q.shape[2]
@@ -218,29 +221,31 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf):
     def flip(x):
         return x.flip(2)
 
-    dq, _ = run(do, v, k, lg, scale, None if s0 is None else s0.to(acc).transpose(-1, -2))
-    dk, _ = run(flip(v), flip(do), flip(q), lg, scale, None)
-    dv, _ = run(flip(k), flip(q), flip(do), lg, scale, None)
-    dk, dv = flip(dk), flip(dv)
+    dq = dk = dv = dgamma = ds0 = None
+    if want_dq or want_dg:
+        dq, _ = run(do, v, k, lg, scale, None if s0 is None else s0.to(acc).transpose(-1, -2))
+    if want_dk or want_dg:
+        dk = flip(run(flip(v), flip(do), flip(q), lg, scale, None)[0])
+    if want_dv:
+        dv = flip(run(flip(k), flip(q), flip(do), lg, scale, None)[0])
     if dsf is not None:
         dsf = dsf.to(acc)
         to_end = _powers(lg, T - 1 - pos)[..., None]
-        dk = dk + to_end * (v @ dsf.transpose(-1, -2))
-        dv = dv + to_end * (k @ dsf)
-
-    c = (T - 1) / 2
-    centred = pos.to(acc) - c
-    dlg = (centred * ((q * dq).sum(-1) - (k * dk).sum(-1))).sum(dim=(0, 2))
-    ds0 = None
-    if s0 is not None:
-        s0 = s0.to(acc)
+        dk = None if dk is None else dk + to_end * (v @ dsf.transpose(-1, -2))
+        dv = None if dv is None else dv + to_end * (k @ dsf)
+    if s0 is not None and (want_ds0 or want_dg):
         ds0 = ((q * _powers(lg, pos + 1)[..., None]).transpose(-1, -2) @ do) * scale
         if dsf is not None:
             ds0 = ds0 + _power(lg, T)[..., None, None] * dsf
-        dlg = dlg + (c + 1) * (s0 * ds0).sum(dim=(0, 2, 3))
-    if dsf is not None:
-        dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
-    dgamma = dlg / gamma
+    if want_dg:
+        c = (T - 1) / 2
+        centred = pos.to(acc) - c
+        dlg = (centred * ((q * dq).sum(-1) - (k * dk).sum(-1))).sum(dim=(0, 2))
+        if s0 is not None:
+            dlg = dlg + (c + 1) * (s0.to(acc) * ds0).sum(dim=(0, 2, 3))
+        if dsf is not None:
+            dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
+        dgamma = dlg / gamma
     return dq, dk, dv, dgamma, ds0
 
 

@@ -8,18 +8,25 @@ shapes, so the compiled graph installs no shape guards. Inputs may have any stri
 ``output_final_state=False`` (the ops that return no state, and rewritten regions without one)
 returns an empty tensor in the state's place: the parallel form then skips the state-only pass
 it would otherwise launch, no kernel stores the state, and autograd saves nothing [B, H, K, V]
-for it.
+for it. The backward op's ``output_mask`` (from ``ctx.needs_input_grad``) skips the passes of
+gradients nobody wants. Forward-mode AD is refused by the forward op's autograd kernel
+(``_refusing_forward_ad``): torch would give a silent zero tangent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .. import options as _options
 from . import dispatch, plan, validate
 from .aten_impl import accumulation_dtype
+
+log = logging.getLogger("rtpcompile")
 
 Tensor = torch.Tensor
 
@@ -115,47 +122,62 @@ def retention_bwd(
     form: str,
     chunk_size: int,
     runtime_options: str = "",
+    output_mask: Sequence[bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dgamma, d_initial_state); without an initial state the last is an
     empty tensor (the schema needs a tensor; a [B, H, K, V] of zeros would be a memset launch per
-    backward, and autograd returns None for the absent state anyway)."""
+    backward, and autograd returns None for the absent state anyway). ``output_mask``: which of
+    the five are wanted (None: all); an unwanted one is an empty tensor, and the passes only it
+    needs are not run (``dispatch.backward``)."""
+    needs = _needs(output_mask)
     scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
     with scope:
         p = _planned(form, q, v, initial_state, chunk_size, "bwd")
-        dq, dk, dv, dgamma, ds0 = dispatch.backward(
+        grads = dispatch.backward(
             p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size,
-            p.config,
+            p.config, needs=needs,
         )  # fmt: skip
-    if ds0 is None:
-        ds0 = final_state.new_empty((0,))
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
-    return (
-        dq.to(q.dtype).contiguous(),
-        dk.to(k.dtype).contiguous(),
-        dv.to(v.dtype).contiguous(),
-        dgamma.to(gamma.dtype).reshape(gamma.shape).contiguous(),
-        ds0.to(state_dtype).contiguous(),
-    )
+    like = (q, k, v, gamma, final_state)
+    dtypes = (q.dtype, k.dtype, v.dtype, gamma.dtype, state_dtype)
+    out = []
+    for i, grad in enumerate(grads):
+        if grad is None or not needs[i]:
+            out.append(like[i].new_empty((0,), dtype=dtypes[i]))
+        else:
+            grad = grad.reshape(gamma.shape) if i == 3 else grad
+            out.append(grad.to(dtypes[i]).contiguous())
+    return tuple(out)
+
+
+def _needs(output_mask: Sequence[bool] | None) -> tuple[bool, ...]:
+    if output_mask is None:
+        return (True,) * 5
+    if len(output_mask) != 5:
+        raise ValueError(
+            f"output_mask must have 5 entries (dq, dk, dv, dgamma, d_initial_state), got "
+            f"{list(output_mask)}"
+        )
+    return tuple(bool(n) for n in output_mask)
 
 
 @retention_bwd.register_fake
 def _(
     do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size,
-    runtime_options="",
+    runtime_options="", output_mask=None,
 ):  # fmt: skip
+    needs = _needs(output_mask)
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-        torch.empty_like(gamma, memory_format=torch.contiguous_format),
-        # NOTE: [B, H, K, V] from q and v: final_state is empty without a state output, and
-        # a broadcastable initial_state ([1, H, K, V]) still gets a per-sequence gradient
-        final_state.new_empty(
-            (*q.shape[:2], q.shape[3], v.shape[3]) if initial_state is not None else (0,),
-            dtype=state_dtype,
-        ),
-    )
+    grads = [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if needs[i]
+        else t.new_empty((0,))
+        for i, t in enumerate((q, k, v, gamma))
+    ]  # fmt: skip
+    # NOTE: [B, H, K, V] from q and v: final_state is empty without a state output, and
+    # a broadcastable initial_state ([1, H, K, V]) still gets a per-sequence gradient
+    state = (*q.shape[:2], q.shape[3], v.shape[3])
+    state = state if initial_state is not None and needs[4] else (0,)
+    return (*grads, final_state.new_empty(state, dtype=state_dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -170,11 +192,60 @@ def _backward(ctx, do, dsf):
     q, k, v, gamma, initial_state, final_state = ctx.saved_tensors
     if not ctx.state_out:
         dsf = None  # NOTE: an empty output's gradient (AOTAutograd may materialise it) is nothing
-    dq, dk, dv, dgamma, ds0 = torch.ops.rtp.retention_bwd(
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2], n[3], n[5] and ctx.has_state)
+    # NOTE: None when everything is wanted (no state: its gradient is empty anyway), so the
+    # common call keeps the schema's default; otherwise the backward runs only the passes needed
+    mask = None if all(needs[:4]) and (needs[4] or not ctx.has_state) else list(needs)
+    grads = torch.ops.rtp.retention_bwd(
         do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size,
-        ctx.runtime_options,
+        ctx.runtime_options, mask,
     )  # fmt: skip
-    return dq, dk, dv, dgamma, None, ds0 if ctx.has_state else None, None, None, None, None
+    dq, dk, dv, dgamma, ds0 = (g if want else None for g, want in zip(grads, needs, strict=True))
+    return dq, dk, dv, dgamma, None, ds0, None, None, None, None
 
 
 retention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _refusing_forward_ad(autograd_kernel):
+    """The op's autograd kernel, refusing inputs that carry a forward-mode tangent.
+
+    NOTE: torch's custom ops have no forward-mode formula: with a tangent on an input that does
+    not require grad, the generated autograd kernel runs the op below autograd and the result
+    has a zero tangent, silently (a tangent on an input that requires grad already raises
+    torch's "implement the jvp function"). Only this kernel still sees the tangents
+    (``torch.func.jvp`` unwraps its tensors before the op's implementation runs), so a raw call
+    is refused here, as the public ops refuse it (``validate.check_no_forward_ad``).
+    """
+
+    def kernel(keyset, *args, **kwargs):
+        if forward_ad._current_level >= 0:  # NOTE: -1 outside any dual level: one attribute read
+            q, k, v, gamma, _, initial_state = args[:6]
+            validate.check_no_forward_ad(q, k, v, gamma, initial_state)
+        return autograd_kernel(keyset, *args, **kwargs)
+
+    return kernel
+
+
+# NOTE: registered for the per-backend autograd keys, which take precedence over the "Autograd"
+# alias the custom op registered (overriding the alias itself warns at import); other devices
+# keep the plain kernel: the public ops still refuse forward mode there.
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradXPU", "AutogradMeta")
+_LIB = torch.library.Library("rtp", "IMPL")  # NOTE: module-level: registrations live with it
+
+
+def _register_forward_ad_refusal() -> None:
+    # NOTE: a private torch helper: on a torch where it is missing or differs, the raw op keeps
+    # torch's own autograd kernel (the public ops still refuse forward mode); never an import error
+    try:
+        from torch._library.autograd import make_autograd_impl
+
+        kernel = _refusing_forward_ad(make_autograd_impl(retention_fwd._opoverload, retention_fwd))
+        for key in _AUTOGRAD_KEYS:
+            _LIB.impl("retention_fwd", kernel, key, with_keyset=True)
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - depends on the torch version
+        log.debug("rtpcompile: raw rtp op calls cannot refuse forward-mode AD here (%s)", exc)
+
+
+_register_forward_ad_refusal()

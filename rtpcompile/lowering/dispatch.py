@@ -94,20 +94,35 @@ def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None,
     )
 
 
-def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
+def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None, needs=None):
     """(dq, dk, dv, dgamma, ds0 | None). On CPU tensors, d gamma of heads with gamma below
     ``aten_impl.SMALL_GAMMA`` comes from its series (``aten_impl.refine_small_gamma``): the
-    closed form both implementations share loses ~eps / gamma there."""
+    closed form both implementations share loses ~eps / gamma there. ``needs``: five bools,
+    which gradients are wanted (None: all); an unwanted one may come back None, and the passes
+    only it needs are skipped."""
+    if needs is not None and all(needs):
+        needs = None
     if use_triton(q, v, scale):
-        grads = _triton_module().triton_backward(
-            form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
-        )
+        if needs is None:
+            grads = _triton_module().triton_backward(
+                form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
+            )
+        else:  # NOTE: the kernels' backward itself: triton_backward takes no mask
+            from ..kernels import backward as kernel_backward
+
+            grads = kernel_backward.backward(
+                form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config),
+                needs=needs,
+            )  # fmt: skip
     else:
 
         def run(q_, k_, v_, lg, scale_, state):
             return aten_impl.forward(form, q_, k_, v_, lg, scale_, state, chunk_size)
 
-        grads = aten_impl.retention_backward(run, do, dsf, q, k, v, gamma, scale, s0, sf)
+        grads = aten_impl.retention_backward(
+            run, do, dsf, q, k, v, gamma, scale, s0, sf, needs=needs
+        )
     dq, dk, dv, dgamma, ds0 = grads
-    dgamma = aten_impl.refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0)
+    if dgamma is not None:
+        dgamma = aten_impl.refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0)
     return dq, dk, dv, dgamma, ds0

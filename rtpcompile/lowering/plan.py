@@ -3,6 +3,7 @@
 Order of decision (docs/autotune.md):
   1. a forced form (and, for chunkwise, a forced chunk size) is used as given;
   2. T == 1, or a state comes in and T <= RECURRENT_MAX_T            -> recurrent (decoding);
+     an empty call (B, H or T of 0) -> the requested form, or parallel (nothing to tune);
   3. the in-process memo, then the persistent autotune cache (``rtpcompile/kernels/cache.py``);
   4. with autotuning on (``options={"autotune": True}`` / ``RTP_AUTOTUNE=1``): benchmark the
      candidates once per shape bucket and store the winner (on Triton: with its block config);
@@ -97,7 +98,13 @@ class Problem:
 
 
 def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def is_empty(p: Problem) -> bool:
+    """Nothing to compute (B, H or T is 0; K and V are >= 1): never tuned, cached or memoised."""
+    return p.B * p.H * p.T == 0
 
 
 def reset() -> None:
@@ -193,8 +200,14 @@ def problem_of(
 
 
 def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Plan:
-    """Memo -> cache -> (benchmark when ``tune``) -> cost model. ``force`` re-benchmarks."""
+    """Memo -> cache -> (benchmark when ``tune``) -> cost model. ``force`` re-benchmarks.
+
+    An empty problem (``is_empty``) gets a rule without any of them: its timings would be noise
+    stored for the bucket of real calls (B*H = 0 or T = 0 rounds up to a real bucket)."""
     p = problem
+    if is_empty(p):
+        form = p.request if p.request != "auto" else "parallel"
+        return Plan(form, p.chunk or DEFAULT_CHUNK, "rule")
     # NOTE: what the cache key's device part varies with inside one process: the CPU thread
     # count (device_info); a device's name and capability are fixed by its string
     threads = torch.get_num_threads() if p.device == "cpu" else 0  # ~0.1 us

@@ -356,9 +356,13 @@ def benchmark(p: Problem, plans: list[Plan]) -> dict[Plan, float]:
 
 
 def autotune(p: Problem, key: dict, inputs=None) -> Plan | None:
-    """Benchmark the candidates of ``p``, store the winner under ``key``; None if all failed."""
+    """Benchmark the candidates of ``p``, store the winner under ``key``; None if all failed
+    or ``p`` is empty."""
     from ..kernels import cache
 
+    if _plan.is_empty(p):  # NOTE: nothing runs: the timings would be noise stored for a real bucket
+        log.info("rtpcompile autotune: nothing to tune for %s", _plan.shape_text(p))
+        return None
     plans = candidates(p, configs=True)
     timings = benchmark(p, plans)
     _plan.counters["tunings"] += 1

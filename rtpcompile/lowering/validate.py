@@ -13,7 +13,7 @@ import weakref
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from ..options import FORMS
+from ..options import FORMS, MAX_CHUNK
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -252,8 +252,8 @@ def check_form(form: str) -> None:
 
 
 def check_chunk_size(chunk_size) -> int:
-    """A positive integer (a Python int, or a numpy/torch integer scalar: ``operator.index``) or
-    None (0: the planner decides)."""
+    """A positive integer up to 2**63 - 1 (the op's int64; a Python int, or a numpy/torch integer
+    scalar: ``operator.index``) or None (0: the planner decides)."""
     if chunk_size is None:
         return 0
     value = None
@@ -262,6 +262,9 @@ def check_chunk_size(chunk_size) -> int:
             value = operator.index(chunk_size)
         except TypeError:
             value = None
-    if value is None or value < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if value is None or not 1 <= value <= MAX_CHUNK:
+        raise ValueError(
+            f"chunk_size must be a positive int or None (an int at most 2**63 - 1), got "
+            f"{chunk_size!r}"
+        )
     return value
