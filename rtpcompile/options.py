@@ -176,13 +176,20 @@ def _inductor_hint(names: list[str]) -> str:
     if not any(hasattr(inductor_config, name.replace("-", "_")) for name in names):
         return ""
     return (
-        ". Inductor settings are not passed through the rtp backend's options: use "
-        "torch.compile(..., mode=...) or set torch._inductor.config before compiling"
+        ". Inductor settings are not passed through the rtp backend's options: set them with "
+        "torch._inductor.config.patch(...) around the compiled calls, or use "
+        "torch.compile(..., mode=...) with the rtp options given as RTP_* environment variables "
+        "(torch refuses mode= together with options=)"
     )
 
 
 def resolve(options: Mapping[str, Any] | None = None) -> Options:
     """Defaults, then ``RTP_*`` variables, then explicit ``options`` (highest priority)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(
+            f"rtp options must be a dict of option names to values (valid names: "
+            f"{list(FIELDS)}), got a {type(options).__name__}: {options!r}"
+        )
     options = dict(options or {})
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:

@@ -28,6 +28,15 @@ def test_unknown_option_lists_valid_ones():
         options.resolve({"fast": True})
     with pytest.raises(ValueError, match=r"\['max_autotune'\].*Inductor settings are not passed"):
         options.resolve({"max_autotune": True})
+    with pytest.raises(ValueError, match=r"torch refuses mode= together with options="):
+        options.resolve({"max_autotune": True})
+
+
+@pytest.mark.parametrize("bad", [["form"], "parallel", 3])
+def test_options_that_are_not_a_dict_are_a_clear_error(bad):
+    """Was Python's 'dictionary update sequence element #0 has length 4; 2 is required'."""
+    with pytest.raises(ValueError, match=r"rtp options must be a dict .* got a"):
+        options.resolve(bad)
 
 
 @pytest.mark.parametrize(
