@@ -66,11 +66,14 @@ def triton_forward(
     return forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config, state_out)
 
 
-def triton_backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None):
-    """(dq, dk, dv, dgamma, ds0 | None); dsf and s0 may be None."""
+def triton_backward(
+    form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None, needs=None
+):
+    """(dq, dk, dv, dgamma, ds0 | None); dsf and s0 may be None. ``needs``: five bools, which
+    gradients are wanted (None: all); the passes only unwanted ones need are skipped."""
     from .backward import backward
 
-    return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config)
+    return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config, needs=needs)
 
 
 def kernels_for(

@@ -103,17 +103,9 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     if needs is not None and all(needs):
         needs = None
     if use_triton(q, v, scale):
-        if needs is None:
-            grads = _triton_module().triton_backward(
-                form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config)
-            )
-        else:  # NOTE: the kernels' backward itself: triton_backward takes no mask
-            from ..kernels import backward as kernel_backward
-
-            grads = kernel_backward.backward(
-                form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config),
-                needs=needs,
-            )  # fmt: skip
+        grads = _triton_module().triton_backward(
+            form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config), needs
+        )
     else:
 
         def run(q_, k_, v_, lg, scale_, state):
