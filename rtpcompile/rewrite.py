@@ -79,19 +79,29 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
     n = distances(t, like.device)
     k = n.shape[0]
     rows, cols = torch.cat([n, n]), torch.cat([torch.zeros_like(n), n])
-    if want_row_scale:
-        idx = torch.arange(t, device=like.device)
-        rows, cols = torch.cat([rows, idx]), torch.cat([cols, idx])
-    entries = None
+    idx = torch.arange(t, device=like.device)
+    pair = far = diag = None
     for mask, dims in zip(masks, axes, strict=True):
         mask = _broadcast(mask.to(dtype), dims, t)
-        # NOTE: only index gathers of the mask, one per factor: Inductor keeps those lazy and
-        # computes O(T) mask elements, whereas diagonal() is an as_strided view that would
-        # realise the whole T x T mask (and two reads make Inductor realise it on reuse)
-        read = mask[..., rows, cols]
-        entries = read if entries is None else entries * read
-    gamma = gamma_at_distances(entries[..., :k], entries[..., k : 2 * k], n)
-    return gamma, (entries[..., 2 * k :] if want_row_scale else None)
+        # NOTE: only slices and index gathers of the mask: Inductor keeps those lazy and computes
+        # O(1) / O(T) mask elements, whereas diagonal() is an as_strided view that would realise
+        # the whole T x T mask
+        near = mask[..., 1:2, 0:2].clone()  # [.., 0, 2] when T = 1
+        pair = near if pair is None else pair * near
+        # NOTE: the long-distance entries are read without a gradient: an index gather's backward
+        # is a scatter into a T x T buffer (and Inductor's vectorised CPU scatter of this one
+        # wrote out of bounds); gamma's gradient comes from the distance-1 ratio instead, which
+        # is the same derivative for a mask that is a decay
+        read = mask.detach()[..., rows, cols]
+        far = read if far is None else far * read
+        if want_row_scale:
+            d = mask[..., idx, idx]
+            diag = d if diag is None else diag * d
+    gamma = gamma_at_distances(far[..., :k], far[..., k:], n)
+    den = pair[..., -1:]
+    ratio = pair[..., :1] / torch.where(den != 0, den, torch.ones_like(den))
+    near = torch.cat([ratio, pair.new_ones((*pair.shape[:-2], 1, 1))], dim=-2)[..., 0, 0]
+    return gamma + (near - near.detach()), diag
 
 
 def _to4(x: torch.Tensor) -> torch.Tensor:
