@@ -111,15 +111,18 @@ class Sizes:
             self._symbol_value = value
         return self._symbol_value
 
+    def _substituted(self, sym):
+        """A SymInt/SymFloat's expression with T's symbol at this length, the rest at examples."""
+        expr = sym.node.expr
+        repl = {s: _hints(sym.node.shape_env).get(s, s) for s in expr.free_symbols}
+        if self.symbol is not None and self.symbol in repl:
+            repl[self.symbol] = self._value_of_symbol()
+        return expr.xreplace(repl)
+
     def value(self, size) -> int:
         if not isinstance(size, torch.SymInt):
             return int(size)
-        expr = size.node.expr
-        env = size.node.shape_env
-        repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
-        if self.symbol is not None and self.symbol in repl:
-            repl[self.symbol] = self._value_of_symbol()
-        return int(expr.xreplace(repl))
+        return int(self._substituted(size))
 
     def example_length(self) -> int:
         """T at the example call (every symbol at its example value)."""
@@ -130,12 +133,7 @@ class Sizes:
         if isinstance(value, torch.SymInt):
             return self.value(value)
         if isinstance(value, torch.SymFloat):
-            expr = value.node.expr
-            env = value.node.shape_env
-            repl = {s: _hints(env).get(s, s) for s in expr.free_symbols}
-            if self.symbol is not None and self.symbol in repl:
-                repl[self.symbol] = self._value_of_symbol()
-            return float(expr.xreplace(repl))
+            return float(self._substituted(value))
         return value
 
 
