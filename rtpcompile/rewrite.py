@@ -150,15 +150,17 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     # NOTE: constant score factors (1/sqrt(K)) become the op's scale, applied in float32 after
     # the q.k reductions: q * c rounded to bf16/fp16 first loses the digits that cancel in a
     # small q.k (rows a GroupNorm after the retention then amplifies), which eager's
-    # (q @ k^T) * c keeps. Tensor factors are still folded into q.
+    # (q @ k^T) * c keeps. A 0-dim tensor factor (a learnable temperature) scales every score of
+    # the region, so it scales the op's output, in float32 below, for the same reason.
     op_scale, pre = _split_scale(pre)
-    q = _scaled(q, pre)
+    on_o = tuple(f for f in pre if isinstance(f[1], torch.Tensor))
+    q = _scaled(q, tuple(f for f in pre if not isinstance(f[1], torch.Tensor)))
     k, v = k.to(q.dtype), v.to(q.dtype)
     den = None
     if normaliser == "sum_abs":
         # NOTE: the full mask already holds the row scale (the op's output gets it below)
         scores = torch.matmul(q, k.transpose(-1, -2)) * _full_mask(masks, kind, axes, q)
-        scores = scores * op_scale
+        scores = _scaled(scores * op_scale, on_o)
         den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
     if not use_row_scale:
@@ -176,12 +178,16 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
     )
     o = _from4(o, batch)
-    if row_scale is not None:
+    if row_scale is not None or on_o:
         # NOTE: c[h, i] scales query row i, so it scales output row i (the state term and the
         # normaliser's value column included): applied here, in float32, not folded into a 16-bit
         # q, where q * c rounded first loses the digits that cancel in a small q.k (a row whose
         # q_i.k_i nearly cancels kept no correct digit in dv_i). Its gradient flows as before.
-        o = (o.to(row_scale.dtype) * row_scale[..., None]).to(q.dtype)
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = o.to(wide)
+        if row_scale is not None:
+            acc = acc * row_scale[..., None].to(wide)
+        o = _scaled(acc, tuple((op, f.to(wide)) for op, f in on_o)).to(q.dtype)
     if normaliser == "abs_sum":
         o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)
     if den is not None:

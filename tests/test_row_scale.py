@@ -194,3 +194,73 @@ def test_bfloat16_row_with_a_cancelling_score_is_as_accurate_as_eager(inductor_g
 
     error, eager_error = last_dv_error(got), last_dv_error(eager)
     assert error <= 2 * eager_error + 1e-3, (error, eager_error)
+
+
+class Tempered(nn.Module):
+    """Scores times a learnable 0-dim temperature, then a plain (diagonal 1) decay mask."""
+
+    def __init__(self, normalised: bool = False):
+        super().__init__()
+        self.log_decay = nn.Parameter(torch.log(1 - 2 ** (-2.0 - torch.arange(H).double())))
+        self.temp = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+        self.normalised = normalised
+
+    def forward(self, q, k, v):
+        T = q.shape[2]
+        decay = self.log_decay if q.dtype == torch.float64 else self.log_decay.float()
+        index = torch.arange(T).to(decay)
+        diff = (index[:, None] - index[None, :]).clamp(min=0)
+        mask = (torch.exp(diff * decay[:, None, None]) * torch.ones(T, T).to(decay).tril()).to(
+            q.dtype
+        )
+        scores = (q @ k.transpose(-1, -2)) * self.temp.to(q.dtype) * mask
+        if self.normalised:
+            scores = scores / scores.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1)
+        return scores @ v
+
+
+@pytest.mark.parametrize("normalised", [False, True], ids=["plain", "sum-abs-normaliser"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("T", [1, 65])
+def test_a_tensor_temperature_on_the_output_equals_eager(inductor_graphs, form, T, normalised):
+    """A 0-dim tensor factor of the scores scales the op's output (it used to be folded into q):
+    the same function, gradients of q, k, v, the decay and the temperature included."""
+    model = Tempered(normalised)
+    inputs = _inputs(T, torch.float64)
+    weight = _weight((2, H, T, V), 5)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        out = _grads(fn, model, inputs, weight)
+        return [*out, model.temp.grad.double()]
+
+    got = grads(torch.compile(model, backend="rtp", options={"form": form}))
+    assert _op_calls(inductor_graphs) >= 1
+    want = grads(model)
+    names = ("o", "dq", "dk", "dv", "dlog_decay", "dtemp")
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bfloat16_tensor_temperature_with_a_cancelling_score_is_as_accurate_as_eager(
+    inductor_graphs,
+):
+    """The cancelling-score row of the test above, with the factor a tensor: q * t rounded to
+    bfloat16 before the dot product lost it as q * c did."""
+    T = 8
+    model = Tempered().bfloat16()
+    inputs = _cancelling_last_row(T)
+    weight = _weight((1, H, T, 16), 4)
+    got = _grads(torch.compile(model, backend="rtp"), model, inputs, weight)
+    assert _op_calls(inductor_graphs) >= 1
+    eager = _grads(model, model, inputs, weight)
+    ref = Tempered().double()
+    ref.load_state_dict(model.state_dict())
+    want = _grads(ref, ref, [x.double() for x in inputs], weight)
+
+    def last_dv_error(x):
+        a, r = x[3][..., -1, :], want[3][..., -1, :]
+        return ((a - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
+
+    error, eager_error = last_dv_error(got), last_dv_error(eager)
+    assert error <= 2 * eager_error + 1e-3, (error, eager_error)
