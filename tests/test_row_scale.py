@@ -199,7 +199,7 @@ def test_bfloat16_row_with_a_cancelling_score_is_as_accurate_as_eager(inductor_g
 class Tempered(nn.Module):
     """Scores times a learnable 0-dim temperature, then a plain (diagonal 1) decay mask."""
 
-    def __init__(self, normalised: bool = False):
+    def __init__(self, normalised: str | None = None):
         super().__init__()
         self.log_decay = nn.Parameter(torch.log(1 - 2 ** (-2.0 - torch.arange(H).double())))
         self.temp = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
@@ -214,12 +214,14 @@ class Tempered(nn.Module):
             q.dtype
         )
         scores = (q @ k.transpose(-1, -2)) * self.temp.to(q.dtype) * mask
-        if self.normalised:
+        if self.normalised == "sum_abs":
             scores = scores / scores.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1)
+        elif self.normalised == "abs_sum":
+            scores = scores / scores.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)
         return scores @ v
 
 
-@pytest.mark.parametrize("normalised", [False, True], ids=["plain", "sum-abs-normaliser"])
+@pytest.mark.parametrize("normalised", [None, "sum_abs", "abs_sum"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("T", [1, 65])
 def test_a_tensor_temperature_on_the_output_equals_eager(inductor_graphs, form, T, normalised):
