@@ -24,7 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .detect.decay_fit import distances, gamma_at_distances
+from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
 from .detect.patterns_native import op_schema
 from .detect.region import Region
 
@@ -97,7 +97,8 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
         if want_row_scale:
             d = mask[..., idx, idx]
             diag = d if diag is None else diag * d
-    gamma = gamma_at_distances(far[..., :k], far[..., k:], n)
+    tiny = smallest_normal(*(m.dtype for m in masks))
+    gamma = gamma_at_distances(far[..., :k], far[..., k:], n, tiny)
     den = pair[..., -1:]
     ratio = pair[..., :1] / torch.where(den != 0, den, torch.ones_like(den))
     near = torch.cat([ratio, pair.new_ones((*pair.shape[:-2], 1, 1))], dim=-2)[..., 0, 0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rtpcompile
-from rtpcompile.detect.decay_fit import distances, gamma_at_distances
+from rtpcompile.detect.decay_fit import distances, fit_decay, gamma_at_distances, smallest_normal
 
 
 def _toeplitz(gamma: torch.Tensor, t: int) -> torch.Tensor:
@@ -125,3 +125,16 @@ def test_a_head_whose_temperature_reaches_zero_runs_like_eager():
         model.g.copy_(torch.tensor([-0.5, 0.8]))
     with pytest.raises(ValueError, match=r"gamma values must lie in \[0, 1\]"):
         compiled(q, k, v)
+
+
+@pytest.mark.parametrize(("gamma", "t"), [(0.135, 20), (0.37, 40), (0.78, 80)])
+def test_float16_mask_reads_gamma_only_from_normal_entries(gamma, t):
+    """float16 entries below 2**-14 are subnormal (a few bits): read there, gamma = 0.135 was
+    off by 1e-2 and the fit declined a float16 decay buffer that was claimed before."""
+    m = _toeplitz(torch.tensor([gamma], dtype=torch.float64), t).half()
+    n = distances(t)
+    got = gamma_at_distances(
+        m[..., n, 0].double(), m[..., n, n].double(), n, smallest_normal(torch.float16)
+    )
+    assert abs(got.item() - gamma) / gamma < 1e-3
+    assert fit_decay(m, t, rtol=1e-2)[0] is None

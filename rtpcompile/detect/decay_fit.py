@@ -15,7 +15,16 @@ def distances(t, device=None) -> torch.Tensor:
     return (2 ** torch.arange(len(DISTANCES), device=device)).clamp_max(t - 1)
 
 
-def gamma_at_distances(num: torch.Tensor, den: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def smallest_normal(*dtypes: torch.dtype) -> float:
+    """The smallest ratio read as gamma**n for masks of these dtypes: a normal number in each
+    (a float16 entry below 2**-14 keeps only a few bits), and at least 2**-100."""
+    tiny = [torch.finfo(d).tiny for d in dtypes if d.is_floating_point]
+    return max([_TINY, *tiny])
+
+
+def gamma_at_distances(
+    num: torch.Tensor, den: torch.Tensor, n: torch.Tensor, tiny: float = _TINY
+) -> torch.Tensor:
     """gamma from ``num = M[.., n, 0]`` and ``den = M[.., n, n]`` at the distances ``n``.
 
     gamma = (num / den) ** (1 / n) at the longest distance whose ratio is a normal number: one
@@ -27,7 +36,7 @@ def gamma_at_distances(num: torch.Tensor, den: torch.Tensor, n: torch.Tensor) ->
     """
     ok = den != 0
     ratio = num / torch.where(ok, den, torch.ones_like(den))
-    usable = ok & (n > 0) & (ratio >= _TINY)
+    usable = ok & (n > 0) & (ratio >= tiny)
     index = torch.arange(n.shape[-1], device=n.device)
     pick = torch.where(usable, index, -1).amax(-1, keepdim=True)
     none = pick < 0
@@ -73,7 +82,8 @@ def fit_decay(
         return "the mask's diagonal is not positive (not a decay)", gamma, False
     if t >= 2:
         n = distances(t)
-        gamma = gamma_at_distances(m[:, n, 0].double(), m[:, n, n].double(), n)
+        tiny = smallest_normal(m.dtype)
+        gamma = gamma_at_distances(m[:, n, 0].double(), m[:, n, n].double(), n, tiny)
     # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
     # compile a model the op then refuses)
     # NOTE: gamma = 0 (a learned decay whose exp underflowed) is a decay the op runs

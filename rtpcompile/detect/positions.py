@@ -78,6 +78,13 @@ _LINEAR = (
 )  # fmt: skip
 _IN_PLACE_OK = {"mul_", "div_", "tril_", "triu_", "masked_fill_", "setitem", "neg_", "abs_"}
 _FILLS = (0, 0.0, math.inf, -math.inf)
+_CUMULATIVE = {"cumsum"}
+_COMPARISONS = {"lt", "le", "gt", "ge", "__lt__", "__le__", "__gt__", "__ge__", "less",
+                "greater", "less_equal", "greater_equal"}  # fmt: skip
+_REDUCTIONS = {"sum", "mean"}
+# NOTE: tensors of one constant value, as a where/masked_fill value: the same as the number
+_CONSTANT_MAKERS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full",
+                    "tensor", "scalar_tensor", "as_tensor"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,11 @@ def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
         return None
     position = any(t.position for t in ins)
     shifted = any(t.shifted for t in ins)
+    if name in _CUMULATIVE and not position:
+        # NOTE: a running sum of a shaped constant (``ones(T).cumsum(0)``, a constant log decay
+        # ``log_g * ones(T)`` summed along T as Mamba2's segsum does) is positions times it
+        taint[node] = _Taint(position=True, shaped=True, linear=True)
+        return None
     linear = all(t.linear for t in ins if t.position) and name.removesuffix("_") in _LINEAR
     result = _Taint(
         position=position,
@@ -165,10 +177,19 @@ def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
         return reason
     if name in _SHIFTS:
         result = dataclasses.replace(result, shifted=shifted or _shifts(node, taint))
+        if _difference_of_one_origin(node, name):
+            # NOTE: ``i - j`` of ``i = arange(1, T + 1)``: the shifts cancel
+            result = dataclasses.replace(result, shifted=False)
     if _mixes_scales(node, name, taint):
         result = dataclasses.replace(result, shifted=True, linear=False)
     if name in ("where", "masked_fill", "masked_fill_", "setitem"):
         result = dataclasses.replace(result, shifted=shifted or _fills(node, taint))
+    if name in _COMPARISONS and shifted:
+        # NOTE: allowed by _check_cutoff only as ``i < j + 1`` of one origin: a causal mask
+        result = dataclasses.replace(result, shifted=False, linear=False)
+    if name.removesuffix("_") in _REDUCTIONS:
+        # NOTE: a row sum (a normaliser) is no exponential of positions for the NaN rule
+        result = dataclasses.replace(result, extreme=False)
     taint[node] = result
     if name.endswith("_") or name == "setitem":
         target = node.args[0]
@@ -251,6 +272,8 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
     if base in _SMOOTH:
         if base == "nan_to_num" and any(t.nan_risk for t in ins):
             return f"the mask clears the NaNs of a product of exponentials of positions ({name})"
+        if base in ("nan_to_num", "sum", "mean"):
+            return None  # NOTE: no threshold of their own; a NaN-making op before them declines
         return f"the mask applies {name} to shifted positions" if shifted else None
     if base in _CUTOFFS:
         return _check_cutoff(node, name, data, ins, taint, position, shifted)
@@ -273,7 +296,7 @@ def _check_cutoff(node, name, data, ins, taint, position, shifted) -> str | None
     """A comparison/clamp: of unshifted positions with 0 or with each other only."""
     if not position:
         return None  # NOTE: shaped constants (``ones(T, T).tril() == 0``): no position to cut
-    if shifted:
+    if shifted and not _unit_shift_comparison(node, name):
         return f"the mask compares positions shifted by a constant ({name})"
     tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
     if any(taint.get(a, _CLEAN).nan_risk for a in tensors):
@@ -317,8 +340,60 @@ def _fills(node: fx.Node, taint: dict) -> bool:
     values = list(values) + [node.kwargs.get("value")] if "value" in node.kwargs else list(values)
     for arg in values:
         if isinstance(arg, fx.Node):
-            if not taint.get(arg, _CLEAN).position:
+            if not taint.get(arg, _CLEAN).position and not _constant_fill(arg):
                 return True
         elif isinstance(arg, (int, float)) and arg not in _FILLS:
             return True
     return False
+
+
+def _origin(node):
+    """The tensor a chain of layout ops and casts views."""
+    while isinstance(node, fx.Node) and _name(node) in _LAYOUT | _CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _difference_of_one_origin(node: fx.Node, name: str) -> bool:
+    """``a - b`` where a and b view the same positions (their shifts cancel)."""
+    if name.removesuffix("_") not in ("sub", "__sub__", "subtract") or len(node.args) < 2:
+        return False
+    a, b = (_origin(x) for x in node.args[:2])
+    return isinstance(a, fx.Node) and a is b and node.kwargs.get("alpha", 1) == 1
+
+
+def _unit_shift(node):
+    """(origin, shift) of ``p + c`` / ``p - c`` with a literal c, else (origin, 0)."""
+    x = _origin(node)
+    name = _name(x) if isinstance(x, fx.Node) else ""
+    if name in ("add", "__add__", "__radd__", "sub", "__sub__") and len(x.args) == 2:
+        a, c = x.args
+        if isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(a, fx.Node):
+            return _origin(a), (c if "add" in name else -c)
+    return x, 0
+
+
+def _unit_shift_comparison(node: fx.Node, name: str) -> bool:
+    """``i < j + 1`` (or ``i - 1 < j``, ...) with i and j views of one integer arange: the same
+    as ``i <= j``, a causal mask (Hugging Face's ``_make_causal_mask`` spells it so)."""
+    if name not in _COMPARISONS or len(node.args) != 2:
+        return False
+    if not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    (a, sa), (b, sb) = (_unit_shift(x) for x in node.args)
+    value = example(a) if isinstance(a, fx.Node) else None
+    integral = is_tensor(value) and not value.is_floating_point()
+    return a is b and integral and abs(sa - sb) <= 1
+
+
+def _constant_fill(node: fx.Node) -> bool:
+    """A tensor holding one value of 0 or +-inf (``zeros_like(x)``, ``torch.tensor(0.)``)."""
+    name = _name(node)
+    if name not in _CONSTANT_MAKERS:
+        return False
+    if name in ("zeros", "zeros_like", "new_zeros"):
+        return True
+    fill = node.kwargs.get("fill_value", node.args[1] if len(node.args) > 1 else None)
+    if name in ("tensor", "scalar_tensor", "as_tensor"):
+        fill = node.args[0] if node.args else node.kwargs.get("data")
+    return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill in _FILLS
