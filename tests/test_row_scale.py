@@ -178,13 +178,18 @@ def test_bfloat16_row_with_a_cancelling_score_is_as_accurate_as_eager(inductor_g
     """dv of the last position hangs on the one score q_{T-1}.k_{T-1} (times c[T-1]): rounding
     q * c to bfloat16 before the dot product lost it (80x eager's error at T = 8); eager rounds
     after it."""
-    model = RowNormalised(True)
+    _check_cancelling_row(inductor_graphs, lambda: RowNormalised(True), T)
+
+
+def _check_cancelling_row(graphs, make, T: int) -> None:
+    """Compiled bf16 dv of the cancelling last row within 2x eager's error (vs float64)."""
+    model = make()
     inputs = _cancelling_last_row(T)
     weight = _weight((1, H, T, 16), 4)
     got = _grads(torch.compile(model, backend="rtp"), model, inputs, weight)
-    assert _op_calls(inductor_graphs) >= 1
+    assert _op_calls(graphs) >= 1
     eager = _grads(model, model, inputs, weight)
-    ref = RowNormalised(True).double()
+    ref = make().double()
     ref.load_state_dict(model.state_dict())
     want = _grads(ref, ref, [x.double() for x in inputs], weight)
 
@@ -249,20 +254,4 @@ def test_bfloat16_tensor_temperature_with_a_cancelling_score_is_as_accurate_as_e
 ):
     """The cancelling-score row of the test above, with the factor a tensor: q * t rounded to
     bfloat16 before the dot product lost it as q * c did."""
-    T = 8
-    model = Tempered().bfloat16()
-    inputs = _cancelling_last_row(T)
-    weight = _weight((1, H, T, 16), 4)
-    got = _grads(torch.compile(model, backend="rtp"), model, inputs, weight)
-    assert _op_calls(inductor_graphs) >= 1
-    eager = _grads(model, model, inputs, weight)
-    ref = Tempered().double()
-    ref.load_state_dict(model.state_dict())
-    want = _grads(ref, ref, [x.double() for x in inputs], weight)
-
-    def last_dv_error(x):
-        a, r = x[3][..., -1, :], want[3][..., -1, :]
-        return ((a - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
-
-    error, eager_error = last_dv_error(got), last_dv_error(eager)
-    assert error <= 2 * eager_error + 1e-3, (error, eager_error)
+    _check_cancelling_row(inductor_graphs, lambda: Tempered().bfloat16(), 8)
