@@ -27,6 +27,7 @@ import torch.fx as fx
 from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
 from .detect.patterns_native import op_schema
 from .detect.region import Region
+from .lowering.aten_impl import accumulation_dtype
 
 _SCALAR_OPS = {"mul": torch.mul, "div": torch.div}
 
@@ -68,7 +69,7 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
 
     The mask is the product of its factors, so gamma = M[.., 1, 0] / M[.., 1, 1] and the
     diagonal are products of the factors' own entries there."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(like.dtype)
     if kind == "decay" and not isinstance(masks[0], torch.Tensor):  # a literal (0.9 * S)
         return torch.full((1,), masks[0], dtype=dtype, device=like.device), None
     if kind == "decay":
@@ -164,8 +165,6 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         scores = _scaled(scores * op_scale, on_o)
         den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
-    if not use_row_scale:
-        row_scale = None
     batch = q.shape[:-2]
     if normaliser == "abs_sum":
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
@@ -184,7 +183,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         # normaliser's value column included): applied here, in float32, not folded into a 16-bit
         # q, where q * c rounded first loses the digits that cancel in a small q.k (a row whose
         # q_i.k_i nearly cancels kept no correct digit in dv_i). Its gradient flows as before.
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        wide = accumulation_dtype(q.dtype)
         acc = o.to(wide)
         if row_scale is not None:
             acc = acc * row_scale[..., None].to(wide)
