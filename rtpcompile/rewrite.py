@@ -282,7 +282,11 @@ def rewrite_region(
     if keep:
         return results
     for out, result in zip(outputs, results, strict=True):
-        result.meta.update({k: v for k, v in out.meta.items() if k in ("stack_trace",)})
+        # NOTE: example_value too: AOTAutograd's cache treats a method call on a node without
+        # one as a call on a non-tensor and bypasses the cache (every warm start recompiled)
+        result.meta.update(
+            {k: v for k, v in out.meta.items() if k in ("stack_trace", "example_value")}
+        )
         out.replace_all_uses_with(result)
     _erase_unused(graph, [named[n] for n in region.nodes])
     return results

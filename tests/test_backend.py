@@ -295,13 +295,22 @@ def test_with_inductor_dynamic_fullgraph_training():
     torch._dynamo.reset()
 
 
-def test_aot_autograd_cache_serves_a_rewritten_graph(monkeypatch, tmp_path):
+class MethodAfterRegion(Retention):
+    """The region's output feeds a tensor method, as a block's ``o.transpose(1, 2)`` does."""
+
+    def forward(self, q, k, v):
+        return super().forward(q, k, v).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("model_class", [Retention, MethodAfterRegion])
+def test_aot_autograd_cache_serves_a_rewritten_graph(monkeypatch, tmp_path, model_class):
     """A graph holding the rtp glue is stored by AOTAutograd's cache and served to a fresh
-    compile (the glue was an unknown function, so every compile bypassed it)."""
+    compile (the glue was an unknown function, so every compile bypassed it; and a method call
+    on the op's output, whose node had no example value, bypassed it too)."""
     from torch._dynamo.utils import counters as dynamo_counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    model = Retention(learnable=True)
+    model = model_class(learnable=True)
     dynamo_counters.clear()
     outs = []
     # NOTE: config.patch, not monkeypatch: a monkeypatched torch config attribute is not restored
