@@ -19,10 +19,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from .detect import find_regions
-from .detect.graph_view import GraphView
+from .detect.graph_view import GraphView, example, is_tensor
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
 from .fresh_caller import fresh_caller
+from .kernels import GRADIENTS
 
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
 
@@ -98,8 +99,11 @@ def _example_problem(region: Region):
     )  # fmt: skip
 
 
-def region_kernels(region: Region, batch: int, dtype: torch.dtype, backward: bool) -> list:
-    """``Report.kernels``: the region's op call as meta tensors through ``kernels_for``."""
+def region_kernels(
+    region: Region, batch: int, dtype: torch.dtype, backward: bool, needs: tuple | None = None
+) -> list:
+    """``Report.kernels``: the region's op call as meta tensors through ``kernels_for``;
+    ``needs``: the five gradients its backward computes (``kernels.GRADIENTS``; None: all)."""
     from . import kernels
     from .lowering import plan, tune
 
@@ -122,9 +126,66 @@ def region_kernels(region: Region, batch: int, dtype: torch.dtype, backward: boo
         args = (chosen.form, q, q, v, torch.empty(H, device="meta"), s0, chosen.chunk_size)
         kw = dict(config=dict(chosen.config) or None, state_out=state_out)
         fwd = kernels.kernels_for(*args, **kw)
-        both = kernels.kernels_for(*args, backward=True, **kw) if phase == "bwd" else fwd
-        found += both[len(fwd) :] if phase == "bwd" else fwd
+        if phase == "fwd":
+            found += fwd
+            continue
+        # NOTE: a state output always has a gradient in the backward: autograd materialises
+        # zeros for an unused one (the op's backward drops it only without a state output)
+        both = kernels.kernels_for(*args, backward=True, final_state_grad=state_out, needs=needs,
+                                   **kw)  # fmt: skip
+        found += both[len(fwd) :]
     return found
+
+
+def traced_needs(gm, region: Region) -> tuple[bool, ...] | None:
+    """Which of the op's five gradients (``kernels.GRADIENTS``) its backward would compute:
+    ``requires_grad`` of the values the op reads, from the traced graph's fake values, as the
+    op's backward gets them (``ctx.needs_input_grad``); None when the graph does not say."""
+    named = {node.name: node for node in gm.graph.nodes}
+
+    def wants(name: str) -> bool | None:
+        value = example(named[name]) if name in named else None
+        return bool(value.requires_grad) if is_tensor(value) else None
+
+    if region.native:
+        from .detect.patterns_native import bound_args, op_schema
+
+        call = named.get(region.nodes[0]) if region.nodes else None
+        schema = op_schema(call.target) if call is not None else None
+        if schema is None:
+            return None
+        gamma = bound_args(call, schema).get("gamma")
+        decay = [gamma.name] if hasattr(gamma, "name") else []
+    elif region.mask_kind == "mul":  # NOTE: the op's gamma is read from every mask factor
+        decay = list(region.masks)
+    elif region.mask_kind == "decay":  # a state decay tensor (none for a literal)
+        decay = list(region.masks[:1])
+    else:  # NOTE: a 0/1 causal mask: gamma = 1, a constant
+        decay = []
+    operands = (region.q, region.k, region.v)
+    found = [None if x is None else wants(x.node) for x in operands]
+    decays = [wants(name) for name in decay]
+    s0 = False if region.state is None else wants(region.state.node)
+    if None in (*found, *decays, s0):
+        return None
+    return (*found, any(decays), s0)
+
+
+def backward_note(needs: tuple[bool, ...] | None, has_state: bool) -> str:
+    """The backward passes the op runs for ``needs``, when it skips any; "" otherwise (all
+    passes, no gradient at all, or unknown). The rule is ``kernels.backward``'s."""
+    if needs is None or not any(needs):
+        return ""
+    dq, dk, dv, dg, ds0 = needs
+    runs = {"dq": dq or dg, "dk": dk or dg, "dv": dv or (has_state and (ds0 or dg))}
+    if all(runs.values()):
+        return ""
+    wanted = [
+        f"d{n}" for n, want in zip(("q", "k", "v", "gamma", "s0"), needs, strict=True) if want
+    ]
+    kept = [name for name, run in runs.items() if run]
+    passes = "pass" if len(kept) == 1 else "passes"
+    return f"backward: {', '.join(kept)} {passes} only ({', '.join(wanted)} wanted)"
 
 
 @dataclasses.dataclass
@@ -134,6 +195,16 @@ class Report:
     regions: list[Region]
     graphs: int = 0
     graph_breaks: list[str] = dataclasses.field(default_factory=list)
+    # NOTE: per region (same index), the op's five wanted gradients seen in the trace, or None
+    needs: list[tuple[bool, ...] | None] = dataclasses.field(default_factory=list)
+
+    def grads(self, index: int) -> tuple[str, ...] | None:
+        """The op inputs of region ``index`` that needed a gradient when explain traced the
+        model (names from ``kernels.GRADIENTS``), or None when the trace does not say."""
+        needs = self.needs[index] if index < len(self.needs) else None
+        if needs is None:
+            return None
+        return tuple(n for n, want in zip(GRADIENTS, needs, strict=True) if want)
 
     @property
     def claimed(self) -> list[Region]:
@@ -148,6 +219,10 @@ class Report:
         for i, r in enumerate(self.regions):
             dims = f"{r.k_dim} x {r.v_dim}" if r.k_dim is not None else "-"
             last = planned_lowering(r) if r.claimed else r.reason or ""
+            if r.claimed:
+                needs = self.needs[i] if i < len(self.needs) else None
+                note = backward_note(needs, r.state is not None)
+                last += f"; {note}" if note else ""
             rows.append(
                 (
                     str(i),
@@ -163,13 +238,23 @@ class Report:
         return rows
 
     def kernels(
-        self, index: int, *, batch: int = 1, dtype=torch.bfloat16, backward: bool = False
+        self,
+        index: int,
+        *,
+        batch: int = 1,
+        dtype=torch.bfloat16,
+        backward: bool = False,
+        grads=None,
     ) -> list:
         """The generated kernels claimed region ``index`` would launch on a GPU at its example
         length (``KernelInfo`` rows: module name and spec; ``print`` each). The form and blocks
         are the Triton cost model's choice for ``batch`` sequences in ``dtype`` (a tuned cache
         entry on the deployment GPU may pick others); ``backward`` adds the training pass's
-        kernels. Nothing is compiled or launched."""
+        kernels, only the passes the wanted gradients need: ``grads`` names them (a subset of
+        ``kernels.GRADIENTS``: "q", "k", "v", "gamma", "initial_state"); None takes the ones
+        that needed a gradient when explain traced the model (``grads(index)``), or all five
+        when that trace wanted none (an inference call) or did not say. Nothing is compiled or
+        launched."""
         claimed = [i for i, r in enumerate(self.regions) if r.claimed]
         if not 0 <= index < len(self.regions):
             valid = f"0..{len(self.regions) - 1}" if self.regions else "none: no regions"
@@ -179,7 +264,12 @@ class Report:
             )
         if not self.regions[index].claimed:
             raise ValueError(f"kernels(): region {index} is not claimed (claimed: {claimed})")
-        return region_kernels(self.regions[index], batch, dtype, backward)
+        if grads is None:
+            grads = self.grads(index) or GRADIENTS
+        elif isinstance(grads, str) or not set(grads) <= set(GRADIENTS):
+            raise ValueError(f"kernels(): grads must be names from {GRADIENTS}, got {grads!r}")
+        needs = tuple(n in grads for n in GRADIENTS)
+        return region_kernels(self.regions[index], batch, dtype, backward, needs)
 
     def __str__(self) -> str:
         head = (
@@ -215,7 +305,9 @@ def explain(model, *args, **kwargs) -> Report:
 
     def collect(gm, example_inputs, **_):
         report.graphs += 1
-        report.regions.extend(rename(r) for r in find_regions(gm, example_inputs))
+        found = find_regions(gm, example_inputs)
+        report.regions.extend(rename(r) for r in found)
+        report.needs.extend(traced_needs(gm, r) if r.claimed else None for r in found)
         at_breaks.extend(scores_leaving_graph(GraphView(gm)))
         return gm.forward
 

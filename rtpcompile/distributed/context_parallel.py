@@ -4,7 +4,9 @@ Retention is a linear recurrence, ``S_t = gamma S_{t-1} + k_t^T v_t``, so a shar
 the state that enters it. Each rank r holding positions ``[start_r, start_r + L_r)``:
 
 0. checks, with one all-gather of a few int64s, that every rank's call agrees (B, H, K, V,
-   dtype, ...): a mismatch would otherwise abort or hang inside the state all-gather;
+   dtype, ...): a mismatch would otherwise abort or hang inside the state all-gather. Inside
+   ``torch.compile`` the check is one opaque custom op (``rtp_distributed::agree``), so Dynamo
+   never sees its host reads (``.tolist()``) and the call traces without a graph break;
 
 1. runs the chunkwise form on its shard from a zero state -> local output, local end state S_r;
 2. exchanges ``(S_r, L_r * log gamma)`` with every rank in ONE all-gather
@@ -71,7 +73,8 @@ def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def _check_inputs(q, k, v, gamma, initial_state, scale) -> tuple[Tensor, float]:
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
-    validate.check_gamma_values(gamma)  # NOTE: before any collective, not in the op
+    # NOTE: before any collective, not in the op; skipped while tracing (``_agreed_op`` checks)
+    validate.check_gamma_values(gamma)
     validate.check_state(initial_state, q, v)
     return gamma, validate.check_scale(scale, q.shape[-1])
 
@@ -90,7 +93,9 @@ def _signature(q, k, v, gamma, initial_state, scale: float) -> list[int]:
     # NOTE: struct, not Tensor.item(): Dynamo folds it (no graph break inside torch.compile)
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     has_state = initial_state is not None
-    return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), has_state, needs_grad, scale_bits]
+    # NOTE: ints, not bools: the custom op of a compiled call takes a SymInt[]
+    flags = [int(has_state), int(needs_grad)]
+    return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), *flags, scale_bits]
 
 
 def _describe(field: str, value: int) -> str:
@@ -140,6 +145,58 @@ def _agree_across_ranks(
         )
 
 
+def _group_name(group: dist.ProcessGroup | None) -> str:
+    # NOTE: how the functional collectives name a group (Dynamo reads it at trace time)
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+@torch.library.custom_op("rtp_distributed::agree", mutates_args=())
+def _agreed_op(gamma: Tensor, signature: list[int], group_name: str) -> Tensor:
+    """``_agree_across_ranks`` as one opaque op for compiled code; returns a copy of gamma.
+
+    NOTE: the check reads the gathered integers on the host (``.tolist()``): traced, that is a
+    graph break per read (three per call). Opaque, Dynamo records one node, and the copy of
+    gamma that every later op consumes orders it before the state all-gather. gamma's values
+    are checked here (``validate.check_gamma_values`` does nothing while tracing), so a rank
+    with a bad gamma raises its own error and the others a ValueError naming it.
+    """
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    signature = list(signature)
+    in_range = gamma.numel() == 0 or bool(((gamma >= 0) & (gamma <= 1)).all())  # NaN: False
+    if signature[0] and not in_range:
+        signature[0] = 0
+    try:
+        _agree_across_ranks(signature, gamma.device, group)
+    except ValueError:
+        if not in_range:
+            raise ValueError(validate._gamma_range_error(gamma.tolist())) from None
+        raise
+    return gamma.clone(memory_format=torch.contiguous_format)
+
+
+@_agreed_op.register_fake
+def _(gamma, signature, group_name):
+    return torch.empty_like(gamma, memory_format=torch.contiguous_format)
+
+
+_agreed_op.register_autograd(lambda ctx, grad: (grad, None, None))
+
+
+def _agree(
+    gamma: Tensor | None, signature: list[int] | None, device, group: dist.ProcessGroup | None
+) -> Tensor | None:
+    """``_agree_across_ranks``, as the opaque ``_agreed_op`` while compiling; returns gamma
+    (a copy while compiling). ``signature=None``: this rank failed its local checks."""
+    if not torch.compiler.is_compiling():
+        _agree_across_ranks(signature, device, group)
+        return gamma
+    if signature is None:
+        gamma, signature = torch.empty(0, device=device), [0] * len(_FIELDS)
+    return _agreed_op(gamma, signature, _group_name(group))
+
+
 def context_parallel_retention(
     q: Tensor,
     k: Tensor,
@@ -185,10 +242,11 @@ def context_parallel_retention(
             # NOTE: still join the agreement check, so the other ranks raise instead of waiting;
             # this rank raises its own, more precise error.
             with contextlib.suppress(ValueError):
-                _agree_across_ranks(None, _signal_device(q, group), group)
+                _agree(None, None, _signal_device(q, group), group)
         raise
     rank, _ = group_rank_and_size(group)
-    _agree_across_ranks(_signature(q, k, v, gamma, initial_state, scale), q.device, group)
+    signature = _signature(q, k, v, gamma, initial_state, scale)
+    gamma = _agree(gamma, signature, q.device, group)
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
     V = v.shape[-1]

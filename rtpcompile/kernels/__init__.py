@@ -2,9 +2,10 @@
 
 The lowering calls ``triton_forward`` / ``triton_backward`` for CUDA tensors, and for CPU tensors
 when ``RTP_KERNELS=triton`` (then under ``TRITON_INTERPRET=1``). ``kernels_for`` lists the
-kernels (spec and module hash) a call would launch, without launching anything. Each takes an
-optional block ``config`` (``{"BV": 32, "num_warps": 8, "num_stages": 3, "split": 1}``, see
-``spec.check_config``), the planner's ``Plan.config``; None keeps the defaults. Importing this
+kernels (spec and module hash) a call would launch, its backward's for the gradients wanted,
+without launching anything. Each takes an optional block ``config`` (``{"BV": 32,
+"num_warps": 8, "num_stages": 3, "split": 1}``, see ``spec.check_config``), the planner's
+``Plan.config``; None keeps the defaults. Importing this
 package never fails when Triton is missing: ``available()`` is then False.
 
 Pipeline: blocks.py (tile sizes, the fused/split rule) -> spec.py (decisions) ->
@@ -25,6 +26,7 @@ from .spec import CONFIG_KEYS, KernelSpec, check_config, render
 
 __all__ = [
     "CONFIG_KEYS",
+    "GRADIENTS",
     "MAX_DIM",
     "KernelInfo",
     "KernelSpec",
@@ -76,6 +78,9 @@ def triton_backward(
     return backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config, needs=needs)
 
 
+GRADIENTS = ("q", "k", "v", "gamma", "initial_state")
+
+
 def kernels_for(
     form: str,
     q: torch.Tensor,
@@ -88,14 +93,29 @@ def kernels_for(
     final_state_grad: bool = False,
     config: dict[str, int] | None = None,
     state_out: bool = True,
+    needs: tuple[bool, ...] | list[bool] | None = None,
 ) -> list[KernelInfo]:
     """The kernels a call with these shapes would launch (forward, then backward if asked);
     ``state_out`` False: a call with ``output_final_state=False`` (no final-state gradient).
+
+    ``needs``: five bools, which gradients the backward computes, in ``GRADIENTS`` order (dq,
+    dk, dv, d gamma, d initial_state), as the op's backward gets them from
+    ``ctx.needs_input_grad`` (None: all). The backward launches only the passes they need:
+    dq's for dq or d gamma, dk's for dk or d gamma, dv's for dv, or (with an initial state) for
+    d initial_state or d gamma; so a frozen decay changes nothing while q, k and v all need
+    gradients, and only-v-needs-a-gradient is the dv pass alone.
 
     Only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any work.
     """
     if final_state_grad and not state_out:
         raise ValueError("kernels_for: final_state_grad needs state_out (a final state)")
+    if needs is not None:
+        needs = tuple(needs)
+        if len(needs) != len(GRADIENTS) or not all(isinstance(n, bool) for n in needs):
+            raise ValueError(
+                f"kernels_for: needs must be {len(GRADIENTS)} bools (wanted gradients of "
+                f"{', '.join(GRADIENTS)}), got {needs!r}"
+            )
     from . import backward as bw
     from .launch import recording
 
@@ -108,8 +128,8 @@ def kernels_for(
     q, k, v, gamma, s0 = meta
     with recording() as seen:
         o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size, config, state_out)
-        if backward:
+        if backward and (needs is None or any(needs)):  # NOTE: no gradient: no backward runs
             dsf = torch.empty_like(sf) if final_state_grad else None
             do = torch.empty_like(o)
-            bw.backward(form, do, dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size, config)
+            bw.backward(form, do, dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size, config, needs)
     return seen
