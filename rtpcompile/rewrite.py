@@ -79,31 +79,61 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
     t = like.shape[-2]
     n = distances(t, like.device)
     k = n.shape[0]
-    rows, cols = torch.cat([n, n]), torch.cat([torch.zeros_like(n), n])
     idx = torch.arange(t, device=like.device)
-    pair = far = diag = None
+    # the entries read, in _MaskEntries' order: M[n, 0] and M[n, n] at the distances, M[1, 0]
+    # and M[1, 1] (gamma's gradient), then the diagonal (the row scale)
+    # NOTE: clamped, for T = 1: (M[0, 0], M[0, 0]), a ratio of 1 (gamma has no effect there)
+    pair_rows = torch.ones_like(n[:2]).clamp_max(t - 1)
+    pair_cols = torch.arange(2, device=like.device).clamp_max(t - 1)
+    rows = [n, n, pair_rows] + ([idx] if want_row_scale else [])
+    cols = [torch.zeros_like(n), n, pair_cols] + ([idx] if want_row_scale else [])
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    entries = None
     for mask, dims in zip(masks, axes, strict=True):
-        mask = _broadcast(mask.to(dtype), dims, t)
-        # NOTE: only slices and index gathers of the mask: Inductor keeps those lazy and computes
-        # O(1) / O(T) mask elements, whereas diagonal() is an as_strided view that would realise
-        # the whole T x T mask
-        near = mask[..., 1:2, 0:2].clone()  # [.., 0, 2] when T = 1
-        pair = near if pair is None else pair * near
-        # NOTE: the long-distance entries are read without a gradient: an index gather's backward
-        # is a scatter into a T x T buffer (and Inductor's vectorised CPU scatter of this one
-        # wrote out of bounds); gamma's gradient comes from the distance-1 ratio instead, which
-        # is the same derivative for a mask that is a decay
-        read = mask.detach()[..., rows, cols]
-        far = read if far is None else far * read
-        if want_row_scale:
-            d = mask[..., idx, idx]
-            diag = d if diag is None else diag * d
+        read = _MaskEntries.apply(_broadcast(mask.to(dtype), dims, t), rows, cols, 2 * k)
+        entries = read if entries is None else entries * read
+    far = entries[..., : 2 * k].detach()
+    pair = entries[..., 2 * k : 2 * k + 2]  # [.., 2]
+    diag = entries[..., 2 * k + 2 :] if want_row_scale else None
     tiny = smallest_normal(*(m.dtype for m in masks))
     gamma = gamma_at_distances(far[..., :k], far[..., k:], n, tiny)
-    den = pair[..., -1:]
+    den = pair[..., 1:]
     ratio = pair[..., :1] / torch.where(den != 0, den, torch.ones_like(den))
-    near = torch.cat([ratio, pair.new_ones((*pair.shape[:-2], 1, 1))], dim=-2)[..., 0, 0]
+    near = ratio[..., 0]
     return gamma + (near - near.detach()), diag
+
+
+class _MaskEntries(torch.autograd.Function):
+    """``mask[.., rows, cols]`` for the entries ``_decay`` reads, with a pointwise backward:
+    only the pair at ``rows[pair:pair + 2]`` (M[1, 0], M[1, 1]) and the diagonal after it, when
+    read, take a gradient (the entries before ``pair`` are read detached).
+
+    NOTE: one read per mask: a mask read twice (a slice and a gather) is realised whole by
+    Inductor, an [H, T, T] buffer filled on every call, where a gather alone is computed lazily
+    (O(T)). The backward is a ``where`` over the mask's positions, not the gather's scatter:
+    Inductor's vectorised CPU scatter for this gather wrote out of bounds.
+    """
+
+    @staticmethod
+    def forward(ctx, mask, rows, cols, pair: int):
+        ctx.save_for_backward(rows[pair : pair + 2], cols[pair : pair + 2])
+        ctx.shape, ctx.pair = mask.shape, pair
+        ctx.diagonal = rows.shape[0] > pair + 2
+        return mask[..., rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = ctx.saved_tensors
+        t, p = ctx.shape[-1], ctx.pair
+        i = torch.arange(t, device=grad.device)
+        row, col = i[:, None], i[None, :]
+        out = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        for e in range(2):  # NOTE: where() sums both when T = 1 reads M[0, 0] twice
+            at = (row == rows[e]) & (col == cols[e])
+            out = out + torch.where(at, grad[..., p + e, None, None], 0.0)
+        if ctx.diagonal:
+            out = out + torch.where(row == col, grad[..., p + 2 :, None], 0.0)
+        return out.expand(ctx.shape), None, None, None
 
 
 def _to4(x: torch.Tensor) -> torch.Tensor:
