@@ -372,3 +372,33 @@ def test_second_process_with_warm_cache_runs_zero_benchmarks(fresh_cache):
 
 
 # ----------------------------------------------------------------------------- odd values
+
+
+def test_cli_cache_list_tells_apart_entries_differing_in_threads_versions_and_source(capsys):
+    """Was: entries tuned with --threads 1 and --threads 2 (or under another torch, or another
+    source hash) printed the same line."""
+    variants = {
+        "one": make_key(capability="AVX2/1threads"),
+        "two": make_key(),  # AVX2/2threads
+        "torch": make_key(torch="2.12.0"),
+        "source": make_key(source="f00dfeed" * 2),
+        "cuda-a": make_key(device="NVIDIA H200", capability="sm_90"),
+        "cuda-b": make_key(device="NVIDIA H200", capability="sm_90", triton="3.8.0"),
+    }
+    for i, key in enumerate(variants.values()):  # other timings: still told apart by the key
+        assert cache.store(key, make_value(ms=1.0 + i))
+    assert cli.main(["cache", "list"]) == 0
+    lines = dict(line.split("  ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert len(set(lines.values())) == len(variants)
+    by_name = {name: lines[cache.key_id(key)] for name, key in variants.items()}
+    assert "on test-cpu, 1 thread ->" in by_name["one"]
+    assert "on test-cpu, 2 threads [torch 2.13.0, source abc123] ->" in by_name["two"]
+    assert "[torch 2.12.0, source abc123]" in by_name["torch"]
+    assert "[torch 2.13.0, source f00dfeed]" in by_name["source"]  # a short hash
+    assert "on NVIDIA H200 [triton 3.9.0] ->" in by_name["cuda-a"]
+    assert "on NVIDIA H200 [triton 3.8.0] ->" in by_name["cuda-b"]
+    assert "thread" not in by_name["cuda-a"]
+    cache.clear()
+    cache.store(make_key(), make_value())  # nothing to tell apart: no tags
+    assert cli.main(["cache", "list"]) == 0
+    assert "on test-cpu, 2 threads -> chunkwise(C=64) 1.5 ms" in capsys.readouterr().out

@@ -248,3 +248,90 @@ def test_why_not_writable(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "a-file"))
     assert "cannot write to " + str(tmp_path / "a-file") in cache.why_not_writable()
+
+
+# ----------------------------------------------------------------------------- tuner's values
+
+
+def _plan_problem(T=2048, request="auto", chunk=0, backend="aten", phase="fwd"):
+    from rtpcompile.lowering.plan import Problem
+
+    return Problem(1, 4, T, 32, 32, "float32", "cpu", backend, False, phase, request, chunk)
+
+
+@pytest.mark.parametrize(
+    ("request_", "chunk", "form", "chunk_size", "why"),
+    [("auto", 0, "recurrent", 64, "not one the tuner compares"),
+     ("auto", 0, "recurrent", 16, "not one the tuner compares"),
+     ("auto", 0, "parallel", 32, "parallel winner must be 64"),
+     ("auto", 32, "chunkwise", 64, "differs from the chunk the key forces"),
+     ("auto", 32, "parallel", 64, "differs from the chunk the key forces"),
+     ("auto", 48, "chunkwise", 64, "differs from the chunk the key forces"),
+     ("chunkwise", 0, "recurrent", 64, "differs from the form the key forces")],
+)  # fmt: skip
+def test_planted_entries_the_tuner_never_writes_are_logged_misses(
+    request_, chunk, form, chunk_size, why, caplog
+):
+    """Was: an imported or hand-edited entry with form "recurrent" under an auto key planned
+    T=2048 recurrent (193 ms vs 17 ms chunkwise), and chunk 64 under a key forcing chunk 32
+    (``RTP_CHUNK_SIZE=32``) overrode the forced chunk; both were accepted as cache hits."""
+    from rtpcompile.lowering import plan
+
+    p = _plan_problem(request=request_, chunk=chunk)
+    key = plan.cache_key(p)
+    value = {"form": form, "chunk_size": chunk_size, "config": {}, "time_ms": 0.1, "timings": {}}
+    assert why in cache.check_entry({"key": key, "value": value, "created": 1.0})
+    assert cache.store(key, value)
+    with caplog.at_level("WARNING", logger="rtpcompile"):
+        found = plan.plan_for(p)
+        plan.reset()
+        assert plan.plan_for(p).source == "model"
+    assert found.source == "model" and plan.stats()["cache_misses"] == 1
+    assert found.form != "recurrent" and (not chunk or found.chunk_size == chunk)
+    logged = [r.getMessage() for r in caplog.records if "ignoring invalid entry" in r.getMessage()]
+    assert len(logged) == 1 and why in logged[0] and "rewritten" in logged[0]
+    exported = cache.directory().parent / "x.json"
+    cache.export_entries(exported)  # an invalid entry is not exported, and not imported either
+    assert json.loads(exported.read_text())["entries"] == []
+
+
+def test_import_skips_entries_the_tuner_never_writes(tmp_path):
+    from rtpcompile.lowering import plan
+
+    key = plan.cache_key(_plan_problem())
+    good = {"form": "chunkwise", "chunk_size": 64, "config": {}, "time_ms": 0.1, "timings": {}}
+    doc = {"format": cache.EXPORT_FORMAT, "version": cache.FORMAT_VERSION,
+           "entries": [{"key": key, "value": {**good, "form": "recurrent"}, "created": 1.0},
+                       {"key": key, "value": good, "created": 1.0}]}  # fmt: skip
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    assert cache.import_entries(tmp_path / "x.json") == (1, 1)
+    assert cache.load(key) == good
+
+
+@pytest.mark.parametrize(
+    ("request_", "chunk", "backend", "phase", "T"),
+    [("auto", 0, "aten", "fwd", 2048), ("auto", 0, "aten", "bwd", 40),
+     ("auto", 24, "aten", "fwd", 300), ("chunkwise", 0, "aten", "fwd", 100),
+     ("auto", 0, "triton", "fwd", 200), ("auto", 32, "triton", "bwd", 200),
+     ("chunkwise", 0, "triton", "fwd", 20)],
+)  # fmt: skip
+def test_every_candidate_the_tuner_may_store_is_valid(request_, chunk, backend, phase, T):
+    from rtpcompile.lowering import plan, tune
+
+    p = _plan_problem(T=T, request=request_, chunk=chunk, backend=backend, phase=phase)
+    key = plan.cache_key(p)
+    plans = tune.candidates(p, configs=True)
+    assert plans
+    for c in plans:
+        value = {"form": c.form, "chunk_size": c.chunk_size, "config": dict(c.config),
+                 "time_ms": 1.0, "timings": {c.label: 1.0}}  # fmt: skip
+        assert cache.check_entry({"key": key, "value": value, "created": 1.0}) is None, c
+
+
+def test_schema_constants_match_the_planner():
+    from rtpcompile.kernels import cache_schema
+    from rtpcompile.lowering import plan, tune
+
+    assert cache_schema.PARALLEL_CHUNK == plan.DEFAULT_CHUNK
+    assert set(cache_schema.TUNED_FORMS) < set(cache_schema.FORMS) == set(plan.FORMS)
+    assert min(tune.CHUNKS) == cache_schema.MIN_CHUNK and max(tune.CHUNKS) == cache.MAX_CHUNK

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 from ..kernels import cache
 
@@ -62,13 +63,25 @@ def _path(args) -> int:
     return 0
 
 
-def summary(entry: dict) -> str:
+def summary(entry: dict, tags: Sequence[str] = ()) -> str:
     """``B*H<=8 T<=512 K=64 V=64 float32 fwd triton on NAME -> chunkwise(C=64)[BV=64,...] 2.7 ms``.
 
     After the phase: "state" (a state comes in), "no-state-out" (the forward returns none),
-    "request=FORM" / "chunk=C" (what the call forced), so that no two entries read the same.
+    "request=FORM" / "chunk=C" (what the call forced); on CPU the device gets its thread count
+    ("on NAME, 2 threads"). ``tags``: more key fields to show in brackets after the device, as
+    ``_field_paths`` names them ("torch", "source", "spec.op", ...); ``summaries`` adds those
+    that tell apart entries whose keys would otherwise read the same.
     """
-    key, value = entry["key"], entry["value"]
+    value = entry["value"]
+    winner = value["form"] + (f"(C={value['chunk_size']})" if value["form"] == "chunkwise" else "")
+    if value.get("config"):
+        winner += "[" + ",".join(f"{k}={v}" for k, v in sorted(value["config"].items())) + "]"
+    ms = "" if value["time_ms"] is None else f" {value['time_ms']:.3g} ms"
+    return f"{_key_text(entry['key'], tags)} -> {winner}{ms}"
+
+
+def _key_text(key: dict, tags: Sequence[str] = ()) -> str:
+    """The part of ``summary`` before the winner: what the entry was tuned for."""
     spec, bucket = key["spec"], key["bucket"]
     bh, t = bucket.get("BH", "?"), bucket.get("T", "?")
     state = " state" if spec.get("state_in") else ""
@@ -78,14 +91,81 @@ def summary(entry: dict) -> str:
         state += f" request={spec['request']}"
     if spec.get("chunk"):
         state += f" chunk={spec['chunk']}"
-    winner = value["form"] + (f"(C={value['chunk_size']})" if value["form"] == "chunkwise" else "")
-    if value.get("config"):
-        winner += "[" + ",".join(f"{k}={v}" for k, v in sorted(value["config"].items())) + "]"
-    ms = "" if value["time_ms"] is None else f" {value['time_ms']:.3g} ms"
+    device = key["device"]
+    threads = _cpu_threads(key)
+    if threads is not None:
+        device += f", {threads} thread{'' if threads == 1 else 's'}"
+    extra = [_tag(path, _field(key, path)) for path in tags]
+    if extra:
+        device += " [" + ", ".join(extra) + "]"
     return (
         f"B*H<={bh} T<={t} K={spec.get('K')} V={spec.get('V')} {key['dtype']} "
-        f"{spec.get('phase')}{state} {spec.get('backend')} on {key['device']} -> {winner}{ms}"
+        f"{spec.get('phase')}{state} {spec.get('backend')} on {device}"
     )
+
+
+def summaries(found: Sequence[dict]) -> list[str]:
+    """``summary`` of each entry. Entries whose keys would read the same (they differ in a key
+    field the line leaves out: the torch or triton version, the source hash, the capability, a
+    spec field) get the fields they differ in as tags, so that no two entries read the same."""
+    groups: dict[str, list[int]] = {}
+    for i, entry in enumerate(found):
+        groups.setdefault(_key_text(entry["key"]), []).append(i)
+    tags: list[list[str]] = [[] for _ in found]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        paths = sorted({path for i in members for path in _field_paths(found[i]["key"])})
+        differ = [
+            path
+            for path in paths
+            if len({json.dumps(_field(found[i]["key"], path)) for i in members}) > 1
+        ]
+        differ.sort(key=lambda path: (_TAG_ORDER.get(path, len(_TAG_ORDER)), path))
+        for i in members:
+            tags[i] = differ
+    return [summary(entry, tag) for entry, tag in zip(found, tags, strict=True)]
+
+
+# NOTE: the usual reasons two entries read the same first (another torch, an edited source)
+_TAG_ORDER = {"torch": 0, "triton": 1, "source": 2, "capability": 3, "version": 4}
+
+
+def _field_paths(key: dict) -> list[str]:
+    """Every field of ``key``: top-level names, and "spec.NAME" / "bucket.NAME" inside those."""
+    paths = []
+    for name, value in key.items():
+        if isinstance(value, dict):
+            paths += [f"{name}.{inner}" for inner in value]
+        else:
+            paths.append(name)
+    return paths
+
+
+def _field(key: dict, path: str):
+    """The value of one ``_field_paths`` name in ``key`` (None when it has no such field)."""
+    outer, _, inner = path.partition(".")
+    value = key.get(outer)
+    if inner:
+        return value.get(inner) if isinstance(value, dict) else None
+    return value
+
+
+def _tag(path: str, value) -> str:
+    if path == "source" and isinstance(value, str):
+        return f"source {value[:8]}"  # NOTE: a short hash, like git's
+    if path in ("torch", "triton", "capability"):
+        return f"{path} {value}"
+    return f"{path}={json.dumps(value)}"
+
+
+def _cpu_threads(key: dict) -> int | None:
+    """The thread count a CPU entry was tuned with (its capability "ISA/Nthreads"), else None."""
+    capability = key.get("capability")
+    if not isinstance(capability, str) or not capability.endswith("threads"):
+        return None
+    count = capability.rpartition("/")[2].removesuffix("threads")
+    return int(count) if count.isdigit() else None
 
 
 def _list(args) -> int:
@@ -95,8 +175,10 @@ def _list(args) -> int:
         return 0
     if not found:
         print(f"no entries in {cache.directory()}")
+    valid = [entry for _, _, entry in found if entry is not None]
+    lines = iter(summaries(valid))
     for entry_id, _, entry in found:
-        print(f"{entry_id}  {'<invalid entry: ignored>' if entry is None else summary(entry)}")
+        print(f"{entry_id}  {'<invalid entry: ignored>' if entry is None else next(lines)}")
     return 0
 
 

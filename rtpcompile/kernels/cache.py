@@ -8,13 +8,13 @@ torch and triton versions, dtype and shape bucket (see ``KEY_FIELDS``). Bumping
 ``FORMAT_VERSION`` changes every id, so every old entry becomes a miss.
 
 Entries are plain JSON validated on read -- never pickle, never code. A wrong type, a missing or
-unknown field, a key that is not the one asked for, a chunk size or kernel config the tuner never
-writes (``check_value``), or an unreadable file (even one nested too deeply to parse) is a miss
-(logged once per file); the next ``store`` rewrites it. A missing directory, or a file in its
-place, is a silent miss. Writes go to a temporary file in the
-same directory and ``os.replace`` it into place, so concurrent writers never expose a partial
-entry. A read-only or unusable directory works without persisting (one RuntimeWarning, at the
-first failed write; ``why_not_writable`` asks beforehand).
+unknown field, a key that is not the one asked for, a form, chunk size or kernel config the tuner
+never writes under that key (``check_value``), or an unreadable file (even one nested too deeply
+to parse) is a miss (logged once per file); the next ``store`` rewrites it. A missing directory,
+or a file in its place, is a silent miss. Writes go to a temporary file in the same directory
+and ``os.replace`` it into place, so concurrent writers never expose a partial entry. A
+read-only or unusable directory works without persisting (one RuntimeWarning, at the first
+failed write; ``why_not_writable`` asks beforehand).
 ``RTP_CACHE=off`` disables the cache, ``RTP_CACHE=readonly`` reads without writing.
 
 This module only imports the standard library (the tests load it in many processes at once).

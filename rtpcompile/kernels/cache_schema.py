@@ -33,9 +33,16 @@ VALUE_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {"key": dict, "value": dict, "created": float}
 # NOTE: the chunk sizes the tuner tries (lowering/tune.py CHUNKS, TRITON_CHUNKS: powers of two in
-# [16, 256]); an entry may also hold the chunk its key forced (key.spec.chunk), any positive size
+# [16, 256]); under a key that forces a chunk (key.spec.chunk, any positive size) it writes that
+# chunk and no other
 MIN_CHUNK = 16
 MAX_CHUNK = 256
+# NOTE: what the tuner writes for a parallel winner when no chunk is forced (plan.DEFAULT_CHUNK;
+# this module cannot import plan, which needs torch; tests/test_cache_files.py checks they agree)
+PARALLEL_CHUNK = 64
+# the forms the tuner compares under a key that forces none (tune.candidates): recurrent is only
+# ever a rule (decoding) or forced, never tuned or stored
+TUNED_FORMS = ("parallel", "chunkwise")
 
 
 def check_fields(obj: Any, fields: dict, what: str) -> str | None:
@@ -87,27 +94,41 @@ def value_shape(value: Any) -> str | None:
 def check_value(value: Any, key: dict[str, Any] | None = None) -> str | None:
     """None when ``value`` is a usable tuning result (for ``key`` when given), else why not.
 
-    Beyond its shape: the form must be the one ``key`` forces (its spec's ``request``) when it
-    forces one, the chunk size must be one the tuner tries (a power of two in
-    [MIN_CHUNK, MAX_CHUNK]) or the chunk ``key`` forces, and the config must pass
-    ``kernels.check_config`` and be empty for the aten backend, which has no kernel blocks.
-    (The kernels' resource rule needs torch: the planner applies it, ``plan._config_problem``.)
+    Beyond its shape, for ``key`` it must be a result the tuner could have stored under that key
+    (``lowering/tune.py``, ``candidates``): the form the key forces (its spec's ``request``), or
+    without one parallel or chunkwise (never recurrent, which is only a rule or forced); the chunk
+    the key forces (its spec's ``chunk``) when it forces one, else for chunkwise a power of two in
+    [MIN_CHUNK, MAX_CHUNK] and for parallel PARALLEL_CHUNK. Without ``key`` any form and a chunk
+    in that range. The config must pass ``kernels.check_config`` and be empty for the aten
+    backend, which has no kernel blocks. (The kernels' resource rule needs torch: the planner
+    applies it, ``plan._config_problem``.)
     """
     reason = value_shape(value) or _form_problem(value["form"], key)
-    reason = reason or _chunk_problem(value["chunk_size"], key)
+    reason = reason or _chunk_problem(value["chunk_size"], value["form"], key)
     return reason or _config_problem(value["config"], key)
 
 
 def _form_problem(form: str, key: dict[str, Any] | None) -> str | None:
-    request = key["spec"].get("request") if key is not None else None
-    if request in FORMS and form != request:
-        return f"value.form {form!r} differs from the form the key forces ({request!r})"
+    if key is None:
+        return None
+    request = key["spec"].get("request", "auto")
+    if request in FORMS:
+        if form != request:
+            return f"value.form {form!r} differs from the form the key forces ({request!r})"
+    elif form not in TUNED_FORMS:
+        return f"value.form {form!r} is not one the tuner compares ({list(TUNED_FORMS)})"
     return None
 
 
-def _chunk_problem(chunk: int, key: dict[str, Any] | None) -> str | None:
+def _chunk_problem(chunk: int, form: str, key: dict[str, Any] | None) -> str | None:
     forced = key["spec"].get("chunk") if key is not None else None
-    if chunk == forced and type(forced) is int and forced > 0:
+    if type(forced) is int and forced > 0:
+        if chunk != forced:
+            return f"value.chunk_size {chunk} differs from the chunk the key forces ({forced})"
+        return None
+    if form == "parallel" and key is not None:
+        if chunk != PARALLEL_CHUNK:
+            return f"value.chunk_size of a parallel winner must be {PARALLEL_CHUNK}, got {chunk}"
         return None
     if MIN_CHUNK <= chunk <= MAX_CHUNK and not chunk & (chunk - 1):
         return None
