@@ -22,7 +22,7 @@ from .detect import find_regions
 from .detect.graph_view import GraphView, example, is_tensor
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
-from .fresh_caller import fresh_caller
+from .fresh_caller import fresh_caller, isolated
 from .kernels import GRADIENTS
 
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
@@ -313,9 +313,10 @@ def explain(model, *args, **kwargs) -> Report:
 
     before = collections.Counter(counters["graph_break"])
     # NOTE: through a throwaway frame (fresh_caller), so the user's compiled models keep their
-    # cache entries; graph breaks inside the model stay in that frame (nested_graph_breaks)
+    # cache entries; graph breaks inside the model stay in that frame (nested_graph_breaks), and
+    # the resume functions after them are the trace's own
     with fresh_caller() as caller:
-        compiled = torch.compile(caller, backend=collect, dynamic=True)
+        compiled = torch.compile(caller, backend=collect, dynamic=True, **isolated())
         with torch._dynamo.config.patch(nested_graph_breaks=True):
             compiled(model, *args, **kwargs)
     broken = collections.Counter(counters["graph_break"]) - before
