@@ -1,12 +1,20 @@
-"""GPU benchmark of the generated retention kernels against flash-linear-attention and SDPA.
+"""GPU benchmark of the retention ops against flash-linear-attention and SDPA.
 
 Usage (CUDA machine): python benchmarks/bench_gpu_kernels.py --out DIR [--quick] [--modes ...]
-Writes DIR/kernels_<device>_<date>.json and .md. Times are triton.testing.do_bench medians
-(ms) of eager calls, and do_bench_cudagraph medians of the same call replayed from a CUDA graph
-(the GPU time alone: small calls are otherwise bound by the host's launch cost); ratio =
-baseline time / our time (> 1: we are faster); peak = extra bytes allocated by one call over the
-inputs (torch.cuda.max_memory_allocated). Inputs are bfloat16 in the
-[B, T, H, D] layout FLA takes; our kernels read the same storage as [B, H, T, D] views.
+Writes DIR/kernels_<device>_<date>.json and .md, both rewritten after every row (a run cut off
+by a timeout keeps the rows it finished; meta "finished" says whether it ran to the end). Times
+are triton.testing.do_bench medians (ms) of eager calls, and do_bench_cudagraph medians of the
+same call replayed from a CUDA graph (the GPU time alone: small calls are otherwise bound by the
+host's launch cost); ratio = baseline time / our time (> 1: we are faster); peak = extra bytes
+allocated by one call over the inputs (torch.cuda.max_memory_allocated).
+
+"ours" is the public op as a user calls it (``rtpcompile.ops.retention_chunkwise`` /
+``retention_parallel`` / ``retention_recurrent``, fwd+bwd through autograd), like FLA's public
+autograd functions; "kernels" (eager only) is the generated kernels called directly
+(``kernels.triton_forward`` / ``triton_backward``, no op dispatch, planning or autograd): what
+the 2026-11-23 table timed as "ours". Inputs are bfloat16 in the [B, T, H, D] layout FLA takes;
+ours read the same storage as [B, H, T, D] views (the op takes any strides). FLA is optional:
+without it the FLA columns are empty and meta "fla" is None.
 Chunkwise rows are timed four ways: the default (rule), forced fused and split passes, and split
 with the backward's older six-kernel path (split6).
 """
@@ -15,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import functools
 import json
 import math
+import os
 import platform
+import types
 from pathlib import Path
 
 import torch
@@ -35,7 +47,9 @@ def _bench(fn) -> tuple[float, int]:
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100)), int(peak)
+    # NOTE: do_bench's default return_mode is "mean"; the tables are medians
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return float(ms), int(peak)
 
 
 def _bench_graph(fn) -> float:
@@ -70,6 +84,27 @@ def _gamma(H):
     return ops.retention_init_decay(H).cuda()
 
 
+@functools.cache
+def _fla() -> types.SimpleNamespace:
+    """flash-linear-attention, imported once: ``ops`` (fla.ops.retention, or None when it does
+    not import), ``version`` (None without it) and ``error`` (why not). The benchmark runs
+    without it: FLA's columns are then empty, ours and SDPA's are timed all the same."""
+    try:
+        import fla
+        from fla.ops import retention
+    except Exception as exc:  # noqa: BLE001 - missing, or broken against this torch/triton
+        return types.SimpleNamespace(ops=None, version=None, error=repr(exc)[:300])
+    return types.SimpleNamespace(
+        ops=retention, version=getattr(fla, "__version__", "?"), error=None
+    )
+
+
+def _fla_fn(name: str):
+    """``fla.ops.retention.<name>``, or None without FLA (or without that function)."""
+    fla_ops = _fla().ops
+    return None if fla_ops is None else getattr(fla_ops, name, None)
+
+
 # NOTE: "rule" is what a call gets by default (spec.use_split); "fused" and "split" force the
 # chunkwise passes one way, so one run shows what the rule leaves on the table. "split6" is split
 # with the backward's three passes (six kernels) instead of its four-kernel path (dq and dk in
@@ -90,6 +125,29 @@ def _backward_path(mode: str):
         backward._split_passes = real
 
 
+@contextlib.contextmanager
+def _chunk_config(cfg: dict | None):
+    """The public ops' chunkwise calls (forward and backward) run with ``cfg`` merged into the
+    planner's kernel config: how the op is timed with its passes forced fused or split. None
+    changes nothing (the "rule" rows: exactly a user's call)."""
+    from rtpcompile.lowering import plan
+
+    real = plan.choose
+
+    def choose(*args, **kwargs):
+        p = real(*args, **kwargs)
+        if p.form != "chunkwise":
+            return p
+        return dataclasses.replace(p, config=tuple(sorted({**dict(p.config), **cfg}.items())))
+
+    if cfg:
+        plan.choose = choose
+    try:
+        yield
+    finally:
+        plan.choose = real
+
+
 def _chunk_labels(BH: int, T: int, D: int, modes) -> list[tuple[str, str]]:
     """(mode, row label) to time: the rule always picks fused or split (K = V here, so every
     pass the same way), so when that mode is timed anyway its row is labelled the rule's and the
@@ -105,11 +163,15 @@ def _chunk_labels(BH: int, T: int, D: int, modes) -> list[tuple[str, str]]:
     return out
 
 
+# NOTE: gradients of q, k, v only, as FLA's (its decays are fixed): the op's autograd skips
+# d gamma's terms when gamma does not require grad, and the kernels-only rows ask for the same
+QKV = (True, True, True, False, False)
+
+
 def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
-    from fla.ops.retention import chunk_retention
+    from rtpcompile import kernels, ops
 
-    from rtpcompile import kernels
-
+    chunk_retention = _fla_fn("chunk_retention")
     q, k, v = _inputs(B, T, H, D, D, grad=True)
     do = torch.randn_like(v)
     gamma, scale = _gamma(H), D**-0.5
@@ -122,84 +184,99 @@ def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
         o, _ = chunk_retention(q, k, v, scale=scale)
         return torch.autograd.grad(o, (q, k, v), do)
 
+    # NOTE: no final state, like FLA's call (output_final_state=False); chunk 64, as FLA's
+    def ours_fwd():
+        with torch.no_grad():
+            return ops.retention_chunkwise(
+                _ours(q), _ours(k), _ours(v), gamma, 64, output_final_state=False, scale=scale
+            )
+
+    def ours_fwd_bwd():
+        o, _ = ops.retention_chunkwise(
+            _ours(q), _ours(k), _ours(v), gamma, 64, output_final_state=False, scale=scale
+        )
+        return torch.autograd.grad(o, (q, k, v), _ours(do))
+
     for mode, label in _chunk_labels(B * H, T, D, modes):
         cfg = CHUNK_MODES[mode]
 
-        # NOTE: no final state, like FLA's call (output_final_state=False)
-        def ours_fwd(cfg=cfg):
+        def kernels_fwd(cfg=cfg):
             return kernels.triton_forward(
                 "chunkwise", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64, cfg,
                 state_out=False,
             )  # fmt: skip
 
-        def ours_fwd_bwd(cfg=cfg, fwd=ours_fwd):
+        def kernels_fwd_bwd(cfg=cfg, fwd=kernels_fwd):
             o, sf = fwd()
             return kernels.triton_backward(
                 "chunkwise", _ours(do), None, _ours(q), _ours(k), _ours(v), gamma, scale, None,
-                sf, 64, cfg,
+                sf, 64, cfg, needs=QKV,
             )  # fmt: skip
 
-        for name, ours, theirs in (
-            ("fwd", ours_fwd, fla_fwd),
-            ("fwd+bwd", ours_fwd_bwd, fla_fwd_bwd),
+        for name, ours, direct, theirs in (
+            ("fwd", ours_fwd, kernels_fwd, fla_fwd),
+            ("fwd+bwd", ours_fwd_bwd, kernels_fwd_bwd, fla_fwd_bwd),
         ):
             if mode == "split6" and name == "fwd":
                 continue  # the forward is split's
             shape = dict(B=B, H=H, T=T, K=D, V=D)
-            with _backward_path(mode):
-                _row(rows, f"chunkwise {name} ({label})", shape, ours, {"fla": theirs})
+            baselines = {"fla": theirs} if chunk_retention is not None else {}
+            with _backward_path(mode), _chunk_config(cfg):
+                _row(rows, f"chunkwise {name} ({label})", shape, ours, baselines, direct)
 
 
 def parallel_cases(B, H, T, D, rows):
-    from fla.ops.retention import parallel_retention
+    from rtpcompile import kernels, ops
 
-    from rtpcompile import kernels
-
+    parallel_retention = _fla_fn("parallel_retention")
     q, k, v = _inputs(B, T, H, D, D)
     gamma, scale = _gamma(H), D**-0.5
     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
     # NOTE: o alone, as FLA's parallel_retention and SDPA return (no state-only pass)
     def ours():
+        return ops.retention_parallel(_ours(q), _ours(k), _ours(v), gamma, scale)
+
+    def direct():
         return kernels.triton_forward(
             "parallel", _ours(q), _ours(k), _ours(v), gamma, scale, None, 64, state_out=False
         )
 
-    baselines = {
-        "fla": lambda: parallel_retention(q, k, v, scale=scale),
-        "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True),
-    }
-    _row(rows, "parallel fwd", dict(B=B, H=H, T=T, K=D, V=D), ours, baselines)
+    baselines = {}
+    if parallel_retention is not None:
+        baselines["fla"] = lambda: parallel_retention(q, k, v, scale=scale)
+    baselines["sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    _row(rows, "parallel fwd", dict(B=B, H=H, T=T, K=D, V=D), ours, baselines, direct)
 
 
 def recurrent_cases(B, H, D, rows):
-    from rtpcompile import kernels
+    from rtpcompile import kernels, ops
 
+    fused_recurrent_retention = _fla_fn("fused_recurrent_retention")
     q, k, v = _inputs(B, 1, H, D, D)
     s0 = torch.randn(B, H, D, D, device="cuda")
     gamma, scale = _gamma(H), D**-0.5
 
     def ours():
+        return ops.retention_recurrent(_ours(q), _ours(k), _ours(v), gamma, s0, scale)
+
+    def direct():
         return kernels.triton_forward(
             "recurrent", _ours(q), _ours(k), _ours(v), gamma, scale, s0, 64
         )
 
     baselines = {}
-    try:
-        from fla.ops.retention import fused_recurrent_retention
-
+    if fused_recurrent_retention is not None:
         baselines["fla"] = lambda: fused_recurrent_retention(
             q, k, v, scale=scale, initial_state=s0, output_final_state=True
         )
-    except ImportError:
-        pass
-    _row(rows, "recurrent decode T=1", dict(B=B, H=H, T=1, K=D, V=D), ours, baselines)
+    _row(rows, "recurrent decode T=1", dict(B=B, H=H, T=1, K=D, V=D), ours, baselines, direct)
 
 
 def decode_bandwidth_case(B, H, D, rows):
     """The issue's decode target: state bytes read + written by one recurrent step, as a
     fraction of the device-to-device copy bandwidth measured on the same bytes."""
-    from rtpcompile import kernels
+    from rtpcompile import ops
 
     q, k, v = _inputs(B, 1, H, D, D)
     s0 = torch.randn(B, H, D, D, device="cuda")
@@ -210,9 +287,7 @@ def decode_bandwidth_case(B, H, D, rows):
     row = {"case": "decode bandwidth", "B": B, "H": H, "T": 1, "K": D, "V": D}
 
     def step():
-        return kernels.triton_forward(
-            "recurrent", _ours(q), _ours(k), _ours(v), gamma, scale, s0, 64
-        )
+        return ops.retention_recurrent(_ours(q), _ours(k), _ours(v), gamma, s0, scale)
 
     _time_into(row, "ours", step)
     _time_into(row, "copy", lambda: dst.copy_(src))  # also reads and writes state_bytes
@@ -228,12 +303,15 @@ def decode_bandwidth_case(B, H, D, rows):
     rows.append(row)
 
 
-def _time_into(row, name, fn) -> None:
-    """``name``_ms and _peak_bytes (eager), ``name``_graph_ms (CUDA graph), or an error entry."""
+def _time_into(row, name, fn, graph: bool = True) -> None:
+    """``name``_ms and _peak_bytes (eager), ``name``_graph_ms (CUDA graph, when ``graph``), or
+    an error entry."""
     try:
         row[f"{name}_ms"], row[f"{name}_peak_bytes"] = _bench(fn)
     except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
         row[f"{name}_error"] = repr(exc)[:300]
+        return
+    if not graph:
         return
     try:
         row[f"{name}_graph_ms"] = _bench_graph(fn)
@@ -241,9 +319,14 @@ def _time_into(row, name, fn) -> None:
         row[f"{name}_graph_error"] = repr(exc)[:300]
 
 
-def _row(rows, what, shape, ours, baselines):
+def _row(rows, what, shape, ours, baselines, kernels_only=None):
+    """Time ``ours`` (the public op) and each baseline, eager and from a CUDA graph, and
+    ``kernels_only`` (the kernels called directly) eager only; append the row to ``rows``."""
     row = {"case": what, **shape}
     _time_into(row, "ours", ours)
+    if kernels_only is not None:
+        # NOTE: eager only: replayed from a graph it launches the op's kernels, the same GPU time
+        _time_into(row, "kernels", kernels_only, graph=False)
     for name, fn in baselines.items():
         _time_into(row, name, fn)
         for suffix in ("ms", "graph_ms"):
@@ -255,22 +338,82 @@ def _row(rows, what, shape, ours, baselines):
     torch.cuda.empty_cache()
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a kill mid-write leaves the previous version)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Results(list):
+    """The rows so far; every ``append`` rewrites ``<stem>.json`` ({"meta", "rows"}) and
+    ``<stem>.md`` in ``out``, so a run stopped by a timeout keeps every row it finished.
+    ``finish()`` marks the run complete (meta "finished": True)."""
+
+    def __init__(self, out: Path, stem: str, meta: dict):
+        super().__init__()
+        self.meta = {**meta, "finished": False}
+        out.mkdir(parents=True, exist_ok=True)
+        self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
+        self.write()
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.write()
+
+    def finish(self) -> None:
+        self.meta["finished"] = True
+        self.write()
+
+    def write(self) -> None:
+        _replace(self.json_path, json.dumps({"meta": self.meta, "rows": list(self)}, indent=1))
+        _replace(self.md_path, markdown(self.meta, self))
+
+
+def metadata(device: str) -> dict:
+    """The run's versions; "fla" is None when flash-linear-attention does not import (and
+    "fla_error" says why)."""
+    import triton
+
+    fla = _fla()
+    meta = {
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla.version,
+        "python": platform.python_version(),
+    }
+    if fla.error is not None:
+        meta["fla_error"] = fla.error
+    return meta
+
+
 def markdown(meta, rows) -> str:
+    fla = meta.get("fla")
+    fla_text = f"fla {fla}" if fla else "fla not installed (its columns are empty)"
     lines = [
         f"# Retention kernels on {meta['device']} ({meta['date']})",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}; bfloat16; "
-        "ms = triton.testing.do_bench of eager calls (host launch cost included); graph ms = "
-        "triton.testing.do_bench_cudagraph (GPU time only); ratio = baseline ms / ours ms "
-        "(> 1: ours faster); peak = extra MiB allocated by one call. Chunkwise and parallel calls "
-        "return no final state (ours with state_out=False, as FLA's default and SDPA); the "
-        "decode step returns it.",
+        f"torch {meta['torch']}, triton {meta['triton']}, {fla_text}; bfloat16; "
+        "ms = triton.testing.do_bench median of eager calls (host launch cost included); graph "
+        "ms = triton.testing.do_bench_cudagraph median (GPU time only); ratio = baseline ms / "
+        "ours ms (> 1: ours faster). Ours = the public op (rtpcompile.ops, autograd for "
+        "fwd+bwd) as a user calls it, like FLA's public functions; kernels-only ms = the "
+        "generated kernels called directly (no op dispatch, planning or autograd), eager. peak "
+        "= extra MiB allocated by one call. Chunkwise and parallel calls return no final state "
+        "(as FLA's default and SDPA); the decode step returns it.",
         "",
         "| case | B | H | T | K=V | ours ms | fla ms | ratio vs fla | ours graph ms "
         "| fla graph ms | graph ratio vs fla | sdpa ms | ratio vs sdpa | graph ratio vs sdpa "
-        "| ours peak MiB | fla peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernels-only ms | ours peak MiB | fla peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if meta.get("finished") is False:
+        lines[2:2] = [
+            "**Incomplete: written before the run's last row (cut off, or still running).**",
+            "",
+        ]
 
     def f(row, key, digits=3):
         x = row.get(key)
@@ -286,7 +429,7 @@ def markdown(meta, rows) -> str:
             f"| {f(r, 'fla_ms')} | {f(r, 'ratio_vs_fla', 2)} | {f(r, 'ours_graph_ms')} "
             f"| {f(r, 'fla_graph_ms')} | {f(r, 'graph_ratio_vs_fla', 2)} | {f(r, 'sdpa_ms')} "
             f"| {f(r, 'ratio_vs_sdpa', 2)} | {f(r, 'graph_ratio_vs_sdpa', 2)} "
-            f"| {mib(r, 'ours_peak_bytes')} | {mib(r, 'fla_peak_bytes')} |"
+            f"| {f(r, 'kernels_ms')} | {mib(r, 'ours_peak_bytes')} | {mib(r, 'fla_peak_bytes')} |"
         )
     bandwidth = [r for r in rows if r["case"] == "decode bandwidth" and "ours_ms" in r]
     if bandwidth:
@@ -325,34 +468,25 @@ def main() -> None:
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or any(m not in CHUNK_MODES for m in modes):
         parser.error(f"--modes must name some of {list(CHUNK_MODES)}, got {args.modes!r}")
-    import fla
-    import triton
-
     device = torch.cuda.get_device_name()
-    meta = {
-        "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fla": getattr(fla, "__version__", "?"),
-        "python": platform.python_version(),
-    }
-    rows: list[dict] = []
+    meta = metadata(device)
+    stem = f"kernels_{device.replace(' ', '_')}_{meta['date']}"
+    rows = Results(Path(args.out), stem, meta)
+    if meta["fla"] is None:
+        print(f"flash-linear-attention not available ({meta.get('fla_error')}): no FLA columns")
     B, H = 4, 16
-    for D, Ts in ((128, (2048, 4096, 16384)), (256, (2048, 4096, 16384))):
-        for T in Ts if not args.quick else Ts[:2]:
-            chunk_cases(B, H, T, D, rows, modes)
-    for T in (256, 512, 1024):
-        parallel_cases(B, H, T, 128, rows)
+    # NOTE: the quick rows first, the longest (T = 16384, K = V = 256) last: a run cut off by a
+    # timeout loses the fewest rows
     for D in (128, 256):
         recurrent_cases(B, H, D, rows)
     decode_bandwidth_case(64, 16, 128, rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{device.replace(' ', '_')}_{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    for T in (256, 512, 1024):
+        parallel_cases(B, H, T, 128, rows)
+    for D, Ts in ((128, (2048, 4096, 16384)), (256, (2048, 4096, 16384))):
+        for T in Ts if not args.quick else Ts[:2]:
+            chunk_cases(B, H, T, D, rows, modes)
+    rows.finish()
+    print(markdown(rows.meta, rows))
     assert math.isfinite(sum(r.get("ours_ms", 0.0) for r in rows))
 
 

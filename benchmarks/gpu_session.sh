@@ -3,16 +3,27 @@
 # 10-minute call limit and leaves at most 8 files in $OUT (logs, tables, and one tarball for the
 # rest), which is what the tool brings back. Run from the repository root on the CUDA machine:
 #
-#   bash benchmarks/gpu_session.sh tests      # every gpu-marked test, bfloat16 included (~5 min)
-#   bash benchmarks/gpu_session.sh kernels    # bench_gpu_kernels.py: ours vs FLA vs SDPA (~6 min)
-#   bash benchmarks/gpu_session.sh models     # demo + RetNet-shaped training step, rtp vs inductor
+#   bash benchmarks/gpu_session.sh tests-kernels  # gpu-marked kernel tests, bfloat16 included
+#   bash benchmarks/gpu_session.sh tests-e2e      # gpu-marked end-to-end tests (compiled models)
+#   bash benchmarks/gpu_session.sh kernels        # bench_gpu_kernels.py: ours vs FLA vs SDPA (~6-8 min)
+#   bash benchmarks/gpu_session.sh models         # demo + RetNet-shaped training step, rtp vs inductor
 #
-# flash-linear-attention is optional: carry its wheels in .whl/ (docs/performance-notes.md) and
-# they are installed first. Results are dated and name the device; commit what you keep under
+# The test phases run pytest -n 4 when pytest-xdist imports (the GPU image has it): compiling
+# the ~230 distinct kernels of the kernel tests (1-2.4 s each on sm_90) dominates them.
+# flash-linear-attention is optional (without it the kernels phase has no FLA columns): carry
+# its wheel in .whl/ (recipe in docs/performance-notes.md, "Carrying flash-linear-attention")
+# and it is installed first. Results are dated and name the device; commit what you keep under
 # benchmarks/results/<device>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh tests|kernels|models}
+phase=${1:?usage: gpu_session.sh tests-kernels|tests-e2e|kernels|models}
+case "$phase" in
+tests-kernels | tests-e2e | kernels | models) ;;
+*)
+  echo "unknown phase $phase (tests-kernels|tests-e2e|kernels|models; 'tests' is now two)" >&2
+  exit 2
+  ;;
+esac
 out=${OUT:-/tmp/rtp-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -33,12 +44,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # the script exits with the first failure so the device tool's rc says whether the phase passed
 rc=0
 step() { "$@" || { s=$?; echo "step failed (rc $s): $*" >&2; [ "$rc" -ne 0 ] || rc=$s; }; }
+# NOTE: -n 4 only where pytest-xdist imports; each worker compiles its own kernels (Triton's
+# on-disk cache is shared), so four take about a quarter of the time on 16 cores
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
+gpu_tests() { # name, timeout, test files...
+  local name=$1 limit=$2
+  shift 2
+  step bash -o pipefail -c "timeout $limit $PY -m pytest -m gpu $xdist -q --tb=short -rA \
+    -p no:cacheprovider $* 2>&1 | tee $out/gpu_${name}_tests_$day.log | tail -40"
+}
 case "$phase" in
-tests)
-  # NOTE: the e2e file last: it compiles whole models, the slowest part
-  step bash -o pipefail -c "timeout 540 $PY -m pytest -m gpu -q --tb=short -rA -p no:cacheprovider \
-    tests/test_kernels.py tests/test_kernel_split.py tests/test_kernel_dqk.py tests/test_kernel_precision.py \
-    tests/test_gpu_e2e.py 2>&1 | tee $out/gpu_tests_$day.log | tail -40"
+tests-kernels)
+  gpu_tests kernels 540 tests/test_kernels.py tests/test_kernel_split.py \
+    tests/test_kernel_dqk.py tests/test_kernel_precision.py
+  ;;
+tests-e2e)
+  # NOTE: compiles whole models (training, prefill and decode, reduce-overhead)
+  gpu_tests e2e 540 tests/test_gpu_e2e.py
   ;;
 kernels)
   step bash -o pipefail -c "timeout 540 $PY benchmarks/bench_gpu_kernels.py --out $out 2>&1 |
@@ -52,10 +75,6 @@ models)
     --backends inductor,rtp --prefill-lengths 4096 --train-lengths 4096 --no-decode \
     --out /tmp/rtp-retnet --no-plot 2>&1 | tail -30"
   [ -d /tmp/rtp-retnet ] && tar -czf "$out/retnet_$day.tar.gz" -C /tmp rtp-retnet
-  ;;
-*)
-  echo "unknown phase $phase (tests|kernels|models)" >&2
-  exit 2
   ;;
 esac
 ls "$out"

@@ -113,12 +113,25 @@ def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):
     real = launch._launch
     monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
 
-    def row(rows, what, shape, ours, baselines):
+    def stages(fn):
         launched.clear()
-        ours()
-        for fn in baselines.values():
-            fn()
-        rows.append((what, [s.stage for s in launched]))
+        out = fn()
+        return out, [s.stage for s in launched]
+
+    def row(rows, what, shape, ours, baselines, kernels_only):
+        # the public op (what is timed as ours) launches what the kernels called directly do,
+        # and computes the same: o, or the gradients of q, k, v ([B, T, H, D] leaves)
+        (got, ran), (want, ran_direct) = stages(ours), stages(kernels_only)
+        assert ran == ran_direct, what
+        if "bwd" in what:
+            want = [w.transpose(1, 2) for w in want[:3]]
+        else:
+            got, want = [got[0]], [want[0]]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert list(baselines) == ["fla"]
+        baselines["fla"]()
+        rows.append((what, ran))
 
     monkeypatch.setattr(bench, "_inputs", inputs)
     monkeypatch.setattr(bench, "_gamma", ops.retention_init_decay)
@@ -132,3 +145,92 @@ def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):
         ("chunkwise fwd+bwd (split)", split_fwd + ["states", "states", "output", "dqk"]),
         ("chunkwise fwd+bwd (split6)", split_fwd + ["states", "output"] * 3),
     ]
+
+
+def _no_fla(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fla", None)  # what an import of a missing package sees
+    return _script("bench_gpu_kernels")
+
+
+def test_kernel_bench_runs_without_fla(monkeypatch, triton_on_cpu):
+    """Without flash-linear-attention the GPU bench still times ours and SDPA (FLA was imported
+    unconditionally, so main() raised before any row): meta "fla" is None, and no case asks
+    for an FLA baseline."""
+    import torch
+
+    from rtpcompile import ops
+
+    bench = _no_fla(monkeypatch)
+    meta = bench.metadata("GPU")
+    assert meta["fla"] is None and "ModuleNotFoundError" in meta["fla_error"]
+    assert "fla not installed" in bench.markdown(meta, [])
+
+    def inputs(B, T, H, K, V, grad=False):
+        return tuple(torch.randn(B, T, H, d, requires_grad=grad) for d in (K, K, V))
+
+    rows = []
+
+    def row(rows, what, shape, ours, baselines, kernels_only):
+        ours()
+        rows.append((what, sorted(baselines)))
+
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    monkeypatch.setattr(bench, "_gamma", ops.retention_init_decay)
+    monkeypatch.setattr(bench, "_row", row)
+    randn = torch.randn  # the recurrent case's state is made on "cuda": here on the CPU
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: randn(*a, **k))
+    bench.chunk_cases(1, 2, 20, 8, rows, ("fused",))
+    bench.parallel_cases(1, 2, 20, 8, rows)
+    bench.recurrent_cases(1, 2, 8, rows)
+    assert rows == [
+        ("chunkwise fwd (fused)", []),
+        ("chunkwise fwd+bwd (fused)", []),
+        ("parallel fwd", ["sdpa"]),
+        ("recurrent decode T=1", []),
+    ]
+
+
+def test_kernel_bench_writes_every_row_as_it_comes(tmp_path):
+    """The JSON and the table are rewritten after each row, so a run stopped by the session's
+    timeout keeps what it measured; meta "finished" (and the table) say whether it ended."""
+    import json
+
+    bench = _script("bench_gpu_kernels")
+    meta = {"device": "GPU", "date": "d", "torch": "t", "triton": "tr", "fla": None}
+    rows = bench.Results(tmp_path / "out", "kernels_GPU_d", meta)
+    path, md = tmp_path / "out" / "kernels_GPU_d.json", tmp_path / "out" / "kernels_GPU_d.md"
+    assert json.loads(path.read_text()) == {"meta": {**meta, "finished": False}, "rows": []}
+    row = {"case": "parallel fwd", "B": 4, "H": 16, "T": 256, "K": 128, "V": 128,
+           "ours_ms": 0.2, "kernels_ms": 0.1, "sdpa_ms": 0.05}  # fmt: skip
+    rows.append(row)
+    assert json.loads(path.read_text())["rows"] == [row]
+    text = md.read_text()
+    assert "Incomplete" in text and "| parallel fwd | 4 | 16 | 256 | 128 | 0.200 |" in text
+    assert text.endswith("| 0.050 | - | - | 0.100 | - | - |\n")  # sdpa, kernels-only ms, peaks
+    rows.finish()
+    assert json.loads(path.read_text())["meta"]["finished"] is True
+    assert "Incomplete" not in md.read_text()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, md.name]  # no .tmp left
+
+
+def test_kernel_bench_times_are_medians(monkeypatch):
+    """triton.testing.do_bench returns the mean unless asked: the tables say medians."""
+    import torch
+    import triton.testing
+
+    bench = _script("bench_gpu_kernels")
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+    seen = {}
+
+    def do_bench(fn, **kwargs):
+        seen.update(kwargs)
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert bench._bench(lambda: None) == (1.5, 0)
+    assert seen["return_mode"] == "median"

@@ -113,8 +113,10 @@ def test_op_replays_from_a_cuda_graph(T):
 
 def test_compiled_decode_under_reduce_overhead_matches_full_forward():
     """``mode="reduce-overhead"`` passes through the rtp backend to Inductor (CUDA graphs): the
-    prefill and every decode step still match the full forward. Whether Inductor replayed the
-    steps from a graph or skipped (a mutated cache input, say) is printed for the log."""
+    prefill and every decode step match the full forward, and Inductor skipped no graph (a
+    mutated cache input or a CPU tensor in the rtp op's graph would make it run the steps
+    eagerly, silently: the host cost the mode exists to remove). ``TORCH_LOGS=cudagraphs``
+    prints the skip reasons."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -129,9 +131,15 @@ def test_compiled_decode_under_reduce_overhead_matches_full_forward():
         steps = [compiled(ids[:, :290], cache=cache)[:, -1].clone()]
         for t in range(290, 299):
             steps.append(compiled(ids[:, t : t + 1], cache=cache)[:, -1].clone())
-    print("\ncudagraph skips:", dict(counters["inductor"]).get("cudagraph_skips", 0))
+    inductor = dict(counters["inductor"])
+    skips = inductor.get("cudagraph_skips", 0)
+    print("\ncudagraph skips:", skips)
     got = torch.stack(steps, dim=1)
     torch.testing.assert_close(got, full[:, 289:299], rtol=2e-3, atol=2e-3)
+    assert skips == 0, (
+        f"Inductor skipped CUDA graphs {skips} times under reduce-overhead (rerun with "
+        f"TORCH_LOGS=cudagraphs for the reasons); inductor counters: {inductor}"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

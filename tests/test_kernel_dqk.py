@@ -146,7 +146,16 @@ def test_gpu_dqk_path_equals_the_three_passes(K, V, dtype, monkeypatch):
     of the largest entry of the three-pass backward (bfloat16 rounds at 0.4%), 0.1% in float32,
     at T = 3000 (47 chunks, the last partial)."""
     inputs = _inputs(T=3000, K=K, V=V, dtype=dtype, device="cuda")
+    # NOTE: the kernels actually launched (launch.recording() would launch nothing): the
+    # split path must run its dq/dk kernel here, or four and six are the same three passes
+    launched = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
     _four_equals_six(monkeypatch, inputs, True, 2e-2 if dtype == torch.bfloat16 else 1e-3, 64)
+    stages = [spec.stage for spec in launched]
+    four = stages[: stages.index("dqk") + 1] if "dqk" in stages else stages
+    assert four == ["states", "states", "output", "dqk"], stages
+    assert stages[len(four) :] == ["states", "output"] * 3, stages  # the six: three split passes
 
 
 def test_a_pass_that_would_not_split_keeps_the_three_passes():
