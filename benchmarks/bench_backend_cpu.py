@@ -50,6 +50,30 @@ def _rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _status_kb(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> int | None:
+    """Resets this process's peak RSS (Linux ``clear_refs``); the RSS it starts from, or None.
+
+    NOTE: the peak after the warm-up call is the run's own: a compiled variant's first call
+    includes compilation (the mask proof alone can take ~3 masks), which hid a T x T buffer
+    built on every call."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kb("VmRSS")
+
+
 def _worker(spec: dict) -> None:
     """Build one variant, then answer 'time' (one timed forward) and 'quit' on stdin."""
     import resource
@@ -68,6 +92,7 @@ def _worker(spec: dict) -> None:
     x = model.make_input(spec["T"])
     fn = model if variant in ("eager", "chunkwise") else torch.compile(model, backend=variant)
     base = _rss_kb()
+    run_base = None
     for line in sys.stdin:
         cmd = line.strip()
         reply: dict = {}
@@ -77,10 +102,15 @@ def _worker(spec: dict) -> None:
                     start = time.perf_counter()
                     fn(x)
                     reply["seconds"] = time.perf_counter() - start
+                if run_base is None:  # NOTE: the first call warms up (and compiles)
+                    run_base = _reset_peak() or -1
             except (RuntimeError, MemoryError) as err:  # NOTE: allocation failure under the cap
                 reply["error"] = "OOM" if "alloc" in str(err).lower() else str(err)[:200]
         elif cmd == "quit":
             reply = {"peak_mb": _rss_kb() / 1024, "base_mb": base / 1024}
+            hwm = _status_kb("VmHWM")
+            if run_base and run_base > 0 and hwm is not None:
+                reply["run_extra_mb"] = (hwm - run_base) / 1024
         print(json.dumps(reply), flush=True)
         if cmd == "quit":
             return
@@ -137,6 +167,7 @@ def measure(model: str, T: int, args) -> dict:
             "times_s": times[v],
             "peak_mb": mem.get("peak_mb"),
             "extra_mb": mem["peak_mb"] - mem["base_mb"] if "peak_mb" in mem else None,
+            "run_extra_mb": mem.get("run_extra_mb"),
             "error": w.failed,
         }
     return row
@@ -185,6 +216,8 @@ def _fmt_row(model: str, T: int, row: dict, variants) -> str:
             continue
         ratio = f" ({eager / r['median_s']:.2f}x)" if eager else ""
         mem = f", +{r['extra_mb']:.0f} MB" if r["extra_mb"] is not None else ""
+        if r.get("run_extra_mb") is not None:
+            mem += f" (calls +{r['run_extra_mb']:.0f} MB)"
         cells.append(f"{1e3 * r['median_s']:.1f} ms{ratio}{mem}")
     return "| " + " | ".join(cells) + " |"
 
@@ -195,7 +228,8 @@ def to_markdown(results: dict, args) -> str:
         f"CPU backend benchmark {results['date']} ({results['machine']}, {args.threads} threads)",
         "",
         "Forward median of interleaved reps; (speed-up vs eager), +extra peak RSS over the built",
-        "model (compiled variants include compilation).",
+        "model (compiled variants include compilation); (calls +MB): the peak over the RSS",
+        "after the warm-up call, i.e. what the timed calls themselves allocate (Linux only).",
         "",
         head,
         "|" + "---|" * (len(args.variants) + 2),

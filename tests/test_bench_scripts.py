@@ -234,3 +234,22 @@ def test_kernel_bench_times_are_medians(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     assert bench._bench(lambda: None) == (1.5, 0)
     assert seen["return_mode"] == "median"
+
+
+def test_cpu_backend_bench_reports_what_the_calls_allocate(tmp_path):
+    """The CPU backend bench reports the peak RSS of the timed calls apart from the warm-up
+    (compilation): a compiled model that built a T x T mask on every call hid in the
+    compile-inclusive figure."""
+    import json
+    import sys
+
+    bench = _script("bench_backend_cpu")
+    args = ["--T", "32", "--models", "stack", "--variants", "eager,chunkwise", "--reps", "1"]
+    bench.main([*args, "--compile-layers", "0", "--threads", "1", "--out-dir", str(tmp_path)])
+    (record,) = tmp_path.glob("backend_*.json")
+    row = json.loads(record.read_text())["runs"]["stack"]["32"]
+    for variant in ("eager", "chunkwise"):
+        assert row[variant]["median_s"] > 0
+        if sys.platform == "linux":
+            assert 0 <= row[variant]["run_extra_mb"] < 100
+    assert "(calls +" in next(tmp_path.glob("backend_*.md")).read_text()
