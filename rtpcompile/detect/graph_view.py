@@ -11,6 +11,7 @@ proof walks. Nothing here mutates the graph.
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 import re
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ _FUNCTION_KINDS = {
     torch.clamp_min: "clamp",
     torch.detach: "detach",
     torch.nn.functional.dropout: "dropout",
+    torch.dropout: "dropout",
     torch.unsqueeze: "unsqueeze",
     torch.softmax: "softmax",
     torch.nn.functional.softmax: "softmax",
@@ -95,6 +97,13 @@ _METHOD_KINDS = {
 _META_METHODS = {"size", "dim", "new_ones", "new_zeros", "new_empty", "new_full", "new_tensor"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+# (input, p, training) dropouts: the identity with training=False or p=0 (see is_identity_dropout)
+_DROPOUTS = {
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+    torch.nn.functional.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
+    torch.feature_alpha_dropout, torch.feature_dropout,
+}  # fmt: skip
 _RANDOM_NAMES = {
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli",
     "bernoulli_", "dropout", "normal", "normal_", "uniform_", "multinomial", "randperm",
@@ -104,6 +113,8 @@ _RANDOM_NAMES = {
 
 def kind_of(node: fx.Node) -> str:
     """The canonical kind of one FX node ("other" when it plays no role in the patterns)."""
+    if is_identity_dropout(node):
+        return "cast"  # NOTE: the identity (eval mode, p=0): looked through like a no-op cast
     if node.op == "call_function":
         if node.target is builtins.getattr and node.args[1] in ("mT", "T"):
             return "layout"
@@ -156,8 +167,49 @@ def target_name(node: fx.Node) -> str:
     return str(node.target)
 
 
+def is_identity_dropout(node: fx.Node) -> bool:
+    """A dropout whose ``training``/``train`` argument is a literal False, or whose p is a
+    literal 0: it returns its input (``nn.Dropout`` in eval mode traces as one)."""
+    if node.op != "call_function" or node.target not in _DROPOUTS:
+        return False
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    default = node.args[2] if len(node.args) > 2 else True
+    train = node.kwargs.get("training", node.kwargs.get("train", default))
+    if isinstance(train, bool) and not train:
+        return True
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0
+
+
 def is_random(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and target_name(node) in _RANDOM_NAMES
+    """A node that draws random numbers: an aten op tagged ``nondeterministic_seeded`` (for a
+    Python-level function or a method, the aten op of its name: ``Tensor.cauchy_``), or one of
+    the known names. An identity dropout (eval mode) draws none."""
+    if node.op not in ("call_function", "call_method") or is_identity_dropout(node):
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return _seeded_packet(target)
+    name = target_name(node)
+    return name in _RANDOM_NAMES or _seeded_aten(name)
+
+
+def _seeded_packet(packet) -> bool:
+    tag = torch.Tag.nondeterministic_seeded
+    return any(tag in getattr(packet, name).tags for name in packet.overloads())
+
+
+@functools.cache
+def _seeded_aten(name: str) -> bool:
+    """Whether ``torch.ops.aten.<name>`` exists and draws random numbers."""
+    try:
+        packet = getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return isinstance(packet, torch._ops.OpOverloadPacket) and _seeded_packet(packet)
 
 
 def example(node: fx.Node):

@@ -146,8 +146,8 @@ def evaluate(
 ) -> list:
     """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
 
-    ``perturb``: trainable parameters take other values (each element times a random factor in
-    [0.9, 0.99)), as training would give them."""
+    ``perturb``: trainable parameters take other values (see ``_moved``), as training would
+    give them."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -186,10 +186,22 @@ def evaluate(
 
 
 def _moved(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each element times a random factor in [0.9, 0.99); an element that this barely moves
+    (below 1e-3 s in magnitude, zero included, with s the tensor's largest magnitude or 1,
+    whichever is larger) is also lowered by a random 0.02 s to 0.05 s.
+
+    NOTE: a product alone leaves a zero-initialised table (``decay + self.bias``, ``decay *
+    (1 + self.delta)``) at 0, where it looks constant: the offset moves it as training would.
+    It is a decrease, so a learnable decay (a direct gamma, a log-decay correction) stays a
+    decay and is not refused for gamma > 1."""
     if not value.is_floating_point():
         return value
-    factor = torch.rand(value.shape, generator=gen, dtype=torch.float64) * 0.09 + 0.9
-    return (value.double() * factor.to(value.device)).to(value.dtype)
+    x = value.double().cpu()
+    factor = torch.rand(x.shape, generator=gen, dtype=torch.float64) * 0.09 + 0.9
+    scale = max(1.0, float(x.abs().amax())) if x.numel() else 1.0
+    offset = (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 0.03 + 0.02) * scale
+    moved = x * factor - torch.where(x.abs() < 1e-3 * scale, offset, 0.0)
+    return moved.to(device=value.device, dtype=value.dtype)
 
 
 def _stand_in(node: fx.Node, sizes: Sizes):

@@ -34,7 +34,7 @@ from .graph_view import (
     is_tensor,
 )
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
-from .positions import position_cutoff
+from .positions import position_cutoff, reads_sizes
 
 __all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
 
@@ -125,7 +125,7 @@ def prove(
         reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim)
         if reason is not None:
             return Proof(reason)
-        row_scale = row_scale or scaled
+        row_scale = row_scale or scaled or reads_sizes(view, masks)
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
 
 

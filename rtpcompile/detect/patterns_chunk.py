@@ -27,7 +27,7 @@ from .graph_view import (
     kind_of,
     ndim,
 )
-from .operands import layout, peel
+from .operands import Layout, layout, peel
 from .region import Operand, Region
 
 
@@ -112,6 +112,10 @@ def _update(view: GraphView, state: fx.Node, region: Region):
         chunk_decay = scaled.args[0] if scaled.args[1] is state else scaled.args[1]
         kt, v = outer.args
         lay_k = layout(kt)
+        # NOTE: k^T: (k * kd) in k's canonical [.., T, K] layout with its last two dims swapped
+        # (``(k * kd) @ v`` runs too when K equals the chunk length, and is another product)
+        if lay_k.perm != Layout(lay_k.base, None).swapped().perm:
+            continue
         k_decay = _split_mul(view, lay_k.base, region.k)
         if k_decay is None or not _reads(v, region.v):
             continue

@@ -96,12 +96,8 @@ def _apply_mask(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
     """Read the mask application at ``x`` into ``chain``; leaves chain.scores set."""
     kind = view.kind(x)
     if kind == "dropout":
-        p = x.kwargs.get("p", x.args[1] if len(x.args) > 1 else 0.5)
-        training = x.kwargs.get("training", x.args[2] if len(x.args) > 2 else True)
-        if training and p:
-            return "dropout on the scores"
-        chain.nodes.append(x)
-        return _apply_mask(view, chain, x.args[0])
+        # NOTE: an identity dropout (eval mode, p=0) is a "cast", peeled with the scores
+        return "dropout on the scores"
     if _is_product(x):
         return _decay_product(view, chain, x)
     if kind in _CAUSAL_STEPS:

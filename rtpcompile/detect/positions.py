@@ -31,7 +31,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph_view import GraphView, example, is_tensor, target_name
+from .graph_view import GraphView, example, is_identity_dropout, is_tensor, target_name
 from .mask_eval import subgraph
 
 _SEEDS = {"arange", "range", "linspace", "logspace"}
@@ -82,6 +82,17 @@ _CUMULATIVE = {"cumsum"}
 _COMPARISONS = {"lt", "le", "gt", "ge", "__lt__", "__le__", "__gt__", "__ge__", "less",
                 "greater", "less_equal", "greater_equal"}  # fmt: skip
 _REDUCTIONS = {"sum", "mean"}
+# NOTE: a tensor of one number: the number's taint (a size in it is a position, ``torch.tensor(
+# T / 1100).clamp(min=1)`` compares one with 1); the argument positions that carry the value
+_NUMBER_TENSORS = {"tensor": None, "scalar_tensor": None, "as_tensor": None, "full": (1,),
+                   "full_like": (1,), "new_full": (2,), "fill": (1,)}  # fmt: skip
+# ops that read a number argument as a value (every other op reads a size as a shape or index)
+_VALUE_OPS = (
+    _SCALES | _SHIFTS | _PERIODS | _CUTOFFS | _SMOOTH | _SELECTS | _POWERS | _EXPS
+    | {"masked_fill", "where", "lerp", "addcmul", "addcdiv", "copysign", "hypot", "atan2"}
+)  # fmt: skip
+# arithmetic on sizes (``float(T)``, ``math.sqrt(T)``) as the tensor op it is
+_SYM_NAMES = {"sym_float": "float", "_sym_sqrt": "sqrt", "sym_sqrt": "sqrt"}
 # NOTE: tensors of one constant value, as a where/masked_fill value: the same as the number
 _CONSTANT_MAKERS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full",
                     "tensor", "scalar_tensor", "as_tensor"}  # fmt: skip
@@ -102,6 +113,12 @@ class _Taint:
     # NaNs (nan_to_num, ``m[m != m] = 0``) would cut at that length
     extreme: bool = False
     nan_risk: bool = False
+    # NOTE: a number computed from the sizes (``T``, ``T / 1100``, ``max(1, T / 1100)``): a
+    # position once it reaches a tensor as a value; ``pending`` is why it may not (an op not on
+    # the allow-list), reported only then -- a size used as a shape (``arange(max(T, 16))``,
+    # ``view(T // 2, 2)``) is never a value of the mask
+    size: bool = False
+    pending: str | None = None
 
 
 _CLEAN = _Taint()
@@ -123,10 +140,33 @@ def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
     return None
 
 
+def reads_sizes(view: GraphView, masks: list[fx.Node]) -> bool:
+    """Whether a number computed from the sizes reaches a mask as a value (``decay * T**-0.5``):
+    the mask's diagonal may then change with T where the proof saw 1 (``max(1, T / 1100)`` is 1
+    up to T = 1100; that one declines, but a product that is 1 at the lengths proven is no
+    less possible), so the op reads the diagonal at run time (a row scale)."""
+    for mask in masks:
+        values, _, _ = subgraph(view, mask)
+        for node in values | {mask}:
+            if node.op not in ("call_function", "call_method") or _size_number(node):
+                continue
+            data = [
+                a
+                for a in node.all_input_nodes
+                if view.g.has_edge(a, node) and not view.g.edges[a, node]["meta"]
+            ]
+            if any(_size_number(a) for a in _value_reads(node, _name(node), data)):
+                return True
+    return False
+
+
 def _name(node: fx.Node) -> str:
     if node.target is operator.setitem:
         return "setitem"
-    return target_name(node)
+    if is_identity_dropout(node):
+        return "clone"  # NOTE: eval-mode dropout returns its input: a copy for the rules here
+    name = target_name(node)
+    return _SYM_NAMES.get(name, name) if node.op == "call_function" else name
 
 
 def _symbolic_shape(node: fx.Node) -> bool:
@@ -136,13 +176,24 @@ def _symbolic_shape(node: fx.Node) -> bool:
 
 def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
     """Record the node's taint; the reason when it is an op not allowed on its inputs."""
+    name = _name(node)
     data = [
         a
         for a in node.all_input_nodes
         if view.g.has_edge(a, node) and not view.g.edges[a, node]["meta"]
     ]
+    if _size_number(node):
+        return _visit_size(view, node, name, data, taint)
+    data = _value_reads(node, name, data)
+    for a in data:
+        if taint.get(a, _CLEAN).pending is not None:
+            return taint[a].pending
+    return _visit_values(view, node, name, data, taint)
+
+
+def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: dict):
+    """``_visit`` of a node whose data inputs ``data`` are all read as values."""
     ins = [taint.get(a, _CLEAN) for a in data]
-    name = _name(node)
     if node.op == "call_module" and any(t.position or t.shaped for t in ins):
         return f"the mask applies module {node.target!r} to positions"
     if node.op not in ("call_function", "call_method"):
@@ -195,6 +246,54 @@ def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
         target = node.args[0]
         taint[target] = _merge(taint.get(target, _CLEAN), result)
     return None
+
+
+def _size_number(node: fx.Node) -> bool:
+    """The node is a number that depends on the sizes (a SymInt/SymFloat/SymBool with symbols)."""
+    value = example(node)
+    if not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return False
+    return bool(value.node.expr.free_symbols)
+
+
+def _visit_size(view: GraphView, node: fx.Node, name: str, data, taint: dict) -> None:
+    """A number computed from the sizes: a linear position (T itself, or a size read off a
+    tensor), then what the arithmetic on it makes it; an op not allowed on positions is kept as
+    ``pending``, the reason if the number reaches the mask as a value."""
+    sizes = [a for a in data if taint.get(a, _CLEAN).size]
+    pending = next((taint[a].pending for a in sizes if taint[a].pending is not None), None)
+    if node.op not in ("call_function", "call_method") or not sizes:
+        taint[node] = _Taint(position=True, linear=True, size=True)
+        return None
+    if pending is None:
+        scratch = dict(taint)
+        # NOTE: run the tensor rules on the number: its inputs count as values here
+        pending = _visit_values(view, node, name, data, scratch)
+        result = scratch.get(node, _Taint(position=True))
+    else:
+        result = _Taint(position=True)
+    taint[node] = dataclasses.replace(result, position=True, size=True, pending=pending)
+    return None
+
+
+def _value_reads(node: fx.Node, name: str, data: list) -> list:
+    """The data inputs the node reads as values: a size read as a shape, an index or a bound
+    (``ones(T, T)``, ``arange(T)``, ``view(T, 1)``, ``buf[:T]``) is no value of the mask."""
+    if not any(_size_number(a) for a in data):
+        return data
+    base = name if name in _NUMBER_TENSORS or name in _VALUE_OPS else name.removesuffix("_")
+    if base in _NUMBER_TENSORS:
+        slots = _NUMBER_TENSORS[base]
+        if slots is None:
+            return data
+        keys = ("fill_value", "value")
+        read = [node.args[i] for i in slots if i < len(node.args)]
+        read += [v for k, v in node.kwargs.items() if k in keys]
+        values = {a for a in read if isinstance(a, fx.Node)}
+        return [a for a in data if not _size_number(a) or a in values]
+    if base in _VALUE_OPS:
+        return data
+    return [a for a in data if not _size_number(a)]
 
 
 def _merge(a: _Taint, b: _Taint) -> _Taint:
@@ -264,6 +363,8 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         return f"the mask rounds positions ({name})"
     if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
         return None
+    if base in _NUMBER_TENSORS:
+        return None  # NOTE: a tensor of one number (a size in it is a position: see _Taint)
     if base in ("tril", "triu"):
         diagonal = node.kwargs.get("diagonal", node.args[1] if len(node.args) > 1 else 0)
         if diagonal in (0, 1, -1):
