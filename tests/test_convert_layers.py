@@ -482,3 +482,34 @@ def test_argument_messages():
         RTPConfig(ratio=True)
     with pytest.raises(ValueError, match="norm_eps"):
         RTPConfig(norm_eps=-1.0)
+
+
+@torch.no_grad()
+def test_type_c_plain_prefill_uses_sdpas_causal_flag(monkeypatch):
+    """A prefill without padding, window or cached prefix is causal attention: SDPA's is_causal
+    (fused kernels, linear memory), not a [T, T] bool mask (the math path: 321 MB and 5x slower
+    for one 2-head call at T = 8192). Same logits as the masked path."""
+    import torch.nn.functional as F
+
+    from rtpcompile.convert import layers
+
+    model = tiny("llama")
+    retrofit(model, ratio=1.0, head_mix=0.5)
+    x = ids(2, 11, seed=4)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    fast = model(x, use_cache=False).logits
+    assert seen and all(seen_no_mask and causal for seen_no_mask, causal in seen), seen
+    # the masked path (a pad in row 1 sends the batch there) gives row 0 the same logits
+    seen.clear()
+    pads = torch.ones_like(x)
+    pads[1, 0] = 0
+    masked = model(x, attention_mask=pads, use_cache=False).logits
+    assert seen and not any(no_mask for no_mask, _ in seen), seen
+    torch.testing.assert_close(fast[0], masked[0], rtol=1e-5, atol=1e-5)
