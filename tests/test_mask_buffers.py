@@ -60,29 +60,33 @@ def _compiled_codes(model, learnable: bool, dynamic: bool = False):
     return codes
 
 
-class RowScaled(Retention):
+class _Spelled(Retention):
+    """Retention whose mask ``_mask(exp(log_gamma * clamp(i - j, 0)), i - j)`` spells."""
+
+    def forward(self, q, k, v):
+        T = q.shape[2]
+        idx = torch.arange(T, device=q.device)
+        diff = idx[:, None] - idx[None, :]
+        log_gamma = torch.nn.functional.logsigmoid(self.decay_logit)[:, None, None]
+        mask = self._mask(torch.exp(log_gamma * diff.clamp(min=0)), diff)
+        return (q @ k.transpose(-1, -2) * mask) @ v
+
+
+class RowScaled(_Spelled):
     """A torchscale-style mask, rows divided by sqrt(row sum): gamma and a row scale are read."""
 
-    def forward(self, q, k, v):
-        T = q.shape[2]
-        idx = torch.arange(T, device=q.device)
-        diff = idx[:, None] - idx[None, :]
-        log_gamma = torch.nn.functional.logsigmoid(self.decay_logit)[:, None, None]
-        mask = torch.exp(log_gamma * diff.clamp(min=0)) * (diff >= 0)
-        mask = mask / mask.sum(-1, keepdim=True).sqrt()
-        return (q @ k.transpose(-1, -2) * mask) @ v
+    @staticmethod
+    def _mask(decay, diff):
+        mask = decay * (diff >= 0)
+        return mask / mask.sum(-1, keepdim=True).sqrt()
 
 
-class WhereMask(Retention):
+class WhereMask(_Spelled):
     """rtpcompile.nn's spelling: where(i >= j, exp(log_gamma * clamp(i - j, 0)), 0)."""
 
-    def forward(self, q, k, v):
-        T = q.shape[2]
-        idx = torch.arange(T, device=q.device)
-        diff = idx[:, None] - idx[None, :]
-        log_gamma = torch.nn.functional.logsigmoid(self.decay_logit)[:, None, None]
-        mask = torch.where(diff >= 0, torch.exp(log_gamma * diff.clamp(min=0)), 0.0)
-        return (q @ k.transpose(-1, -2) * mask) @ v
+    @staticmethod
+    def _mask(decay, diff):
+        return torch.where(diff >= 0, decay, 0.0)
 
 
 _SAVED_CONDITION = pytest.mark.xfail(
