@@ -279,3 +279,37 @@ def test_recurrent_zero_dim_decay_shows_every_head(inductor_graphs):
     (region,) = regions(model, *_token(), dynamic=False)
     assert region.claimed and region.heads == H and region.decay == (pytest.approx(0.8),)
     assert_matches_eager(inductor_graphs, model, _token(1), True)
+
+
+# ---- claims missed before: einsum with an ellipsis ------------------------------------------
+
+
+class EllipsisEinsum(nn.Module):
+    """Scores and values as ``einsum('...qd,...kd->...qk')`` (or with the ellipsis inside,
+    ``b...qd``); ``broadcast`` gives k a batch of 1, which the ellipsis broadcasts."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("gamma", torch.tensor(GAMMA, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        mask = _decay_mask(self.gamma, q.shape[2])
+        if self.spelling == "inside":
+            scores = torch.einsum("b...qd,b...kd->b...qk", q, k) * mask
+            return torch.einsum("b...qk,b...kd->b...qd", scores, v)
+        k = k[:1] if self.spelling == "broadcast" else k
+        scores = torch.einsum("...qd,...kd->...qk", q, k) * mask
+        return torch.einsum("...qk,...kd->...qd", scores, v)
+
+
+@pytest.mark.parametrize(
+    "spelling, claimed", [("leading", True), ("inside", True), ("broadcast", False)]
+)
+def test_einsum_with_an_ellipsis(inductor_graphs, spelling, claimed):
+    """The ellipsis is spelt out in letters of its own when every operand's ellipsis has the
+    same sizes (claimed, exact); a broadcast one (k's batch of 1) is left to Inductor."""
+    model = EllipsisEinsum(spelling)
+    lengths = [_qkv(6, seed=3)] if claimed else []
+    dynamic = spelling == "leading"
+    assert_matches_eager(inductor_graphs, model, _qkv(), claimed, dynamic=dynamic, lengths=lengths)
