@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import mask_proof
+from .einsum import parse_einsum
 from .graph_view import (
     GraphView,
     example,
@@ -27,7 +28,6 @@ from .graph_view import (
     is_state_input,
     is_tensor,
     ndim,
-    parse_einsum,
     where,
 )
 from .operands import Layout, layout

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch.fx as fx
 
+from .einsum import parse_einsum
 from .graph_view import (
     GraphView,
     example,
@@ -20,7 +21,6 @@ from .graph_view import (
     is_tensor,
     kind_of,
     ndim,
-    parse_einsum,
     same_size,
     where,
 )
