@@ -77,36 +77,29 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
     if kind != "mul":
         return torch.ones(1, dtype=dtype, device=like.device), None
     t = like.shape[-2]
-    n = distances(t, like.device)
+    n = distances(t, like.device)  # n[0] is 1 (0 when T = 1)
     k = n.shape[0]
-    idx = torch.arange(t, device=like.device)
-    # the entries read, in _MaskEntries' order: M[n, 0] and M[n, n] at the distances, M[1, 0]
-    # and M[1, 1] (gamma's gradient), then the diagonal (the row scale)
-    # NOTE: clamped, for T = 1: (M[0, 0], M[0, 0]), a ratio of 1 (gamma has no effect there)
-    pair_rows = torch.ones_like(n[:2]).clamp_max(t - 1)
-    pair_cols = torch.arange(2, device=like.device).clamp_max(t - 1)
-    rows = [n, n, pair_rows] + ([idx] if want_row_scale else [])
-    cols = [torch.zeros_like(n), n, pair_cols] + ([idx] if want_row_scale else [])
-    rows, cols = torch.cat(rows), torch.cat(cols)
+    # the entries read: M[n, 0] and M[n, n] at the distances, then the diagonal (the row scale)
+    idx = torch.arange(t, device=like.device) if want_row_scale else n[:0]
+    rows, cols = torch.cat([n, n, idx]), torch.cat([torch.zeros_like(n), n, idx])
     entries = None
     for mask, dims in zip(masks, axes, strict=True):
-        read = _MaskEntries.apply(_broadcast(mask.to(dtype), dims, t), rows, cols, 2 * k)
+        read = _MaskEntries.apply(_broadcast(mask.to(dtype), dims, t), rows, cols, k)
         entries = read if entries is None else entries * read
     far = entries[..., : 2 * k].detach()
-    pair = entries[..., 2 * k : 2 * k + 2]  # [.., 2]
-    diag = entries[..., 2 * k + 2 :] if want_row_scale else None
+    diag = entries[..., 2 * k :] if want_row_scale else None
     tiny = smallest_normal(*(m.dtype for m in masks))
     gamma = gamma_at_distances(far[..., :k], far[..., k:], n, tiny)
-    den = pair[..., 1:]
-    ratio = pair[..., :1] / torch.where(den != 0, den, torch.ones_like(den))
-    near = ratio[..., 0]
+    # NOTE: gamma's gradient is that of the distance-1 ratio M[1, 0] / M[1, 1] (1 when T = 1)
+    num, den = entries[..., 0], entries[..., k]
+    near = num / torch.where(den != 0, den, torch.ones_like(den))
     return gamma + (near - near.detach()), diag
 
 
 class _MaskEntries(torch.autograd.Function):
-    """``mask[.., rows, cols]`` for the entries ``_decay`` reads, with a pointwise backward:
-    only the pair at ``rows[pair:pair + 2]`` (M[1, 0], M[1, 1]) and the diagonal after it, when
-    read, take a gradient (the entries before ``pair`` are read detached).
+    """``mask[.., rows, cols]`` with a pointwise backward, for ``_decay``'s reads: M[n, 0] for
+    the ``k`` distances n, M[n, n], then the diagonal if read. Only the distance-1 pair (entries 0
+    and ``k``) and the diagonal take a gradient: the other entries are read detached.
 
     NOTE: one read per mask: a mask read twice (a slice and a gather) is realised whole by
     Inductor, an [H, T, T] buffer filled on every call, where a gather alone is computed lazily
@@ -115,24 +108,24 @@ class _MaskEntries(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mask, rows, cols, pair: int):
-        ctx.save_for_backward(rows[pair : pair + 2], cols[pair : pair + 2])
-        ctx.shape, ctx.pair = mask.shape, pair
-        ctx.diagonal = rows.shape[0] > pair + 2
+    def forward(ctx, mask, rows, cols, k: int):
+        ctx.save_for_backward(rows[[0, k]], cols[[0, k]])
+        ctx.shape, ctx.k = mask.shape, k
+        ctx.diagonal = rows.shape[0] > 2 * k
         return mask[..., rows, cols]
 
     @staticmethod
     def backward(ctx, grad):
         rows, cols = ctx.saved_tensors
-        t, p = ctx.shape[-1], ctx.pair
+        t, k = ctx.shape[-1], ctx.k
         i = torch.arange(t, device=grad.device)
         row, col = i[:, None], i[None, :]
         out = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        for e in range(2):  # NOTE: where() sums both when T = 1 reads M[0, 0] twice
-            at = (row == rows[e]) & (col == cols[e])
-            out = out + torch.where(at, grad[..., p + e, None, None], 0.0)
+        for e, at in enumerate((0, k)):  # NOTE: summed: T = 1 reads M[0, 0] for both
+            hit = (row == rows[e]) & (col == cols[e])
+            out = out + torch.where(hit, grad[..., at, None, None], 0.0)
         if ctx.diagonal:
-            out = out + torch.where(row == col, grad[..., p + 2 :, None], 0.0)
+            out = out + torch.where(row == col, grad[..., 2 * k :, None], 0.0)
         return out.expand(ctx.shape), None, None, None
 
 
