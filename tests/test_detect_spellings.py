@@ -299,16 +299,19 @@ class EllipsisEinsum(nn.Module):
             scores = torch.einsum("b...qd,b...kd->b...qk", q, k) * mask
             return torch.einsum("b...qk,b...kd->b...qd", scores, v)
         k = k[:1] if self.spelling == "broadcast" else k
+        q = q[0, 0] if self.spelling == "ranks" else q  # NOTE: an empty ellipsis beside B, H
         scores = torch.einsum("...qd,...kd->...qk", q, k) * mask
         return torch.einsum("...qk,...kd->...qd", scores, v)
 
 
 @pytest.mark.parametrize(
-    "spelling, claimed", [("leading", True), ("inside", True), ("broadcast", False)]
+    "spelling, claimed",
+    [("leading", True), ("inside", True), ("broadcast", False), ("ranks", False)],
 )
 def test_einsum_with_an_ellipsis(inductor_graphs, spelling, claimed):
     """The ellipsis is spelt out in letters of its own when every operand's ellipsis has the
-    same sizes (claimed, exact); a broadcast one (k's batch of 1) is left to Inductor."""
+    same sizes (claimed, exact); a broadcast one (k's batch of 1, a 2-D q's empty ellipsis
+    beside k's [B, H]) is left to Inductor."""
     model = EllipsisEinsum(spelling)
     lengths = [_qkv(6, seed=3)] if claimed else []
     dynamic = spelling == "leading"

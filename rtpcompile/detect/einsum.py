@@ -34,9 +34,9 @@ def parse_einsum(node: fx.Node) -> tuple[list[str], str, list[fx.Node]] | None:
 def _expand_ellipsis(inputs: list[str], out: str, operands) -> tuple[list[str], str] | None:
     """``...qd,...kd->...qk`` as ``ABqd,ABkd->ABqk`` for operands whose ellipsis dims have the
     same sizes (a broadcast one, size 1 against B, is left alone: None)."""
-    if any(s.count("...") != ("..." in s) or s.replace("...", "").count(".") for s in inputs):
-        return None
-    if out.count("...") != ("..." in out) or out.replace("...", "").count("."):
+    if any(
+        s.count("...") != ("..." in s) or s.replace("...", "").count(".") for s in [*inputs, out]
+    ):
         return None
     spans = []
     for subscript, operand in zip(inputs, operands, strict=True):
@@ -47,13 +47,14 @@ def _expand_ellipsis(inputs: list[str], out: str, operands) -> tuple[list[str], 
         if n < 0 or ("..." not in subscript and n):
             return None
         start = subscript.find("...")
-        spans.append(list(value.shape[start : start + n]) if start >= 0 else [])
-    width = max(len(span) for span in spans)
-    if width and any(span and len(span) != width for span in spans):
-        return None  # NOTE: ellipses of different lengths broadcast: not spelt out
-    full = next((span for span in spans if len(span) == width), [])
-    if not all(all(map(same_size, span, full)) for span in spans if span):
+        if start >= 0:
+            spans.append(list(value.shape[start : start + n]))
+    # NOTE: every ellipsis the same dims (an empty one beside a full one broadcasts too)
+    if not spans or any(len(span) != len(spans[0]) for span in spans):
         return None
+    if not all(all(map(same_size, span, spans[0])) for span in spans):
+        return None
+    width = len(spans[0])
     used = set("".join(inputs) + out)
     letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used][:width]
     if len(letters) < width:
