@@ -33,21 +33,10 @@ import torch.distributed as dist
 
 from .. import ops
 from ..lowering import validate
-from ..lowering.aten_impl import MIN_GAMMA, accumulation_dtype
+from ..lowering.aten_impl import accumulation_dtype, clamped_log_gamma
 from .collectives import all_gather_ints, all_gather_stacked, group_rank_and_size
 
 Tensor = torch.Tensor
-
-
-def _log_gamma(gamma: Tensor) -> Tensor:
-    """log gamma with gamma below ``MIN_GAMMA`` (0 included) run as ``MIN_GAMMA``, as in the op.
-
-    Unclamped, gamma = 0 gives -inf, and every exponent 0 * (-inf) (gamma^0, an empty shard's
-    decay, a shard not between two others) is NaN. Straight-through: autograd differentiates as
-    if gamma were ``MIN_GAMMA``, so d gamma stays finite and matches the op's (to ~1e-38).
-    """
-    clamped = gamma + (gamma.clamp(min=MIN_GAMMA) - gamma).detach()
-    return torch.log(clamped)
 
 
 def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -252,7 +241,7 @@ def context_parallel_retention(
     V = v.shape[-1]
 
     o_local, s_local = ops.retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, scale=scale)
-    log_gamma = _log_gamma(gamma.to(acc))
+    log_gamma = clamped_log_gamma(gamma.to(acc))
     packed = torch.cat([s_local.to(acc).reshape(-1), log_gamma * T])
     gathered = all_gather_stacked(packed, group)  # [W, B*H*K*V + H]
     states = gathered[:, : B * H * K * V].reshape(-1, B, H, K, V)

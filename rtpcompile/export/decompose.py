@@ -7,7 +7,7 @@ applies an [N, N] chunk-decay matrix (N = ceil(T / C)) when T is symbolic, so a 
 export keeps T dynamic. The parallel form is dynamic-safe too; the recurrent form unrolls one
 step per token (meant for one-token decoding steps) and rejects a symbolic T with a ValueError.
 Decays are ``exp(n * log gamma)`` with n >= 0 only, as in the runtime op; gamma = 0 runs as
-``MIN_GAMMA`` (as in the op) so that log gamma stays finite (``_log_gamma``).
+``MIN_GAMMA`` (as in the op) so that log gamma stays finite (``aten_impl.clamped_log_gamma``).
 """
 
 from __future__ import annotations
@@ -18,22 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from ..lowering.aten_impl import MIN_GAMMA, accumulation_dtype
+from ..lowering.aten_impl import accumulation_dtype, clamped_log_gamma
 
 Tensor = torch.Tensor
 EXPORT_FORMS = ("chunkwise", "recurrent", "parallel")
 DEFAULT_EXPORT_CHUNK = 64
-
-
-def _log_gamma(gamma: Tensor) -> Tensor:
-    """log gamma with gamma below ``MIN_GAMMA`` (0 included) run as ``MIN_GAMMA``, as in the op.
-
-    Unclamped, gamma = 0 gives log gamma = -inf and gamma^0 = exp(-inf * 0) = NaN. The clamp is
-    straight-through: autograd differentiates as if gamma were ``MIN_GAMMA``, so d gamma stays
-    finite (and exact to ~1e-38) instead of vanishing below the clamp.
-    """
-    clamped = gamma + (gamma.clamp(min=MIN_GAMMA) - gamma).detach()
-    return torch.log(clamped)
 
 
 def _decay(log_gamma: Tensor, exponents: Tensor) -> Tensor:
@@ -56,7 +45,7 @@ def _prepare(q, k, v, gamma, initial_state):
         if initial_state is None
         else initial_state.to(acc)
     )
-    return acc, q.to(acc), k.to(acc), v.to(acc), _log_gamma(gamma.to(acc)), state
+    return acc, q.to(acc), k.to(acc), v.to(acc), clamped_log_gamma(gamma.to(acc)), state
 
 
 def _is_symbolic(n) -> bool:

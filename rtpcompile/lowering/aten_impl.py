@@ -28,6 +28,18 @@ SERIES_LAGS = 6
 Forward = Callable[[Tensor, Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
+def clamped_log_gamma(gamma: Tensor) -> Tensor:
+    """log gamma with gamma below ``MIN_GAMMA`` (0 included) run as ``MIN_GAMMA``, as in the op,
+    for code that computes retention outside it (export's decomposition, context parallelism).
+
+    Unclamped, gamma = 0 gives -inf, and every exponent 0 * (-inf) (gamma^0) is NaN.
+    Straight-through: autograd differentiates as if gamma were ``MIN_GAMMA``, so d gamma stays
+    finite and matches the op's (to ~1e-38).
+    """
+    clamped = gamma + (gamma.clamp(min=MIN_GAMMA) - gamma).detach()
+    return torch.log(clamped)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
