@@ -190,7 +190,7 @@ def test_model_forward_matches_single_process(spawned, layout):
 
 def test_mixers_it_cannot_shard_are_refused():
     """A sequence mixer that context_parallel_forward does not know would see only this rank's
-    piece; a subclass keeping the stock forward is sharded like its base."""
+    piece; a subclass keeping the stock forward and retention core is sharded like its base."""
     from torch import nn
 
     from rtpcompile.distributed.sequence_parallel import _CPRetention, _wrapper_for
@@ -203,6 +203,10 @@ def test_mixers_it_cannot_shard_are_refused():
         def forward(self, x, *args, **kwargs):
             return super().forward(x, *args, **kwargs) * 2
 
+    class OwnMask(MultiScaleRetention):
+        def parallel(self, q, k, v):
+            return super().parallel(q, k, v).flip(2)
+
     class LinearAttention(nn.Module):
         pass
 
@@ -210,6 +214,9 @@ def test_mixers_it_cannot_shard_are_refused():
     assert _wrapper_for("b", nn.Linear(2, 2)) is None
     with pytest.raises(ValueError, match=r"b \(OwnForward\) overrides MultiScaleRetention"):
         _wrapper_for("b", OwnForward(8, 2))
+    # NOTE: the sharded forward replaces the parallel form too (it was sharded as the stock one)
+    with pytest.raises(ValueError, match=r"d \(OwnMask\) overrides MultiScaleRetention's parallel"):
+        _wrapper_for("d", OwnMask(8, 2))
     for bad in (LinearAttention(), nn.MultiheadAttention(8, 2)):
         with pytest.raises(ValueError, match="mixes the sequence"):
             _wrapper_for("c", bad)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import CausalSelfAttention
-from ..nn.retention import MultiScaleRetention
+from ..nn.retention import MultiScaleRetention, overridden_core
 from ..nn.rotary import rotate_qk
 from .collectives import all_gather_along, all_gather_lengths, depend_on, group_rank_and_size
 from .context_parallel import context_parallel_retention
@@ -114,10 +114,18 @@ def _wrapper_for(name: str, child: nn.Module):
     this module cannot shard is refused (it would see only this rank's piece: wrong, silently)."""
     for kind, wrapper in _WRAPPERS.items():
         if isinstance(child, kind):
-            if type(child).forward is not kind.forward or "forward" in vars(child):
+            if kind is MultiScaleRetention:
+                # NOTE: the sharded forward replaces the retention core too: a subclass's own
+                # parallel form (a custom mask) would be sharded as the stock one, silently
+                overrides = overridden_core(child)
+            elif type(child).forward is not kind.forward or "forward" in vars(child):
+                overrides = ["forward"]
+            else:
+                overrides = []
+            if overrides:
                 raise ValueError(
                     f"context_parallel_forward: {name} ({type(child).__name__}) overrides "
-                    f"{kind.__name__}.forward; only the stock forward can be sharded"
+                    f"{kind.__name__}'s {', '.join(overrides)}; only the stock one can be sharded"
                 )
             return wrapper
     if isinstance(child, nn.MultiheadAttention) or type(child).__name__.endswith(

@@ -18,12 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.retention import MultiScaleRetention
+from ..nn.retention import MultiScaleRetention, overridden_core
 from .decompose import DEFAULT_EXPORT_CHUNK, decomposition_table
-
-# NOTE: the op replaces the module's forward only while these are MultiScaleRetention's own:
-# project / output / log_decay (which the op path calls as methods) may be overridden.
-_STOCK = ("forward", "parallel", "recurrent", "chunk_step", "final_state")
 
 
 def _forward_via_op(
@@ -46,12 +42,6 @@ def _forward_via_op(
     return (out, new_state) if want_state else out
 
 
-def _routable(module: MultiScaleRetention) -> bool:
-    return "forward" not in vars(module) and all(
-        getattr(type(module), name) is getattr(MultiScaleRetention, name) for name in _STOCK
-    )
-
-
 @contextlib.contextmanager
 def retention_via_ops(model: nn.Module):
     """Temporarily route every ``MultiScaleRetention`` inside ``model`` through the rtp op.
@@ -66,7 +56,7 @@ def retention_via_ops(model: nn.Module):
     try:
         for name, module in model.named_modules():
             if isinstance(module, MultiScaleRetention):
-                if _routable(module):
+                if not overridden_core(module):
                     module.forward = types.MethodType(_forward_via_op, module)
                     routed.append(module)
                 else:

@@ -250,3 +250,21 @@ class MultiScaleRetention(nn.Module):
             f"heads={self.num_heads}, head_dim_k={self.head_dim_k}, head_dim_v={self.head_dim_v}, "
             f"gamma=[{gammas}{more}], learnable_decay={self.learnable_decay}"
         )
+
+
+# NOTE: what code computing a MultiScaleRetention's mixing on its own replaces (export through
+# the rtp op, context parallelism): project / output / log_decay it calls as methods, so a
+# subclass may override those, but not these
+CORE_METHODS = ("forward", "parallel", "recurrent", "chunk_step", "final_state")
+
+
+def overridden_core(module: MultiScaleRetention) -> list[str]:
+    """The ``CORE_METHODS`` that ``module``'s class (or the instance itself) overrides."""
+    names = [
+        name
+        for name in CORE_METHODS
+        if getattr(type(module), name) is not getattr(MultiScaleRetention, name)
+    ]
+    if "forward" in vars(module) and "forward" not in names:
+        names.append("forward")
+    return names
