@@ -120,13 +120,11 @@ def run(args) -> int:
     from .. import export
 
     if args.form == "recurrent" and args.seq_len not in (None, 1):
-        print(
-            f"error: --seq-len {args.seq_len} does not apply to --form recurrent, which exports "
+        raise UsageError(
+            f"--seq-len {args.seq_len} does not apply to --form recurrent, which exports "
             "a one-token decoding step (T=1, states in and out); set the tokens already seen "
-            "with --position, or export a prefill with --form chunkwise",
-            file=sys.stderr,
+            "with --position, or export a prefill with --form chunkwise"
         )
-        return 2
     if args.seq_len is None:
         args.seq_len = DEFAULT_SEQ_LEN
     if args.output and not Path(args.output).resolve().parent.is_dir():

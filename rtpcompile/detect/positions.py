@@ -24,6 +24,7 @@ shifts nothing and still compares with 1100).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
@@ -218,8 +219,9 @@ def _visit_size(view: GraphView, node: fx.Node, name: str, data, taint: dict) ->
         taint[node] = _Taint(position=True, linear=True, size=True)
         return None
     if pending is None:
-        scratch = dict(taint)
-        # NOTE: run the tensor rules on the number: its inputs count as values here
+        # NOTE: run the tensor rules on the number, its inputs counted as values; writes go to a
+        # layer of its own (a ChainMap, not a copy of the whole map per size number)
+        scratch = collections.ChainMap({}, taint)
         pending = _visit_values(view, node, name, data, scratch)
         result = scratch.get(node, _Taint(position=True))
     else:
@@ -292,10 +294,7 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         return f"the mask changes positions in place ({name})"
     base = name.removesuffix("_") if name.endswith("_") else name
     if base in ("getitem", "__getitem__", "setitem"):
-        reason = _check_index(node.args[1] if len(node.args) > 1 else None, name)
-        if reason is not None or base != "setitem":
-            return reason
-        return None
+        return _check_index(node.args[1] if len(node.args) > 1 else None, name)
     if base in _CASTS:
         value, inner = example(node), example(node.args[0]) if node.args else None
         to_int = is_tensor(value) and not (value.is_floating_point() or value.is_complex())
