@@ -52,7 +52,7 @@ class Options:
 
 _CHOICES: dict[str, tuple[str, ...]] = {"form": FORMS, "kernels": KERNELS, "log": LOG_LEVELS}
 # NOTE: the op's chunk_size is an int64 in its schema; a larger one would fail inside torch
-MAX_CHUNK = 2**63 - 1
+CHUNK_ARG_MAX = 2**63 - 1
 FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 
 
@@ -91,7 +91,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 size = operator.index(value)  # ints, numpy integers, integer 0-dim tensors
             except TypeError:
                 pass
-        if not 1 <= size <= MAX_CHUNK:
+        if not 1 <= size <= CHUNK_ARG_MAX:
             raise ValueError(
                 f"{source}: option 'chunk_size' must be a positive integer (at most 2**63 - 1), "
                 f"got {value!r}"

@@ -72,13 +72,28 @@ def test_unknown_bench_variant(capsys, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("flag", [["--variants", "auto"], ["--lengths", "64"]])
-def test_op_only_bench_flags_with_the_model_suite_are_refused(capsys, tmp_path, flag):
-    """Was silently ignored: the long model benchmark started without the op-level flag."""
-    argv = ["bench", "--suite", "model", *flag, "--out", str(tmp_path / "b")]
+@pytest.mark.parametrize(
+    "suite, flag",
+    [
+        ("model", ["--variants", "auto"]),
+        ("model", ["--lengths", "64"]),
+        ("model", ["--dtype", "float16"]),
+        ("model", ["--heads", "2"]),
+        ("model", ["--memory-lengths", "64"]),
+        ("model", ["--no-memory"]),
+        ("op", ["--model", "retnet"]),
+        ("op", ["--prefill-lengths", "64"]),
+        ("op", ["--no-decode"]),
+    ],
+)
+def test_one_suite_bench_flags_with_the_other_suite_are_refused(capsys, tmp_path, suite, flag):
+    """Were silently ignored (all but --variants/--lengths until 2026-11-24): the benchmark
+    started without the flag's effect."""
+    other = "op" if suite == "model" else "model"
+    argv = ["bench", "--suite", suite, *flag, "--out", str(tmp_path / "b")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert f"{flag[0]} applies to the op suite only" in err
+    assert f"{flag[0]} applies to the {other} suite only (add --suite {other})" in err
     assert not (tmp_path / "b").exists()
 
 

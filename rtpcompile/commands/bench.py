@@ -153,14 +153,36 @@ def _model_defaults(args, device: str) -> model_suite.ModelConfig:
     )  # fmt: skip
 
 
+# NOTE: flags that only one suite reads, and their defaults (a flag left at its default is fine)
+_SUITE_FLAGS = {
+    "op": {
+        "lengths": None, "variants": None, "modes": list(op_suite.MODES), "dtype": None,
+        "heads": None, "head_dim": None, "max_mem_gb": None, "no_memory": False,
+        "memory_lengths": None, "batch": 1,
+    },
+    "model": {
+        "model": "default", "backends": list(BACKENDS), "prefill_lengths": None,
+        "train_lengths": None, "no_decode": False, "whole_model": False,
+    },
+}  # fmt: skip
+
+
+def _check_suite_flags(args) -> None:
+    """A flag of a suite that does not run is a usage error, not silently ignored."""
+    for suite, flags in _SUITE_FLAGS.items():
+        if suite in args.suite:
+            continue
+        for flag, default in flags.items():
+            if getattr(args, flag) != default:
+                name = "--" + flag.replace("_", "-")
+                raise UsageError(f"{name} applies to the {suite} suite only (add --suite {suite})")
+
+
 def run(args) -> int:
     """Run the chosen suites and write their files; 0 unless a suite crashed."""
     device = prepare(args)
-    if "op" not in args.suite:
-        for flag in ("lengths", "variants"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag} applies to the op suite only (add --suite op)")
-    if args.variants and "op" in args.suite:
+    _check_suite_flags(args)
+    if args.variants:
         try:
             op_variants.build(device, list(args.variants))
         except ValueError as exc:  # NOTE: which variants exist depends on the device

@@ -31,6 +31,13 @@ class Layout:
         perm[-1], perm[-2] = perm[-2], perm[-1]
         return Layout(self.base, _normalise(tuple(perm)), self.chain)
 
+    @property
+    def swaps_last_two(self) -> bool:
+        """Whether this is ``base`` with only its last two dimensions exchanged (False when the
+        base's rank is unknown)."""
+        n = ndim(self.base)
+        return n is not None and n >= 2 and self.perm == (*range(n - 2), n - 1, n - 2)
+
     def then(self, perm: tuple[int, ...]) -> Layout:
         """This layout followed by a further ``permute(perm)``."""
         inner = self.perm or tuple(range(len(perm)))

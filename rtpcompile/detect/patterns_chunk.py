@@ -27,7 +27,7 @@ from .graph_view import (
     kind_of,
     ndim,
 )
-from .operands import Layout, layout, peel
+from .operands import layout, peel
 from .region import Operand, Region
 
 
@@ -114,7 +114,7 @@ def _update(view: GraphView, state: fx.Node, region: Region):
         lay_k = layout(kt)
         # NOTE: k^T: (k * kd) in k's canonical [.., T, K] layout with its last two dims swapped
         # (``(k * kd) @ v`` runs too when K equals the chunk length, and is another product)
-        if lay_k.perm != Layout(lay_k.base, None).swapped().perm:
+        if not lay_k.swaps_last_two:
             continue
         k_decay = _split_mul(view, lay_k.base, region.k)
         if k_decay is None or not _reads(v, region.v):

@@ -72,9 +72,9 @@ def _transposed_product(node: fx.Node) -> tuple[Layout, Layout] | None:
 
     NOTE: the product itself rides in Q's chain, so the region owns it (its other users decline
     the region) and the rewrite erases it."""
-    lay, rank = layout(node), ndim(node) or 0
+    lay = layout(node)
     inner = lay.base
-    if rank < 2 or lay.perm != (*range(rank - 2), rank - 1, rank - 2):
+    if not lay.swaps_last_two:
         return None
     if kind_of(inner) != "matmul" or len(inner.args) != 2:
         return None

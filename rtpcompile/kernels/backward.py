@@ -164,20 +164,17 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
     args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
-    if needs is None or all(needs):
-        dq, dk, dv, part_q, part_k, f = _split_passes(*args) or _three_passes(*args)
-    else:
-        want_dq, want_dk, want_dv, want_dg, want_ds0 = needs
-        runs = (want_dq or want_dg, want_dk or want_dg,
-                want_dv or (s0 is not None and (want_ds0 or want_dg)))  # fmt: skip
-        found = _split_passes(*args) if all(runs) else None
-        dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs)
-        if not want_dg:
-            ds0 = None
-            if s0 is not None and want_ds0:
-                ga = g.to(acc).clamp(min=MIN_GAMMA)
-                ds0 = _ds0(f, ga, scale) if T else _ds0_empty(f, dsf, acc)
-            return dq, dk, dv, None, ds0
+    want_dq, want_dk, want_dv, want_dg, want_ds0 = (True,) * 5 if needs is None else needs
+    runs = (want_dq or want_dg, want_dk or want_dg,
+            want_dv or (s0 is not None and (want_ds0 or want_dg)))  # fmt: skip
+    found = _split_passes(*args) if all(runs) else None
+    dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs)
+    if not want_dg:
+        ds0 = None
+        if s0 is not None and want_ds0:
+            ga = g.to(acc).clamp(min=MIN_GAMMA)
+            ds0 = _ds0(f, ga, scale) if T else _ds0_empty(f, dsf, acc)
+        return dq, dk, dv, None, ds0
     # NOTE: the common case (no states) is two or three small launches: the partials are
     # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
     ga = g.to(acc).clamp(min=MIN_GAMMA)  # gamma = 0 runs as MIN_GAMMA (as in the kernels)

@@ -13,7 +13,7 @@ import weakref
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from ..options import FORMS, MAX_CHUNK
+from ..options import CHUNK_ARG_MAX, FORMS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -265,7 +265,7 @@ def check_chunk_size(chunk_size) -> int:
             value = operator.index(chunk_size)
         except TypeError:
             value = None
-    if value is None or not 1 <= value <= MAX_CHUNK:
+    if value is None or not 1 <= value <= CHUNK_ARG_MAX:
         raise ValueError(
             f"chunk_size must be a positive int or None (an int at most 2**63 - 1), got "
             f"{chunk_size!r}"
