@@ -24,9 +24,11 @@ import operator
 import torch
 import torch.fx as fx
 
+from . import options
 from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
 from .detect.patterns_native import op_schema
 from .detect.region import Region
+from .lowering import aten_impl, validate
 from .lowering.aten_impl import accumulation_dtype
 
 _SCALAR_OPS = {"mul": torch.mul, "div": torch.div}
@@ -197,9 +199,12 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     if state is not None:
         s4 = _to4(state.transpose(-1, -2) if state_vk else state).to(gamma.dtype)
     # NOTE: a region without a state returns none (its final state would have no reader)
-    o, final = torch.ops.rtp.retention_fwd(
-        q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
-    )
+    if inline_step(q4, runtime):
+        o, final = _step_in_aten(q4, k4, v4, gamma, op_scale, s4)
+    else:
+        o, final = torch.ops.rtp.retention_fwd(
+            q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
+        )
     o = _from4(o, batch)
     if row_scale is not None or on_o:
         # NOTE: c[h, i] scales query row i, so it scales output row i (the state term and the
@@ -225,6 +230,31 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         new_state = _from4(final, state.shape[:-2])
         new_state = (new_state.transpose(-1, -2) if state_vk else new_state).to(state.dtype)
     return o, new_state
+
+
+def inline_step(q: torch.Tensor, runtime_options: str) -> bool:
+    """Whether a region's call is left to Inductor as plain ops instead of the rtp op: a
+    one-token step (T = 1, a static size: Dynamo specialises it) on CPU tensors, unless the
+    Triton kernels are forced (``kernels="triton"``, read when the graph is compiled).
+
+    NOTE: on CPU the op is a call boundary (~50 us of dispatch, planning and checks) around a
+    step of a few small ops, which Inductor fuses with the projections around it when it sees
+    them: a compiled CPU decode loop ran 20-40% slower per token with the op than with
+    ``backend="inductor"``. On CUDA the op's fused kernel is the point (and a CUDA-graph replay
+    removes its host cost), so it stays."""
+    T = q.shape[2]
+    if q.device.type != "cpu" or type(T) is not int or T != 1:
+        return False
+    with options.scoped(runtime_options):
+        return options.current().kernels != "triton"
+
+
+def _step_in_aten(q, k, v, gamma, scale, s0):
+    """The op's (o, final state) of a one-token step, in aten ops; gamma's range is checked as
+    the op checks it on CPU (an error naming the values' range), by an assertion in the graph."""
+    ok = ((gamma >= 0) & (gamma <= 1)).all()
+    torch._assert_async(ok, validate.gamma_range_error("(values in the compiled graph)"))
+    return aten_impl.single_step(q, k, v, gamma, scale, s0, state_out=s0 is not None)
 
 
 def _spec(region: Region, form: str, chunk_size: int, runtime_options: str) -> tuple:

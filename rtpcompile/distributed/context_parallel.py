@@ -160,7 +160,7 @@ def _agreed_op(gamma: Tensor, signature: list[int], group_name: str) -> Tensor:
         _agree_across_ranks(signature, gamma.device, group)
     except ValueError:
         if not in_range:
-            raise ValueError(validate._gamma_range_error(gamma.tolist())) from None
+            raise ValueError(validate.gamma_range_error(gamma.tolist())) from None
         raise
     return gamma.clone(memory_format=torch.contiguous_format)
 

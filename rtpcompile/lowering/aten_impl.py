@@ -139,6 +139,18 @@ def recurrent_forward(q, k, v, log_gamma, scale, initial_state, state_out: bool 
     return o * scale, state if state_out else None
 
 
+def single_step(q, k, v, gamma, scale, initial_state, state_out: bool = True):
+    """One token (T = 1) in plain pointwise ops and one small product, for a compiler to fuse:
+    S = gamma S0 + k^T v, o = scale q S; (o in q's dtype, S in the accumulation dtype or None).
+    gamma itself, not exp(log gamma): gamma = 0 needs no clamp here."""
+    acc = accumulation_dtype(q.dtype)
+    state = k.to(acc)[:, :, 0, :, None] * v.to(acc)[:, :, 0, None, :]  # [B, H, K, V]
+    if initial_state is not None:
+        state = gamma.to(acc)[:, None, None] * initial_state.to(acc) + state
+    o = (q.to(acc) @ state) * scale
+    return o.to(q.dtype), state if state_out else None
+
+
 def chunkwise_forward(
     q, k, v, log_gamma, scale, initial_state, chunk_size: int = 64, state_out: bool = True
 ):

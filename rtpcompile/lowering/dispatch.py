@@ -100,8 +100,6 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     closed form both implementations share loses ~eps / gamma there. ``needs``: five bools,
     which gradients are wanted (None: all); an unwanted one may come back None, and the passes
     only it needs are skipped."""
-    if needs is not None and all(needs):
-        needs = None
     if use_triton(q, v, scale):
         grads = _triton_module().triton_backward(
             form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config), needs

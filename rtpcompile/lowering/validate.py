@@ -61,7 +61,7 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return True
 
 
-def _gamma_range_error(values) -> str:
+def gamma_range_error(values) -> str:
     return (
         f"gamma values must lie in [0, 1]; got {values} (a learnable decay must stay there: "
         "parametrise it, e.g. gamma = sigmoid(logit), which may underflow to 0: allowed)"
@@ -95,10 +95,10 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
         # every compiled CPU call, whose gamma is a new tensor each time)
         values = gamma.tolist()
         if not all(0 <= x <= 1 for x in values):  # NaN compares False: rejected too
-            raise ValueError(_gamma_range_error(values))
+            raise ValueError(gamma_range_error(values))
         return
     ok = ((gamma >= 0) & (gamma <= 1)).all()
-    torch._assert_async(ok, _gamma_range_error("(values on the device)"))
+    torch._assert_async(ok, gamma_range_error("(values on the device)"))
 
 
 def check_gamma(gamma, q) -> torch.Tensor:
@@ -110,7 +110,7 @@ def check_gamma(gamma, q) -> torch.Tensor:
         raise ValueError(f"gamma must be a number in [0, 1] or a [{H}] tensor, got {gamma!r}")
     if isinstance(gamma, numbers.Real):
         if not 0.0 <= float(gamma) <= 1.0:
-            raise ValueError(_gamma_range_error([float(gamma)]))
+            raise ValueError(gamma_range_error([float(gamma)]))
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.full((H,), float(gamma), device=q.device, dtype=dtype)
     if not isinstance(gamma, torch.Tensor):
