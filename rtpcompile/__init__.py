@@ -19,6 +19,9 @@ _LAZY = {
     "memory_report": ("rtpcompile.convert", "memory_report"),
     "distill": ("rtpcompile.convert", "distill"),
     "export_mlir": ("rtpcompile.export", "export_mlir"),
+    "export_program": ("rtpcompile.export", "export_program"),
+    "export": ("rtpcompile.export", None),
+    "distributed": ("rtpcompile.distributed", None),
 }
 
 __all__ = ["ops", "explain", "__version__", *_LAZY]

@@ -108,3 +108,39 @@ def test_chunk_decay_matrix_equals_the_unrolled_recurrence(N):
     want = _unrolled_states(state, chunk_kv, lg, 6, N)
     got = _matrix_states(state, chunk_kv, lg, 6, N)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_quadratic_check_reads_a_dynamic_program_without_specialising_it(tmp_path):
+    """quadratic_node_shapes compared each SymInt dim with the int given, which guarded T to it:
+    the program then refused every other length after save/load (until 2026-11-24)."""
+    from rtpcompile.export import quadratic_node_shapes
+
+    class Scores(torch.nn.Module):
+        def forward(self, x):
+            return (x @ x.transpose(-1, -2)).softmax(-1) @ x
+
+    x = torch.randn(1, 40, 8)
+    T = torch.export.Dim("T", min=2, max=4096)
+    program = torch.export.export(Scores(), (x,), dynamic_shapes=({1: T},))
+    found = quadratic_node_shapes(program, 40)
+    assert found and all("s" in shape for shape in found)  # the [1, T, T] scores, symbolic
+    assert quadratic_node_shapes(program, 41) == []
+    torch.export.save(program, tmp_path / "p.pt2")
+    longer = torch.randn(1, 77, 8)
+    out = torch.export.load(tmp_path / "p.pt2").module()(longer)
+    torch.testing.assert_close(out, Scores()(longer))
+
+
+def test_the_names_the_docs_use_are_attributes_of_the_package():
+    """README's `rtpcompile.export_program` was an AttributeError until 2026-11-24, as were the
+    `rtpcompile.export` and `rtpcompile.distributed` subpackages before an explicit import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import rtpcompile; from rtpcompile.export import export_program; "
+        "assert rtpcompile.export_program is export_program; "
+        "rtpcompile.export.quadratic_node_shapes; "
+        "rtpcompile.distributed.context_parallel_retention"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -49,12 +49,19 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--prompt", type=positive_int, default=None, help="prompt length before decoding"
     )
-    p.add_argument("--backends", type=_names, default=list(models.BACKENDS))
+    p.add_argument(
+        "--backends",
+        type=_names,
+        default=list(models.BACKENDS),
+        help=f"backends to compare, comma-separated (default: {','.join(models.BACKENDS)})",
+    )
     p.add_argument(
         "--whole-model", action="store_true", help="compile the model as one graph, not per block"
     )
     p.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per variant")
-    p.add_argument("--plot", type=Path, default=Path("rtpcompile_demo.png"))
+    p.add_argument(
+        "--plot", type=Path, default=Path("rtpcompile_demo.png"), help="where to write the plot"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     add_threads_argument(p)
     p.set_defaults(func=run)

@@ -100,6 +100,7 @@ def prove(
     # rewrite reads gamma and the diagonal from the mask at run time, so a diagonal that other
     # values move off 1 (a per-head temperature) is folded as a row scale.
     trainable = trainable_inputs(view, masks, inputs)
+    tolerance = _tolerance(view, masks)
     proof = Proof("the mask could not be evaluated")
     row_scale = False
     for t in lengths_for(seq):
@@ -109,7 +110,7 @@ def prove(
             return Proof(_over_budget(view, masks, sizes, need, budget))
         for perturb in (None, torch.Generator().manual_seed(t)) if trainable else (None,):
             reason, gamma, scaled = _fit_at(
-                view, masks, transform, inputs, sizes, batch_ndim, perturb
+                view, masks, transform, inputs, sizes, batch_ndim, perturb, tolerance
             )
             if reason is not None and perturb is not None:
                 reason = (
@@ -122,7 +123,7 @@ def prove(
             if perturb is None:
                 proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
     if proof.reason is None and Sizes(seq, 0).symbol is not None:
-        reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim)
+        reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim, tolerance)
         if reason is not None:
             return Proof(reason)
         row_scale = row_scale or scaled or reads_sizes(view, masks)
@@ -168,7 +169,9 @@ def _long_lengths(view: GraphView, masks: list[fx.Node], seq) -> list[int]:
     return list(dict.fromkeys(t for t in found if t is not None and t > t_example))
 
 
-def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | None, bool]:
+def _prove_long(
+    view, masks, transform, inputs, seq, batch_ndim, tolerance
+) -> tuple[str | None, bool]:
     """(reason, row_scale) at the longest length past the example one where the mask can be
     evaluated: with a symbolic T a window (``i - j < 40`` baked into a buffer, a period) past
     the lengths proven so far would otherwise escape. No such length (or none in the budget):
@@ -177,7 +180,9 @@ def _prove_long(view, masks, transform, inputs, seq, batch_ndim) -> tuple[str | 
         sizes = Sizes(seq, t)
         if proof_bytes(view, masks, sizes) > proof_budget():
             continue
-        reason, _, scaled = _fit_at(view, masks, transform, inputs, sizes, batch_ndim, None)
+        reason, _, scaled = _fit_at(
+            view, masks, transform, inputs, sizes, batch_ndim, None, tolerance
+        )
         if reason is not None and ("could not be evaluated" in reason or "shape" in reason):
             continue  # NOTE: the mask does not exist at this length; try a shorter one
         if reason is not None:
@@ -209,8 +214,9 @@ def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
 _ATOL = 1e-6
 
 
-def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb):
-    """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``."""
+def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb, tolerance):
+    """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``; ``tolerance``:
+    ``_tolerance``'s (rtol, atol), worked out once per region."""
     t = sizes.t
     try:
         with unset_fake_temporarily(), torch.no_grad():
@@ -223,7 +229,7 @@ def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, pertu
     reason, heads = per_head(mask, t, batch_ndim)
     if reason is not None:
         return reason, None, False
-    rtol, atol = _tolerance(view, masks)
+    rtol, atol = tolerance
     extra = {} if atol == _ATOL else {"atol": atol}  # NOTE: fit_decay's default atol otherwise
     reason, gamma, row_scale = fit_decay(heads, t, rtol, **extra)
     return (None if reason is None else f"{reason} at T={t}"), gamma, row_scale

@@ -147,7 +147,9 @@ def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -
     """Nodes whose value has two dims equal to ``seq_len`` (a T x T intermediate): 'name: shape'.
 
     Weights, buffers and constants are not intermediates and are skipped (a 64 x 64 projection
-    matched at T = 64); a [.., T, width] value still matches when T equals the width."""
+    matched at T = 64); a [.., T, width] value still matches when T equals the width. A symbolic
+    dim (a dynamic-T program) is compared at the export's example sizes, read without a guard:
+    comparing the SymInt itself would specialise the program to ``seq_len``."""
     sig = program.graph_signature
     state = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
     state |= set(getattr(sig, "inputs_to_lifted_tensor_constants", {}))
@@ -156,9 +158,19 @@ def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -
         if node.op == "placeholder" and node.name in state:
             continue
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and list(val.shape).count(seq_len) >= 2:
-            found.append(f"{node.name}: {tuple(val.shape)}")
+        if isinstance(val, torch.Tensor):
+            sizes = [_example_size(d) for d in val.shape]
+            if sizes.count(seq_len) >= 2:
+                found.append(f"{node.name}: {tuple(val.shape)}")
     return found
+
+
+def _example_size(dim) -> int | None:
+    """A dim as an int: a SymInt at its example value (its hint, no guard), None without one."""
+    if isinstance(dim, torch.SymInt):
+        hint = dim.node.hint
+        return None if hint is None else int(hint)
+    return int(dim)
 
 
 _TENSOR_TYPE = re.compile(r"tensor<([0-9?x]+)x[a-z]+[0-9]*>|vtensor<\[([0-9?,\-]+)\]")
