@@ -200,3 +200,66 @@ def test_cache_reused_with_another_batch_size_names_both():
         model(ids(2), past_key_values=cache)
         with pytest.raises(ValueError, match="cache holds batch 2 but the input has batch 1"):
             model(ids(1, length=1), past_key_values=cache)
+
+
+# -- mixed sliding/full attention, crop, reload ---------------------------------------------------
+
+
+def _mixed_gemma3() -> nn.Module:
+    torch.manual_seed(0)
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    cfg = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, num_key_value_heads=2,
+        sliding_window=16, layer_types=layer_types,
+    )  # fmt: skip
+    model = transformers.Gemma3ForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"
+    model = model.double().eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("placement", [[0], [0, 2], [1]])
+def test_a_converted_sliding_layer_generates_as_recompute(placement):
+    """A dynamic sliding layer's window was taken for a static cache length (until 2026-11-24):
+    the converted slot then sized the full-attention mask to it and batched generate failed."""
+    model = _mixed_gemma3()
+    handle = retrofit(model, placement=placement)
+    with torch.no_grad():
+        for layer in handle.modules.values():
+            layer.out_norm.mul_(1.5)  # not the identity at the start
+    x, mask = left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    cached = model.generate(x, past_key_values=handle.new_cache(), **kw)
+    torch.testing.assert_close(cached, model.generate(x, use_cache=False, **kw), rtol=0, atol=0)
+    slot = handle.new_cache().layers[placement[0]]
+    assert isinstance(slot, RetentionCacheLayer) and slot.get_max_length() < 0  # dynamic
+
+
+def test_crop_is_refused_before_any_layer_is_cut():
+    model = tiny("llama")
+    handle = retrofit(model, ratio=0.5, placement="back")  # attention 0, retention 1
+    cache = handle.new_cache()
+    with torch.no_grad():
+        model(ids(1, 8), past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-3)
+    assert [layer.get_seq_length() for layer in cache.layers] == [8, 8]
+
+
+def test_reloading_a_retrofitted_model_by_retrofit_then_load_state_dict():
+    """docs/retrofit.md's recipe: from_pretrained drops the new parameters, so build, retrofit
+    with the same arguments, then load the saved state dict."""
+    model = tiny("llama")
+    handle = retrofit(model, ratio=0.5)
+    with torch.no_grad():
+        for layer in handle.modules.values():
+            layer.out_norm.mul_(1.5)
+            layer.decay_logit.add_(0.25)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = tiny("llama")
+    retrofit(fresh, ratio=0.5)
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids()).logits, model(ids()).logits, rtol=0, atol=0)

@@ -157,6 +157,14 @@ if CacheLayerMixin is not None:
             for idx in retention_layers:
                 layer_slot(self, idx)
 
+        def crop(self, max_length: int) -> None:
+            """Refused, before any layer is cropped (``DynamicCache.crop`` walks the layers in
+            order, so the attention layers before the first retention one were cut first)."""
+            for layer in self.layers:
+                if isinstance(layer, RetentionCacheLayer):
+                    layer.crop(max_length)  # NOTE: raises: a state has no per-token entries
+            super().crop(max_length)
+
         def nbytes(self) -> dict[str, int]:
             """Bytes held: {"state": retention states + type-C K/V, "kv": attention K/V, ...}."""
             state = kv = 0
@@ -201,7 +209,11 @@ def layer_slot(cache, index: int):
             "converted retention layer; build the cache after retrofit (handle.new_cache())"
         )
     static = None
-    if slot.get_max_length() > 0:  # NOTE: a StaticLayer; -1 for dynamic layers
+    # NOTE: by type, not by a positive get_max_length(): a dynamic sliding-window layer returns
+    # its window there, and a slot sized to it made the new layer (not sliding, so the one
+    # transformers sizes the full-attention mask by) claim `window` columns while the kept
+    # full layers held fewer keys
+    if getattr(slot, "is_compileable", False):  # a static layer (full or sliding)
         static = max(layer.get_max_length() for layer in cache.layers)
     cache.layers[index] = RetentionCacheLayer(max_cache_len=static)
     return cache.layers[index]
