@@ -172,6 +172,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     (q_perm, k_perm, v_perm, token_axis, kind, axes, normaliser, low, out_perm, state_vk, form,
      chunk, use_row_scale, runtime) = spec  # fmt: skip
     q, k, v = (x if p is None else x.permute(p) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
+    q, k, v = _autocast_inputs(q, k, v)
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
     # NOTE: constant score factors (1/sqrt(K)) become the op's scale, applied in float32 after
@@ -230,6 +231,21 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         new_state = _from4(final, state.shape[:-2])
         new_state = (new_state.transpose(-1, -2) if state_vk else new_state).to(state.dtype)
     return o, new_state
+
+
+def _autocast_inputs(q, k, v):
+    """q, k, v in the dtype autocast gives the region's products, when it is on where the region
+    runs (read while the graph is traced, which runs the graph's autocast enter/exit nodes):
+    eager's ``q @ k^T`` and ``@ v`` run in it (and return it), so the op runs on those inputs too
+    (its state and accumulation stay float32). Autocast casts every floating tensor but float64."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        x.to(dtype) if x.is_floating_point() and x.dtype not in (dtype, torch.float64) else x
+        for x in (q, k, v)
+    )
 
 
 def inline_step(q: torch.Tensor, runtime_options: str) -> bool:
