@@ -31,6 +31,11 @@ timeline so their chunks are the forward chunks, ``_pad`` in the templates), and
 share the scores do v^T. So: the dq pass's states, the whole dv pass (keeping its states), then
 one kernel computing dq, dk and the d gamma partials of both (``launch.run_dqk``).
 
+With a final-state gradient and |scale| < ``TINY_SCALE`` (float32, bfloat16, float64), the dk
+and dv passes run with their values times 2**e (scale = m * 2**e) at scale m, so their state
+holds dsf, not dsf / scale, which left float32's range (``_units``); they then run as the
+three-pass kernels.
+
 A backward that wants only some gradients (``needs``, the backward op's ``output_mask``) runs
 only their passes, on the three-pass path unless all three are needed.
 """
@@ -38,6 +43,7 @@ only their passes, on the three-pass path unless all three are needed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -57,6 +63,10 @@ Tensor = torch.Tensor
 # NOTE: gamma = 0 runs as the smallest normal float32 (the templates' ``_log2_gamma``; the aten
 # path's ``lowering.aten_impl.MIN_GAMMA``, not imported: kernels do not depend on lowering)
 MIN_GAMMA = torch.finfo(torch.float32).tiny
+# NOTE: with a final-state gradient the dk and dv passes start from dsf / scale (their state
+# enters with state_scale 1, held in units of the kernel's scale), which leaves float32's range
+# once |dsf| / |scale| > 3.4e38. Below this |scale| they run in output units instead (``_units``).
+TINY_SCALE = 2.0**-32
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tensor:
@@ -117,19 +127,36 @@ def _dv_pass(form, do, dsf, q, k, v, g, scale, s0) -> Pass:
     return p
 
 
+def _units(q: Tensor, dsf, scale: float) -> float:
+    """The factor the dk and dv passes' values (q, do) are multiplied by, their scale divided
+    by: 1, or with a final-state gradient and |scale| < TINY_SCALE, the power of two 2**e of
+    scale = m * 2**e (exact; the passes then run at scale m, in [0.5, 1), and hold dsf, not
+    dsf / scale: retention is linear in its values and initial state together). Not for float16
+    values, which 2**e (< 2**-31) would flush to 0; the dv pass's final state comes out times it."""
+    if dsf is None or abs(scale) >= TINY_SCALE or q.dtype == torch.float16:
+        return 1.0
+    return 2.0 ** math.frexp(scale)[1]
+
+
 def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, runs=(True,) * 3):
-    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state;
-    ``runs``: which of the dq, dk and dv passes to launch (the others' results are None)."""
+    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state
+    (times ``_units``); ``runs``: which of the dq, dk and dv passes to launch (the others'
+    results are None)."""
     dq = part_q = dk = part_k = dv = f = None
     if runs[0]:
         dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
+    # NOTE: each pass's values times unit (q of the dk pass, do of the dv pass), its scale over it
+    unit = _units(q, dsf, scale)
+    qu, du = (q, do) if unit == 1.0 else (q * unit, do * unit)
     if runs[1]:
-        dk_pass = Pass(form, v, do, q, g, scale, reverse=True, out_dtype=k.dtype, row_dot_with=k)
+        dk_pass = Pass(
+            form, v, do, qu, g, scale / unit, reverse=True, out_dtype=k.dtype, row_dot_with=k
+        )
         if dsf is not None:
             dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
         dk, _, part_k = run(dk_pass, chunk_size, config)
     if runs[2]:
-        dv, f, _ = run(_dv_pass(form, do, dsf, q, k, v, g, scale, s0), chunk_size, config)
+        dv, f, _ = run(_dv_pass(form, du, dsf, q, k, v, g, scale / unit, s0), chunk_size, config)
     return dq, dk, dv, part_q, part_k, f
 
 
@@ -167,13 +194,15 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     want_dq, want_dk, want_dv, want_dg, want_ds0 = (True,) * 5 if needs is None else needs
     runs = (want_dq or want_dg, want_dk or want_dg,
             want_dv or (s0 is not None and (want_ds0 or want_dg)))  # fmt: skip
-    found = _split_passes(*args) if all(runs) else None
+    # NOTE: the four-kernel path shares the dv pass's states with the dk side at the call's scale
+    unit = _units(q, dsf, scale)
+    found = _split_passes(*args) if all(runs) and unit == 1.0 else None
     dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs)
     if not want_dg:
         ds0 = None
         if s0 is not None and want_ds0:
             ga = g.to(acc).clamp(min=MIN_GAMMA)
-            ds0 = _ds0(f, ga, scale) if T else _ds0_empty(f, dsf, acc)
+            ds0 = _ds0(f, ga, scale / unit) if T else _ds0_empty(f, dsf, acc)
         return dq, dk, dv, None, ds0
     # NOTE: the common case (no states) is two or three small launches: the partials are
     # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
@@ -192,12 +221,12 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
             return dq, dk, dv, dg, None
         return dq, dk, dv, dg, _ds0_empty(f, dsf, acc)
     # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
-    # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f>
+    # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f> (f times unit)
     c = (T - 1) / 2
     ds0 = None
     if s0 is not None:
-        dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale)
-        ds0 = _ds0(f, ga, scale)
+        dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale / unit)
+        ds0 = _ds0(f, ga, scale / unit)
     if dsf is not None:
         dg.addcdiv_((dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)), ga, value=T - 1 - c)
     return dq, dk, dv, dg, ds0

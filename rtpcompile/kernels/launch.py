@@ -9,7 +9,8 @@ Every pass of a call takes the same optional ``config`` (``spec.check_config``: 
 num_stages, split), the block configuration the planner chose; None keeps ``spec.choose``'s
 defaults. A chunkwise pass that writes rows runs fused or split (``spec.use_split``): split, it is
 two launches sharing a buffer of the states entering each chunk, [B*H, chunks, K, V] in the
-input dtype (the dtype the fused kernel casts its state to for the same tl.dot).
+input dtype (the dtype the fused kernel casts its state to for the same tl.dot; in float16 the
+states times scale, ``KernelSpec.scale_first``).
 """
 
 from __future__ import annotations

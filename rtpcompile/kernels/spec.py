@@ -184,6 +184,16 @@ class KernelSpec:
             return self.fp32_precision
         return "ieee" if self.in_dtype == "float64" else "tf32"
 
+    @property
+    def scale_first(self) -> bool:
+        """Whether the kernels multiply by ``scale`` before a tensor-core operand is cast to the
+        input dtype rather than after the dot: float16 only. Its range ends at 65504, and the
+        unscaled scores q.k (or do.v) and the carried state (with a final-state gradient, dsf /
+        scale) overflow it where the output itself is small; scaled, they are the terms of the
+        output. bfloat16, float32 and float64 have float32's range or more: their kernels keep
+        the cheaper order (one multiply of the output block after the dots; docs/kernels.md)."""
+        return self.in_dtype == "float16"
+
     def short(self) -> str:
         flags = [
             f
@@ -300,6 +310,7 @@ def render(spec: KernelSpec) -> str:
     values.update(
         acc=spec.acc,
         precision=spec.precision,
+        scale_first=spec.scale_first,
         reverse=spec.direction == "bwd",
         V_in=spec.V - int(spec.extra_value_column),
         summary=spec.short(),
