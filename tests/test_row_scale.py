@@ -255,3 +255,40 @@ def test_bfloat16_tensor_temperature_with_a_cancelling_score_is_as_accurate_as_e
     """The cancelling-score row of the test above, with the factor a tensor: q * t rounded to
     bfloat16 before the dot product lost it as q * c did."""
     _check_cancelling_row(inductor_graphs, lambda: Tempered().bfloat16(), 8)
+
+
+class TemperatureBuffer(nn.Module):
+    """A per-head temperature buffer on the scores: ones when compiled, changed later."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("gamma", torch.tensor([0.9, 0.7, 0.5]))
+        self.register_buffer("temp", torch.ones(shape))
+
+    def forward(self, q, k, v):
+        T = q.shape[2]
+        i = torch.arange(T)
+        d = i[:, None] - i[None, :]
+        mask = torch.where(d >= 0, self.gamma[:, None, None] ** d.clamp(min=0), 0.0)
+        return ((q @ k.transpose(-1, -2)) * self.temp * mask) @ v
+
+
+@pytest.mark.parametrize(
+    "shape, new", [((3, 1, 1), [2.0, 0.5, 3.0]), ((1,), [2.0]), ((), 2.0)], ids=str
+)
+def test_model_state_that_moves_the_diagonal_is_read_at_run_time(shape, new):
+    """A temperature of ones at compile time kept a row scale of 1 after load_state_dict/copy_
+    changed it (until 2026-11-24): a silent 0.5-0.6 relative error."""
+    torch._dynamo.reset()
+    model = TemperatureBuffer(shape)
+    compiled = torch.compile(model, backend="rtp")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
+    compiled(q, k, v)
+    assert rtpcompile.explain(model, q, k, v).claimed
+    model.load_state_dict({**model.state_dict(), "temp": torch.tensor(new).reshape(shape)})
+    want = TemperatureBuffer(shape).double()
+    want.load_state_dict(model.state_dict())
+    ref = want(q.double(), k.double(), v.double())
+    torch.testing.assert_close(compiled(q, k, v).double(), ref, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

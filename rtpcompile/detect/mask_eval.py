@@ -143,11 +143,13 @@ def evaluate(
     inputs: list,
     sizes: Sizes,
     perturb: torch.Generator | None = None,
+    move_state: bool = False,
 ) -> list:
     """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
 
     ``perturb``: trainable parameters take other values (see ``_moved``), as training would
-    give them."""
+    give them; with ``move_state``, every floating tensor input does (model state a later
+    ``load_state_dict`` or ``copy_`` may change)."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -170,7 +172,8 @@ def evaluate(
         if node.op == "placeholder":
             value = inputs[index[node]]
             env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
-            if perturb is not None and is_tensor(value) and value.requires_grad:
+            movable = is_tensor(value) and (value.requires_grad or move_state)
+            if perturb is not None and movable:
                 env[node] = _moved(env[node], perturb)
             if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
                 env[node] = sizes.value(example(node))
