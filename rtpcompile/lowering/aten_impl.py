@@ -5,8 +5,8 @@ Every forward takes ``(q, k, v, log_gamma, scale, initial_state)`` in layout [B,
 ``(o, final_state)``. Decays are ``exp(log_gamma * n)`` with ``n >= 0`` only: nothing here
 computes gamma**(-t), so gamma near 0 or 1 and long sequences stay finite.
 
-The backward is the same forward run three times (for dq, and time-reversed for dk and dv)
-plus a closed form for d(log gamma); see ``retention_backward``.
+The backward is the same forward run up to three times (for dq, and time-reversed for dk and
+dv) plus d gamma as a forward-mode derivative of the chunkwise form (``dgamma.dgamma_chunked``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ Tensor = torch.Tensor
 # 2**-126, so log(gamma) stays finite; gamma^n is then 0 for n >= 2 in every dtype and the
 # difference from the exact 0 is ~1e-38 relative. Inside the op only: autograd sees gamma itself.
 MIN_GAMMA = torch.finfo(torch.float32).tiny
-# d gamma below this comes from its series (``small_gamma_dgamma``), with ``SERIES_LAGS`` terms
+# the kernels' d gamma below this comes from its series (``small_gamma_dgamma``), with
+# ``SERIES_LAGS`` terms; the aten backward's (``dgamma_chunked``) needs no series
 SMALL_GAMMA = 1e-2
 SERIES_LAGS = 6
+# the chunk size of ``dgamma.dgamma_chunked`` for the parallel and recurrent forms
+DGAMMA_CHUNK = 64
 Forward = Callable[[Tensor, Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
@@ -147,6 +150,10 @@ def single_step(q, k, v, gamma, scale, initial_state, state_out: bool = True):
     state = k.to(acc)[:, :, 0, :, None] * v.to(acc)[:, :, 0, None, :]  # [B, H, K, V]
     if initial_state is not None:
         state = gamma.to(acc)[:, None, None] * initial_state.to(acc) + state
+    elif gamma.requires_grad:
+        # NOTE: gamma^0: no value, but gamma stays in the autograd graph (a zero gradient, as the
+        # op and the mask it replaces give; an unused input would be an error in autograd.grad)
+        state = state + 0 * gamma.to(acc)[:, None, None]
     o = (q.to(acc) @ state) * scale
     return o.to(q.dtype), state if state_out else None
 
@@ -222,34 +229,36 @@ def forward(
     return FORWARDS[form](q, k, v, log_gamma, scale, initial_state, state_out)
 
 
-def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf, needs=None):
-    """Gradients of retention via three forward passes and one closed form.
+def retention_backward(
+    run: Forward, do, dsf, q, k, v, gamma, scale, s0, needs=None, chunk_size: int = DGAMMA_CHUNK
+):
+    """Gradients of retention via up to three forward passes and ``dgamma_chunked``.
 
     dq = retention(do, v, k) with state s0^T; dk and dv are time-reversed retentions
-    (reader and writer swap roles) plus the final state's direct term. For the decay: every
-    product pairs a reader at position a (a query q_i, or the final state at T - 1) with a
-    writer at position b (a key k_j, or the initial state at -1) through gamma**(a - b), so
-    d log(gamma) = sum_a (a - c) <r_a, dr_a> - sum_b (b - c) <w_b, dw_b> for any shift c
-    (we take the middle of the sequence to keep the two sums small).
-    Returns (dq, dk, dv, dgamma, ds0) in the accumulation dtype. ``needs``: five bools, which
-    of them are wanted (None: all); the passes only unwanted ones need are skipped (dq's for dq
-    or d gamma, dk's for dk or d gamma, dv's for dv) and those come back None.
+    (reader and writer swap roles) plus the final state's direct term. d gamma is the
+    forward-mode derivative of the chunkwise form (chunks of ``chunk_size``), which also gives
+    dq when both are wanted. Returns (dq, dk, dv, dgamma, ds0) in the accumulation dtype.
+    ``needs``: five bools, which of them are wanted (None: all); only the passes the wanted
+    ones need run, and the others come back None.
     """
     want_dq, want_dk, want_dv, want_dg, want_ds0 = (True,) * 5 if needs is None else needs
     acc = accumulation_dtype(q.dtype)
     q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
     T = q.shape[2]
-    gamma = gamma.to(acc).clamp(min=MIN_GAMMA)
-    lg = torch.log(gamma)
+    lg = torch.log(gamma.to(acc).clamp(min=MIN_GAMMA))
     pos = torch.arange(T, device=q.device)
 
     def flip(x):
         return x.flip(2)
 
+    from .dgamma import dgamma_chunked  # NOTE: here: dgamma builds on this module's helpers
+
     dq = dk = dv = dgamma = ds0 = None
-    if want_dq or want_dg:
+    if want_dg:
+        dgamma, dq = dgamma_chunked(do, dsf, q, k, v, lg, scale, s0, chunk_size, want_dq)
+    elif want_dq:
         dq, _ = run(do, v, k, lg, scale, None if s0 is None else s0.to(acc).transpose(-1, -2))
-    if want_dk or want_dg:
+    if want_dk:
         dk = flip(run(flip(v), flip(do), flip(q), lg, scale, None)[0])
     if want_dv:
         dv = flip(run(flip(k), flip(q), flip(do), lg, scale, None)[0])
@@ -258,19 +267,10 @@ def retention_backward(run: Forward, do, dsf, q, k, v, gamma, scale, s0, sf, nee
         to_end = _powers(lg, T - 1 - pos)[..., None]
         dk = None if dk is None else dk + to_end * (v @ dsf.transpose(-1, -2))
         dv = None if dv is None else dv + to_end * (k @ dsf)
-    if s0 is not None and (want_ds0 or want_dg):
+    if s0 is not None and want_ds0:
         ds0 = ((q * _powers(lg, pos + 1)[..., None]).transpose(-1, -2) @ do) * scale
         if dsf is not None:
             ds0 = ds0 + _power(lg, T)[..., None, None] * dsf
-    if want_dg:
-        c = (T - 1) / 2
-        centred = pos.to(acc) - c
-        dlg = (centred * ((q * dq).sum(-1) - (k * dk).sum(-1))).sum(dim=(0, 2))
-        if s0 is not None:
-            dlg = dlg + (c + 1) * (s0.to(acc) * ds0).sum(dim=(0, 2, 3))
-        if dsf is not None:
-            dlg = dlg + (T - 1 - c) * (dsf * sf.to(acc)).sum(dim=(0, 2, 3))
-        dgamma = dlg / gamma
     return dq, dk, dv, dgamma, ds0
 
 
@@ -280,12 +280,12 @@ def small_gamma_dgamma(do, dsf, q, k, v, gamma, scale, s0, lags: int = SERIES_LA
     incoming state read by q_{l-1}, and k_{T-1-l}, v_{T-1-l} or the initial state read by the
     final state). Shape [H], the accumulation dtype.
 
-    NOTE: the closed form (``retention_backward``) is d log(gamma) / gamma, and d log(gamma) is
-    a difference of sums whose lag-0 terms cancel: its rounding error (~eps * their size) is
-    divided by gamma, so below ~1e-2 it grows like eps / gamma (float32: wrong sign and 1e24
-    times too large at gamma = 1e-30). The series has no division and is exact at gamma = 0
-    (X_1, the one-sided derivative); the terms it drops are below (lags + 1) gamma^lags ~ 7e-12
-    relative at gamma = 1e-2. Cost: O(lags * T * (K + V)) elementwise, no T^2.
+    NOTE: the kernels' closed form (``kernels/backward.py``) is d log(gamma) / gamma, and
+    d log(gamma) is a difference of sums whose lag-0 terms cancel: its rounding error (~eps *
+    their size) is divided by gamma, so below ~1e-2 it grows like eps / gamma (float32: wrong
+    sign and 1e24 times too large at gamma = 1e-30). The series has no division and is exact
+    at gamma = 0 (X_1, the one-sided derivative); the terms it drops are below (lags + 1)
+    gamma^lags ~ 7e-12 relative at gamma = 1e-2. Cost: O(lags * T * (K + V)) elementwise.
     """
     acc = accumulation_dtype(q.dtype)
     q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
@@ -318,7 +318,8 @@ def small_gamma_dgamma(do, dsf, q, k, v, gamma, scale, s0, lags: int = SERIES_LA
 def refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0) -> Tensor:
     """``dgamma`` with the heads whose gamma is below ``SMALL_GAMMA`` (0 included) replaced by
     ``small_gamma_dgamma``, on CPU tensors only, and skipped when no head is that small (free
-    to test there). Elsewhere the closed form stands: testing would synchronise the host, and
+    to test there); for the kernels' closed form (the aten backward needs none). Elsewhere the
+    closed form stands: testing would synchronise the host, and
     running the series on every backward would re-read q, k, v and do about six times."""
     acc = accumulation_dtype(q.dtype)
     g = gamma.detach().reshape(-1).to(acc)
