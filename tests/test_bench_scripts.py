@@ -253,3 +253,12 @@ def test_cpu_backend_bench_reports_what_the_calls_allocate(tmp_path):
         if sys.platform == "linux":
             assert 0 <= row[variant]["run_extra_mb"] < 100
     assert "(calls +" in next(tmp_path.glob("backend_*.md")).read_text()
+
+
+def test_cpu_decode_bench_writes_its_table(tmp_path):
+    bench = _script("cpu_decode")
+    bench.main(["--layouts", "A", "--backends", "eager", "--steps", "3", "--rounds", "1",
+                "--out", str(tmp_path)])  # fmt: skip
+    (table,) = tmp_path.glob("decode_*.md")
+    text = table.read_text()
+    assert "| model | eager |" in text and "| A | " in text and " ms |" in text
