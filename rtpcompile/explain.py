@@ -176,8 +176,9 @@ def traced_needs(gm, region: Region) -> tuple[bool, ...] | None:
 
 
 def backward_note(needs: tuple[bool, ...] | None, has_state: bool) -> str:
-    """The backward passes the op runs for ``needs``, when it skips any; "" otherwise (all
-    passes, no gradient at all, or unknown). The rule is ``kernels.backward``'s."""
+    """The Triton kernels' backward passes for ``needs``, when they skip any; "" otherwise (all
+    passes, no gradient at all, or unknown). The rule is ``kernels.backward``'s (the aten
+    backward runs its own: ``aten_impl.retention_backward``)."""
     if needs is None or not any(needs):
         return ""
     dq, dk, dv, dg, ds0 = needs
@@ -189,7 +190,7 @@ def backward_note(needs: tuple[bool, ...] | None, has_state: bool) -> str:
     ]
     kept = [name for name, run in runs.items() if run]
     passes = "pass" if len(kept) == 1 else "passes"
-    return f"backward: {', '.join(kept)} {passes} only ({', '.join(wanted)} wanted)"
+    return f"kernels' backward: {', '.join(kept)} {passes} only ({', '.join(wanted)} wanted)"
 
 
 @dataclasses.dataclass

@@ -134,9 +134,9 @@ def _qkv(pattern, T=19):
     "learnable,pattern,grads,note",
     [
         (False, "qkv", ("q", "k", "v"), ""),  # frozen decay: nothing skipped
-        (False, "v", ("v",), "backward: dv pass only (dv wanted)"),
-        (True, "", ("gamma",), "backward: dq, dk passes only (dgamma wanted)"),
-        (True, "q", ("q", "gamma"), "backward: dq, dk passes only (dq, dgamma wanted)"),
+        (False, "v", ("v",), "kernels' backward: dv pass only (dv wanted)"),
+        (True, "", ("gamma",), "kernels' backward: dq, dk passes only (dgamma wanted)"),
+        (True, "q", ("q", "gamma"), "kernels' backward: dq, dk passes only (dq, dgamma wanted)"),
         (False, "", (), ""),  # nothing needs a gradient (an inference trace)
     ],
 )
@@ -173,7 +173,7 @@ def test_backward_note_follows_the_backward_rule():
     assert backward_note((True, True, True, False, False), False) == ""
     assert backward_note((False, False, False, True, False), True) == ""  # gamma + a state
     assert backward_note((False, False, False, False, True), True) == (
-        "backward: dv pass only (ds0 wanted)"
+        "kernels' backward: dv pass only (ds0 wanted)"
     )
 
 
