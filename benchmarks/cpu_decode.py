@@ -51,8 +51,10 @@ def _one(backend: str, layout: str, steps: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", _WORKER, backend, layout, str(steps)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env, capture_output=True, text=True,
     )  # fmt: skip
+    if out.returncode:
+        raise SystemExit(f"worker {backend}/{layout} failed:\n{out.stderr}")
     return float(out.stdout.strip().splitlines()[-1])
 
 

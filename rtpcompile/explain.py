@@ -35,14 +35,14 @@ def planned_lowering(region: Region) -> str:
     size its call requests; every other region from the ``form`` option (``RTP_FORM``, as the
     backend rewrites it). The planner reads ``RTP_CHUNK_SIZE`` itself, as it does at run time.
     """
-    from . import options
     from .lowering import plan
+    from .rewrite import steps_inline
 
     form = _op_call(region)[4]
     if region.seq_len is None or region.seq_len < 1:
         return f"{form} (decided per call)"
-    cpu = region.device is not None and torch.device(region.device).type == "cpu"
-    if cpu and region.seq_len == 1 and not region.native and options.current().kernels != "triton":
+    device = None if region.device is None else torch.device(region.device).type
+    if not region.native and steps_inline(device, region.seq_len):
         return "recurrent at T=1, as aten ops Inductor fuses (CPU: no op call)"
     chosen = plan.choose(
         form,

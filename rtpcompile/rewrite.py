@@ -2,8 +2,9 @@
 
 Rewrite never analyses: it reads the :class:`Region` detection produced and inserts one
 ``call_function`` node per region that calls :func:`rtp_retention`, a small traceable glue
-function. AOTAutograd traces through the glue, so the compiled graph holds exactly one rtp op
-per region plus the permutes/views to [B, H, T, D] and back.
+function. AOTAutograd traces through the glue, so the compiled graph holds one rtp op per
+region plus the permutes/views to [B, H, T, D] and back (a one-token step on CPU: plain aten
+ops instead of the op, ``inline_step``).
 
 # NOTE: the decay gamma and the row scale c are computed at run time from the region's own mask
 # nodes (gamma_h = M[h,1,0] / M[h,1,1], c[h,i] = M[h,i,i]; gamma = 1 when T = 1, where it has
@@ -170,9 +171,13 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     runtime_options).
     """
     (q_perm, k_perm, v_perm, token_axis, kind, axes, normaliser, low, out_perm, state_vk, form,
-     chunk, use_row_scale, runtime) = spec  # fmt: skip
+     chunk, use_row_scale, runtime, out_dtype) = spec  # fmt: skip
     q, k, v = (x if p is None else x.permute(p) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
-    q, k, v = _autocast_inputs(q, k, v)
+    if out_dtype is not None and out_dtype != q.dtype:
+        # NOTE: the dtype eager computed the region's output in: autocast's for products it
+        # casts (``q @ k^T``, ``@ v``; not an elementwise spelling, not under a nested
+        # ``autocast(enabled=False)``, never float64), or a cast written in the region
+        q, k, v = (x.to(out_dtype) for x in (q, k, v))
     if token_axis:
         q, k, v = (x.unsqueeze(-2) for x in (q, k, v))
     # NOTE: constant score factors (1/sqrt(K)) become the op's scale, applied in float32 after
@@ -233,21 +238,6 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     return o, new_state
 
 
-def _autocast_inputs(q, k, v):
-    """q, k, v in the dtype autocast gives the region's products, when it is on where the region
-    runs (read while the graph is traced, which runs the graph's autocast enter/exit nodes):
-    eager's ``q @ k^T`` and ``@ v`` run in it (and return it), so the op runs on those inputs too
-    (its state and accumulation stay float32). Autocast casts every floating tensor but float64."""
-    device = q.device.type
-    if not torch.is_autocast_enabled(device):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(
-        x.to(dtype) if x.is_floating_point() and x.dtype not in (dtype, torch.float64) else x
-        for x in (q, k, v)
-    )
-
-
 def inline_step(q: torch.Tensor, runtime_options: str) -> bool:
     """Whether a region's call is left to Inductor as plain ops instead of the rtp op: a
     one-token step (T = 1, a static size: Dynamo specialises it) on CPU tensors, unless the
@@ -258,8 +248,12 @@ def inline_step(q: torch.Tensor, runtime_options: str) -> bool:
     them: a compiled CPU decode loop ran 20-40% slower per token with the op than with
     ``backend="inductor"``. On CUDA the op's fused kernel is the point (and a CUDA-graph replay
     removes its host cost), so it stays."""
-    T = q.shape[2]
-    if q.device.type != "cpu" or type(T) is not int or T != 1:
+    return steps_inline(q.device.type, q.shape[2], runtime_options)
+
+
+def steps_inline(device_type: str, T, runtime_options: str = "") -> bool:
+    """``inline_step``'s rule on a device type and a length (``explain`` reports it)."""
+    if device_type != "cpu" or type(T) is not int or T != 1:
         return False
     with options.scoped(runtime_options):
         return options.current().kernels != "triton"
@@ -268,12 +262,14 @@ def inline_step(q: torch.Tensor, runtime_options: str) -> bool:
 def _step_in_aten(q, k, v, gamma, scale, s0):
     """The op's (o, final state) of a one-token step, in aten ops; gamma's range is checked as
     the op checks it on CPU (an error naming the values' range), by an assertion in the graph."""
-    ok = ((gamma >= 0) & (gamma <= 1)).all()
-    torch._assert_async(ok, validate.gamma_range_error("(values in the compiled graph)"))
-    return aten_impl.single_step(q, k, v, gamma, scale, s0, state_out=s0 is not None)
+    validate.assert_gamma_range(gamma, "(values in the compiled graph)")
+    # NOTE: the glue is traced under the graph's autocast state: the step's product must stay
+    # in float32 as the op's does (the inputs already have the region's dtype, see above)
+    with torch.autocast(q.device.type, enabled=False):
+        return aten_impl.single_step(q, k, v, gamma, scale, s0, state_out=s0 is not None)
 
 
-def _spec(region: Region, form: str, chunk_size: int, runtime_options: str) -> tuple:
+def _spec(region: Region, form: str, chunk_size: int, runtime_options: str, out_dtype) -> tuple:
     return (
         region.q.perm,
         region.k.perm,
@@ -289,7 +285,16 @@ def _spec(region: Region, form: str, chunk_size: int, runtime_options: str) -> t
         chunk_size,
         region.row_scale,
         runtime_options,
+        out_dtype,
     )
+
+
+def _eager_dtype(node: fx.Node) -> torch.dtype | None:
+    """The floating dtype eager computed ``node`` in (Dynamo's example value), or None."""
+    value = node.meta.get("example_value")
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.dtype
+    return None
 
 
 def _factors(factors, named) -> tuple:
@@ -325,7 +330,7 @@ def rewrite_region(
         _factors(region.pre, named),
         _factors(region.post, named),
         named[region.state.node] if region.state is not None else None,
-        _spec(region, form, chunk_size, runtime_options),
+        _spec(region, form, chunk_size, runtime_options, _eager_dtype(named[region.output])),
     )
     inputs: list[fx.Node] = []
     fx.node.map_arg(args, inputs.append)

@@ -90,3 +90,45 @@ def test_float64_is_not_cast_by_autocast(op_dtypes):
         want = model(*inputs)
     assert op_dtypes == [torch.float64] and out.dtype == want.dtype == torch.float64
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+class ElementwiseStep(torch.nn.Module):
+    """A recurrent step spelt without a product autocast casts: eager keeps float32."""
+
+    def forward(self, q, k, v, state):
+        state = 0.9 * state + k.unsqueeze(-1) * v.unsqueeze(-2)
+        return (q.unsqueeze(-1) * state).sum(-2), state
+
+
+def test_an_elementwise_spelling_under_autocast_keeps_eager_float32(op_dtypes):
+    """The rewrite cast q, k, v to the autocast dtype whatever the region's spelling (until
+    2026-11-24, same day): this one returned bfloat16 where eager returns float32."""
+    model = ElementwiseStep()
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 3, 8, generator=g) for _ in range(2))
+    v = torch.randn(2, 3, 6, generator=g)
+    state = torch.randn(2, 3, 8, 6, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, new = torch.compile(model, backend="rtp")(q, k, v, state)
+        want, want_state = model(q, k, v, state)
+    assert out.dtype == want.dtype == torch.float32 and new.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new, want_state, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_step_under_autocast_computes_its_product_in_float32():
+    """The inlined one-token step is traced under the graph's autocast: its q @ S ran in
+    bfloat16 (same day); as the op, it runs in float32 and rounds once."""
+    from rtpcompile.rewrite import _step_in_aten
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 1, 16, generator=g).bfloat16() for _ in range(3))
+    s0 = torch.randn(1, 2, 16, 16, generator=g)
+    gamma = torch.tensor([0.9, 0.5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = _step_in_aten(q, k, v, gamma, 0.25, s0)
+    want_s = gamma[:, None, None] * s0 + k.float().transpose(-1, -2) @ v.float()
+    want = (q.float() @ want_s * 0.25).bfloat16()
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, want_s)
+    torch.testing.assert_close(o, want, rtol=0, atol=0)

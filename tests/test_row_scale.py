@@ -273,6 +273,7 @@ class TemperatureBuffer(nn.Module):
         return ((q @ k.transpose(-1, -2)) * self.temp * mask) @ v
 
 
+# NOTE: the 0-dim case passed before the fix too (a 0-dim factor was already read per call); a guard
 @pytest.mark.parametrize(
     "shape, new", [((3, 1, 1), [2.0, 0.5, 3.0]), ((1,), [2.0]), ((), 2.0)], ids=str
 )
@@ -291,4 +292,33 @@ def test_model_state_that_moves_the_diagonal_is_read_at_run_time(shape, new):
     want.load_state_dict(model.state_dict())
     ref = want(q.double(), k.double(), v.double())
     torch.testing.assert_close(compiled(q, k, v).double(), ref, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+class MaskTimesTemperature(nn.Module):
+    """A precomputed decay mask buffer times a temperature buffer of ones."""
+
+    def __init__(self, T):
+        super().__init__()
+        i = torch.arange(T)
+        d = i[:, None] - i[None, :]
+        decay = torch.tensor([0.9, 0.7, 0.5])[:, None, None] ** d.clamp(min=0)
+        self.register_buffer("mask", torch.where(d >= 0, decay, 0.0))
+        self.register_buffer("temp", torch.ones(3, 1, 1))
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)) * self.temp * self.mask) @ v
+
+
+def test_a_temperature_beside_a_precomputed_mask_buffer_is_read_at_run_time():
+    """The first check moved every state input together and re-fitted: the moved mask buffer
+    is no decay, the fit failed, and the temperature's change was ignored again (same day)."""
+    torch._dynamo.reset()
+    model = MaskTimesTemperature(16)
+    compiled = torch.compile(model, backend="rtp")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
+    compiled(q, k, v)
+    model.temp.copy_(torch.tensor([2.0, 0.5, 3.0]).reshape(3, 1, 1))
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

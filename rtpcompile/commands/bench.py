@@ -83,7 +83,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-decode", action="store_true", help="model level: skip the decode part")
     p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
     add_threads_argument(p)
-    p.set_defaults(func=run)
+    defaults = {flag: p.get_default(flag) for flags in _SUITE_FLAGS.values() for flag in flags}
+    p.set_defaults(func=run, suite_flag_defaults=defaults)
 
 
 _ints = int_list("512,4096")
@@ -153,17 +154,12 @@ def _model_defaults(args, device: str) -> model_suite.ModelConfig:
     )  # fmt: skip
 
 
-# NOTE: flags that only one suite reads, and their defaults (a flag left at its default is fine)
+# NOTE: flags that only one suite reads (a flag left at its parser default is fine)
 _SUITE_FLAGS = {
-    "op": {
-        "lengths": None, "variants": None, "modes": list(op_suite.MODES), "dtype": None,
-        "heads": None, "head_dim": None, "max_mem_gb": None, "no_memory": False,
-        "memory_lengths": None, "batch": 1,
-    },
-    "model": {
-        "model": "default", "backends": list(BACKENDS), "prefill_lengths": None,
-        "train_lengths": None, "no_decode": False, "whole_model": False,
-    },
+    "op": ("lengths", "variants", "modes", "dtype", "heads", "head_dim", "max_mem_gb",
+           "no_memory", "memory_lengths", "batch"),
+    "model": ("model", "backends", "prefill_lengths", "train_lengths", "no_decode",
+              "whole_model"),
 }  # fmt: skip
 
 
@@ -172,8 +168,8 @@ def _check_suite_flags(args) -> None:
     for suite, flags in _SUITE_FLAGS.items():
         if suite in args.suite:
             continue
-        for flag, default in flags.items():
-            if getattr(args, flag) != default:
+        for flag in flags:
+            if getattr(args, flag) != args.suite_flag_defaults[flag]:
                 name = "--" + flag.replace("_", "-")
                 raise UsageError(f"{name} applies to the {suite} suite only (add --suite {suite})")
 

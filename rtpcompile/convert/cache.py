@@ -28,6 +28,11 @@ def _require_transformers() -> None:
         )
 
 
+CROP_REFUSED = (
+    "a retention state cannot be cropped (it has no per-token entries); "
+    "assisted/speculative decoding is not supported on retrofitted models"
+)
+
 if CacheLayerMixin is not None:
 
     class RetentionCacheLayer(CacheLayerMixin):
@@ -132,10 +137,7 @@ if CacheLayerMixin is not None:
             self._map(lambda t: t[indices, ...])
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError(
-                "a retention state cannot be cropped (it has no per-token entries); "
-                "assisted/speculative decoding is not supported on retrofitted models"
-            )
+            raise NotImplementedError(CROP_REFUSED)
 
         def nbytes(self) -> int:
             return sum(
@@ -157,13 +159,12 @@ if CacheLayerMixin is not None:
             for idx in retention_layers:
                 layer_slot(self, idx)
 
-        def crop(self, max_length: int) -> None:
-            """Refused, before any layer is cropped (``DynamicCache.crop`` walks the layers in
-            order, so the attention layers before the first retention one were cut first)."""
-            for layer in self.layers:
-                if isinstance(layer, RetentionCacheLayer):
-                    layer.crop(max_length)  # NOTE: raises: a state has no per-token entries
-            super().crop(max_length)
+        def crop(self, tokens_to_remove: int) -> None:
+            """Refused, before any layer is cropped (``Cache.crop`` walks the layers in order,
+            so the attention layers before the first retention one were cut first)."""
+            if any(isinstance(layer, RetentionCacheLayer) for layer in self.layers):
+                raise NotImplementedError(CROP_REFUSED)
+            super().crop(tokens_to_remove)
 
         def nbytes(self) -> dict[str, int]:
             """Bytes held: {"state": retention states + type-C K/V, "kv": attention K/V, ...}."""

@@ -152,29 +152,40 @@ def _state_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> bool:
 
 def _state_moves_diagonal(view, masks, transform, inputs, seq, batch_ndim, tolerance) -> bool:
     """Whether other values of the model state the mask reads (buffers, frozen parameters,
-    tensor attributes: a later ``load_state_dict`` or ``copy_`` gives them) move its diagonal
-    off 1 while it stays a decay: then the op must read the diagonal at run time (a row scale).
+    tensor attributes: a later ``load_state_dict`` or ``copy_`` gives them) move its diagonal:
+    then the op reads the diagonal at run time (a row scale).
 
     NOTE: a per-head temperature buffer of ones at compile time, changed later, was silently
-    ignored (the output kept a row scale of 1). Reading the diagonal is always correct, only
-    not free, so a state whose other values break the structure (a precomputed full mask) only
-    keeps today's claim: those values are documented as unsupported. Past ``MAX_STATE_FIT_T``
-    (a static T, proven at its own length only) any such state answers yes without a fit."""
+    ignored (the output kept a row scale of 1). The mask is evaluated once with every such
+    input moved (``_moved``) and its diagonal compared with the unmoved one; no fit, so a state
+    that breaks the structure when moved (a precomputed full mask beside the temperature) still
+    counts: reading the diagonal is always right, only not free (a gather and a multiply of the
+    output per call). A mask that cannot be evaluated moved answers yes. Past
+    ``MAX_STATE_FIT_T`` (a static T, evaluated at its own length only) any such state answers
+    yes without evaluating."""
     if not _state_inputs(view, masks, inputs):
         return False
     lengths = lengths_for(seq)
     t = next((t for t in lengths if t >= 2), lengths[-1])
     if t > MAX_STATE_FIT_T:
-        # NOTE: a static T evaluates at its own length only: at T = 4096 this fit doubled the
-        # proof's time (4.9 -> 10 s for the demo model); reading the diagonal costs a gather and
-        # a multiply of the output per call instead, and is always right
+        # NOTE: at a static T = 4096 this check doubled the proof's time (4.9 -> 10 s for the
+        # demo model); reading the diagonal costs ~2% of its forward there instead
         return True
     sizes = Sizes(seq, t)
-    generator = torch.Generator().manual_seed(t + 1)
-    reason, _, scaled = _fit_at(
-        view, masks, transform, inputs, sizes, batch_ndim, generator, tolerance, move_state=True
-    )
-    return reason is None and scaled
+    diagonals = []
+    for generator in (None, torch.Generator().manual_seed(t + 1)):
+        try:
+            with unset_fake_temporarily(), torch.no_grad():
+                values = evaluate(view, masks, inputs, sizes, generator, move_state=True)
+                mask = transform(values)
+        except Exception:  # noqa: BLE001 - cannot tell: read the diagonal
+            return True
+        reason, heads = per_head(mask, t, batch_ndim)
+        if reason is not None or heads.is_complex():
+            return True
+        diagonals.append(heads.diagonal(dim1=-2, dim2=-1).double())
+    rtol, atol = tolerance
+    return not torch.allclose(*diagonals, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def _over_budget(view, masks, sizes: Sizes, need: int, budget: int) -> str:
@@ -261,16 +272,13 @@ def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
 _ATOL = 1e-6
 
 
-def _fit_at(
-    view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb, tolerance,
-    move_state: bool = False,
-):  # fmt: skip
+def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb, tolerance):
     """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``; ``tolerance``:
     ``_tolerance``'s (rtol, atol), worked out once per region."""
     t = sizes.t
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            mask = transform(evaluate(view, masks, inputs, sizes, perturb, move_state))
+            mask = transform(evaluate(view, masks, inputs, sizes, perturb))
     except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
         reason = f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})"
         return reason, None, False

@@ -36,7 +36,7 @@ class Layout:
         """Whether this is ``base`` with only its last two dimensions exchanged (False when the
         base's rank is unknown)."""
         n = ndim(self.base)
-        return n is not None and n >= 2 and self.perm == (*range(n - 2), n - 1, n - 2)
+        return n is not None and n >= 2 and self.perm == _swap(n, -2, -1)
 
     def then(self, perm: tuple[int, ...]) -> Layout:
         """This layout followed by a further ``permute(perm)``."""

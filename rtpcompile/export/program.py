@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..detect.graph_view import hint
 from ..nn.retention import MultiScaleRetention, overridden_core
 from .decompose import DEFAULT_EXPORT_CHUNK, decomposition_table
 
@@ -159,18 +160,9 @@ def quadratic_node_shapes(program: torch.export.ExportedProgram, seq_len: int) -
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            sizes = [_example_size(d) for d in val.shape]
-            if sizes.count(seq_len) >= 2:
+            if [hint(d) for d in val.shape].count(seq_len) >= 2:
                 found.append(f"{node.name}: {tuple(val.shape)}")
     return found
-
-
-def _example_size(dim) -> int | None:
-    """A dim as an int: a SymInt at its example value (its hint, no guard), None without one."""
-    if isinstance(dim, torch.SymInt):
-        hint = dim.node.hint
-        return None if hint is None else int(hint)
-    return int(dim)
 
 
 _TENSOR_TYPE = re.compile(r"tensor<([0-9?x]+)x[a-z]+[0-9]*>|vtensor<\[([0-9?,\-]+)\]")

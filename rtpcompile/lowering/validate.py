@@ -97,8 +97,14 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
         if not all(0 <= x <= 1 for x in values):  # NaN compares False: rejected too
             raise ValueError(gamma_range_error(values))
         return
+    assert_gamma_range(gamma, "(values on the device)")
+
+
+def assert_gamma_range(gamma: torch.Tensor, values: str) -> None:
+    """gamma in [0, 1] by an assertion that never syncs the host (on CPU, inside a compiled
+    graph, it raises at the call); ``values`` stands for the values in the message."""
     ok = ((gamma >= 0) & (gamma <= 1)).all()
-    torch._assert_async(ok, gamma_range_error("(values on the device)"))
+    torch._assert_async(ok, gamma_range_error(values))
 
 
 def check_gamma(gamma, q) -> torch.Tensor:
