@@ -158,6 +158,21 @@ def single_step(q, k, v, gamma, scale, initial_state, state_out: bool = True):
     return o.to(q.dtype), state if state_out else None
 
 
+def chunk_layout(T: int, chunk_size: int) -> tuple[int, int, int]:
+    """(C, N, pad): the chunk length (at most T, at least 1), the chunks, the padded tokens."""
+    C = max(1, min(int(chunk_size), T))
+    N = math.ceil(T / C)
+    return C, N, N * C - T
+
+
+def to_chunks(x: Tensor, acc: torch.dtype, N: int, C: int, pad: int) -> Tensor:
+    """[B, H, T, D] -> [B, H, N, C, D] in ``acc``, zero-padded at the end.
+
+    NOTE: reshape copies only what it must (a permuted [B,T,H,D] view); pad only when needed."""
+    x = x.to(acc)
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(*x.shape[:2], N, C, -1)
+
+
 def chunkwise_forward(
     q, k, v, log_gamma, scale, initial_state, chunk_size: int = 64, state_out: bool = True
 ):
@@ -166,14 +181,11 @@ def chunkwise_forward(
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
     V = v.shape[-1]
-    C = max(1, min(int(chunk_size), T))
-    N = math.ceil(T / C)
-    pad = N * C - T
+    C, N, pad = chunk_layout(T, chunk_size)
     v_ok, reach = finite_values(v.to(acc))
 
     def chunked(x):
-        # NOTE: reshape copies only what it must (a permuted [B,T,H,D] view); pad only when needed
-        return (F.pad(x.to(acc), (0, 0, 0, pad)) if pad else x.to(acc)).reshape(B, H, N, C, -1)
+        return to_chunks(x, acc, N, C, pad)
 
     q, k, v = chunked(q), chunked(k), chunked(v)
     v_ok = v if reach is None else chunked(v_ok)

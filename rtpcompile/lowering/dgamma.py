@@ -10,12 +10,17 @@ so float32 d gamma is as accurate as eager autograd's at any T and gamma in [0, 
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from .aten_impl import _poison, _power, _powers, accumulation_dtype, finite_values
+from .aten_impl import (
+    _poison,
+    _power,
+    _powers,
+    accumulation_dtype,
+    chunk_layout,
+    finite_values,
+    to_chunks,
+)
 
 Tensor = torch.Tensor
 
@@ -81,13 +86,11 @@ def dgamma_chunked(do, dsf, q, k, v, log_gamma, scale, s0, chunk_size: int, want
     if q.shape[:3].numel() == 0:  # T = 0: sf = s0, no decay is applied anywhere
         dq = q.new_zeros(q.shape, dtype=acc) if want_dq else None
         return log_gamma.new_zeros(H), dq
-    C = max(1, min(int(chunk_size), T))
-    N = math.ceil(T / C)
-    pad = N * C - T
+    C, N, pad = chunk_layout(T, chunk_size)
     k_ok, reach = finite_values(k.to(acc))
 
     def chunked(x):
-        return (F.pad(x.to(acc), (0, 0, 0, pad)) if pad else x.to(acc)).reshape(B, H, N, C, -1)
+        return to_chunks(x, acc, N, C, pad)
 
     q, k, v, do = chunked(q), chunked(k), chunked(v), chunked(do)
     k_ok = k if reach is None else chunked(k_ok)
