@@ -168,7 +168,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
 
     ``spec`` (constants only): (q_perm, k_perm, v_perm, token_axis, mask_kind, mask_axes,
     normaliser, normaliser_min, out_perm, state_vk, form, chunk_size, row_scale,
-    runtime_options).
+    runtime_options, out_dtype: the dtype eager computed the region's output in, or None).
     """
     (q_perm, k_perm, v_perm, token_axis, kind, axes, normaliser, low, out_perm, state_vk, form,
      chunk, use_row_scale, runtime, out_dtype) = spec  # fmt: skip
