@@ -4,8 +4,10 @@ float16 ends at 65504. The kernels multiply by ``scale`` before a tensor-core op
 float16 (``KernelSpec.scale_first``): the scores (q.k, and do.v in the backward) and the state
 entering a chunk (with a final-state gradient dsf, dsf itself rather than dsf / scale) are then
 the terms of a small output, not unscaled values past 65504. The parallel form takes an incoming
-state times its state_scale before the cast. And a tiny scale with dsf no longer overflows
-float32 (``backward.TINY_SCALE``). References are float64.
+state times its state_scale before the cast. The state is held times scale in float32 (k^T v
+added times scale after its dot: k rows times scale were subnormal in float16 for a small
+scale), in the recurrent form too. And a tiny scale with dsf no longer overflows float32
+(``backward.TINY_SCALE``; float16 holds dsf itself). References are float64.
 """
 
 from __future__ import annotations
@@ -196,10 +198,58 @@ def test_float16_negative_and_large_scale_with_states(form, config, scale):
     halves = [x.half() for x in (q, k, v)]
     o, sf = kernels.triton_forward(form, *halves, gamma, scale, s0.float(), 16, config)
     assert _err(o, o_ref) < 2e-3
-    # k rows times their decays are cast to float16 for the state's tl.dot (1.4e-4 before)
-    assert _err(sf, s_ref) < 1e-3
+    # k rows times their decays (not times scale) are cast to float16 for the state's tl.dot:
+    # 1.4e-4 (1.7e-4 and 2.0e-4 while the k rows were cast times scale)
+    assert _err(sf, s_ref) < 5e-4
     got = kernels.triton_backward(
         form, do.half(), dsf.float(), *halves, gamma, scale, s0.float(), sf, 16, config
     )
     _check_grads(got[:4], expect[:4])
     assert _err(got[4], expect[4]) < 3e-3
+
+
+@pytest.mark.parametrize(("form", "config"), PASSES, ids=IDS)
+def test_float16_final_state_keeps_its_precision_at_a_small_scale(form, config):
+    """k ~ 1e-2 at scale 1e-3 and 1e-5: the chunkwise state kernels multiplied k's decays by
+    scale before their float16 cast, and k gamma^n scale below 6.1e-5 is subnormal there (final
+    state 3.1e-3 and 0.26 relative error, 2.5e-4 before the float16 order). k^T v is now added
+    times scale in float32; the final state (float32) is as precise at every scale. The parallel
+    form's final state comes from the same state kernel."""
+    g = torch.Generator().manual_seed(6)
+    B, H, T, K, V = 1, 1, 40, 16, 16
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=F64) for d in (K, K, V))
+    q, k, v = _half(q, 1e-2 * k, v)
+    gamma = torch.tensor([0.9])
+    halves = [x.half() for x in (q, k, v)]
+    for scale in (0.25, 1e-3, 1e-5):
+        _, s_ref = ref.reference_parallel(q, k, v, gamma.double(), scale)
+        _, s = kernels.triton_forward(form, *halves, gamma, scale, None, 16, config)
+        assert _err(s, s_ref) < 1e-3, f"scale {scale}: rel err {_err(s, s_ref):.2e}"
+
+
+@pytest.mark.parametrize(
+    ("form", "config"), [*PASSES, ("recurrent", None)], ids=[*IDS, "recurrent"]
+)
+def test_float16_tiny_scale_with_final_state_gradient(form, config):
+    """float16 at scale 1e-38 with an initial state and dsf: the float16 kernels hold the state
+    times scale (dsf itself, no ``_units`` step); the recurrent form held dsf / scale (dk, dv and
+    d gamma non-finite). dq ~ 1e-38 flushes to 0 in float16: not compared."""
+    g = torch.Generator().manual_seed(4)
+    B, H, T, K, V = 1, 2, 20, 8, 8
+    q, k, v, do = (torch.randn(B, H, T, d, generator=g, dtype=F64) for d in (K, K, V, V))
+    s0, dsf = (torch.randn(B, H, K, V, generator=g, dtype=F64) for _ in range(2))
+    q, k, v, do = _half(q, k, v, do)
+    s0, dsf = s0.float().double(), dsf.float().double()
+    gamma = torch.tensor([0.9, 0.3])
+    scale = 1e-38
+    o_ref, s_ref, expect = _grads(q, k, v, gamma, scale, s0, do, dsf)
+    halves = [x.half() for x in (q, k, v)]
+    o, sf = kernels.triton_forward(form, *halves, gamma, scale, s0.float(), 16, config)
+    assert _err(sf, s_ref) < 1e-3
+    got = kernels.triton_backward(
+        form, do.half(), dsf.float(), *halves, gamma, scale, s0.float(), sf, 16, config
+    )
+    assert torch.isfinite(got[0]).all()
+    for name, a, b in zip(("dk", "dv", "dgamma", "ds0"), got[1:], expect[1:], strict=True):
+        tol = 1e-2 if name == "dgamma" else 3e-3
+        assert _err(a, b) < tol, f"{name}: rel err {_err(a, b):.2e}"

@@ -63,9 +63,11 @@ Tensor = torch.Tensor
 # NOTE: gamma = 0 runs as the smallest normal float32 (the templates' ``_log2_gamma``; the aten
 # path's ``lowering.aten_impl.MIN_GAMMA``, not imported: kernels do not depend on lowering)
 MIN_GAMMA = torch.finfo(torch.float32).tiny
-# NOTE: with a final-state gradient the dk and dv passes start from dsf / scale (their state
-# enters with state_scale 1, held in units of the kernel's scale), which leaves float32's range
-# once |dsf| / |scale| > 3.4e38. Below this |scale| they run in output units instead (``_units``).
+# NOTE: with a final-state gradient the dk and dv passes start from dsf at state_scale 1, which
+# the float32, bfloat16 and float64 kernels hold as dsf / scale (their state is held over the
+# kernel's scale): that leaves float32's range once |dsf| / |scale| > 3.4e38. Below this |scale|
+# they run at a scale of m in [0.5, 1) instead (``_units``); float16 holds its state times scale,
+# i.e. dsf itself (``KernelSpec.scale_first``), and needs no such step.
 TINY_SCALE = 2.0**-32
 
 
@@ -119,8 +121,9 @@ def _dq_pass(form, do, q, k, v, g, scale, s0) -> Pass:
 
 def _dv_pass(form, do, dsf, q, k, v, g, scale, s0) -> Pass:
     # NOTE: the dv pass's final state is ds0 / (scale * gamma): sum_t gamma^t q_t^T do_t, plus,
-    # with a final-state gradient (its state, at position 0 with state_scale 1, so held as
-    # dsf / scale and decayed T - 1 times), gamma^(T-1) dsf / scale; so no pass of its own.
+    # with a final-state gradient (its state, at position 0 with state_scale 1, decayed T - 1
+    # times), gamma^(T-1) dsf / scale; so no pass of its own. The kernel holds that state over
+    # scale (dsf / scale), or in float16 times scale (dsf); the stored final state is the same.
     p = Pass(form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=s0 is not None)
     if dsf is not None:
         p = dataclasses.replace(p, s0=dsf, state_offset=0, state_scale=1.0)
@@ -132,21 +135,24 @@ def _units(q: Tensor, dsf, scale: float) -> float:
     by: 1, or with a final-state gradient and |scale| < TINY_SCALE, the power of two 2**e of
     scale = m * 2**e (exact; the passes then run at scale m, in [0.5, 1), and hold dsf, not
     dsf / scale: retention is linear in its values and initial state together). Not for float16
-    values, which 2**e (< 2**-31) would flush to 0; the dv pass's final state comes out times it."""
+    values, which 2**e (< 2**-31) would flush to 0, and which need none: their kernels hold the
+    state times scale, dsf itself (``KernelSpec.scale_first``). The dv pass's final state comes
+    out times it."""
     if dsf is None or abs(scale) >= TINY_SCALE or q.dtype == torch.float16:
         return 1.0
     return 2.0 ** math.frexp(scale)[1]
 
 
-def _three_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, runs=(True,) * 3):
+def _three_passes(
+    form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, runs=(True,) * 3, unit=1.0
+):
     """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state
-    (times ``_units``); ``runs``: which of the dq, dk and dv passes to launch (the others'
-    results are None)."""
+    (times ``unit``, from ``_units``); ``runs``: which of the dq, dk and dv passes to launch (the
+    others' results are None)."""
     dq = part_q = dk = part_k = dv = f = None
     if runs[0]:
         dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
     # NOTE: each pass's values times unit (q of the dk pass, do of the dv pass), its scale over it
-    unit = _units(q, dsf, scale)
     qu, du = (q, do) if unit == 1.0 else (q * unit, do * unit)
     if runs[1]:
         dk_pass = Pass(
@@ -197,16 +203,16 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
     # NOTE: the four-kernel path shares the dv pass's states with the dk side at the call's scale
     unit = _units(q, dsf, scale)
     found = _split_passes(*args) if all(runs) and unit == 1.0 else None
-    dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs)
+    dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs, unit=unit)
+    # gamma = 0 runs as MIN_GAMMA (as in the kernels); only d gamma and ds0 read it
+    ga = g.to(acc).clamp(min=MIN_GAMMA) if want_dg or (s0 is not None and want_ds0) else None
     if not want_dg:
         ds0 = None
         if s0 is not None and want_ds0:
-            ga = g.to(acc).clamp(min=MIN_GAMMA)
             ds0 = _ds0(f, ga, scale / unit) if T else _ds0_empty(f, dsf, acc)
         return dq, dk, dv, None, ds0
     # NOTE: the common case (no states) is two or three small launches: the partials are
     # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
-    ga = g.to(acc).clamp(min=MIN_GAMMA)  # gamma = 0 runs as MIN_GAMMA (as in the kernels)
     if part_k is None:
         dg = part_q.sum(dim=(0, 1, 3))
     elif part_k.shape == part_q.shape:

@@ -190,8 +190,11 @@ class KernelSpec:
         input dtype rather than after the dot: float16 only. Its range ends at 65504, and the
         unscaled scores q.k (or do.v) and the carried state (with a final-state gradient, dsf /
         scale) overflow it where the output itself is small; scaled, they are the terms of the
-        output. bfloat16, float32 and float64 have float32's range or more: their kernels keep
-        the cheaper order (one multiply of the output block after the dots; docs/kernels.md)."""
+        output. The state is held times scale in float32 (k^T v is added times scale after its
+        dot, so the k rows are cast unscaled: k gamma^n scale would be subnormal in float16), in
+        the recurrent form too, so a tiny scale never divides dsf. bfloat16, float32 and float64
+        have float32's range or more: their kernels keep the cheaper order (one multiply of the
+        output block after the dots; docs/kernels.md)."""
         return self.in_dtype == "float16"
 
     def short(self) -> str:
