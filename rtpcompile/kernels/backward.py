@@ -1,14 +1,16 @@
 """Forward and backward of the rtp op on the generated kernels.
 
-The backward is three passes of the same kernel family (the math is in
-``rtpcompile.lowering.aten_impl.retention_backward``):
+The backward is three passes of the same kernel family (the aten backward,
+``rtpcompile.lowering.aten_impl.retention_backward``, runs the same passes for dk and dv):
 
     dq = retention(do, v, k) with state s0^T                          (forward in time)
     dk = retention(v, do, q) reversed, + gamma^(T-1-t) v_t dsf^T       (state dsf^T at position 0)
     dv = retention(k, q, do) reversed, + gamma^(T-1-t) k_t dsf         (state dsf at position 0)
 
 The direct terms of the final-state gradient enter as an initial state placed at position 0,
-so no tensor is built for them. d gamma has a closed form (``aten_impl``):
+so no tensor is built for them. d gamma has a closed form (the aten backward's was the same
+until it moved to a forward-mode derivative, ``lowering.dgamma``: this one's float32 error
+grows ~T, see docs/ops.md):
 
     d log(gamma) = sum_t (t - c) (<q_t, dq_t> - <k_t, dk_t>) + state terms,   c = (T - 1) / 2
 
