@@ -34,6 +34,7 @@ from .graph_view import (
     is_tensor,
 )
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
+from .position_ops import _CUTOFFS, _PERIODS, _name
 from .positions import position_cutoff, reads_sizes
 
 __all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
@@ -137,17 +138,37 @@ def prove(
 MAX_STATE_FIT_T = 1024
 
 
-def _state_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> bool:
-    """Whether the masks read model state that is not trainable (floating tensor inputs)."""
+# NOTE: ops whose output a small move of their input may leave unchanged (a threshold, a clamp
+# at its bound, a rounding): a state reaching the mask through one is never "moved" enough
+_STEPS = _CUTOFFS | _PERIODS | {"round", "floor", "ceil", "trunc", "frac"}
+
+
+def _state_reach(view: GraphView, masks: list[fx.Node], inputs: list) -> str | None:
+    """How model state that is not trainable (tensor inputs) reaches the masks: None (it does
+    not), "smooth", or "step" (a bool/int state, or a path through a threshold, clamp or
+    rounding, or a value that is not floating: a moved state may not show there)."""
     index = {node: i for i, node in enumerate(view.placeholders)}
+    found = None
     for mask in masks:
         values, _, _ = subgraph(view, mask)
-        for node in values:
+        reached: set[fx.Node] = set()
+        for node in view.sorted(values | {mask}):
             i = index.get(node)
-            value = inputs[i] if i is not None and i < len(inputs) else None
-            if is_tensor(value) and value.is_floating_point() and not value.requires_grad:
-                return True
-    return False
+            if i is not None:
+                value = inputs[i] if i < len(inputs) else None
+                if is_tensor(value) and not value.requires_grad:
+                    if not value.is_floating_point():
+                        return "step"
+                    reached.add(node)
+                    found = "smooth"
+                continue
+            if not any(arg in reached for arg in node.all_input_nodes):
+                continue
+            reached.add(node)
+            value = example(node)
+            if _name(node) in _STEPS or (is_tensor(value) and not value.is_floating_point()):
+                return "step"
+    return found
 
 
 def _state_moves_diagonal(view, masks, transform, inputs, seq, batch_ndim, tolerance) -> bool:
@@ -162,9 +183,12 @@ def _state_moves_diagonal(view, masks, transform, inputs, seq, batch_ndim, toler
     counts: reading the diagonal is always right, only not free (a gather and a multiply of the
     output per call). A mask that cannot be evaluated moved answers yes. Past
     ``MAX_STATE_FIT_T`` (a static T, evaluated at its own length only) any such state answers
-    yes without evaluating."""
-    if not _state_inputs(view, masks, inputs):
-        return False
+    yes without evaluating, and so does a state that reaches the mask through a step
+    (``_state_reach``: a head gate ``decay * (gate >= 0.5)`` or a bool/int buffer, which a small
+    move leaves unchanged)."""
+    reach = _state_reach(view, masks, inputs)
+    if reach != "smooth":
+        return reach == "step"
     lengths = lengths_for(seq)
     t = next((t for t in lengths if t >= 2), lengths[-1])
     if t > MAX_STATE_FIT_T:
