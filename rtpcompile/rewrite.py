@@ -262,7 +262,7 @@ def steps_inline(device_type: str, T, runtime_options: str = "") -> bool:
 def _step_in_aten(q, k, v, gamma, scale, s0):
     """The op's (o, final state) of a one-token step, in aten ops; gamma's range is checked as
     the op checks it on CPU (an error naming the values' range), by an assertion in the graph."""
-    validate.assert_gamma_range(gamma, "(values in the compiled graph)")
+    validate.assert_gamma_range(gamma, "values outside it in a compiled one-token CPU step")
     # NOTE: the glue is traced under the graph's autocast state: the step's product must stay
     # in float32 as the op's does (the inputs already have the region's dtype, see above)
     with torch.autocast(q.device.type, enabled=False):
