@@ -180,6 +180,18 @@ else:  # pragma: no cover
     RetentionCacheLayer = RetrofitCache = None
 
 
+def cache_argument(past_key_values, kwargs) -> object:
+    """The cache an attention layer was called with: ``cache=`` (transformers >= 5.24),
+    ``past_key_values=`` (earlier), ``layer_past=`` (GPT-NeoX, Falcon, GPTBigCode) or
+    ``past_key_value=`` (older still); None when it got none."""
+    if past_key_values is not None:
+        return past_key_values
+    for name in ("cache", "layer_past", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 def layer_slot(cache, index: int):
     """The ``RetentionCacheLayer`` for layer ``index`` of a transformers cache, or None.
 

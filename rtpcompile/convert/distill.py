@@ -200,7 +200,9 @@ def _capture(store: dict, name: str):
 
 
 def _layer_loss(layer: RetrofitRetention, args, kwargs, target: Tensor) -> Tensor:
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+    # NOTE: no cache ("cache" since transformers 5.24, "past_key_values" before)
+    dropped = ("past_key_values", "cache", "layer_past", "past_key_value", "use_cache")
+    kwargs = {k: v for k, v in kwargs.items() if k not in dropped}
     out = _first(layer(*args, **kwargs))
     return F.mse_loss(out.float(), target.float())
 

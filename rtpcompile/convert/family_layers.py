@@ -16,6 +16,7 @@ import sys
 
 from torch import Tensor, nn
 
+from .cache import cache_argument
 from .decay import param_dtype
 from .find import AttentionSite
 from .layers import RetrofitRetention, _heads
@@ -79,7 +80,7 @@ class FusedRotaryRetention(RetrofitRetention, metaclass=abc.ABCMeta):
                 raise ValueError(
                     f"a converted retention layer is causal self-attention only, got {name}"
                 )
-        cache = past_key_values if past_key_values is not None else layer_past
+        cache = cache_argument(past_key_values, {**kwargs, "layer_past": layer_past})
         q, k, v = self._project(hidden_states)
         q, k = self._qk_norm(q, k)
         if position_embeddings is not None and self.use_rotary:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .cache import key_valid, layer_slot
+from .cache import cache_argument, key_valid, layer_slot
 from .decay import decay_dtype, param_dtype, resolve_decay
 from .find import AttentionSite
 from .placement import round_half_up
@@ -274,7 +274,8 @@ class LlamaStyleRetention(RetrofitRetention):
         q, k, v = self._project(hidden_states)
         if position_embeddings is not None and self.use_rotary:
             q, k = rotate(self.rotary_fn, q, k, *position_embeddings)
-        return self.o_proj(self.mix(q, k, v, past_key_values, attention_mask)), None
+        cache = cache_argument(past_key_values, kwargs)
+        return self.o_proj(self.mix(q, k, v, cache, attention_mask)), None
 
 
 class GPT2StyleRetention(RetrofitRetention):
@@ -309,10 +310,9 @@ class GPT2StyleRetention(RetrofitRetention):
             raise ValueError(
                 "a converted GPT-2 layer is self-attention only (got encoder_hidden_states)"
             )
-        if past_key_values is None:  # NOTE: GPTBigCode passes its cache as layer_past
-            past_key_values = kwargs.get("layer_past")
+        cache = cache_argument(past_key_values, kwargs)
         q, k, v = self._project(hidden_states)
-        o = self.mix(q, k, v, past_key_values, attention_mask)
+        o = self.mix(q, k, v, cache, attention_mask)
         return self.resid_dropout(self.c_proj(o)), None
 
 
