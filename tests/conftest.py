@@ -46,6 +46,13 @@ def clean_rtp_env(monkeypatch, cache_dir) -> None:
 
 
 @pytest.fixture
+def aten_env(tmp_path, monkeypatch):
+    """The aten implementation: no RTP_* option left over from the environment."""
+    clean_rtp_env(monkeypatch, tmp_path / "cache")
+    yield
+
+
+@pytest.fixture
 def triton_on_cpu(tmp_path, monkeypatch):
     """The rtp op on the generated kernels under the interpreter, with a fresh cache and planner
     and no RTP_* option left over from the environment."""

@@ -9,8 +9,6 @@ and dk: 8e-2 relative at T = 4096, gamma = 0.02 (eager float32: 6e-7).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,12 +19,7 @@ from rtpcompile.lowering import reference as ref
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _aten(monkeypatch):
-    """The aten implementation: no RTP_* option left over from the environment."""
-    for name in [n for n in os.environ if n.startswith("RTP_")]:
-        if name != "RTP_CACHE_DIR":
-            monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("aten_env")
 
 
 def _inputs(B, H, T, K, V, seed):

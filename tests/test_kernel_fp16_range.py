@@ -22,10 +22,9 @@ from rtpcompile.kernels import spec as specs  # noqa: E402
 from rtpcompile.lowering import reference as ref  # noqa: E402
 
 F64 = torch.float64
-# (form, config): the parallel pass, the fused and the split chunkwise pass (the split backward
-# is the four-kernel path with chunk_dqk)
-PASSES = [("parallel", None), ("chunkwise", {"split": 0}), ("chunkwise", {"split": 1})]
-IDS = ["parallel", "chunkwise-fused", "chunkwise-split"]
+# NOTE: the parallel pass, the fused and the split chunkwise pass (the split backward is the
+# four-kernel path with chunk_dqk)
+from test_kernel_edges import IDS, PASSES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

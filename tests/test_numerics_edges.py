@@ -7,8 +7,6 @@ the argument checks that came with them (raw-op gamma dtype, numpy chunk sizes, 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -20,13 +18,7 @@ FORMS = ("parallel", "chunkwise", "recurrent")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _aten(monkeypatch):
-    """The aten implementation: no RTP_* option left over from the environment."""
-    for name in [n for n in os.environ if n.startswith("RTP_")]:
-        if name != "RTP_CACHE_DIR":
-            monkeypatch.delenv(name, raising=False)
-    yield
+pytestmark = pytest.mark.usefixtures("aten_env")
 
 
 def _inputs(B, H, T, K, V, seed=0):
