@@ -9,7 +9,7 @@ in a few tens of microseconds on an H100/H200, so this overhead decides whether 
 step is launch-bound. Tensors are CPU tensors routed to the kernels (``RTP_KERNELS=triton``);
 ``launch._launch`` is replaced by a no-op, so nothing runs under the interpreter and the figures
 are the Python path alone (CPU allocation of the outputs included, which the CUDA caching
-allocator makes cheaper; the backward column also includes its closed form for d gamma). Median
+allocator makes cheaper; the backward column also includes its d gamma tail). Median
 of 5 repeats of ``--calls`` calls, in microseconds per call.
 
 The launch columns count what one call would launch on a GPU, exactly: the Triton kernels (calls
@@ -120,12 +120,9 @@ def _launches(fn) -> tuple[int, int]:
 def measure(calls: int) -> list[dict]:
     os.environ.update(TRITON_INTERPRET="1", RTP_KERNELS="triton")
     from rtpcompile.kernels import launch
-    from rtpcompile.lowering import aten_impl
 
     # the Python path only; each would-be launch is counted
     launch._launch = lambda *args, **kwargs: _TRITON_LAUNCHES.append(1)
-    # NOTE: CPU tensors check for a gamma below 1e-2 (d gamma's series); CUDA tensors skip it
-    aten_impl.refine_small_gamma = lambda dgamma, *args: dgamma
     # NOTE: unlaunched outputs hold whatever memory held; the backward's few element-wise ops on
     # them would time denormal arithmetic, not the path
     torch.set_flush_denormal(True)

@@ -182,7 +182,7 @@ def backward_note(needs: tuple[bool, ...] | None, has_state: bool) -> str:
     if needs is None or not any(needs):
         return ""
     dq, dk, dv, dg, ds0 = needs
-    runs = {"dq": dq or dg, "dk": dk or dg, "dv": dv or (has_state and (ds0 or dg))}
+    runs = {"dq": dq or dg, "dk": dk, "dv": dv or (has_state and ds0)}
     if all(runs.values()):
         return ""
     wanted = [

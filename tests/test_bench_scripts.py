@@ -41,10 +41,8 @@ def test_call_overhead_bench_runs(monkeypatch):
     monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)
     monkeypatch.setattr(bench.torch, "set_flush_denormal", lambda on: None)
     from rtpcompile.kernels import launch
-    from rtpcompile.lowering import aten_impl
 
     monkeypatch.setattr(launch, "_launch", launch._launch)  # restored after the bench mocks it
-    monkeypatch.setattr(aten_impl, "refine_small_gamma", aten_impl.refine_small_gamma)
     for name in ("TRITON_INTERPRET", "RTP_KERNELS"):
         monkeypatch.setenv(name, "0" if name == "TRITON_INTERPRET" else "auto")
     (row,) = bench.measure(calls=3)

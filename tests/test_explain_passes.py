@@ -135,8 +135,8 @@ def _qkv(pattern, T=19):
     [
         (False, "qkv", ("q", "k", "v"), ""),  # frozen decay: nothing skipped
         (False, "v", ("v",), "kernels' backward: dv pass only (dv wanted)"),
-        (True, "", ("gamma",), "kernels' backward: dq, dk passes only (dgamma wanted)"),
-        (True, "q", ("q", "gamma"), "kernels' backward: dq, dk passes only (dq, dgamma wanted)"),
+        (True, "", ("gamma",), "kernels' backward: dq pass only (dgamma wanted)"),
+        (True, "q", ("q", "gamma"), "kernels' backward: dq pass only (dq, dgamma wanted)"),
         (False, "", (), ""),  # nothing needs a gradient (an inference trace)
     ],
 )
@@ -160,7 +160,8 @@ def test_explain_a_native_call_with_a_state():
     report = explain(Native(), q, k, v, s0)
     (region,) = report.claimed
     assert region.native and report.grads(0) == ("v", "gamma", "initial_state")
-    assert "backward:" not in str(report)  # gamma with a state: the three passes
+    # d gamma (with a state too) is the dq pass's; the initial state's gradient the dv pass's
+    assert "kernels' backward: dq, dv passes only (dv, dgamma, ds0 wanted)" in str(report)
     with pytest.raises(ValueError, match="grads must be names from"):
         report.kernels(0, backward=True, grads=("q", "bias"))
     only_v = report.kernels(0, backward=True, grads=("v",))
@@ -171,7 +172,12 @@ def test_backward_note_follows_the_backward_rule():
     assert backward_note(None, False) == ""
     assert backward_note((False,) * 5, True) == ""
     assert backward_note((True, True, True, False, False), False) == ""
-    assert backward_note((False, False, False, True, False), True) == ""  # gamma + a state
+    assert backward_note((False, False, False, True, False), True) == (
+        "kernels' backward: dq pass only (dgamma wanted)"  # with a state too
+    )
+    assert backward_note((True, False, True, True, True), True) == (
+        "kernels' backward: dq, dv passes only (dq, dv, dgamma, ds0 wanted)"
+    )
     assert backward_note((False, False, False, False, True), True) == (
         "kernels' backward: dv pass only (ds0 wanted)"
     )

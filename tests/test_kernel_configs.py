@@ -82,12 +82,13 @@ def test_config_reaches_every_pass_and_names_its_module():
     g = torch.empty(2, device="meta")
     default = kernels.kernels_for("chunkwise", q, q, v, g, backward=True)
     tuned = kernels.kernels_for(
-        "chunkwise", q, q, v, g, backward=True, config={"BV": 32, "num_warps": 8}
+        "chunkwise", q, q, v, g, backward=True, config={"BV": 32, "num_warps": 4}
     )
-    assert all(i.spec.num_warps == 8 for i in tuned)
-    # NOTE: the split backward's dq/dk kernel reduces over V in steps of its own (dqk_blocks)
+    assert all(i.spec.num_warps == 4 for i in tuned)
+    # NOTE: the split backward's dq/dk kernel reduces over V in steps of its own (dqk_blocks;
+    # with d gamma wanted, as here, 16: blocks.row_dot_blocks)
     assert all(i.spec.BV == 32 for i in tuned if i.spec.stage != "dqk")
-    assert [i.spec.BV for i in tuned if i.spec.stage == "dqk"] == [64]
+    assert [i.spec.BV for i in tuned if i.spec.stage == "dqk"] == [16]
     assert all(a.module != b.module for a, b in zip(default, tuned, strict=True))
 
 

@@ -104,7 +104,7 @@ def test_dqk_rejects_state_buffers_of_another_chunking():
     _, (q, k, v, g, _) = make(1, 2, 40, 8, 8, torch.float32)
     hq = torch.zeros(2, 2, 8, 8)  # two chunk states, where T = 40 in 16-row chunks has three
     with pytest.raises(ValueError, match=r"hq holds 2 chunk states, expected 3"):
-        launch.run_dqk(q, k, v, v, g, 0.5, hq, hq, 1, 16, SPLIT)
+        launch.run_dqk(q, k, v, v, g, 0.5, (hq, hq), (hq, hq), 1, 16, SPLIT)
 
 
 def test_reversed_split_pass_with_every_feature_matches_a_direct_sum():
@@ -122,18 +122,18 @@ def test_reversed_split_pass_with_every_feature_matches_a_direct_sum():
                     state_scale=state_scale, row_dot_with=r, row_scale=x,
                     extra_value_column=True)  # fmt: skip
     o, _, part = launch.run(p, 16, SPLIT)
-    qd, kd, gd = (q.double() * x.double()[..., None]), k.double(), g.double()
+    qd, kd = (q.double() * x.double()[..., None]), k.double()
+    gd = g.double().requires_grad_()
     ud = torch.cat([v.double(), torch.ones(B, H, T, 1, dtype=torch.float64)], -1)
     t = torch.arange(T, dtype=torch.float64)
     lag = t[None, :] - t[:, None]  # s - t
     decay = torch.where(lag >= 0, gd[:, None, None] ** lag.clamp(min=0), 0.0)  # [H, T, T]
     want = scale * torch.einsum("bhtk,bhsk,hts,bhsv->bhtv", qd, kd, decay, ud)
     want += state_scale * (gd[:, None] ** (T - 1 - t))[None, :, :, None] * (qd @ s0.double())
-    torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    # d gamma's terms: sum over rows of (logical time - c) <o_t, r_t> / gamma, logical = T-1-t
-    w = (T - 1 - t) - (T - 1) / 2
-    dots = (want * r.double()).sum(-1)  # [B, H, T]
-    want_dg = (dots * w).sum((0, 2))
+    want_o = want.detach()
+    torch.testing.assert_close(o.double(), want_o, rtol=1e-5, atol=1e-5 * want_o.abs().max().item())
+    # the row dots: sum_t <r_t, d o_t / d gamma> (forward mode, the reversed pass's logical time)
+    want_dg = torch.autograd.grad((want * r.double()).sum(), gd)[0]
     got = part.sum((0, 1, 3)).double()
     torch.testing.assert_close(got, want_dg, rtol=1e-4, atol=1e-4 * want_dg.abs().max().item())
 
@@ -173,7 +173,7 @@ def test_reversed_chunks_are_the_forward_chunks_from_the_end():
     chunk boundaries."""
     _, (q, k, v, g, _) = make(1, 2, 45, 8, 12, torch.float32, seed=5)
     p = launch.Pass("chunkwise", q, k, v, g, 0.5, reverse=True)
-    h, _ = launch.chunk_states(p, 16, SPLIT)
+    (h, _), _ = launch.chunk_states(p, 16, SPLIT)
     assert h.shape == (2, 3, 8, 12)  # 45 rows: chunks of 16, 16, 13
     # reversed chunk 1 (rows 31..16) starts after the 13 rows 44..32: the state of rows t >= 32
     # held at row 32, the last the pass read (the forward's convention, mirrored)
@@ -187,8 +187,12 @@ def test_dqk_blocks_step_over_v():
     """V is the dq/dk kernel's reduction: its step is half V's block (at least two loop steps
     from V = 32 up), whatever BV the tuner picked for the other passes."""
     spec = choose("chunkwise", "bwd", 128, 64, torch.bfloat16, torch.bfloat16, 64,
-                  {"split": 1, "BV": 128}, stage="dqk", row_dot=True)  # fmt: skip
+                  {"split": 1, "BV": 128}, stage="dqk")  # fmt: skip
     assert (spec.BV, spec.BKC, spec.BT, spec.num_warps) == (32, 64, 64, 8)
+    # with d gamma's terms (a third state tile and a fourth accumulator) the step is 16
+    spec = choose("chunkwise", "bwd", 128, 64, torch.bfloat16, torch.bfloat16, 64,
+                  {"split": 1, "BV": 128}, stage="dqk", row_dot=True)  # fmt: skip
+    assert (spec.BV, spec.BKC, spec.BT, spec.num_warps) == (16, 64, 64, 8)
     for V, BV in ((16, 16), (32, 16), (80, 64), (256, 64)):
         assert dqk_blocks(default_blocks("chunkwise", 64, V, 64, True), V)["BV"] == BV
     wide = dqk_blocks(default_blocks("chunkwise", 64, 64, 64, True, dtype="float32"), 64)

@@ -39,7 +39,9 @@ def signature(spec: KernelSpec, names: list[str]) -> dict[str, str]:
     """Triton's argument types for ``spec``'s kernel, as ``launch._launch`` passes them."""
     t_in, t_out, t_acc = (_TYPES[d] for d in (spec.in_dtype, spec.out_dtype, spec.acc))
     types = {name: "i32" for name in names}  # strides and sizes
-    types.update({p: "*" + t_in for p in ("q", "k", "v", "h", "r", "do", "hq", "hk")})
+    types.update({p: "*" + t_in for p in ("q", "k", "v", "h", "hp", "r", "do", "hq", "hk", "hqp")})
+    if spec.scale_first:  # float16 stores the states' derivatives in float32 (launch.chunk_states)
+        types.update(hp="*fp32", hqp="*fp32")
     types.update({p: "*" + t_acc for p in ("g", "s0", "sf", "rs", "rd")})
     types.update({p: "*" + t_out for p in ("o", "dq", "dk")})
     types.update(scale="fp32", state_scale="fp32")

@@ -8,21 +8,22 @@ The backward is three passes of the same kernel family (the aten backward,
     dv = retention(k, q, do) reversed, + gamma^(T-1-t) k_t dsf         (state dsf at position 0)
 
 The direct terms of the final-state gradient enter as an initial state placed at position 0,
-so no tensor is built for them. d gamma has a closed form (the aten backward's was the same
-until it moved to a forward-mode derivative, ``lowering.dgamma``: this one's float32 error
-grows ~T, see docs/ops.md):
+so no tensor is built for them. d gamma is a forward-mode derivative, as on the aten path
+(``lowering.dgamma``):
 
-    d log(gamma) = sum_t (t - c) (<q_t, dq_t> - <k_t, dk_t>) + state terms,   c = (T - 1) / 2
+    d gamma = <do, d o / d gamma> + <dsf, d sf / d gamma>
+            = sum_t <q_t, d dq_t / d gamma> + <dsf, d sf / d gamma>
 
-The dq and dk passes each add their half of the sum inside the kernel (the reversed dk pass
-weighs by its own, logical, time, which is c - t: the minus sign for free), as one partial sum
-per program; what is left is an add, a sum over those partials and one division by gamma
-(after the sum: a tiny gamma made per-partial quotients +-inf, and their sum NaN). gamma = 0
-runs as the smallest normal float32 (``_log2_gamma`` in the templates, ``MIN_GAMMA`` here);
-on CPU tensors the op replaces d gamma below 1e-2 by its series (``lowering.dispatch``). ds0 comes
-from the final state of the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf
-(the second term from the dsf state that pass starts from), so an initial state costs no extra
-pass.
+(o is linear in q, so <do_t, d o_t / d gamma> is <q_t, d dq_t / d gamma>). The dq pass sums
+the first inside the kernel (``row_dot_with=q``: its scores weighted by n gamma^(n-1), and a
+carried derivative of its state, the initial state's terms included), one partial sum per
+program; the second is one aten product here (``_final_state_dgamma``). Every weight is >= 0
+and nothing is divided by gamma, so float32 d gamma does not lose digits with T (the closed
+form ``sum_t (t - c) (<q_t, dq_t> - <k_t, dk_t>)`` this replaced cancelled ~T-weighted terms)
+and gamma = 0, which runs as the smallest normal float32 (``_log2_gamma`` in the templates,
+``MIN_GAMMA`` here), gives the exact one-sided derivative. ds0 comes from the final state of
+the dv pass: ds0 = scale * gamma * sum_t gamma^t q_t^T do_t + gamma^T dsf (the second term from
+the dsf state that pass starts from), so an initial state costs no extra pass.
 Every pass takes the call's block ``config`` (see ``launch.run``); a pass whose V is narrower
 than the config's BV clamps it (``spec.choose``).
 
@@ -30,8 +31,9 @@ When the chunkwise dq and dv passes both run split (``launch.runs_split``), the 
 four launches instead of six (``_split_passes``): the dk pass's state is the transpose of the
 dv pass's (both are sums of gamma-decayed q_t^T do_t from the end; reversed passes pad their
 timeline so their chunks are the forward chunks, ``_pad`` in the templates), and dq and dk
-share the scores do v^T. So: the dq pass's states, the whole dv pass (keeping its states), then
-one kernel computing dq, dk and the d gamma partials of both (``launch.run_dqk``).
+share the scores do v^T. So: the dq pass's states (with their derivatives in gamma when d gamma
+is wanted), the whole dv pass (keeping its states), then one kernel computing dq, dk and the
+d gamma partials (``launch.run_dqk``).
 
 With a final-state gradient and |scale| < ``TINY_SCALE`` (float32, bfloat16, float64), the dk
 and dv passes run with their values times 2**e (scale = m * 2**e) at scale m, so their state
@@ -114,8 +116,8 @@ def _flip_t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
-def _dq_pass(form, do, q, k, v, g, scale, s0) -> Pass:
-    p = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q)
+def _dq_pass(form, do, q, k, v, g, scale, s0, dgamma: bool) -> Pass:
+    p = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q if dgamma else None)
     if s0 is not None:
         p.s0 = _flip_t(s0)
     return p
@@ -146,39 +148,38 @@ def _units(q: Tensor, dsf, scale: float) -> float:
 
 
 def _three_passes(
-    form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, runs=(True,) * 3, unit=1.0
+    form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, dgamma, runs=(True,) * 3, unit=1.0
 ):
-    """dq, dk, dv, the two passes' d gamma partial sums, and the reversed (q, do) pass state
-    (times ``unit``, from ``_units``); ``runs``: which of the dq, dk and dv passes to launch (the
-    others' results are None)."""
-    dq = part_q = dk = part_k = dv = f = None
+    """dq, dk, dv, the dq pass's d gamma partial sums (with ``dgamma``), and the reversed (q, do)
+    pass state (times ``unit``, from ``_units``); ``runs``: which of the dq, dk and dv passes to
+    launch (the others' results are None)."""
+    dq = part = dk = dv = f = None
     if runs[0]:
-        dq, _, part_q = run(_dq_pass(form, do, q, k, v, g, scale, s0), chunk_size, config)
+        dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0, dgamma)
+        dq, _, part = run(dq_pass, chunk_size, config)
     # NOTE: each pass's values times unit (q of the dk pass, do of the dv pass), its scale over it
     qu, du = (q, do) if unit == 1.0 else (q * unit, do * unit)
     if runs[1]:
-        dk_pass = Pass(
-            form, v, do, qu, g, scale / unit, reverse=True, out_dtype=k.dtype, row_dot_with=k
-        )
+        dk_pass = Pass(form, v, do, qu, g, scale / unit, reverse=True, out_dtype=k.dtype)
         if dsf is not None:
             dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
-        dk, _, part_k = run(dk_pass, chunk_size, config)
+        dk, _, _ = run(dk_pass, chunk_size, config)
     if runs[2]:
         dv, f, _ = run(_dv_pass(form, du, dsf, q, k, v, g, scale / unit, s0), chunk_size, config)
-    return dq, dk, dv, part_q, part_k, f
+    return dq, dk, dv, part, f
 
 
-def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
+def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, dgamma):
     """``_three_passes``' results from four launches, or None when a pass would not run split:
     the states of the dq pass and the whole (split) dv pass, whose states the dk pass shares
-    transposed, then one kernel for dq and dk (``launch.run_dqk``); d gamma in one partial."""
+    transposed, then one kernel for dq and dk (``launch.run_dqk``)."""
     # NOTE: the three kernels share one chunk length, which follows the dtype (blocks.py)
     if form != "chunkwise" or not q.dtype == k.dtype == v.dtype == do.dtype:
         return None
-    dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0)
+    dq_pass = _dq_pass(form, do, q, k, v, g, scale, s0, dgamma)
     if not runs_split(dq_pass, chunk_size, config, quiet=True):
         return None
-    # NOTE: the dq states wait beside the dv pass's; only CUDA checks the free memory
+    # NOTE: the dq states (and their derivatives) wait beside the dv pass's; only CUDA checks
     held = states_bytes(dq_pass, chunk_size) if q.device.type == "cuda" else 0
     dv_pass = _dv_pass(form, do, dsf, q, k, v, g, scale, s0)
     if not runs_split(dv_pass, chunk_size, config, extra_bytes=held, quiet=True):
@@ -186,58 +187,51 @@ def _split_passes(form, do, dsf, q, k, v, g, scale, s0, chunk_size, config):
     hq, _ = chunk_states(dq_pass, chunk_size, config)
     dv, f, _, hk = run_split(dv_pass, chunk_size, config, keep_states=True)
     offset = dv_pass.state_offset
-    dq, dk, part = run_dqk(q, k, v, do, g, scale, hq, hk, offset, chunk_size, config)
-    return dq, dk, dv, part, None, f
+    dq, dk, part = run_dqk(q, k, v, do, g, scale, hq, hk, offset, chunk_size, config, dgamma)
+    return dq, dk, dv, part, f
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None, needs=None):
-    """(dq, dk, dv, dgamma, ds0 | None) by three kernel passes (or four split kernels) and the
-    closed form for gamma. ``needs``: five bools, which of them are wanted (None: all); only the
-    passes they need run (dq's for dq or d gamma, dk's for dk or d gamma, dv's for dv, or with an
-    initial state for ds0 or d gamma) and the unwanted come back None."""
+    """(dq, dk, dv, dgamma, ds0 | None) by three kernel passes (or four split kernels), d gamma
+    summed by the dq pass (module doc). ``needs``: five bools, which of them are wanted (None:
+    all); only the passes they need run (dq's for dq or d gamma, dk's for dk, dv's for dv or, with
+    an initial state, ds0) and the unwanted come back None. ``sf`` is not read (kept for the
+    callers' signature)."""
     g = _check(q, k, v, gamma, scale)
     acc = acc_dtype(q.dtype)
     T = q.shape[2]
-    args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config)
     want_dq, want_dk, want_dv, want_dg, want_ds0 = (True,) * 5 if needs is None else needs
-    runs = (want_dq or want_dg, want_dk or want_dg,
-            want_dv or (s0 is not None and (want_ds0 or want_dg)))  # fmt: skip
+    args = (form, do, dsf, q, k, v, g, scale, s0, chunk_size, config, want_dg)
+    runs = (want_dq or want_dg, want_dk, want_dv or (s0 is not None and want_ds0))
     # NOTE: the four-kernel path shares the dv pass's states with the dk side at the call's scale
     unit = _units(q, dsf, scale)
     found = _split_passes(*args) if all(runs) and unit == 1.0 else None
-    dq, dk, dv, part_q, part_k, f = found or _three_passes(*args, runs=runs, unit=unit)
+    dq, dk, dv, part, f = found or _three_passes(*args, runs=runs, unit=unit)
     # gamma = 0 runs as MIN_GAMMA (as in the kernels); only d gamma and ds0 read it
-    ga = g.to(acc).clamp(min=MIN_GAMMA) if want_dg or (s0 is not None and want_ds0) else None
-    if not want_dg:
-        ds0 = None
-        if s0 is not None and want_ds0:
-            ds0 = _ds0(f, ga, scale / unit) if T else _ds0_empty(f, dsf, acc)
-        return dq, dk, dv, None, ds0
-    # NOTE: the common case (no states) is two or three small launches: the partials are
-    # [B, N, H, tiles] of d log(gamma), and the three passes' two have one shape
-    if part_k is None:
-        dg = part_q.sum(dim=(0, 1, 3))
-    elif part_k.shape == part_q.shape:
-        dg = part_q.add_(part_k).sum(dim=(0, 1, 3))
-    else:
-        dg = part_q.sum(dim=(0, 1, 3)).add_(part_k.sum(dim=(0, 1, 3)))
-    dg = dg / ga
-    if s0 is None and dsf is None:
-        return dq, dk, dv, dg, None
-    if T == 0:  # no step: the final state is s0 itself, and the two state terms cancel
-        if s0 is None:
-            return dq, dk, dv, dg, None
-        return dq, dk, dv, dg, _ds0_empty(f, dsf, acc)
-    # the state terms of d log(gamma): (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> per head, over
-    # gamma; ds0 = scale * gamma * f, so the first is (c + 1) * scale * <s0, f> (f times unit)
-    c = (T - 1) / 2
-    ds0 = None
-    if s0 is not None:
-        dg.add_((s0.to(acc) * f).sum(dim=(0, 2, 3)), alpha=(c + 1) * scale / unit)
-        ds0 = _ds0(f, ga, scale / unit)
-    if dsf is not None:
-        dg.addcdiv_((dsf.to(acc) * sf.to(acc)).sum(dim=(0, 2, 3)), ga, value=T - 1 - c)
+    need_ga = (want_dg and dsf is not None) or (s0 is not None and want_ds0)
+    ga = g.to(acc).clamp(min=MIN_GAMMA) if need_ga else None
+    dg = ds0 = None
+    if want_dg:
+        dg = part.sum(dim=(0, 1, 3))
+        if dsf is not None:
+            dg += _final_state_dgamma(dsf, k, v, ga, s0, acc)
+    if s0 is not None and want_ds0:
+        ds0 = _ds0(f, ga, scale / unit) if T else _ds0_empty(f, dsf, acc)
     return dq, dk, dv, dg, ds0
+
+
+def _final_state_dgamma(dsf: Tensor, k: Tensor, v: Tensor, ga: Tensor, s0, acc) -> Tensor:
+    """<dsf, d sf / d gamma> per head, sf = gamma^T s0 + sum_t gamma^(T-1-t) k_t^T v_t: each
+    term weighted by its lag's n gamma^(n-1) (>= 0, no division; ``ga`` is gamma in ``acc``,
+    clamped to ``MIN_GAMMA`` as in the kernels). One [K, V] product per sequence and head."""
+    T = k.shape[2]
+    lags = torch.arange(T - 1, -1, -1, device=k.device, dtype=acc)
+    w = lags * ga[:, None] ** (lags - 1).clamp(min=0)  # [H, T]
+    kv = (k.to(acc) * w[:, :, None]).transpose(-1, -2) @ v.to(acc)  # [B, H, K, V]
+    dg = (dsf.to(acc) * kv).sum(dim=(0, 2, 3))
+    if s0 is not None:
+        dg += T * ga ** max(T - 1, 0) * (dsf.to(acc) * s0.to(acc)).sum(dim=(0, 2, 3))
+    return dg
 
 
 def _ds0(f: Tensor, ga: Tensor, scale: float) -> Tensor:

@@ -73,8 +73,8 @@ class Pass:
     store_o: bool = True
     state_out: bool = False
     out_dtype: torch.dtype | None = None
-    # r: also return the pass's d log(gamma) terms, sum over rows of (t - (T-1)/2) <o_t, r_t>
-    # (t logical: negated in a reversed pass), as partial sums [B, NV, H, tiles] (``_outputs``)
+    # r: also return the pass's forward-mode d gamma terms, sum over rows of <r_t, d o_t / d gamma>,
+    # as partial sums [B, NV, H, tiles] (``_outputs``)
     row_dot_with: Tensor | None = None
     row_scale: Tensor | None = None  # [B, H, T]
     extra_value_column: bool = False
@@ -140,7 +140,8 @@ def run(
     p: Pass, chunk_size: int = 64, config: Config = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Launch pass ``p``; returns (o [B,H,T,V] | None, final state | None, the d gamma partial
-    sums [B, NV, H, tiles] of a ``row_dot_with`` pass | None; summed over all but H: d log gamma).
+    sums [B, NV, H, tiles] of a ``row_dot_with`` pass | None; summed over all but H: the pass's
+    sum_t <r_t, d o_t / d gamma>).
 
     A parallel pass that must also produce the final state runs a state-only chunkwise pass.
     """
@@ -184,7 +185,7 @@ def runs_split(
 
 def run_split(p: Pass, chunk_size: int, config: Config, keep_states: bool = False):
     """A chunkwise pass as two launches: the states entering each chunk, then every chunk's rows.
-    With ``keep_states``, also returns the chunk-state buffer (for ``run_dqk``)."""
+    With ``keep_states``, also returns the chunk-state buffers (for ``run_dqk``)."""
     h, sf = chunk_states(p, chunk_size, config)
     # NOTE: the output stage reads no s0 (only where a state sits, which matters when there is one)
     offset = p.state_offset if p.s0 is not None else 1
@@ -199,17 +200,22 @@ def run_split(p: Pass, chunk_size: int, config: Config, keep_states: bool = Fals
     if seen is not None:
         seen.append(codegen.info(rows))
     elif h is not None:
-        _launch(rows, p, (o, None, rd), p.q.shape[:3], (h,))
+        _launch(rows, p, (o, None, rd), p.q.shape[:3], h)
     return (o, sf, rd, h) if keep_states else (o, sf, rd)
 
 
-def chunk_states(p: Pass, chunk_size: int, config: Config) -> tuple[Tensor | None, Tensor | None]:
-    """The states stage of a split pass alone: (the states entering each chunk, [B*H, chunks, K,
-    V] in the input dtype, or None when nothing runs; the final state if ``p.state_out``)."""
+def chunk_states(
+    p: Pass, chunk_size: int, config: Config
+) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+    """The states stage of a split pass alone: ((the states entering each chunk, [B*H, chunks,
+    K, V] in the input dtype, and their derivatives in gamma, the same but float32 for float16,
+    for a ``row_dot_with`` pass, else the states again), or None when nothing runs; the final
+    state if ``p.state_out``)."""
     # NOTE: each stage's spec carries only the flags its template reads, so the backward's
-    # passes share modules: the states stage writes no rows (out_dtype is moot)
+    # passes share modules: the states stage writes no rows (out_dtype is moot); its row_dot
+    # flag stores the states' derivatives, which the output stage's row dots read
     states = _spec(
-        dataclasses.replace(p, store_o=False, row_dot_with=None, row_scale=None, out_dtype=None),
+        dataclasses.replace(p, store_o=False, row_scale=None, out_dtype=None),
         chunk_size,
         config,
         "states",
@@ -223,8 +229,12 @@ def chunk_states(p: Pass, chunk_size: int, config: Config) -> tuple[Tensor | Non
     if B * H * T == 0:
         return None, sf
     h = torch.empty(B * H, -(-T // states.BT), K, states.V, dtype=p.q.dtype, device=p.q.device)
-    _launch(states, p, (None, sf, None), (B, H, T), (h,))
-    return h, sf
+    # NOTE: float16 stores the derivatives in float32: they reach ~T times the states (a state
+    # times scale fits float16 where its derivative need not); other dtypes keep their range
+    hp_dtype = torch.float32 if states.scale_first else h.dtype
+    hs = (h, torch.empty_like(h, dtype=hp_dtype) if states.row_dot else h)
+    _launch(states, p, (None, sf, None), (B, H, T), hs)
+    return hs, sf
 
 
 def _outputs(
@@ -253,12 +263,16 @@ SPLIT_BUFFER_UNCHECKED = 1 << 30
 
 
 def states_bytes(p: Pass, chunk_size: int) -> int:
-    """The size of ``p``'s chunk-state buffer when it runs split."""
+    """The size of ``p``'s chunk-state buffers when it runs split (a ``row_dot_with`` pass's
+    include the states' derivatives, float32 for float16: ``chunk_states``)."""
     B, H, T, K = p.q.shape
     V = _value_dim(p)
     dtype = dtype_name(p.q.dtype)
     BT = default_blocks("chunkwise", K, V, chunk_size, split=True, dtype=dtype)["BT"]  # no config
-    return B * H * -(-T // BT) * K * V * p.q.element_size()
+    size = p.q.element_size()
+    if p.row_dot_with is not None:
+        size += 4 if p.q.dtype == torch.float16 else p.q.element_size()
+    return B * H * -(-T // BT) * K * V * size
 
 
 def split_fits(p: Pass, chunk_size: int, extra_bytes: int = 0) -> bool:
@@ -336,7 +350,7 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: i
     o, sf, rd = outs
     # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
     # argument list (and Triton's specialisation) is the same for every flag combination; only
-    # the split stages take the chunk-state buffer h (the fused sources are unchanged).
+    # the split stages take the chunk-state buffers h, hp (the fused sources are unchanged).
     dummy = p.q
     r = p.row_dot_with
     scale = float(p.scale)
@@ -376,20 +390,23 @@ def run_dqk(
     do: Tensor,
     gamma: Tensor,
     scale: float,
-    hq: Tensor | None,
-    hk: Tensor | None,
+    hq: tuple[Tensor, Tensor] | None,
+    hk: tuple[Tensor, Tensor] | None,
     reverse_offset: int,
     chunk_size: int,
     config: Config = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk and their d gamma partial sums [B, NK, H, chunks] from one kernel (``chunk_dqk``):
-    ``hq`` is the states of the split dq pass (do, v, k) and ``hk`` those of the split reversed
-    dv pass (k, q, do), both [B*H, chunks, ., .]; ``reverse_offset`` is the dv pass's state
-    offset (0 with a final-state gradient). The caller runs both passes' states first."""
+    dgamma: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dq, dk and, with ``dgamma``, d gamma's partial sums [B, NK, H, chunks] (summed: sum_t
+    <q_t, d dq_t / d gamma>) from one kernel (``chunk_dqk``): ``hq`` is the split dq pass's
+    (do, v, k) ``chunk_states`` (with ``dgamma``, a ``row_dot_with`` pass's: the states and
+    their derivatives), ``hk`` the ``chunk_states`` of the split reversed dv pass (k, q, do), all
+    [B*H, chunks, ., .]; ``reverse_offset`` is the dv pass's state offset (0 with a final-state
+    gradient). The caller runs both passes' states first."""
     B, H, T, K = q.shape
     flags = (
         ("state_offset", reverse_offset),
-        ("row_dot", True),
+        ("row_dot", dgamma),
         ("stage", "dqk"),
         ("fp32_precision", _fp32_precision(q)),
     )
@@ -397,15 +414,20 @@ def run_dqk(
     spec = _choose("chunkwise", "bwd", K, v.shape[-1], q.dtype, q.dtype, chunk_size, cfg, flags)
     acc, n_chunks = acc_dtype(q.dtype), -(-T // spec.BT)
     for name, h in (("hq", hq), ("hk", hk)):
-        if h is not None and h.shape[1] != n_chunks:
+        if h is not None and h[0].shape[1] != n_chunks:
             raise ValueError(
-                f"run_dqk: {name} holds {h.shape[1]} chunk states, expected {n_chunks} (chunks of "
-                f"{spec.BT} rows of T={T}: the passes must share q's dtype and chunk size)"
+                f"run_dqk: {name} holds {h[0].shape[1]} chunk states, expected {n_chunks} "
+                f"(chunks of {spec.BT} rows of T={T}: the passes must share q's dtype and chunk "
+                "size)"
             )
     dq = torch.empty(B, H, T, K, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     # NOTE: every (sequence, K block, head, chunk) has its program, so nothing is left unwritten
-    rd = torch.empty(B, -(-K // spec.BKC), H, n_chunks, dtype=acc, device=q.device)
+    rd = (
+        torch.empty(B, -(-K // spec.BKC), H, n_chunks, dtype=acc, device=q.device)
+        if dgamma
+        else None
+    )
     seen = _RECORD.get()
     if seen is not None:
         seen.append(codegen.info(spec))
@@ -413,5 +435,5 @@ def run_dqk(
     if B * H * T == 0:
         return dq, dk, rd
     p = Pass("chunkwise", q, k, v, gamma, scale, do=do)
-    _launch(spec, p, (dq, dk, rd), (B, H, T), (hq, hk))
+    _launch(spec, p, (dq, dk, q if rd is None else rd), (B, H, T), (hq[0], hk[0], hq[1]))
     return dq, dk, rd

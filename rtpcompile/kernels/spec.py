@@ -38,6 +38,7 @@ from .blocks import (  # noqa: F401 - re-exported: the block rules' names predat
     default_blocks,
     dqk_blocks,
     next_pow2,
+    row_dot_blocks,
     stage_blocks,
     use_split,
 )
@@ -87,8 +88,10 @@ class KernelSpec:
     store_o:     the output rows are written (False: a state-only pass)
     extra_value_column: v gets one more column of ones (a normaliser carried through every form)
     row_scale:   each query row is multiplied by a per-position scale rs[b, h, t]
-    row_dot:     also write d gamma's terms sum_t (t - (T-1)/2) <o_t, r_t> / gamma over the
-                 program's rows (t logical), one partial sum per program (the backward)
+    row_dot:     also write the forward-mode d gamma terms sum_t <r_t, d o_t / d gamma> over
+                 the program's rows, one partial sum per program (the backward's dq pass): the
+                 scores weighted by n gamma^(n-1), and a carried derivative of the state (the
+                 "states" stage stores it beside the states; "dqk": the dq side's terms)
     stage:       chunkwise only: "fused", or a stage of the split pass, "states" (write the
                  state entering every chunk) or "output" (every chunk's rows from those states)
     BKC:         split stages only: the K block they walk K in (the states kernel one block
@@ -256,6 +259,8 @@ def choose(
     stage = flags.get("stage", "fused")
     blocks = default_blocks(form, K, V, chunk_size, split=stage != "fused", dtype=in_dtype)
     blocks = stage_blocks(blocks, stage, V)
+    if flags.get("row_dot"):
+        blocks = row_dot_blocks(blocks, form, stage)
     for name, value in check_config(config).items():
         # NOTE: split is decided per pass by launch (use_split), not a block; the dqk kernel's V
         # block is a loop step of its own (``dqk_blocks``), not the V block the tuner chose

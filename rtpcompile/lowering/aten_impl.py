@@ -22,10 +22,6 @@ Tensor = torch.Tensor
 # 2**-126, so log(gamma) stays finite; gamma^n is then 0 for n >= 2 in every dtype and the
 # difference from the exact 0 is ~1e-38 relative. Inside the op only: autograd sees gamma itself.
 MIN_GAMMA = torch.finfo(torch.float32).tiny
-# the kernels' d gamma below this comes from its series (``small_gamma_dgamma``), with
-# ``SERIES_LAGS`` terms; the aten backward's (``dgamma_chunked``) needs no series
-SMALL_GAMMA = 1e-2
-SERIES_LAGS = 6
 # the chunk size of ``dgamma.dgamma_chunked`` for the parallel and recurrent forms
 DGAMMA_CHUNK = 64
 Forward = Callable[[Tensor, Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
@@ -284,59 +280,3 @@ def retention_backward(
         if dsf is not None:
             ds0 = ds0 + _power(lg, T)[..., None, None] * dsf
     return dq, dk, dv, dgamma, ds0
-
-
-def small_gamma_dgamma(do, dsf, q, k, v, gamma, scale, s0, lags: int = SERIES_LAGS) -> Tensor:
-    """d gamma as its power series, sum_{l=1..lags} l gamma^(l-1) X_l: X_l sums the products
-    whose reader is l positions after its writer (scale (q_t . k_{t-l}) (do_t . v_{t-l}), the
-    incoming state read by q_{l-1}, and k_{T-1-l}, v_{T-1-l} or the initial state read by the
-    final state). Shape [H], the accumulation dtype.
-
-    NOTE: the kernels' closed form (``kernels/backward.py``) is d log(gamma) / gamma, and
-    d log(gamma) is a difference of sums whose lag-0 terms cancel: its rounding error (~eps *
-    their size) is divided by gamma, so below ~1e-2 it grows like eps / gamma (float32: wrong
-    sign and 1e24 times too large at gamma = 1e-30). The series has no division and is exact
-    at gamma = 0 (X_1, the one-sided derivative); the terms it drops are below (lags + 1)
-    gamma^lags ~ 7e-12 relative at gamma = 1e-2. Cost: O(lags * T * (K + V)) elementwise.
-    """
-    acc = accumulation_dtype(q.dtype)
-    q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
-    T = q.shape[2]
-    g = gamma.reshape(-1).to(acc)
-    x = [torch.zeros_like(g) for _ in range(lags + 1)]  # x[l] = X_l, [H]
-    for n in range(1, min(lags, T - 1) + 1):
-        qk = (q[:, :, n:] * k[:, :, :-n]).sum(-1)
-        dv = (do[:, :, n:] * v[:, :, :-n]).sum(-1)
-        x[n] = x[n] + (qk * dv).sum(dim=(0, 2)) * scale
-    if s0 is not None:  # o_t reads the incoming state at lag t + 1
-        m = min(lags, T)
-        reads = ((q[:, :, :m] @ s0.to(acc)) * do[:, :, :m]).sum(dim=(0, 3)) * scale  # [H, m]
-        for n in range(1, m + 1):
-            x[n] = x[n] + reads[:, n - 1]
-    if dsf is not None:  # the final state (at T - 1) reads k_t v_t at lag T - 1 - t, s0 at T
-        dsf = dsf.to(acc)
-        for n in range(1, min(lags, T - 1) + 1):
-            t = T - 1 - n
-            kd = (k[:, :, t, None, :] @ dsf).squeeze(-2)  # [B, H, V]
-            x[n] = x[n] + (kd * v[:, :, t]).sum(dim=(0, 2))
-        if s0 is not None and 1 <= T <= lags:
-            x[T] = x[T] + (dsf * s0.to(acc)).sum(dim=(0, 2, 3))
-    dgamma = x[1]
-    for n in range(2, lags + 1):
-        dgamma = dgamma + n * g ** (n - 1) * x[n]
-    return dgamma
-
-
-def refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0) -> Tensor:
-    """``dgamma`` with the heads whose gamma is below ``SMALL_GAMMA`` (0 included) replaced by
-    ``small_gamma_dgamma``, on CPU tensors only, and skipped when no head is that small (free
-    to test there); for the kernels' closed form (the aten backward needs none). Elsewhere the
-    closed form stands: testing would synchronise the host, and
-    running the series on every backward would re-read q, k, v and do about six times."""
-    acc = accumulation_dtype(q.dtype)
-    g = gamma.detach().reshape(-1).to(acc)
-    small = g < SMALL_GAMMA
-    if g.device.type != "cpu" or not bool(small.any()):
-        return dgamma
-    series = small_gamma_dgamma(do, dsf, q, k, v, g, scale, s0)
-    return torch.where(small, series, dgamma.to(acc))

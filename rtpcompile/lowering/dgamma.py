@@ -4,8 +4,8 @@ Every product of a reader and a writer n positions apart enters d gamma weighted
 n gamma^(n-1): inside a chunk through the scores, across chunks through the incoming states
 and their derivatives. Only lags enter, every weight is >= 0, and nothing is divided by gamma,
 so float32 d gamma is as accurate as eager autograd's at any T and gamma in [0, 1]
-(``tests/test_dgamma_precision.py``). The Triton kernels keep their closed form (see
-``kernels/backward.py``).
+(``tests/test_dgamma_precision.py``). The Triton kernels sum the same derivative in their dq
+pass (``kernels/backward.py``).
 """
 
 from __future__ import annotations

@@ -95,10 +95,8 @@ def forward(form, q, k, v, gamma, scale, initial_state, chunk_size, config=None,
 
 
 def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=None, needs=None):
-    """(dq, dk, dv, dgamma, ds0 | None). The kernels' d gamma is a closed form that loses
-    ~eps / gamma at small gamma: on CPU tensors, heads below ``aten_impl.SMALL_GAMMA`` get theirs
-    from its series (``aten_impl.refine_small_gamma``). The aten backward's d gamma
-    (``dgamma.dgamma_chunked``) needs no such repair. ``needs``: five bools, which gradients
+    """(dq, dk, dv, dgamma, ds0 | None); d gamma is a forward-mode derivative on both paths
+    (``dgamma.dgamma_chunked``, ``kernels/backward.py``). ``needs``: five bools, which gradients
     are wanted (None: all); an unwanted one may come back None, and the passes only it needs
     are skipped."""
     if not use_triton(q, v, scale):
@@ -110,10 +108,6 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
         return aten_impl.retention_backward(
             run, do, dsf, q, k, v, gamma, scale, s0, needs=needs, chunk_size=chunk
         )
-    grads = _triton_module().triton_backward(
+    return _triton_module().triton_backward(
         form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, _config(config), needs
     )
-    dq, dk, dv, dgamma, ds0 = grads
-    if dgamma is not None:
-        dgamma = aten_impl.refine_small_gamma(dgamma, do, dsf, q, k, v, gamma, scale, s0)
-    return dq, dk, dv, dgamma, ds0
