@@ -37,7 +37,12 @@ from rtpcompile.kernels.spec import KernelSpec, choose
 # (K, V): the demo model's layers, the issue's benchmark shapes and a K != V case
 SHAPES = ((32, 64), (64, 64), (128, 128), (256, 256), (128, 256))
 # (dtype, float32 precision) of the table's sections; bfloat16 ignores the precision
-SECTIONS = ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
+SECTIONS = (
+    (torch.bfloat16, "ieee"),
+    (torch.float16, "ieee"),
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32"),
+)
 # the sweep's shapes: K = V at every K block, and K != V both ways (the backward swaps them)
 SWEEP_SHAPES = ((32, 32), (64, 64), (128, 128), (256, 256), (32, 64), (64, 32), (128, 256))
 SWEEP_BT = (16, 32, 64)
@@ -72,23 +77,32 @@ def _default(
     )  # fmt: skip
 
 
-def _dqk(K: int, V: int, dtype: torch.dtype, prec: str) -> KernelSpec:
-    """The split backward's dq/dk kernel at (K, V)."""
-    return _default("dqk", K, V, dtype, prec, "bwd", state_out=False, row_dot=True)
+def _dqk(K: int, V: int, dtype: torch.dtype, prec: str, dgamma: bool = True) -> KernelSpec:
+    """The split backward's dq/dk kernel at (K, V), with or without d gamma's terms."""
+    return _default("dqk", K, V, dtype, prec, "bwd", state_out=False, row_dot=dgamma)
+
+
+def dgamma_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
+    """The dq pass's kernels when gamma needs a gradient (``row_dot``: the forward-mode d gamma
+    sum, with the state's derivative carried; its own blocks, ``blocks.row_dot_blocks``), and
+    the split dq/dk kernel with and without d gamma's terms. The dq pass is (do, v, k): pass
+    (K, V) = the call's (V, K)."""
+    specs = [_default(kind, K, V, dtype, prec, row_dot=True) for kind in KINDS]
+    return specs + [_dqk(K, V, dtype, prec, dgamma=False), _dqk(K, V, dtype, prec)]
 
 
 def backward_kinds(K: int, V: int, dtype: torch.dtype, prec: str) -> list[KernelSpec]:
-    """The default specs of the backward's shapes of pass at (K, V): time-reversed, a ones
-    column (V + 1), row scales and row dots, the state at position 0; a state-only pass; and the
-    split backward's dq/dk kernel."""
-    specs = []
-    rows = {"row_scale": True, "row_dot": True, "extra_value_column": True}
+    """The default specs of the backward's shapes of pass at (K, V): the dq pass with d gamma's
+    sum and an initial state; time-reversed dk/dv passes with every feature (a ones column,
+    V + 1, row scales, the state at position 0); a state-only pass; the dq/dk kernels."""
+    specs = [_default("fused", K, V, dtype, prec, row_dot=True, state_in=True)]
+    rows = {"row_scale": True, "extra_value_column": True}
     for kind in ("fused", "output", "parallel"):
         extra = dict(rows, state_in=kind == "fused", state_offset=0)
         specs.append(_default(kind, K, V + 1, dtype, prec, "bwd", **extra))
     specs.append(_default("states", K, V + 1, dtype, prec, "bwd", extra_value_column=True))
     specs.append(_default("fused", K, V, dtype, prec, "bwd", store_o=False, state_in=True))
-    specs.append(_dqk(K, V, dtype, prec))
+    specs += [_dqk(K, V, dtype, prec, dgamma=False), _dqk(K, V, dtype, prec)]
     return specs
 
 
@@ -168,7 +182,7 @@ def table(capability: int, jobs: int) -> list[dict]:
         spec
         for dtype, prec in SECTIONS
         for K, V in SHAPES
-        for spec in kernels_of(K, V, dtype, prec) + [_dqk(K, V, dtype, prec)]
+        for spec in kernels_of(K, V, dtype, prec) + dgamma_kinds(K, V, dtype, prec)
     ]
     with ProcessPoolExecutor(jobs) as pool:
         rows = list(pool.map(measure, specs, itertools.repeat(capability)))
@@ -188,8 +202,10 @@ def write(rows: list[dict], out: Path, capability: int) -> None:
         f"# Generated kernels on {meta['target']}: registers, spills, shared memory ({date})",
         "",
         f"Compiled on a CPU-only machine by Triton {meta['triton']} (torch {meta['torch']}) and "
-        "read from `ptxas -v`; default blocks of a forward call, and the split backward's dq/dk "
-        'kernel. float32 rows without a precision use `tl.dot(..., input_precision="ieee")` '
+        "read from `ptxas -v`; default blocks of a forward call, of the backward's dq pass when γ "
+        "needs a gradient (`rd`: the forward-mode dγ sum), and of the split backward's dq/dk "
+        "kernel with and without dγ. float32 rows without a precision use "
+        '`tl.dot(..., input_precision="ieee")` '
         '(torch\'s default, "highest"); '
         'rows marked `tf32` are what `torch.set_float32_matmul_precision("high")` runs. '
         f"Reproduce: `python benchmarks/kernel_resources.py --capability {capability}`.",

@@ -120,3 +120,18 @@ def test_dgamma_alone_runs_the_dq_pass_only(form, cfg, monkeypatch):
     assert all(s.row_dot and s.direction == "fwd" for s in launched), launched
     assert only[1] is None and only[2] is None and only[4] is None  # dq: the pass's own rows
     torch.testing.assert_close(only[3], full, rtol=1e-6, atol=0)
+
+
+def test_final_state_term_in_row_slices(monkeypatch):
+    """d gamma's final-state term sums its rows in slices (bounded copies at long T): slices of
+    16 rows over T = 50 (the last partial) give the one-slice value."""
+    from rtpcompile.kernels import backward
+
+    q, k, v, do, s0, dsf = _inputs(2, 2, 50, 8, 12, seed=4)
+    gamma = torch.tensor([0.05, 0.97])
+    whole = _kernel_dgamma("chunkwise", None, q, k, v, do, gamma, s0, dsf)
+    monkeypatch.setattr(backward, "FINAL_TERM_ROWS", 16)
+    sliced = _kernel_dgamma("chunkwise", None, q, k, v, do, gamma, s0, dsf)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=0)
+    want = _reference_dgamma(q, k, v, do, gamma, s0, dsf)
+    assert max(_rel(sliced, want)) < 1e-5

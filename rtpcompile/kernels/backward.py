@@ -73,6 +73,8 @@ MIN_GAMMA = torch.finfo(torch.float32).tiny
 # they run at a scale of m in [0.5, 1) instead (``_units``); float16 holds its state times scale,
 # i.e. dsf itself (``KernelSpec.scale_first``), and needs no such step.
 TINY_SCALE = 2.0**-32
+# rows per slice of d gamma's final-state term (``_final_state_dgamma``)
+FINAL_TERM_ROWS = 4096
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tensor:
@@ -227,8 +229,13 @@ def _final_state_dgamma(dsf: Tensor, k: Tensor, v: Tensor, ga: Tensor, s0, acc) 
     T = k.shape[2]
     lags = torch.arange(T - 1, -1, -1, device=k.device, dtype=acc)
     w = lags * ga[:, None] ** (lags - 1).clamp(min=0)  # [H, T]
-    kv = (k.to(acc) * w[:, :, None]).transpose(-1, -2) @ v.to(acc)  # [B, H, K, V]
-    dg = (dsf.to(acc) * kv).sum(dim=(0, 2, 3))
+    kv = None
+    # NOTE: in slices of rows, so the acc-dtype copies of k and v stay bounded at long T
+    for t0 in range(0, T, FINAL_TERM_ROWS):
+        rows = slice(t0, t0 + FINAL_TERM_ROWS)
+        part = (k[:, :, rows].to(acc) * w[:, rows, None]).transpose(-1, -2) @ v[:, :, rows].to(acc)
+        kv = part if kv is None else kv.add_(part)  # [B, H, K, V]
+    dg = (dsf.to(acc) * kv).sum(dim=(0, 2, 3)) if T else ga * 0
     if s0 is not None:
         dg += T * ga ** max(T - 1, 0) * (dsf.to(acc) * s0.to(acc)).sum(dim=(0, 2, 3))
     return dg
