@@ -425,7 +425,7 @@ def test_empty_sequence_backward_is_zero(form, cfg):
     dq, dk, dv, dg, ds0 = kernels.triton_backward(form, o, dsf, q, k, v, g, 0.3, s0, sf, 16, cfg)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     torch.testing.assert_close(ds0, dsf)
-    # d log gamma = (c + 1) <s0, ds0> + (T - 1 - c) <dsf, sf> with c = -1/2: the two cancel
-    torch.testing.assert_close(dg, torch.zeros(3), atol=1e-5, rtol=0)
+    # no step decays anything: the final state is s0 itself, so d gamma is exactly 0
+    assert torch.equal(dg, torch.zeros(3))
     no_state = kernels.triton_backward(form, o, None, q, k, v, g, 0.3, None, sf, 16, cfg)
     assert torch.equal(no_state[3], torch.zeros(3))
