@@ -46,6 +46,25 @@ def test_interleaved_rotates_order_and_reports_errors():
         stats.interleaved(fns, reps=0)
 
 
+def test_interleaved_calibrates_the_calls_per_sample(monkeypatch):
+    """The warm-up call sets a first count (4 ms: 5 calls for 20 ms); a calibration sample of
+    that many calls sets the count used (0.25 ms a call: 80), so a slow first call does not make
+    1 ms samples. A call slower than the sample length needs no calibration."""
+    per_call = iter([0.004, 0.00025] + [0.00025] * 3 + [0.05] * 4)
+    counts = []
+
+    def fake(fn, number, sync):
+        counts.append(number)
+        return next(per_call)
+
+    monkeypatch.setattr(stats, "_time_once", fake)
+    result, _ = stats.interleaved({"fast": lambda: None}, reps=3)
+    assert counts == [1, 5, 80, 80, 80] and result["fast"].number == 80
+    counts.clear()
+    result, _ = stats.interleaved({"slow": lambda: None}, reps=3)
+    assert counts == [1, 1, 1, 1] and result["slow"].number == 1
+
+
 def _records():
     t = stats.summarize([0.010, 0.012, 0.011])
     return [
