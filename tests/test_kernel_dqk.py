@@ -196,7 +196,7 @@ def test_dqk_blocks_step_over_v():
     for V, BV in ((16, 16), (32, 16), (80, 64), (256, 64)):
         assert dqk_blocks(default_blocks("chunkwise", 64, V, 64, True), V)["BV"] == BV
     wide = dqk_blocks(default_blocks("chunkwise", 64, 64, 64, True, dtype="float32"), 64)
-    assert (wide["BT"], wide["BKC"], wide["num_warps"]) == (32, 32, 4)
+    assert (wide["BT"], wide["BKC"], wide["num_warps"]) == (32, 32, 8)
 
 
 def test_cost_model_and_resource_rule_know_the_dqk_kernel(monkeypatch):

@@ -107,9 +107,11 @@ def test_split_defaults_do_not_spill_in_bfloat16(K):
 def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
     """The backward's dq/dk kernel (``blocks.dqk_blocks``): a V read in one loop step spilled
     16-36 bytes (K = 64, V = 64 and K = 128, V = 64), two or more steps spill nothing."""
-    spec = choose("chunkwise", "bwd", K, V, BF16, BF16, 64, {"split": 1}, stage="dqk", row_dot=True)
-    r = aot.resources(spec)
-    assert r.spill_bytes == 0, f"{spec.short()}: {r}"
+    for dgamma in (False, True):
+        spec = choose("chunkwise", "bwd", K, V, BF16, BF16, 64, {"split": 1}, stage="dqk",
+                      row_dot=dgamma)  # fmt: skip
+        r = aot.resources(spec)
+        assert r.spill_bytes == 0, f"{spec.short()}: {r}"
 
 
 # NOTE: float32 defaults (blocks._wide_blocks) compile spill-free at these K (ptxas of Triton 3.9's
@@ -117,15 +119,16 @@ def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
 # while failing the pathology the rule fixed: the 16-bit blocks spilled 92 bytes (split output)
 # to 22,680 (fused) per thread in float32.
 F32_SPILL_BOUND = 128
-F32_KINDS = ("parallel", "fused", "states", "output", "dqk")
+F32_KINDS = ("parallel", "fused", "states", "output", "dqk", "dqk-no-dgamma")
 
 
 F32_FLAGS = {
     "fused": {"state_out": True},
     "states": {"state_out": True, "store_o": False},
-    # the backward's shape of output stage: a ones column, row scales and row dots
+    # the dq pass's shape of output stage with d gamma: a ones column, row scales and row dots
     "output": {"extra_value_column": True, "row_scale": True, "row_dot": True},
-    "dqk": {"row_dot": True},  # the split backward's dq/dk kernel
+    "dqk": {"row_dot": True},  # the split backward's dq/dk kernel with d gamma's terms
+    "dqk-no-dgamma": {},  # and without (4 warps spilled 48 / 264 bytes at K = 64 / 128)
 }
 
 
@@ -136,8 +139,9 @@ def _float32_default(kind: str, K: int):
     flags = F32_FLAGS[kind]
     V = K + int(flags.get("extra_value_column", False))
     cfg = {"split": int(kind != "fused")}
-    direction = "bwd" if kind == "dqk" else "fwd"
-    return choose("chunkwise", direction, K, V, F32, F32, 64, cfg, stage=kind,
+    stage = kind.split("-")[0]
+    direction = "bwd" if stage == "dqk" else "fwd"
+    return choose("chunkwise", direction, K, V, F32, F32, 64, cfg, stage=stage,
                   fp32_precision="ieee", **flags)  # fmt: skip
 
 

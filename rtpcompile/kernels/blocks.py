@@ -204,13 +204,11 @@ def dqk_blocks(blocks: dict[str, int], V: int) -> dict[str, int]:
     """The backward's dq/dk kernel (``chunk_dqk``) from its pass's split blocks: V is reduced
     over there, not written, so BV is the loop step (half of V's block, 16 to 64: a V read in one
     step spilled 16-36 bytes at K = 64 and 128 in bfloat16, two or more steps spill nothing,
-    ptxas on sm_90), and three [BT, BT] / [BT, BKC] float32 accumulators take 8 warps at 64 x 64
-    (4 spilled 792 bytes at K = 128), as do the pass's own 8-warp blocks (float32 at K <= 32:
-    20 bytes at 4 warps, 0 at 8)."""
-    BT, BKC = blocks["BT"], blocks["BKC"]
+    ptxas on sm_90), and three [BT, BT] / [BT, BKC] float32 accumulators take 8 warps (4 spilled
+    792 bytes at 64 x 64, K = 128; float32's 32 x 32 tiles 48 / 264 / 260 bytes at K = 64 / 128 /
+    256 with "ieee" dots, 0 at 8 warps)."""
     BV = max(16, min(64, next_pow2(V) // 2))
-    warps = max(blocks["num_warps"], 8 if BT * max(BT, BKC) >= 64 * 64 else 4)
-    return {**blocks, "BV": BV, "num_warps": warps}
+    return {**blocks, "BV": BV, "num_warps": max(blocks["num_warps"], 8)}
 
 
 def row_dot_blocks(blocks: dict[str, int], form: str, stage: str) -> dict[str, int]:
