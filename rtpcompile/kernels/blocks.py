@@ -35,7 +35,7 @@ FEW_PROGRAMS_MIN_CHUNKS = 8
 # blocks spill 15-23 KB per thread in float32 (its float32 operands are twice the size); its
 # float32 blocks (``_wide_blocks``) are spill-free up to K = 128 only with 16-row chunks and
 # 16-32-wide V blocks, while the split stages' are spill-free with 32-row chunks and 64-wide V
-# blocks at every K (benchmarks/results/static/kernel_resources_sm_90_2026-11-23.md).
+# blocks at every K (benchmarks/results/static/kernel_resources_sm_90_2026-11-24.md).
 WIDE_DTYPES = ("float32", "float64")
 MAX_WARPS = 32
 MAX_STAGES = 8
