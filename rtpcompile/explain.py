@@ -111,6 +111,18 @@ def region_kernels(
     from . import kernels
     from .lowering import plan, tune
 
+    # NOTE: checked here, not by torch.empty below: it takes batch=0 (a list of kernels that
+    # would never launch) and raises its own TypeError for dtype="bf16"
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(
+            f"kernels(): batch must be a positive integer (sequences per call), got {batch!r}"
+        )
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the op's dtypes
+    if dtype not in floats:
+        raise ValueError(
+            f"kernels(): dtype must be one of torch.float16, torch.bfloat16, torch.float32, "
+            f"torch.float64 (the op's dtypes), got {dtype!r}"
+        )
     if region.seq_len is None or region.seq_len < 1 or region.k_dim is None:
         raise ValueError(f"kernels(): region at {region.where} has no example shapes")
     H, T = region.heads, region.seq_len
@@ -253,8 +265,9 @@ class Report:
     ) -> list:
         """The generated kernels claimed region ``index`` would launch on a GPU at its example
         length (``KernelInfo`` rows: module name and spec; ``print`` each). The form and blocks
-        are the Triton cost model's choice for ``batch`` sequences in ``dtype`` (a tuned cache
-        entry on the deployment GPU may pick others); ``backward`` adds the training pass's
+        are the Triton cost model's choice for ``batch`` sequences (>= 1) in ``dtype`` (float16,
+        bfloat16, float32 or float64; anything else is a ValueError); a tuned cache entry on
+        the deployment GPU may pick others. ``backward`` adds the training pass's
         kernels, only the passes the wanted gradients need: ``grads`` names them (a subset of
         ``kernels.GRADIENTS``: "q", "k", "v", "gamma", "initial_state"); None takes the ones
         that needed a gradient when explain traced the model (``grads(index)``), or all five

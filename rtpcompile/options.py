@@ -158,6 +158,18 @@ def check_variables(environ: Mapping[str, str]) -> None:
             f"environment variable RTP_DUMP_KERNELS must name a directory to write generated "
             f"kernel sources into (created when missing), got {raw!r}, which is not a directory"
         )
+    raw = environ.get("RTP_CACHE")
+    if raw is not None:
+        # NOTE: the rule of kernels.cache.mode, which reads it only when the planner reaches the
+        # cache: after its in-process memo, so a bad value failed or passed by call history
+        from .kernels import cache
+
+        text = raw.strip().lower()
+        if cache._MODE_ALIASES.get(text, text) not in cache.MODES:
+            raise ValueError(
+                f"environment variable RTP_CACHE must be one of {list(cache.MODES)} (or 1/0), "
+                f"got {text!r}"
+            )
     raw = environ.get("RTP_TUNE_CONFIGS")
     if raw is not None:
         from .lowering.tune import CONFIG_SPACES  # NOTE: lazily: lowering imports this module
@@ -204,7 +216,7 @@ def resolve(options: Mapping[str, Any] | None = None) -> Options:
 
 
 # NOTE: the variables check_variables validates too, so a changed value is checked again
-_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS", "RTP_DUMP_KERNELS")
+_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS", "RTP_DUMP_KERNELS", "RTP_CACHE")
 _ENV_KEYS = tuple(f"RTP_{name.upper()}" for name in FIELDS) + _CHECKED
 _ENCODED_KEYS = tuple(map(getattr(os.environ, "encodekey", str), _ENV_KEYS))
 

@@ -4,12 +4,18 @@
                                         "B": 1, "H": 8, "K": 64, "V": 64, "dtype": "float32"}'
 
 prints one line ``RTP_BENCH_RESULT {"peak_bytes": N}`` (or ``{"peak_bytes": null, "error": ...}``).
+
+The reading needs glibc's mmap and trim thresholds fixed at 128 KiB (``MALLOC_ENV``), read once
+at process start: without them a large buffer may reuse memory freed earlier and read 0 B.
+``memory.subprocess_peak`` sets them; run by hand on Linux without them, the worker re-executes
+itself once with them added (a value already set is kept).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -18,6 +24,8 @@ from .memory import RESULT_PREFIX, PeakRSS
 from .stats import error_text
 from .variants import OpInputs, build
 
+# NOTE: the values memory.subprocess_peak sets (see the module docstring)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 WARMUP_T = 67  # NOTE: not a head dim: T == K would be duck-sized into one symbol and recompile
 
 
@@ -52,5 +60,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _with_malloc_env(argv: list[str]) -> None:
+    """Re-execute this worker with ``MALLOC_ENV`` when the environment lacks a part of it
+    (Linux only; glibc reads it at start, so setting it now would change nothing)."""
+    missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
+    if missing and sys.platform.startswith("linux"):
+        sys.stdout.flush()
+        command = [sys.executable, "-m", "rtpcompile.bench.worker", *argv]
+        os.execve(sys.executable, command, {**os.environ, **missing})
+
+
 if __name__ == "__main__":
+    _with_malloc_env(sys.argv[1:])
     sys.exit(main(sys.argv[1:]))

@@ -1,12 +1,18 @@
 """``rtpcompile cache``: inspect and manage the persistent autotune cache.
 
 rtpcompile cache path            where entries live (RTP_CACHE_DIR overrides)
-rtpcompile cache list [--json]   one line per entry: id, shape bucket, winner
+rtpcompile cache list [--json]   one line per entry: id, shape bucket, winner; "(stale: ...)"
+                                 after an entry this installation's planner never reads
 rtpcompile cache show KEY        the full entry (KEY: an id or a unique id prefix)
 rtpcompile cache clear           delete every entry
 rtpcompile cache export FILE     every valid entry in one JSON file, to ship with a model
-                                 (FILE "-": stdout; a symlink is written through)
+                                 (FILE "-": stdout; a symlink is written through), stale ones
+                                 included: the count says how many
 rtpcompile cache import FILE     store the valid entries of an exported file
+
+A stale entry was tuned with another rtpcompile source (its implementation hash), torch or
+triton version than this installation's, or is stored under another file name than its key's
+id: the planner here never reads it (``tune --force`` or ``cache clear`` replaces it).
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ def add_parser(subparsers) -> None:
     show.add_argument("key", help="entry id or a unique prefix of it")
     show.set_defaults(func=_checked(_show))
     actions.add_parser("clear", help="delete every entry").set_defaults(func=_checked(_clear))
-    export = actions.add_parser("export", help="write every valid entry to FILE")
+    export = actions.add_parser(
+        "export",
+        help="write every valid entry to FILE, stale ones (see list) included: the count says "
+        "how many",
+    )
     export.add_argument("file")
     export.set_defaults(func=_checked(_export))
     imp = actions.add_parser("import", help="store the valid entries of FILE")
@@ -168,17 +178,47 @@ def _cpu_threads(key: dict) -> int | None:
     return int(count) if count.isdigit() else None
 
 
+def stale(entry_id: str, key: dict) -> str | None:
+    """Why this installation's planner never reads the entry ``entry_id`` with ``key`` (it was
+    tuned with another rtpcompile source, torch or triton version, or its file name is not its
+    key's id), or None when it can be read. Another device or thread count is not stale: the
+    entry is for another machine or setting, and is read there."""
+    import torch
+
+    from ..lowering import plan
+
+    why = []
+    backend = key["spec"].get("backend")
+    if backend not in ("aten", "triton") or key["source"] != plan.source_hash(backend):
+        why.append("other rtpcompile source")
+    if key["torch"] != torch.__version__:
+        why.append("other torch")
+    if key["triton"] != plan._triton_version():
+        why.append("other triton")
+    if entry_id != cache.key_id(key):
+        why.append("file name is not its key's id")
+    return ", ".join(why) or None
+
+
 def _list(args) -> int:
     found = cache.entries()
     if args.json:
-        print(json.dumps([{"id": i, "entry": e} for i, _, e in found], indent=1))
+        rows = [
+            {"id": i, "entry": e, "stale": None if e is None else stale(i, e["key"])}
+            for i, _, e in found
+        ]
+        print(json.dumps(rows, indent=1))
         return 0
     if not found:
         print(f"no entries in {cache.directory()}")
     valid = [entry for _, _, entry in found if entry is not None]
     lines = iter(summaries(valid))
     for entry_id, _, entry in found:
-        print(f"{entry_id}  {'<invalid entry: ignored>' if entry is None else next(lines)}")
+        if entry is None:
+            print(f"{entry_id}  <invalid entry: ignored>")
+            continue
+        why = stale(entry_id, entry["key"])
+        print(f"{entry_id}  {next(lines)}" + (f"  (stale: {why})" if why else ""))
     return 0
 
 
@@ -208,6 +248,8 @@ def _clear(args) -> int:
 
 
 def _export(args) -> int:
+    # NOTE: counted before the export, which reads the same files; export_entries has no filter
+    old = sum(e is not None and stale(i, e["key"]) is not None for i, _, e in cache.entries())
     try:
         count = cache.export_entries(args.file)
     except OSError as exc:
@@ -216,7 +258,10 @@ def _export(args) -> int:
     # NOTE: with FILE "-" the entries went to stdout; the count goes to stderr
     where = "stdout" if args.file == "-" else args.file
     out = sys.stderr if args.file == "-" else sys.stdout
-    print(f"exported {count} entr{'y' if count == 1 else 'ies'} to {where}", file=out)
+    note = ""
+    if old:
+        note = f" ({old} stale: never read by this installation's planner, see cache list)"
+    print(f"exported {count} entr{'y' if count == 1 else 'ies'} to {where}{note}", file=out)
     return 0
 
 

@@ -8,7 +8,8 @@ rtpcompile export --program                                  the decomposed torc
                                                              (no torch-mlir needed)
 
 The model comes from --checkpoint, else from the size flags (default: a small retention-only
-model). A summary (function signature, T x T tensor types found) goes to stderr.
+model); size flags next to --checkpoint are a usage error (the checkpoint has its own sizes).
+A summary (function signature, T x T tensor types found) goes to stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from ..export.mlir import DIALECTS
 from ._common import UsageError, positive_int
 
 DEFAULT_SEQ_LEN = 512
+# The model size flags and their defaults (None in the parser: given or not, see _model)
+SIZE_DEFAULTS = {"vocab": 256, "dim": 64, "layers": 2, "heads": 4, "ratio": 1.0}
 
 
 def add_parser(subparsers) -> None:
@@ -48,12 +51,18 @@ def add_parser(subparsers) -> None:
         default=1,
         help="recurrent step: tokens already seen (>= 1: the prompt's prefill comes first)",
     )
-    p.add_argument("--checkpoint", help="a torch.save'd model (loaded with weights_only=False)")
-    p.add_argument("--vocab", type=positive_int, default=256)
-    p.add_argument("--dim", type=positive_int, default=64)
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--ratio", type=float, default=1.0, help="fraction of retention layers")
+    p.add_argument(
+        "--checkpoint",
+        help="a torch.save'd model (loaded with weights_only=False); not with the size flags",
+    )
+    sizes = SIZE_DEFAULTS
+    p.add_argument("--vocab", type=positive_int, help=f"default {sizes['vocab']}")
+    p.add_argument("--dim", type=positive_int, help=f"default {sizes['dim']}")
+    p.add_argument("--layers", type=positive_int, help=f"default {sizes['layers']}")
+    p.add_argument("--heads", type=positive_int, help=f"default {sizes['heads']}")
+    p.add_argument(
+        "--ratio", type=float, help=f"fraction of retention layers (default {sizes['ratio']})"
+    )
     p.add_argument("--program", action="store_true", help="print the decomposed FX program")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=run)
@@ -64,12 +73,23 @@ def _model(args):
 
     from ..nn import RTPHybridLM
 
+    # NOTE: getattr: a Namespace built in code may leave the size flags out
+    given = {name: getattr(args, name, None) for name in SIZE_DEFAULTS}
     if args.checkpoint:
+        flags = [f"--{name}" for name, value in given.items() if value is not None]
+        if flags:
+            raise UsageError(
+                f"{', '.join(flags)} cannot be used with --checkpoint, whose model has its own "
+                "sizes; leave them out, or leave out --checkpoint to build a model from them"
+            )
         model = _load_checkpoint(args.checkpoint)
     else:
+        sizes = {name: SIZE_DEFAULTS[name] if v is None else v for name, v in given.items()}
         torch.manual_seed(0)
         try:
-            model = RTPHybridLM(args.vocab, args.dim, args.layers, args.heads, ratio=args.ratio)
+            model = RTPHybridLM(
+                sizes["vocab"], sizes["dim"], sizes["layers"], sizes["heads"], ratio=sizes["ratio"]
+            )
         except ValueError as exc:  # NOTE: sizes that do not fit together are argument errors
             raise UsageError(f"model size flags: {exc}") from None
     return model.eval()
@@ -162,16 +182,31 @@ def run(args) -> int:
     if not args.program:
         print(_signature(text), file=sys.stderr)
     print(f"T x T tensors (T={seq_len}): {len(quadratic)} {quadratic[:4]}", file=sys.stderr)
-    widths = _widths(target)
-    if quadratic and seq_len in widths:
+    if quadratic and seq_len in _widths(target, args.batch):
         print(
-            f"note: T={seq_len} equals a model width, so [.., T, width] values count too; "
-            f"export at another --seq-len to see only T x T ones",
+            f"note: T={seq_len} equals a model width (a weight size, a head count or head dim) "
+            f"or the batch, so [.., T, width] values count too; export at another --seq-len to "
+            f"see only T x T ones",
+            file=sys.stderr,
+        )
+    if quadratic and args.form == "chunkwise" and seq_len <= args.chunk_size:
+        print(
+            f"note: T={seq_len} <= --chunk-size {args.chunk_size}: one chunk of C = T tokens, "
+            f"whose C x C scores are T x T; export with a --seq-len above the chunk size to see "
+            f"the chunkwise form's O(T * C) memory",
             file=sys.stderr,
         )
     return 0
 
 
-def _widths(model) -> set[int]:
-    """Sizes of the model's weights (a T equal to one makes [.., T, width] look T x T)."""
-    return {int(d) for p in model.parameters() for d in p.shape}
+def _widths(model, batch: int) -> set[int]:
+    """Sizes that make a ``[.., T, size]`` value look T x T when T equals one: the weights'
+    sizes, each attention or retention layer's head count and head widths (K, V; a reshaped
+    ``[B, H, T, K]`` has no weight of size K), and the batch."""
+    sizes = {int(d) for p in model.parameters() for d in p.shape}
+    for module in model.modules():
+        for name in ("num_heads", "head_dim", "head_dim_k", "head_dim_v"):
+            value = getattr(module, name, None)
+            if isinstance(value, int):
+                sizes.add(value)
+    return sizes | {batch}

@@ -2,6 +2,7 @@
 
     rtpcompile tune --shape 1,8,2048,64 --shape 4,8,512,64,128 --dtype bfloat16 --device cuda
     rtpcompile tune --shape 1,8,4096,64 --phase both --state --force
+    rtpcompile tune --shape 1,8,4096,64 --phase both --form chunkwise
 
 Each ``--shape`` is ``B,H,T,K[,V]`` (V defaults to K). Every shape is benchmarked once per
 phase (forward, backward or both) unless its bucket is already cached (``--force`` re-runs),
@@ -10,6 +11,12 @@ On the Triton backend (CUDA, or ``RTP_KERNELS=triton``) the winner includes its 
 configuration (BV, num_warps, num_stages, split), printed after the form and stored in the entry.
 CPU entries are keyed by torch's thread count: tune with ``--threads N`` when the model will run
 with ``torch.set_num_threads(N)`` (or ``rtpcompile demo/bench --threads N``).
+
+The cache key includes the form a call asks for: ``ops.retention`` and compiled regions ask for
+``auto`` (the default here); ``ops.retention_chunkwise(q, k, v, gamma)`` and
+``options={"form": "chunkwise"}`` without a chunk size ask for ``chunkwise`` (the planner still
+picks the chunk size) and read only entries tuned with ``--form chunkwise``. A forced
+``parallel`` or ``recurrent`` form (or a forced chunk size) is used as given: nothing to tune.
 
 Tuning stores its winners, so it needs a cache it can write: with ``RTP_CACHE=off`` or
 ``readonly``, or a cache directory that cannot be written, it fails (exit code 1) before
@@ -25,6 +32,7 @@ from ..kernels import cache
 from . import _common
 
 PHASES = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}
+FORMS = ("auto", "parallel", "chunkwise", "recurrent")
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +51,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--phase", default="fwd", choices=sorted(PHASES))
     parser.add_argument("--state", action="store_true", help="an initial state comes in")
+    parser.add_argument(
+        "--form",
+        choices=list(FORMS),
+        default="auto",
+        help="the form the calls ask for: auto (ops.retention, compiled regions; default) or "
+        "chunkwise (ops.retention_chunkwise, options={'form': 'chunkwise'}) are tuned and "
+        "cached apart; parallel and recurrent are used as given (nothing to tune)",
+    )
     parser.add_argument(
         "--final-state",
         choices=["auto", "yes", "no"],
@@ -110,10 +126,12 @@ def run(args) -> int:
     # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
     choice = getattr(args, "final_state", "auto")
     finals = {"auto": (False, True), "yes": (True,), "no": (False,)}[choice]
+    form = getattr(args, "form", "auto")  # NOTE: getattr: as --final-state
+    if form not in FORMS:
+        raise _common.UsageError(f"--form: expected one of {', '.join(FORMS)}, got {form!r}")
+    call = (args.dtype, str(device), backend, args.state)
     problems = {
-        plan.Problem(
-            B, H, T, K, V, args.dtype, str(device), backend, args.state, phase, state_out=final
-        ): None
+        plan.Problem(B, H, T, K, V, *call, phase, form, state_out=final): None
         for B, H, T, K, V in args.shape
         for phase in PHASES[args.phase]
         for final in finals
@@ -128,8 +146,14 @@ def _tune_all(jobs: list, args, backend: str) -> int:
     before = plan.counters["benchmarks"]
     lost = 0
     for done, problem in enumerate(jobs):
-        _progress(done, len(jobs), plan.shape_text(problem))
-        if problem.T == 1 or (args.state and problem.T <= plan.RECURRENT_MAX_T):
+        label = plan.shape_text(problem)
+        label += f", form {problem.request}" if problem.request != "auto" else ""
+        _progress(done, len(jobs), label)
+        if problem.request in ("parallel", "recurrent"):
+            result = f"{problem.request} (forced, nothing to tune)"
+        elif problem.request == "auto" and (
+            problem.T == 1 or (problem.has_state and problem.T <= plan.RECURRENT_MAX_T)
+        ):
             result = "recurrent (rule: decoding, nothing to tune)"
         else:
             failures = cache.write_failures
@@ -141,8 +165,8 @@ def _tune_all(jobs: list, args, backend: str) -> int:
             if chosen.source == "tuned" and cache.write_failures > failures:
                 result += ", NOT STORED"
                 lost += 1
-        _progress(done + 1, len(jobs), plan.shape_text(problem))
-        print(f"{plan.shape_text(problem)}: {result}")
+        _progress(done + 1, len(jobs), label)
+        print(f"{label}: {result}")
     ran = plan.counters["benchmarks"] - before
     print(f"{ran} benchmark run(s) on the {backend} backend; cache: {plan.cache_location()}")
     if lost:

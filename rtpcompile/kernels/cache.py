@@ -124,9 +124,35 @@ def _report_once(tag: str, message: str, *, warn: bool = False) -> None:
     _reported.add(tag)
     if warn:
         log.debug("rtpcompile cache: %s", message)
-        warnings.warn(f"rtpcompile cache: {message}", RuntimeWarning, stacklevel=3)
+        # NOTE: a fixed stacklevel pointed into this file: the frames between the user's call
+        # and here vary (an op call, a compiled graph, autograd, torch's dispatch)
+        warnings.warn(f"rtpcompile cache: {message}", RuntimeWarning, stacklevel=_user_level())
     else:
         log.warning("rtpcompile cache: %s", message)
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the innermost frame outside
+    rtpcompile, torch and generated code (torch.fx's, Inductor's, frozen modules): the
+    user's line that led here. The outermost frame when there is none (``rtpcompile tune``)."""
+    inside = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep]
+    torch = sys.modules.get("torch")  # NOTE: not imported here: standard library only
+    if getattr(torch, "__file__", None):
+        inside.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    # NOTE: sys._getframe(n) here is the caller's stacklevel n (1: the caller, which warns)
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and _internal(frame, inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _internal(frame, inside: list[str]) -> bool:
+    name = frame.f_code.co_filename
+    # NOTE: frozen modules (runpy), torch.fx's generated forwards, Inductor's output code
+    if name.startswith(("<frozen", "<eval_with_key")) or "torchinductor" in name:
+        return True
+    module = frame.f_globals.get("__name__") or ""
+    return module.partition(".")[0] == "torch" or os.path.abspath(name).startswith(tuple(inside))
 
 
 def read_file(path: Path) -> dict | None:
