@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from . import mask_proof
+from .einsum import canonical_mask, permuted_score_product, permuted_value_products
 from .graph_view import (
     GraphView,
     example,
@@ -55,6 +56,19 @@ class _Chain:
     # a 0/1 causal step beside a decay product (``s.masked_fill(~c, 0) * decay``): its condition
     # (None for tril) joins the proof, not the run time (the proven product equals tril x decay)
     causal: tuple[str, fx.Node | None] | None = None
+    # the scores' layout when an einsum writes them with Tq, Tk not last (``einsum.py``)
+    score_perm: tuple[int, ...] | None = None
+
+    def score_product(self, node: fx.Node) -> tuple[Layout, Layout] | None:
+        """(Q, K) when ``node`` is a score product writing this chain's layout."""
+        if self.score_perm is None:
+            return score_product(node)
+        return permuted_score_product(node, self.score_perm)
+
+    def scores_shape(self) -> list:
+        """The scores' sizes in the canonical layout [*batch, Tq, Tk]."""
+        shape = list(example(self.scores).shape)
+        return [shape[p] for p in self.score_perm] if self.score_perm else shape
 
 
 def _denominator(view: GraphView, div: fx.Node) -> tuple[str, float, list] | str:
@@ -124,8 +138,8 @@ def _is_product(x: fx.Node) -> bool:
 def _decay_product(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
     """The scores times decay tensors; the scores may sit under one 0/1 causal step."""
     leaves = _mul_leaves(view, x, chain)
-    scores = [leaf for leaf in leaves if score_product(peel(leaf).core) is not None]
-    steps = [leaf for leaf in leaves if _masks_scores(view, peel(leaf).core)]
+    scores = [leaf for leaf in leaves if chain.score_product(peel(leaf).core) is not None]
+    steps = [leaf for leaf in leaves if _masks_scores(view, chain, peel(leaf).core)]
     if not scores and len(steps) == 1 and chain.causal is None:
         step = peel(steps[0])
         chain.masks += [leaf for leaf in leaves if leaf is not steps[0]]
@@ -144,13 +158,13 @@ def _decay_product(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
     return None
 
 
-def _masks_scores(view: GraphView, x: fx.Node) -> bool:
+def _masks_scores(view: GraphView, chain: _Chain, x: fx.Node) -> bool:
     """Whether ``x`` is a 0/1 causal step (tril, masked_fill, where) applied to the scores."""
     kind = view.kind(x)
     if kind not in _CAUSAL_STEPS or len(x.args) < (2 if kind == "where" else 1):
         return False
     inner = x.args[1] if kind == "where" else x.args[0]
-    return isinstance(inner, fx.Node) and score_product(peel(inner).core) is not None
+    return isinstance(inner, fx.Node) and chain.score_product(peel(inner).core) is not None
 
 
 def _as_causal(chain: _Chain) -> None:
@@ -204,9 +218,10 @@ def _mul_leaves(view: GraphView, x: fx.Node, chain: _Chain) -> list[fx.Node]:
     return leaves
 
 
-def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str | None]:
-    """From the value product's A operand down to the score product."""
-    chain = _Chain()
+def _walk(view: GraphView, a: fx.Node, einsum_masks: list, perm) -> tuple[_Chain, str | None]:
+    """From the value product's A operand (laid out ``perm``, None: canonical) down to the score
+    product."""
+    chain = _Chain(score_perm=perm)
     outer = peel(a)
     chain.nodes += outer.chain
     x = outer.core
@@ -223,7 +238,7 @@ def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str 
         x = inner.core
     else:
         chain.pre += outer.factors
-    masked = None if einsum_masks else masked_score_product(x)
+    masked = None if einsum_masks or perm else masked_score_product(x)
     if masked is not None:  # NOTE: the mask is the score einsum's third operand
         chain.q, chain.k, mask, axes = masked
         chain.masks.append(mask)
@@ -242,7 +257,7 @@ def _walk(view: GraphView, a: fx.Node, einsum_masks: list) -> tuple[_Chain, str 
     scores = peel(chain.scores)
     chain.nodes += scores.chain
     chain.pre += scores.factors
-    found = score_product(scores.core)
+    found = chain.score_product(scores.core)
     if found is None:
         return chain, "the masked matrix is not a Q K^T product"
     chain.scores = scores.core
@@ -268,7 +283,7 @@ def _check_shapes(chain: _Chain, v: Layout) -> str | None:
         return "complex dtype"
     if not scores.is_floating_point():
         return f"scores of dtype {scores.dtype} (floating point expected)"
-    if not same_size(scores.shape[-1], scores.shape[-2]):
+    if not same_size(*chain.scores_shape()[-2:]):
         return "query and key lengths differ (scores are not square)"
     q, k, vv = (_canonical_shape(x) for x in (chain.q, chain.k, v))
     if not (len(q) == len(k) == len(vv) == scores.dim()):
@@ -325,13 +340,30 @@ def _before_casts(mask: fx.Node) -> fx.Node:
     return mask
 
 
-def check_candidate(view: GraphView, cand, inputs: list) -> Region:
-    """Claim or decline one value-product candidate."""
+def _permuted_masks(chain: _Chain) -> str | None:
+    """Read the masks of scores laid out ``chain.score_perm`` as factors of the canonical ones."""
+    perm = chain.score_perm
+    if chain.mask_kind != "mul" or chain.causal is not None:
+        return "a 0/1 causal step on scores laid out with Tq, Tk not last (multiply by a mask)"
+    if chain.normaliser != "none" and perm[-1] != len(perm) - 1:
+        return "a row normaliser on scores laid out with the key axis not last"
+    found = [canonical_mask(_before_casts(m), perm) for m in chain.masks]
+    if None in found:
+        return "a mask factor's dims are not in the order of the scores' (permute it like them)"
+    chain.masks = [_before_casts(m) for m, _ in found]
+    chain.mask_axes = [axes for _, axes in found]
+    return None
+
+
+def check_candidate(view: GraphView, cand, inputs: list, perm=None) -> Region:
+    """Claim or decline one value-product candidate (A laid out ``perm``; None: canonical)."""
     o, a, v, out_perm, einsum_masks = cand
-    chain, reason = _walk(view, a, einsum_masks)
+    chain, reason = _walk(view, a, einsum_masks, perm)
     base = Region(written="parallel", where=where(o), output=o.name, out_perm=out_perm)
     if reason is None:
         reason = _check_shapes(chain, v)
+    if reason is None and perm is not None:
+        reason = _permuted_masks(chain)
     if reason is None:
         inside = set(chain.nodes) | {o}
         # NOTE: q's and k's transposes are views of the inputs, not of the scores: another reader
@@ -360,7 +392,7 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
             _proof_masks(chain),
             _mask_transform(chain),
             inputs,
-            scores.shape[-1],
+            chain.scores_shape()[-1],
             scores.dim() - 2,
         )
     q_shape = _canonical_shape(chain.q)
@@ -380,7 +412,7 @@ def check_candidate(view: GraphView, cand, inputs: list) -> Region:
         post=tuple(_factor(f) for f in chain.post),
         normaliser=chain.normaliser,
         normaliser_min=chain.normaliser_min,
-        seq_len=hint(scores.shape[-1]),
+        seq_len=hint(chain.scores_shape()[-1]),
         heads=heads,
         k_dim=hint(q_shape[-1]),
         v_dim=hint(_canonical_shape(v)[-1]),
@@ -397,5 +429,9 @@ def _factor(factor) -> tuple[str, object]:
 
 def find_parallel(view: GraphView, inputs: list) -> list[Region]:
     """Every parallel-form candidate of the graph, claimed or declined."""
-    found = [check_candidate(view, cand, inputs) for cand in value_products(view)]
+    cands = value_products(view)
+    found = [check_candidate(view, cand, inputs) for cand in cands]
+    seen = {cand[0] for cand in cands}
+    for o, a, v, out_perm, perm in permuted_value_products(view, seen):
+        found.append(check_candidate(view, (o, a, v, out_perm, []), inputs, perm))
     return found + softmax_attention(view)

@@ -67,6 +67,7 @@ def outer_product(view: GraphView, node: fx.Node) -> tuple[_Side, _Side] | None:
         batch = out[:-2]
         if sx[:-1] == batch and sy[:-1] == batch and out == batch + sx[-1] + sy[-1]:
             return _Side(layout(a), True), _Side(layout(b), True)
+        return _einsum_token_outer(sx, sy, out, a, b)
     if kind == "mul" and len(node.args) == 2 and not any(is_scalar(a) for a in node.args):
         a, b = node.args
         x, y = _unsqueezed(a, -1), _unsqueezed(b, -2)
@@ -77,6 +78,58 @@ def outer_product(view: GraphView, node: fx.Node) -> tuple[_Side, _Side] | None:
             return _Side(layout(x), True, (a,)), _Side(layout(y), True, (b,))
         return _column_times_row(*node.args)
     return None
+
+
+def _one_token(operand: fx.Node, subscript: str, letter: str) -> bool:
+    """Whether ``letter`` indexes a dim of ``operand`` that is statically 1 (Dynamo
+    specialises a size-1 dim, dynamic=True too)."""
+    value = example(operand)
+    return is_tensor(value) and statically_known_true(value.shape[subscript.index(letter)] == 1)
+
+
+def _token_einsum(sx: str, sy: str, out: str) -> str | None:
+    """The token letter of ``einsum(sx, sy -> out)`` keeping a token axis: the one letter
+    of both operands that the output drops (``bhtk,bhtv->bhkv``), else None."""
+    if any(s.count(c) > 1 for s in (sx, sy, out) for c in s) or not set(out) <= set(sx + sy):
+        return None
+    dropped = [c for c in sx if c in sy and c not in out]
+    return dropped[0] if len(dropped) == 1 else None
+
+
+def _einsum_token_outer(sx: str, sy: str, out: str, a, b) -> tuple[_Side, _Side] | None:
+    """(x, y) of ``einsum('bhtk,bhtv->bhkv', x, y)`` whose token letter t has size 1 in both
+    operands: the outer product of two one-token rows [.., 1, D] (t > 1 is a sum of T outer
+    products, not one step's update)."""
+    t = _token_einsum(sx, sy, out)
+    if t is None or len(out) < 2:
+        return None
+    batch, dx, dy = out[:-2], out[-2], out[-1]
+    if sorted(sx) != sorted(batch + t + dx) or sorted(sy) != sorted(batch + t + dy):
+        return None
+    if not (_one_token(a, sx, t) and _one_token(b, sy, t)):
+        return None
+    x = layout(a).then(tuple(sx.index(c) for c in batch + t + dx))
+    y = layout(b).then(tuple(sy.index(c) for c in batch + t + dy))
+    return _Side(x, False), _Side(y, False)
+
+
+def _einsum_token_read(sq: str, ss: str, out: str, q: fx.Node):
+    """(q side, contracted state dim, out_perm) of ``einsum('bhtk,bhkv->bhtv', q, S')`` whose
+    query token letter t has size 1 (the state's layout [.., K, V] or [.., V, K] fixes the batch
+    order; the output may be any permutation of [*batch, t, V])."""
+    batch, d = ss[:-2], _token_einsum(sq, ss, out)  # NOTE: here the dropped letter is K
+    tokens = [c for c in sq if c in out and c not in ss]
+    if d is None or d not in ss[-2:] or len(tokens) != 1:
+        return None
+    t, w = tokens[0], ss[-1] if ss[-2] == d else ss[-2]
+    if sorted(sq) != sorted(batch + t + d) or sorted(out) != sorted(batch + t + w):
+        return None
+    if not _one_token(q, sq, t):
+        return None
+    lay = layout(q).then(tuple(sq.index(c) for c in batch + t + d))
+    perm = tuple((batch + t + w).index(c) for c in out)
+    out_perm = None if perm == tuple(range(len(out))) else perm
+    return _Side(lay, False), -2 if ss[-2] == d else -1, out_perm
 
 
 def _column_times_row(a: fx.Node, b: fx.Node) -> tuple[_Side, _Side] | None:
@@ -112,6 +165,9 @@ def read_out(view: GraphView, state: fx.Node, user: fx.Node):
             if contracted == -1 and not (ss[-1] == sq[-1] and ss[-2] == out[-1]):
                 return None
             return _Side(layout(operands[iq]), True), contracted, user, None, (user,)
+        found = _einsum_token_read(sq, ss, out, operands[iq])
+        if found is not None:
+            return *found[:2], user, found[2], (user,)
     if kind == "mul" and len(user.users) == 1:
         total = next(iter(user.users))
         other = user.args[0] if user.args[1] is state else user.args[1]
