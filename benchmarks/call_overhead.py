@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # (name, B, H, T, K, V, with initial state): a decode step and a training-length prefill.
 # NOTE: B and H are small on purpose: the Python path does not depend on them, while on a CPU
-# the backward's few element-wise torch ops (d log gamma) would otherwise add real work.
+# the backward's few element-wise torch ops (d gamma's sum and state terms) would otherwise add
+# real work.
 CASES = (
     ("decode T=1", 1, 2, 1, 128, 128, True),
     ("prefill T=2048", 1, 2, 2048, 128, 128, False),

@@ -82,9 +82,9 @@ def test_config_reaches_every_pass_and_names_its_module():
     g = torch.empty(2, device="meta")
     default = kernels.kernels_for("chunkwise", q, q, v, g, backward=True)
     tuned = kernels.kernels_for(
-        "chunkwise", q, q, v, g, backward=True, config={"BV": 32, "num_warps": 4}
+        "chunkwise", q, q, v, g, backward=True, config={"BV": 32, "num_warps": 16}
     )
-    assert all(i.spec.num_warps == 4 for i in tuned)
+    assert all(i.spec.num_warps == 16 for i in tuned)
     # NOTE: the split backward's dq/dk kernel reduces over V in steps of its own (dqk_blocks;
     # with d gamma wanted, as here, 16: blocks.row_dot_blocks)
     assert all(i.spec.BV == 32 for i in tuned if i.spec.stage != "dqk")
@@ -103,6 +103,23 @@ def test_default_config_renders_as_before():
     assert render(staged) == render(choose("parallel", "fwd", 48, 80, torch.float16,
                                            torch.float16, 64))  # fmt: skip
     assert codegen.info(base).module == codegen.module_name(render(base))
+
+
+def test_a_config_does_not_undo_the_row_dot_blocks():
+    """A tuned config was measured without d gamma's sum: the d gamma pass keeps its 8 warps and
+    (fused) its V block of at most 32, the dq/dk kernel its V step of 16 (blocks.row_dot_blocks:
+    fewer warps or wider blocks spilled)."""
+    cfg = {"BV": 64, "num_warps": 4}
+    for stage, split in (("fused", 0), ("states", 1), ("output", 1)):
+        spec = choose("chunkwise", "fwd", 64, 64, torch.bfloat16, torch.bfloat16, 64,
+                      {**cfg, "split": split}, stage=stage, row_dot=True)  # fmt: skip
+        plain = choose("chunkwise", "fwd", 64, 64, torch.bfloat16, torch.bfloat16, 64,
+                       {**cfg, "split": split}, stage=stage)  # fmt: skip
+        assert spec.num_warps == 8 and plain.num_warps == 4, stage
+        assert spec.BV == (32 if stage == "fused" else 64) and plain.BV == 64, stage
+    dqk = choose("chunkwise", "bwd", 64, 64, torch.bfloat16, torch.bfloat16, 64,
+                 {**cfg, "split": 1}, stage="dqk", row_dot=True)  # fmt: skip
+    assert (dqk.BV, dqk.num_warps) == (16, 8)
 
 
 def test_bv_wider_than_the_pass_is_clamped():

@@ -67,8 +67,8 @@ def test_nonfinite_output_gradient_stays_in_its_rows_of_dq_and_dk(form, config):
 )
 @pytest.mark.parametrize("small", [0.0, 1e-37])
 def test_dgamma_partials_stay_finite_at_tiny_gamma(form, config, small):
-    """The kernels' own d gamma (without the op's small-gamma series) is finite: partial sums
-    divided by a tiny gamma each were +-inf, and their sum NaN; gamma = 0 runs as 2**-126."""
+    """The kernels' d gamma is finite at a tiny gamma (the closed form's partial sums divided by
+    a tiny gamma each were +-inf, and their sum NaN); gamma = 0 runs as 2**-126."""
     q, k, v, do = (4 * x.float() for x in _inputs(1, 2, 20, 8, 6, seed=2))
     g = torch.tensor([small, 0.9])
     o, sf = kernels.triton_forward(form, q, k, v, g, 0.5, None, 16, config)

@@ -101,9 +101,9 @@ def kernels_for(
     ``needs``: five bools, which gradients the backward computes, in ``GRADIENTS`` order (dq,
     dk, dv, d gamma, d initial_state), as the op's backward gets them from
     ``ctx.needs_input_grad`` (None: all). The backward launches only the passes they need:
-    dq's for dq or d gamma, dk's for dk or d gamma, dv's for dv, or (with an initial state) for
-    d initial_state or d gamma; so a frozen decay changes nothing while q, k and v all need
-    gradients, and only-v-needs-a-gradient is the dv pass alone.
+    dq's for dq or d gamma (it sums d gamma), dk's for dk, dv's for dv or (with an initial
+    state) for d initial_state; so a frozen decay changes nothing while q, k and v all need
+    gradients, only-v-needs-a-gradient is the dv pass alone, and only d gamma the dq pass.
 
     Only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any work.
     """

@@ -215,7 +215,8 @@ def row_dot_blocks(blocks: dict[str, int], form: str, stage: str) -> dict[str, i
     """The blocks of a chunkwise pass that also sums its forward-mode d gamma (``row_dot``: the
     backward's dq pass when gamma needs a gradient). It carries a second float32 tile, the state's
     derivative (fused, states) or the weighted scores' product (output, dqk), so its programs
-    take 8 warps, the fused one a V block of at most 32 and the dq/dk kernel a V step of 16.
+    take 8 warps or more, the fused one a V block of at most 32 and the dq/dk kernel a V step of
+    16; applied after a config (``spec.choose``), which was tuned without d gamma's sum.
     ptxas, sm_90, spill bytes per thread at the defaults without this -> with it, K = V in
     {64, 128}, bfloat16: states 624 -> 0, fused 876 and 652 -> 64 and 148 (the closed form's dq
     pass spilled 76 and 144), dqk 0 and 36 -> 0 (float32 784 at K = 128 -> 0), output 0 (float32
@@ -223,11 +224,12 @@ def row_dot_blocks(blocks: dict[str, int], form: str, stage: str) -> dict[str, i
     788, output 12 and 100, the others 0."""
     if form != "chunkwise":
         return blocks
+    warps = max(blocks["num_warps"], 8)
     if stage == "dqk":
-        return {**blocks, "BV": 16, "num_warps": 8}
+        return {**blocks, "BV": 16, "num_warps": warps}
     if stage == "fused":
-        return {**blocks, "BV": min(blocks["BV"], 32), "num_warps": 8}
-    return {**blocks, "num_warps": max(blocks["num_warps"], 8)}
+        return {**blocks, "BV": min(blocks["BV"], 32), "num_warps": warps}
+    return {**blocks, "num_warps": warps}
 
 
 def _wide_blocks(form: str, BK: int, V: int, chunk_size: int, split: bool) -> dict[str, int]:

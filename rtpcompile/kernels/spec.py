@@ -259,8 +259,6 @@ def choose(
     stage = flags.get("stage", "fused")
     blocks = default_blocks(form, K, V, chunk_size, split=stage != "fused", dtype=in_dtype)
     blocks = stage_blocks(blocks, stage, V)
-    if flags.get("row_dot"):
-        blocks = row_dot_blocks(blocks, form, stage)
     for name, value in check_config(config).items():
         # NOTE: split is decided per pass by launch (use_split), not a block; the dqk kernel's V
         # block is a loop step of its own (``dqk_blocks``), not the V block the tuner chose
@@ -269,6 +267,11 @@ def choose(
         # NOTE: one config serves every pass of a call, and the backward's passes swap K and V;
         # a V block wider than this pass's V is clamped to the smallest block covering it.
         blocks[name] = min(value, max(16, next_pow2(V))) if name == "BV" else value
+    if flags.get("row_dot"):
+        # NOTE: after the config: a tuned config was measured on passes without d gamma's sum
+        # (the planner's problem does not say whether gamma needs a gradient), so its warps or
+        # V block must not undo what keeps the row-dot kernels from spilling
+        blocks = row_dot_blocks(blocks, form, stage)
     return KernelSpec(
         form=form,
         direction=direction,
