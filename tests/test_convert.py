@@ -356,11 +356,15 @@ def test_compile_explain_claims_converted_layers(ratio, claimed):
     handle = retrofit(model, ratio=ratio)
     report = rtpcompile.explain(model, torch.randn(1, 8, 32))
     assert len(handle.converted) == claimed
-    assert len(report.claimed) == claimed and report.declined == []
+    assert len(report.claimed) == claimed
+    # NOTE: the layers left as attention are named (nn.MultiheadAttention: softmax attention)
+    assert [r.written for r in report.declined] == ["softmax attention"] * (2 - claimed)
     assert all(r.native and r.written == "rtp op (auto)" for r in report.claimed)
     wheres = sorted(r.where.split()[0] for r in report.claimed)
     assert wheres == [f"blocks.{i}.attn" for i in handle.converted]
     for row in report.rows():
+        if row[1] == "declined":
+            continue  # the attention layer (above)
         assert row[1] == "claimed" and row[-1].startswith("parallel at T=8")
         assert row[4:6] == ("4", "8 x 8")
 

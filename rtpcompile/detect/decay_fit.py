@@ -52,6 +52,9 @@ def gamma_at_distances(
     return torch.where(lowest < 0, lowest, gamma)[..., 0]
 
 
+NONFINITE = "the mask has non-finite entries (inf or NaN: inf * 0 is NaN where a factor overflows)"
+
+
 def _row_blocks(heads: int, t: int):
     """Row ranges of [heads, rows, t] slices of about 64 Ki elements (temporaries stay in L2)."""
     rows = max(1, (1 << 16) // max(1, heads * t))
@@ -76,12 +79,18 @@ def fit_decay(
     heads = m.shape[0]
     gamma = torch.ones(heads, dtype=torch.float64)
     diag = m.diagonal(dim1=-2, dim2=-1).double()
+    # NOTE: every comparison with NaN is False: a NaN entry (inf * 0 where gamma ** (i - j)
+    # overflows above the diagonal and a product zeroes it) passed every tolerance check
+    if not torch.isfinite(diag).all():
+        return NONFINITE, gamma, False
     if not (diag > 0).all():
         if (m.abs().amax() > 0) and (torch.triu(m[:, : min(t, 64)], diagonal=1) != 0).any():
             return "the mask is not causal (non-zero above the diagonal)", gamma, False
         return "the mask's diagonal is not positive (not a decay)", gamma, False
     if t >= 2:
         n = distances(t)
+        if not (torch.isfinite(m[:, n, 0]).all() and torch.isfinite(m[:, n, n]).all()):
+            return NONFINITE, gamma, False
         tiny = smallest_normal(m.dtype)
         gamma = gamma_at_distances(m[:, n, 0].double(), m[:, n, n].double(), n, tiny)
     # NOTE: strictly <= 1, as the op checks at run time (a proof that let 1 + 1e-6 through would
@@ -95,9 +104,11 @@ def fit_decay(
     table = _power_table(torch.log(gamma.clamp(min=torch.finfo(torch.float64).tiny)).to(dtype), t)
     for r0, r1 in _row_blocks(heads, t):
         # |m - c E| <= rtol c E + atol c, divided by c > 0; E = gamma^(i-j) [i >= j]
+        if not torch.isfinite(m[:, r0:r1]).all():
+            return NONFINITE, gamma, False
         expected = _toeplitz_rows(table, t, r0, r1)
         err = (m[:, r0:r1].to(dtype) / c[:, r0:r1, None]).sub_(expected).abs_()
-        if (err > expected.mul_(rtol).add_(atol)).any():
+        if not (err <= expected.mul_(rtol).add_(atol)).all():  # NOTE: a NaN error fails
             above = torch.triu(m[:, r0:r1], diagonal=r0 + 1)
             if (above.abs() > 1e-6 * c[:, r0:r1, None]).any():
                 return "the mask is not causal (non-zero above the diagonal)", gamma, False

@@ -9,7 +9,9 @@ The proof has two halves:
    (1, 2, a prime, the example length -- capped at 1024 when T is symbolic: the symbol of T is
    substituted, every other size keeps its example value) and fitted: zeros above the diagonal,
    positive diagonal c[h, i], and
-   ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it.
+   ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it; every entry finite. With a
+   symbolic T, a value that grows exponentially with T is set to inf where a longer T would
+   overflow it, and the mask must stay finite (``_overflow``: ``gamma ** (i - j) * causal``).
 Nothing is frozen from this evaluation: the rewritten graph recomputes gamma and c from the
 same mask nodes at run time (see rewrite.py); the values here only feed explain().
 """
@@ -33,7 +35,16 @@ from .graph_view import (
     is_random,
     is_tensor,
 )
-from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
+from .mask_eval import (
+    MAX_SYMBOLIC_T,
+    Sizes,
+    _run,
+    _stand_in,
+    evaluate,
+    lengths_for,
+    proof_bytes,
+    subgraph,
+)
 from .position_ops import _CUTOFFS, _PERIODS, _name
 from .positions import position_cutoff, reads_sizes
 
@@ -131,6 +142,9 @@ def prove(
         if reason is not None:
             return Proof(reason)
         row_scale = row_scale or scaled or reads_sizes(view, masks)
+        reason = _overflow(view, masks, transform, inputs, seq)
+        if reason is not None:
+            return Proof(reason)
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
 
 
@@ -273,6 +287,111 @@ def _prove_long(
     return None, False
 
 
+def _replay(view: GraphView, masks: list[fx.Node], inputs: list, sizes: Sizes, hook) -> list:
+    """``evaluate``'s replay of the mask subgraphs at ``sizes.t``, each computed value passed
+    through ``hook(node, value) -> value`` (graph inputs are not)."""
+    needed: set[fx.Node] = set(masks)
+    meta: set[fx.Node] = set()
+    for mask in masks:
+        values, reads, _ = subgraph(view, mask)
+        needed |= values
+        meta |= reads
+    env: dict[fx.Node, object] = {leaf: _stand_in(leaf, sizes) for leaf in meta - needed}
+    index = {node: i for i, node in enumerate(view.placeholders)}
+    for node in view.sorted(needed):
+        if node.op == "placeholder":
+            value = inputs[index[node]]
+            env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
+            if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
+                env[node] = sizes.value(example(node))
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        env[node] = hook(node, _run(view.gm, node, args, kwargs))
+    return [env[mask] for mask in masks]
+
+
+def _largest(value) -> float | None:
+    """The largest finite magnitude of a real floating tensor (0 when none), else None."""
+    if not is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
+        return None
+    magnitude = value.detach().abs()
+    return float(magnitude.masked_fill(~torch.isfinite(magnitude), 0).amax())
+
+
+def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> str | None:
+    """With a symbolic T: why the mask turns non-finite at a longer T than the proof saw, or
+    None.
+
+    NOTE: ``gamma ** (i - j) * causal`` is exact up to the T where gamma ** (i - j) overflows
+    above the diagonal (float32, gamma = 0.97: T ~ 2900), then inf * 0 is NaN there, as eager
+    and Inductor compute it; the op would return finite rows. The largest finite magnitude of
+    each value of the mask subgraph is measured at T/4, T/2 and T (T = 512); one that grows
+    exponentially (the same log-slope over both halves: a polynomial's halves, its bounded
+    sums' even more) is set to inf where it exceeds its T/2 maximum, as a longer T would give,
+    and the mask is recomputed: a select (tril, where, masked_fill) keeps it finite, a product
+    with 0 does not. A mask too large to evaluate at T = 512 is not checked."""
+    probe = Sizes(seq, 0)
+    # NOTE: T = 512, not 1024: a quarter of the cost (~0.1 s for an 8-head mask); a value that
+    # overflows by T = 1024 already left NaNs in the fit there
+    t3 = probe.attainable(MAX_SYMBOLIC_T // 2)
+    t2 = probe.attainable(t3 // 2) if t3 else None
+    t1 = probe.attainable(t3 // 4) if t3 else None
+    if not (t1 and t2 and t3) or not 8 <= t1 < t2 < t3:
+        return None
+    if proof_bytes(view, masks, Sizes(seq, t3)) > proof_budget():
+        return None
+    largest: dict[fx.Node, list[float]] = {}
+    dtypes: dict[fx.Node, torch.dtype] = {}
+
+    def measure(node, value):
+        found = _largest(value)
+        if found is not None:
+            largest.setdefault(node, []).append(found)
+            dtypes[node] = value.dtype
+        return value
+
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            for t in (t1, t2, t3):
+                _replay(view, masks, inputs, Sizes(seq, t), measure)
+    except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
+        return None
+    growing: dict[fx.Node, float] = {}
+    for node, (m1, m2, m3) in ((n, v) for n, v in largest.items() if len(v) == 3):
+        if min(m1, m2, m3) <= 0 or math.log(m3) - math.log(m2) < 1e-5:
+            continue
+        slope1 = (math.log(m2) - math.log(m1)) / (t2 - t1)
+        slope2 = (math.log(m3) - math.log(m2)) / (t3 - t2)
+        if slope2 >= 0.75 * slope1:
+            top = math.log(torch.finfo(dtypes[node]).max)
+            growing[node] = t3 + max(0.0, top - math.log(m3)) / slope2
+    if not growing:
+        return None
+
+    def overflow(node, value):
+        if node not in growing:
+            return value
+        bound = largest[node][1]
+        return torch.where(value.abs() > bound, value.sign() * math.inf, value)
+
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            values = _replay(view, masks, inputs, Sizes(seq, t3), overflow)
+            mask = combine(transform, values, selects(view, masks))
+    except Exception:  # noqa: BLE001
+        return None
+    if torch.isfinite(mask).all():
+        return None
+    node = min(growing, key=growing.get)
+    return (
+        f"{node.name} in the mask grows with T ({largest[node][2]:.3g} at T={t3}) and overflows "
+        f"to inf at about T={growing[node]:.0f}, where the mask is NaN (inf * 0: a product "
+        "zeroes it); zero the upper triangle with torch.where, masked_fill or tril, or clamp "
+        "the exponent (a dynamic T)"
+    )
+
+
 def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
     """(rtol, atol) of the fit, from the least precise float the mask is computed in.
 
@@ -296,13 +415,42 @@ def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
 _ATOL = 1e-6
 
 
+def selects(view: GraphView, masks: list[fx.Node]) -> list[bool]:
+    """Per mask node: whether it is a condition the model selects with (``where(c, s, 0)``,
+    ``masked_fill(s, c, 0)``), not a factor it multiplies."""
+    found = []
+    for mask in masks:
+        users = [u for u in mask.users if view.kind(u) in ("where", "masked_fill")]
+        found.append(
+            any(
+                (view.kind(u) == "where" and u.args[:1] == (mask,))
+                or (view.kind(u) == "masked_fill" and u.args[1:2] == (mask,))
+                for u in users
+            )
+        )
+    return found
+
+
+def combine(transform, values: list, select: list[bool]) -> torch.Tensor:
+    """``transform(values)`` with the select conditions applied as selects: the transform
+    multiplies them in, so a decay factor that overflows to inf where the model's ``where`` /
+    ``masked_fill`` puts 0 would read NaN (inf * 0) though the model's mask has 0 there."""
+    mask = transform(values)
+    if not any(select) or not mask.is_floating_point():
+        return mask
+    ones = [v if s else torch.ones_like(v) for v, s in zip(values, select, strict=True)]
+    return torch.where(transform(ones) != 0, mask, torch.zeros((), dtype=mask.dtype))
+
+
 def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb, tolerance):
     """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``; ``tolerance``:
     ``_tolerance``'s (rtol, atol), worked out once per region."""
     t = sizes.t
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            mask = transform(evaluate(view, masks, inputs, sizes, perturb))
+            values = evaluate(view, masks, inputs, sizes, perturb)
+            mask = combine(transform, values, selects(view, masks))
+            del values
     except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
         reason = f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})"
         return reason, None, False

@@ -19,6 +19,9 @@ _LAYOUT = {
     "stack", "select", "diagonal", "unbind", "chunk", "split", "tensor_split", "atleast_2d",
     "atleast_3d", "repeat_interleave", "unsafe_split",
 }  # fmt: skip
+# NOTE: a flip reverses the order along its dims: layout over a dim of fixed size (the heads),
+# anti-causal over a position axis (see positions._check_flip)
+_FLIPS = {"flip", "fliplr", "flipud"}
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "type", "long", "int", "short",
           "bool", "byte", "char"}  # fmt: skip
 _SCALES = {
@@ -49,7 +52,7 @@ _POWERS = {"pow", "__pow__", "__rpow__", "float_power", "square"}
 # ops after which a linear position stays linear (with a non-position operand for products)
 _EXPS = _POWERS | {"exp", "exp2"}
 _LINEAR = (
-    _LAYOUT | _CASTS | _SHIFTS | _PRODUCTS
+    _LAYOUT | _CASTS | _SHIFTS | _PRODUCTS | _FLIPS
     | {"neg", "__neg__", "negative", "abs", "__abs__", "positive", "tril", "triu", "relu",
        "clamp", "clamp_min", "clamp_max", "clip", "maximum", "minimum", "fmax", "fmin"}
 )  # fmt: skip

@@ -39,6 +39,7 @@ from .position_ops import (
     _CUTOFFS,
     _EXPS,
     _FILLS,
+    _FLIPS,
     _IN_PLACE_OK,
     _LAYOUT,
     _LINEAR,
@@ -94,6 +95,10 @@ def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
         taint: dict[fx.Node, _Taint] = {}
         for node in view.sorted(values | {mask}):
             reason = _visit(view, node, taint)
+            if reason is None and _name(node) in _FLIPS and node.args:
+                source = taint.get(node.args[0], _CLEAN)
+                if source.position or source.shaped:
+                    reason = _check_flip(node, _name(node), _position_symbols(masks))
             if reason is not None:
                 return (
                     f"{reason}: a window the proof cannot check at every length of a dynamic T "
@@ -314,6 +319,8 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         return f"the mask rounds positions ({name})"
     if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
         return None
+    if base in _FLIPS:
+        return None  # NOTE: which dims it flips: position_cutoff (_check_flip)
     if base in _NUMBER_TENSORS:
         return None  # NOTE: a tensor of one number (a size in it is a position: see _Taint)
     if base in ("tril", "triu"):
@@ -330,6 +337,46 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
     if base in _CUTOFFS:
         return _check_cutoff(node, name, data, ins, taint, position, shifted)
     return f"the mask applies {name} to positions (not an op that keeps a decay a decay)"
+
+
+def _position_symbols(masks: list[fx.Node]) -> set:
+    """The symbols in the sizes of the masks' last two dims (the query and key positions)."""
+    symbols = set()
+    for mask in masks:
+        value = example(mask)
+        for size in value.shape[-2:] if is_tensor(value) else ():
+            if isinstance(size, torch.SymInt):
+                symbols |= size.node.expr.free_symbols
+    return symbols
+
+
+def _check_flip(node: fx.Node, name: str, symbols: set) -> str | None:
+    """A flip over dims whose sizes do not vary with the positions' symbols (the heads of an
+    [H, T, T] mask) is layout; over a position axis it reverses positions (anti-causal).
+
+    NOTE: with dynamic=True the heads of a constant decay can be symbolic too (``s33``); a dim
+    whose size shares a symbol with the mask's last two dims counts as a position axis (so does
+    the heads dim when Dynamo gives H and T one symbol: declined, the safe side)."""
+    value = example(node.args[0]) if node.args else None
+    if name == "fliplr":
+        dims = [1]
+    elif name == "flipud":
+        dims = [0]
+    else:
+        dims = node.kwargs.get("dims", list(node.args[1:]))
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = list(dims[0])
+    if not is_tensor(value) or not dims or not all(isinstance(d, int) for d in dims):
+        return f"the mask applies {name} to positions (which dims it flips is unknown)"
+    rank = value.dim()
+    if not all(-rank <= d < rank for d in dims):
+        return f"the mask applies {name} to positions (dims {dims} out of range)"
+    for d in dims:
+        size = value.shape[d]
+        if isinstance(size, torch.SymInt) and size.node.expr.free_symbols & symbols:
+            return f"the mask applies {name} to positions (it reverses a position axis)"
+    return None
 
 
 def _check_index(index, name: str) -> str | None:

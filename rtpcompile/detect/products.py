@@ -157,9 +157,34 @@ def value_products(view: GraphView) -> list[tuple[fx.Node, fx.Node, Layout, tupl
     return found
 
 
+# NOTE: fused softmax attention: F.scaled_dot_product_attention (the torch function or the
+# aten ops it lowers to) and nn.MultiheadAttention (Dynamo keeps F.multi_head_attention_forward
+# as one call; the native fast path is _native_multi_head_attention)
+_SDPA = ("scaled_dot_product", "multi_head_attention")
+
+
+def _sdpa_name(node: fx.Node) -> str | None:
+    """The fused softmax attention function the node calls, or None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    name = name.split(".")[0]  # NOTE: aten overloads: "_scaled_dot_product_flash_attention.default"
+    return name if any(key in name for key in _SDPA) else None
+
+
 def softmax_attention(view: GraphView) -> list[Region]:
-    """A declined region per ``softmax(scores) @ V`` (explain() names it instead of nothing)."""
-    found = []
+    """A declined region per ``softmax(scores) @ V`` and per fused softmax attention call
+    (``scaled_dot_product_attention``): explain() names them instead of nothing."""
+    found = [
+        Region(
+            written="softmax attention",
+            where=where(node),
+            output=node.name,
+            reason=f"softmax attention ({name}), not retention: compiled by Inductor",
+        )
+        for node in view.nodes
+        if (name := _sdpa_name(node)) is not None
+    ]
     for o in view.nodes_of_kind("matmul", "einsum"):
         if any(c is not None and _leads_to_scores(c[1]) == "softmax" for c in _value_product(o)):
             found.append(
