@@ -144,12 +144,14 @@ def evaluate(
     sizes: Sizes,
     perturb: torch.Generator | None = None,
     move_state: bool = False,
+    hook=None,
 ) -> list:
     """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
 
     ``perturb``: trainable parameters take other values (see ``_moved``), as training would
     give them; with ``move_state``, every floating tensor input does (model state a later
-    ``load_state_dict`` or ``copy_`` may change)."""
+    ``load_state_dict`` or ``copy_`` may change). ``hook(node, value) -> value``: sees (and may
+    replace) every computed value, graph inputs excepted."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -181,6 +183,8 @@ def evaluate(
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         env[node] = _run(view.gm, node, args, kwargs)
+        if hook is not None:
+            env[node] = hook(node, env[node])
         del args, kwargs
         for arg in node.all_input_nodes:
             if last_read.get(arg) == step and arg not in outputs and arg in needed:

@@ -35,16 +35,7 @@ from .graph_view import (
     is_random,
     is_tensor,
 )
-from .mask_eval import (
-    MAX_SYMBOLIC_T,
-    Sizes,
-    _run,
-    _stand_in,
-    evaluate,
-    lengths_for,
-    proof_bytes,
-    subgraph,
-)
+from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
 from .position_ops import _CUTOFFS, _PERIODS, _name
 from .positions import position_cutoff, reads_sizes
 
@@ -287,30 +278,6 @@ def _prove_long(
     return None, False
 
 
-def _replay(view: GraphView, masks: list[fx.Node], inputs: list, sizes: Sizes, hook) -> list:
-    """``evaluate``'s replay of the mask subgraphs at ``sizes.t``, each computed value passed
-    through ``hook(node, value) -> value`` (graph inputs are not)."""
-    needed: set[fx.Node] = set(masks)
-    meta: set[fx.Node] = set()
-    for mask in masks:
-        values, reads, _ = subgraph(view, mask)
-        needed |= values
-        meta |= reads
-    env: dict[fx.Node, object] = {leaf: _stand_in(leaf, sizes) for leaf in meta - needed}
-    index = {node: i for i, node in enumerate(view.placeholders)}
-    for node in view.sorted(needed):
-        if node.op == "placeholder":
-            value = inputs[index[node]]
-            env[node] = value.detach().clone() if is_tensor(value) else sizes.scalar(value)
-            if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
-                env[node] = sizes.value(example(node))
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = hook(node, _run(view.gm, node, args, kwargs))
-    return [env[mask] for mask in masks]
-
-
 def _largest(value) -> float | None:
     """The largest finite magnitude of a real floating tensor (0 when none), else None."""
     if not is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
@@ -354,7 +321,7 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     try:
         with unset_fake_temporarily(), torch.no_grad():
             for t in (t1, t2, t3):
-                _replay(view, masks, inputs, Sizes(seq, t), measure)
+                evaluate(view, masks, inputs, Sizes(seq, t), hook=measure)
     except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
         return None
     growing: dict[fx.Node, float] = {}
@@ -377,7 +344,7 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
 
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            values = _replay(view, masks, inputs, Sizes(seq, t3), overflow)
+            values = evaluate(view, masks, inputs, Sizes(seq, t3), hook=overflow)
             mask = combine(transform, values, selects(view, masks))
     except Exception:  # noqa: BLE001
         return None
