@@ -57,7 +57,7 @@ gpu_tests() { # name, timeout, test files...
 case "$phase" in
 tests-kernels)
   gpu_tests kernels 540 tests/test_kernels.py tests/test_kernel_split.py \
-    tests/test_kernel_dqk.py tests/test_kernel_precision.py
+    tests/test_kernel_dqk.py tests/test_kernel_precision.py tests/test_kernel_dgamma.py
   ;;
 tests-e2e)
   # NOTE: compiles whole models (training, prefill and decode, reduce-overhead)
