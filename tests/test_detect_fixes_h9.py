@@ -125,7 +125,7 @@ def test_dynamic_overflowing_product_mask_is_declined():
     found = regions(f, *_qkv(64), dynamic=True)
     assert len(found) == 1 and not found[0].claimed
     reason = found[0].reason
-    assert "overflows to inf at about T=291" in reason and "NaN" in reason, reason
+    assert "overflows to inf at about T=291" in reason and "non-finite" in reason, reason
     out, claims = _compiled_claims(f, _qkv(33), dynamic=True)
     assert claims == 0
     torch.testing.assert_close(out, f(*_qkv(33)))
@@ -249,3 +249,68 @@ def test_softmax_attention_beside_retention_changes_no_claim():
     out, claims = _compiled_claims(_hybrid, args)
     assert claims == 1
     torch.testing.assert_close(out, _hybrid(*args))
+
+
+class _SharedCausal(torch.nn.Module):
+    """A retention layer ``s * (g**d * causal)`` beside a softmax layer that selects with the
+    same bool ``causal``: the other layer's select must not make this one's product a select."""
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t)
+        d = (i[:, None] - i[None, :]).float()
+        causal = d >= 0
+        g = torch.tensor([0.97, 0.98])[:, None, None]
+        attn = torch.where(causal, k @ k.mT, float("-inf")).softmax(-1) @ v
+        return (q @ k.mT * (g**d * causal)) @ v + attn
+
+
+def test_a_select_elsewhere_does_not_hide_an_overflowing_product():
+    """Was claimed at a dynamic T (the proof took any where() user of the condition in the graph
+    for a select): at T = 3000 eager gives 696 non-finite outputs, rtp gave none."""
+    found = regions(_SharedCausal(), *_qkv(64), dynamic=True)
+    retention = [r for r in found if r.written != "softmax attention"]
+    assert len(retention) == 1 and not retention[0].claimed, found
+    assert "overflows to inf" in retention[0].reason
+
+
+class _BufferFactors(torch.nn.Module):
+    """gamma^n and gamma^-n as finite buffers of 2048 entries, sliced to T: the mask cannot grow
+    past its buffers (and eager cannot run past T = 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        n = torch.arange(2048, dtype=torch.float64)
+        g = torch.tensor([0.97, 0.99], dtype=torch.float64)[:, None]
+        self.register_buffer("down", (g**n).float())
+        self.register_buffer("up", (g ** (-n)).float())
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        mask = (self.down[:, :t, None] * self.up[:, None, :t]).tril()
+        return (q @ k.mT * mask) @ v
+
+
+def test_a_slice_of_finite_buffers_is_not_extrapolated():
+    """Was declined at a dynamic T ("getitem ... overflows"): a slice of a constant buffer is
+    not extrapolated past its length."""
+    found = regions(_BufferFactors(), *_qkv(64), dynamic=True)
+    assert len(found) == 1 and found[0].claimed, found[0].reason
+
+
+class _SanitisedPow(torch.nn.Module):
+    """``(g ** d).nan_to_num() * causal``: the overflow is replaced by float32's max first, so the
+    product stays finite at every T (eager: 0 non-finite at T = 4096)."""
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t)
+        d = (i[:, None] - i[None, :]).float()
+        g = torch.tensor([0.97, 0.98])[:, None, None]
+        return (q @ k.mT * ((g**d).nan_to_num() * (d >= 0))) @ v
+
+
+def test_a_sanitised_overflow_stays_claimed():
+    """Was declined at a dynamic T: the values after the growing one were set to inf too."""
+    found = regions(_SanitisedPow(), *_qkv(64), dynamic=True)
+    assert len(found) == 1 and found[0].claimed, found[0].reason

@@ -297,7 +297,56 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     exponentially (the same log-slope over both halves: a polynomial's halves, its bounded
     sums' even more) is set to inf where it exceeds its T/2 maximum, as a longer T would give,
     and the mask is recomputed: a select (tril, where, masked_fill) keeps it finite, a product
-    with 0 does not. A mask too large to evaluate at T = 512 is not checked."""
+    with 0 does not. Only a growing value none of whose inputs grows is set to inf (what comes
+    after it sees the inf: a ``nan_to_num`` of it stays finite), and a slice of a constant
+    tensor (a precomputed buffer) is not extrapolated: it cannot outgrow its length. A mask too
+    large to evaluate at T = 512 is not checked. Worked out once per set of mask nodes of the
+    graph (layers sharing one mask)."""
+    memo = view.__dict__.setdefault("_overflow_memo", {})
+    if tuple(masks) not in memo:
+        memo[tuple(masks)] = _overflowed(view, masks, inputs, seq)
+    found = memo[tuple(masks)]
+    if found is None:
+        return None
+    values, node, largest, at, t3 = found
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            mask = transform(values)
+    except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
+        return None
+    if torch.isfinite(mask).all():
+        return None
+    return (
+        f"{node.name} in the mask grows with T ({largest:.3g} at T={t3}) and overflows to inf at "
+        f"about T={at:.0f}, where the mask turns non-finite (inf * 0, or inf below the "
+        "diagonal): a proof for every T cannot hold; select the decay with torch.where, "
+        "masked_fill or tril before anything multiplies it, or clamp the exponent (a dynamic T)"
+    )
+
+
+def _constant_slice(node: fx.Node) -> bool:
+    """Whether ``node`` only reshapes or slices a graph constant (a buffer, a parameter)."""
+    while node.op in ("call_function", "call_method") and node.args:
+        if _name(node) not in _SLICES:
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return node.op in ("get_attr", "placeholder")
+
+
+# NOTE: what a slice of a precomputed buffer goes through (``buf[:, :T, None]``)
+_SLICES = frozenset(
+    {"getitem", "narrow", "slice", "unsqueeze", "view", "reshape", "expand", "permute"}
+    | {"transpose", "contiguous", "to", "float", "double", "type_as"}
+)
+
+
+def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq):
+    """``_overflow``'s measurement (once per set of mask nodes): (the mask values at T = 512
+    with every growing value set to inf where it outgrows T = 256, the earliest-overflowing
+    node, its magnitude at 512, the T where it overflows), or None (nothing grows, nothing to
+    check); and that T."""
     probe = Sizes(seq, 0)
     # NOTE: T = 512, not 1024: a quarter of the cost (~0.1 s for an 8-head mask); a value that
     # overflows by T = 1024 already left NaNs in the fit there
@@ -326,13 +375,15 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
         return None
     growing: dict[fx.Node, float] = {}
     for node, (m1, m2, m3) in ((n, v) for n, v in largest.items() if len(v) == 3):
-        if min(m1, m2, m3) <= 0 or math.log(m3) - math.log(m2) < 1e-5:
+        if min(m1, m2, m3) <= 0 or math.log(m3) - math.log(m2) < 1e-5 or _constant_slice(node):
             continue
         slope1 = (math.log(m2) - math.log(m1)) / (t2 - t1)
         slope2 = (math.log(m3) - math.log(m2)) / (t3 - t2)
         if slope2 >= 0.75 * slope1:
             top = math.log(torch.finfo(dtypes[node]).max)
             growing[node] = t3 + max(0.0, top - math.log(m3)) / slope2
+    # NOTE: only where the growth starts: a later value grows because its input does
+    growing = {n: t for n, t in growing.items() if not any(a in growing for a in n.all_input_nodes)}
     if not growing:
         return None
 
@@ -345,18 +396,10 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     try:
         with unset_fake_temporarily(), torch.no_grad():
             values = evaluate(view, masks, inputs, Sizes(seq, t3), hook=overflow)
-            mask = combine(transform, values, selects(view, masks))
     except Exception:  # noqa: BLE001
         return None
-    if torch.isfinite(mask).all():
-        return None
     node = min(growing, key=growing.get)
-    return (
-        f"{node.name} in the mask grows with T ({largest[node][2]:.3g} at T={t3}) and overflows "
-        f"to inf at about T={growing[node]:.0f}, where the mask is NaN (inf * 0: a product "
-        "zeroes it); zero the upper triangle with torch.where, masked_fill or tril, or clamp "
-        "the exponent (a dynamic T)"
-    )
+    return values, node, largest[node][2], growing[node], t3
 
 
 def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
@@ -382,33 +425,6 @@ def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
 _ATOL = 1e-6
 
 
-def selects(view: GraphView, masks: list[fx.Node]) -> list[bool]:
-    """Per mask node: whether it is a condition the model selects with (``where(c, s, 0)``,
-    ``masked_fill(s, c, 0)``), not a factor it multiplies."""
-    found = []
-    for mask in masks:
-        users = [u for u in mask.users if view.kind(u) in ("where", "masked_fill")]
-        found.append(
-            any(
-                (view.kind(u) == "where" and u.args[:1] == (mask,))
-                or (view.kind(u) == "masked_fill" and u.args[1:2] == (mask,))
-                for u in users
-            )
-        )
-    return found
-
-
-def combine(transform, values: list, select: list[bool]) -> torch.Tensor:
-    """``transform(values)`` with the select conditions applied as selects: the transform
-    multiplies them in, so a decay factor that overflows to inf where the model's ``where`` /
-    ``masked_fill`` puts 0 would read NaN (inf * 0) though the model's mask has 0 there."""
-    mask = transform(values)
-    if not any(select) or not mask.is_floating_point():
-        return mask
-    ones = [v if s else torch.ones_like(v) for v, s in zip(values, select, strict=True)]
-    return torch.where(transform(ones) != 0, mask, torch.zeros((), dtype=mask.dtype))
-
-
 def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, perturb, tolerance):
     """(reason, gamma, row_scale) of the mask evaluated at length ``sizes.t``; ``tolerance``:
     ``_tolerance``'s (rtol, atol), worked out once per region."""
@@ -416,7 +432,7 @@ def _fit_at(view, masks, transform, inputs, sizes: Sizes, batch_ndim: int, pertu
     try:
         with unset_fake_temporarily(), torch.no_grad():
             values = evaluate(view, masks, inputs, sizes, perturb)
-            mask = combine(transform, values, selects(view, masks))
+            mask = transform(values)
             del values
     except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is declined
         reason = f"the mask could not be evaluated at T={t} ({type(exc).__name__}: {exc})"

@@ -315,7 +315,10 @@ def _mask_transform(chain: _Chain):
                 value = value.unsqueeze(dim)
             total = value if total is None else total * value
         if causal in ("fill", "where"):
-            return total * indicator(causal, values[-1])
+            # NOTE: a select, as the model's where / masked_fill is: a decay factor that
+            # overflows to inf where the step puts 0 must read 0, not inf * 0 = NaN
+            keep = indicator(causal, values[-1]).bool()
+            return torch.where(keep, total, torch.zeros((), dtype=total.dtype))
         return total.tril() if causal == "tril" else total
 
     return transform
