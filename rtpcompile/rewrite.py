@@ -317,6 +317,13 @@ def rewrite_region(
     """
     graph = gm.graph
     named = {node.name: node for node in graph.nodes}
+    # NOTE: an earlier region's output, read by this one (its q or v), was replaced by that
+    # region's op result and erased: its name leads to the result
+    renamed = gm.meta.setdefault("rtp_renamed", {})
+    alive = set(named.values())
+    for old, new in renamed.items():
+        if new in alive:
+            named.setdefault(old, new)
     if region.native:
         return [named[n] for n in (region.output, region.state_output) if n is not None]
     masks = [named[m] for m in region.masks]
@@ -362,6 +369,7 @@ def rewrite_region(
             {k: v for k, v in out.meta.items() if k in ("stack_trace", "example_value")}
         )
         out.replace_all_uses_with(result)
+        renamed[out.name] = result
     _erase_unused(graph, [named[n] for n in region.nodes])
     return results
 

@@ -314,3 +314,37 @@ def test_a_sanitised_overflow_stays_claimed():
     """Was declined at a dynamic T: the values after the growing one were set to inf too."""
     found = regions(_SanitisedPow(), *_qkv(64), dynamic=True)
     assert len(found) == 1 and found[0].claimed, found[0].reason
+
+
+class _Chain(torch.nn.Module):
+    """Region B reads region A's output itself as its q (``a @ k^T``) or its v."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.register_buffer("gamma", torch.tensor([0.97, 0.98]))
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t)
+        mask = torch.tril(self.gamma[:, None, None] ** (i[:, None] - i[None, :]))
+        a = (q @ k.mT * mask) @ v
+        if self.variant == "q":
+            return (a @ k.mT * mask) @ v
+        return (q @ k.mT * mask) @ a
+
+
+@pytest.mark.parametrize("variant", ["q", "v"])
+def test_chained_regions_are_both_rewritten(variant):
+    """The second region's operand was the first region's erased output: KeyError in the
+    rewrite, and the whole graph fell back to Inductor (strict: an error)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) * 0.3 for _ in range(3))
+    model = _Chain(variant)
+    torch._dynamo.reset()
+    before = backend.counters["regions_claimed"]
+    compiled = torch.compile(model, backend="rtp", options={"strict": True})
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    assert backend.counters["regions_claimed"] - before == 2
+    torch.testing.assert_close(out, model(q, k, v), rtol=1e-5, atol=1e-6)
