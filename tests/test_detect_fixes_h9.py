@@ -348,3 +348,27 @@ def test_chained_regions_are_both_rewritten(variant):
         out = compiled(q, k, v)
     assert backend.counters["regions_claimed"] - before == 2
     torch.testing.assert_close(out, model(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+class _LearnableAtOne(torch.nn.Module):
+    """``exp(log_gamma * d) * (d >= 0)`` with log_gamma a parameter initialised to 0 (gamma = 1):
+    nothing grows at those values, but training moves gamma below 1 and the product then
+    overflows at long T (eager: 696 non-finite outputs at T = 3000 for gamma 0.97..0.99)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_gamma = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t)
+        d = (i[:, None] - i[None, :]).float()
+        mask = torch.exp(self.log_gamma[:, None, None] * d) * (d >= 0)
+        return (q @ k.mT * mask) @ v
+
+
+def test_a_learnable_decay_is_checked_with_its_parameters_moved():
+    """Was claimed at a dynamic T (the overflow rule measured the current values only)."""
+    found = regions(_LearnableAtOne(), *_qkv(64), dynamic=True)
+    assert len(found) == 1 and not found[0].claimed
+    assert "trainable parameters moved" in found[0].reason

@@ -303,25 +303,35 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     large to evaluate at T = 512 is not checked. Worked out once per set of mask nodes of the
     graph (layers sharing one mask)."""
     memo = view.__dict__.setdefault("_overflow_memo", {})
-    if tuple(masks) not in memo:
-        memo[tuple(masks)] = _overflowed(view, masks, inputs, seq)
-    found = memo[tuple(masks)]
-    if found is None:
-        return None
-    values, node, largest, at, t3 = found
-    try:
-        with unset_fake_temporarily(), torch.no_grad():
-            mask = transform(values)
-    except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
-        return None
-    if torch.isfinite(mask).all():
-        return None
-    return (
-        f"{node.name} in the mask grows with T ({largest:.3g} at T={t3}) and overflows to inf at "
-        f"about T={at:.0f}, where the mask turns non-finite (inf * 0, or inf below the "
-        "diagonal): a proof for every T cannot hold; select the decay with torch.where, "
-        "masked_fill or tril before anything multiplies it, or clamp the exponent (a dynamic T)"
-    )
+    # NOTE: trainable parameters moved too (as ``prove`` fits them): a learnable decay that
+    # starts at gamma = 1 grows nothing until training moves it below 1
+    moved = (None, _OVERFLOW_SEED) if trainable_inputs(view, masks, inputs) else (None,)
+    for seed in moved:
+        if (tuple(masks), seed) not in memo:
+            memo[tuple(masks), seed] = _overflowed(view, masks, inputs, seq, seed)
+        found = memo[tuple(masks), seed]
+        if found is None:
+            continue
+        values, node, largest, at, t3 = found
+        try:
+            with unset_fake_temporarily(), torch.no_grad():
+                mask = transform(values)
+        except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
+            continue
+        if torch.isfinite(mask).all():
+            continue
+        when = "" if seed is None else " (with its trainable parameters moved, as training would)"
+        return (
+            f"{node.name} in the mask grows with T ({largest:.3g} at T={t3}){when} and overflows "
+            f"to inf at about T={at:.0f}, where the mask turns non-finite (inf * 0, or inf below "
+            "the diagonal): a proof for every T cannot hold; select the decay with torch.where, "
+            "masked_fill or tril before anything multiplies it, or clamp the exponent (a "
+            "dynamic T)"
+        )
+    return None
+
+
+_OVERFLOW_SEED = 17
 
 
 def _constant_slice(node: fx.Node) -> bool:
@@ -342,11 +352,12 @@ _SLICES = frozenset(
 )
 
 
-def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq):
+def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | None):
     """``_overflow``'s measurement (once per set of mask nodes): (the mask values at T = 512
     with every growing value set to inf where it outgrows T = 256, the earliest-overflowing
     node, its magnitude at 512, the T where it overflows), or None (nothing grows, nothing to
-    check); and that T."""
+    check); and that T. ``seed``: trainable parameters moved (``mask_eval._moved``) by a
+    generator of that seed, the same at every T."""
     probe = Sizes(seq, 0)
     # NOTE: T = 512, not 1024: a quarter of the cost (~0.1 s for an 8-head mask); a value that
     # overflows by T = 1024 already left NaNs in the fit there
@@ -370,7 +381,7 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq):
     try:
         with unset_fake_temporarily(), torch.no_grad():
             for t in (t1, t2, t3):
-                evaluate(view, masks, inputs, Sizes(seq, t), hook=measure)
+                evaluate(view, masks, inputs, Sizes(seq, t), _generator(seed), hook=measure)
     except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
         return None
     growing: dict[fx.Node, float] = {}
@@ -395,11 +406,15 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq):
 
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            values = evaluate(view, masks, inputs, Sizes(seq, t3), hook=overflow)
+            values = evaluate(view, masks, inputs, Sizes(seq, t3), _generator(seed), hook=overflow)
     except Exception:  # noqa: BLE001
         return None
     node = min(growing, key=growing.get)
     return values, node, largest[node][2], growing[node], t3
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def _tolerance(view: GraphView, masks: list[fx.Node]) -> tuple[float, float]:
