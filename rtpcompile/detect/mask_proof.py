@@ -10,8 +10,9 @@ The proof has two halves:
    substituted, every other size keeps its example value) and fitted: zeros above the diagonal,
    positive diagonal c[h, i], and
    ``M[h, i, j] / M[h, i, i] == gamma_h ** (i - j)`` below it; every entry finite. With a
-   symbolic T, a value that grows exponentially with T is set to inf where a longer T would
-   overflow it, and the mask must stay finite (``_overflow``: ``gamma ** (i - j) * causal``).
+   symbolic T, a value that grows (shrinks) exponentially with T is set to inf (0) where a
+   longer T would overflow (underflow) it, and the mask must stay finite (``_overflow``:
+   ``gamma ** (i - j) * causal``, ``g ** i / g ** j``).
 Nothing is frozen from this evaluation: the rewritten graph recomputes gamma and c from the
 same mask nodes at run time (see rewrite.py); the values here only feed explain().
 """
@@ -278,12 +279,17 @@ def _prove_long(
     return None, False
 
 
-def _largest(value) -> float | None:
-    """The largest finite magnitude of a real floating tensor (0 when none), else None."""
+def _extremes(value) -> tuple[float, float] | None:
+    """(largest, smallest nonzero) finite magnitude of a real floating tensor (0 for none),
+    else None."""
     if not is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
         return None
     magnitude = value.detach().abs()
-    return float(magnitude.masked_fill(~torch.isfinite(magnitude), 0).amax())
+    finite = torch.isfinite(magnitude)
+    largest = float(magnitude.masked_fill(~finite, 0).amax())
+    nonzero = finite & (magnitude > 0)
+    smallest = float(magnitude.masked_fill(~nonzero, math.inf).amin()) if nonzero.any() else 0.0
+    return largest, smallest
 
 
 def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> str | None:
@@ -299,9 +305,12 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     and the mask is recomputed: a select (tril, where, masked_fill) keeps it finite, a product
     with 0 does not. Only a growing value none of whose inputs grows is set to inf (what comes
     after it sees the inf: a ``nan_to_num`` of it stays finite), and a slice of a constant
-    tensor (a precomputed buffer) is not extrapolated: it cannot outgrow its length. A mask too
-    large to evaluate at T = 512 is not checked. Worked out once per set of mask nodes of the
-    graph (layers sharing one mask)."""
+    tensor (a precomputed buffer) is not extrapolated: it cannot outgrow its length. Likewise
+    a value whose smallest nonzero magnitude shrinks exponentially (``g ** i`` of a ratio
+    ``g ** i / g ** j``: 0 / 0 is NaN in eager once both underflow) is set to 0 where it falls
+    below its T/2 minimum, in a second evaluation. A mask too large to evaluate at T = 512 is
+    not checked. Worked out once per set of mask nodes of the graph (layers sharing one
+    mask)."""
     memo = view.__dict__.setdefault("_overflow_memo", {})
     # NOTE: trainable parameters moved too (as ``prove`` fits them): a learnable decay that
     # starts at gamma = 1 grows nothing until training moves it below 1
@@ -309,25 +318,31 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     for seed in moved:
         if (tuple(masks), seed) not in memo:
             memo[tuple(masks), seed] = _overflowed(view, masks, inputs, seq, seed)
-        found = memo[tuple(masks), seed]
-        if found is None:
-            continue
-        values, node, largest, at, t3 = found
-        try:
-            with unset_fake_temporarily(), torch.no_grad():
-                mask = transform(values)
-        except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
-            continue
-        if torch.isfinite(mask).all():
-            continue
-        when = "" if seed is None else " (with its trainable parameters moved, as training would)"
-        return (
-            f"{node.name} in the mask grows with T ({largest:.3g} at T={t3}){when} and overflows "
-            f"to inf at about T={at:.0f}, where the mask turns non-finite (inf * 0, or inf below "
-            "the diagonal): a proof for every T cannot hold; select the decay with torch.where, "
-            "masked_fill or tril before anything multiplies it, or clamp the exponent (a "
-            "dynamic T)"
-        )
+        for grows, values, node, magnitude, at, t3 in memo[tuple(masks), seed]:
+            try:
+                with unset_fake_temporarily(), torch.no_grad():
+                    mask = transform(values)
+            except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
+                continue
+            if torch.isfinite(mask).all():
+                continue
+            moved_note = " (with its trainable parameters moved, as training would)"
+            when = "" if seed is None else moved_note
+            if grows:
+                return (
+                    f"{node.name} in the mask grows with T ({magnitude:.3g} at T={t3}){when} and "
+                    f"overflows to inf at about T={at:.0f}, where the mask turns non-finite "
+                    "(inf * 0, or inf below the diagonal): a proof for every T cannot hold; "
+                    "select the decay with torch.where, masked_fill or tril before anything "
+                    "multiplies it, or clamp the exponent (a dynamic T)"
+                )
+            return (
+                f"{node.name} in the mask shrinks with T ({magnitude:.3g} at T={t3}){when} and "
+                f"underflows to 0 at about T={at:.0f}, where the mask turns non-finite (0 / 0, "
+                "or x / 0): a proof for every T cannot hold; write the decay as one power of the "
+                "distance (gamma ** (i - j)) rather than a ratio of powers of the positions "
+                "(a dynamic T)"
+            )
     return None
 
 
@@ -352,11 +367,12 @@ _SLICES = frozenset(
 )
 
 
-def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | None):
-    """``_overflow``'s measurement (once per set of mask nodes): (the mask values at T = 512
-    with every growing value set to inf where it outgrows T = 256, the earliest-overflowing
-    node, its magnitude at 512, the T where it overflows), or None (nothing grows, nothing to
-    check); and that T. ``seed``: trainable parameters moved (``mask_eval._moved``) by a
+def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | None) -> list:
+    """``_overflow``'s measurement (once per set of mask nodes): a list of (grows, the mask
+    values at T = 512 with every value growing (shrinking) exponentially set to inf (0) where it
+    outgrows (falls below) its T = 256 range, the earliest node to overflow (underflow), its
+    magnitude at 512, the T where it does, 512), at most one per direction; empty when nothing
+    grows or shrinks. ``seed``: trainable parameters moved (``mask_eval._moved``) by a
     generator of that seed, the same at every T."""
     probe = Sizes(seq, 0)
     # NOTE: T = 512, not 1024: a quarter of the cost (~0.1 s for an 8-head mask); a value that
@@ -365,16 +381,16 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | 
     t2 = probe.attainable(t3 // 2) if t3 else None
     t1 = probe.attainable(t3 // 4) if t3 else None
     if not (t1 and t2 and t3) or not 8 <= t1 < t2 < t3:
-        return None
+        return []
     if proof_bytes(view, masks, Sizes(seq, t3)) > proof_budget():
-        return None
-    largest: dict[fx.Node, list[float]] = {}
+        return []
+    extremes: dict[fx.Node, list[tuple[float, float]]] = {}
     dtypes: dict[fx.Node, torch.dtype] = {}
 
     def measure(node, value):
-        found = _largest(value)
+        found = _extremes(value)
         if found is not None:
-            largest.setdefault(node, []).append(found)
+            extremes.setdefault(node, []).append(found)
             dtypes[node] = value.dtype
         return value
 
@@ -383,34 +399,58 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | 
             for t in (t1, t2, t3):
                 evaluate(view, masks, inputs, Sizes(seq, t), _generator(seed), hook=measure)
     except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
-        return None
-    growing: dict[fx.Node, float] = {}
-    for node, (m1, m2, m3) in ((n, v) for n, v in largest.items() if len(v) == 3):
-        if min(m1, m2, m3) <= 0 or math.log(m3) - math.log(m2) < 1e-5 or _constant_slice(node):
+        return []
+    found = []
+    for grows in (True, False):
+        limits = _exponential(extremes, dtypes, (t1, t2, t3), grows)
+        if not limits:
             continue
-        slope1 = (math.log(m2) - math.log(m1)) / (t2 - t1)
-        slope2 = (math.log(m3) - math.log(m2)) / (t3 - t2)
+
+        def extrapolate(node, value, limits=limits, grows=grows):
+            if node not in limits:
+                return value
+            bound = extremes[node][1][0 if grows else 1]
+            if grows:
+                return torch.where(value.abs() > bound, value.sign() * math.inf, value)
+            return torch.where(value.abs() < bound, value * 0, value)
+
+        try:
+            with unset_fake_temporarily(), torch.no_grad():
+                values = evaluate(
+                    view, masks, inputs, Sizes(seq, t3), _generator(seed), hook=extrapolate
+                )
+        except Exception:  # noqa: BLE001
+            continue
+        node = min(limits, key=limits.get)
+        found.append((grows, values, node, extremes[node][2][0 if grows else 1], limits[node], t3))
+    return found
+
+
+def _exponential(extremes, dtypes, lengths, grows: bool) -> dict[fx.Node, float]:
+    """{node: the T where it leaves the dtype's range} of the values whose largest (smallest
+    nonzero) magnitude grows (shrinks) exponentially over ``lengths`` (the same log-slope over
+    both halves: a polynomial's halves, its bounded sums' even more, do not), keeping only where
+    the change starts (a later value changes because its input does)."""
+    t1, t2, t3 = lengths
+    changing: dict[fx.Node, float] = {}
+    for node, found in extremes.items():
+        if len(found) != 3 or _constant_slice(node):
+            continue
+        m1, m2, m3 = (f[0] if grows else f[1] for f in found)
+        if min(m1, m2, m3) <= 0:
+            continue
+        sign = 1.0 if grows else -1.0
+        rise = sign * (math.log(m3) - math.log(m2))
+        if rise < 1e-5:
+            continue
+        slope1 = sign * (math.log(m2) - math.log(m1)) / (t2 - t1)
+        slope2 = rise / (t3 - t2)
         if slope2 >= 0.75 * slope1:
-            top = math.log(torch.finfo(dtypes[node]).max)
-            growing[node] = t3 + max(0.0, top - math.log(m3)) / slope2
-    # NOTE: only where the growth starts: a later value grows because its input does
-    growing = {n: t for n, t in growing.items() if not any(a in growing for a in n.all_input_nodes)}
-    if not growing:
-        return None
-
-    def overflow(node, value):
-        if node not in growing:
-            return value
-        bound = largest[node][1]
-        return torch.where(value.abs() > bound, value.sign() * math.inf, value)
-
-    try:
-        with unset_fake_temporarily(), torch.no_grad():
-            values = evaluate(view, masks, inputs, Sizes(seq, t3), _generator(seed), hook=overflow)
-    except Exception:  # noqa: BLE001
-        return None
-    node = min(growing, key=growing.get)
-    return values, node, largest[node][2], growing[node], t3
+            info = torch.finfo(dtypes[node])
+            # NOTE: the smallest subnormal: eager (CPU and CUDA) keeps subnormals by default
+            edge = math.log(info.max) if grows else -math.log(info.smallest_normal * info.eps)
+            changing[node] = t3 + max(0.0, edge - sign * math.log(m3)) / slope2
+    return {n: t for n, t in changing.items() if not any(a in changing for a in n.all_input_nodes)}
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
