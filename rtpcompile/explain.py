@@ -60,21 +60,36 @@ def planned_lowering(region: Region) -> str:
         text += ", op call kept" if region.form == "auto" else ", forced by the op call"
     elif form != "auto":
         text += ", forced by RTP_FORM"
-    if region.normaliser == "abs_sum":
+    if region.normaliser == "abs_sum" and _normaliser_apart(region, device):
+        text += ", the row normaliser by one more forward call on a column of ones"
+    elif region.normaliser == "abs_sum":
         text += ", +1 value column for the row normaliser"
     elif region.normaliser == "sum_abs":
         text += ", sum-of-|A| normaliser computed beside the op"
     return text
 
 
-def _op_call(region: Region) -> tuple[int, int, bool, bool, str]:
-    """(K, V, state in, state out, form) of the op call a claimed region runs: V counts the
-    column of ones of an abs-sum normaliser; a rewritten region returns a state only when one
-    comes in, an op call already in the graph when it is read. A rewritten region's form is the
-    ``form`` option of the environment (``RTP_FORM``), as the backend would rewrite it."""
+def _normaliser_apart(region: Region, device_type: str | None) -> bool:
+    """Whether the region's abs-sum normaliser runs as its own call on ``device_type``."""
+    from . import options
+    from .rewrite import normaliser_apart_on
+
+    kernels = options.current().kernels
+    return region.state is None and normaliser_apart_on(device_type, region.v_dim, kernels)
+
+
+def _op_call(region: Region, device_type: str | None = None) -> tuple[int, int, bool, bool, str]:
+    """(K, V, state in, state out, form) of the op call a claimed region runs on
+    ``device_type`` (the region's own when None): V counts the column of ones of an abs-sum
+    normaliser unless it runs apart; a rewritten region returns a state only when one comes in,
+    an op call already in the graph when it is read. A rewritten region's form is the ``form``
+    option of the environment (``RTP_FORM``), as the backend would rewrite it."""
     from . import options
 
-    V = (region.v_dim or 0) + int(region.normaliser == "abs_sum")
+    if device_type is None and region.device is not None:
+        device_type = torch.device(region.device).type
+    column = region.normaliser == "abs_sum" and not _normaliser_apart(region, device_type)
+    V = (region.v_dim or 0) + int(column)
     has_state = region.state is not None
     state_out = region.state_output is not None if region.native else has_state
     form = region.form if region.native else options.current().form
@@ -126,7 +141,7 @@ def region_kernels(
     if region.seq_len is None or region.seq_len < 1 or region.k_dim is None:
         raise ValueError(f"kernels(): region at {region.where} has no example shapes")
     H, T = region.heads, region.seq_len
-    K, V, has_state, state_out, form = _op_call(region)
+    K, V, has_state, state_out, form = _op_call(region, "cuda")
     meta = dict(device="meta", dtype=dtype)
     q = torch.empty(batch, H, T, K, **meta)
     v = torch.empty(batch, H, T, V, **meta)
@@ -144,6 +159,10 @@ def region_kernels(
         fwd = kernels.kernels_for(*args, **kw)
         if phase == "fwd":
             found += fwd
+            if region.normaliser == "abs_sum" and _normaliser_apart(region, "cuda"):
+                ones = torch.empty(batch, H, T, 1, **meta)  # NOTE: the normaliser's own call
+                found += kernels.kernels_for(*args[:3], ones, *args[4:5], None, args[6],
+                                             config=kw["config"], state_out=False)  # fmt: skip
             continue
         # NOTE: a state output always has a gradient in the backward: autograd materialises
         # zeros for an unused one (the op's backward drops it only without a state output)

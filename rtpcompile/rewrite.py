@@ -29,6 +29,7 @@ from . import options
 from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
 from .detect.patterns_native import op_schema
 from .detect.region import Region
+from .kernels.blocks import next_pow2
 from .lowering import aten_impl, validate
 from .lowering.aten_impl import accumulation_dtype
 
@@ -197,7 +198,8 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         den = scores.detach().abs().sum(-1, keepdim=True).clamp(min=low)
     gamma, row_scale = _decay(masks, kind, axes, q, bool(use_row_scale))
     batch = q.shape[:-2]
-    if normaliser == "abs_sum":
+    apart = normaliser == "abs_sum" and state is None and normaliser_apart(q, v, runtime)
+    if normaliser == "abs_sum" and not apart:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     q4, k4, v4 = _to4(q), _to4(k), _to4(v)
     gamma = gamma.reshape(-1).expand(q4.shape[1])
@@ -211,18 +213,17 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         o, final = torch.ops.rtp.retention_fwd(
             q4, k4, v4, gamma, op_scale, s4, form, chunk, state is not None, runtime
         )
-    o = _from4(o, batch)
-    if row_scale is not None or on_o:
-        # NOTE: c[h, i] scales query row i, so it scales output row i (the state term and the
-        # normaliser's value column included): applied here, in float32, not folded into a 16-bit
-        # q, where q * c rounded first loses the digits that cancel in a small q.k (a row whose
-        # q_i.k_i nearly cancels kept no correct digit in dv_i). Its gradient flows as before.
-        wide = accumulation_dtype(q.dtype)
-        acc = o.to(wide)
-        if row_scale is not None:
-            acc = acc * row_scale[..., None].to(wide)
-        o = _scaled(acc, tuple((op, f.to(wide)) for op, f in on_o)).to(q.dtype)
-    if normaliser == "abs_sum":
+    o = _row_scaled(_from4(o, batch), row_scale, on_o)
+    if apart:
+        # NOTE: the normaliser sum_j A_ij is the retention of a column of ones; it takes no
+        # gradient, so a forward call on detached inputs is all it costs
+        ones = torch.ones_like(v4[..., :1])
+        n, _ = torch.ops.rtp.retention_fwd(
+            q4.detach(), k4.detach(), ones, gamma.detach(), op_scale, None, form, chunk, False,
+            runtime,
+        )  # fmt: skip
+        den = _row_scaled(_from4(n, batch), row_scale, on_o).abs().clamp(min=low)
+    elif normaliser == "abs_sum":
         o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)
     if den is not None:
         o = o / den
@@ -236,6 +237,43 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
         new_state = _from4(final, state.shape[:-2])
         new_state = (new_state.transpose(-1, -2) if state_vk else new_state).to(state.dtype)
     return o, new_state
+
+
+def _row_scaled(o: torch.Tensor, row_scale, on_o) -> torch.Tensor:
+    """The op's output ([.., T, V], the region's batch dims) times the row scale c[h, i] and the
+    tensor factors of the scores, in float32.
+
+    NOTE: c[h, i] scales query row i, so it scales output row i (the state term and the
+    normaliser's value column included): applied here, in float32, not folded into a 16-bit q,
+    where q * c rounded first loses the digits that cancel in a small q.k (a row whose q_i.k_i
+    nearly cancels kept no correct digit in dv_i). Its gradient flows as before."""
+    if row_scale is None and not on_o:
+        return o
+    wide = accumulation_dtype(o.dtype)
+    acc = o.to(wide)
+    if row_scale is not None:
+        acc = acc * row_scale[..., None].to(wide)
+    return _scaled(acc, tuple((op, f.to(wide)) for op, f in on_o)).to(o.dtype)
+
+
+def normaliser_apart(q: torch.Tensor, v: torch.Tensor, runtime_options: str) -> bool:
+    """Whether a normaliser ``|sum_j A_ij|`` runs as its own forward call on a column of ones
+    instead of as v's extra column: on the Triton kernels, when that column would cost a block of
+    value columns (the kernels pad V to a power of two >= 16: V = 64 becomes 128, and V = 256
+    would pass their limit and run on aten). Apart it costs one forward of a 16-wide block; as a
+    column, a wider V in the forward and in every backward pass, though it takes no gradient."""
+    with options.scoped(runtime_options):
+        return normaliser_apart_on(q.device.type, v.shape[-1], options.current().kernels)
+
+
+def normaliser_apart_on(device_type: str | None, V, kernels: str) -> bool:
+    """``normaliser_apart``'s rule for a device type, a value head dim and a ``kernels``
+    option (``explain`` reports it)."""
+    if not isinstance(V, int):
+        return False  # NOTE: a symbolic head dim: a comparison would guard on it
+    if kernels == "aten" or (kernels == "auto" and device_type != "cuda"):
+        return False
+    return next_pow2(max(V + 1, 16)) > next_pow2(max(V, 16))
 
 
 def inline_step(q: torch.Tensor, runtime_options: str) -> bool:

@@ -1,0 +1,82 @@
+"""torchscale's normaliser ``scores / clamp(|sum_j A_ij|, min=1).detach()`` on the Triton kernels.
+
+The normaliser is the retention of a column of ones. Appended to v it made the kernels see V + 1
+value columns: V = 64 padded to 128 in every forward and backward pass (the column takes no
+gradient), and V = 256 passed the kernels' limit (aten on CUDA; forced, an error about "V=257").
+When the column would cost a block it now runs as its own forward call on detached inputs
+(``rewrite.normaliser_apart``). Checked under the interpreter against float64 eager, outputs and
+gradients, with the kernels launched counted by their V.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo.masks import TorchscaleNormalised
+
+from rtpcompile import rewrite
+
+pytest.importorskip("triton", reason="the Triton kernels need triton")
+
+from rtpcompile.kernels import launch  # noqa: E402
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    real = launch._launch
+
+    def spy(spec, *args):
+        seen.append(spec)
+        return real(spec, *args)
+
+    monkeypatch.setattr(launch, "_launch", spy)
+    return seen
+
+
+def _model(v_dim: int) -> torch.nn.Module:
+    model = TorchscaleNormalised()
+    model.V = v_dim
+    return model
+
+
+@pytest.mark.parametrize("v_dim, apart", [(16, True), (20, False), (256, True)])
+def test_normalised_retention_on_the_kernels(launched, v_dim, apart):
+    torch._dynamo.reset()
+    model = _model(v_dim)
+    q, k, v = (x.requires_grad_() for x in model.make_inputs(0, T=9 if v_dim < 256 else 5))
+    reference = _model(v_dim).double()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = reference(q64, k64, v64)
+    want.pow(2).sum().backward()
+    compiled = torch.compile(model, backend="rtp", options={"kernels": "triton", "strict": True})
+    got = compiled(q, k, v)
+    got.pow(2).sum().backward()
+    for a, b in ((got, want), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-5, err
+    # NOTE: the passes' value widths: V (or V + 1), the ones apart (1), and K (the dk pass)
+    widths = {spec.V for spec in launched}
+    assert (1 in widths, v_dim + 1 in widths, v_dim in widths) == (apart, not apart, apart), widths
+
+
+def test_the_rule():
+    q = torch.zeros(1, 1, 2, 4)
+    cases = ((16, True), (15, False), (20, False), (32, True), (64, True), (255, False))
+    for v_dim, apart in cases:
+        assert rewrite.normaliser_apart(q, torch.zeros(1, 1, 2, v_dim), "kernels=triton") == apart
+    # NOTE: aten pays no block for the column: on CPU (kernels auto) it stays a column
+    assert not rewrite.normaliser_apart(q, torch.zeros(1, 1, 2, 64), "")
+
+
+@pytest.mark.parametrize("v_dim, apart", [(16, True), (20, False)])
+def test_explain_lists_the_normalisers_call(v_dim, apart):
+    """``Report.kernels`` (what a GPU runs) lists the normaliser's own forward (V = 1) when it
+    runs apart, the V + 1 columns otherwise."""
+    import rtpcompile
+
+    model = _model(v_dim)
+    report = rtpcompile.explain(model, *model.make_inputs(0, T=9))
+    widths = [(k.spec.direction, k.spec.V) for k in report.kernels(0, backward=True)]
+    assert (("fwd", 1) in widths, ("fwd", v_dim + 1) in widths) == (apart, not apart), widths
