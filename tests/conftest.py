@@ -61,11 +61,11 @@ def triton_on_cpu(tmp_path, monkeypatch):
     clean_rtp_env(monkeypatch, tmp_path / "cache")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_KERNELS", "triton")
-    dispatch._triton_module.cache_clear()
+    dispatch._kernels_package.cache_clear()
     plan.reset()
     yield
     plan.reset()
-    dispatch._triton_module.cache_clear()
+    dispatch._kernels_package.cache_clear()
 
 
 @pytest.fixture

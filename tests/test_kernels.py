@@ -186,7 +186,7 @@ def test_through_the_op(monkeypatch):
     from rtpcompile.lowering import dispatch
 
     monkeypatch.setenv("RTP_KERNELS", "triton")
-    dispatch._triton_module.cache_clear()
+    dispatch._kernels_package.cache_clear()
     (q, k, v, gamma, s0), (lq, lk, lv, lg, ls0) = make(1, 2, 40, 16, 24, torch.float32, state=True)
     leaves = [x.detach().requires_grad_() for x in (lq, lk, lv, lg, ls0)]
     o, s = ops.retention(
@@ -199,7 +199,7 @@ def test_through_the_op(monkeypatch):
     (ro.sum() + rs.sum()).backward()
     for a, e in zip(leaves, (q, k, v, gamma, s0), strict=True):
         close(a.grad, e.grad, torch.float32, "grad through op")
-    dispatch._triton_module.cache_clear()
+    dispatch._kernels_package.cache_clear()
 
 
 # ---- code generation, the module cache, explain() support ---------------------------------

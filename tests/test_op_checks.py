@@ -153,7 +153,7 @@ def test_forced_kernels_name_the_users_dims(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_KERNELS", "triton")
-    dispatch._triton_module.cache_clear()
+    dispatch._kernels_package.cache_clear()
     q, k, v = inputs(K=8, V=257)
     with pytest.raises(ValueError, match="support head dims K, V <= 256, got K=8, V=257"):
         ops.retention(q, k, v, 0.9)
@@ -187,3 +187,23 @@ def test_forced_kernels_that_cannot_run_raise_instead_of_running_aten(monkeypatc
         ops.retention(q, k, v, 0.9)
     monkeypatch.setenv("RTP_KERNELS", "auto")
     ops.retention(q, k, v, 0.9)  # auto: aten, no error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels can run")
+def test_setting_the_interpreter_after_a_forced_call_failed(monkeypatch):
+    """The first forced call on CPU without TRITON_INTERPRET says to set it; once set, the next
+    call runs the kernels (the first call's answer was cached and the same error kept coming)."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from rtpcompile.lowering import dispatch
+
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dispatch._kernels_package.cache_clear()
+    q, k, v = inputs()
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        ops.retention(q, k, v, 0.9)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.use_triton(q, v, 0.5)
+    torch.testing.assert_close(
+        ops.retention(q, k, v, 0.9), ops.retention(q, k, v, 0.9, form="parallel")
+    )

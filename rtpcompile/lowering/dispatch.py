@@ -26,13 +26,23 @@ log = logging.getLogger("rtpcompile")
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_module():
+def _kernels_package():
     try:
         from .. import kernels
     except Exception as exc:  # noqa: BLE001 - any import failure means "no kernels"
-        warnings.warn(f"rtpcompile: Triton kernels unavailable ({exc}); using aten", stacklevel=3)
+        warnings.warn(f"rtpcompile: Triton kernels unavailable ({exc}); using aten", stacklevel=4)
         return None
-    if not getattr(kernels, "available", lambda: False)():
+    return kernels
+
+
+def _triton_module():
+    """The kernels package when it can run now, else None.
+
+    NOTE: the import is cached, whether the kernels can run is asked on every call: on CPU it
+    is TRITON_INTERPRET, which a user may set after a forced call told them to (that call's
+    answer was cached before, and the same error kept coming with the variable set)."""
+    kernels = _kernels_package()
+    if kernels is None or not getattr(kernels, "available", lambda: False)():
         return None
     return kernels
 
