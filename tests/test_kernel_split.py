@@ -83,21 +83,29 @@ def _force_split(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_split_equals_fused_bit_for_bit_under_the_interpreter(dtype):
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float32, 0.3), (torch.float16, 0.25), (torch.float16, 0.3)],
+    ids=["float32", "float16", "float16-scale-0.3"],
+)
+def test_split_equals_fused_bit_for_bit_under_the_interpreter(dtype, scale):
+    """Bit for bit, except float16 at a scale that is no power of two: float16 scales the scores
+    before their cast, fused as s * (gamma^n * scale), split as (s * gamma^n) * scale; a few
+    entries then differ by a float16 ulp (K = 20, V = 12, T = 65: 1 of 4680 outputs)."""
     # NOTE: K and V within one block of both passes (float32 splits K in 32-wide blocks)
     _, (q, k, v, g, s0) = make(1, 2, 70, 32, 24, dtype, state=True, btHd=True)
-    fused = kernels.triton_forward("chunkwise", q, k, v, g, 0.3, s0, 16, {"split": 0})
-    split = kernels.triton_forward("chunkwise", q, k, v, g, 0.3, s0, 16, SPLIT)
+    fused = kernels.triton_forward("chunkwise", q, k, v, g, scale, s0, 16, {"split": 0})
+    split = kernels.triton_forward("chunkwise", q, k, v, g, scale, s0, 16, SPLIT)
     do = torch.randn_like(fused[0])
     dsf = torch.randn_like(fused[1])
     grads = [
-        list(kernels.triton_backward("chunkwise", do, dsf, q, k, v, g, 0.3, s0, fused[1], 16, c))
+        list(kernels.triton_backward("chunkwise", do, dsf, q, k, v, g, scale, s0, fused[1], 16, c))
         for c in ({"split": 0}, SPLIT)
     ]
     names = ("o", "final state", "dq", "dk", "dv", "d gamma", "ds0")
+    rounded = dtype == torch.float16 and scale != 0.25
     for a, b, name in zip((*fused, *grads[0]), (*split, *grads[1]), names, strict=True):
-        if name in ("dq", "dk", "d gamma"):
+        if name in ("dq", "dk", "d gamma") or rounded:
             # NOTE: split, dq and dk come from one kernel (test_kernel_dqk.py) that sums the
             # shared scores over V blocks and reads dk's state as the dv pass's transpose; d
             # gamma sums per-program partials, one per fused program or per chunk and K block
