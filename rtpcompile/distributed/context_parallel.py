@@ -59,12 +59,15 @@ def _incoming_weights(log_decays: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return weights, start
 
 
-def _check_inputs(q, k, v, gamma, initial_state, scale) -> tuple[Tensor, float]:
+def _check_inputs(q, k, v, gamma, initial_state, scale, chunk_size) -> tuple[Tensor, float]:
     validate.check_qkv(q, k, v)
     gamma = validate.check_gamma(gamma, q)
     # NOTE: before any collective, not in the op; skipped while tracing (``_agreed_op`` checks)
     validate.check_gamma_values(gamma)
     validate.check_state(initial_state, q, v)
+    # NOTE: here, not only in the local op: a rank that raised there (after the agreement
+    # check) left the others waiting in the state all-gather until the group's timeout
+    validate.check_chunk_size(chunk_size)
     return gamma, validate.check_scale(scale, q.shape[-1])
 
 
@@ -73,18 +76,26 @@ _FIELDS = ("valid", "B", "H", "K", "V", "dtype", "initial_state", "needs_grad", 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _signature(q, k, v, gamma, initial_state, scale: float) -> list[int]:
-    """This rank's call as integers, one per entry of ``_FIELDS``."""
+def _signature(q, k, v, gamma, initial_state) -> list[int]:
+    """This rank's call as integers, one per entry of ``_FIELDS`` but the scale (its bits are
+    added where the scale is a real float: ``_with_scale``)."""
     B, H, _, K = q.shape
     # NOTE: a rank whose gathered state needs no gradient skips the backward all-reduce that
     # the other ranks then wait in forever.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gamma))
-    # NOTE: struct, not Tensor.item(): Dynamo folds it (no graph break inside torch.compile)
-    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
     has_state = initial_state is not None
     # NOTE: ints, not bools: the custom op of a compiled call takes a SymInt[]
     flags = [int(has_state), int(needs_grad)]
-    return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), *flags, scale_bits]
+    return [1, B, H, K, v.shape[-1], _DTYPES.index(q.dtype), *flags]
+
+
+def _with_scale(signature: list[int], scale: float) -> list[int]:
+    """The full signature: ``signature`` and the scale's bits (exact: 0.1 + 0.2 is not 0.3).
+
+    NOTE: on a real float only: under dynamic shapes Dynamo traces the scale as a SymFloat,
+    which has no bits (its polyfill of struct.pack recursed without end). A compiled call
+    therefore hands the scale to ``_agreed_op`` (a ``float`` argument: the real value)."""
+    return [*signature, struct.unpack("<q", struct.pack("<d", scale))[0]]
 
 
 def _describe(field: str, value: int) -> str:
@@ -140,7 +151,7 @@ def _group_name(group: dist.ProcessGroup | None) -> str:
 
 
 @torch.library.custom_op("rtp_distributed::agree", mutates_args=())
-def _agreed_op(gamma: Tensor, signature: list[int], group_name: str) -> Tensor:
+def _agreed_op(gamma: Tensor, signature: list[int], scale: float, group_name: str) -> Tensor:
     """``_agree_across_ranks`` as one opaque op for compiled code; returns a copy of gamma.
 
     NOTE: the check reads the gathered integers on the host (``.tolist()``): traced, that is a
@@ -152,7 +163,7 @@ def _agreed_op(gamma: Tensor, signature: list[int], group_name: str) -> Tensor:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     group = _resolve_process_group(group_name)
-    signature = list(signature)
+    signature = _with_scale(list(signature), scale)
     in_range = gamma.numel() == 0 or bool(((gamma >= 0) & (gamma <= 1)).all())  # NaN: False
     if signature[0] and not in_range:
         signature[0] = 0
@@ -166,24 +177,30 @@ def _agreed_op(gamma: Tensor, signature: list[int], group_name: str) -> Tensor:
 
 
 @_agreed_op.register_fake
-def _(gamma, signature, group_name):
+def _(gamma, signature, scale, group_name):
     return torch.empty_like(gamma, memory_format=torch.contiguous_format)
 
 
-_agreed_op.register_autograd(lambda ctx, grad: (grad, None, None))
+_agreed_op.register_autograd(lambda ctx, grad: (grad, None, None, None))
 
 
 def _agree(
-    gamma: Tensor | None, signature: list[int] | None, device, group: dist.ProcessGroup | None
+    gamma: Tensor | None,
+    signature: list[int] | None,
+    scale: float,
+    device,
+    group: dist.ProcessGroup | None,
 ) -> Tensor | None:
     """``_agree_across_ranks``, as the opaque ``_agreed_op`` while compiling; returns gamma
     (a copy while compiling). ``signature=None``: this rank failed its local checks."""
-    if not torch.compiler.is_compiling():
-        _agree_across_ranks(signature, device, group)
-        return gamma
     if signature is None:
-        gamma, signature = torch.empty(0, device=device), [0] * len(_FIELDS)
-    return _agreed_op(gamma, signature, _group_name(group))
+        signature, scale = [0] * (len(_FIELDS) - 1), 0.0
+        if torch.compiler.is_compiling():
+            gamma = torch.empty(0, device=device)
+    if not torch.compiler.is_compiling():
+        _agree_across_ranks(_with_scale(signature, scale), device, group)
+        return gamma
+    return _agreed_op(gamma, signature, scale, _group_name(group))
 
 
 def context_parallel_retention(
@@ -225,17 +242,17 @@ def context_parallel_retention(
     depends on its output (the backward runs one all-reduce).
     """
     try:
-        gamma, scale = _check_inputs(q, k, v, gamma, initial_state, scale)
+        gamma, scale = _check_inputs(q, k, v, gamma, initial_state, scale, chunk_size)
     except ValueError:
         if dist.is_available() and dist.is_initialized():
             # NOTE: still join the agreement check, so the other ranks raise instead of waiting;
             # this rank raises its own, more precise error.
             with contextlib.suppress(ValueError):
-                _agree(None, None, _signal_device(q, group), group)
+                _agree(None, None, 0.0, _signal_device(q, group), group)
         raise
     rank, _ = group_rank_and_size(group)
-    signature = _signature(q, k, v, gamma, initial_state, scale)
-    gamma = _agree(gamma, signature, q.device, group)
+    signature = _signature(q, k, v, gamma, initial_state)
+    gamma = _agree(gamma, signature, scale, q.device, group)
     acc = accumulation_dtype(q.dtype)
     B, H, T, K = q.shape
     V = v.shape[-1]

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from ..nn.attention import CausalSelfAttention
 from ..nn.retention import MultiScaleRetention, overridden_core
 from ..nn.rotary import rotate_qk
-from .collectives import all_gather_along, all_gather_lengths, depend_on, group_rank_and_size
+from .collectives import (
+    all_gather_along,
+    all_gather_ints,
+    all_gather_lengths,
+    depend_on,
+    group_rank_and_size,
+)
 from .context_parallel import context_parallel_retention
 
 
@@ -55,9 +61,63 @@ class _ShardInfo:
         self.offset = sum(lengths[:rank])
 
 
+def _refuse_state(kind: str, hint: str, **given: object) -> None:
+    """A sharded mixer runs without state: refuse the arguments that ask for one.
+
+    NOTE: the sharded forward used to take ``**_`` and drop them: ``msr(x, return_state=True)``
+    then returned a plain tensor, and ``y, state = ...`` split it along the batch, silently."""
+    asked = [
+        f"{name}={value!r}" if isinstance(value, bool) else f"a {name}"
+        for name, value in given.items()
+        if value is not None and value is not False
+    ]
+    if asked:
+        raise ValueError(
+            f"context_parallel_forward runs each {kind} on this rank's piece of the sequence "
+            f"without state or cache; {' and '.join(asked)}: not supported there ({hint})"
+        )
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ATTENTION_FIELDS = ("B", "H", "head_dim", "dtype", "needs_grad")
+
+
+def _agree_attention(q: Tensor, v: Tensor, info: _ShardInfo) -> None:
+    """Raise the same ValueError on every rank unless all ranks' attention calls agree.
+
+    NOTE: a rank with another batch size (or heads, dtype, ...) would send keys of another size
+    to the all-gather below, and gloo aborts the process (EnforceNotMet, SIGABRT); a rank that
+    needs no gradient skips the backward all-reduce the others wait in. One all-gather of five
+    int64s per attention layer, like the retention path's agreement check."""
+    B, H, _, D = q.shape
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
+    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+    mine = [B, H, D, dtype, int(needs_grad)]
+    gathered = all_gather_ints(mine, q.device, info.group)
+
+    def describe(field: str, value: int) -> str:
+        if field == "dtype":
+            return str(_DTYPES[value]) if value >= 0 else "another dtype"
+        return str(bool(value)) if field == "needs_grad" else str(value)
+
+    diffs = [
+        f"rank {r} has {field}={describe(field, sig[i])}, "
+        f"rank 0 has {field}={describe(field, gathered[0][i])}"
+        for r, sig in enumerate(gathered)
+        for i, field in enumerate(_ATTENTION_FIELDS)
+        if sig[i] != gathered[0][i]
+    ]
+    if diffs:
+        raise ValueError(
+            "context_parallel_forward: every rank must run the attention layers with the same "
+            "batch size B, heads H, head dim, dtype and need gradients or not; " + "; ".join(diffs)
+        )
+
+
 class _CPRetention:
     """The sharded forward of one MultiScaleRetention, installed as the instance's ``forward``
-    for the duration of a call (the module stays in place: its hooks still run)."""
+    for the duration of a call (the module stays in place: its hooks still run). Its signature
+    is MultiScaleRetention.forward's; a state is refused (``_refuse_state``)."""
 
     def __init__(self, inner: MultiScaleRetention, info: _ShardInfo) -> None:
         self.inner, self.info = inner, info
@@ -67,7 +127,16 @@ class _CPRetention:
     # earlier keys): their all-reduces would pair up wrongly -- same sizes, no error, wrong
     # gradients. Eager, the autograd engine runs them in creation order on every rank.
     @torch.compiler.disable
-    def __call__(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+    def __call__(
+        self, x: Tensor, state: Tensor | None = None, offset: int = 0, return_state: bool = False
+    ) -> Tensor:
+        _refuse_state(
+            "MultiScaleRetention",
+            "a sequence sharded across ranks has no single state: call "
+            "context_parallel_retention, whose end state is the state after this rank's piece",
+            state=state,
+            return_state=return_state,
+        )
         msr = self.inner
         q, k, v = msr.project(x, self.info.offset + offset)
         gamma = msr.log_decay().exp()
@@ -76,13 +145,26 @@ class _CPRetention:
 
 
 class _CPAttention:
-    """The sharded forward of one CausalSelfAttention (see :class:`_CPRetention`)."""
+    """The sharded forward of one CausalSelfAttention (see :class:`_CPRetention`); ``past`` and
+    ``return_kv`` are refused."""
 
     def __init__(self, inner: CausalSelfAttention, info: _ShardInfo) -> None:
         self.inner, self.info = inner, info
 
     @torch.compiler.disable  # NOTE: see _CPRetention.__call__
-    def __call__(self, x: Tensor, offset: int = 0, **_: object) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+        offset: int = 0,
+        return_kv: bool = False,
+    ) -> Tensor:
+        _refuse_state(
+            "CausalSelfAttention",
+            "each call gathers the keys and values of the earlier ranks; none are cached",
+            past=past,
+            return_kv=return_kv,
+        )
         att, info = self.inner, self.info
         B, T, _ = x.shape
         q, k, v = (
@@ -91,6 +173,7 @@ class _CPAttention:
         )
         if att.rotary:
             q, k = rotate_qk(q, k, info.offset + offset, att.rope_base)
+        _agree_attention(q, v, info)
         keys = all_gather_along(k, 2, info.lengths, info.group)
         values = all_gather_along(v, 2, info.lengths, info.group)
         k_all = torch.cat([*keys[: info.rank], k], dim=2)
@@ -172,7 +255,9 @@ def context_parallel_forward(
     ``CausalSelfAttention`` and whose other layers act token by token), identical on every
     rank; ``input_ids`` [B, T_r] is this rank's consecutive piece (rank order = sequence order,
     lengths may differ and may be 0). Concatenating the ranks' logits gives ``model(ids)``.
-    Every rank must call it, and run backward when training. Not for cached decoding.
+    Every rank must call it, with the same batch size, and run backward when training. Not for
+    cached decoding: a mixer called with a state or a cache (``state``, ``return_state``,
+    ``past``, ``return_kv``) raises ValueError.
     """
     rank, _ = group_rank_and_size(group)
     lengths = all_gather_lengths(input_ids.shape[1], input_ids.device, group)

@@ -142,6 +142,18 @@ def check_gamma_values(gamma: torch.Tensor) -> None:
         _remember_checked(gamma)  # NOTE: after the check: a gamma that failed is checked again
 
 
+def _finite(value) -> bool:
+    """``math.isfinite`` for a float that may be symbolic.
+
+    NOTE: Dynamo traces a float argument as a SymFloat under dynamic=True (and under automatic
+    dynamic once a second value is seen), and reports it as a plain float. ``math.isfinite`` on
+    it is no graph op: a graph break, an error under fullgraph=True. Comparisons are: on a
+    concrete float they are the check itself (NaN compares False), on a symbolic one they hold
+    for any real value and add no guard. The op's ``float`` argument then specialises the
+    scale (torch has no symbolic float schema type), and its run-time call checks the value."""
+    return -math.inf < value < math.inf
+
+
 def check_scale(scale, K: int) -> float:
     """The scale as a finite Python float; None is K**-0.5."""
     if scale is None:
@@ -155,7 +167,7 @@ def check_scale(scale, K: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     value = float(scale)
-    if not math.isfinite(value):
+    if not _finite(value):
         raise ValueError(f"scale must be a finite number or None, got {value}")
     return value
 
@@ -177,7 +189,7 @@ def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -
         raise ValueError(f"gamma must be a floating tensor, got {gamma.dtype}")
     if gamma.device != q.device:
         raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
-    if not math.isfinite(scale):
+    if not _finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
 
