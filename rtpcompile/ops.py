@@ -42,10 +42,17 @@ def retention_init_decay(num_heads: int, device=None, dtype=torch.float32) -> Te
 
 
 def retention_init_state(batch: int, num_heads: int, k_dim: int, v_dim: int, device=None) -> Tensor:
-    """A zero recurrent state, float32 [batch, num_heads, k_dim, v_dim]."""
-    for name, n in (("batch", batch), ("num_heads", num_heads), ("k_dim", k_dim), ("v_dim", v_dim)):
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    """A zero recurrent state, float32 [batch, num_heads, k_dim, v_dim]; batch and num_heads may
+    be 0 (the ops take B = 0 and H = 0), k_dim and v_dim are at least 1."""
+    for name, n, least in (
+        ("batch", batch, 0),
+        ("num_heads", num_heads, 0),
+        ("k_dim", k_dim, 1),
+        ("v_dim", v_dim, 1),
+    ):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < least:
+            wanted = "a positive int" if least else "an int >= 0"
+            raise ValueError(f"{name} must be {wanted}, got {n!r}")
     sizes = (int(batch), int(num_heads), int(k_dim), int(v_dim))
     return torch.zeros(*sizes, dtype=torch.float32, device=device)
 

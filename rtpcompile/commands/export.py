@@ -117,6 +117,29 @@ def _load_checkpoint(path: str):
     return model
 
 
+def _check_recurrent(args, model) -> None:
+    """--form recurrent exports ``DecodeStep``, which needs retention layers only: a model with
+    attention layers is a usage error naming the flags that made it (before any export work)."""
+    kinds = list(model.layer_types)
+    if all(kind == "retention" for kind in kinds):
+        return
+    if args.checkpoint:
+        source = f"the model of --checkpoint {args.checkpoint!r} has"
+        fix = "a retention-only model"
+    else:
+        ratio, layers = (
+            SIZE_DEFAULTS[name] if getattr(args, name, None) is None else getattr(args, name)
+            for name in ("ratio", "layers")
+        )
+        source = f"--ratio {ratio:g} (of --layers {layers}) gives"
+        fix = "--ratio 1 (all layers retention)"
+    raise UsageError(
+        f"--form recurrent exports a one-token decoding step of a retention-only model (states "
+        f"in and out), but {source} attention layers (layer types {kinds}); use {fix}, "
+        "or export a prefill with --form chunkwise or --form parallel"
+    )
+
+
 def _inputs(args, model):
     import torch
 
@@ -153,8 +176,11 @@ def run(args) -> int:
             f"-o: expected a file in an existing folder, got {args.output!r} "
             f"({str(parent)!r} is not a folder)"
         )
+    model = _model(args)
+    if args.form == "recurrent":
+        _check_recurrent(args, model)
     try:
-        target, inputs, seq_len = _inputs(args, _model(args))
+        target, inputs, seq_len = _inputs(args, model)
         if args.program:
             program = export.export_program(
                 target, *inputs, form=args.form, chunk_size=args.chunk_size

@@ -8,6 +8,14 @@ export keeps T dynamic. The parallel form is dynamic-safe too; the recurrent for
 step per token (meant for one-token decoding steps) and rejects a symbolic T with a ValueError.
 Decays are ``exp(n * log gamma)`` with n >= 0 only, as in the runtime op; gamma = 0 runs as
 ``MIN_GAMMA`` (as in the op) so that log gamma stays finite (``aten_impl.clamped_log_gamma``).
+
+Causality holds for non-finite values, as in the op: a NaN or inf at position s reaches the rows
+t >= s only. Scores above the diagonal are *selected* to 0 (``torch.where``), never multiplied by
+0 (0 * inf = NaN); a product of zero weights with later values (the causal scores times v, the
+chunk-decay matrix times later chunks' states) reads finite values only, and the rows a
+non-finite value reaches are set to NaN afterwards (:func:`_finite`, :func:`_poison`): O(T * V)
+elementwise work and one reduction over positions, no scan (``cumsum`` does not import into
+torch-mlir's tosa / stablehlo at a symbolic size).
 """
 
 from __future__ import annotations
@@ -30,11 +38,39 @@ def _decay(log_gamma: Tensor, exponents: Tensor) -> Tensor:
     return torch.exp(log_gamma.reshape(-1, *([1] * exponents.dim())) * exponents)
 
 
-def _causal_decay(log_gamma: Tensor, n: int) -> Tensor:
-    """[H, n, n]: gamma ** (i - j) on and below the diagonal, 0 above."""
+def _causal_scores(scores: Tensor, log_gamma: Tensor) -> Tensor:
+    """scores [..., H, (N,) n, n] times gamma ** (i - j) on and below the diagonal, 0 above.
+
+    NOTE: the part above the diagonal is selected to 0, not multiplied by 0: a NaN or inf in a
+    later key (q_t . k_s, s > t) times 0 is NaN and would reach earlier rows.
+    """
+    n = scores.shape[-1]
     pos = torch.arange(n, dtype=log_gamma.dtype, device=log_gamma.device)
     diff = pos[:, None] - pos[None, :]
-    return _decay(log_gamma, diff.clamp(min=0)) * (diff >= 0).to(log_gamma.dtype)
+    decay = _decay(log_gamma, diff.clamp(min=0))  # [H, n, n]
+    if scores.dim() == 5:  # chunked [B, H, N, C, C]: one decay per head for every chunk
+        decay = decay[:, None]
+    return torch.where(diff >= 0, scores * decay, 0.0)
+
+
+def _finite(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(x with its non-finite entries zeroed, the index along ``dim`` of each slice's first
+    non-finite entry (inf where there is none), keeping ``dim`` as size 1).
+
+    NOTE: ``|x| < inf`` is False for inf and NaN: ``isfinite`` has no torch-mlir lowering to
+    linalg or tosa. The first index is a min over ``dim`` (no scan, see the module's note).
+    """
+    ok = x.abs() < float("inf")
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    idx = torch.arange(x.shape[dim], dtype=x.dtype, device=x.device).reshape(shape)
+    first = torch.where(ok, float("inf"), idx).amin(dim=dim, keepdim=True)
+    return torch.where(ok, x, 0.0), first
+
+
+def _poison(x: Tensor, reached: Tensor) -> Tensor:
+    """NaN where ``reached`` (a non-finite value that the recurrence would carry there)."""
+    return torch.where(reached, float("nan"), x)
 
 
 def _prepare(q, k, v, gamma, initial_state):
@@ -74,7 +110,10 @@ def _matrix_states(state, chunk_kv, lg, C: int, N) -> Tensor:
     idx = torch.arange(N, dtype=lg.dtype, device=lg.device)
     lag = idx[:, None] - idx[None, :] - 1  # n - 1 - m
     mix = _decay(lg, lag.clamp(min=0) * C) * (lag >= 0).to(lg.dtype)  # [H, N, N]
-    carried = (mix @ chunk_kv.reshape(B, H, N, K * V)).reshape(B, H, N, K, V)
+    # NOTE: mix is 0 for m >= n, and 0 times a later chunk's non-finite state is NaN: the product
+    # reads finite states only, and a non-finite entry of chunk m marks that entry of S_n, n > m
+    kv, first = _finite(chunk_kv.reshape(B, H, N, K * V), dim=2)
+    carried = _poison(mix @ kv, idx[:, None] > first).reshape(B, H, N, K, V)
     return carried + _decay(lg, idx * C)[None, :, :, None, None] * state[:, :, None]
 
 
@@ -99,8 +138,11 @@ def chunkwise(q, k, v, gamma, scale, initial_state, chunk_size: int = DEFAULT_EX
     q, k, v = (F.pad(x, (0, 0, 0, chunks * C - T)).reshape(B, H, chunks, C, -1) for x in (q, k, v))
     pos = torch.arange(C, dtype=acc, device=q.device)
 
-    # [B, H, N, C, K] @ [B, H, N, K, C] -> [B, H, N, C, C]; then @ [B, H, N, C, V]
-    intra = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, C)[:, None]) @ v
+    # [B, H, N, C, K] @ [B, H, N, K, C] -> [B, H, N, C, C]; then @ [B, H, N, C, V] with finite
+    # values only: a non-finite v_s[j] marks column j of the chunk's rows t >= s (later chunks
+    # get it through the states)
+    v_ok, first = _finite(v, dim=3)
+    intra = _poison(_causal_scores(q @ k.transpose(-1, -2), lg) @ v_ok, pos[:, None] >= first)
     # each chunk's keys decayed to the chunk's end: [B, H, N, K, V]
     chunk_kv = (k * _decay(lg, C - 1 - pos)[:, None, :, None]).transpose(-1, -2) @ v
     states = (_matrix_states if dynamic else _unrolled_states)(state, chunk_kv, lg, C, chunks)
@@ -141,8 +183,9 @@ def parallel(q, k, v, gamma, scale, initial_state):
     acc, q, k, v, lg, state = _prepare(q, k, v, gamma, initial_state)
     T = q.shape[2]
     pos = torch.arange(T, dtype=acc, device=q.device)
-    o = ((q @ k.transpose(-1, -2)) * _causal_decay(lg, T)) @ v
-    o = (o + (q * _decay(lg, pos + 1)[..., None]) @ state) * scale
+    v_ok, first = _finite(v, dim=2)  # the op's: a non-finite v_s[j] marks column j, rows >= s
+    o = _causal_scores(q @ k.transpose(-1, -2), lg) @ v_ok
+    o = _poison((o + (q * _decay(lg, pos + 1)[..., None]) @ state) * scale, pos[:, None] >= first)
     final = (k * _decay(lg, T - 1 - pos)[..., None]).transpose(-1, -2) @ v
     final = final + torch.exp(lg * T)[:, None, None] * state
     return o.to(out_dtype), final

@@ -31,7 +31,7 @@ def _forward_via_op(
     return_state: bool = False,
 ):
     """MultiScaleRetention.forward with its parallel/recurrent core replaced by one rtp op call."""
-    msr._check_input(x, state)
+    msr._check_input(x, state, offset)
     q, k, v = msr.project(x, offset)
     gamma = msr.log_decay().exp()
     want_state = state is not None or return_state

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_divisible, check_positive
+from ._checks import (
+    check_bool,
+    check_divisible,
+    check_offset,
+    check_positive,
+    check_positive_number,
+)
 from .cache import LayerCache
 from .rotary import rotate_qk
 
@@ -41,6 +47,9 @@ class CausalSelfAttention(nn.Module):
             check_divisible(dim, num_heads)
             head_dim = dim // num_heads
         check_positive("head_dim", head_dim)
+        for name, flag in (("rotary", rotary), ("bias", bias), ("out_proj", out_proj)):
+            check_bool(name, flag)
+        check_positive_number("rope_base", rope_base)
         if rotary and head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
@@ -68,6 +77,7 @@ class CausalSelfAttention(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, T, {self.dim}], got {tuple(x.shape)}")
+        check_offset(offset)
         B, T, _ = x.shape
         q, k, v = (
             proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_divisible, check_positive
+from ._checks import check_choice, check_divisible, check_positive, check_positive_number
 from .attention import CausalSelfAttention
 from .cache import LayerCache
 from .retention import MultiScaleRetention
@@ -25,6 +25,7 @@ FFNS = ("swiglu", "gelu")
 def make_norm(kind: str, dim: int, eps: float = 1e-6) -> nn.Module:
     """RMSNorm or LayerNorm over the last dimension."""
     check_choice("norm", kind, NORMS)
+    check_positive_number("norm_eps", eps)
     return nn.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
@@ -39,8 +40,7 @@ class FeedForward(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("ffn", kind, FFNS)
-        if not ffn_mult > 0:
-            raise ValueError(f"ffn_mult must be > 0, got {ffn_mult!r}")
+        check_positive_number("ffn_mult", ffn_mult)
         hidden = 8 * math.ceil(ffn_mult * dim / 8)
         self.kind, self.hidden = kind, hidden
         self.w1 = nn.Linear(dim, hidden, bias=bias)

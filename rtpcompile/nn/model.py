@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_divisible, check_positive
+from ._checks import (
+    check_bool,
+    check_choice,
+    check_divisible,
+    check_positive,
+    check_positive_number,
+)
 from .block import FFNS, NORMS, RTPBlock, make_norm
 from .cache import HybridCache
 
@@ -59,14 +65,12 @@ class RTPConfig:
         ratio = self.ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ValueError(f"ratio (fraction of retention) must be in [0, 1], got {ratio!r}")
+        if self.head_dim_v is not None:  # checked even when no layer is retention
+            check_positive("head_dim_v", self.head_dim_v)
         for name in ("norm_eps", "rope_base", "ffn_mult"):
-            value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            check_positive_number(name, getattr(self, name))
         for name in ("rotary", "gate", "group_norm", "learnable_decay", "bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
     def layer_plan(self) -> list[tuple[str, int]]:
         """(mixer kind, retention heads) per layer, first layer first."""

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_divisible, check_positive
+from ._checks import (
+    check_bool,
+    check_divisible,
+    check_offset,
+    check_positive,
+    check_positive_number,
+)
 from .cache import LayerCache
 from .rotary import rotate_qk
 
@@ -80,6 +86,17 @@ class MultiScaleRetention(nn.Module):
         head_dim_v = 2 * head_dim_k if head_dim_v is None else head_dim_v
         check_positive("head_dim_k", head_dim_k)
         check_positive("head_dim_v", head_dim_v)
+        for name, flag in (
+            ("rotary", rotary),
+            ("gate", gate),
+            ("group_norm", group_norm),
+            ("learnable_decay", learnable_decay),
+            ("bias", bias),
+            ("out_proj", out_proj),
+        ):
+            check_bool(name, flag)
+        check_positive_number("rope_base", rope_base)
+        check_positive_number("norm_eps", norm_eps)
         if rotary and head_dim_k % 2:
             raise ValueError(f"rotary needs an even head_dim_k, got {head_dim_k}")
         self.dim, self.num_heads = dim, num_heads
@@ -204,7 +221,7 @@ class MultiScaleRetention(nn.Module):
         position ``offset`` (the number of tokens the state has absorbed): the recurrent step for
         one token, ``chunk_step`` for more. Returns ``(y, new_state)``.
         """
-        self._check_input(x, state)
+        self._check_input(x, state, offset)
         q, k, v = self.project(x, offset)
         if state is None:
             y = self.parallel(q, k, v)
@@ -229,7 +246,8 @@ class MultiScaleRetention(nn.Module):
         shape = (batch, self.num_heads, self.head_dim_k, self.head_dim_v)
         return torch.zeros(shape, device=device, dtype=state_dtype(dtype))
 
-    def _check_input(self, x: Tensor, state: Tensor | None) -> None:
+    def _check_input(self, x: Tensor, state: Tensor | None, offset: int = 0) -> None:
+        check_offset(offset)
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, T, {self.dim}], got {tuple(x.shape)}")
         if state is None:
