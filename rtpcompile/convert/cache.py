@@ -12,6 +12,8 @@ tested with 5.23). The import is optional: without transformers only plain model
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -235,7 +237,9 @@ def layer_slot(cache, index: int):
 # -- padding: which keys are real tokens (the converted layers zero the others) --------------------
 
 
-def key_valid(mask, batch: int, length: int, seen: int | None = None) -> Tensor | None:
+def key_valid(
+    mask, batch: int, length: int, seen: int | None = None, *, window=False
+) -> Tensor | None:
     """Which of the ``length`` new tokens are real (not padding): bool [batch, length], or None.
 
     Reads the mask a Hugging Face model hands its attention layers: 2D ``[B, L]`` (1/True =
@@ -248,6 +252,12 @@ def key_valid(mask, batch: int, length: int, seen: int | None = None) -> Tensor 
     tokens at columns ``[seen, seen + length)`` when the mask has room for them (a static
     cache's mask has ``max_cache_len`` columns, the empty slots last); otherwise, and without
     ``seen``, they are the last ``length`` columns (dynamic and sliding-window caches).
+
+    ``window`` (an int, or None for full causal attention; False, the default, checks nothing):
+    the converted layer's sliding window. A 4D mask must then be what zeroing keys reproduces,
+    causal (within the window) AND key padding, on every query row that sees itself (a padded
+    query's row is free); anything else (packed documents' block-diagonal mask, a prefix-LM or
+    bidirectional mask) raises a ``ValueError`` (see ``check_key_padding``).
     """
     if mask is None:
         return None
@@ -265,15 +275,11 @@ def key_valid(mask, batch: int, length: int, seen: int | None = None) -> Tensor 
                 f"4D attention mask has {mask.shape[-2]} query rows, expected {length} "
                 f"(got shape {tuple(mask.shape)})"
             )
-        if mask.dtype == torch.bool:
-            visible = mask
-        elif mask.is_floating_point():
-            # NOTE: additive masks hold finfo.min or -inf where a key is hidden, 0 (or a small
-            # bias) where it is visible.
-            visible = mask > torch.finfo(mask.dtype).min / 2
+        visible = _hf_visible(mask)
+        if window is not False:
+            keep = _checked(mask, visible, length, _first_column(visible, length, seen), window)
         else:
-            raise ValueError(f"4D attention mask must be bool or floating, got {mask.dtype}")
-        keep = visible.flatten(1, 2).any(dim=1)
+            keep = visible.flatten(1, 2).any(dim=1)
     else:
         raise ValueError(
             "expected a 2D [batch, keys] or 4D [batch, heads, queries, keys] attention mask, "
@@ -284,10 +290,180 @@ def key_valid(mask, batch: int, length: int, seen: int | None = None) -> Tensor 
             f"attention mask of shape {tuple(mask.shape)} does not cover batch {batch} and "
             f"{length} new tokens"
         )
-    start = keep.shape[-1] - length
-    if seen is not None and seen + length <= keep.shape[-1]:
-        start = seen
+    start = _first_column(keep, length, seen)
     return keep[:, start : start + length].expand(batch, length)
+
+
+_LAST_CHECK: list = []  # [(weakref to the mask, its version, start, length, window), keep]
+
+
+def _checked(mask: Tensor, visible: Tensor, length: int, start: int, window) -> Tensor:
+    """``check_key_padding`` of a Hugging Face mask, remembered for the mask last checked: the
+    model hands every layer the same mask tensor, so a forward checks it once per distinct
+    (mask, window), not once per converted layer (eager only: a compiled graph checks in it)."""
+    if torch.compiler.is_compiling() or mask.is_inference():  # NOTE: no version counter
+        return check_key_padding(visible, length, start, window)
+    key = (mask._version, start, length, window)
+    if _LAST_CHECK and _LAST_CHECK[0][0]() is mask and _LAST_CHECK[0][1:] == key:
+        return _LAST_CHECK[1]
+    keep = check_key_padding(visible, length, start, window)
+    _LAST_CHECK[:] = [(weakref.ref(mask), *key), keep]
+    return keep
+
+
+def _hf_visible(mask: Tensor) -> Tensor:
+    """A Hugging Face 4D mask as bool, True = may attend."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        # NOTE: additive masks hold finfo.min or -inf where a key is hidden, 0 (or a small
+        # bias) where it is visible.
+        return mask > torch.finfo(mask.dtype).min / 2
+    raise ValueError(f"4D attention mask must be bool or floating, got {mask.dtype}")
+
+
+def _first_column(mask: Tensor, length: int, seen: int | None) -> int:
+    """The mask column of the first new token (see ``key_valid``)."""
+    columns = mask.shape[-1]
+    if seen is not None and seen + length <= columns:
+        return seen
+    return max(columns - length, 0)
+
+
+NOT_KEY_PADDING = (
+    "a converted retention layer can only apply a causal mask with key padding{win} (it zeroes "
+    "the keys of padded positions; its state carries every earlier real token into every later "
+    "one), but the attention mask it got is not one: {what}. A block-diagonal mask of packed "
+    "documents (or position ids restarting per document), a prefix-LM or a bidirectional mask "
+    "cannot be reproduced; run the documents as separate rows or separate calls (left padding "
+    "is fine), or keep this layer as attention"
+)
+
+
+def check_key_padding(
+    visible: Tensor, length: int, start: int, window: int | None, causal_only: bool = False
+) -> Tensor:
+    """Check that a bool mask ``visible`` [B', H', T' in (1, length), L] (True = may attend) is
+    ``causal(i, j) & window(i, j) & real[b, j]`` on every query row that sees itself, the new
+    tokens at columns ``[start, start + length)``; returns ``real`` [B', L] (the key columns
+    some such row sees). ``causal_only``: what a row sees outside the causal window is not
+    checked (a converted ``nn.MultiheadAttention`` is causal whatever its mask says).
+
+    Cost: a few passes over the mask (the one Hugging Face built for the layer), no host sync
+    on an accelerator or in a compiled graph, where the failure is a ``torch._assert_async``
+    (RuntimeError); on CPU outside compilation a ``ValueError``.
+    """
+    device, columns = visible.device, visible.shape[-1]
+    batch, heads = visible.shape[:2]
+    visible = visible.expand(batch, heads, length, columns)
+    if causal_only:
+        visible = _band(visible, start, window)
+    # NOTE: a padded query's row is empty in Hugging Face's masks (all visible in older ones):
+    # its output is never read, so only rows that see their own token are checked
+    rows = torch.arange(start, start + length, device=device)  # each new token's column
+    if start + length <= columns:
+        real_row = visible.gather(-1, rows.expand(batch, heads, length)[..., None])[..., 0]
+    else:  # NOTE: too few columns (refused by the caller); no clamp otherwise (see below)
+        own = rows.clamp(max=columns - 1).expand(batch, heads, length)[..., None]
+        real_row = visible.gather(-1, own)[..., 0] & (rows < columns)  # [B', H', T]
+    # NOTE: xor, not !=, below: on a mask built from constants inside a compiled graph (an
+    # nn.MultiheadAttention's triu(ones) mask) Inductor folds both sides into index expressions
+    # and a != of two of them broke its codegen (torch 2.13: "A Boolean argument can only be
+    # used in Eq and Ne")
+    # NOTE: the key columns real queries see, not read from the whole mask: a new token's from
+    # its own row (it sees itself), a cached one's from the real rows' cached columns (none in
+    # a prefill, one row in a decode step); the comparison below checks every row against them
+    cached = (visible[..., :start] & real_row[..., None]).any(dim=-2)  # [B', H', start]
+    new = min(length, columns - start)
+    parts = [cached, real_row[..., :new]]
+    if start + new < columns:  # a static cache's empty slots
+        parts.append(real_row.new_zeros(batch, heads, columns - start - new))
+    real = torch.cat(parts, dim=-1)  # [B', H', L]
+    expected = _band(real[:, :, None, :].expand(batch, heads, length, columns), start, window)
+    wrong_rows = (visible ^ expected).any(dim=-1) & real_row  # [B', H', T]
+    wrong = wrong_rows.any() | (real ^ real[:, :1]).any()  # NOTE: one padding for all heads
+    win = f" (sliding window {window})" if window is not None else ""
+    refuse_if(
+        wrong,
+        lambda: NOT_KEY_PADDING.format(win=win, what=_describe(visible, expected, wrong_rows)),
+        NOT_KEY_PADDING.format(
+            win=win,
+            what="a query row differs from causal AND key padding (checked on the device or in "
+            "a compiled graph; run eagerly on CPU to see which row)",
+        ),
+    )
+    return real.any(dim=1)
+
+
+def _band(x: Tensor, start: int, window: int | None) -> Tensor:
+    """``x`` [.., T, L] where query i (at column start + i) may attend: causal, within the
+    window; False elsewhere."""
+    x = x.tril(start)
+    return x if window is None else x.triu(start - window + 1)
+
+
+def refuse_if(wrong: Tensor, message, device_message: str) -> None:
+    """Raise when the 0-dim bool ``wrong`` is True: a ``ValueError(message())`` on CPU outside
+    compilation (the host reads one bool), else a ``torch._assert_async`` that never syncs the
+    host (a RuntimeError with ``device_message``; on a GPU at the next synchronising call)."""
+    if wrong.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(wrong):
+            raise ValueError(message())
+    else:
+        torch._assert_async(~wrong, device_message)
+
+
+PACKED_POSITIONS = (
+    "a converted retention layer got a packed row ({what}): its state carries every earlier "
+    "token into every later one, so documents packed in one row leak into each other; run the "
+    "documents as separate rows (left padding is fine) or separate calls"
+)
+
+
+def check_unpacked(attention_mask, kwargs: dict, attn_implementation) -> None:
+    """Refuse flash attention's packed rows, which come without a mask: ``cu_seq_lens_q``/
+    ``cu_seq_lens_k`` in the layer's arguments, or (flash attention, batch 1, no mask)
+    ``position_ids`` that restart (the rule Hugging Face's flash path packs by). Other
+    implementations get a block-diagonal mask instead, which ``key_valid`` refuses."""
+    if attention_mask is not None:
+        return
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(name) is not None:
+            raise ValueError(PACKED_POSITIONS.format(what=f"{name} was passed"))
+    pos = kwargs.get("position_ids")
+    flash = isinstance(attn_implementation, str) and "flash" in attn_implementation
+    if not (flash and isinstance(pos, Tensor) and pos.dim() == 2 and pos.shape == (1, pos.numel())):
+        return
+    if pos.shape[-1] > 1:
+        what = "position_ids restart inside the row"
+        wrong = (pos.diff(dim=-1) != 1).any()
+        refuse_if(
+            wrong, lambda: PACKED_POSITIONS.format(what=what), PACKED_POSITIONS.format(what=what)
+        )
+
+
+def _describe(visible: Tensor, expected: Tensor, wrong_rows: Tensor) -> str:
+    """Where the first offending row of a mask differs from causal AND key padding."""
+    if not wrong_rows.any():
+        return "the heads of a batch row disagree on which keys are padding"
+    b, h, i = wrong_rows.nonzero()[0].tolist()
+    row = visible[b, h, i]
+    seen = row.nonzero().flatten().tolist()
+    shown = f"{seen}" if len(seen) <= 12 else f"{seen[:6]} ... {seen[-6:]} ({len(seen)} keys)"
+    extra = (visible[b, h, i] & ~expected[b, h, i]).nonzero().flatten().tolist()
+    missing = (expected[b, h, i] & ~visible[b, h, i]).nonzero().flatten().tolist()
+    parts = [f"query row {i} of batch row {b} (head {h}) sees key columns {shown}"]
+    if missing:
+        parts.append(
+            f"it hides columns {missing[:8]}{' ...' if len(missing) > 8 else ''} that other "
+            "queries see and causality allows"
+        )
+    if extra:
+        parts.append(
+            f"it sees columns {extra[:8]}{' ...' if len(extra) > 8 else ''} that are in its "
+            "future or outside the window"
+        )
+    return "; ".join(parts)
 
 
 # -- torch.nn.MultiheadAttention masks (for the converted ``nn.MultiheadAttention``) -------------
@@ -314,20 +490,24 @@ def mha_valid(key_padding_mask, attn_mask, batch: int, length: int) -> Tensor | 
             )
         valid = _torch_visible(key_padding_mask)
     if attn_mask is not None:
-        if attn_mask.dim() not in (2, 3) or attn_mask.shape[-1] != length:
+        if attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[-2:]) != (length, length):
             raise ValueError(
                 f"attn_mask must have shape [{length}, {length}] or [batch * heads, {length}, "
                 f"{length}], got {tuple(attn_mask.shape)}"
             )
-        cols = _torch_visible(attn_mask).any(dim=-2)  # [T] or [B * heads, T]
-        if cols.dim() == 2:
-            if cols.shape[0] % batch:
+        visible = _torch_visible(attn_mask)
+        if visible.dim() == 3:
+            if visible.shape[0] % batch:
                 raise ValueError(
-                    f"a 3D attn_mask needs batch * heads rows, got {cols.shape[0]} rows for "
+                    f"a 3D attn_mask needs batch * heads rows, got {visible.shape[0]} rows for "
                     f"batch {batch}"
                 )
-            cols = cols.view(batch, -1, length).any(dim=1)  # real if any head may see it
+            visible = visible.view(batch, -1, *visible.shape[-2:])
         else:
-            cols = cols.expand(batch, -1)
+            visible = visible[None, None]
+        # NOTE: the layer is causal whatever the mask says past the diagonal; what it must not
+        # get is a causal part that zeroing keys cannot reproduce (packed documents)
+        cols = check_key_padding(visible, length, 0, None, causal_only=True)
+        cols = cols.expand(batch, -1)  # real if any head may see it
         valid = cols if valid is None else valid & cols
     return valid

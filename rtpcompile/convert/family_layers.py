@@ -16,7 +16,7 @@ import sys
 
 from torch import Tensor, nn
 
-from .cache import cache_argument
+from .cache import cache_argument, check_unpacked
 from .decay import param_dtype
 from .find import AttentionSite
 from .layers import RetrofitRetention, _heads
@@ -80,6 +80,7 @@ class FusedRotaryRetention(RetrofitRetention, metaclass=abc.ABCMeta):
                 raise ValueError(
                     f"a converted retention layer is causal self-attention only, got {name}"
                 )
+        check_unpacked(attention_mask, kwargs, getattr(self.config, "_attn_implementation", None))
         cache = cache_argument(past_key_values, {**kwargs, "layer_past": layer_past})
         q, k, v = self._project(hidden_states)
         q, k = self._qk_norm(q, k)

@@ -5,8 +5,9 @@ keys stay, the tensors are shared), applies the rotary embedding the model passe
 model family's own rotary function on the layers the original rotates (see ``rules``), and adds
 two parameters in the attention's dtype: a per-head decay (``decay_logit``; gamma = sigmoid,
 always computed in float32 or wider) and a per-head output RMS norm (``out_norm``). Retention
-runs through ``rtpcompile.ops``: the chunkwise form for a prefill that fills the cache, the
-recurrent form once a state exists, "auto" (the planner's choice) without a cache. ``head_mix``
+runs through ``rtpcompile.ops``: the chunkwise form for a prefill that fills the cache, "auto"
+(the planner's choice) without a cache and once a state exists (recurrent for a decode step,
+parallel or chunkwise for a longer continuation). ``head_mix``
 keeps some heads as softmax attention (type C).
 
 Padding: the key and value of a padded position are zeroed. For retention that is an exact key
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .cache import cache_argument, key_valid, layer_slot
+from .cache import cache_argument, check_unpacked, key_valid, layer_slot
 from .decay import decay_dtype, param_dtype, resolve_decay
 from .find import AttentionSite
 from .placement import round_half_up
@@ -88,7 +89,9 @@ class RetrofitRetention(nn.Module):
         """q [B, H, T, D], k/v [B, H_kv, T, D] (rotated) -> mixed heads [B, T, H * D].
 
         ``attention_mask``: what the model passed its attention (see ``cache.key_valid``), or a
-        bool [B, T] (True = real token); the K/V of padded positions are zeroed.
+        bool [B, T] (True = real token); the K/V of padded positions are zeroed. A 4D mask that
+        is not causal AND key padding (within the layer's sliding window), e.g. packed
+        documents' block-diagonal mask, raises a ``ValueError``: zeroing keys cannot reproduce it.
         """
         B, H, T, D = q.shape
         q, k, v = _one_dtype(q, k, v)
@@ -97,7 +100,8 @@ class RetrofitRetention(nn.Module):
             slot.check_batch(B)
         valid = attention_mask
         if not (isinstance(valid, Tensor) and valid.dtype == torch.bool and valid.shape == (B, T)):
-            valid = key_valid(attention_mask, B, T, None if slot is None else slot.seen)
+            seen = None if slot is None else slot.seen
+            valid = key_valid(attention_mask, B, T, seen, window=self.site.sliding_window)
         if valid is not None:
             keep = valid[:, None, :, None].to(k.device)
             k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
@@ -122,7 +126,13 @@ class RetrofitRetention(nn.Module):
         if slot.state is None:
             o, state = ops.retention_chunkwise(q, k, v, gamma, output_final_state=True)
         else:
-            o, state = ops.retention_recurrent(q, k, v, gamma, slot.state)
+            # NOTE: "auto" with the state: the planner runs the recurrent form for a decode step
+            # (T = 1, or T <= 16 with a state) and parallel/chunkwise for a longer continuation
+            # (the recurrent form is a loop over T: 2000 tokens after a 10-token prefill took
+            # 6x the same tokens as a prefill)
+            o, state = ops.retention(
+                q, k, v, gamma, form="auto", initial_state=slot.state, output_final_state=True
+            )
         slot.state = state.detach() if not torch.is_grad_enabled() else state
         return o
 
@@ -271,6 +281,7 @@ class LlamaStyleRetention(RetrofitRetention):
                     f"a converted retention layer is causal self-attention only, got {name} "
                     f"({self.site.name} is cross-attention; keep it as attention)"
                 )
+        check_unpacked(attention_mask, kwargs, getattr(self.config, "_attn_implementation", None))
         q, k, v = self._project(hidden_states)
         if position_embeddings is not None and self.use_rotary:
             q, k = rotate(self.rotary_fn, q, k, *position_embeddings)
@@ -310,6 +321,7 @@ class GPT2StyleRetention(RetrofitRetention):
             raise ValueError(
                 "a converted GPT-2 layer is self-attention only (got encoder_hidden_states)"
             )
+        check_unpacked(attention_mask, kwargs, getattr(self.config, "_attn_implementation", None))
         cache = cache_argument(past_key_values, kwargs)
         q, k, v = self._project(hidden_states)
         o = self.mix(q, k, v, cache, attention_mask)

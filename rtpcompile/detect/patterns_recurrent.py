@@ -7,6 +7,9 @@ broadcast product of a column and a row (``k.unsqueeze(-1) * v.unsqueeze(-2)``,
 (V, K), decided by which state dim the read-out contracts with q. The state must be a graph
 input (an argument, or an attribute of one such as a decode cache's, not the module's own
 state) and S' a graph output; the decay ``a`` must come from constants/buffers (per head only).
+Casts on the outer product (``(k^T @ v).float()``) are looked through when they keep or widen
+its dtype (a narrowing one is declined), S' must keep the state's dtype, and an in-place update
+of the state (``state.mul_(a).add_(...)``, ``state.copy_(S')``) is declined as such.
 """
 
 from __future__ import annotations
@@ -202,19 +205,77 @@ def find_recurrent(view: GraphView, inputs: list) -> list[Region]:
         if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
             continue
         for left, right in (node.args, node.args[::-1]):
-            decay, outer = _decay_side(view, left), outer_product(view, right)
+            core, casts = _through_casts(view, right)
+            decay, outer = _decay_side(view, left), outer_product(view, core)
             if decay is not None and outer is not None:
-                regions.append(_check(view, node, left, decay, outer, inputs))
+                regions.append(_check(view, node, left, decay, outer, inputs, casts))
                 break
     return regions
 
 
-def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
+def _through_casts(view: GraphView, node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """``(core, casts)``: node with the dtype casts on it stripped (``(k^T @ v).float()``),
+    outermost first. Whether each cast is exact to claim is ``_narrowing``'s question."""
+    casts: list[fx.Node] = []
+    while view.kind(node) == "cast" and node.args and isinstance(node.args[0], fx.Node):
+        casts.append(node)
+        node = node.args[0]
+    return node, tuple(casts)
+
+
+def _narrowing(casts: tuple[fx.Node, ...]) -> str | None:
+    """Why a cast of the outer product cannot be claimed, or None: a cast to the same or a wider
+    floating dtype keeps every value of the product (the op computes it in float32 or wider and
+    adds it unrounded, as eager adds the widened one), a narrower one rounds it."""
+    for cast in casts:
+        src, dst = example(cast.args[0]), example(cast)
+        if not (is_tensor(src) and is_tensor(dst)):
+            return "the outer product is cast to an unknown dtype"
+        if src.dtype == dst.dtype:
+            continue
+        wider = torch.promote_types(src.dtype, dst.dtype) == dst.dtype
+        if not (src.dtype.is_floating_point and dst.dtype.is_floating_point and wider):
+            return (
+                f"the outer product is cast from {src.dtype} to {dst.dtype}, which rounds it "
+                "(the op would add it unrounded); cast k and v instead, or keep the product's "
+                "dtype"
+            )
+    return None
+
+
+def _in_place(new_state: fx.Node, scaled: fx.Node, state: fx.Node) -> str | None:
+    """How the state input is updated in place, or None: ``state.mul_(a).add_(k^T @ v)``
+    (Dynamo then returns the mutated input, not S') or ``state.copy_(S')`` (a static cache's
+    spelling). An in-place add on the fresh ``a * S`` mutates no input and stays claimable."""
+    name = _target_name(scaled)
+    if (name.endswith("_") or name == "imul") and scaled.args and scaled.args[0] is state:
+        return f"{name} and {_target_name(new_state)} on the state"
+    for user in new_state.users:
+        if _target_name(user) == "copy_" and user.args and user.args[0] is not new_state:
+            return "copy_ of the new state into the state"
+    return None
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _check(view, new_state, scaled, decay, outer, inputs, casts=()) -> Region:
     a, state = decay
     x, y = outer
     base = Region(written="recurrent step", where=where(new_state), state_output=new_state.name)
     readouts = [read_out(view, new_state, u) for u in new_state.users]
     readouts = [r for r in readouts if r is not None]
+    in_place = _in_place(new_state, scaled, state)
+    if in_place is not None:
+        # NOTE: Dynamo returns the mutated input itself, so S' is no graph output; saying "not
+        # returned" sent users looking for a missing return
+        return base.declined(
+            f"the state is updated in place ({in_place}); the backend claims a step that "
+            "computes a new state, S' = a * S + k^T v, and returns it (or assigns it, "
+            "cache.state = S')"
+        )
     if new_state not in view.outputs:
         return base.declined("the new state is not returned (state must be a graph output)")
     if len(readouts) != 1:
@@ -227,12 +288,25 @@ def _check(view, new_state, scaled, decay, outer, inputs) -> Region:
         return base.declined("the read-out and the state update cover different token counts")
     k, v = (x, y) if contracted == -2 else (y, x)
     inside = {scaled, outer_node := new_state.args[1 - new_state.args.index(scaled)]}
-    inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain)
+    inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain + casts)
+    if casts:
+        inside.add(casts[-1].args[0])  # NOTE: the product itself, inside its casts
     for n in inside:
         if any(u not in inside and u is not new_state for u in n.users):
             return base.declined("an intermediate of the state update is used elsewhere")
     if any(example(n.base).is_complex() for n in (q.lay, k.lay, v.lay)):
         return base.declined("complex dtype")
+    narrowing = _narrowing(casts)
+    if narrowing is not None:
+        return base.declined(narrowing)
+    before, after = example(state), example(new_state)
+    if is_tensor(before) and is_tensor(after) and before.dtype != after.dtype:
+        # NOTE: the op returns the new state in the state's dtype (a bfloat16 state times a
+        # float32 decay, or plus a product cast to float32, is float32 in eager)
+        return base.declined(
+            f"the new state is {after.dtype} but the state passed in is {before.dtype} (the op "
+            "keeps the state's dtype); pass the state in the dtype the step produces"
+        )
     reason, gamma = _prove_decay(view, a, state, inputs)
     nodes = view.sorted(inside | {new_state, outer_node, *out_nodes})
     region = dataclasses.replace(
