@@ -222,7 +222,9 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
             q4.detach(), k4.detach(), ones, gamma.detach(), op_scale, None, form, chunk, False,
             runtime,
         )  # fmt: skip
-        den = _row_scaled(_from4(n, batch), row_scale, on_o).abs().clamp(min=low)
+        # NOTE: detached whole, as the column's sum is: the row scale and a learnable score
+        # factor (on_o) would otherwise take a gradient through the denominator
+        den = _row_scaled(_from4(n, batch), row_scale, on_o).detach().abs().clamp(min=low)
     elif normaliser == "abs_sum":
         o, den = o[..., :-1], o[..., -1:].detach().abs().clamp(min=low)
     if den is not None:
@@ -269,8 +271,12 @@ def normaliser_apart(q: torch.Tensor, v: torch.Tensor, runtime_options: str) -> 
 def normaliser_apart_on(device_type: str | None, V, kernels: str) -> bool:
     """``normaliser_apart``'s rule for a device type, a value head dim and a ``kernels``
     option (``explain`` reports it)."""
+    if isinstance(V, torch.SymInt):
+        # NOTE: decided on the example's head dim without a guard (a comparison would add one):
+        # both ways compute the same values, only the cost differs
+        V = V.node.hint
     if not isinstance(V, int):
-        return False  # NOTE: a symbolic head dim: a comparison would guard on it
+        return False  # NOTE: an unbacked head dim (no example value)
     if kernels == "aten" or (kernels == "auto" and device_type != "cuda"):
         return False
     return next_pow2(max(V + 1, 16)) > next_pow2(max(V, 16))
