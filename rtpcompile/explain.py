@@ -111,10 +111,13 @@ def _example_problem(region: Region):
     except (RuntimeError, ValueError):  # NOTE: a device this process cannot use
         return None
     q, v = probe.new_empty((0, 0, 0, K)), probe.new_empty((0, 0, 0, V))
+    try:
+        backend = "triton" if dispatch.use_triton(q, v) else "aten"
+    except RuntimeError:  # NOTE: forced kernels that cannot run here: the call will say so
+        return None
     return plan.Problem(
         region.batch, region.heads, region.seq_len, K, V, region.dtype, str(probe.device),
-        "triton" if dispatch.use_triton(q, v) else "aten", has_state, "fwd", form,
-        region.chunk_size or options.chunk_size, state_out,
+        backend, has_state, "fwd", form, region.chunk_size or options.chunk_size, state_out,
     )  # fmt: skip
 
 

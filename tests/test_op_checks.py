@@ -207,3 +207,40 @@ def test_setting_the_interpreter_after_a_forced_call_failed(monkeypatch):
     torch.testing.assert_close(
         ops.retention(q, k, v, 0.9), ops.retention(q, k, v, 0.9, form="parallel")
     )
+
+
+def test_a_broken_triton_is_named_as_such(monkeypatch):
+    """Triton installed but not importable: the forced call's error says so (it told the user to
+    set TRITON_INTERPRET, already set)."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from rtpcompile import kernels
+    from rtpcompile.lowering import dispatch
+
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "_triton_importable", lambda: False)
+    q, k, v = inputs()
+    with pytest.raises(RuntimeError, match="installed but could not be imported"):
+        ops.retention(q, k, v, 0.9)
+    assert dispatch._triton_module() is None
+
+
+def test_explain_reports_when_forced_kernels_cannot_run(monkeypatch):
+    """explain() is a diagnostic: with RTP_KERNELS=triton on CPU and no interpreter it reports
+    (the compiled call raises the clear error), where it raised that error itself."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the kernels can run")
+    import rtpcompile
+
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def f(q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t)
+        d = i[:, None] - i[None, :]
+        return (q @ k.mT * torch.where(d >= 0, 0.9 ** d.clamp(min=0), 0.0)) @ v
+
+    report = rtpcompile.explain(f, *inputs())
+    assert len(report.claimed) == 1

@@ -42,9 +42,20 @@ def _triton_module():
     is TRITON_INTERPRET, which a user may set after a forced call told them to (that call's
     answer was cached before, and the same error kept coming with the variable set)."""
     kernels = _kernels_package()
-    if kernels is None or not getattr(kernels, "available", lambda: False)():
+    if kernels is None:
         return None
-    return kernels
+    return kernels if kernels._triton_importable() and kernels.available() else None
+
+
+@functools.cache
+def _warn_unavailable() -> None:
+    """The one warning of a CUDA call on ``kernels="auto"`` without usable kernels (Triton
+    missing or broken: ``rtpcompile.kernels`` itself imports without it)."""
+    warnings.warn(
+        "rtpcompile: Triton kernels unavailable (triton is missing or cannot be imported: "
+        "import triton to see why); using aten",
+        stacklevel=4,
+    )
 
 
 def use_triton(t: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.0) -> bool:
@@ -55,6 +66,8 @@ def use_triton(t: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.
     # NOTE: asked only now: the import's answer is cached, and on CPU it depends on
     # TRITON_INTERPRET, which a CPU call with kernels="auto" must not freeze
     kernels = _triton_module()
+    if choice == "auto" and kernels is None:
+        _warn_unavailable()  # NOTE: a CUDA tensor (a CPU one on auto never asks)
     if choice == "auto" and not _fits(kernels, t, v, scale):
         return False
     if kernels is None and choice == "triton":
@@ -66,14 +79,17 @@ def _forced_but_unavailable(t: torch.Tensor) -> str:
     """Why forced kernels (``kernels="triton"``) cannot run: said, never a silent aten run."""
     import importlib.util
 
+    package = _kernels_package()
     if importlib.util.find_spec("triton") is None:
         why = "Triton is not installed"
+    elif package is None or not package._triton_importable():
+        why = "Triton is installed but could not be imported (import triton to see why)"
     elif t.is_cuda:
         why = "Triton could not be imported (see the warning above)"
     else:
         why = (
             f"a {t.device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before the first rtpcompile call"
+            "(before the call that runs the kernels)"
         )
     return f"kernels='triton' (RTP_KERNELS or the backend option) forces the Triton kernels: {why}"
 
