@@ -103,3 +103,31 @@ def test_shrinking_values_that_stay_finite_are_claimed(f):
         out = torch.compile(f, backend="rtp", dynamic=True)(*args)
         expected = f(*(a.double() for a in args))
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+class _BufferRatio(torch.nn.Module):
+    """The ratio over a precomputed ``g ** arange(L)`` buffer sliced to T."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.register_buffer("powers", _SLOW[:, None] ** torch.arange(float(length)))
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        gi = self.powers[:, :t]
+        return (q @ k.mT * torch.tril(gi[:, :, None] / gi[:, None, :])) @ v
+
+
+def test_a_ratio_over_an_underflowed_buffer_is_declined():
+    """A 32768-long buffer already holds 0s past T ~ 3392 (too long for the proof to fit the
+    mask at its length): its slice is extrapolated, and the ratio declined. Was claimed: eager
+    float32 NaN rows at T = 3500, rtp finite."""
+    found = regions(_BufferRatio(32768), *_qkv(64), dynamic=True)
+    assert len(found) == 1 and not found[0].claimed
+    assert "underflows to 0" in found[0].reason, found[0].reason
+
+
+def test_a_ratio_over_a_buffer_that_never_underflows_is_claimed():
+    """A 2048-long buffer (0.97 ** 2047 ~ 8e-28) never reaches 0: T cannot pass its length."""
+    found = regions(_BufferRatio(2048), *_qkv(64), dynamic=True)
+    assert len(found) == 1 and found[0].claimed, found[0].reason

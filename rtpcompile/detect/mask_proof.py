@@ -305,7 +305,8 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
     and the mask is recomputed: a select (tril, where, masked_fill) keeps it finite, a product
     with 0 does not. Only a growing value none of whose inputs grows is set to inf (what comes
     after it sees the inf: a ``nan_to_num`` of it stays finite), and a slice of a constant
-    tensor (a precomputed buffer) is not extrapolated: it cannot outgrow its length. Likewise
+    tensor (a precomputed buffer) is extrapolated only when the constant itself holds the inf
+    (or, shrinking, an exact 0) a longer slice would reach: otherwise it cannot. Likewise
     a value whose smallest nonzero magnitude shrinks exponentially (``g ** i`` of a ratio
     ``g ** i / g ** j``: 0 / 0 is NaN in eager once both underflow) is set to 0 where it falls
     below its T/2 minimum, in a second evaluation. A mask too large to evaluate at T = 512 is
@@ -349,15 +350,33 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
 _OVERFLOW_SEED = 17
 
 
-def _constant_slice(node: fx.Node) -> bool:
-    """Whether ``node`` only reshapes or slices a graph constant (a buffer, a parameter)."""
+def _constant_root(node: fx.Node) -> fx.Node | None:
+    """The graph constant (a buffer, a parameter) that ``node`` only reshapes or slices, or
+    None."""
     while node.op in ("call_function", "call_method") and node.args:
         if _name(node) not in _SLICES:
-            return False
+            return None
         node = node.args[0]
         if not isinstance(node, fx.Node):
-            return False
-    return node.op in ("get_attr", "placeholder")
+            return None
+    return node if node.op in ("get_attr", "placeholder") else None
+
+
+def _reaches_edge(view: GraphView, root: fx.Node, inputs, grows: bool) -> bool:
+    """Whether the constant ``root`` already holds what a value sliced from it would reach at a
+    longer T: an inf (grows) or an exact 0 (shrinks; a precomputed ``g ** arange(32768)``
+    underflowed past 3392 in float32). A constant that holds neither cannot get there, whatever
+    length the slice takes: the slice is not extrapolated."""
+    if root.op == "placeholder":
+        value = inputs[view.placeholders.index(root)]
+    else:
+        value = view.gm
+        for part in root.target.split("."):
+            value = getattr(value, part, None)
+    if not is_tensor(value) or not value.is_floating_point():
+        return False
+    with unset_fake_temporarily(), torch.no_grad():
+        return bool(value.isinf().any() if grows else (value == 0).any())
 
 
 # NOTE: what a slice of a precomputed buffer goes through (``buf[:, :T, None]``)
@@ -402,7 +421,10 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | 
         return []
     found = []
     for grows in (True, False):
-        limits = _exponential(extremes, dtypes, (t1, t2, t3), grows)
+        roots = {n: _constant_root(n) for n in extremes}
+        sliced = {n for n, root in roots.items() if root is not None}
+        sliced -= {n for n in sliced if _reaches_edge(view, roots[n], inputs, grows)}
+        limits = _exponential(extremes, dtypes, (t1, t2, t3), grows, sliced)
         if not limits:
             continue
 
@@ -426,15 +448,16 @@ def _overflowed(view: GraphView, masks: list[fx.Node], inputs, seq, seed: int | 
     return found
 
 
-def _exponential(extremes, dtypes, lengths, grows: bool) -> dict[fx.Node, float]:
+def _exponential(extremes, dtypes, lengths, grows: bool, fixed) -> dict[fx.Node, float]:
     """{node: the T where it leaves the dtype's range} of the values whose largest (smallest
     nonzero) magnitude grows (shrinks) exponentially over ``lengths`` (the same log-slope over
     both halves: a polynomial's halves, its bounded sums' even more, do not), keeping only where
-    the change starts (a later value changes because its input does)."""
+    the change starts (a later value changes because its input does). ``fixed``: nodes not
+    extrapolated (slices of a constant that never leaves the range, ``_reaches_edge``)."""
     t1, t2, t3 = lengths
     changing: dict[fx.Node, float] = {}
     for node, found in extremes.items():
-        if len(found) != 3 or _constant_slice(node):
+        if len(found) != 3 or node in fixed:
             continue
         m1, m2, m3 = (f[0] if grows else f[1] for f in found)
         if min(m1, m2, m3) <= 0:
