@@ -64,6 +64,18 @@ def all_gather_ints(
     return [p.tolist() for p in parts]
 
 
+def rank_differences(gathered: list[list[int]], fields, describe) -> list[str]:
+    """ "rank r has f=..., rank 0 has f=..." for every field of ``all_gather_ints``' rows where
+    a rank differs from rank 0 (``describe(field, value)`` names a value)."""
+    return [
+        f"rank {r} has {field}={describe(field, row[i])}, "
+        f"rank 0 has {field}={describe(field, gathered[0][i])}"
+        for r, row in enumerate(gathered)
+        for i, field in enumerate(fields)
+        if row[i] != gathered[0][i]
+    ]
+
+
 def all_gather_lengths(n: int, device, group: dist.ProcessGroup | None = None) -> list[int]:
     """Every rank's integer ``n`` (e.g. its shard length), in rank order."""
     return [p[0] for p in all_gather_ints([n], device, group)]

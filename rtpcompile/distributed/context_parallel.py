@@ -34,7 +34,12 @@ import torch.distributed as dist
 from .. import ops
 from ..lowering import validate
 from ..lowering.aten_impl import accumulation_dtype, clamped_log_gamma
-from .collectives import all_gather_ints, all_gather_stacked, group_rank_and_size
+from .collectives import (
+    all_gather_ints,
+    all_gather_stacked,
+    group_rank_and_size,
+    rank_differences,
+)
 
 Tensor = torch.Tensor
 
@@ -131,13 +136,7 @@ def _agree_across_ranks(
             f"context_parallel_retention: the inputs of rank(s) {rejected} failed validation "
             "(see the error raised on that rank); every rank stops before the state exchange"
         )
-    diffs = [
-        f"rank {r} has {field}={_describe(field, sig[i])}, "
-        f"rank 0 has {field}={_describe(field, gathered[0][i])}"
-        for r, sig in enumerate(gathered)
-        for i, field in enumerate(_FIELDS)
-        if sig[i] != gathered[0][i]
-    ]
+    diffs = rank_differences(gathered, _FIELDS, _describe)
     if diffs:
         raise ValueError(
             "context_parallel_retention: every rank must pass the same B, H, K, V, dtype, "

@@ -33,6 +33,7 @@ from .collectives import (
     all_gather_lengths,
     depend_on,
     group_rank_and_size,
+    rank_differences,
 )
 from .context_parallel import context_parallel_retention
 
@@ -100,13 +101,7 @@ def _agree_attention(q: Tensor, v: Tensor, info: _ShardInfo) -> None:
             return str(_DTYPES[value]) if value >= 0 else "another dtype"
         return str(bool(value)) if field == "needs_grad" else str(value)
 
-    diffs = [
-        f"rank {r} has {field}={describe(field, sig[i])}, "
-        f"rank 0 has {field}={describe(field, gathered[0][i])}"
-        for r, sig in enumerate(gathered)
-        for i, field in enumerate(_ATTENTION_FIELDS)
-        if sig[i] != gathered[0][i]
-    ]
+    diffs = rank_differences(gathered, _ATTENTION_FIELDS, describe)
     if diffs:
         raise ValueError(
             "context_parallel_forward: every rank must run the attention layers with the same "
