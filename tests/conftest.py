@@ -88,3 +88,21 @@ def inductor_graphs(monkeypatch):
     counters.clear()
     yield seen
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """TRITON_INTERPRET=1 and the KernelSpec of every Triton kernel launched, in order."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from rtpcompile.kernels import launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launches = []
+    real = launch._launch
+
+    def spy(spec, *args):
+        launches.append(spec)
+        return real(spec, *args)
+
+    monkeypatch.setattr(launch, "_launch", spy)
+    return launches

@@ -31,7 +31,6 @@ from rtpcompile.nn import RTPHybridLM, default_config
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from rtpcompile.kernels import launch  # noqa: E402
 
 # NOTE: the error of the compiled model may be up to FACTOR times the eager model's (both round,
 # in different orders: on CPU in bfloat16, Inductor's own attention backward alone reaches ~2x)
@@ -41,19 +40,10 @@ FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture
-def triton_cpu(monkeypatch):
+def triton_cpu(monkeypatch, kernel_launches):
     """Route the rtp op to the Triton kernels under the interpreter; count the launches."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_KERNELS", "triton")
-    launches = []
-    real = launch._launch
-
-    def spy(spec, *args):
-        launches.append(spec)
-        return real(spec, *args)
-
-    monkeypatch.setattr(launch, "_launch", spy)
-    return launches
+    return kernel_launches
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -18,22 +18,6 @@ from rtpcompile import rewrite
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from rtpcompile.kernels import launch  # noqa: E402
-
-
-@pytest.fixture
-def launched(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    seen = []
-    real = launch._launch
-
-    def spy(spec, *args):
-        seen.append(spec)
-        return real(spec, *args)
-
-    monkeypatch.setattr(launch, "_launch", spy)
-    return seen
-
 
 def _model(v_dim: int) -> torch.nn.Module:
     model = TorchscaleNormalised()
@@ -42,7 +26,7 @@ def _model(v_dim: int) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("v_dim, apart", [(16, True), (20, False), (256, True)])
-def test_normalised_retention_on_the_kernels(launched, v_dim, apart):
+def test_normalised_retention_on_the_kernels(kernel_launches, v_dim, apart):
     torch._dynamo.reset()
     model = _model(v_dim)
     q, k, v = (x.requires_grad_() for x in model.make_inputs(0, T=9 if v_dim < 256 else 5))
@@ -57,7 +41,7 @@ def test_normalised_retention_on_the_kernels(launched, v_dim, apart):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < 1e-5, err
     # NOTE: the passes' value widths: V (or V + 1), the ones apart (1), and K (the dk pass)
-    widths = {spec.V for spec in launched}
+    widths = {spec.V for spec in kernel_launches}
     assert (1 in widths, v_dim + 1 in widths, v_dim in widths) == (apart, not apart, apart), widths
 
 
@@ -109,7 +93,7 @@ class _Learnable(torch.nn.Module):
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("rows", [True, False], ids=["row-scale", "temperature"])
 @pytest.mark.parametrize("v_dim", [16, 20])
-def test_gradients_of_a_learnable_decay_and_temperature(launched, v_dim, rows, dynamic):
+def test_gradients_of_a_learnable_decay_and_temperature(kernel_launches, v_dim, rows, dynamic):
     """The normaliser is detached whole: apart, the row scale and the temperature took a
     gradient through it (d temperature 34% wrong; with a row scale, d decay 78%). With
     dynamic=True the head dim is symbolic and is decided on its example value, without a guard
@@ -137,6 +121,6 @@ def test_gradients_of_a_learnable_decay_and_temperature(launched, v_dim, rows, d
     pairs += [(a.grad, b.grad) for a, b in params if b.grad is not None]
     for a, b in pairs:
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
-    widths = {spec.V for spec in launched}
+    widths = {spec.V for spec in kernel_launches}
     apart = v_dim == 16
     assert (1 in widths, v_dim + 1 in widths) == (apart, not apart), widths

@@ -104,8 +104,10 @@ def _with_scale(signature: list[int], scale: float) -> list[int]:
 
 
 def _describe(field: str, value: int) -> str:
+    """A gathered field's value as the user wrote it (also for the attention layers' check in
+    sequence_parallel.py: -1 is a dtype outside ``_DTYPES``)."""
     if field == "dtype":
-        return str(_DTYPES[value])
+        return str(_DTYPES[value]) if value >= 0 else "another dtype"
     if field == "scale":
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if field in ("initial_state", "needs_grad"):

@@ -35,7 +35,7 @@ from .collectives import (
     group_rank_and_size,
     rank_differences,
 )
-from .context_parallel import context_parallel_retention
+from .context_parallel import _DTYPES, _describe, context_parallel_retention
 
 
 def shard_lengths(total: int, world_size: int) -> list[int]:
@@ -79,7 +79,6 @@ def _refuse_state(kind: str, hint: str, **given: object) -> None:
         )
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATTENTION_FIELDS = ("B", "H", "head_dim", "dtype", "needs_grad")
 
 
@@ -95,13 +94,7 @@ def _agree_attention(q: Tensor, v: Tensor, info: _ShardInfo) -> None:
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
     mine = [B, H, D, dtype, int(needs_grad)]
     gathered = all_gather_ints(mine, q.device, info.group)
-
-    def describe(field: str, value: int) -> str:
-        if field == "dtype":
-            return str(_DTYPES[value]) if value >= 0 else "another dtype"
-        return str(bool(value)) if field == "needs_grad" else str(value)
-
-    diffs = rank_differences(gathered, _ATTENTION_FIELDS, describe)
+    diffs = rank_differences(gathered, _ATTENTION_FIELDS, _describe)
     if diffs:
         raise ValueError(
             "context_parallel_forward: every rank must run the attention layers with the same "
