@@ -219,7 +219,8 @@ def backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config=No
             dg += _final_state_dgamma(dsf, k, v, ga, s0, acc)
     if s0 is not None and want_ds0:
         ds0 = _ds0(f, ga, scale / unit) if T else _ds0_empty(f, dsf, acc)
-    return dq, dk, dv, dg, ds0
+    # NOTE: a pass may run for another gradient (dq's for d gamma, dv's for ds0): drop its output
+    return (dq if want_dq else None), (dk if want_dk else None), (dv if want_dv else None), dg, ds0
 
 
 def _final_state_dgamma(dsf: Tensor, k: Tensor, v: Tensor, ga: Tensor, s0, acc) -> Tensor:
