@@ -7,35 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_pinned_detection import _rewritten, _toeplitz
 from torch import nn
 
 import rtpcompile
-from rtpcompile.backend import compile_options, detect_and_rewrite
 
 B, H, T, K, V = 2, 2, 5, 4, 3
 
 
-def _rewritten(model, *inputs):
-    """(model's output through detection + rewrite, run eagerly without Inductor, regions)."""
-    found = []
-
-    def backend(gm, example_inputs, **_):
-        new_gm, regions = detect_and_rewrite(gm, example_inputs, compile_options(None))
-        found.extend(regions)
-        return new_gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)(*inputs)
-    return out, found
-
-
 def _decay(gamma, t: int = T) -> torch.Tensor:
     """[len(gamma), t, t] float64 causal decay gamma ** (i - j) [i >= j]."""
-    gamma = torch.as_tensor(gamma, dtype=torch.float64)
-    i = torch.arange(t, dtype=torch.float64)
-    d = i[:, None] - i[None]
-    return gamma[:, None, None] ** d.clamp(min=0) * (d >= 0)
+    return _toeplitz(gamma, t)
 
 
 def _qkv(b: int = B, h: int = H, t: int = T, seed: int = 0):
