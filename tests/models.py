@@ -18,6 +18,14 @@ _LLAMA_LIKE = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
+# The shared config fields of those tiny models (any Llama-like family's config takes them)
+TINY_GQA = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def tiny_hf(family: str, layers: int = 4, positions: int = 128, seed: int | None = 0):
@@ -33,13 +41,7 @@ def tiny_hf(family: str, layers: int = 4, positions: int = 128, seed: int | None
         return transformers.GPT2LMHeadModel(cfg).eval()
     config_name, model_name = _LLAMA_LIKE[family]
     cfg = getattr(transformers, config_name)(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=positions,
+        **TINY_GQA, num_hidden_layers=layers, max_position_embeddings=positions
     )
     return getattr(transformers, model_name)(cfg).eval()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli_errors import _usage_error
 
 from rtpcompile import ops, options
 from rtpcompile.export import export_program, quadratic_node_shapes
@@ -230,16 +231,6 @@ def test_a_graph_break_reason_keeps_dynamos_explanation():
 
 
 # --- command line ----------------------------------------------------------------------------
-
-
-def _usage_error(capsys, argv: list[str]) -> str:
-    """The last stderr line of a command line argparse rejects with exit code 2."""
-    from rtpcompile import cli
-
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv)
-    assert info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TINY_GQA
 from torch import nn
 
 from rtpcompile.convert import distill, retrofit
@@ -177,12 +178,8 @@ def test_soft_capped_type_c_heads_keep_a_left_padded_batch_finite():
     """Gemma2's soft-capped softmax heads: a left-padded row equals its unpadded run, no NaN."""
     torch.manual_seed(0)
     cfg = transformers.Gemma2Config(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_GQA,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         sliding_window=16,
         query_pre_attn_scalar=16,
@@ -206,12 +203,8 @@ def test_olmo_clip_qkv_clamps_the_converted_projections():
     """A converted OLMo layer clamps q, k and v to +-clip_qkv, as OLMo's attention does."""
     torch.manual_seed(0)
     cfg = transformers.OlmoConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_GQA,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         clip_qkv=0.05,
     )
     model = transformers.OlmoForCausalLM(cfg).to(F64).eval()
@@ -233,12 +226,8 @@ def test_type_c_sliding_layer_without_a_mask_keeps_its_window():
     """Called without a mask, a type-C sliding layer's softmax heads still see only the window."""
     torch.manual_seed(0)
     cfg = transformers.MistralConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_GQA,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         sliding_window=4,
     )
