@@ -21,12 +21,14 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch._ops import HigherOrderOperator
 
 from . import options as options_mod
 from .detect import counters, find_regions
 from .detect.region import Region
+from .detect.subgraphs import SEARCHED
 from .distributed.ddp import real_example_inputs
-from .rewrite import rewrite, rewrite_region, rtp_retention
+from .rewrite import copy_graph_module, rewrite, rewrite_region, rtp_retention
 
 log = logging.getLogger("rtpcompile")
 
@@ -69,18 +71,6 @@ def logging_scope(level: str):
         log.setLevel(saved_level)
         for handler in [h for h in log.handlers if h not in saved_handlers]:
             log.removeHandler(handler)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own graph (node names and meta kept) for rewriting."""
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, value_map)
-    graph.output(out)
-    for old, new in value_map.items():
-        if new.name != old.name:
-            raise RuntimeError(f"graph copy renamed {old.name} to {new.name}")
-    return fx.GraphModule(gm, graph)
 
 
 def detect_and_rewrite(
@@ -183,7 +173,18 @@ def verify_regions(
     gm: fx.GraphModule, regions: list[Region], args: list, opts, runtime: str = ""
 ) -> None:
     """Compare every region's original output with the op's on real inputs (eager); the op
-    calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do."""
+    calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do. A region in
+    a checkpoint's body (``Region.scope``) is checked on the inputs that body gets."""
+    inner: dict[str, list[Region]] = {}
+    for region in regions:
+        if region.scope:
+            rest = dataclasses.replace(region, scope=region.scope[1:])
+            inner.setdefault(region.scope[0], []).append(rest)
+    if inner:
+        _verify_bodies(gm, inner, args, opts, runtime)
+    regions = [r for r in regions if not r.scope]
+    if not regions:
+        return
     check = copy_graph_module(gm)
     named = {node.name: node for node in check.graph.nodes}
     pairs = []
@@ -203,6 +204,30 @@ def verify_regions(
     for (region, node, _), want, got in zip(pairs, values[:n], values[n:], strict=True):
         _compare(region, node.name, want, got)
     log.info("rtp verify: %d region output(s) match the original subgraphs", n)
+
+
+def _verify_bodies(gm: fx.GraphModule, inner: dict, args: list, opts, runtime: str) -> None:
+    """Run ``gm`` eagerly; at each call named in ``inner`` (a checkpoint, a nested compile
+    region), verify the body's regions on the operands that call passes it (neither op changes
+    a value: a checkpoint changes what is saved, a compile region how it compiles)."""
+
+    class Bodies(fx.Interpreter):
+        def run_node(self, node):
+            name = (
+                getattr(node.target, "name", lambda: None)() if node.op == "call_function" else None
+            )
+            if not isinstance(node.target, HigherOrderOperator) or name not in SEARCHED:
+                return super().run_node(node)
+            operands, _ = self.fetch_args_kwargs_from_env(node)
+            body = getattr(gm, node.args[0].target)
+            operands = list(operands[SEARCHED[name] :])
+            if node.name in inner:
+                verify_regions(body, inner[node.name], operands, opts, runtime)
+            # NOTE: the body itself: an eager invoke_subgraph wants a fake mode
+            return body(*operands)
+
+    with torch.no_grad():
+        Bodies(gm).run(*args)
 
 
 def _compare(region: Region, name: str, want: torch.Tensor, got: torch.Tensor) -> None:

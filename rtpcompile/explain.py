@@ -22,10 +22,19 @@ from .detect import find_regions
 from .detect.graph_view import GraphView, example, is_tensor
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
+from .detect.subgraphs import graph_at
 from .fresh_caller import fresh_caller, isolated
 from .kernels import GRADIENTS
 
 _COLUMNS = ("#", "status", "where", "written", "heads", "K x V", "decay", "lowering / reason")
+
+
+def _scope_text(scope: tuple[str, ...]) -> str:
+    """The explain label of a region inside a body: in a checkpoint or in a compile region, by
+    the call that runs the body (Dynamo names the node after its op)."""
+    if not scope:
+        return ""
+    return " (in compile region)" if scope[-1].startswith("invoke_subgraph") else " (in checkpoint)"
 
 
 def planned_lowering(region: Region) -> str:
@@ -267,7 +276,7 @@ class Report:
                     str(i),
                     "claimed" if r.claimed else "declined",
                     r.where,
-                    r.written,
+                    r.written + _scope_text(r.scope),
                     str(r.heads) if r.heads is not None else "-",
                     dims,
                     r.decay_text(),
@@ -347,7 +356,8 @@ def explain(model, *args, **kwargs) -> Report:
         report.graphs += 1
         found = find_regions(gm, example_inputs)
         report.regions.extend(rename(r) for r in found)
-        report.needs.extend(traced_needs(gm, r) if r.claimed else None for r in found)
+        needs = (traced_needs(graph_at(gm, r.scope), r) if r.claimed else None for r in found)
+        report.needs.extend(needs)
         at_breaks.extend(scores_leaving_graph(GraphView(gm)))
         return gm.forward
 

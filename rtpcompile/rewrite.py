@@ -19,6 +19,7 @@ ops instead of the op, ``inline_step``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -463,6 +464,45 @@ def set_runtime_options(graph: fx.Graph, region: Region, text: str) -> None:
     _set_op_arg(_op_node(graph, region), "runtime_options", text)
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph (node names and meta kept) for rewriting; its
+    attributes (a checkpoint's body among them) are still ``gm``'s objects."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    for old, new in value_map.items():
+        if new.name != old.name:
+            raise RuntimeError(f"graph copy renamed {old.name} to {new.name}")
+    return fx.GraphModule(gm, graph)
+
+
+def own_body(gm: fx.GraphModule, attr: str) -> fx.GraphModule:
+    """The body ``gm.<attr>`` of a higher-order op as a copy that ``gm`` now holds instead, so
+    rewriting it leaves the graph ``gm`` was copied from as it was."""
+    body = copy_graph_module(getattr(gm, attr))
+    setattr(gm, attr, body)
+    return body
+
+
+def _by_body(gm: fx.GraphModule, regions: list[Region]) -> dict[str, list[Region]]:
+    """The claimed regions of ``gm``'s bodies, one step in (``scope`` shortened), per body
+    attribute: the calls of a nested compile region share one body, which is rewritten once
+    (with the row scale if any call needs it)."""
+    named = {node.name: node for node in gm.graph.nodes}
+    inner: dict[str, dict[tuple, Region]] = {}
+    for region in regions:
+        if not (region.claimed and region.scope):
+            continue
+        rest = dataclasses.replace(region, scope=region.scope[1:])
+        found = inner.setdefault(named[region.scope[0]].args[0].target, {})
+        key = (rest.scope, rest.output)
+        if key in found:
+            rest = dataclasses.replace(found[key], row_scale=found[key].row_scale or rest.row_scale)
+        found[key] = rest
+    return {name: list(found.values()) for name, found in inner.items()}
+
+
 def rewrite(
     gm: fx.GraphModule,
     regions: list[Region],
@@ -471,14 +511,22 @@ def rewrite(
     runtime_options: str = "",
 ):
     """Rewrite every claimed region of ``gm`` in place; returns ``gm``. ``runtime_options``
-    (``options.runtime_text``): the run-time options every rtp op call of the graph carries."""
+    (``options.runtime_text``): the run-time options every rtp op call of the graph carries.
+    A region inside a checkpoint's or nested compile region's body (``Region.scope``) is
+    rewritten in a copy of the body that replaces it in ``gm``."""
+    for attr, found in _by_body(gm, regions).items():
+        rewrite(own_body(gm, attr), found, form, chunk_size, runtime_options)
     for region in regions:
+        if region.scope:
+            continue
         if region.claimed and region.native:
             drop_unread_state(gm.graph, region)
             if runtime_options:
                 set_runtime_options(gm.graph, region, runtime_options)
         elif region.claimed:
             rewrite_region(gm, region, form, chunk_size, runtime_options=runtime_options)
+    # NOTE: nodes in a graph's meta make it cyclic, which Inductor's cache key cannot pickle
+    gm.meta.pop("rtp_renamed", None)
     gm.graph.lint()
     gm.recompile()
     return gm

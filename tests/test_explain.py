@@ -150,7 +150,7 @@ def test_a_one_token_example_does_not_claim_gamma_1(no_inductor):
     assert "gamma unseen at T=1" in str(report) and "causal linear" not in str(report)
 
 
-def test_checkpointed_retention_is_reported_not_silently_skipped(no_inductor):
+def test_checkpointed_retention_is_searched(no_inductor):
     from torch.utils.checkpoint import checkpoint
 
     class Checkpointed(TwoLayers):
@@ -158,8 +158,22 @@ def test_checkpointed_retention_is_reported_not_silently_skipped(no_inductor):
             return checkpoint(super().forward, q, k, v, pad, use_reentrant=False)
 
     q, k, v, pad = (x.requires_grad_() for x in _inputs(T=9))
-    (region,) = explain(Checkpointed(), q, k, v, pad).regions
-    assert not region.claimed and "torch.utils.checkpoint" in region.reason
+    claimed, weird = explain(Checkpointed(), q, k, v, pad).regions
+    assert claimed.claimed and claimed.scope and claimed.decay_text().startswith("gamma=0.96")
+    assert not weird.claimed and "depends on activations (input 'l_pad_')" in weird.reason
+
+
+def test_retention_in_another_higher_order_op_is_reported_not_silently_skipped(no_inductor):
+    class Branch(TwoLayers):
+        def retention(self, q, k, v):
+            return (q @ k.transpose(-1, -2) * self.decay(q.shape[2])) @ v
+
+        def forward(self, q, k, v, pad):
+            return torch.cond(pad.sum() > 0, self.retention, lambda q, k, v: v.clone(), (q, k, v))
+
+    (region,) = explain(Branch(), *_inputs(T=9)).regions
+    assert not region.claimed and "cond subgraph" in region.reason
+    assert "only checkpoint and nested compile region bodies are searched" in region.reason
 
 
 def test_softmax_attention_is_named_as_declined(no_inductor):

@@ -15,6 +15,7 @@ import logging
 import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
+from . import subgraphs
 from .graph_view import GraphView, example, hint, is_tensor, kind_of, where
 from .mutation import written_between
 from .patterns_chunk import merge_chunk_steps
@@ -44,9 +45,10 @@ def _with_example_call(region: Region, named: dict[str, fx.Node]) -> Region:
 
 
 def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
-    """A declined region for each higher-order op (``torch.utils.checkpoint``'s
-    tag_activation_checkpoint, ...) whose subgraph holds two matrix products or more: detection
-    does not search inside them, and explain() should say so rather than show nothing."""
+    """A declined region for each higher-order op left in the graph (cond, invoke_subgraph,
+    ...; ``subgraphs.flatten`` inlined the checkpoint bodies it searches) whose subgraph holds
+    two matrix products or more: detection does not search inside them, and explain() should
+    say so rather than show nothing."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, HigherOrderOperator):
@@ -61,8 +63,9 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
                     written=f"{node.target.name()} subgraph",
                     where=where(node),
                     output=node.name,
-                    reason=f"inside a {node.target.name()} subgraph: higher-order ops (e.g. "
-                    "torch.utils.checkpoint's) are not searched; keep the retention outside",
+                    reason=f"inside a {node.target.name()} subgraph: of the higher-order ops "
+                    "only checkpoint and nested compile region bodies are searched; keep the "
+                    "retention outside",
                 )
             )
     return found
@@ -70,10 +73,11 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
 
 def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     """Every retention candidate of ``gm``: claimed regions first use no node twice."""
-    view = GraphView(gm)
+    flat = subgraphs.flatten(gm)
+    view = GraphView(flat.gm if flat is not None else gm)
     parallel = merge_chunk_steps(view, find_parallel(view, example_inputs), example_inputs)
     found = find_native(view, example_inputs) + find_recurrent(view, example_inputs) + parallel
-    found += _unsearched_subgraphs(gm)
+    found += _unsearched_subgraphs(view.gm)
     named = {node.name: node for node in view.nodes}
     found.sort(key=lambda r: view.order.get(named.get(r.output or r.state_output or ""), 0))
     regions: list[Region] = []
@@ -86,7 +90,8 @@ def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
             region = region if written is None else region.declined(written)
         if region.claimed:
             used |= set(region.nodes)
-        regions.append(region)
+        regions.append(subgraphs.localize(flat, region))
+    regions = subgraphs.agree(flat, regions)
     for region in regions:
         verdict = "claimed" if region.claimed else "declined"
         counters[f"regions_{verdict}"] += 1

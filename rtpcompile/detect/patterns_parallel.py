@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from . import mask_proof
+from . import mask_proof, subgraphs
 from .einsum import canonical_mask, permuted_score_product, permuted_value_products
 from .graph_view import (
     GraphView,
@@ -151,11 +151,25 @@ def _decay_product(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
             _as_causal(chain)
         return reason
     if len(scores) != 1:
+        if any(_scores_through_boundary(chain, peel(leaf).core) for leaf in leaves):
+            return (
+                "the scores are computed on the other side of a checkpoint's (or nested "
+                "compile region's) boundary: put the whole retention inside the function, or "
+                "all of it outside"
+            )
         return "no single score product under the mask product"
     chain.masks += [leaf for leaf in leaves if leaf is not scores[0]]
     chain.mask_axes += [()] * (len(leaves) - 1)
     chain.scores = scores[0]
     return None
+
+
+def _scores_through_boundary(chain: _Chain, x: fx.Node) -> bool:
+    """Whether ``x`` passes a score product into or out of a checkpoint's (or compile
+    region's) body."""
+    if x.target is not subgraphs.boundary or not isinstance(x.args[0], fx.Node):
+        return False
+    return chain.score_product(peel(x.args[0]).core) is not None
 
 
 def _masks_scores(view: GraphView, chain: _Chain, x: fx.Node) -> bool:

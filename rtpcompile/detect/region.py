@@ -38,6 +38,9 @@ class Region:
     seq_len, heads, k_dim, v_dim, decay: example sizes and compile-time gammas (for explain)
     batch, dtype, device: the example call's sequences (B of [B, H, T, D]), q's dtype name
                 ("float32") and device (for explain's planned lowering; None when unknown)
+    scope:      the checkpoint / nested compile region calls (higher-order op node names,
+                outermost first) whose body holds the region, which names its nodes in that
+                body's terms; () for the graph itself (``detect/subgraphs.py``)
     native:     an rtp op call already in the graph: claimed as-is, never rewritten; ``form`` and
                 ``chunk_size`` are what the call requests ("auto" and 0 for every other region)
     """
@@ -74,6 +77,7 @@ class Region:
     batch: int | None = None
     dtype: str | None = None
     device: str | None = None
+    scope: tuple[str, ...] = ()
 
     @property
     def claimed(self) -> bool:
