@@ -174,7 +174,8 @@ def verify_regions(
 ) -> None:
     """Compare every region's original output with the op's on real inputs (eager); the op
     calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do. A region in
-    a checkpoint's body (``Region.scope``) is checked on the inputs that body gets."""
+    a checkpoint's or nested compile region's body (``Region.scope``) is checked on the
+    operands each call passes the body."""
     inner: dict[str, list[Region]] = {}
     for region in regions:
         if region.scope:

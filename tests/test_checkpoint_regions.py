@@ -469,3 +469,31 @@ def test_upstream_inductor_gradients_of_a_reused_region():
         _check_against_float64(model, torch.compile(model, backend="inductor"), _x(13))
     finally:
         torch._dynamo.reset()
+
+
+def test_hugging_face_gradient_checkpointing_of_a_retrofitted_model(inductor):  # noqa: F811
+    """transformers' gradient checkpointing around retrofitted layers: their rtp op calls are
+    found (native) inside the checkpoint bodies, and the loss and gradients match eager."""
+    pytest.importorskip("transformers")
+    from models import tiny_hf, token_ids
+
+    from rtpcompile.convert import retrofit
+
+    model = tiny_hf("llama", layers=2)
+    retrofit(model, ratio=1.0)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_ids(length=9)
+    ref = copy.deepcopy(model)
+    want = ref(ids, labels=ids).loss
+    want.backward()
+    got = torch.compile(model, backend="rtp")(ids, labels=ids).loss
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert backend.counters["regions_native"] == 2
+    bodies = [body for gm, _ in inductor for body in _bodies(gm)]
+    calls = [n for b in bodies for n in b.graph.nodes if "rtp.retention" in str(n.target)]
+    assert len(calls) == 2

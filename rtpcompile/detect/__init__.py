@@ -45,8 +45,8 @@ def _with_example_call(region: Region, named: dict[str, fx.Node]) -> Region:
 
 
 def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
-    """A declined region for each higher-order op left in the graph (cond, invoke_subgraph,
-    ...; ``subgraphs.flatten`` inlined the checkpoint bodies it searches) whose subgraph holds
+    """A declined region for each higher-order op left in the graph (cond, while_loop, ...;
+    ``subgraphs.flatten`` inlined the checkpoint and nested compile region bodies) whose body holds
     two matrix products or more: detection does not search inside them, and explain() should
     say so rather than show nothing."""
     found = []
