@@ -260,3 +260,15 @@ def test_cpu_decode_bench_writes_its_table(tmp_path):
     (table,) = tmp_path.glob("decode_*.md")
     text = table.read_text()
     assert "| model | eager |" in text and "| A | " in text and " ms |" in text
+
+
+def test_cpu_checkpoint_training_bench_writes_its_table(tmp_path):
+    """A tiny run of the checkpointed-training bench: each variant in its own worker; the
+    table holds a time and a memory reading per variant, or the worker's error."""
+    bench = _script("cpu_checkpoint_training")
+    bench.main(["--T", "16", "--variants", "eager,rtp", "--reps", "1",
+                "--threads", "1", "--out-dir", str(tmp_path)])  # fmt: skip
+    (table,) = tmp_path.glob("checkpoint_training_*.md")
+    text = table.read_text()
+    assert "| 16 | eager | " in text and "| 16 | rtp | " in text
+    assert "exit " not in text  # NOTE: no worker failed
