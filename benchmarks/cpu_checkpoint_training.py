@@ -6,9 +6,9 @@
 Model: ``RetentionStack`` of bench_backend_cpu_models.py (4 layers written in the paper's
 parallel form, dim 128, 2 heads) with every layer under ``torch.utils.checkpoint``
 (``use_reentrant=False``), as gradient checkpointing trains it. Variants: ``eager``,
-``inductor`` and ``rtp`` on that model, and ``rtp-no-checkpoint`` (the same stack without the
-checkpoints) to show what the checkpoints save. One step is forward, ``sum().backward()`` and
-clearing the gradients.
+``inductor`` and ``rtp`` on that model, and ``inductor-no-checkpoint`` and
+``rtp-no-checkpoint`` (the same stack without the checkpoints) to show what the checkpoints
+cost and save. One step is forward, ``sum().backward()`` and clearing the gradients.
 
 Method: each variant runs in its own subprocess. It builds the model, runs two steps at the
 measured length (compiling), then times ``--reps`` steps and reports the median, and the peak
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("eager", "inductor", "rtp", "rtp-no-checkpoint")
+VARIANTS = ("eager", "inductor", "rtp", "inductor-no-checkpoint", "rtp-no-checkpoint")
 PREFIX = "RTP_CKPT_RESULT "
 
 
@@ -53,7 +53,7 @@ def _worker(spec: dict) -> dict:
                 x = checkpoint(layer, x, use_reentrant=False)
             return x
 
-    model = (RetentionStack if variant == "rtp-no-checkpoint" else Checkpointed)()
+    model = (RetentionStack if variant.endswith("-no-checkpoint") else Checkpointed)()
     backend = None if variant == "eager" else variant.split("-")[0]
     fn = model if backend is None else torch.compile(model, backend=backend)
     x = model.make_input(spec["T"]).requires_grad_()
@@ -98,8 +98,9 @@ def to_markdown(results: dict, args) -> str:
         f"{platform.machine()} ({os.cpu_count()} cores, {args.threads} threads), Python "
         f"{platform.python_version()}, torch {_torch_version()}. 4 layers in the paper's parallel "
         "form, dim 128, 2 heads, batch 1; each layer under torch.utils.checkpoint except in the "
-        "last variant. Median step (forward + backward) of the reps after two warm-up steps; "
-        "peak RSS rise of one more step. Ratios: Inductor's time or memory over the variant's.",
+        "-no-checkpoint variants. Median step (forward + backward) of the reps after two "
+        "warm-up steps; peak RSS rise of one more step. Ratios: checkpointed Inductor's time or "
+        "memory over the variant's.",
         "",
         "| T | variant | step (ms) | vs inductor | peak step memory (MiB) | vs inductor |",
         "|---|---|---|---|---|---|",

@@ -116,3 +116,41 @@ def test_every_product_spelling_compiles_fullgraph(product):
     )
     expected = model(*inputs)
     assert_close(torch.compile(model, backend=BACKEND, fullgraph=True)(*inputs), expected)
+
+
+class _Checkpointed(torch.nn.Module):
+    """The model's whole forward under torch.utils.checkpoint."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):
+        return torch.utils.checkpoint.checkpoint(self.inner, *inputs, use_reentrant=False)
+
+
+def _verdicts(report) -> list[tuple[bool, str]]:
+    return [(r.claimed, r.decay_text() if r.claimed else "") for r in report.regions]
+
+
+@settings(max_examples=6, deadline=None)
+@given(recipe=_recipes(negative=False), shape=shapes)
+def test_a_checkpoint_around_a_positive_changes_no_verdict(recipe, shape):
+    """Detection searches checkpoint bodies: the same claims, now inside the body."""
+    model, inputs = _build(recipe, shape)
+    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    torch._dynamo.reset()
+    plain = rtpcompile.explain(model, *inputs)
+    wrapped = rtpcompile.explain(_Checkpointed(model), *inputs)
+    assert _verdicts(wrapped) == _verdicts(plain), f"{recipe}\n{plain}\n{wrapped}"
+    assert all(r.scope for r in wrapped.claimed), f"{recipe}\n{wrapped}"
+
+
+@settings(max_examples=6, deadline=None)
+@given(recipe=_recipes(negative=True), shape=negative_shapes)
+def test_a_checkpoint_around_a_negative_claims_nothing(recipe, shape):
+    model, inputs = _build(recipe, shape)
+    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    torch._dynamo.reset()
+    report = rtpcompile.explain(_Checkpointed(model), *inputs)
+    assert report.claimed == [], f"{recipe} was claimed inside a checkpoint\n{report}"
