@@ -241,8 +241,8 @@ def test_softmax_attention_in_a_checkpoint_is_not_claimed(inductor):  # noqa: F8
     assert backend.counters["regions_claimed"] == 0
 
 
-def test_verify_checks_the_regions_inside_bodies(inductor, monkeypatch):  # noqa: F811
-    model = Stack()
+def _verify_passes_then_catches_a_wrong_gamma(model, monkeypatch):
+    """verify passes on the model, then raises once the glue halves every gamma."""
     x = _x(9)
     verified = torch.compile(model, backend="rtp", options={"verify": True}, dynamic=False)
     torch.testing.assert_close(verified(x), model(x), rtol=1e-4, atol=1e-5)
@@ -255,6 +255,10 @@ def test_verify_checks_the_regions_inside_bodies(inductor, monkeypatch):  # noqa
     wrong = torch.compile(model, backend="rtp", options={"verify": True}, dynamic=False)
     with pytest.raises(RuntimeError, match=r"rtp verify: region at .*test_checkpoint_regions"):
         wrong(x)
+
+
+def test_verify_checks_the_regions_inside_bodies(inductor, monkeypatch):  # noqa: F811
+    _verify_passes_then_catches_a_wrong_gamma(Stack(), monkeypatch)
 
 
 def test_dynamic_lengths_do_not_recompile(inductor):  # noqa: F811
@@ -403,19 +407,7 @@ def test_a_nested_compile_region_body_is_rewritten_once_for_all_calls(aot_eager_
 
 
 def test_verify_checks_every_call_of_a_shared_body(aot_eager_graphs, monkeypatch):
-    model = Regional()
-    x = _x(9)
-    verified = torch.compile(model, backend="rtp", options={"verify": True}, dynamic=False)
-    torch.testing.assert_close(verified(x), model(x), rtol=1e-4, atol=1e-5)
-
-    import rtpcompile.rewrite as rewrite
-
-    real = rewrite._decay
-    monkeypatch.setattr(rewrite, "_decay", lambda *a: (real(*a)[0] * 0.5, real(*a)[1]))
-    torch._dynamo.reset()
-    wrong = torch.compile(model, backend="rtp", options={"verify": True}, dynamic=False)
-    with pytest.raises(RuntimeError, match=r"rtp verify: region at .*test_checkpoint_regions"):
-        wrong(x)
+    _verify_passes_then_catches_a_wrong_gamma(Regional(), monkeypatch)
 
 
 def test_a_shared_body_is_claimed_only_when_every_call_claims_it(aot_eager_graphs):

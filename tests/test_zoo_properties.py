@@ -129,6 +129,14 @@ class _Checkpointed(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(self.inner, *inputs, use_reentrant=False)
 
 
+def _build_needing_grads(recipe: Recipe, shape: dict):
+    """The model and inputs of ``_build``, the floating inputs requiring grad (training, where
+    checkpoints are used), with Dynamo reset."""
+    model, inputs = _build(recipe, shape)
+    torch._dynamo.reset()
+    return model, tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+
+
 def _verdicts(report) -> list[tuple[bool, str]]:
     return [(r.claimed, r.decay_text() if r.claimed else "") for r in report.regions]
 
@@ -137,9 +145,7 @@ def _verdicts(report) -> list[tuple[bool, str]]:
 @given(recipe=_recipes(negative=False), shape=shapes)
 def test_a_checkpoint_around_a_positive_changes_no_verdict(recipe, shape):
     """Detection searches checkpoint bodies: the same claims, now inside the body."""
-    model, inputs = _build(recipe, shape)
-    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
-    torch._dynamo.reset()
+    model, inputs = _build_needing_grads(recipe, shape)
     plain = rtpcompile.explain(model, *inputs)
     wrapped = rtpcompile.explain(_Checkpointed(model), *inputs)
     assert _verdicts(wrapped) == _verdicts(plain), f"{recipe}\n{plain}\n{wrapped}"
@@ -149,8 +155,6 @@ def test_a_checkpoint_around_a_positive_changes_no_verdict(recipe, shape):
 @settings(max_examples=6, deadline=None)
 @given(recipe=_recipes(negative=True), shape=negative_shapes)
 def test_a_checkpoint_around_a_negative_claims_nothing(recipe, shape):
-    model, inputs = _build(recipe, shape)
-    inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
-    torch._dynamo.reset()
+    model, inputs = _build_needing_grads(recipe, shape)
     report = rtpcompile.explain(_Checkpointed(model), *inputs)
     assert report.claimed == [], f"{recipe} was claimed inside a checkpoint\n{report}"
