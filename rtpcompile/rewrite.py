@@ -480,7 +480,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def own_body(gm: fx.GraphModule, attr: str) -> fx.GraphModule:
     """The body ``gm.<attr>`` of a higher-order op as a copy that ``gm`` now holds instead, so
     rewriting it leaves the graph ``gm`` was copied from as it was."""
-    body = copy_graph_module(getattr(gm, attr))
+    original = getattr(gm, attr)
+    body = copy_graph_module(original)
+    body.meta.update(original.meta)  # NOTE: a nested compile region's options may live here
     setattr(gm, attr, body)
     return body
 
