@@ -245,6 +245,8 @@ class Report:
     graph_breaks: list[str] = dataclasses.field(default_factory=list)
     # NOTE: per region (same index), the op's five wanted gradients seen in the trace, or None
     needs: list[tuple[bool, ...] | None] = dataclasses.field(default_factory=list)
+    # NOTE: how the trace differed from the usual one (a static retry), printed under the table
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def grads(self, index: int) -> tuple[str, ...] | None:
         """The op inputs of region ``index`` that needed a gradient when explain traced the
@@ -336,6 +338,7 @@ class Report:
         if self.graph_breaks:
             lines.append(f"graph breaks ({len(self.graph_breaks)}):")
             lines += [f"  {reason}" for reason in self.graph_breaks]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(line.rstrip() for line in lines)
 
     __repr__ = __str__
@@ -362,18 +365,37 @@ def explain(model, *args, **kwargs) -> Report:
         return gm.forward
 
     before = collections.Counter(counters["graph_break"])
-    # NOTE: through a throwaway frame (fresh_caller), so the user's compiled models keep their
-    # cache entries; graph breaks inside the model stay in that frame (nested_graph_breaks), and
-    # the resume functions after them are the trace's own
-    with fresh_caller() as caller:
-        compiled = torch.compile(caller, backend=collect, dynamic=True, **isolated())
-        with torch._dynamo.config.patch(nested_graph_breaks=True):
-            compiled(model, *args, **kwargs)
+    try:
+        _trace(collect, True, model, args, kwargs)
+    except torch._dynamo.exc.InternalTorchDynamoError as exc:
+        # NOTE: torch 2.13's Dynamo fails tracing some nested compile regions with dynamic=True
+        # (docs/backend.md); a static trace still shows every region at this length
+        report.regions.clear()
+        report.needs.clear()
+        at_breaks.clear()
+        report.graphs = 0
+        report.notes.append(
+            "traced with static shapes: Dynamo failed under dynamic=True "
+            f"({type(exc).__name__}: {_first_line(str(exc))})"
+        )
+        _trace(collect, False, model, args, kwargs)
     broken = collections.Counter(counters["graph_break"]) - before
     report.graph_breaks = [_first_line(reason) for reason in broken.elements()]
     if report.graph_breaks:  # NOTE: without a break, scores returned from a graph are its result
         report.regions.extend(at_breaks)
     return report
+
+
+def _trace(collect, dynamic: bool, model, args, kwargs) -> None:
+    """Run ``model(*args, **kwargs)`` compiled with the ``collect`` backend.
+
+    NOTE: through a throwaway frame (fresh_caller), so the user's compiled models keep their
+    cache entries; graph breaks inside the model stay in that frame (nested_graph_breaks), and
+    the resume functions after them are the trace's own."""
+    with fresh_caller() as caller:
+        compiled = torch.compile(caller, backend=collect, dynamic=dynamic, **isolated())
+        with torch._dynamo.config.patch(nested_graph_breaks=True):
+            compiled(model, *args, **kwargs)
 
 
 def _user_names(model):

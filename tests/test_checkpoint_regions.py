@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import rtpcompile.backend as backend
-from rtpcompile.detect import find_regions
-from rtpcompile.explain import Report, explain
+from rtpcompile.explain import explain
 
 H = 3
 
@@ -355,21 +354,6 @@ class Regional(Stack):
         return x
 
 
-def _static_regions(model, x) -> list:
-    """What detection finds in the model's (static) graph: explain traces with dynamic=True,
-    where torch 2.13's Dynamo fails on these nested compile regions (docs/backend.md)."""
-    found = []
-
-    def collect(gm, example_inputs):
-        found.extend(find_regions(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=collect, dynamic=False)(x)
-    torch._dynamo.reset()
-    return found
-
-
 @pytest.fixture
 def aot_eager_graphs(monkeypatch):
     """Inductor replaced by AOTAutograd with eager compilers (Inductor's own backward of a
@@ -401,9 +385,12 @@ def test_a_nested_compile_region_body_is_rewritten_once_for_all_calls(aot_eager_
     assert len(calls) == 2 and len({n.args[0].target for n in calls}) == 1  # one shared body
     assert [op_calls(body) for body in _bodies(gm)] == [1, 1]
     assert backend.counters["regions_claimed"] == 2
-    report = Report(_static_regions(model, x))
+    # NOTE: torch 2.13's Dynamo fails on these regions under dynamic=True; explain then
+    # traces them static and says so
+    report = explain(model, x)
     assert [len(r.scope) for r in report.claimed] == [1, 1]
     assert str(report).count("parallel (in compile region)") == 2
+    assert all(note.startswith("traced with static shapes") for note in report.notes)
 
 
 def test_verify_checks_every_call_of_a_shared_body(aot_eager_graphs, monkeypatch):
@@ -418,7 +405,7 @@ def test_a_shared_body_is_claimed_only_when_every_call_claims_it(aot_eager_graph
     torch.testing.assert_close(torch.compile(model, backend="rtp")(x), model(x))
     (gm,) = aot_eager_graphs
     assert all(op_calls(body) == 0 for body in _bodies(gm))
-    first, second = _static_regions(model, x)
+    first, second = explain(model, x).regions
     assert not first.claimed and "shared by 2 calls" in first.reason
     assert not second.claimed and "shared by 2 calls" not in second.reason
 

@@ -275,3 +275,33 @@ def test_explain_keeps_the_users_compiled_model_and_the_recompile_limit(monkeypa
         assert region.where == explain(model, *args).claimed[0].where
     assert backend.counters["graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_a_dynamo_failure_under_dynamic_shapes_falls_back_to_a_static_trace(
+    no_inductor, monkeypatch
+):
+    """torch 2.13's Dynamo fails tracing some nested compile regions with dynamic=True: explain
+    retries with static shapes, shows every region and says how it traced."""
+    import sys
+
+    explain_mod = sys.modules["rtpcompile.explain"]  # NOTE: rtpcompile.explain is the function
+
+    real = explain_mod._trace
+    tried = []
+
+    def flaky(collect, dynamic, *rest):
+        tried.append(dynamic)
+        if dynamic:  # NOTE: after a whole trace, so explain must drop what it collected
+            real(collect, dynamic, *rest)
+            raise torch._dynamo.exc.InternalTorchDynamoError("KeyError: 12")
+        return real(collect, dynamic, *rest)
+
+    monkeypatch.setattr(explain_mod, "_trace", flaky)
+    report = explain(TwoLayers(), *_inputs(T=9))
+    assert tried == [True, False]
+    assert [r.claimed for r in report.regions] == [True, False] and report.graphs == 1
+    assert report.notes == [
+        "traced with static shapes: Dynamo failed under dynamic=True "
+        "(InternalTorchDynamoError: KeyError: 12)"
+    ]
+    assert str(report).endswith("note: " + report.notes[0])
