@@ -74,6 +74,8 @@ def _decay(masks, kind: str, axes, like: torch.Tensor, want_row_scale: bool = Tr
 
     The mask is the product of its factors, so gamma = M[.., 1, 0] / M[.., 1, 1] and the
     diagonal are products of the factors' own entries there."""
+    if kind == "given":  # NOTE: read outside a checkpoint's body (``rtp_decay``)
+        return masks[0], (masks[1] if len(masks) > 1 else None)
     dtype = accumulation_dtype(like.dtype)
     if kind == "decay" and not isinstance(masks[0], torch.Tensor):  # a literal (0.9 * S)
         return torch.full((1,), masks[0], dtype=dtype, device=like.device), None
@@ -477,6 +479,81 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def rtp_decay(masks, axes, q_dtype: torch.dtype, want_row_scale: bool):
+    """``_decay`` of a region inside a checkpoint's body, computed before the checkpoint call:
+    (gamma, row scale or None). T is the masks' broadcast length."""
+    t = 1
+    for mask, dims in zip(masks, axes, strict=True):
+        shape = _broadcast_shape(mask, dims)
+        t = max(t, shape[-1], shape[-2])
+    like = masks[0].new_empty((t, 0), dtype=q_dtype)
+    return _decay(masks, "mul", axes, like, want_row_scale)
+
+
+def _broadcast_shape(mask: torch.Tensor, dims) -> list:
+    shape = list(mask.shape)
+    for dim in dims:
+        shape.insert(dim if dim >= 0 else len(shape) + dim + 1, 1)
+    return [1] * (2 - len(shape)) + shape
+
+
+def _hoisted(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: Region) -> Region:
+    """The region with its gamma and row scale read before the checkpoint ``call`` and passed
+    into ``body`` (new operands), when its masks can be built there; else as it is.
+
+    NOTE: read inside the body, they are recomputed in the backward from the mask's nodes, and
+    AOTAutograd's CSE merges two bodies' identical T-only mask nodes (``arange``, ``i - j``),
+    which its partitioner then saves whole ([T, T]) for the later body's recompute. Read
+    before the call, only gamma [H] and the row scale [H, T] cross into the body."""
+    if region.native or region.mask_kind != "mul" or region.normaliser == "sum_abs":
+        return region
+    named = {node.name: node for node in body.graph.nodes}
+    masks = [named[m] for m in region.masks]
+    q_value = named[region.q.node].meta.get("example_value")
+    if not masks or not isinstance(q_value, torch.Tensor):
+        return region
+    needed: set[fx.Node] = set()
+    stack = list(masks)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    if any(n.op not in ("placeholder", "call_function", "call_method") for n in needed):
+        return region
+    if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in needed):
+        return region
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    operands = call.args[1:]
+    env = {p: operands[i] for i, p in enumerate(placeholders)}
+    graph = gm.graph
+    with graph.inserting_before(call):
+        for node in body.graph.nodes:
+            if node in needed and node.op != "placeholder":
+                env[node] = graph.node_copy(node, env.__getitem__)
+        args = ([env[m] for m in masks], region.mask_axes, q_value.dtype, bool(region.row_scale))
+        read = graph.call_function(rtp_decay, args)
+        wanted = ("gamma", "row")[: 1 + bool(region.row_scale)]
+        values = [graph.call_function(operator.getitem, (read, i)) for i in range(len(wanted))]
+    call.args = (*call.args, *values)
+    names = []
+    for what in wanted:
+        with body.graph.inserting_after(placeholders[-1]):
+            placeholders.append(body.graph.placeholder(f"rtp_{what}_{region.output}"))
+        names.append(placeholders[-1].name)
+    return dataclasses.replace(region, masks=tuple(names), mask_kind="given", mask_axes=())
+
+
+def _checkpoint_of(node: fx.Node) -> str | None:
+    """The body attribute a ``tag_activation_checkpoint`` call runs, or None."""
+    name = getattr(node.target, "name", None)
+    if node.op != "call_function" or not callable(name) or not node.args:
+        return None
+    if name() != "tag_activation_checkpoint":
+        return None
+    return getattr(node.args[0], "target", None)
+
+
 def own_body(gm: fx.GraphModule, attr: str) -> fx.GraphModule:
     """The body ``gm.<attr>`` of a higher-order op as a copy that ``gm`` now holds instead, so
     rewriting it leaves the graph ``gm`` was copied from as it was."""
@@ -517,7 +594,11 @@ def rewrite(
     A region inside a checkpoint's or nested compile region's body (``Region.scope``) is
     rewritten in a copy of the body that replaces it in ``gm``."""
     for attr, found in _by_body(gm, regions).items():
-        rewrite(own_body(gm, attr), found, form, chunk_size, runtime_options)
+        body = own_body(gm, attr)
+        calls = [n for n in gm.graph.nodes if _checkpoint_of(n) == attr]
+        if len(calls) == 1:  # NOTE: one call (a shared body would need every call's operands)
+            found = [r if r.scope else _hoisted(gm, calls[0], body, r) for r in found]
+        rewrite(body, found, form, chunk_size, runtime_options)
     for region in regions:
         if region.scope:
             continue

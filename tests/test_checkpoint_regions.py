@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import rtpcompile.backend as backend
 from rtpcompile.explain import explain
+from rtpcompile.rewrite import rtp_decay
 
 H = 3
 
@@ -95,6 +96,8 @@ def test_checkpointed_layers_are_claimed_inside_their_bodies(inductor, reentrant
     assert op_calls(gm) == 0  # NOTE: the op sits in the bodies, so the checkpoint recomputes it
     assert [op_calls(body) for body in _bodies(gm)] == [1, 1]
     assert backend.counters["regions_claimed"] == 2 and backend.counters["regions_declined"] == 0
+    # NOTE: gamma is read before each checkpoint call and passed in (rewrite._hoisted)
+    assert sum(n.target is rtp_decay for n in gm.graph.nodes) == 2
 
 
 def test_rewriting_a_body_leaves_dynamo_s_graph_alone(inductor):  # noqa: F811
@@ -110,6 +113,33 @@ def test_rewriting_a_body_leaves_dynamo_s_graph_alone(inductor):  # noqa: F811
     assert all(op_calls(body) == 0 for body in _bodies(original))
     ((rewritten, _),) = inductor
     assert all(op_calls(body) == 1 for body in _bodies(rewritten))
+
+
+class LearnableLayer(Layer):
+    """The decay a trainable parameter (gamma = sigmoid(logit)), and a per-head factor on the
+    mask that is not 1 on the diagonal (a row scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = nn.Parameter(torch.logit(self.gamma.clone()))
+        self.register_buffer("temperature", torch.tensor([0.5, 1.5, 2.0]))
+
+    def forward(self, x, mask=None):
+        gamma = torch.sigmoid(self.logit)
+        mask = decay_mask(gamma, x.shape[1]) * self.temperature[:, None, None]
+        return super().forward(x, mask)
+
+
+def test_a_learnable_decay_and_a_row_scale_in_checkpoints(inductor):  # noqa: F811
+    """Both read before the checkpoint call: the decay's gradient flows through the call."""
+    model = Stack()
+    model.layers = nn.ModuleList(LearnableLayer() for _ in range(2))
+    _check_against_float64(model, torch.compile(model, backend="rtp", dynamic=False), _x(11))
+    assert model.layers[0].logit.grad.abs().sum() > 0
+    ((gm, _),) = inductor
+    assert [op_calls(body) for body in _bodies(gm)] == [1, 1]
+    reads = [n for n in gm.graph.nodes if n.target is rtp_decay]
+    assert len(reads) == 2 and all(n.args[3] for n in reads)  # NOTE: the row scale wanted
 
 
 def test_the_backward_recomputes_the_op_instead_of_saving_it(monkeypatch):
@@ -478,13 +508,10 @@ def test_hugging_face_gradient_checkpointing_of_a_retrofitted_model(inductor):  
     assert len(calls) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AOTAutograd's CSE merges the identical T-only mask nodes of two checkpoint bodies "
-    "and its partitioner then saves them ([T, T] bool and int64) for the later body's "
-    "recompute (cleanup_recompute_tags); docs/backend.md",
-)
 def test_no_square_buffer_when_two_checkpointed_layers_build_the_same_mask():
+    """AOTAutograd's CSE merges two bodies' identical T-only mask nodes, and its partitioner
+    saves what a later body's recompute reads from an earlier one ([T, T] bool and int64 here,
+    until gamma and the row scale were read before the checkpoint call: rewrite._hoisted)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
