@@ -485,7 +485,7 @@ def rtp_decay(masks, axes, q_dtype: torch.dtype, want_row_scale: bool):
     t = 1
     for mask, dims in zip(masks, axes, strict=True):
         shape = _broadcast_shape(mask, dims)
-        t = max(t, shape[-1], shape[-2])
+        t = torch.sym_max(t, torch.sym_max(shape[-1], shape[-2]))  # NOTE: no guard on T
     like = masks[0].new_empty((t, 0), dtype=q_dtype)
     return _decay(masks, "mul", axes, like, want_row_scale)
 
