@@ -46,6 +46,19 @@ def clean_rtp_env(monkeypatch, cache_dir) -> None:
 
 
 @pytest.fixture
+def fresh_plans(tmp_path, monkeypatch):
+    """An empty autotune cache, no RTP_* option, and no memoised plan before or after."""
+    from rtpcompile.kernels import cache
+    from rtpcompile.lowering import plan
+
+    clean_rtp_env(monkeypatch, tmp_path / "cache")
+    cache._reported.clear()
+    plan.reset()
+    yield
+    plan.reset()
+
+
+@pytest.fixture
 def aten_env(tmp_path, monkeypatch):
     """The aten implementation: no RTP_* option left over from the environment."""
     clean_rtp_env(monkeypatch, tmp_path / "cache")

@@ -9,22 +9,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import clean_rtp_env
 
 from rtpcompile import kernels, ops
 from rtpcompile.kernels import cache, grid, spec
 from rtpcompile.lowering import dispatch, plan, reference
 from rtpcompile.lowering.plan import Problem
-
-
-@pytest.fixture
-def fresh_plans(tmp_path, monkeypatch):
-    """An empty autotune cache, no RTP_* option, and no memoised plan before or after."""
-    clean_rtp_env(monkeypatch, tmp_path / "cache")
-    cache._reported.clear()
-    plan.reset()
-    yield
-    plan.reset()
 
 
 def _problem(**changes) -> Problem:

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import clean_rtp_env
 
 from rtpcompile import ops
 from rtpcompile.kernels import cache
@@ -15,12 +14,8 @@ from rtpcompile.lowering.plan import Plan, Problem
 
 
 @pytest.fixture(autouse=True)
-def fresh(tmp_path, monkeypatch):
-    clean_rtp_env(monkeypatch, tmp_path / "cache")
-    cache._reported.clear()
-    plan.reset()
+def fresh(fresh_plans):
     yield
-    plan.reset()
 
 
 def problem(T=512, B=1, H=8, K=64, V=64, **changes) -> Problem:
