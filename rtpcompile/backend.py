@@ -28,7 +28,7 @@ from .detect import counters, find_regions
 from .detect.region import Region
 from .detect.subgraphs import SEARCHED
 from .distributed.ddp import real_example_inputs
-from .rewrite import copy_graph_module, rewrite, rewrite_region, rtp_retention
+from .rewrite import copy_graph_module, one_step_in, rewrite, rewrite_region, rtp_retention
 
 log = logging.getLogger("rtpcompile")
 
@@ -176,11 +176,7 @@ def verify_regions(
     calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do. A region in
     a checkpoint's or nested compile region's body (``Region.scope``) is checked on the
     operands each call passes the body."""
-    inner: dict[str, list[Region]] = {}
-    for region in regions:
-        if region.scope:
-            rest = dataclasses.replace(region, scope=region.scope[1:])
-            inner.setdefault(region.scope[0], []).append(rest)
+    inner = one_step_in(regions)
     if inner:
         _verify_bodies(gm, inner, args, opts, runtime)
     regions = [r for r in regions if not r.scope]

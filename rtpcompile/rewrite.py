@@ -564,22 +564,31 @@ def own_body(gm: fx.GraphModule, attr: str) -> fx.GraphModule:
     return body
 
 
+def one_step_in(regions: list[Region]) -> dict[str, list[Region]]:
+    """The claimed regions inside bodies, per higher-order op call they sit under (the first
+    name of their ``scope``), with that name taken off their scope."""
+    inner: dict[str, list[Region]] = {}
+    for region in regions:
+        if region.claimed and region.scope:
+            rest = dataclasses.replace(region, scope=region.scope[1:])
+            inner.setdefault(region.scope[0], []).append(rest)
+    return inner
+
+
 def _by_body(gm: fx.GraphModule, regions: list[Region]) -> dict[str, list[Region]]:
-    """The claimed regions of ``gm``'s bodies, one step in (``scope`` shortened), per body
-    attribute: the calls of a nested compile region share one body, which is rewritten once
-    (with the row scale if any call needs it)."""
+    """``one_step_in`` per body attribute instead of per call: the calls of a nested compile
+    region share one body, which is rewritten once (with the row scale if any call needs it)."""
     named = {node.name: node for node in gm.graph.nodes}
     inner: dict[str, dict[tuple, Region]] = {}
-    for region in regions:
-        if not (region.claimed and region.scope):
-            continue
-        rest = dataclasses.replace(region, scope=region.scope[1:])
-        found = inner.setdefault(named[region.scope[0]].args[0].target, {})
-        key = (rest.scope, rest.output)
-        if key in found:
-            rest = dataclasses.replace(found[key], row_scale=found[key].row_scale or rest.row_scale)
-        found[key] = rest
-    return {name: list(found.values()) for name, found in inner.items()}
+    for call, found in one_step_in(regions).items():
+        merged = inner.setdefault(named[call].args[0].target, {})
+        for rest in found:
+            key = (rest.scope, rest.output)
+            if key in merged:
+                row_scale = merged[key].row_scale or rest.row_scale
+                rest = dataclasses.replace(merged[key], row_scale=row_scale)
+            merged[key] = rest
+    return {name: list(merged.values()) for name, merged in inner.items()}
 
 
 def rewrite(
