@@ -21,14 +21,21 @@ import warnings
 
 import torch
 import torch.fx as fx
-from torch._ops import HigherOrderOperator
+import torch.utils._pytree as pytree
 
 from . import options as options_mod
 from .detect import counters, find_regions
 from .detect.region import Region
-from .detect.subgraphs import SEARCHED
+from .detect.subgraphs import RunBodies
 from .distributed.ddp import real_example_inputs
-from .rewrite import copy_graph_module, one_step_in, rewrite, rewrite_region, rtp_retention
+from .rewrite import (
+    copy_graph_module,
+    one_step_in,
+    rewrite,
+    rewrite_region,
+    rtp_decay,
+    rtp_retention,
+)
 
 log = logging.getLogger("rtpcompile")
 
@@ -101,7 +108,8 @@ def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
     # behaviour is fixed by its constant arguments (in the graph, so in the key) and by the
     # package source, which the key holds here, so its entries can be reused safely.
     marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions)
-    marked[f"{rtp_retention.__module__}.{rtp_retention.__name__}"] = source_hash()
+    for glue in (rtp_retention, rtp_decay):
+        marked[f"{glue.__module__}.{glue.__name__}"] = source_hash()
     patches["unsafe_marked_cacheable_functions"] = marked
     with torch.compiler.config.patch(cache_key_tag=source_hash()):
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -150,11 +158,11 @@ def _compile(gm: fx.GraphModule, example_inputs, opts, runtime: str, mode: str |
     # NOTE: an rtp op already in the graph (native region) is its own reference: nothing to verify
     rewritten = [r for r in claimed if not r.native]
     if opts.verify and rewritten:
-        return _verified(compiled, gm, rewritten, opts, runtime)
+        return _verified(compiled, gm, rewritten, opts, runtime, new_gm)
     return compiled
 
 
-def _verified(compiled, gm: fx.GraphModule, regions: list[Region], opts, runtime: str = ""):
+def _verified(compiled, gm, regions: list[Region], opts, runtime: str = "", new_gm=None):
     """Run each region's original subgraph beside the op on the first call; raise on mismatch.
     The op runs as in the compiled graph: same form, chunk size and run-time options."""
     state = {"pending": True}
@@ -163,22 +171,31 @@ def _verified(compiled, gm: fx.GraphModule, regions: list[Region], opts, runtime
         if state["pending"]:
             state["pending"] = False
             with logging_scope(opts.log):
-                verify_regions(gm, regions, list(args), opts, runtime)
+                verify_regions(gm, regions, list(args), opts, runtime, new_gm)
         return compiled(*args)
 
     return run
 
 
 def verify_regions(
-    gm: fx.GraphModule, regions: list[Region], args: list, opts, runtime: str = ""
+    gm: fx.GraphModule,
+    regions: list[Region],
+    args: list,
+    opts,
+    runtime: str = "",
+    rewritten: fx.GraphModule | None = None,
 ) -> None:
     """Compare every region's original output with the op's on real inputs (eager); the op
     calls carry ``runtime`` (``options.runtime_text``) as the compiled graph's do. A region in
     a checkpoint's or nested compile region's body (``Region.scope``) is checked on the
-    operands each call passes the body."""
+    operands each call passes the body; then, given the ``rewritten`` graph (what Inductor
+    compiles), its outputs are compared with ``gm``'s: what the rewrite changed around the
+    bodies (gamma read before a checkpoint call, the bodies' new identifiers) is checked too."""
     inner = one_step_in(regions)
     if inner:
         _verify_bodies(gm, inner, args, opts, runtime)
+        if rewritten is not None:
+            _verify_graph(gm, rewritten, args)
     regions = [r for r in regions if not r.scope]
     if not regions:
         return
@@ -205,44 +222,47 @@ def verify_regions(
 
 def _verify_bodies(gm: fx.GraphModule, inner: dict, args: list, opts, runtime: str) -> None:
     """Run ``gm`` eagerly; at each call named in ``inner`` (a checkpoint, a nested compile
-    region), verify the body's regions on the operands that call passes it (neither op changes
-    a value: a checkpoint changes what is saved, a compile region how it compiles)."""
+    region), verify the body's regions on the operands that call passes it."""
 
-    class Bodies(fx.Interpreter):
-        def run_node(self, node):
-            name = (
-                getattr(node.target, "name", lambda: None)() if node.op == "call_function" else None
-            )
-            if not isinstance(node.target, HigherOrderOperator) or name not in SEARCHED:
-                return super().run_node(node)
-            operands, _ = self.fetch_args_kwargs_from_env(node)
-            body = getattr(gm, node.args[0].target)
-            operands = list(operands[SEARCHED[name] :])
-            if node.name in inner:
-                verify_regions(body, inner[node.name], operands, opts, runtime)
-            # NOTE: the body itself: an eager invoke_subgraph wants a fake mode
-            return body(*operands)
+    def at_call(node, body, operands):
+        if node.name in inner:
+            verify_regions(body, inner[node.name], operands, opts, runtime)
 
     with torch.no_grad():
-        Bodies(gm).run(*args)
+        RunBodies(gm, at_call).run(*args)
 
 
-def _compare(region: Region, name: str, want: torch.Tensor, got: torch.Tensor) -> None:
+def _verify_graph(gm: fx.GraphModule, rewritten: fx.GraphModule, args: list) -> None:
+    """Compare the outputs of the ``rewritten`` graph with those of Dynamo's ``gm``."""
+    with torch.no_grad():
+        want, got = RunBodies(gm).run(*args), RunBodies(rewritten).run(*args)
+    flat_want, flat_got = pytree.tree_leaves(want), pytree.tree_leaves(got)
+    for i, (a, b) in enumerate(zip(flat_want, flat_got, strict=True)):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            _compare(None, f"graph output {i}", a, b)
+    log.info("rtp verify: the rewritten graph's %d output(s) match", len(flat_want))
+
+
+def _compare(region: Region | None, name: str, want: torch.Tensor, got: torch.Tensor) -> None:
     low = want.dtype in (torch.float16, torch.bfloat16) or got.dtype in (
         torch.float16,
         torch.bfloat16,
     )
     tol = 3e-2 if low else 2e-3
+    what = (
+        f"region at {region.where} ({region.written}, output {name}"
+        if region is not None
+        else f"the rewritten graph ({name}, around the checkpoint and compile region bodies"
+    )
     if want.shape != got.shape:
         raise RuntimeError(
-            f"rtp verify: region at {region.where} ({name}): shape {tuple(got.shape)} from the "
-            f"rtp op, {tuple(want.shape)} from the original subgraph"
+            f"rtp verify: {what}): shape {tuple(got.shape)} from the rtp op, "
+            f"{tuple(want.shape)} from the original subgraph"
         )
     err = (want.double() - got.double()).abs().max().item() if want.numel() else 0.0
     bound = tol * max(1.0, want.double().abs().max().item() if want.numel() else 0.0)
     if not err <= bound:
         raise RuntimeError(
-            f"rtp verify: region at {region.where} ({region.written}, output {name}, shape "
-            f"{tuple(want.shape)}, dtype {want.dtype}) differs from the original subgraph: "
-            f"max abs error {err:.3g} > {bound:.3g}"
+            f"rtp verify: {what}, shape {tuple(want.shape)}, dtype {want.dtype}) differs from "
+            f"the original subgraph: max abs error {err:.3g} > {bound:.3g}"
         )

@@ -22,7 +22,7 @@ from .detect import find_regions
 from .detect.graph_view import GraphView, example, is_tensor
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
-from .detect.subgraphs import graph_at
+from .detect.subgraphs import RunBodies, graph_at, has_bodies
 from .fresh_caller import fresh_caller, isolated
 from .kernels import GRADIENTS
 
@@ -362,7 +362,9 @@ def explain(model, *args, **kwargs) -> Report:
         needs = (traced_needs(graph_at(gm, r.scope), r) if r.claimed else None for r in found)
         report.needs.extend(needs)
         at_breaks.extend(scores_leaving_graph(GraphView(gm)))
-        return gm.forward
+        if not has_bodies(gm):
+            return gm.forward
+        return lambda *args: RunBodies(gm).run(*args)  # NOTE: not an eager invoke_subgraph
 
     before = collections.Counter(counters["graph_break"])
     try:

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from . import options
 from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
+from .detect.mutation import writers
 from .detect.patterns_native import op_schema
 from .detect.region import Region
 from .kernels.blocks import next_pow2
@@ -479,9 +480,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def rtp_decay(masks, axes, q_dtype: torch.dtype, want_row_scale: bool):
+def rtp_decay(masks, axes, q_dtype: torch.dtype, want_row_scale: bool, detached=()):
     """``_decay`` of a region inside a checkpoint's body, computed before the checkpoint call:
-    (gamma, row scale or None). T is the masks' broadcast length."""
+    (gamma, row scale or None). T is the masks' broadcast length. ``detached``: per mask, True
+    when the body built it without gradient (under ``torch.no_grad()``)."""
+    cuts = detached or [False] * len(masks)
+    masks = [m.detach() if cut else m for m, cut in zip(masks, cuts, strict=True)]
     t = 1
     for mask, dims in zip(masks, axes, strict=True):
         shape = _broadcast_shape(mask, dims)
@@ -523,6 +527,12 @@ def _hoisted(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: Re
         return region
     if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in needed):
         return region
+    if writers(needed):  # NOTE: the copy would miss them (``m.mul_(t)`` after ``m = ...``)
+        return region
+    # NOTE: a mask that takes a gradient (a learnable decay) would be built outside the
+    # checkpoint, and autograd would save its [H, T, T] intermediates there for the backward
+    if any(getattr(m.meta.get("example_value"), "requires_grad", False) for m in masks):
+        return region
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     operands = call.args[1:]
     env = {p: operands[i] for i, p in enumerate(placeholders)}
@@ -531,7 +541,15 @@ def _hoisted(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: Re
         for node in body.graph.nodes:
             if node in needed and node.op != "placeholder":
                 env[node] = graph.node_copy(node, env.__getitem__)
-        args = ([env[m] for m in masks], region.mask_axes, q_value.dtype, bool(region.row_scale))
+        # NOTE: the copy runs outside the body's grad-mode switches: a mask built without
+        # gradient (its example value needs none) gives none to what it was built from
+        detached = tuple(
+            not getattr(m.meta.get("example_value"), "requires_grad", True) for m in masks
+        )
+        args = (
+            [env[m] for m in masks], region.mask_axes, q_value.dtype, bool(region.row_scale),
+            detached,
+        )  # fmt: skip
         read = graph.call_function(rtp_decay, args)
         wanted = ("gamma", "row")[: 1 + bool(region.row_scale)]
         values = [graph.call_function(operator.getitem, (read, i)) for i in range(len(wanted))]
@@ -562,6 +580,22 @@ def own_body(gm: fx.GraphModule, attr: str) -> fx.GraphModule:
     body.meta.update(original.meta)  # NOTE: a nested compile region's options may live here
     setattr(gm, attr, body)
     return body
+
+
+def _rename_subgraph(gm: fx.GraphModule, attr: str, path: str) -> None:
+    """Give the nested compile region calls of the rewritten body ``gm.<attr>`` an identifier of
+    its own (``path``: the attributes leading to it from the top graph).
+
+    NOTE: AOTAutograd traces each ``invoke_subgraph`` identifier once and reuses the trace for
+    every call with that identifier. Dynamo gives one function one identifier wherever it is
+    called (at the top level and inside a checkpoint's body, say), so a body rewritten in one
+    place would otherwise run in the others too, where its regions may have been declined."""
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "name", None)
+        if node.op != "call_function" or not callable(name) or name() != "invoke_subgraph":
+            continue
+        if len(node.args) > 1 and getattr(node.args[0], "target", None) == attr:
+            node.args = (node.args[0], f"{node.args[1]}_rtp_{path}", *node.args[2:])
 
 
 def one_step_in(regions: list[Region]) -> dict[str, list[Region]]:
@@ -597,6 +631,7 @@ def rewrite(
     form: str = "auto",
     chunk_size: int = 0,
     runtime_options: str = "",
+    _path: str = "",
 ):
     """Rewrite every claimed region of ``gm`` in place; returns ``gm``. ``runtime_options``
     (``options.runtime_text``): the run-time options every rtp op call of the graph carries.
@@ -604,10 +639,12 @@ def rewrite(
     rewritten in a copy of the body that replaces it in ``gm``."""
     for attr, found in _by_body(gm, regions).items():
         body = own_body(gm, attr)
+        _rename_subgraph(gm, attr, f"{_path}{attr}")
         calls = [n for n in gm.graph.nodes if _checkpoint_of(n) == attr]
         if len(calls) == 1:  # NOTE: one call (a shared body would need every call's operands)
             found = [r if r.scope else _hoisted(gm, calls[0], body, r) for r in found]
-        rewrite(body, found, form, chunk_size, runtime_options)
+        # NOTE: "_", not ".": AOTAutograd registers the identifier as a module name
+        rewrite(body, found, form, chunk_size, runtime_options, f"{_path}{attr}_")
     for region in regions:
         if region.scope:
             continue

@@ -131,15 +131,15 @@ class LearnableLayer(Layer):
 
 
 def test_a_learnable_decay_and_a_row_scale_in_checkpoints(inductor):  # noqa: F811
-    """Both read before the checkpoint call: the decay's gradient flows through the call."""
+    """Both read inside the body: a mask that takes a gradient is not built before the call,
+    where autograd would save its [H, T, T] intermediates outside the checkpoint."""
     model = Stack()
     model.layers = nn.ModuleList(LearnableLayer() for _ in range(2))
     _check_against_float64(model, torch.compile(model, backend="rtp", dynamic=False), _x(11))
     assert model.layers[0].logit.grad.abs().sum() > 0
     ((gm, _),) = inductor
     assert [op_calls(body) for body in _bodies(gm)] == [1, 1]
-    reads = [n for n in gm.graph.nodes if n.target is rtp_decay]
-    assert len(reads) == 2 and all(n.args[3] for n in reads)  # NOTE: the row scale wanted
+    assert not any(n.target is rtp_decay for n in gm.graph.nodes)
 
 
 def test_the_backward_recomputes_the_op_instead_of_saving_it(monkeypatch):

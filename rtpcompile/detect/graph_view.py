@@ -310,9 +310,29 @@ def is_input_attribute(node: fx.Node) -> bool:
     return attribute and type(source).__name__ == "LocalSource"
 
 
+def boundary(x):
+    """Where a value enters or leaves a checkpoint's or nested compile region's body in the flat
+    graph ``detect.subgraphs`` builds (returns ``x``): detection reads an operand from here
+    rather than across the boundary, and the mask proof evaluates it."""
+    return x
+
+
+# meta key of a boundary node through which a value leaves a body (a body's output)
+LEAVES_BODY = "rtp_leaves_body"
+
+
+def through_boundaries(node):
+    """The value a chain of :func:`boundary` nodes passes on (``node`` itself if none)."""
+    while isinstance(node, fx.Node) and node.target is boundary and node.args:
+        node = node.args[0]
+    return node
+
+
 def is_state_input(node) -> bool:
     """A graph input that can carry a retention state: an activation argument, or an attribute
-    of a caller's object (a decode cache), never the model's own buffers or parameters."""
+    of a caller's object (a decode cache), never the model's own buffers or parameters. A body's
+    input (a :func:`boundary` node) is the value its call passes in."""
+    node = through_boundaries(node)
     return (
         isinstance(node, fx.Node)
         and node.op == "placeholder"
@@ -337,6 +357,8 @@ class GraphView:
                 self.g.add_edge(inp, node, meta=not data_edge)
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.outputs = set(_nodes_in(self.nodes[-1].args)) if self.nodes else set()
+        # NOTE: what a checkpoint's or compile region's body returns is its graph's output
+        self.outputs |= {n.args[0] for n in self.nodes if n.meta.get(LEAVES_BODY) and n.args}
 
     def kind(self, node: fx.Node) -> str:
         return self.g.nodes[node]["kind"]

@@ -9,7 +9,7 @@ import operator
 
 import torch.fx as fx
 
-from .graph_view import example, is_identity_dropout, is_tensor, target_name
+from .graph_view import boundary, example, is_identity_dropout, is_tensor, target_name
 
 _SEEDS = {"arange", "range", "linspace", "logspace"}
 _LAYOUT = {
@@ -81,7 +81,7 @@ _CONSTANT_MAKERS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "ne
 def _name(node: fx.Node) -> str:
     if node.target is operator.setitem:
         return "setitem"
-    if is_identity_dropout(node):
+    if is_identity_dropout(node) or node.target is boundary:
         return "clone"  # NOTE: eval-mode dropout returns its input: a copy for the rules here
     name = target_name(node)
     return _SYM_NAMES.get(name, name) if node.op == "call_function" else name

@@ -22,21 +22,19 @@ import torch
 import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
+from .graph_view import LEAVES_BODY, boundary
 from .region import Operand, Region
 
-__all__ = ["Flat", "SEARCHED", "agree", "boundary", "flatten", "graph_at", "localize"]
+__all__ = [
+    "Flat", "RunBodies", "SEARCHED", "agree", "boundary", "flatten", "graph_at", "has_bodies",
+    "localize",
+]  # fmt: skip
 
 # NOTE: the ops whose body runs once per call on the op's operands (from this argument on);
 # cond/while_loop run theirs conditionally or repeatedly and are not searched
 SEARCHED = {"tag_activation_checkpoint": 1, "invoke_subgraph": 2}
 
 Scope = tuple[str, ...]
-
-
-def boundary(x):
-    """Where a value enters or leaves a body in the flat graph (returns ``x``): detection reads
-    an operand from here rather than across the boundary, and the mask proof evaluates it."""
-    return x
 
 
 @dataclasses.dataclass
@@ -74,6 +72,40 @@ def _body(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
     return body
 
 
+class RunBodies(fx.Interpreter):
+    """Runs a graph eagerly, and the body of each checkpoint or nested compile region call as a
+    graph of its own (neither op changes a value: a checkpoint changes what is saved, a compile
+    region how it compiles); ``at_call(node, body, operands)`` first, if given.
+
+    NOTE: not the op itself: torch 2.13's eager ``invoke_subgraph`` traces its body (on
+    uninitialised tensors, and fails on a symbolic float such as an RMSNorm's eps)."""
+
+    def __init__(self, gm: fx.GraphModule, at_call=None):
+        super().__init__(gm)
+        self.at_call = at_call
+
+    def run_node(self, node):
+        if _body(self.module, node) is None:
+            return super().run_node(node)
+        operands, _ = self.fetch_args_kwargs_from_env(node)
+        body = getattr(self.module, node.args[0].target)
+        operands = list(operands[SEARCHED[node.target.name()] :])
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        operands = [_as_traced(p, x) for p, x in zip(placeholders, operands, strict=True)]
+        if self.at_call is not None:
+            self.at_call(node, body, operands)
+        return RunBodies(body).run(*operands)
+
+
+def _as_traced(placeholder: fx.Node, value):
+    """``value`` as the body's placeholder was traced: Dynamo may pass a float (``eps.item()``)
+    to a body that it traced, at its first call, with that float wrapped in a 0-d tensor."""
+    example = placeholder.meta.get("example_value")
+    if isinstance(example, torch.Tensor) and isinstance(value, (int, float)):
+        return torch.tensor(value, dtype=example.dtype)
+    return value
+
+
 def graph_at(gm: fx.GraphModule, scope: Scope) -> fx.GraphModule:
     """The graph a region of ``scope`` lives in: ``gm`` itself, or a (nested) body of it."""
     for name in scope:
@@ -82,9 +114,14 @@ def graph_at(gm: fx.GraphModule, scope: Scope) -> fx.GraphModule:
     return gm
 
 
+def has_bodies(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls a checkpoint or nested compile region whose body is searched."""
+    return any(_body(gm, node) is not None for node in gm.graph.nodes)
+
+
 def flatten(gm: fx.GraphModule) -> Flat | None:
     """``gm`` with every searched body inlined, or None when it calls none."""
-    if not any(_body(gm, node) is not None for node in gm.graph.nodes):
+    if not has_bodies(gm):
         return None
     graph = fx.Graph()
     root = torch.nn.Module()
@@ -94,14 +131,16 @@ def flatten(gm: fx.GraphModule) -> Flat | None:
     return flat
 
 
-def _boundary(graph: fx.Graph, value, like: fx.Node, flat: Flat, scope: Scope, name: str):
-    """``value`` (a flat node) through a :func:`boundary` node named ``name`` in ``scope``;
-    values that are not tensors pass as they are."""
+def _boundary(graph, value, like: fx.Node, flat: Flat, scope: Scope, name: str, leaves: bool):
+    """``value`` (a flat node) through a :func:`boundary` node named ``name`` in ``scope``
+    (``leaves``: a body's output read by the caller); values that are not tensors pass as they
+    are."""
     example = like.meta.get("example_value")
     if not isinstance(value, fx.Node) or not isinstance(example, torch.Tensor):
         return value
     node = graph.call_function(boundary, (value,))
     node.meta["example_value"] = example
+    node.meta[LEAVES_BODY] = leaves
     flat.origin[node.name] = (scope, name)
     return node
 
@@ -126,7 +165,7 @@ def _copy(graph: fx.Graph, root, src: fx.GraphModule, scope: Scope, env: dict, f
             values = [fx.node.map_arg(a, env.__getitem__) for a in operands]
             placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
             inner_env = {
-                p: _boundary(graph, value, p, flat, inner, p.name)
+                p: _boundary(graph, value, p, flat, inner, p.name, False)
                 for p, value in zip(placeholders, values, strict=True)
             }
             outputs = _copy(graph, root, body, inner, inner_env, flat)
@@ -134,7 +173,7 @@ def _copy(graph: fx.Graph, root, src: fx.GraphModule, scope: Scope, env: dict, f
             continue
         if node.target is operator.getitem and isinstance(env.get(node.args[0]), (tuple, list)):
             value = env[node.args[0]][node.args[1]]
-            env[node] = _boundary(graph, value, node, flat, scope, node.name)
+            env[node] = _boundary(graph, value, node, flat, scope, node.name, True)
             continue
         if node.op == "get_attr":
             # NOTE: every attribute under a name of its own: bodies reuse names (wrap_body_0)

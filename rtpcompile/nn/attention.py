@@ -102,9 +102,15 @@ class CausalSelfAttention(nn.Module):
             past = (layer_cache.keys, layer_cache.values)
         out, (keys, values) = self(x, past, offset, return_kv=True)
         # NOTE: contiguous, like the concatenations of later calls: a prefill's transposed views
-        # would give the cache other strides, and a compiled decode would recompile on them
-        layer_cache.keys, layer_cache.values = keys.contiguous(), values.contiguous()
+        # would give the cache other strides, and a compiled decode would recompile on them.
+        # A concatenation is kept as it is: its .contiguous() is an alias of it, which Dynamo
+        # refuses to let leave a nested compile region's body
+        layer_cache.keys, layer_cache.values = _contiguous(keys), _contiguous(values)
         return out
+
+
+def _contiguous(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _check_past(past, B: int, H: int, D: int) -> None:
