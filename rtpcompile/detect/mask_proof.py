@@ -38,7 +38,7 @@ from .graph_view import (
 )
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
 from .position_ops import _CUTOFFS, _PERIODS, _name
-from .positions import position_cutoff, reads_sizes
+from .positions import position_cutoff, reads_sizes, reads_symbols
 
 __all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
 
@@ -95,8 +95,13 @@ def prove(
     multiplied into the scores (unsqueezes, products, ``~cond`` for masked_fill ...).
     """
     reason = check_provenance(view, masks)
-    if reason is None and Sizes(seq, 0).symbol is not None:
-        reason = position_cutoff(view, masks)
+    dynamic_t = Sizes(seq, 0).symbol is not None
+    # NOTE: with a static T, another symbolic size (a batch, an int argument) keeps its example
+    # value in the evaluation, as with a dynamic T: the same rules decline a cut-off at it
+    # (``i - j < window``) and read the diagonal when it scales the values (``decay * B / 3``)
+    other_sizes = not dynamic_t and reads_symbols(view, masks)
+    if reason is None and (dynamic_t or other_sizes):
+        reason = position_cutoff(view, masks, dynamic_t)
     if reason is not None:
         return Proof(reason)
     # NOTE: a trainable parameter in the mask will change: the structure must hold for other
@@ -128,7 +133,7 @@ def prove(
                 proof = Proof(None, tuple(float(g) for g in gamma), row_scale)
     if proof.reason is None and not row_scale:
         args = (view, masks, transform, inputs, seq, batch_ndim, tolerance)
-        row_scale = _state_moves_diagonal(*args)
+        row_scale = _state_moves_diagonal(*args) or (other_sizes and reads_sizes(view, masks))
     if proof.reason is None and Sizes(seq, 0).symbol is not None:
         reason, scaled = _prove_long(view, masks, transform, inputs, seq, batch_ndim, tolerance)
         if reason is not None:
@@ -149,10 +154,13 @@ MAX_STATE_FIT_T = 1024
 _STEPS = _CUTOFFS | _PERIODS | {"round", "floor", "ceil", "trunc", "frac"}
 
 
-def _state_reach(view: GraphView, masks: list[fx.Node], inputs: list) -> str | None:
-    """How model state that is not trainable (tensor inputs) reaches the masks: None (it does
-    not), "smooth", or "step" (a bool/int state, or a path through a threshold, clamp or
-    rounding, or a value that is not floating: a moved state may not show there)."""
+def _state_reach(
+    view: GraphView, masks: list[fx.Node], inputs: list, trainable: bool = False
+) -> str | None:
+    """How model state that is not trainable (tensor inputs; ``trainable``: the trainable ones)
+    reaches the masks: None (it does not), "smooth", or "step" (a bool/int state, or a path
+    through a threshold, clamp or rounding, or a value that is not floating: a moved state may
+    not show there)."""
     index = {node: i for i, node in enumerate(view.placeholders)}
     found = None
     for mask in masks:
@@ -162,7 +170,7 @@ def _state_reach(view: GraphView, masks: list[fx.Node], inputs: list) -> str | N
             i = index.get(node)
             if i is not None:
                 value = inputs[i] if i < len(inputs) else None
-                if is_tensor(value) and not value.requires_grad:
+                if is_tensor(value) and value.requires_grad == trainable:
                     if not value.is_floating_point():
                         return "step"
                     reached.add(node)
@@ -192,6 +200,10 @@ def _state_moves_diagonal(view, masks, transform, inputs, seq, batch_ndim, toler
     yes without evaluating, and so does a state that reaches the mask through a step
     (``_state_reach``: a head gate ``decay * (gate >= 0.5)`` or a bool/int buffer, which a small
     move leaves unchanged)."""
+    # NOTE: a trainable input is moved by the fits instead, which a clamp at its bound hides
+    # (``decay * p.clamp(max=1)`` with p = 2 at compile time): through a step, read the diagonal
+    if _state_reach(view, masks, inputs, trainable=True) == "step":
+        return True
     reach = _state_reach(view, masks, inputs)
     if reach != "smooth":
         return reach == "step"

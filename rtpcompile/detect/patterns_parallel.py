@@ -56,6 +56,8 @@ class _Chain:
     # a 0/1 causal step beside a decay product (``s.masked_fill(~c, 0) * decay``): its condition
     # (None for tril) joins the proof, not the run time (the proven product equals tril x decay)
     causal: tuple[str, fx.Node | None] | None = None
+    # the step zeroes the scores before the decay product multiplies them (``s.tril() * decay``)
+    causal_first: bool = False
     # the scores' layout when an einsum writes them with Tq, Tk not last (``einsum.py``)
     score_perm: tuple[int, ...] | None = None
 
@@ -149,6 +151,7 @@ def _decay_product(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
         reason = _causal_step(view, chain, step.core)
         if reason is None:
             _as_causal(chain)
+            chain.causal_first = True
         return reason
     if len(scores) != 1:
         if any(_scores_through_boundary(chain, peel(leaf).core) for leaf in leaves):
@@ -314,6 +317,7 @@ def _mask_transform(chain: _Chain):
     """values of ``_proof_masks(chain)`` -> the mask the scores are multiplied by."""
     kind, axes = chain.mask_kind, list(chain.mask_axes)
     causal = chain.causal[0] if chain.causal is not None else None
+    first = chain.causal_first
 
     def indicator(kind, value):
         return (~value.bool() if kind == "fill" else value.bool()).double()
@@ -328,12 +332,18 @@ def _mask_transform(chain: _Chain):
             for dim in dims:
                 value = value.unsqueeze(dim)
             total = value if total is None else total * value
+        # NOTE: a step after the decay product selects, as the model's where / masked_fill /
+        # tril does: a decay factor that overflows to inf where it puts 0 reads 0. A step on
+        # the scores before the product zeroes them, and eager multiplies that 0 by the
+        # decay: inf * 0 = NaN there, which declines the region as in eager
         if causal in ("fill", "where"):
-            # NOTE: a select, as the model's where / masked_fill is: a decay factor that
-            # overflows to inf where the step puts 0 must read 0, not inf * 0 = NaN
             keep = indicator(causal, values[-1]).bool()
+            if first:
+                return keep.to(total.dtype) * total
             return torch.where(keep, total, torch.zeros((), dtype=total.dtype))
-        return total.tril() if causal == "tril" else total
+        if causal == "tril":
+            return torch.ones_like(total).tril() * total if first else total.tril()
+        return total
 
     return transform
 

@@ -362,7 +362,8 @@ def _prove_decay(view, a, state: fx.Node, inputs) -> tuple[str | None, tuple]:
     rank = ndim(state)
     shape = list(example(a).shape)
     if len(shape) > rank or any(s != 1 for i, s in enumerate(shape[::-1]) if i != 2):
-        return f"the state decay has shape {shape}: it must vary over the heads only", ()
+        sizes = [hint(s) for s in shape]  # NOTE: example sizes, not symbols (s47)
+        return f"the state decay has shape {sizes}: it must vary over the heads only", ()
     try:
         with unset_fake_temporarily(), torch.no_grad():
             (value,) = mask_proof.evaluate(view, [a], inputs, mask_proof.Sizes(0, 0))

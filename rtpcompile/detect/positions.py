@@ -87,9 +87,35 @@ class _Taint:
 _CLEAN = _Taint()
 
 
-def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
+_DYNAMIC_T = (
+    "a window the proof cannot check at every length of a dynamic T (compile with a static "
+    "sequence length to prove it at that length)"
+)
+_OTHER_SIZE = (
+    "a size Dynamo made symbolic, which may change between calls without a recompile: the "
+    "proof sees only its example value (torch._dynamo.mark_static on it, or dynamic=False, "
+    "proves the mask at each value)"
+)
+
+
+def reads_symbols(view: GraphView, masks: list[fx.Node]) -> bool:
+    """Whether any node of the masks' subgraphs holds a symbolic size (a symbolic batch or an
+    int argument Dynamo made a symbol, with a static T)."""
+    for mask in masks:
+        values, _, _ = subgraph(view, mask)
+        for node in values | {mask}:
+            value = example(node)
+            if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return True
+            if _symbolic_shape(node):
+                return True
+    return False
+
+
+def position_cutoff(view: GraphView, masks: list[fx.Node], dynamic_t: bool = True) -> str | None:
     """Why the masks may hold a cut-off past the lengths the proof evaluates (see the module
-    docstring), or None."""
+    docstring), or None. ``dynamic_t`` False: T is static, and the masks read another symbolic
+    size (``reads_symbols``), which the same rules check."""
     for mask in masks:
         values, _, _ = subgraph(view, mask)
         taint: dict[fx.Node, _Taint] = {}
@@ -100,10 +126,7 @@ def position_cutoff(view: GraphView, masks: list[fx.Node]) -> str | None:
                 if source.position or source.shaped:
                     reason = _check_flip(node, _name(node), _position_symbols(masks))
             if reason is not None:
-                return (
-                    f"{reason}: a window the proof cannot check at every length of a dynamic T "
-                    "(compile with a static sequence length to prove it at that length)"
-                )
+                return f"{reason}: {_DYNAMIC_T if dynamic_t else _OTHER_SIZE}"
     return None
 
 
