@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_checkpoint_training.py              # T = 1024, 2048
     python benchmarks/cpu_checkpoint_training.py --T 4096 --reps 3
+    python benchmarks/cpu_checkpoint_training.py --learnable    # trainable decays
 
 Model: ``RetentionStack`` of bench_backend_cpu_models.py (4 layers written in the paper's
 parallel form, dim 128, 2 heads) with every layer under ``torch.utils.checkpoint``
@@ -9,6 +10,8 @@ parallel form, dim 128, 2 heads) with every layer under ``torch.utils.checkpoint
 ``inductor`` and ``rtp`` on that model, and ``inductor-no-checkpoint`` and
 ``rtp-no-checkpoint`` (the same stack without the checkpoints) to show what the checkpoints
 cost and save. One step is forward, ``sum().backward()`` and clearing the gradients.
+``--learnable`` makes each layer's log-decay a trainable parameter (its gradient then goes
+back through the layer's T x T mask; results go to checkpoint_training_learnable_<date>.md).
 
 Method: each variant runs in its own subprocess. It builds the model, runs two steps at the
 measured length (compiling), then times ``--reps`` steps and reports the median, and the peak
@@ -54,6 +57,10 @@ def _worker(spec: dict) -> dict:
             return x
 
     model = (RetentionStack if variant.endswith("-no-checkpoint") else Checkpointed)()
+    if spec.get("learnable"):
+        for layer in model.layers:
+            log_gamma = layer._buffers.pop("log_gamma")
+            layer.log_gamma = torch.nn.Parameter(log_gamma)
     backend = None if variant == "eager" else variant.split("-")[0]
     fn = model if backend is None else torch.compile(model, backend=backend)
     x = model.make_input(spec["T"]).requires_grad_()
@@ -79,6 +86,7 @@ def _worker(spec: dict) -> dict:
 
 def measure(variant: str, T: int, args) -> dict:
     spec = {"variant": variant, "T": T, "reps": args.reps, "threads": args.threads}
+    spec["learnable"] = args.learnable
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     env["MALLOC_TRIM_THRESHOLD_"] = str(128 * 1024)
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
@@ -91,10 +99,12 @@ def measure(variant: str, T: int, args) -> dict:
 
 
 def to_markdown(results: dict, args) -> str:
+    learnable = " with trainable decays" if args.learnable else ""
+    flag = " --learnable" if args.learnable else ""
     lines = [
-        f"# Training step of a checkpointed retention stack, CPU ({dt.date.today()})",
+        f"# Training step of a checkpointed retention stack{learnable}, CPU ({dt.date.today()})",
         "",
-        f"`python benchmarks/cpu_checkpoint_training.py --T {args.T} --reps {args.reps}` on "
+        f"`python benchmarks/cpu_checkpoint_training.py --T {args.T} --reps {args.reps}{flag}` on "
         f"{platform.machine()} ({os.cpu_count()} cores, {args.threads} threads), Python "
         f"{platform.python_version()}, torch {_torch_version()}. 4 layers in the paper's parallel "
         "form, dim 128, 2 heads, batch 1; each layer under torch.utils.checkpoint except in the "
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--learnable", action="store_true", help="trainable log-decays")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out-dir", default=str(HERE / "results" / "cpu"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -151,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"T={T}: " + json.dumps(results[T]), file=sys.stderr, flush=True)
     text = to_markdown(results, args)
     print(text)
-    out = Path(args.out_dir) / f"checkpoint_training_{dt.date.today():%Y%m%d}.md"
+    name = "checkpoint_training_learnable" if args.learnable else "checkpoint_training"
+    out = Path(args.out_dir) / f"{name}_{dt.date.today():%Y%m%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

@@ -272,3 +272,12 @@ def test_cpu_checkpoint_training_bench_writes_its_table(tmp_path):
     text = table.read_text()
     assert "| 16 | eager | " in text and "| 16 | rtp | " in text
     assert "exit " not in text  # NOTE: no worker failed
+
+
+def test_cpu_checkpoint_training_bench_with_learnable_decays(tmp_path):
+    bench = _script("cpu_checkpoint_training")
+    bench.main(["--T", "16", "--variants", "rtp", "--reps", "1", "--learnable",
+                "--threads", "1", "--out-dir", str(tmp_path)])  # fmt: skip
+    (table,) = tmp_path.glob("checkpoint_training_learnable_*.md")
+    text = table.read_text()
+    assert "trainable decays" in text and "| 16 | rtp | " in text and "exit " not in text
