@@ -92,10 +92,15 @@ def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) 
     if not inside or out is None:
         return None
     first = min(view.order.get(n, 0) for n in inside)
-    last = view.order.get(out, 0)
+    # NOTE: a step's new state may come after its output (a chunk step's update): the op
+    # computes both where the output was, so a write before the state counts as well
+    ends = [out, named.get(region.state_output or "")]
+    last = max(view.order.get(n, 0) for n in ends if n is not None)
     operands = [("q", region.q), ("k", region.k), ("v", region.v), ("the state", region.state)]
     reads = [(role, named.get(op.node)) for role, op in operands if op is not None]
     reads += [("a mask", named.get(m)) for m in region.masks]
+    factors = [v for _, v in (*region.pre, *region.post) if isinstance(v, str)]
+    reads += [("a factor of the scores", named.get(f)) for f in factors]
     for role, node in reads:
         if node is None:
             continue

@@ -28,6 +28,7 @@ from .graph_view import (
     ndim,
 )
 from .operands import layout, peel
+from .patterns_recurrent import state_batch_mismatch
 from .region import Operand, Region
 
 
@@ -220,6 +221,8 @@ def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
     if cross is None:
         return None
     q_decay, cross_nodes, state = cross
+    if state_batch_mismatch(state, named[region.q.node], region.q.perm, False) is not None:
+        return None  # NOTE: a state broadcast over the batch: the parallel part alone
     update = _update(view, state, region)
     if update is None:
         return None

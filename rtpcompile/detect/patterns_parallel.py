@@ -246,6 +246,12 @@ def _walk(view: GraphView, a: fx.Node, einsum_masks: list, perm) -> tuple[_Chain
         verdict = _denominator(view, x)
         if isinstance(verdict, str):
             return chain, verdict
+        if einsum_masks:
+            # NOTE: the op normalises the masked scores; here the mask comes after the division
+            return chain, (
+                "the row normaliser divides the scores before the decay mask is applied (the "
+                "mask is the value einsum's operand): the op normalises the masked scores"
+            )
         chain.normaliser, chain.normaliser_min, nodes = verdict
         chain.post += outer.factors
         chain.nodes += [x, *nodes]

@@ -31,6 +31,7 @@ from .graph_view import (
     is_state_input,
     is_tensor,
     ndim,
+    same_size,
     where,
 )
 from .operands import Layout, layout
@@ -175,7 +176,10 @@ def read_out(view: GraphView, state: fx.Node, user: fx.Node):
         total = next(iter(user.users))
         other = user.args[0] if user.args[1] is state else user.args[1]
         dims = total.args[1:] or (total.kwargs.get("dim"),)
-        if view.kind(total) == "sum" and len(dims) == 1 and isinstance(other, fx.Node):
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        # NOTE: keepdim would keep a token axis the op's squeezed output does not have
+        plain = len(dims) == 1 and isinstance(dims[0], int) and not total.kwargs.get("keepdim")
+        if view.kind(total) == "sum" and plain and isinstance(other, fx.Node):
             rank = ndim(state)
             for dim in (-2, -1):
                 q = _unsqueezed(other, -1 if dim == -2 else -2)
@@ -287,6 +291,9 @@ def _check(view, new_state, scaled, decay, outer, inputs, casts=()) -> Region:
         # NOTE: T queries reading one token's update is no recurrence over T tokens
         return base.declined("the read-out and the state update cover different token counts")
     k, v = (x, y) if contracted == -2 else (y, x)
+    mismatch = state_batch_mismatch(state, q.lay.base, q.lay.perm, q.squeezed)
+    if mismatch is not None:
+        return base.declined(mismatch)
     inside = {scaled, outer_node := new_state.args[1 - new_state.args.index(scaled)]}
     inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain + casts)
     if casts:
@@ -330,6 +337,21 @@ def _check(view, new_state, scaled, decay, outer, inputs, casts=()) -> Region:
         decay=gamma,
     )
     return region if reason is None else region.declined(reason)
+
+
+def state_batch_mismatch(state: fx.Node, q: fx.Node, perm, squeezed: bool) -> str | None:
+    """Why the state's leading dims are not q's batch and head dims (q read through ``perm``;
+    the op takes one state per batch row and head, [B, H, K, V]), or None."""
+    shape = list(example(q).shape)
+    shape = [shape[p] for p in perm] if perm else shape
+    batch = shape[:-1] if squeezed else shape[:-2]
+    lead = list(example(state).shape)[:-2]
+    if len(lead) == len(batch) and all(same_size(a, b) for a, b in zip(lead, batch, strict=True)):
+        return None
+    return (
+        f"the state's batch/head dims {[hint(d) for d in lead]} are not q's "
+        f"{[hint(d) for d in batch]} (the op takes one state per batch row and head)"
+    )
 
 
 def _tokens(row) -> object:
