@@ -165,3 +165,15 @@ class SquaredScores(ZooModule):
     def forward(self, q, k, v):
         scores = q @ k.transpose(-1, -2) * self.scale * _causal_decay(self.gamma, q.shape[2])
         return scores.square() @ v
+
+
+@negative
+class NormaliserBeforeEinsumMask(ZooModule):
+    """torchscale's row normaliser on the RAW scores, the decay applied afterwards as the value
+    einsum's third operand (the op would normalise the masked scores; claimed until 2026-11-25)."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) * self.scale
+        normalised = scores / scores.detach().sum(-1, keepdim=True).abs().clamp(min=1)
+        mask = _causal_decay(self.gamma, q.shape[2])
+        return torch.einsum("bhqk,bhkv,hqk->bhqv", normalised, v, mask)
