@@ -66,6 +66,11 @@ def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True
     validate.check_no_forward_ad(q, k, v, gamma, initial_state)
     validate.check_form(form)
     chunk = validate.check_chunk_size(chunk_size)
+    if isinstance(scale, Tensor) and torch.compiler.is_compiling():
+        # NOTE: traced, a tensor's value is data the op's float argument cannot take (an error
+        # under fullgraph and torch.export): q carries it instead (retention is linear in q)
+        validate.check_scale_tensor(scale)
+        q, scale = q * scale.reshape(()).to(q.dtype), 1.0
     scale = validate.check_scale(scale, q.shape[-1])
     # NOTE: a state nobody asked for is not computed (the parallel form skips a whole pass)
     return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk, state_out)

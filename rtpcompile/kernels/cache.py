@@ -245,9 +245,10 @@ def _persist(path: Path, entry: dict) -> bool:
         _write_atomic(path, json.dumps(entry, sort_keys=True, indent=1))
     except OSError as exc:
         write_failures += 1
+        where = path if path.is_dir() else path.parent  # NOTE: a directory in the entry's place
         _report_once(
-            f"dir:{path.parent}",
-            f"cannot write to {path.parent} ({exc}); tuned plans are kept in memory only",
+            f"dir:{where}",
+            f"cannot write to {where} ({exc}); tuned plans are kept in memory only",
             warn=True,
         )
         return False
@@ -285,6 +286,9 @@ def clear() -> int:
     removed = 0
     if d.is_dir():
         for path in d.glob("*.json"):
+            if path.is_dir() and not path.is_symlink():
+                log.warning("rtpcompile cache: %s is a directory, not an entry: left alone", path)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1

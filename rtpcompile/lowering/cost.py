@@ -286,7 +286,7 @@ def estimate(p: Problem, plan: Plan) -> float:
     if p.backend == "triton":
         return _triton_seconds(p, plan, machine)
     flops, temps, launches = _aten_costs(p, plan)
-    if plan.form == "parallel" and _parallel_bytes(p) > machine.memory:
+    if plan.form == "parallel" and not parallel_fits(p):
         return INF
     big = sum(t for t in temps if t > machine.cache)
     seconds = (
@@ -296,6 +296,14 @@ def estimate(p: Problem, plan: Plan) -> float:
         + launches * machine.launch
     )
     return 3.0 * seconds if p.phase == "bwd" else seconds
+
+
+def parallel_fits(p: Problem) -> bool:
+    """Whether the aten parallel form's T x T temporaries fit the backend's memory budget
+    (the Triton kernels hold no T x T temporaries)."""
+    if p.backend == "triton":
+        return True
+    return _parallel_bytes(p) <= MACHINES.get(p.backend, MACHINES["aten"]).memory
 
 
 def _parallel_bytes(p: Problem) -> float:

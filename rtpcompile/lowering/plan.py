@@ -232,6 +232,7 @@ def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Pl
 
 def _from_cache(key: dict, problem: Problem) -> Plan | None:
     from ..kernels import cache
+    from .cost import parallel_fits
 
     value = cache.load(key)
     if value is not None and key["spec"]["backend"] == "triton" and value["config"]:
@@ -239,6 +240,15 @@ def _from_cache(key: dict, problem: Problem) -> Plan | None:
         if reason is not None:  # e.g. written by another version or by hand: re-tune, no crash
             log.warning("rtpcompile plan: ignoring cached kernel config (%s)", reason)
             value = None
+    if value is not None and value["form"] == "parallel" and not parallel_fits(problem):
+        # NOTE: an entry serves its whole bucket (T and B*H up to 2x the tuned call's), and
+        # may come from another machine or by hand: the memory rule holds at this call's shape
+        log.warning(
+            "rtpcompile plan: ignoring a cached parallel plan for %s: its T x T temporaries "
+            "exceed the memory budget",
+            shape_text(problem),
+        )
+        value = None
     if value is None:
         counters["cache_misses"] += 1
         return None

@@ -158,18 +158,24 @@ def check_scale(scale, K: int) -> float:
     """The scale as a finite Python float; None is K**-0.5."""
     if scale is None:
         return K**-0.5
-    if isinstance(scale, torch.Tensor) and (scale.requires_grad or scale.numel() != 1):
-        raise ValueError(
-            "scale must be a Python number (a learnable scale is not supported: scale q "
-            f"instead), got a tensor of shape {_shape(scale)}"
-            + (" that requires grad" if scale.requires_grad else "")
-        )
+    if isinstance(scale, torch.Tensor):
+        check_scale_tensor(scale)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     value = float(scale)
     if not _finite(value):
         raise ValueError(f"scale must be a finite number or None, got {value}")
     return value
+
+
+def check_scale_tensor(scale: torch.Tensor) -> None:
+    """A tensor scale holds one number and takes no gradient."""
+    if scale.requires_grad or scale.numel() != 1:
+        raise ValueError(
+            "scale must be a Python number (a learnable scale is not supported: scale q "
+            f"instead), got a tensor of shape {_shape(scale)}"
+            + (" that requires grad" if scale.requires_grad else "")
+        )
 
 
 def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -> None:
@@ -277,6 +283,19 @@ def check_chunk_size(chunk_size) -> int:
     scalar: ``operator.index``) or None (0: the planner decides)."""
     if chunk_size is None:
         return 0
+    traced = torch.compiler.is_compiling() and not isinstance(chunk_size, bool)
+    if traced and isinstance(chunk_size, int):
+        # NOTE: traced, an int may be a size computed from T (``max(16, T // 4)``, which Dynamo
+        # shows as an int): checked without a guard, so it does not specialise T (one graph
+        # per length); the op checks the value again when it runs
+        torch._check(chunk_size >= 1, lambda: "chunk_size must be a positive int")
+        torch._check(chunk_size <= CHUNK_ARG_MAX, lambda: "chunk_size must be at most 2**63 - 1")
+        return chunk_size
+    if isinstance(chunk_size, torch.Tensor) and torch.compiler.is_compiling():
+        raise ValueError(
+            "chunk_size must be a Python int under torch.compile (a tensor's value is not known "
+            f"while tracing): pass int(chunk_size), got a {chunk_size.dtype} tensor"
+        )
     value = None
     if not isinstance(chunk_size, bool):
         try:
@@ -284,8 +303,11 @@ def check_chunk_size(chunk_size) -> int:
         except TypeError:
             value = None
     if value is None or not 1 <= value <= CHUNK_ARG_MAX:
-        raise ValueError(
-            f"chunk_size must be a positive int or None (an int at most 2**63 - 1), got "
-            f"{chunk_size!r}"
-        )
+        raise ValueError(_chunk_error(chunk_size))
     return value
+
+
+def _chunk_error(chunk_size) -> str:
+    return (
+        f"chunk_size must be a positive int or None (an int at most 2**63 - 1), got {chunk_size!r}"
+    )

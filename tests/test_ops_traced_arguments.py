@@ -1,0 +1,113 @@
+"""The ops' scalar arguments under torch.compile and torch.export (found 2026-11-25): a tensor
+scale, a chunk size computed from T or given as a tensor; and cache entries the planner must
+not obey blindly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from rtpcompile import ops
+from rtpcompile.lowering.reference import reference_recurrent
+
+GAMMA = torch.tensor([0.9, 0.5])
+
+
+def _qkv(t: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, t, 4, generator=gen) for _ in range(3)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class ScaledByBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.3))
+
+    def forward(self, q, k, v):
+        return ops.retention(q, k, v, GAMMA, scale=self.scale)
+
+
+def test_a_tensor_scale_compiles_with_fullgraph_and_exports():
+    """float(tensor) is data a trace cannot read: an internal Dynamo error under fullgraph and a
+    data-dependent guard in torch.export until the scale was folded into q there."""
+    q, k, v = _qkv(5)
+    want, _ = reference_recurrent(q, k, v, GAMMA, 0.3)
+    model = ScaledByBuffer()
+    got = torch.compile(model, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (q, k, v))
+    torch.testing.assert_close(exported.module()(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
+    model.scale = torch.tensor(0.6)  # NOTE: the buffer's value is read at each call
+    want, _ = reference_recurrent(q, k, v, GAMMA, 0.6)
+    torch.testing.assert_close(torch.compile(model)(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunk_size_computed_from_t_does_not_recompile_per_length():
+    """``chunk_size=max(16, T // 4)`` specialised T (one graph per length, then the recompile
+    limit); it is checked without a guard now."""
+
+    def f(q, k, v):
+        return ops.retention_chunkwise(q, k, v, GAMMA, chunk_size=max(16, q.shape[2] // 4))[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    for t in (64, 80, 96, 112, 130):
+        q, k, v = _qkv(t, seed=t)
+        want, _ = reference_recurrent(q, k, v, GAMMA, 0.5)
+        torch.testing.assert_close(compiled(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # NOTE: static, then dynamic
+
+
+def test_a_tensor_chunk_size_under_compile_is_a_clear_error():
+    q, k, v = _qkv(40)
+    eager = ops.retention_chunkwise(q, k, v, GAMMA, chunk_size=torch.tensor(16))[0]
+    assert eager.shape == (1, 2, 40, 4)  # NOTE: eagerly a torch integer is read as an int
+
+    def f(q, k, v, c):
+        return ops.retention_chunkwise(q, k, v, GAMMA, chunk_size=c)[0]
+
+    with pytest.raises(Exception, match="chunk_size must be a Python int under torch.compile"):
+        torch.compile(f, fullgraph=True)(q, k, v, torch.tensor(16))
+
+
+def test_a_cached_parallel_plan_too_big_for_this_call_is_ignored(tmp_path, monkeypatch, caplog):
+    """An entry serves a whole bucket and may be imported: the parallel form's T x T memory rule
+    holds at each call (40 GiB of temporaries here against the 2 GiB CPU budget)."""
+    from rtpcompile.kernels import cache
+    from rtpcompile.lowering import plan
+
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
+    plan.reset()
+    q, v = torch.empty(1, 8, 16384, 64), torch.empty(1, 8, 16384, 64)
+    problem = plan.problem_of(q, v, False, phase="fwd", request="auto", chunk=0, backend="aten")
+    entry = {"form": "parallel", "chunk_size": 64, "config": {}, "time_ms": 1.0}
+    assert cache.store(plan.cache_key(problem), entry | {"timings": {"parallel": 1.0}})
+    plan.reset()
+    with caplog.at_level("WARNING", logger="rtpcompile"):
+        chosen = plan.choose("auto", 16384, False, 0, q=q, v=v, tune=False)
+    assert chosen.form == "chunkwise" and chosen.source == "model"
+    assert "ignoring a cached parallel plan" in caplog.text
+    plan.reset()
+
+
+def test_cache_clear_leaves_a_directory_in_an_entry_s_place(tmp_path, monkeypatch, caplog):
+    from rtpcompile.kernels import cache
+
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RTP_CACHE", "on")
+    cache.directory().mkdir(parents=True, exist_ok=True)
+    (cache.directory() / "aaaa.json").mkdir()
+    (cache.directory() / "bbbb.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="rtpcompile"):
+        assert cache.clear() == 1
+    assert (cache.directory() / "aaaa.json").is_dir()
+    assert "is a directory, not an entry" in caplog.text
