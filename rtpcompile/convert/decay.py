@@ -3,22 +3,38 @@ is kept in (float32 at least: 1 - gamma is as small as 2**-20, below bfloat16's 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 
 
+def resolve_logit(decay, num_heads: int, head_mix: float | None = None, total: int = 0) -> Tensor:
+    """Per-head logit(gamma), float64 [num_heads], from "retnet", a sequence/tensor or a
+    callable (its values checked by ``resolve_decay``).
+
+    NOTE: RetNet's gamma_h = 1 - 2**(-5 - h) is 1.0 in float32 from h = 19 on (in float64 from
+    h = 48): its logit log(2**(5 + h) - 1) is computed in closed form, finite for every head, so
+    such heads still train (a logit of inf has no gradient)."""
+    if isinstance(decay, str) and decay == "retnet":
+        a = 5.0 + torch.arange(num_heads, dtype=torch.float64)
+        return a * math.log(2.0) + torch.log1p(-torch.exp2(-a))
+    return torch.logit(resolve_decay(decay, num_heads, head_mix, total))
+
+
 def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: int = 0) -> Tensor:
-    """Per-head gamma, float32 [num_heads], from "retnet", a sequence/tensor or a callable."""
+    """Per-head gamma, float64 [num_heads], from "retnet", a sequence/tensor or a callable."""
     if isinstance(decay, str):
         if decay != "retnet":
             raise ValueError(
                 f"decay must be 'retnet', a sequence, a tensor or a callable, got {decay!r}"
             )
-        return ops.retention_init_decay(num_heads)
+        return ops.retention_init_decay(num_heads).double()
     values = decay(num_heads) if callable(decay) else decay
-    gamma = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+    # NOTE: float64: a float32 cast made a given 1 - 1e-8 read 1.0 (and then refused it)
+    gamma = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
     if gamma.numel() == 1:
         gamma = gamma.expand(num_heads).clone()
     if gamma.shape != (num_heads,):

@@ -10,6 +10,7 @@ KL divergence to the teacher's next-token distribution.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,7 @@ def distill(
     Progress lines go to ``log`` (stderr by default) every ``log_every`` steps unless
     ``progress=False``.
     """
+    model, teacher = _uncompiled(model, "model"), _uncompiled(teacher, "teacher")
     layers = converted_layers(model)
     if not layers:
         raise ValueError("distill: model has no converted layers; call rtpcompile.retrofit first")
@@ -66,6 +68,16 @@ def distill(
         raise ValueError("distill: teacher must be a separate, unconverted copy of the model")
     if stage1_params not in ("new", "layer"):
         raise ValueError(f"stage1_params must be 'new' or 'layer', got {stage1_params!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
+        temperature <= 0
+    ):
+        raise ValueError(f"distill: temperature must be a positive number, got {temperature!r}")
+    for name, steps in (("stage1_steps", stage1_steps), ("stage2_steps", stage2_steps)):
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"distill: {name} must be an int, got {steps!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"distill: log_every must be a positive int, got {log_every!r}")
+    _check_teacher(model, teacher, layers)
     _check_data(data)
     say = _logger(progress, log)
     teacher.eval().requires_grad_(False)
@@ -80,6 +92,42 @@ def distill(
             model, teacher, batches, stage2_steps, lr2, temperature, log_every, say
         )
     return result
+
+
+def _uncompiled(module: nn.Module, role: str) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (distill hooks and reads its submodules by
+    name; train the original, then compile it)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module, layers: dict) -> None:
+    """The teacher has each converted layer's original at its path, unconverted, and computes
+    in the student's dtype."""
+    for name in layers:
+        try:
+            original = teacher.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"distill: the teacher has no module at {name!r}, where the model has a converted "
+                "layer: pass the unconverted original of the same model (copy.deepcopy before "
+                "retrofit)"
+            ) from None
+        if isinstance(original, RetrofitRetention):
+            raise ValueError(
+                f"distill: the teacher's {name!r} is converted too: pass the unconverted original "
+                "(copy.deepcopy the model before retrofit, not after)"
+            )
+    dtypes = [_float_dtype(m) for m in (model, teacher)]
+    if None not in dtypes and dtypes[0] != dtypes[1]:
+        raise ValueError(
+            f"distill: the teacher's parameters are {dtypes[1]} and the model's {dtypes[0]}: "
+            "give both one dtype (teacher.to(dtype)), the captured inputs feed the model's layers"
+        )
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _check_data(data) -> None:
@@ -125,6 +173,11 @@ def _logger(progress: bool, log: Callable[[str], None] | None) -> Callable[[str]
 
 
 def _call(model: nn.Module, batch):
+    if isinstance(batch, Tensor) and (batch.dim() != 2 or batch.is_floating_point()):
+        raise ValueError(
+            f"distill: each batch must be a [B, T] tensor of token ids (or a dict of keyword "
+            f"arguments), got a {batch.dtype} tensor of shape {tuple(batch.shape)}"
+        )
     kwargs = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
     if hasattr(model, "config") and hasattr(model, "generate"):
         kwargs.setdefault("use_cache", False)  # NOTE: Hugging Face models; no cache in training
@@ -168,6 +221,7 @@ def _stage1(model, teacher, layers, batches, steps, lr, which, log_every, say) -
             with torch.no_grad():
                 _call(teacher, next(batches))
             loss = sum(_layer_loss(layers[n], *captured[n]) for n in layers) / len(layers)
+            _check_finite(loss, 1, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -183,6 +237,15 @@ def _stage1(model, teacher, layers, batches, steps, lr, which, log_every, say) -
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return losses
+
+
+def _check_finite(loss: Tensor, stage: int, step: int) -> None:
+    """Stop before a non-finite loss reaches the parameters (one NaN step ruins them all)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"distill: stage {stage} loss is {loss.item()} at step {step}; nothing was updated "
+            "at this step (lower the learning rate, check the data and the teacher)"
+        )
 
 
 def _stage1_parameters(layers: dict[str, RetrofitRetention], which: str) -> list[nn.Parameter]:
@@ -229,6 +292,7 @@ def _stage2(model, teacher, batches, steps, lr, temperature, log_every, say) -> 
             )
             * temperature**2
         )
+        _check_finite(loss, 2, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

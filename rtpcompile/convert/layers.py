@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .cache import cache_argument, check_unpacked, key_valid, layer_slot
-from .decay import decay_dtype, param_dtype, resolve_decay
+from .decay import decay_dtype, param_dtype, resolve_logit
 from .find import AttentionSite
 from .placement import round_half_up
 from .rules import (
@@ -64,10 +64,9 @@ class RetrofitRetention(nn.Module):
         self.layer_idx = site.cache_index
         self.eps = eps
         heads = max(self.retention_heads, 1)
-        gamma = resolve_decay(decay, heads, head_mix, site.num_heads).double()
         # NOTE: the logit in float32 even for a 16-bit model: stored in bfloat16 it would move
         # 1 - gamma by up to ~1.4% (the output norm follows the model's dtype)
-        logit = torch.logit(gamma).to(decay_dtype(dtype))
+        logit = resolve_logit(decay, heads, head_mix, site.num_heads).to(decay_dtype(dtype))
         if learn_decay:
             self.decay_logit = nn.Parameter(logit)
         else:
@@ -83,7 +82,10 @@ class RetrofitRetention(nn.Module):
     def gamma(self) -> Tensor:
         """Per-head decays, float32 (float64 for a float64 logit) whatever the module dtype."""
         logit = self.decay_logit
-        return torch.sigmoid(logit.to(decay_dtype(logit.dtype)))
+        # NOTE: the sigmoid in float64: a float32 gamma of 1 - 2**-25 rounds to 1.0, and
+        # sigmoid's float32 backward y * (1 - y) is then 0, so such heads (h >= 19 of RetNet's
+        # decays) could never train; cast after it, the gradient survives
+        return torch.sigmoid(logit.double()).to(decay_dtype(logit.dtype))
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, cache, attention_mask=None) -> Tensor:
         """q [B, H, T, D], k/v [B, H_kv, T, D] (rotated) -> mixed heads [B, T, H * D].

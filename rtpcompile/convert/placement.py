@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 
 def round_half_up(x: float) -> int:
@@ -22,6 +23,13 @@ def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
     if isinstance(placement, (list, tuple, range)):
         return _explicit(num_layers, list(placement))
     count = round_half_up(ratio * num_layers)
+    if count == 0 and ratio > 0 and placement in ("front", "back"):
+        # NOTE: silently converting nothing left users puzzled at the next step (distill)
+        warnings.warn(
+            f"retrofit: ratio={ratio} of {num_layers} attention layers rounds to 0 layers: "
+            "nothing is converted (raise ratio, or pass the layer indices)",
+            stacklevel=4,
+        )
     if placement == "front":
         return list(range(count))
     if placement == "back":
@@ -33,6 +41,13 @@ def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
                 f"interleave needs a period N >= 2 ('interleave:4'), got {placement!r}"
             )
         n = int(period)
+        if n > num_layers:
+            raise ValueError(
+                f"{placement!r} on {num_layers} attention layers: no group of {n} is complete, "
+                "so every layer would be converted and none keep attention (use ratio=1.0 for "
+                "that, or a smaller N)"
+            )
+        # NOTE: a last, incomplete group is converted whole
         return [i for i in range(num_layers) if (i + 1) % n != 0]
     raise ValueError(
         "placement must be 'front', 'back', 'interleave:N' or a list of layer indices, "

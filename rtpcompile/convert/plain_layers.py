@@ -34,6 +34,13 @@ class MultiheadRetention(RetrofitRetention):
     def __init__(self, original: nn.MultiheadAttention, site: AttentionSite, **kw) -> None:
         if not original._qkv_same_embed_dim:
             raise ValueError("nn.MultiheadAttention with kdim/vdim != embed_dim is not supported")
+        if original.bias_k is not None or original.add_zero_attn:
+            # NOTE: a learned (or zero) key/value appended to every sequence: no retention
+            # equivalent, and bias_k/bias_v would drop out of the state dict
+            raise ValueError(
+                "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not "
+                "supported: the extra key/value it attends to has no retention equivalent"
+            )
         super().__init__(site, dtype=param_dtype(original), **kw)
         self.in_proj_weight = original.in_proj_weight
         self.in_proj_bias = original.in_proj_bias
@@ -79,7 +86,9 @@ class MultiheadRetention(RetrofitRetention):
 class GenericRetention(RetrofitRetention):
     """A predicate-picked module with q/k/v (or fused qkv) and an output Linear.
 
-    Called as ``module(x, *ignored)`` with x [B, T, dim] (batch first); returns a tensor.
+    Called as ``module(x, ...)`` with x [B, T, dim] (batch first); returns a tensor. Other
+    arguments that are not tensors are ignored; a tensor (a padding or attention mask) is
+    refused, since this layer would not apply it.
     """
 
     def __init__(self, original: nn.Module, site: AttentionSite, **kw) -> None:
@@ -93,6 +102,14 @@ class GenericRetention(RetrofitRetention):
             setattr(self, name, getattr(original, name))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        extra = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+        for name, value in extra:
+            if isinstance(value, Tensor):
+                raise ValueError(
+                    f"a generic converted layer applies no mask, but its call passed a tensor as "
+                    f"{name!r} (shape {tuple(value.shape)}): it would be ignored. Pass None there, "
+                    "or convert the module with a family that reads masks (see docs/retrofit.md)"
+                )
         if self._fused:
             q, k, v = getattr(self, self._fused)(x).chunk(3, dim=-1)
         else:

@@ -1,0 +1,169 @@
+"""Retrofit and distill inputs found wrong or unchecked (2026-11-25): RetNet decays for many
+heads, a generic layer handed a mask, MultiheadAttention's extra key/value, placements that
+convert nothing or everything, distill's arguments and teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from rtpcompile.convert import distill, retrofit
+from rtpcompile.convert.decay import resolve_decay, resolve_logit
+from rtpcompile.convert.placement import select_layers
+
+transformers = pytest.importorskip(
+    "transformers", reason="Hugging Face models need the transformers extra"
+)
+
+
+def _llama(heads: int = 4, kv: int = 2, hidden: int = 64, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def _ids(n=1):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 97, (2, 12), generator=gen) for _ in range(n)]
+
+
+def test_retnet_decays_of_many_heads_have_finite_trainable_logits():
+    """gamma_h = 1 - 2**(-5 - h) is 1.0 in float32 from h = 19 on: its logit was +inf (no
+    gradient), now log(2**(5 + h) - 1) in closed form."""
+    logit = resolve_logit("retnet", 32)
+    assert torch.isfinite(logit).all()
+    a = 5.0 + torch.arange(32, dtype=torch.float64)
+    torch.testing.assert_close(torch.sigmoid(logit[:12]), 1 - 2.0 ** -a[:12], rtol=0, atol=1e-15)
+    model = _llama(heads=32, kv=8, hidden=128)
+    retrofit(model, ratio=1.0)
+    layer = model.model.layers[0].self_attn
+    assert torch.isfinite(layer.decay_logit).all()
+    model(_ids()[0]).logits.square().mean().backward()
+    assert (layer.decay_logit.grad[19:] != 0).all()  # NOTE: 0 when gamma is computed in float32
+
+
+def test_a_decay_close_to_one_keeps_float64_precision():
+    """A float32 cast made 1 - 1e-8 read 1.0 and refused it."""
+    gamma = resolve_decay([0.9, 1 - 1e-8], 2)
+    assert gamma.dtype == torch.float64 and gamma[1] < 1
+
+
+class Attention(nn.Module):
+    """A plain attention the generic converter takes (picked with a predicate)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, key_padding_mask=None):
+        return self.o_proj(self.v_proj(x))  # NOTE: the body is replaced by the conversion
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+
+    def forward(self, x, mask=None):
+        return self.attn(x, key_padding_mask=mask)
+
+
+def test_a_generic_layer_refuses_a_mask_it_would_ignore():
+    net = Net()
+    retrofit(net, ratio=1.0, predicate=lambda name, m: isinstance(m, Attention))
+    x = torch.randn(1, 5, 16)
+    assert net(x).shape == (1, 5, 16)  # NOTE: None is fine
+    with pytest.raises(ValueError, match="applies no mask.*key_padding_mask"):
+        net(x, torch.zeros(1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_multihead_attention_with_an_extra_key_value_is_refused(extra):
+    """bias_k / bias_v dropped out of the state dict silently."""
+
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True, **extra)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    with pytest.raises(ValueError, match="add_bias_kv=True or add_zero_attn=True"):
+        retrofit(WithMHA(), ratio=1.0)
+
+
+def test_placements_that_convert_nothing_or_everything_say_so():
+    with pytest.warns(UserWarning, match="rounds to 0 layers"):
+        assert select_layers(4, 0.1, "front") == []
+    with pytest.raises(ValueError, match="no group of 8 is complete"):
+        select_layers(4, 0.5, "interleave:8")
+    assert select_layers(5, 0.5, "interleave:2") == [0, 2, 4]  # NOTE: the last group, whole
+
+
+def _retrofitted():
+    model = _llama()
+    teacher = copy.deepcopy(model)
+    retrofit(model, ratio=0.5)
+    return model, teacher
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0}, "temperature must be a positive number"),
+        ({"temperature": -1.0}, "temperature must be a positive number"),
+        ({"log_every": 0}, "log_every must be a positive int"),
+        ({"stage1_steps": 2.5}, "stage1_steps must be an int"),
+    ],
+)
+def test_distill_refuses_bad_arguments_before_training(kwargs, match):
+    """temperature=0 made every parameter NaN; log_every=0 a ZeroDivisionError."""
+    model, teacher = _retrofitted()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        distill(model, teacher, _ids(), stage2_steps=1, progress=False, **kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_distill_refuses_a_converted_a_mismatched_or_a_foreign_teacher():
+    model, teacher = _retrofitted()
+    with pytest.raises(ValueError, match="is converted too"):
+        distill(model, copy.deepcopy(model), _ids(), progress=False)
+    with pytest.raises(ValueError, match="bfloat16 and the model's torch.float32"):
+        distill(model, copy.deepcopy(teacher).to(torch.bfloat16), _ids(), progress=False)
+    with pytest.raises(ValueError, match="has no module at 'model.layers.0.self_attn'"):
+        distill(model, nn.Linear(2, 2), _ids(), progress=False)
+    with pytest.raises(ValueError, match=r"\[B, T\] tensor of token ids"):
+        distill(model, teacher, [torch.randint(0, 97, (8,))], progress=False)
+
+
+def test_distill_trains_the_module_inside_a_compile_wrapper():
+    model, teacher = _retrofitted()
+    result = distill(torch.compile(model), teacher, _ids(), stage1_steps=2, progress=False)
+    assert len(result.stage1) == 2
+
+
+def test_distill_stops_at_a_non_finite_loss_before_updating(monkeypatch):
+    import sys
+
+    module = sys.modules["rtpcompile.convert.distill"]  # NOTE: the package's name is the function
+
+    model, teacher = _retrofitted()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(module, "_layer_loss", lambda *a: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="stage 1 loss is nan at step 1"):
+        distill(model, teacher, _ids(), stage1_steps=3, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
