@@ -115,12 +115,19 @@ class _MaskEntries(torch.autograd.Function):
     Inductor's vectorised CPU scatter for this gather wrote out of bounds.
     """
 
+    # NOTE: torch.vmap (a region inside a vmapped function) needs the setup_context form
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, mask, rows, cols, k: int):
+    def forward(mask, rows, cols, k: int):
+        return mask[..., rows, cols]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mask, rows, cols, k = inputs
         ctx.save_for_backward(rows[[0, k]], cols[[0, k]])
         ctx.shape, ctx.k = mask.shape, k
         ctx.diagonal = rows.shape[0] > 2 * k
-        return mask[..., rows, cols]
 
     @staticmethod
     def backward(ctx, grad):

@@ -188,3 +188,99 @@ def test_recurrent_read_outs_the_op_cannot_express_decline(read, q_shape, recwar
 def test_the_usual_recurrent_read_out_is_still_claimed():
     _matches_float64(RecurrentStep("sum"), _inputs((B, H, K), (B, H, K), (B, H, V), (B, H, K, V)))
     assert backend.counters["regions_claimed"] == 1
+
+
+class FrozenPattern(nn.Module):
+    """The scores (an attention pattern) computed under no_grad, the value product with grad."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("g", _gamma())
+
+    def forward(self, q, k, v):
+        if self.how == "no_grad":
+            with torch.no_grad():
+                a = q @ k.transpose(-1, -2) * _decay(q.shape[-2], self.g)
+        else:
+            torch.set_grad_enabled(False)
+            s = q @ k.transpose(-1, -2)
+            torch.set_grad_enabled(True)
+            a = s * _decay(q.shape[-2], self.g)
+        return a @ v
+
+
+@pytest.mark.parametrize("how", ["no_grad", "set_grad_enabled"])
+def test_a_region_partly_under_no_grad_declines(how):
+    """The op ran at the value product under grad mode: q and k got gradients eager leaves
+    None (a frozen pattern trained silently)."""
+    inputs = _inputs((B, H, C, K), (B, H, C, K), (B, H, C, V))
+    out = torch.compile(FrozenPattern(how), backend="rtp", dynamic=False)(*inputs)
+    out.sum().backward()
+    q, k, v = inputs
+    assert q.grad is None and k.grad is None and v.grad is not None
+    assert backend.counters["regions_claimed"] == 0
+
+
+class StepWithFrozenUpdate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("g", _gamma().view(H, 1, 1))
+
+    def forward(self, q, k, v, state):
+        with torch.no_grad():
+            new = self.g * state + k.unsqueeze(-1) * v.unsqueeze(-2)
+        return (q.unsqueeze(-1) * new).sum(-2), new
+
+
+def test_a_recurrent_step_with_its_update_under_no_grad_declines():
+    """The op sat at the new state, inside the no-grad span, and its read-out lost q's
+    gradient (eager gives one)."""
+    inputs = _inputs((B, H, K), (B, H, K), (B, H, V), (B, H, K, V))
+    o, _ = torch.compile(StepWithFrozenUpdate(), backend="rtp", dynamic=False)(*inputs)
+    assert o.requires_grad
+    o.sum().backward()
+    assert inputs[0].grad is not None and inputs[1].grad is None
+    assert backend.counters["regions_claimed"] == 0
+
+
+class NarrowScores(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("g", _gamma())
+
+    def forward(self, q, k, v):
+        if self.how == "half scores":
+            s = (q @ k.transpose(-1, -2)).half().float()
+        else:
+            s = (q.bfloat16() @ k.bfloat16().transpose(-1, -2)).float()
+        return (s * _decay(q.shape[-2], self.g)) @ v
+
+
+@pytest.mark.parametrize("how", ["half scores", "bfloat16 product"])
+def test_scores_rounded_to_a_narrower_dtype_decline(how):
+    """Eager rounds the scores there; the op kept float32 (3.5e-4 and 2.6e-3 relative off)."""
+    inputs = _inputs((B, H, C, K), (B, H, C, K), (B, H, C, V), grad=False)
+    with torch.no_grad():
+        torch.compile(NarrowScores(how), backend="rtp", dynamic=False)(*inputs)
+    assert backend.counters["regions_claimed"] == 0
+
+
+class Vmapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("g", _gamma())
+
+    def forward(self, q, k, v):
+        def one(q, k, v):  # NOTE: one example, [H, T, D]
+            return (q @ k.transpose(-1, -2) * _decay(q.shape[1], self.g)) @ v
+
+        return torch.vmap(one)(q, k, v)
+
+
+def test_retention_inside_vmap_is_claimed_and_trains():
+    """The glue's autograd.Function had no setup_context, which functorch needs: Inductor's
+    compile failed (BackendCompilerFailed), with or without grad."""
+    _matches_float64(Vmapped(), _inputs((B, H, C, K), (B, H, C, K), (B, H, C, V)))
+    assert backend.counters["regions_claimed"] == 1

@@ -23,6 +23,7 @@ from .patterns_native import find_native
 from .patterns_parallel import find_parallel
 from .patterns_recurrent import find_recurrent
 from .region import Operand, Region
+from .region_checks import grad_mode_inside, narrowing_cast
 
 __all__ = ["Operand", "Region", "counters", "find_regions"]
 
@@ -86,8 +87,12 @@ def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
         if region.claimed and used & set(region.nodes):
             region = region.declined("overlaps another claimed region")
         if region.claimed and not region.native:
-            written = written_between(view, region, named)
-            region = region if written is None else region.declined(written)
+            why = (
+                written_between(view, region, named)
+                or grad_mode_inside(view, region, named)
+                or narrowing_cast(region, named)
+            )
+            region = region if why is None else region.declined(why)
         if region.claimed:
             used |= set(region.nodes)
         regions.append(subgraphs.localize(flat, region))

@@ -1,0 +1,80 @@
+"""What eager does inside a region that the op would not: a grad-mode switch, a narrowing cast.
+
+The op replaces the whole region with one call, placed where the region's output (or new
+state) was, under the grad mode there, on the operands before their casts. So a region part of
+which runs under ``torch.no_grad()`` (the scores of a frozen attention pattern) would give q and
+k gradients eager leaves None, or drop the gradient of a read-out outside the no-grad span; and a
+cast to a narrower float dtype inside the region (``(q @ kᵀ).half().float()``) rounds what eager
+multiplies, where the op keeps the wider values (closer to exact, but not eager's result).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph_view import GraphView, example, is_tensor, kind_of
+from .region import Region
+
+_GRAD_MODE = {torch._C._set_grad_enabled}
+
+
+def _span(view: GraphView, region: Region, named: dict) -> tuple[int, int] | None:
+    inside = [named[n] for n in region.nodes if n in named]
+    ends = [named.get(region.output or ""), named.get(region.state_output or "")]
+    ends = [n for n in ends if n is not None]
+    if not inside or not ends:
+        return None
+    order = view.order
+    return min(order.get(n, 0) for n in inside), max(order.get(n, 0) for n in ends)
+
+
+def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None:
+    """Why the region is declined: a grad-mode switch between its first node and its output
+    or new state; None when there is none."""
+    span = _span(view, region, named)
+    if span is None:
+        return None
+    first, last = span
+    for node in view.nodes[first : last + 1]:
+        if node.op == "call_function" and node.target in _GRAD_MODE:
+            return (
+                "part of it runs under another grad mode (torch.no_grad / set_grad_enabled "
+                "switches inside the region): the op runs under one mode, so q, k or the decay "
+                "would get gradients eager leaves None, or lose ones eager gives"
+            )
+    return None
+
+
+def narrowing_cast(region: Region, named: dict) -> str | None:
+    """Why the region is declined: a cast inside it to a float dtype of lower precision, or a
+    value inside it computed in a less precise dtype than the region's output (``(q.bfloat16()
+    @ k.bfloat16().mT).float()``: eager rounds the scores). The mask's own casts are not region
+    nodes: the proof reads the wider mask on purpose."""
+    out = example(named.get(region.output or ""))
+    if is_tensor(out) and out.is_floating_point():
+        for name in region.nodes:
+            value = example(named.get(name))
+            if is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                if torch.finfo(value.dtype).eps > torch.finfo(out.dtype).eps:
+                    return (
+                        f"{name} inside it is computed in {value.dtype}, the region's output in "
+                        f"{out.dtype}: eager rounds there and the op would not (cast q, k and v "
+                        "before the region, or compute it under autocast)"
+                    )
+    for name in region.nodes:
+        node = named.get(name)
+        if node is None or kind_of(node) != "cast" or not node.args:
+            continue
+        src = node.args[0]
+        after, before = example(node), example(src) if isinstance(src, fx.Node) else None
+        if not (is_tensor(after) and is_tensor(before)):
+            continue
+        if after.is_floating_point() and before.is_floating_point():
+            if torch.finfo(after.dtype).eps > torch.finfo(before.dtype).eps:
+                return (
+                    f"a cast inside it ({name}) narrows {before.dtype} to {after.dtype}: eager "
+                    "rounds there and the op would not (cast q, k and v before the region, or "
+                    "compute it under autocast)"
+                )
+    return None
