@@ -82,6 +82,21 @@ def triton_on_cpu(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def fresh_compile():
+    """Dynamo's caches and the backend's counters cleared before and after the test (each test
+    compiles new module instances and reads the counters of its own compiles)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from rtpcompile.backend import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    dynamo_counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def inductor_graphs(monkeypatch):
     """Inductor's compile_fx replaced by the (rewritten) graph run eagerly: fast, and the test
     can inspect every graph module Inductor would have received (the list yielded)."""

@@ -15,12 +15,7 @@ import rtpcompile.backend as backend
 B, H, C, K, V = 2, 3, 7, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    backend.counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def _gamma():

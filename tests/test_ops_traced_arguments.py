@@ -20,12 +20,7 @@ def _qkv(t: int, seed: int = 0):
     return [torch.randn(1, 2, t, 4, generator=gen) for _ in range(3)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 class ScaledByBuffer(nn.Module):

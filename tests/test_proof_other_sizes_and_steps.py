@@ -10,13 +10,7 @@ from torch import nn
 
 import rtpcompile.backend as backend
 
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    backend.counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def _qkv(b: int, t: int, seed: int):
