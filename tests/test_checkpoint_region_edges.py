@@ -268,7 +268,7 @@ def test_a_recurrent_step_in_a_compile_region_is_claimed(aot_eager_graphs):  # n
     assert [op_calls(body) for body in _bodies(gm)] == [1, 1]  # NOTE: one body, two calls
 
 
-def test_a_learnable_mask_is_not_built_outside_the_checkpoint():
+def test_a_learnable_mask_is_not_built_outside_the_checkpoint(fresh_compile):
     """Built before the call (to read gamma there), a mask that takes a gradient left its
     [H, T, T] intermediates saved for the backward outside the checkpoint (two float32 buffers
     per layer for ``rtpcompile.nn``'s learnable decay); read inside, the forward allocates none
@@ -289,7 +289,6 @@ def test_a_learnable_mask_is_not_built_outside_the_checkpoint():
                 x = checkpoint(block, x, None, 0, use_reentrant=False)
             return x
 
-    torch._dynamo.reset()
     T = 300
     model = Checkpointed()
 
@@ -299,7 +298,6 @@ def test_a_learnable_mask_is_not_built_outside_the_checkpoint():
         return out
 
     _, (forward, *_) = run_and_get_code(step)
-    torch._dynamo.reset()
     assert backend.counters["regions_claimed"] == 2
     assert f"(4, {T}, {T})" not in forward
     assert model.lm.blocks[0].mixer.decay_logit.grad.abs().sum() > 0
