@@ -241,6 +241,12 @@ def test_bad_inputs_are_rejected_before_any_collective():
     assert shard_lengths(10, 4) == [3, 3, 2, 2]
     with pytest.raises(ValueError, match="sum to"):
         shard_sequence(torch.zeros(1, 5), 0, [2, 2])
+    from rtpcompile.distributed import context_parallel_forward
+    from rtpcompile.nn import RTPHybridLM
+
+    model = RTPHybridLM(vocab_size=32, dim=16, num_layers=2, num_heads=2)
+    with pytest.raises(ValueError, match=r"\[B, T_r\] token ids, got \(5,\)"):
+        context_parallel_forward(model, torch.randint(0, 32, (5,)))  # NOTE: was an IndexError
 
 
 # Rank 1 deviates from rank 0 in one way; every rank must raise ValueError (no abort, no hang).

@@ -231,3 +231,17 @@ def test_missing_torch_mlir_is_an_import_error_naming_the_install(monkeypatch):
         mlir.torch_mlir_fx.cache_clear()
     with pytest.raises(ValueError, match="dialect must be one of"):
         mlir.import_program(None, "llvm")
+
+
+def test_quadratic_tensor_types_flags_dynamic_square_types():
+    """In MLIR text a dynamic dim is only '?': a dynamic-T module's T x T tensors were never
+    listed (the check could not fail); now a type with two dynamic dims is listed, marked."""
+    text = "%0 = x : tensor<1x2x?x?xf32>\n%1 = y : tensor<?x8xf32>\n%2 : !torch.vtensor<[?,-1],f32>"
+    found = quadratic_tensor_types(text, 40)
+    assert found == [
+        "tensor<1x2x?x?xf32> (dynamic: may be T x T)",
+        "vtensor<[?,-1] (dynamic: may be T x T)",
+    ]
+    assert quadratic_tensor_types("tensor<1x40x40xf32> tensor<40x8xf32>", 40) == [
+        "tensor<1x40x40xf32>"
+    ]

@@ -247,6 +247,10 @@ def context_parallel_forward(
     cached decoding: a mixer called with a state or a cache (``state``, ``return_state``,
     ``past``, ``return_kv``) raises ValueError.
     """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        # NOTE: before the lengths collective the other ranks wait in
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be this rank's [B, T_r] token ids, got {shape}")
     rank, _ = group_rank_and_size(group)
     lengths = all_gather_lengths(input_ids.shape[1], input_ids.device, group)
     with _sharded_mixers(model, _ShardInfo(group, lengths, rank)):

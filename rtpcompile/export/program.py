@@ -170,10 +170,15 @@ _TENSOR_TYPE = re.compile(r"tensor<([0-9?x]+)x[a-z]+[0-9]*>|vtensor<\[([0-9?,\-]
 
 def quadratic_tensor_types(mlir_text: str, seq_len: int) -> list[str]:
     """MLIR tensor types (builtin ``tensor<AxBxf32>`` or ``!torch.vtensor<[A,B],f32>``) with two
-    dims equal to ``seq_len``."""
+    dims equal to ``seq_len``; with a dynamic T, also the types with two dynamic dims (``?`` or
+    ``-1``), marked "(dynamic: may be T x T)": the text does not say which symbol a ``?`` is (a
+    chunkwise module's N x N chunk matrix reads the same; ``quadratic_node_shapes`` on the
+    program knows)."""
     found = set()
     for match in _TENSOR_TYPE.finditer(mlir_text):
         dims = re.split(r"[x,]", match.group(1) or match.group(2))
         if dims.count(str(seq_len)) >= 2:
             found.add(match.group(0))
+        elif sum(d.strip() in ("?", "-1", str(seq_len)) for d in dims) >= 2:
+            found.add(f"{match.group(0)} (dynamic: may be T x T)")
     return sorted(found)
