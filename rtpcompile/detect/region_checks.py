@@ -47,21 +47,11 @@ def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None
 
 
 def narrowing_cast(region: Region, named: dict) -> str | None:
-    """Why the region is declined: a cast inside it to a float dtype of lower precision, or a
-    value inside it computed in a less precise dtype than the region's output (``(q.bfloat16()
-    @ k.bfloat16().mT).float()``: eager rounds the scores). The mask's own casts are not region
-    nodes: the proof reads the wider mask on purpose."""
-    out = example(named.get(region.output or ""))
-    if is_tensor(out) and out.is_floating_point():
-        for name in region.nodes:
-            value = example(named.get(name))
-            if is_tensor(value) and value.is_floating_point() and value.dim() > 0:
-                if torch.finfo(value.dtype).eps > torch.finfo(out.dtype).eps:
-                    return (
-                        f"{name} inside it is computed in {value.dtype}, the region's output in "
-                        f"{out.dtype}: eager rounds there and the op would not (cast q, k and v "
-                        "before the region, or compute it under autocast)"
-                    )
+    """Why the region is declined: a cast inside it to a float dtype of lower precision. A
+    value computed narrow and widened (``(q.bfloat16() @ k.bfloat16().mT).float()``, a bf16
+    outer product ``.float()`` into a float32 state) is claimed: the op computes it wider,
+    closer to exact than eager (docs/zoo.md). The mask's own casts are not region nodes: the
+    proof reads the wider mask on purpose."""
     for name in region.nodes:
         node = named.get(name)
         if node is None or kind_of(node) != "cast" or not node.args:
