@@ -60,7 +60,7 @@ def distill(
     Progress lines go to ``log`` (stderr by default) every ``log_every`` steps unless
     ``progress=False``.
     """
-    model, teacher = _uncompiled(model, "model"), _uncompiled(teacher, "teacher")
+    model, teacher = _uncompiled(model), _uncompiled(teacher)
     layers = converted_layers(model)
     if not layers:
         raise ValueError("distill: model has no converted layers; call rtpcompile.retrofit first")
@@ -94,7 +94,7 @@ def distill(
     return result
 
 
-def _uncompiled(module: nn.Module, role: str) -> nn.Module:
+def _uncompiled(module: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper holds (distill hooks and reads its submodules by
     name; train the original, then compile it)."""
     inner = getattr(module, "_orig_mod", None)
