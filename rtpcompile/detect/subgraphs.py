@@ -102,7 +102,7 @@ def _as_traced(placeholder: fx.Node, value):
     to a body that it traced, at its first call, with that float wrapped in a 0-d tensor."""
     example = placeholder.meta.get("example_value")
     if isinstance(example, torch.Tensor) and isinstance(value, (int, float)):
-        return torch.tensor(value, dtype=example.dtype)
+        return torch.tensor(value, dtype=example.dtype, device=example.device)
     return value
 
 
