@@ -70,6 +70,7 @@ def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True
         # NOTE: traced, a tensor's value is data the op's float argument cannot take (an error
         # under fullgraph and torch.export): q carries it instead (retention is linear in q)
         validate.check_scale_tensor(scale)
+        torch._assert_async(torch.isfinite(scale).all(), "scale must be a finite number")
         q, scale = q * scale.reshape(()).to(q.dtype), 1.0
     scale = validate.check_scale(scale, q.shape[-1])
     # NOTE: a state nobody asked for is not computed (the parallel form skips a whole pass)

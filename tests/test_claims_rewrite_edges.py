@@ -289,3 +289,30 @@ def test_retention_inside_vmap_is_claimed_and_trains():
     compile failed (BackendCompilerFailed), with or without grad."""
     _matches_float64(Vmapped(), _inputs((B, H, C, K), (B, H, C, K), (B, H, C, V)))
     assert backend.counters["regions_claimed"] == 1
+
+
+class FrozenValues(nn.Module):
+    """v from a frozen layer under no_grad, between the scores and the value product: no node
+    of the region runs under another mode, so it is claimed."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("g", _gamma())
+        self.lin = nn.Linear(V, V)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) * _decay(q.shape[-2], self.g)
+        with torch.no_grad():
+            v = self.lin(v)
+        return scores @ v
+
+
+def test_a_no_grad_span_outside_the_region_s_nodes_does_not_decline():
+    q, k, v = _inputs((B, H, C, K), (B, H, C, K), (B, H, C, V))
+    model = FrozenValues()
+    want = model(q, k, v)
+    got = torch.compile(model, backend="rtp", dynamic=False)(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert q.grad is not None and v.grad is None
+    assert backend.counters["regions_claimed"] == 1

@@ -106,3 +106,40 @@ def test_cache_clear_leaves_a_directory_in_an_entry_s_place(tmp_path, monkeypatc
         assert cache.clear() == 1
     assert (cache.directory() / "aaaa.json").is_dir()
     assert "is a directory, not an entry" in caplog.text
+
+
+def test_a_memoised_parallel_plan_is_checked_at_each_call_s_shape(monkeypatch):
+    """The plan memo is per bucket: a parallel plan a smaller call (T = 33) took from the cache
+    was reused for T = 64 of the same bucket, where its temporaries exceed the budget."""
+    import dataclasses
+
+    from rtpcompile.kernels import cache
+    from rtpcompile.lowering import cost, plan
+
+    def bytes_at(t):
+        return 4.0 * t * t * 5  # NOTE: B = H = 1: the aten parallel form's temporaries
+
+    budget = dataclasses.replace(cost.MACHINES["aten"], memory=int(bytes_at(40)))
+    monkeypatch.setitem(cost.MACHINES, "aten", budget)
+    monkeypatch.setattr(
+        cache, "load", lambda key: {"form": "parallel", "chunk_size": 64, "config": {}}
+    )
+    plan.reset()
+
+    def problem(t):
+        return plan.Problem(1, 1, t, 16, 16, "float32", "cpu", "aten", False)
+
+    assert plan.plan_for(problem(33)).form == "parallel"
+    assert plan.plan_for(problem(64)).form == "chunkwise"
+    plan.reset()
+
+
+def test_a_non_finite_tensor_scale_raises_when_compiled():
+    """Folded into q when traced, the scale skipped check_scale's finiteness test (NaN outputs)."""
+    q, k, v = _qkv(5)
+
+    def f(q, k, v, s):
+        return ops.retention(q, k, v, GAMMA, scale=s)
+
+    with pytest.raises(RuntimeError, match="scale must be a finite number"):
+        torch.compile(f, fullgraph=True)(q, k, v, torch.tensor(float("nan")))

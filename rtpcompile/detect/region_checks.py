@@ -19,30 +19,25 @@ from .region import Region
 _GRAD_MODE = {torch._C._set_grad_enabled}
 
 
-def _span(view: GraphView, region: Region, named: dict) -> tuple[int, int] | None:
-    inside = [named[n] for n in region.nodes if n in named]
-    ends = [named.get(region.output or ""), named.get(region.state_output or "")]
-    ends = [n for n in ends if n is not None]
-    if not inside or not ends:
-        return None
-    order = view.order
-    return min(order.get(n, 0) for n in inside), max(order.get(n, 0) for n in ends)
-
-
 def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None:
-    """Why the region is declined: a grad-mode switch between its first node and its output
-    or new state; None when there is none."""
-    span = _span(view, region, named)
-    if span is None:
-        return None
-    first, last = span
-    for node in view.nodes[first : last + 1]:
-        if node.op == "call_function" and node.target in _GRAD_MODE:
-            return (
-                "part of it runs under another grad mode (torch.no_grad / set_grad_enabled "
-                "switches inside the region): the op runs under one mode, so q, k or the decay "
-                "would get gradients eager leaves None, or lose ones eager gives"
-            )
+    """Why the region is declined: its nodes (its output and new state included) run under
+    different grad modes (a ``_set_grad_enabled`` switch between them); None when they do not.
+    A switch around something else between them (a frozen layer making v) does not count."""
+    members = {named[n] for n in region.nodes if n in named}
+    members |= {named[n] for n in (region.output, region.state_output) if n in named}
+    # NOTE: the mode the graph was entered with: Dynamo guards on it and compiles under it
+    mode, modes = torch.is_grad_enabled(), set()
+    for node in view.nodes:
+        if node.op == "call_function" and node.target in _GRAD_MODE and node.args:
+            mode = bool(node.args[0])
+        elif node in members:
+            modes.add(mode)
+    if len(modes) > 1:
+        return (
+            "part of it runs under another grad mode (torch.no_grad / set_grad_enabled "
+            "switches inside the region): the op runs under one mode, so q, k or the decay "
+            "would get gradients eager leaves None, or lose ones eager gives"
+        )
     return None
 
 

@@ -214,7 +214,8 @@ def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Pl
     memo_key = (next_pow2(p.T), next_pow2(p.B * p.H), p.K, p.V, p.dtype, p.device, p.backend,
                 p.has_state, p.phase, p.request, p.chunk, p.state_out, tune, threads)  # fmt: skip
     found = None if force else _memo.get(memo_key)
-    if found is not None:
+    # NOTE: the memo is per bucket: a parallel plan a smaller call of it took may not fit this one
+    if found is not None and (found.form != "parallel" or _parallel_fits(p)):
         return found
     from . import tune as _tune
 
@@ -230,9 +231,14 @@ def plan_for(problem: Problem, *, tune: bool = False, force: bool = False) -> Pl
     return found
 
 
+def _parallel_fits(problem: Problem) -> bool:
+    from .cost import parallel_fits  # NOTE: cost imports this module
+
+    return parallel_fits(problem)
+
+
 def _from_cache(key: dict, problem: Problem) -> Plan | None:
     from ..kernels import cache
-    from .cost import parallel_fits
 
     value = cache.load(key)
     if value is not None and key["spec"]["backend"] == "triton" and value["config"]:
@@ -240,7 +246,7 @@ def _from_cache(key: dict, problem: Problem) -> Plan | None:
         if reason is not None:  # e.g. written by another version or by hand: re-tune, no crash
             log.warning("rtpcompile plan: ignoring cached kernel config (%s)", reason)
             value = None
-    if value is not None and value["form"] == "parallel" and not parallel_fits(problem):
+    if value is not None and value["form"] == "parallel" and not _parallel_fits(problem):
         # NOTE: an entry serves its whole bucket (T and B*H up to 2x the tuned call's), and
         # may come from another machine or by hand: the memory rule holds at this call's shape
         log.warning(
