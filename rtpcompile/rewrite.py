@@ -569,12 +569,10 @@ def _hoisted(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: Re
     return dataclasses.replace(region, masks=tuple(names), mask_kind="given", mask_axes=())
 
 
-def _checkpoint_of(node: fx.Node) -> str | None:
-    """The body attribute a ``tag_activation_checkpoint`` call runs, or None."""
+def _body_of(node: fx.Node, hop: str) -> str | None:
+    """The body attribute a call of the higher-order op named ``hop`` runs, or None."""
     name = getattr(node.target, "name", None)
-    if node.op != "call_function" or not callable(name) or not node.args:
-        return None
-    if name() != "tag_activation_checkpoint":
+    if node.op != "call_function" or not callable(name) or not node.args or name() != hop:
         return None
     return getattr(node.args[0], "target", None)
 
@@ -598,10 +596,7 @@ def _rename_subgraph(gm: fx.GraphModule, attr: str, path: str) -> None:
     called (at the top level and inside a checkpoint's body, say), so a body rewritten in one
     place would otherwise run in the others too, where its regions may have been declined."""
     for node in gm.graph.nodes:
-        name = getattr(node.target, "name", None)
-        if node.op != "call_function" or not callable(name) or name() != "invoke_subgraph":
-            continue
-        if len(node.args) > 1 and getattr(node.args[0], "target", None) == attr:
+        if _body_of(node, "invoke_subgraph") == attr and len(node.args) > 1:
             node.args = (node.args[0], f"{node.args[1]}_rtp_{path}", *node.args[2:])
 
 
@@ -647,7 +642,7 @@ def rewrite(
     for attr, found in _by_body(gm, regions).items():
         body = own_body(gm, attr)
         _rename_subgraph(gm, attr, f"{_path}{attr}")
-        calls = [n for n in gm.graph.nodes if _checkpoint_of(n) == attr]
+        calls = [n for n in gm.graph.nodes if _body_of(n, "tag_activation_checkpoint") == attr]
         if len(calls) == 1:  # NOTE: one call (a shared body would need every call's operands)
             found = [r if r.scope else _hoisted(gm, calls[0], body, r) for r in found]
         # NOTE: "_", not ".": AOTAutograd registers the identifier as a module name

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decay import param_dtype
 from .layers import RetrofitRetention
 
 
@@ -118,16 +119,12 @@ def _check_teacher(model: nn.Module, teacher: nn.Module, layers: dict) -> None:
                 f"distill: the teacher's {name!r} is converted too: pass the unconverted original "
                 "(copy.deepcopy the model before retrofit, not after)"
             )
-    dtypes = [_float_dtype(m) for m in (model, teacher)]
-    if None not in dtypes and dtypes[0] != dtypes[1]:
+    dtypes = [param_dtype(m) for m in (model, teacher)]
+    if dtypes[0] != dtypes[1]:
         raise ValueError(
             f"distill: the teacher's parameters are {dtypes[1]} and the model's {dtypes[0]}: "
             "give both one dtype (teacher.to(dtype)), the captured inputs feed the model's layers"
         )
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _check_data(data) -> None:
