@@ -86,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         if self.rotary:
             q, k = rotate_qk(q, k, offset, self.rope_base)
         if past is not None:
-            _check_past(past, B, self.num_heads, self.head_dim)
+            _check_past(past, B, self.num_heads, self.head_dim, offset)
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         y = _causal_attention(q, k, v)
@@ -96,9 +96,19 @@ class CausalSelfAttention(nn.Module):
         return (y, (k, v)) if return_kv or past is not None else y
 
     def forward_cached(self, x: Tensor, layer_cache: LayerCache, offset: int) -> Tensor:
-        """Run with a layer cache: append this call's keys and values to it."""
+        """Run with a layer cache: append this call's keys and values to it.
+
+        ``offset`` 0 starts the sequence (keys already in the cache are replaced); ``offset`` > 0
+        continues it and needs the keys and values of those ``offset`` positions in the cache.
+        """
         past = None
-        if offset > 0 and layer_cache.keys is not None:
+        if offset > 0:
+            if layer_cache.keys is None or layer_cache.values is None:
+                raise ValueError(
+                    f"the cache has no attention keys/values for this layer, but offset={offset} "
+                    f"earlier positions should be in it (cache kind {layer_cache.kind!r}): "
+                    f"build the cache with model.new_cache(batch) and fill it from position 0"
+                )
             past = (layer_cache.keys, layer_cache.values)
         out, (keys, values) = self(x, past, offset, return_kv=True)
         # NOTE: contiguous, like the concatenations of later calls: a prefill's transposed views
@@ -113,7 +123,10 @@ def _contiguous(x: Tensor) -> Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _check_past(past, B: int, H: int, D: int) -> None:
+def _check_past(past, B: int, H: int, D: int, offset: int) -> None:
+    """(keys, values) of shape [B, H, P, D] each, with P == offset: the cache holds every earlier
+    position (the rotary positions of the new tokens start at ``offset``). Lengths that are
+    SymInts under torch.compile are not compared: that would install a guard."""
     if not (isinstance(past, (tuple, list)) and len(past) == 2):
         raise ValueError(f"past must be (keys, values) of shape [{B}, {H}, P, {D}], got {past!r}")
     for name, t in zip(("keys", "values"), past, strict=True):
@@ -121,6 +134,23 @@ def _check_past(past, B: int, H: int, D: int) -> None:
         if not ok or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"past {name} must have shape [{B}, {H}, P, {D}], got {shape}")
+    p_keys, p_values = past[0].shape[2], past[1].shape[2]
+    if _symbolic(p_keys, p_values, offset):
+        return
+    if p_keys != p_values:
+        raise ValueError(
+            f"past keys and values must hold the same number of positions P, got {p_keys} keys "
+            f"and {p_values} values"
+        )
+    if p_keys != offset:
+        raise ValueError(
+            f"past holds {p_keys} positions, so offset (the position of the first new token) must "
+            f"be {p_keys}, got offset={offset}"
+        )
+
+
+def _symbolic(*sizes) -> bool:
+    return any(isinstance(n, torch.SymInt) for n in sizes)
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

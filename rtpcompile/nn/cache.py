@@ -48,7 +48,10 @@ class HybridCache:
     """Per-layer caches plus the number of positions already consumed (``seq_len``).
 
     Build it with ``model.new_cache(batch)``; ``model(ids, cache=cache)`` prefills it and every
-    later call continues the sequence from position ``cache.seq_len``.
+    later call continues the sequence from position ``cache.seq_len``. The model checks that a
+    cache is its own (layer kinds, batch). There is no reset/crop/``.to()``: build a new cache, or
+    keep references to the layers' tensors (calls replace them, never write into them) and
+    assign them back, with ``seq_len``, to roll back.
     """
 
     def __init__(self, layers: list[LayerCache], batch_size: int) -> None:

@@ -27,7 +27,7 @@ from ._checks import (
     check_positive_number,
 )
 from .block import FFNS, NORMS, RTPBlock, make_norm
-from .cache import HybridCache
+from .cache import HybridCache, LayerCache
 
 LAYOUTS = ("A", "B", "C")
 
@@ -144,14 +144,10 @@ class RTPHybridLM(nn.Module):
         and the cache is updated: an empty cache is prefilled (parallel retention, full K/V),
         a filled one is extended (recurrent retention, appended K/V).
         """
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(
-                f"expected integer input_ids of shape [B, T], got {tuple(input_ids.shape)} "
-                f"{input_ids.dtype}"
-            )
+        _check_input_ids(input_ids)
         offset = 0
         if cache is not None:
-            _check_cache(cache, input_ids, len(self.blocks))
+            _check_cache(cache, input_ids, self.layer_types)
             offset = cache.seq_len
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
@@ -218,7 +214,32 @@ def _make_block(cfg: RTPConfig, kind: str, retention_heads: int) -> RTPBlock:
     )
 
 
-def _check_cache(cache: HybridCache, input_ids: Tensor, num_layers: int) -> None:
+# NOTE: the token ids nn.Embedding takes (bool, uint8, int16 ... fail deep inside it)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_input_ids(input_ids) -> None:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(
+            f"input_ids must be a tensor of token ids [B, T], got {type(input_ids).__name__}"
+        )
+    if input_ids.dim() != 2 or input_ids.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"expected integer input_ids of shape [B, T] (torch.long or torch.int32), got "
+            f"{tuple(input_ids.shape)} {input_ids.dtype}"
+        )
+
+
+def _check_cache(cache: HybridCache, input_ids: Tensor, layer_types: list[str]) -> None:
+    """The cache must be this model's: one LayerCache per layer, of that layer's kind, for this
+    batch. Python metadata only (no tensor values): under torch.compile these checks become
+    guards on the cache object, not graph breaks."""
+    if not isinstance(cache, HybridCache):
+        raise TypeError(
+            f"cache must be a HybridCache (build it with model.new_cache(batch)), got "
+            f"{type(cache).__name__}"
+        )
+    num_layers = len(layer_types)
     if len(cache) != num_layers:
         raise ValueError(f"cache has {len(cache)} layers, expected {num_layers}")
     if cache.batch_size != input_ids.shape[0]:
@@ -226,6 +247,16 @@ def _check_cache(cache: HybridCache, input_ids: Tensor, num_layers: int) -> None
             f"cache was built for batch {cache.batch_size}, got input_ids with batch "
             f"{input_ids.shape[0]}"
         )
+    for i, (layer, kind) in enumerate(zip(cache.layers, layer_types, strict=True)):
+        if not isinstance(layer, LayerCache):
+            raise TypeError(f"cache layer {i} must be a LayerCache, got {type(layer).__name__}")
+        if layer.kind != kind:
+            got = [getattr(lc, "kind", type(lc).__name__) for lc in cache.layers]
+            raise ValueError(
+                f"cache layer {i} is of kind {layer.kind!r} but the model's layer {i} is "
+                f"{kind!r}: the cache was built by a model with another layer plan (cache "
+                f"{got}, model {layer_types}); build it with model.new_cache(batch)"
+            )
 
 
 def default_config() -> RTPConfig:

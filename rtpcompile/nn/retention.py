@@ -42,6 +42,9 @@ def _state_precision(like: Tensor):
     return torch.autocast(like.device.type, enabled=False)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class MultiScaleRetention(nn.Module):
     """MSR(X) = W_O (swish(X W_G) * GroupNorm(Retention_1(X), ..., Retention_H(X))).
 
@@ -117,6 +120,18 @@ class MultiScaleRetention(nn.Module):
             self.decay_logit = nn.Parameter(torch.log(gamma / (1.0 - gamma)).float())
         else:
             self.register_buffer("log_gamma", torch.log(gamma).float())
+
+    def _apply(self, fn, recurse: bool = True):
+        # NOTE: .half()/.bfloat16()/.to(dtype) cast every floating buffer; the fixed log_gamma
+        # stays float32 instead: log gamma_h is about -2**(-5 - h), float16 rounds 2**-25 and
+        # below to 0 (gamma = 1, no decay, from head 20 on) and bfloat16 keeps 8 bits of it.
+        before = self._buffers.get("log_gamma")
+        super()._apply(fn, recurse)
+        after = self._buffers.get("log_gamma")
+        if before is not None and after is not None and after.dtype in _LOW_PRECISION:
+            if before.dtype not in _LOW_PRECISION:
+                self._buffers["log_gamma"] = before.to(device=after.device, dtype=torch.float32)
+        return self
 
     def log_decay(self) -> Tensor:
         """log gamma per head, shape [H] (differentiable when ``learnable_decay``)."""
@@ -236,8 +251,21 @@ class MultiScaleRetention(nn.Module):
         return out if new_state is None else (out, new_state)
 
     def forward_cached(self, x: Tensor, layer_cache: LayerCache, offset: int) -> Tensor:
-        """Run with a layer cache: the parallel form on an empty cache, recurrent afterwards."""
-        state = layer_cache.state if offset > 0 else None
+        """Run with a layer cache: the parallel form on an empty cache, recurrent afterwards.
+
+        ``offset`` 0 starts the sequence (a state already in the cache is replaced); ``offset`` > 0
+        continues from the cached state, which must be there: a missing state there is never a
+        fresh start (that would silently drop the ``offset`` earlier tokens).
+        """
+        state = None
+        if offset > 0:
+            state = layer_cache.state
+            if state is None:
+                raise ValueError(
+                    f"the cache has no retention state for this layer, but offset={offset} "
+                    f"earlier positions should be in it (cache kind {layer_cache.kind!r}): "
+                    f"build the cache with model.new_cache(batch) and fill it from position 0"
+                )
         out, layer_cache.state = self(x, state=state, offset=offset, return_state=True)
         return out
 
