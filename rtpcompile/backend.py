@@ -111,8 +111,19 @@ def _inductor(gm: fx.GraphModule, example_inputs, mode: str | None):
     for glue in (rtp_retention, rtp_decay):
         marked[f"{glue.__module__}.{glue.__name__}"] = source_hash()
     patches["unsafe_marked_cacheable_functions"] = marked
-    with torch.compiler.config.patch(cache_key_tag=source_hash()):
+    with torch.compiler.config.patch(cache_key_tag=cache_tag()):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def cache_tag() -> str:
+    """The Inductor and AOTAutograd cache tag of a compile: the package's source, and the
+    ``kernels`` option as the environment gives it (``RTP_KERNELS``).
+
+    NOTE: the glue reads that option when AOTAutograd traces it (``rewrite.inline_step``,
+    ``rewrite.normaliser_apart``) unless the options dict set it (then it is in the graph, as
+    the op call's ``runtime_options``): without it in the key, a graph traced with the one-token
+    CPU step inlined was served to a process running ``RTP_KERNELS=triton``, and the reverse."""
+    return f"{source_hash()}-kernels={options_mod.resolve(None).kernels}"
 
 
 def compile_options(options) -> options_mod.Options:

@@ -86,7 +86,7 @@ def test_rewritten_graph_has_one_op_per_region_and_matches_eager(inductor, norma
     (gm, tag), *_ = inductor
     assert op_calls(gm) == 1
     assert not any("matmul" in str(n.target) for n in gm.graph.nodes)
-    assert tag == backend.source_hash() and tag.startswith("rtpcompile-")
+    assert tag == backend.cache_tag() and tag.startswith(backend.source_hash() + "-kernels=")
 
 
 def test_sum_of_absolutes_normaliser_matches_eager(inductor):
@@ -332,6 +332,48 @@ def test_aot_autograd_cache_serves_a_rewritten_graph(monkeypatch, tmp_path, mode
     aot = dict(dynamo_counters["aot_autograd"])
     assert aot.get("autograd_cache_hit") == 1 and not aot.get("autograd_cache_bypass"), aot
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_the_caches_do_not_serve_a_step_traced_under_another_rtp_kernels(monkeypatch, tmp_path):
+    """The glue decides a one-token CPU step's lowering from ``RTP_KERNELS`` when AOTAutograd
+    traces it: the op under "triton", Inductor's own ops otherwise. A graph cached under one was
+    served under the other (the variable was in neither cache's key), so a CI job forcing the
+    kernels ran aten without knowing it."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from rtpcompile.lowering import custom_ops, dispatch, plan
+
+    forced_off = [n for n in _CACHE_SWITCHES if os.environ.get(n, "1") == "0"]
+    if forced_off:
+        pytest.skip(f"{', '.join(forced_off)}=0 in the environment turns the caches off")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("RTP_KERNELS", raising=False)
+    calls = []
+    real = custom_ops._forward
+    monkeypatch.setattr(custom_ops, "_forward", lambda *a: calls.append(1) or real(*a))
+    model, x = Retention(), inputs(1, seed=1)
+    outs = []
+    with torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        for kernels in (None, "triton", None):
+            if kernels:
+                monkeypatch.setenv("RTP_KERNELS", kernels)
+            else:
+                monkeypatch.delenv("RTP_KERNELS", raising=False)
+            dispatch._kernels_package.cache_clear()
+            plan.reset()
+            torch._dynamo.reset()
+            dynamo_counters.clear()
+            calls.clear()
+            outs.append(torch.compile(model, backend="rtp")(*x))
+            assert len(calls) == (kernels == "triton"), (kernels, calls)
+    aot = dict(dynamo_counters["aot_autograd"])
+    assert aot.get("autograd_cache_hit") == 1, aot  # the third compile reuses the first's graph
+    want = model(*(t.double() for t in x))
+    for out in outs:
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 

@@ -82,3 +82,14 @@ def test_an_op_call_in_the_graph_carries_the_options(seen):
     compiled(q, k, v, gamma).sum().backward()
     # NOTE: the tuner's candidate runs count too; every one ran with autotune on
     assert {s[0] for s in seen} == {"fwd", "bwd"} and all(s[2] for s in seen)
+
+
+def test_a_bad_option_reaches_the_caller_as_the_wrapped_value_error(fresh_compile):
+    """What docs/backend.md promises a caller catching it: torch.compile wraps the backend's
+    ValueError in BackendCompilerFailed (a RuntimeError) that names it and keeps it as its
+    ``inner_exception`` (and ``__context__``; ``__cause__`` is None)."""
+    compiled = torch.compile(Retention(), backend="rtp", options={"form": "bogus"})
+    with pytest.raises(RuntimeError, match="option 'form' must be one of") as info:
+        compiled(*inputs(5))
+    inner = getattr(info.value, "inner_exception", None)
+    assert isinstance(inner, ValueError) and info.value.__context__ is inner

@@ -64,12 +64,21 @@ def test_a_claimed_cpu_step_runs_no_op_and_matches_the_reference(op_calls):
     ro, rs = reference_recurrent(q, k, v, lg.exp(), 48**-0.5, s0)
     torch.testing.assert_close(o.double(), ro, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-5)
-    do, ds = torch.randn_like(o), torch.randn_like(s)
+    gen = torch.Generator().manual_seed(1)
+    do, ds = (torch.randn(x.shape, generator=gen) for x in (o, s))
     grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [*inputs, step.log_gamma])
     loss = (ro * do.double()).sum() + (rs * ds.double()).sum()
     want = torch.autograd.grad(loss, [q, k, v, s0, lg])
-    for got, ref in zip(grads, want, strict=True):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # NOTE: d log_gamma sums B*K*V = 7,680 float32 terms: held to eager float32's own error
+    eager_step, eager_inputs = Step(gamma), [x.detach().requires_grad_() for x in inputs]
+    eo, es = eager_step(*eager_inputs)
+    eager = torch.autograd.grad(
+        (eo * do).sum() + (es * ds).sum(), [*eager_inputs, eager_step.log_gamma]
+    )
+    for got, ref, own in zip(grads, want, eager, strict=True):
+        error, eager_error = ((x.double() - ref).abs().max().item() for x in (got, own))
+        bound = max(1e-5 * (1 + ref.abs().max().item()), 4 * eager_error)
+        assert error <= bound, (error, eager_error)
 
 
 def test_a_longer_call_still_runs_the_op(op_calls):
