@@ -16,7 +16,16 @@ import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
 from . import subgraphs
-from .graph_view import GraphView, example, hint, is_tensor, kind_of, where
+from .graph_view import (
+    GraphView,
+    assumed_equal_sizes,
+    example,
+    guard_equal,
+    hint,
+    is_tensor,
+    kind_of,
+    where,
+)
 from .mutation import written_between
 from .patterns_chunk import merge_chunk_steps
 from .patterns_native import find_native
@@ -73,7 +82,18 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
 
 
 def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
-    """Every retention candidate of ``gm``: claimed regions first use no node twice."""
+    """Every retention candidate of ``gm``: claimed regions first use no node twice.
+
+    Two size symbols with the same example value count as one size (q's and k's lengths of a
+    function taking both); when a region is claimed they are guarded equal (``guard_equal``)."""
+    with assumed_equal_sizes() as pairs:
+        regions = _find_regions(gm, example_inputs)
+    if any(region.claimed for region in regions):
+        guard_equal(pairs)
+    return regions
+
+
+def _find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     flat = subgraphs.flatten(gm)
     view = GraphView(flat.gm if flat is not None else gm)
     parallel = merge_chunk_steps(view, find_parallel(view, example_inputs), example_inputs)
