@@ -137,6 +137,7 @@ def region_kernels(
     ``needs``: the five gradients its backward computes (``kernels.GRADIENTS``; None: all)."""
     from . import kernels
     from .lowering import plan, tune
+    from .rewrite import split_scale
 
     # NOTE: checked here, not by torch.empty below: it takes batch=0 (a list of kernels that
     # would never launch) and raises its own TypeError for dtype="bf16"
@@ -159,6 +160,9 @@ def region_kernels(
     v = torch.empty(batch, H, T, V, **meta)
     s0 = torch.empty(batch, H, K, V, device="meta") if has_state else None
     found, dtype_name = [], str(dtype).removeprefix("torch.")
+    # NOTE: the backward's passes depend on the scale (kernels.backward.TINY_SCALE); a rewritten
+    # region's is its constant score factors (rewrite.split_scale); a native call's is not recorded
+    scale = 1.0 if region.native else split_scale(region.pre)[0]
     # NOTE: the op plans its backward apart from its forward (it may pick another form)
     for phase in ("fwd", "bwd") if backward else ("fwd",):
         problem = plan.Problem(batch, H, T, K, V, dtype_name, "cuda", "triton", has_state, phase,
@@ -167,14 +171,15 @@ def region_kernels(
         if chosen.source not in ("rule", "forced"):
             chosen = tune.model_choice(problem.at_bucket())
         args = (chosen.form, q, q, v, torch.empty(H, device="meta"), s0, chosen.chunk_size)
-        kw = dict(config=dict(chosen.config) or None, state_out=state_out)
+        kw = dict(config=dict(chosen.config) or None, state_out=state_out, scale=scale)
         fwd = kernels.kernels_for(*args, **kw)
         if phase == "fwd":
             found += fwd
             if region.normaliser == "abs_sum" and _normaliser_apart(region, "cuda"):
                 ones = torch.empty(batch, H, T, 1, **meta)  # NOTE: the normaliser's own call
                 found += kernels.kernels_for(*args[:3], ones, *args[4:5], None, args[6],
-                                             config=kw["config"], state_out=False)  # fmt: skip
+                                             config=kw["config"], state_out=False,
+                                             scale=scale)  # fmt: skip
             continue
         # NOTE: a state output always has a gradient in the backward: autograd materialises
         # zeros for an unused one (the op's backward drops it only without a state output)

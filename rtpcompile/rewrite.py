@@ -57,7 +57,7 @@ def _broadcast(mask: torch.Tensor, dims, t) -> torch.Tensor:
     return mask.expand(*mask.shape[:-2], t, t)
 
 
-def _split_scale(factors) -> tuple[float, tuple]:
+def split_scale(factors) -> tuple[float, tuple]:
     """(product of the constant factors as one number, the tensor factors left to apply)."""
     scale, rest = 1.0, []
     for op, value in factors:
@@ -197,7 +197,7 @@ def rtp_retention(q, k, v, masks, pre, post, state, spec):
     # small q.k (rows a GroupNorm after the retention then amplifies), which eager's
     # (q @ k^T) * c keeps. A 0-dim tensor factor (a learnable temperature) scales every score of
     # the region, so it scales the op's output, in float32 below, for the same reason.
-    op_scale, pre = _split_scale(pre)
+    op_scale, pre = split_scale(pre)
     on_o = tuple(f for f in pre if isinstance(f[1], torch.Tensor))
     q = _scaled(q, tuple(f for f in pre if not isinstance(f[1], torch.Tensor)))
     k, v = k.to(q.dtype), v.to(q.dtype)

@@ -305,3 +305,26 @@ def test_a_dynamo_failure_under_dynamic_shapes_falls_back_to_a_static_trace(
         "(InternalTorchDynamoError: KeyError: 12)"
     ]
     assert str(report).endswith("note: " + report.notes[0])
+
+
+class ScaledScores(TwoLayers):
+    def forward(self, q, k, v, pad):
+        return (q @ k.transpose(-1, -2) * 2.0**-40 * self.decay(q.shape[2])) @ v
+
+
+def test_kernels_are_listed_for_the_regions_scale(no_inductor, monkeypatch):
+    """The backward's passes depend on the scale (a tiny one takes the three-pass path): the
+    listing gets the region's constant score factor, not 1."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from rtpcompile import kernels
+
+    scales = []
+    real = kernels.kernels_for
+    monkeypatch.setattr(
+        kernels, "kernels_for", lambda *a, **kw: scales.append(kw.get("scale")) or real(*a, **kw)
+    )
+    for model, want in ((TwoLayers(), 1.0), (ScaledScores(), 2.0**-40)):
+        report = explain(model, *_inputs())
+        scales.clear()
+        report.kernels(report.regions.index(report.claimed[0]), backward=True)
+        assert scales and set(scales) == {want}, (type(model).__name__, scales)

@@ -4,7 +4,8 @@ rtpcompile cache path            where entries live (RTP_CACHE_DIR overrides)
 rtpcompile cache list [--json]   one line per entry: id, shape bucket, winner; "(stale: ...)"
                                  after an entry this installation's planner never reads
 rtpcompile cache show KEY        the full entry (KEY: an id or a unique id prefix)
-rtpcompile cache clear           delete every entry
+rtpcompile cache clear           delete every entry, and the generated kernel modules in
+                                 kernels/ beside autotune/ (--entries-only: keep those)
 rtpcompile cache export FILE     every valid entry in one JSON file, to ship with a model
                                  (FILE "-": stdout; a symlink is written through), stale ones
                                  included: the count says how many
@@ -40,7 +41,15 @@ def add_parser(subparsers) -> None:
     show = actions.add_parser("show", help="print one entry")
     show.add_argument("key", help="entry id or a unique prefix of it")
     show.set_defaults(func=_checked(_show))
-    actions.add_parser("clear", help="delete every entry").set_defaults(func=_checked(_clear))
+    clear = actions.add_parser(
+        "clear", help="delete every entry and the generated kernel modules beside them"
+    )
+    clear.add_argument(
+        "--entries-only",
+        action="store_true",
+        help="delete the autotune entries only, keeping the generated kernel modules",
+    )
+    clear.set_defaults(func=_checked(_clear))
     export = actions.add_parser(
         "export",
         help="write every valid entry to FILE, stale ones (see list) included: the count says "
@@ -238,12 +247,17 @@ def _show(args) -> int:
 
 
 def _clear(args) -> int:
+    entries_only = getattr(args, "entries_only", False)
     try:
         removed = cache.clear()
+        modules = 0 if entries_only else cache.clear_kernels()
     except (OSError, ValueError) as exc:
         print(f"rtpcompile cache clear: {exc}", file=sys.stderr)
         return 1
-    print(f"removed {removed} file(s) from {cache.directory()}")
+    line = f"removed {removed} file(s) from {cache.directory()}"
+    if not entries_only:
+        line += f" and {modules} generated kernel module(s) from {cache.kernel_directory()}"
+    print(line)
     return 0
 
 

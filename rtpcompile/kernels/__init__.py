@@ -94,6 +94,8 @@ def kernels_for(
     config: dict[str, int] | None = None,
     state_out: bool = True,
     needs: tuple[bool, ...] | list[bool] | None = None,
+    *,
+    scale: float = 1.0,
 ) -> list[KernelInfo]:
     """The kernels a call with these shapes would launch (forward, then backward if asked);
     ``state_out`` False: a call with ``output_final_state=False`` (no final-state gradient).
@@ -105,8 +107,17 @@ def kernels_for(
     state) for d initial_state; so a frozen decay changes nothing while q, k and v all need
     gradients, only-v-needs-a-gradient is the dv pass alone, and only d gamma the dq pass.
 
-    Only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any work.
+    ``scale``: the call's score scale. Only its size matters, and only for a backward with a
+    final-state gradient: below ``backward.TINY_SCALE`` (float32, bfloat16, float64) the dk and
+    dv passes run rescaled as the three-pass kernels instead of the split path's four
+    launches, so the list differs from scale 1.0's (the default). 0 is a ValueError, as at the
+    call.
+
+    Otherwise only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any
+    work.
     """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"kernels_for: scale must be a real number, got {scale!r}")
     if final_state_grad and not state_out:
         raise ValueError("kernels_for: final_state_grad needs state_out (a final state)")
     if needs is not None:
@@ -127,9 +138,9 @@ def kernels_for(
     ]
     q, k, v, gamma, s0 = meta
     with recording() as seen:
-        o, sf = bw.forward(form, q, k, v, gamma, 1.0, s0, chunk_size, config, state_out)
+        o, sf = bw.forward(form, q, k, v, gamma, scale, s0, chunk_size, config, state_out)
         if backward and (needs is None or any(needs)):  # NOTE: no gradient: no backward runs
             dsf = torch.empty_like(sf) if final_state_grad else None
             do = torch.empty_like(o)
-            bw.backward(form, do, dsf, q, k, v, gamma, 1.0, s0, sf, chunk_size, config, needs)
+            bw.backward(form, do, dsf, q, k, v, gamma, scale, s0, sf, chunk_size, config, needs)
     return seen

@@ -1,8 +1,9 @@
 """The persistent autotune cache: one small JSON file per tuned shape bucket.
 
-Layout: ``<root>/autotune/<id>.json`` where ``root`` is ``$RTP_CACHE_DIR`` or the user cache
-directory (``$XDG_CACHE_HOME/rtpcompile``, ``~/.cache/rtpcompile``, ``~/Library/Caches/...`` on
-macOS, ``%LOCALAPPDATA%\\rtpcompile\\Cache`` on Windows) and ``id`` hashes the key. A key is a
+Layout: ``<root>/autotune/<id>.json`` where ``root`` is ``$RTP_CACHE_DIR`` (a relative value is
+resolved once per process, at its first read) or the user cache directory
+(``$XDG_CACHE_HOME/rtpcompile``, ``~/.cache/rtpcompile``, ``~/Library/Caches/...`` on macOS,
+``%LOCALAPPDATA%\\rtpcompile\\Cache`` on Windows) and ``id`` hashes the key. A key is a
 plain dict: cache format version, implementation source hash, spec, device name and capability,
 torch and triton versions, dtype and shape bucket (see ``KEY_FIELDS``). Bumping
 ``FORMAT_VERSION`` changes every id, so every old entry becomes a miss.
@@ -15,7 +16,9 @@ or a file in its place, is a silent miss. Writes go to a temporary file in the s
 and ``os.replace`` it into place, so concurrent writers never expose a partial entry. A
 read-only or unusable directory works without persisting (one RuntimeWarning, at the first
 failed write; ``why_not_writable`` asks beforehand).
-``RTP_CACHE=off`` disables the cache, ``RTP_CACHE=readonly`` reads without writing.
+``RTP_CACHE=off`` disables the cache, ``RTP_CACHE=readonly`` reads without writing; with either,
+nothing is written under ``root`` (the generated kernel modules, ``<root>/kernels``, then go to a
+private temporary directory of the process, ``codegen.cache_dir``).
 
 This module only imports the standard library (the tests load it in many processes at once).
 """
@@ -77,21 +80,53 @@ def mode() -> str:
 
 
 def root() -> Path:
-    """The cache root: ``$RTP_CACHE_DIR`` or the per-user cache directory."""
+    """The cache root: ``$RTP_CACHE_DIR`` or the per-user cache directory, always absolute.
+
+    A relative value (of ``RTP_CACHE_DIR``, ``XDG_CACHE_HOME``, ``LOCALAPPDATA``) is resolved
+    against the working directory the first time this process reads that value, and kept: an
+    ``os.chdir`` later does not move the cache (the autotune entries and the kernel modules stay
+    in one directory)."""
     override = os.environ.get("RTP_CACHE_DIR")
     if override:
-        return Path(override).expanduser()
+        return _absolute(override)
     if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-        return base / "rtpcompile" / "Cache"
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return _absolute(base) / "rtpcompile" / "Cache"
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "rtpcompile"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "rtpcompile"
+    return _absolute(base) / "rtpcompile"
+
+
+_ABSOLUTE: dict[str, Path] = {}  # a relative directory value -> where it was first resolved
+
+
+def _absolute(raw: str) -> Path:
+    """``raw`` with ``~`` expanded; a relative path joined to the working directory of the
+    first call with that value (memoised per value, so a later ``os.chdir`` does not split
+    the cache over two directories)."""
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path  # NOTE: not memoised: "~/x" follows HOME, as it always did
+    found = _ABSOLUTE.get(raw)
+    if found is None:
+        found = _ABSOLUTE.setdefault(raw, Path(os.path.abspath(path)))
+    return found
 
 
 def directory() -> Path:
+    """Where the autotune entries live: ``root()/autotune``."""
     return root() / "autotune"
+
+
+KERNELS = "kernels"  # NOTE: the generated modules' directory under root() (kernels/codegen.py)
+_KERNEL_PREFIX = "rtp_"  # NOTE: codegen's module names, rtp_<sha256[:24]>.py
+
+
+def kernel_directory() -> Path:
+    """Where the generated kernel modules live: ``root()/kernels`` (``codegen.cache_dir``;
+    with ``RTP_CACHE`` off or readonly a process writes them to a temporary directory)."""
+    return root() / KERNELS
 
 
 def key_id(key: dict[str, Any]) -> str:
@@ -293,6 +328,30 @@ def clear() -> int:
                 path.unlink()
                 removed += 1
     _reported.clear()
+    return removed
+
+
+def clear_kernels() -> int:
+    """Delete the generated kernel modules (``rtp_*.py``) and leftover temporary files of
+    ``kernel_directory()``; returns how many files were removed. Anything else there is left
+    alone. Refused unless ``RTP_CACHE=on``, like ``clear``.
+
+    Safe while other processes run: each runs its kernels from verified text it holds, and the
+    next process to need one writes it again (one writing a module at that very moment may
+    lose it and fall back, with one warning, to a temporary directory)."""
+    if mode() != "on":
+        raise ValueError(f"cannot clear with RTP_CACHE={mode()!r}; the cache must be 'on'")
+    d = kernel_directory()
+    removed = 0
+    if d.is_dir():
+        for pattern in (f"{_KERNEL_PREFIX}*.py", f"{_TMP_PREFIX}*.py"):
+            for path in d.glob(pattern):
+                # NOTE: is_dir follows links; a link (to anything) is only unlinked, not followed
+                if path.is_dir() and not path.is_symlink():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
     return removed
 
 

@@ -3,14 +3,17 @@
 ``load(spec)`` renders the spec, writes ``rtp_<sha256[:24]>.py`` into a directory only the
 current user can write (``kernels/`` under ``cache.root()``, the autotune cache's root:
 ``$RTP_CACHE_DIR`` or the user cache directory; created 0700; for this process a private
-temporary directory, with one warning, when that one cannot be used), and imports it once per
+temporary directory, with one warning, when that one cannot be used, and without one under
+``RTP_CACHE=off`` or ``readonly``, which write nothing under the root), and imports it once per
 process. The file's content must still hash to its name when it is imported; a file that does
 not (tampered, truncated) is rewritten from the spec, and a directory that another user owns is
 refused. The module is executed from the verified text, and that same text is what Triton's
 ``inspect`` reads (it is placed in ``linecache``), so nothing read later from disk can change
-what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes each source there for reading (a value that
-is not a directory is a ValueError at the op call, ``options.check_variables``; a directory
-that cannot be created or written, one warning and no dump).
+what runs. ``RTP_DUMP_KERNELS=<dir>`` also writes there, for reading, the source of every
+kernel launched while it is set, once per directory (a kernel loaded before it was set at its
+next launch); a value that is not a directory is a ValueError at the op call
+(``options.check_variables``); a directory that cannot be created or written, one warning and
+no dump.
 """
 
 from __future__ import annotations
@@ -73,8 +76,12 @@ def cache_dir() -> Path:
 
     One that cannot be used (a file in the way, not writable, owned by another user) is replaced
     for this process by a private temporary directory, with one warning naming it and the reason.
+    With ``RTP_CACHE=off`` or ``readonly`` (nothing is written under the cache root) it is this
+    process's own temporary directory, without a warning (``_transient_dir``).
     """
-    path = cache.root() / "kernels"
+    if cache.mode() != "on":
+        return _transient_dir()
+    path = cache.kernel_directory()
     try:
         return _private_dir(path)
     except OSError as exc:
@@ -94,6 +101,22 @@ def _private_dir(path: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError("it is not writable")
     return path
+
+
+_TRANSIENT: list[Path] = []  # RTP_CACHE off / readonly: this process's kernel directory
+
+
+def _transient_dir() -> Path:
+    """A private (0700) temporary directory for this process's kernel modules, removed at exit:
+    the modules must be files (Triton reads its kernels' source through ``inspect``), but
+    ``RTP_CACHE=off`` / ``readonly`` promise no write to the cache."""
+    with _FALLBACK_LOCK:
+        if not _TRANSIENT:
+            found = Path(tempfile.mkdtemp(prefix="rtpcompile-kernels-"))  # NOTE: mkdtemp: 0700
+            atexit.register(shutil.rmtree, found, ignore_errors=True)
+            _TRANSIENT.append(found)
+            log.debug("rtpcompile: RTP_CACHE=%s: generated kernels go to %s", cache.mode(), found)
+        return _TRANSIENT[0]
 
 
 def _fallback_dir(path: Path, exc: OSError) -> Path:
@@ -140,14 +163,16 @@ def _verified_source(path: Path, source: str, name: str) -> str:
 
 
 _DUMP_WARNED: set[str] = set()
+_DUMPED: set[tuple[str, str]] = set()  # (RTP_DUMP_KERNELS value, module name) written
 
 
-def _dump(name: str, source: str) -> None:
-    """Write ``source`` into ``$RTP_DUMP_KERNELS`` for reading; a directory that cannot be used
-    is one warning per value and no dump (a debugging aid must not stop the kernels)."""
-    target = os.environ.get("RTP_DUMP_KERNELS")
-    if not target:
+def _dump(target: str, name: str, source: str) -> None:
+    """Write ``source`` into ``target`` (``$RTP_DUMP_KERNELS``) for reading, once per value and
+    module; a directory that cannot be used is one warning per value and no dump (a debugging
+    aid must not stop the kernels)."""
+    if target in _DUMP_WARNED:
         return
+    _DUMPED.add((target, name))
     try:
         out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +201,12 @@ def load(spec: KernelSpec) -> types.ModuleType:
         name = _NAMES.setdefault(spec, module_name(render(spec)))
     key = (name, _interpreting())
     module = _LOADED.get(key)
+    # NOTE: read at every launch, not at the first load only, so a kernel loaded before
+    # RTP_DUMP_KERNELS was set is dumped at its next launch (once per value; one more lookup)
+    dump = os.environ.get("RTP_DUMP_KERNELS")
     if module is not None:
+        if dump and (dump, name) not in _DUMPED:
+            _dump(dump, name, render(spec))
         return module
     source = render(spec)
     with _LOCK:
@@ -188,7 +218,8 @@ def load(spec: KernelSpec) -> types.ModuleType:
         except OSError as exc:  # e.g. the directory became unwritable or the disk is full
             path = _fallback_dir(path.parent, exc) / f"{name}.py"
             text = _verified_source(path, source, name)
-        _dump(name, text)
+        if dump and (dump, name) not in _DUMPED:
+            _dump(dump, name, text)
         # NOTE: Triton reads kernel source through inspect/linecache; pin the verified text there
         # (mtime None: linecache.checkcache never reloads it from disk).
         linecache.cache[str(path)] = (len(text), None, text.splitlines(True), str(path))

@@ -77,7 +77,8 @@ class KernelSpec:
     form:        "chunkwise" | "parallel" | "recurrent"
     direction:   "fwd" reads positions 0..T-1; "bwd" reads them time-reversed (the dk and dv
                  passes of the backward are retentions run backwards in time)
-    K, V:        real head dims of the reader/key and of the value (V counts the extra column)
+    K, V:        real head dims of the reader/key and of the value (V counts the extra column);
+                 each in [1, MAX_DIM], V up to MAX_DIM + 1 with ``extra_value_column``
     BT, BK, BV:  block sizes; BK and BV are powers of two >= 16 that cover or tile K and V
     in_dtype:    dtype of q/k/v as loaded; accumulation is float32 (float64 for float64)
     out_dtype:   dtype of the stored output rows
@@ -137,10 +138,12 @@ class KernelSpec:
                 raise ValueError(
                     f"KernelSpec.{name} must be one of {list(_DTYPE_NAMES.values())}, got {dtype!r}"
                 )
-        for name in ("K", "V"):
+        # NOTE: only V may pass MAX_DIM, by its column of ones (``extra_value_column``)
+        for name, limit in (("K", MAX_DIM), ("V", MAX_DIM + int(self.extra_value_column))):
             dim = getattr(self, name)
-            if not 1 <= dim <= MAX_DIM + 1:
-                raise ValueError(f"KernelSpec.{name} must be in [1, {MAX_DIM}], got {dim}")
+            if not 1 <= dim <= limit:
+                note = " (with extra_value_column)" if limit > MAX_DIM else ""
+                raise ValueError(f"KernelSpec.{name} must be in [1, {limit}]{note}, got {dim}")
         for name in ("BT", "BK", "BV", "BKC"):
             b = getattr(self, name)
             if (b < 1 and name != "BKC") or b & (b - 1):
@@ -244,8 +247,13 @@ def choose(
     torch's float32 matmul setting now (``float32_precision``; "ieee" under the interpreter).
     Other dtypes ignore it. ``dtype`` also selects the blocks (``default_blocks``).
     """
-    if K > MAX_DIM or V > MAX_DIM + 1:
-        raise ValueError(f"retention kernels support K, V <= {MAX_DIM}, got K={K}, V={V}")
+    extra = bool(flags.get("extra_value_column"))
+    if K > MAX_DIM or V > MAX_DIM + extra:
+        # NOTE: V counts the column of ones, the one way a pass's V may be MAX_DIM + 1
+        raise ValueError(
+            f"retention kernels support K, V <= {MAX_DIM} (V <= {MAX_DIM + 1} with the extra "
+            f"value column of ones), got K={K}, V={V}" + ("" if extra else " without one")
+        )
     in_dtype = dtype_name(dtype)
     if fp32_precision is not None and fp32_precision not in FP32_PRECISIONS:
         raise ValueError(
