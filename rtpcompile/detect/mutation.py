@@ -14,7 +14,7 @@ import operator
 
 import torch.fx as fx
 
-from .graph_view import GraphView, target_name
+from .graph_view import GraphView, example, is_tensor, target_name
 from .region import Region
 
 _VIEWS = {
@@ -83,10 +83,53 @@ def writers(nodes) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
+# NOTE: view-like ops (``_VIEWS``) that always share their input's storage; the others there
+# (a cast, ``contiguous``, ``reshape``, indexing by a tensor) may copy it, so they read it
+_STRICT_VIEWS = {
+    "view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as", "chunk",
+    "split", "unbind", "narrow", "select", "as_strided", "detach", "view_as", "movedim",
+    "swapaxes", "t", "mT", "diagonal", "unfold", "moveaxis", "swapdims", "adjoint",
+    "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split",
+    "unsafe_chunk", "broadcast_to", "view_as_real", "view_as_complex", "real", "imag", "alias",
+    "atleast_1d", "atleast_2d", "atleast_3d",
+}  # fmt: skip
+
+
+def _may_copy(node: fx.Node) -> bool:
+    """A view-like node that may copy its input (so reads it where it runs)."""
+    name = target_name(node)
+    if name == "getitem":
+        index = node.args[1] if len(node.args) > 1 else None
+        items = index if isinstance(index, (tuple, list)) else (index,)
+        source = node.args[0] if node.args else None
+        if isinstance(source, fx.Node) and isinstance(example(source), (tuple, list)):
+            return False  # NOTE: an item of a split/unbind: the view itself
+        return any(isinstance(i, fx.Node) and is_tensor(example(i)) for i in items) or any(
+            isinstance(i, (list, tuple)) for i in items
+        )
+    return name not in _STRICT_VIEWS
+
+
+def _first_read(view: GraphView, node: fx.Node, inside: set[fx.Node]) -> int | None:
+    """Where the region first reads the mask ``node``: its first region node reading it (or a
+    view of it), or an earlier node that may copy it (a cast the region reads), whichever comes
+    first; None when no region node reads it."""
+    users = [user for alias in _aliases(node) for user in alias.users]
+    if not any(user in inside for user in users):
+        return None
+    reads = [u for u in users if u in inside or (is_view(u) and _may_copy(u))]
+    return min(view.order.get(u, -1) for u in reads)
+
+
 def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) -> str | None:
     """Why the region is declined: an operand written in place between the region's first node
     and its output (an in-place scaling the region itself looks through included: the op would
-    apply it twice); None when there is no such write."""
+    apply it twice); None when there is no such write.
+
+    A mask's window starts at its first read by the region (see ``_first_read``), not at the
+    region's first node: a mask finished in place (``m.tril_()``, ``D[D != D] = 0``) after
+    ``q @ k^T`` but before the scores read it is what eager multiplied in, and the op reads it
+    after that write too."""
     inside = [named[n] for n in region.nodes if n in named]
     out = named.get(region.output)
     if not inside or out is None:
@@ -97,16 +140,20 @@ def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) 
     ends = [out, named.get(region.state_output or "")]
     last = max(view.order.get(n, 0) for n in ends if n is not None)
     operands = [("q", region.q), ("k", region.k), ("v", region.v), ("the state", region.state)]
-    reads = [(role, named.get(op.node)) for role, op in operands if op is not None]
-    reads += [("a mask", named.get(m)) for m in region.masks]
+    reads = [(role, named.get(op.node), first) for role, op in operands if op is not None]
+    members = set(inside)
+    for m in region.masks:
+        node = named.get(m)
+        start = None if node is None else _first_read(view, node, members)
+        reads.append(("a mask", node, first if start is None else start))
     factors = [v for _, v in (*region.pre, *region.post) if isinstance(v, str)]
-    reads += [("a factor of the scores", named.get(f)) for f in factors]
-    for role, node in reads:
+    reads += [("a factor of the scores", named.get(f), first) for f in factors]
+    for role, node, start in reads:
         if node is None:
             continue
         for alias in _aliases(node):
             for user in alias.users:
-                if first <= view.order.get(user, -1) <= last and writes(user, alias):
+                if start <= view.order.get(user, -1) <= last and writes(user, alias):
                     return (
                         f"{role} is written in place ({target_name(user)}) inside the region, "
                         "after its first read: the op would read the new values"

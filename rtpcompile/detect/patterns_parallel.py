@@ -15,7 +15,12 @@ import torch
 import torch.fx as fx
 
 from . import mask_proof, subgraphs
-from .einsum import canonical_mask, permuted_score_product, permuted_value_products
+from .einsum import (
+    canonical_mask,
+    parse_einsum,
+    permuted_score_product,
+    permuted_value_products,
+)
 from .graph_view import (
     GraphView,
     example,
@@ -432,6 +437,8 @@ def check_candidate(view: GraphView, cand, inputs: list, perm=None) -> Region:
     heads = len(proof.gamma)
     if heads <= 1 and scores.dim() > 3:
         heads = hint(q_shape[-3])
+    # NOTE: [B, T, d] with the mask declined: no gamma says how many heads the batch holds
+    heads = heads or None
     region = dataclasses.replace(
         base,
         nodes=tuple(n.name for n in view.sorted(set(chain.nodes) | {o})),
@@ -467,4 +474,39 @@ def find_parallel(view: GraphView, inputs: list) -> list[Region]:
     seen = {cand[0] for cand in cands}
     for o, a, v, out_perm, perm in permuted_value_products(view, seen):
         found.append(check_candidate(view, (o, a, v, out_perm, []), inputs, perm))
-    return found + softmax_attention(view)
+    return found + fused_einsums(view) + softmax_attention(view)
+
+
+def _fused_einsum(node: fx.Node) -> bool:
+    """One einsum of 4+ operands that contracts both the head dim of two of them (q, k) and
+    the key axis with an operand giving the output a dim of its own (v):
+    ``einsum('bhqd,bhkd,hqk,bhkv->bhqv', q, k, L, v)``."""
+    parsed = parse_einsum(node)
+    if parsed is None or len(parsed[0]) < 4:
+        return False
+    ins, out, _ = parsed
+    counts = {c: sum(c in s for s in ins) for c in set("".join(ins))}
+    heads_dim = [c for c, n in counts.items() if n == 2 and c not in out]
+    own = [i for i, s in enumerate(ins) if any(counts[c] == 1 and c in out for c in s)]
+    keys = [c for c, n in counts.items() if n >= 2 and c not in out]
+    return bool(heads_dim) and bool(own) and any(c in ins[i] for i in own for c in keys)
+
+
+def fused_einsums(view: GraphView) -> list[Region]:
+    """A declined region per retention written as one einsum of scores and values (``_fused_
+    einsum``): the op needs the score product and the value product apart, so explain()
+    names it instead of showing nothing."""
+    return [
+        Region(
+            written="parallel",
+            where=where(node),
+            output=node.name,
+            reason=(
+                f"one einsum computes both the scores and the values ({node.args[0]!r}): "
+                "split it into a score einsum (with the mask as its third operand) and a "
+                "value einsum to have it claimed"
+            ),
+        )
+        for node in view.nodes_of_kind("einsum")
+        if _fused_einsum(node)
+    ]

@@ -17,7 +17,7 @@ _LAYOUT = {
     "transpose", "permute", "flatten", "unflatten", "contiguous", "clone", "detach", "movedim",
     "moveaxis", "swapaxes", "swapdims", "repeat", "t", "view_as", "broadcast_to", "getattr",
     "stack", "select", "diagonal", "unbind", "chunk", "split", "tensor_split", "atleast_2d",
-    "atleast_3d", "repeat_interleave", "unsafe_split",
+    "atleast_3d", "repeat_interleave", "unsafe_split", "meshgrid", "cartesian_prod",
 }  # fmt: skip
 # NOTE: a flip reverses the order along its dims: layout over a dim of fixed size (the heads),
 # anti-causal over a position axis (see positions._check_flip)
@@ -87,19 +87,66 @@ def _name(node: fx.Node) -> str:
     return _SYM_NAMES.get(name, name) if node.op == "call_function" else name
 
 
+def _sources(node: fx.Node) -> set:
+    """The tensors (or tuples of tensors) among a node's arguments, lists looked into; sizes
+    (``view(x, s0, s0)``) are not."""
+    found = set()
+    todo = [*node.args, *node.kwargs.values()]
+    while todo:
+        arg = todo.pop()
+        if isinstance(arg, (list, tuple)):
+            todo += list(arg)
+        elif isinstance(arg, fx.Node) and not isinstance(example(arg), (int, float, bool)):
+            if not type(example(arg)).__name__.startswith("Sym"):
+                found.add(arg)
+    return found
+
+
+# layout ops that lay several tensors' values out together
+_COMBINES = {"meshgrid", "cartesian_prod", "stack", "cat", "concat", "concatenate"}
+
+
 def _origin(node):
-    """The tensor a chain of layout ops and casts views."""
+    """The tensor a chain of layout ops and casts views (through an op of several tensors --
+    ``meshgrid(r, r)``, ``stack`` -- only when they are one tensor)."""
     while isinstance(node, fx.Node) and _name(node) in _LAYOUT | _CASTS and node.args:
-        node = node.args[0]
+        if _name(node) not in _COMBINES:
+            node = node.args[0]  # NOTE: other tensors there are references (``type_as(q)``)
+            continue
+        sources = _sources(node)
+        if len(sources) != 1:
+            break
+        node = sources.pop()
     return node
 
 
-def _difference_of_one_origin(node: fx.Node, name: str) -> bool:
-    """``a - b`` where a and b view the same positions (their shifts cancel)."""
+def _uniform(node, unshifted) -> bool:
+    """``node`` (an ``_origin``) is an arange-like seed, or positions (``unshifted(node)``: no
+    shift in them), with numbers or sizes added: any two of its values differ as the positions
+    they hold do. NOTE: not a sum with a tensor: ``p[None] + tensor([[0], [1500]])`` holds
+    ``i`` in one row and ``j + 1500`` in the other."""
+    while isinstance(node, fx.Node):
+        if _name(node) in _SEEDS:
+            return True
+        if _name(node).removesuffix("_") not in _SHIFTS or len(node.args) != 2 or node.kwargs:
+            return unshifted(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and is_tensor(example(a))]
+        numbers = [a for a in node.args if a not in tensors and not isinstance(a, bool)]
+        numbers = [a for a in numbers if isinstance(a, (int, float, fx.Node))]  # NOTE: sizes too
+        if len(tensors) != 1 or len(numbers) != 1:
+            return unshifted(node)
+        node = _origin(tensors[0])
+    return False
+
+
+def _difference_of_one_origin(node: fx.Node, name: str, unshifted) -> bool:
+    """``a - b`` where a and b view the same positions (their shifts cancel); ``unshifted``:
+    whether a node holds positions with no shift (see ``_uniform``)."""
     if name.removesuffix("_") not in ("sub", "__sub__", "subtract") or len(node.args) < 2:
         return False
     a, b = (_origin(x) for x in node.args[:2])
-    return isinstance(a, fx.Node) and a is b and node.kwargs.get("alpha", 1) == 1
+    same = isinstance(a, fx.Node) and a is b and _uniform(a, unshifted)
+    return same and node.kwargs.get("alpha", 1) == 1
 
 
 def _unit_shift(node):
@@ -113,7 +160,7 @@ def _unit_shift(node):
     return x, 0
 
 
-def _unit_shift_comparison(node: fx.Node, name: str) -> bool:
+def _unit_shift_comparison(node: fx.Node, name: str, unshifted) -> bool:
     """``i < j + 1`` (or ``i - 1 < j``, ...) with i and j views of one integer arange: the same
     as ``i <= j``, a causal mask (Hugging Face's ``_make_causal_mask`` spells it so)."""
     if name not in _COMPARISONS or len(node.args) != 2:
@@ -123,7 +170,7 @@ def _unit_shift_comparison(node: fx.Node, name: str) -> bool:
     (a, sa), (b, sb) = (_unit_shift(x) for x in node.args)
     value = example(a) if isinstance(a, fx.Node) else None
     integral = is_tensor(value) and not value.is_floating_point()
-    return a is b and integral and abs(sa - sb) <= 1
+    return a is b and integral and abs(sa - sb) <= 1 and _uniform(a, unshifted)
 
 
 def _constant_fill(node: fx.Node) -> bool:

@@ -16,7 +16,9 @@ cut-off (an allow-list, not a list of known windows):
   position with 0 or of two linear ones (``i >= j``: causality; ``m != m`` finds NaNs).
 
 Anything else on a position-derived value declines, with the op in the reason. Positions are
-``arange``-like results; tensors whose shape depends on the sizes (``ones(T, T)``, a buffer
+``arange``-like results (but an ``arange(H)`` of a fixed length only broadcast against the
+positions, the heads of a multi-scale decay, is a constant, as a buffer of its values is:
+``_constant_seeds``); tensors whose shape depends on the sizes (``ones(T, T)``, a buffer
 sliced to T) are *shaped*: ops on them must be on the allow-list too (``ones(T).cumsum(0)`` is
 positions), but they are constants, not positions, in a comparison (``d < full((T, T), 1100)``
 shifts nothing and still compares with 1100).
@@ -29,9 +31,11 @@ import dataclasses
 
 import torch
 import torch.fx as fx
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .graph_view import GraphView, example, is_tensor
 from .mask_eval import subgraph
+from .mutation import writes
 from .position_ops import (
     _CASTS,
     _COMPARISONS,
@@ -119,7 +123,12 @@ def position_cutoff(view: GraphView, masks: list[fx.Node], dynamic_t: bool = Tru
     for mask in masks:
         values, _, _ = subgraph(view, mask)
         taint: dict[fx.Node, _Taint] = {}
+        # NOTE: with a static T the positions are aranges of a fixed length themselves
+        constants = _constant_seeds(values | {mask}) if dynamic_t else set()
         for node in view.sorted(values | {mask}):
+            if node in constants:
+                taint[node] = _CLEAN
+                continue
             reason = _visit(view, node, taint)
             if reason is None and _name(node) in _FLIPS and node.args:
                 source = taint.get(node.args[0], _CLEAN)
@@ -153,6 +162,66 @@ def reads_sizes(view: GraphView, masks: list[fx.Node]) -> bool:
 def _symbolic_shape(node: fx.Node) -> bool:
     value = example(node)
     return is_tensor(value) and any(isinstance(s, torch.SymInt) for s in value.shape)
+
+
+def _static_shape(node: fx.Node) -> bool:
+    value = example(node)
+    return is_tensor(value) and not any(isinstance(s, torch.SymInt) for s in value.shape)
+
+
+# NOTE: ops that cannot lay the values of a fixed-size axis along a position axis: elementwise
+# ops (broadcasting a fixed axis against the positions keeps it that axis) and views that only
+# add, drop or reorder axes
+_KEEPS_AXES = (
+    _SCALES | _SHIFTS | _SELECTS | _CUTOFFS | _SMOOTH | _POWERS | _CASTS | _PERIODS | _FLIPS
+    | {"where", "tril", "triu", "setitem", "clone", "contiguous", "detach", "unsqueeze",
+       "squeeze", "expand", "expand_as", "broadcast_to", "transpose", "permute", "movedim",
+       "moveaxis", "swapaxes", "swapdims", "t", "mT", "getattr", "masked_fill"}
+)  # fmt: skip
+
+
+def _basic_index(node: fx.Node) -> bool:
+    """A getitem by ints, None, ``...`` and whole slices only (no slice bound, no tensor)."""
+    index = node.args[1] if len(node.args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    whole = slice(None, None, None)
+    return all(i is None or i is Ellipsis or type(i) is int or i == whole for i in items)
+
+
+def _constant_seeds(nodes: set) -> set:
+    """The ``arange``-like nodes of a fixed length (``arange(H)``: the heads of a multi-scale
+    decay, ``1 - 2 ** (-5 - arange(H))``) whose values never reach a position axis: no node
+    they feed gets a symbolic shape but through broadcasting or axis-reordering views
+    (``_KEEPS_AXES``). Such a seed is a constant, as a buffer of its values is. One sliced or
+    reshaped to the sizes (``arange(4096)[:T]``) is a position: the proof's longer lengths
+    know a buffer's length (``_long_lengths``), not this one's. With a dynamic T only: with a
+    static T (another size symbolic) the positions are fixed-length aranges themselves, and
+    ``tril(decay, diagonal=B - 3)`` must stay a cut at a size."""
+    found = set()
+    for seed in nodes:
+        if _name(seed) not in _SEEDS or not _static_shape(seed):
+            continue
+        todo, seen, ok = [seed], {seed}, True
+        while todo and ok:
+            for user in todo.pop().users:
+                if user in seen or user not in nodes:
+                    continue
+                seen.add(user)
+                todo.append(user)
+                # NOTE: a write of its values into another tensor (``x[:] = arange(4096)``,
+                # ``x.copy_(...)``) is not followed: that tensor may be sliced to T
+                targets = [*user.args[:1], user.kwargs.get("out")]
+                if any(t not in seen and writes(user, t) for t in targets if t is not None):
+                    ok = False
+                elif _symbolic_shape(user) or not is_tensor(example(user)):
+                    name = _name(user)
+                    if name == "getitem" or name == "__getitem__":
+                        ok = ok and _basic_index(user)
+                    else:
+                        ok = ok and name.removesuffix("_") in _KEEPS_AXES
+        if ok:
+            found.add(seed)
+    return found
 
 
 def _visit(view: GraphView, node: fx.Node, taint: dict) -> str | None:
@@ -209,7 +278,7 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
         return reason
     if name in _SHIFTS:
         result = dataclasses.replace(result, shifted=shifted or _shifts(node, taint))
-        if _difference_of_one_origin(node, name):
+        if _difference_of_one_origin(node, name, _unshifted(taint)):
             # NOTE: ``i - j`` of ``i = arange(1, T + 1)``: the shifts cancel
             result = dataclasses.replace(result, shifted=False)
     if _mixes_scales(node, name, taint):
@@ -230,11 +299,21 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
 
 
 def _size_number(node: fx.Node) -> bool:
-    """The node is a number that depends on the sizes (a SymInt/SymFloat/SymBool with symbols)."""
+    """The node is a number that depends on the sizes (a SymInt/SymFloat/SymBool with a symbol
+    other than a float's).
+
+    NOTE: with dynamic=True Dynamo lifts a python-float attribute (``self.gamma = 0.96875``) to
+    a graph input read by ``.item()``, a SymFloat of a float symbol (``zf0``): a constant of
+    the model like a buffer, not a size; ``float(T)``, ``T ** 0.5`` keep T's symbol."""
     value = example(node)
     if not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return False
-    return bool(value.node.expr.free_symbols)
+    return any(not _float_symbol(s) for s in value.node.expr.free_symbols)
+
+
+def _float_symbol(symbol) -> bool:
+    """A symbol Dynamo made for a float value (``zf0``), never a size."""
+    return symbol_is_type(symbol, (SymT.FLOAT, SymT.UNBACKED_FLOAT))
 
 
 def _visit_size(view: GraphView, node: fx.Node, name: str, data, taint: dict) -> None:
@@ -314,13 +393,17 @@ def _mixes_scales(node: fx.Node, name: str, taint: dict) -> bool:
     return False
 
 
+# NOTE: ``operator.and_`` (``a & b``) and friends end in "_" but return a new tensor
+_NOT_IN_PLACE = {"and_", "or_", "not_"}
+
+
 def _check(node, name, data, ins, taint, position, shifted) -> str | None:
     """The reason an op on a position-derived or shaped value is not allowed, or None."""
     if node.kwargs.get("out") is not None:
         return f"the mask writes positions through out= ({name})"
-    if name.endswith("_") and name not in _IN_PLACE_OK:
+    if name.endswith("_") and name not in _IN_PLACE_OK and name not in _NOT_IN_PLACE:
         return f"the mask changes positions in place ({name})"
-    base = name.removesuffix("_") if name.endswith("_") else name
+    base = name.removesuffix("_") if name.endswith("_") and name not in _NOT_IN_PLACE else name
     if base in ("getitem", "__getitem__", "setitem"):
         return _check_index(node.args[1] if len(node.args) > 1 else None, name)
     if base in _CASTS:
@@ -340,6 +423,11 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         if numbers:
             return f"the mask compares positions with {numbers[0]} ({name})"
         return f"the mask rounds positions ({name})"
+    if base in _SELECTS and base not in ("where", "masked_fill"):
+        # NOTE: logic on conditions; on integers a bit operation (``d & 2048``) cuts
+        values = [example(a) for a in data]
+        if any(is_tensor(x) and x.dtype != torch.bool for x in values):
+            return f"the mask applies {name} to integer positions (a bit operation)"
     if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
         return None
     if base in _FLIPS:
@@ -418,7 +506,7 @@ def _check_cutoff(node, name, data, ins, taint, position, shifted) -> str | None
     """A comparison/clamp: of unshifted positions with 0 or with each other only."""
     if not position:
         return None  # NOTE: shaped constants (``ones(T, T).tril() == 0``): no position to cut
-    if shifted and not _unit_shift_comparison(node, name):
+    if shifted and not _unit_shift_comparison(node, name, _unshifted(taint)):
         return f"the mask compares positions shifted by a constant ({name})"
     tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
     if any(taint.get(a, _CLEAN).nan_risk for a in tensors):
@@ -443,6 +531,11 @@ def _check_cutoff(node, name, data, ins, taint, position, shifted) -> str | None
         elif isinstance(arg, (list, tuple)):
             return f"the mask compares positions with {arg} ({name})"
     return None
+
+
+def _unshifted(taint: dict):
+    """Whether a node holds positions with no shift (``_uniform``)."""
+    return lambda node: taint.get(node, _CLEAN).position and not taint[node].shifted
 
 
 def _shifts(node: fx.Node, taint: dict) -> bool:
