@@ -330,6 +330,30 @@ def test_a_float_gamma_lifted_to_a_symfloat_compiles_to_eager():
         torch.set_default_dtype(old)
 
 
+class ClassGamma(nn.Module):
+    """The float set in the class body: Dynamo reads it through the module's type."""
+
+    gamma = 0.96875
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)) * stirling(self, q.shape[-2]).to(q.dtype)) @ v
+
+
+def test_a_class_attribute_float_gamma_is_model_state(fresh_compile, monkeypatch):
+    """explain said "the mask depends on activations" (the source passes through the module's
+    type) while the compile claimed it; both claim it now, and changing the class attribute
+    between calls gives eager's values (a gamma > 1 included: not claimed, run as written)."""
+    q, k, v = _qkv(9)
+    assert [r.claimed for r in rtpcompile.explain(ClassGamma(), q, k, v).regions] == [True]
+    compiled = torch.compile(ClassGamma(), backend="rtp", dynamic=True)
+    for T, gamma in ((9, 0.96875), (17, 0.5), (11, 1.2)):
+        monkeypatch.setattr(ClassGamma, "gamma", gamma)
+        q, k, v = _qkv(T)
+        want = ClassGamma()(q, k, v)
+        got = compiled(q.float(), k.float(), v.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 def test_a_float_window_stays_declined():
     (verdict,) = _verdicts(Retention(float_window), *_qkv(9))
     assert verdict[0] is False

@@ -281,13 +281,18 @@ def is_constant_source(node: fx.Node) -> bool:
 
     Dynamo names the origin of each graph input in ``meta["grapharg"].source``; anything reached
     through an attribute access (``L['self']._buffers['decay']``, ``G['table']``) is model state,
-    a bare local (``L['x']``, ``L['args'][0]``) is an activation.
+    a bare local (``L['x']``, ``L['args'][0]``) is an activation. A value read through a module
+    (``NNModuleSource``, ``UnspecializedNNModuleSource``) is model state however it is reached:
+    a float set in the class body comes through the module's type
+    (``type(L['self']).__dict__['gamma']``, lifted to a graph input under ``dynamic=True``).
     """
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     while source is not None:
         name = type(source).__name__
-        if name in ("AttrSource", "GlobalSource", "GlobalWeakRefSource", "NNModuleSource"):
+        if name in ("AttrSource", "GlobalSource", "GlobalWeakRefSource") or (
+            name.endswith("NNModuleSource")
+        ):
             return True
         if "._buffers[" in source.name or "._parameters[" in source.name:
             return True
