@@ -37,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("eager", "inductor", "rtp", "chunkwise")
+MODELS = ("stack", "demo")
 QUICK = {"T": "256,1024", "models": "stack", "compile_layers": 8}
 FULL = {"T": "2048,8192,16384", "models": "stack,demo", "compile_layers": 24}
 
@@ -254,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full", action="store_true", help="the full sweep (long; run it once)")
     p.add_argument("--T", help="comma-separated sequence lengths (quick 256,1024)")
     p.add_argument("--models", help="comma-separated: stack, demo (quick: stack)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--chunk", type=int, default=128)
@@ -270,7 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.variants = tuple(args.variants.split(","))
+    args.variants = tuple(_names(p, "--variants", args.variants, VARIANTS))
+    args.models = ",".join(_names(p, "--models", args.models, MODELS))
+    try:
+        lengths = [int(t) for t in args.T.split(",") if t.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        p.error(f"argument --T: expected positive integers like 256,1024, got {args.T!r}")
     now = dt.datetime.now(dt.timezone.utc)
     results = {
         "date": now.isoformat(timespec="seconds"),
@@ -282,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"backend_{now.strftime('%Y%m%d-%H%M')}"
     for model in args.models.split(","):
-        for T in (int(t) for t in args.T.split(",")):
+        for T in lengths:
             print(f"[bench] {model} T={T} ...", file=sys.stderr, flush=True)
             results["runs"].setdefault(model, {})[T] = measure(model, T, args)
             _write(stem, results, args)  # NOTE: partial results survive an interrupted sweep
@@ -291,6 +301,15 @@ def main(argv: list[str] | None = None) -> None:
         results["compile"] = compile_timing(args)
     print(_write(stem, results, args))
     print(f"[bench] wrote {stem}.json and .md", file=sys.stderr)
+
+
+def _names(p: argparse.ArgumentParser, flag: str, text: str, valid: tuple[str, ...]) -> list[str]:
+    """Comma-separated names from ``valid``; anything else ends the command (usage, exit 2)."""
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in valid]
+    if bad or not chosen:
+        p.error(f"argument {flag}: expected some of {list(valid)}, got {text!r}")
+    return chosen
 
 
 def _write(stem: Path, results: dict, args) -> str:

@@ -1,4 +1,5 @@
-"""What a result was measured on: date, device, library versions, thread count."""
+"""What a result was measured on: date, device, library versions, thread count, and the rtpcompile
+settings that change what the rtp variants run (``RTP_*`` variables, the autotune cache)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,59 @@ def describe(device: str | torch.device) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         # NOTE: other processes on the machine distort CPU timings; the load says how much.
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        # NOTE: RTP_FORM, RTP_CHUNK_SIZE, RTP_KERNELS, RTP_CACHE, ... change what the rtp
+        # variants run; a result without them cannot be compared or reproduced
+        "rtp_env": rtp_environment(),
+        "autotune_cache": autotune_cache(),
     }
+
+
+def rtp_environment() -> dict[str, str]:
+    """Every ``RTP_*`` environment variable that is set (empty values too), by name."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RTP_")}
+
+
+def autotune_cache() -> dict[str, str]:
+    """The autotune cache's mode (``RTP_CACHE``: on, off, readonly) and directory."""
+    from ..kernels import cache  # NOTE: standard library only; cheap to import
+
+    try:
+        mode = cache.mode()
+    except ValueError as exc:  # NOTE: an invalid RTP_CACHE is recorded, the run reports it
+        mode = f"invalid ({exc})"
+    return {"mode": mode, "dir": str(cache.directory())}
+
+
+def plan_counters() -> dict[str, int]:
+    """How many run-time plans came from where so far in this process (``plan.stats``)."""
+    from ..lowering import plan
+
+    return dict(plan.stats())
+
+
+def plan_sources(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The plans chosen between two ``plan_counters`` readings: "cache_hits" (tuned entries the
+    autotune cache supplied), "tunings" (benchmarked here), "model" (cost model), ..."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+def settings_lines(env: dict[str, object]) -> list[str]:
+    """Markdown list items for the RTP_* variables, the autotune cache and the plan sources."""
+    rtp = env.get("rtp_env") or {}
+    shown = ", ".join(f"{k}={v!r}" for k, v in rtp.items()) if rtp else "none set"
+    lines = [f"- RTP_* environment: {shown}"]
+    cache = env.get("autotune_cache")
+    if cache:
+        text = f"- autotune cache: {cache['mode']}, {cache['dir']}"
+        src = env.get("plan_sources")
+        if src:
+            text += (
+                f"; lowering plans chosen during this suite (per shape bucket, in the timing "
+                f"process): {src.get('cache_hits', 0)} tuned entries from the cache, "
+                f"{src.get('tunings', 0)} tuned here, {src.get('model', 0)} by the cost model"
+            )
+        lines.append(text)
+    return lines
 
 
 def header_line(env: dict[str, object]) -> str:

@@ -1,7 +1,9 @@
 """PNG plots of the results (time and memory against T on log axes); needs matplotlib.
 
 Dashed grey guides show slopes 1 (linear) and 2 (quadratic) so the growth of each curve can be
-read off directly.
+read off directly. A variant keeps one colour and marker in every panel and plot, and legends
+list variants in the order of the markdown tables; a variant measured at one length only is a
+lone marker, and a legend entry is shown as a marker without a line then.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from pathlib import Path
 from . import optional
 from .report import Record
 
+MARKERS = "osD^vP*Xh<>p"
+
 
 def _series(records: list[Record], bench: str, value) -> dict[str, tuple[list[int], list[float]]]:
+    """{variant: (Ts, values)} in the variants' first-seen order (the tables' column order)."""
+    order = {v: i for i, v in enumerate(dict.fromkeys(r.variant for r in records))}
     out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
-    for r in sorted((r for r in records if r.bench == bench and r.status == "ok"), key=_key):
+    chosen = (r for r in records if r.bench == bench and r.status == "ok")
+    for r in sorted(chosen, key=lambda r: (order[r.variant], r.T)):
         y = value(r)
         if y is not None and y > 0:
             out[r.variant][0].append(r.T)
@@ -23,8 +30,13 @@ def _series(records: list[Record], bench: str, value) -> dict[str, tuple[list[in
     return dict(out)
 
 
-def _key(r: Record):
-    return (r.variant, r.T)
+def _styles(records: list[Record]) -> dict[str, dict]:
+    """One colour and marker per variant, the same in every panel of every plot."""
+    names = dict.fromkeys(r.variant for r in records)
+    return {
+        name: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)]}
+        for i, name in enumerate(names)
+    }
 
 
 def _guides(ax, series) -> None:
@@ -39,9 +51,12 @@ def _guides(ax, series) -> None:
                 label=f"∝ T{'²' if slope == 2 else ''}")  # fmt: skip
 
 
-def _panel(ax, series, title: str, ylabel: str, xlabel: str = "T (tokens)") -> None:
+def _panel(ax, series, title, ylabel, xlabel="T (tokens)", styles=None) -> None:
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        style = (styles or {}).get(name, {"marker": "o"})
+        # NOTE: a one-point series has no line; its legend entry must not show one either
+        ls = "-" if len(xs) > 1 else "none"
+        ax.plot(xs, ys, ms=4, ls=ls, label=name, **style)
     if "tokens/s" not in title:
         _guides(ax, series)
     ax.set_xscale("log", base=2)
@@ -51,13 +66,15 @@ def _panel(ax, series, title: str, ylabel: str, xlabel: str = "T (tokens)") -> N
     ax.legend(fontsize=7)
 
 
-def _figure(path: Path, panels: list[tuple[str, str, dict, str]], subtitle: str) -> Path | None:
+def _figure(
+    path: Path, panels: list[tuple[str, str, dict, str]], subtitle: str, styles=None
+) -> Path | None:
     plt = optional.pyplot()
     if plt is None or not any(p[2] for p in panels):
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (title, ylabel, series, xlabel) in zip(axes[0], panels, strict=True):
-        _panel(ax, series, title, ylabel, xlabel)
+        _panel(ax, series, title, ylabel, xlabel, styles)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +96,7 @@ def op_plots(records: list[Record], out: Path, subtitle: str) -> list[Path]:
             (f"{names[m]}: {what}", ylabel, _series(records, f"op-{m}", value), "T (tokens)")
             for m in modes
         ]
-        path = _figure(out / f"op_{what}.png", panels, subtitle)
+        path = _figure(out / f"op_{what}.png", panels, subtitle, _styles(records))
         if path:
             written.append(path)
     return written
@@ -105,5 +122,5 @@ def model_plots(records: list[Record], out: Path, subtitle: str) -> list[Path]:
         ),
     ]
     panels = [p for p in panels if p[2]]
-    path = _figure(out / "model.png", panels, subtitle)
+    path = _figure(out / "model.png", panels, subtitle, _styles(records))
     return [path] if path else []

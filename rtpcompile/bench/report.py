@@ -120,9 +120,10 @@ def _cell(rec: Record | None, what: str) -> str:
 def pivot(records: Iterable[Record], bench: str, what: str = "time") -> str:
     """Rows T, columns variants (in first-seen order); ``what`` is "time" or "memory"."""
     recs = [r for r in records if r.bench == bench]
+    order = list(dict.fromkeys(r.variant for r in recs))  # NOTE: the same for time and memory
     if what == "memory":
         recs = [r for r in recs if r.memory_bytes is not None or r.status != "ok"]
-    variants = list(dict.fromkeys(r.variant for r in recs))
+    variants = [v for v in order if any(r.variant == v for r in recs)]
     lengths = sorted({r.T for r in recs})
     cells = {(r.variant, r.T): r for r in recs}
     rows = [[str(T)] + [_cell(cells.get((v, T)), what) for v in variants] for T in lengths]

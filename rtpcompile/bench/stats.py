@@ -90,10 +90,24 @@ def _calls_per_sample(seconds_per_call: float, min_sample_s: float, max_number: 
     return max(1, min(max_number, math.ceil(min_sample_s / max(seconds_per_call, 1e-9))))
 
 
-def error_text(exc: BaseException) -> str:
-    """One line naming the exception (what a result records instead of a time)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:200]
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """One line naming the exception (what a result records instead of a time).
+
+    A first line that only introduces the cause ("BackendCompilerFailed: backend='rtp'
+    raised:") is joined with the lines after it up to the first complete one, and an explicit
+    ``__cause__`` whose text is not there yet is appended: the reason must survive."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    text = lines[0] if lines else ""
+    for line in lines[1:]:
+        if not text.endswith(":"):
+            break
+        text = f"{text} {line}"
+    cause = exc.__cause__
+    if cause is not None:
+        inner = error_text(cause, limit)
+        if inner.split(": ", 1)[-1] not in text:
+            text = f"{text} (caused by {inner})" if text else f"(caused by {inner})"
+    return f"{type(exc).__name__}: {text}"[:limit]
 
 
 def interleaved(

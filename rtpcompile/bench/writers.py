@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import plots
+from .env import settings_lines
 from .report import Record, fmt_bytes, notes, pivot, table, to_json, validate, write_json
 
 TITLES = {
@@ -22,6 +23,7 @@ def env_lines(env: dict) -> list[str]:
         f"1-min load average at start {env.get('loadavg_1m')}",
         f"- torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
         f"flash-linear-attention {env.get('fla')}, python {env['python']}",
+        *settings_lines(env),
     ]
 
 

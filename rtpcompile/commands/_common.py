@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -94,6 +96,37 @@ def int_list(example: str):
 def names(text: str) -> list[str]:
     """Comma-separated names, blanks dropped."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists (what a mkdir -p would start from)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: Path, flag: str, what: str = "a folder") -> None:
+    """A ``UsageError`` unless ``path`` is a folder, or one that can be made, and writable:
+    checked before a long run, which would otherwise fail at the end and lose its results."""
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        where = "" if base == Path(os.path.abspath(path)) else f" ({str(base)!r} is a file)"
+        raise UsageError(f"{flag}: expected {what}, got {str(path)!r}{where}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write in {str(base)!r} (permission denied)")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """A ``UsageError`` unless ``path`` can be written as a file (its folder may be made)."""
+    what = "a file name in a folder that exists or can be made"
+    if Path(path).is_dir():
+        raise UsageError(f"{flag}: expected {what}, got the folder {str(path)!r}")
+    base = _existing_ancestor(Path(os.path.abspath(path)).parent)
+    if not base.is_dir():
+        raise UsageError(f"{flag}: expected {what}, got {str(path)!r} ({str(base)!r} is a file)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write in {str(base)!r} (permission denied)")
 
 
 def prepare(args) -> str:
