@@ -294,3 +294,43 @@ def test_cpu_backend_script_checks_its_names(capsys, tmp_path, argv, expected):
     assert info.value.code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_error_text_keeps_a_cause_after_a_long_first_line_and_survives_a_cycle():
+    from rtpcompile.bench.stats import error_text
+
+    try:
+        try:
+            raise ValueError("the real reason")
+        except ValueError as inner:
+            raise RuntimeError("x" * 400) from inner
+    except RuntimeError as exc:
+        text = error_text(exc)
+    assert len(text) <= 300 and "ValueError: the real reason" in text, text
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert error_text(a) == "RuntimeError: a (caused by RuntimeError: b)"
+    try:
+        raise RuntimeError("lookup failed") from KeyError()
+    except RuntimeError as exc:
+        assert "KeyError" in error_text(exc)
+
+
+def test_the_reproduce_line_quotes_values_as_assignments(monkeypatch):
+    """``'RTP_CACHE_DIR=/a b' rtpcompile ...`` is a command name to bash, not an assignment; and
+    TRITON_INTERPRET is part of what a CPU Triton run needs."""
+    import subprocess
+
+    from rtpcompile.bench import env as bench_env
+    from rtpcompile.commands.bench import reproduce_command
+
+    monkeypatch.setenv("RTP_CACHE_DIR", "/tmp/c dir")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    recorded = bench_env.rtp_environment()
+    assert recorded["TRITON_INTERPRET"] == "1"
+    line = reproduce_command(recorded, ["--quick", "--out", "/tmp/x y"])
+    assert "RTP_CACHE_DIR='/tmp/c dir'" in line and line.endswith("--quick --out '/tmp/x y'")
+    # NOTE: a shell takes the settings as assignments: echo them instead of running bench
+    probe = line.replace("rtpcompile bench", "sh -c 'echo \"$RTP_CACHE_DIR|$TRITON_INTERPRET\"'")
+    shown = subprocess.run(["sh", "-c", probe], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "/tmp/c dir|1"

@@ -257,6 +257,7 @@ def _plant_kernels(root: Path) -> Path:
     (d / "rtp_76543210fedcba9876543210.py").write_text("x = 2\n")
     (d / ".tmp-abc.py").write_text("")
     (d / "notes.txt").write_text("mine")
+    (d / "rtp_my_helpers.py").write_text("mine")  # named like one, not a generated module
     (d / "rtp_dir.py").mkdir()  # a directory named like a module: left alone
     return d
 
@@ -273,7 +274,7 @@ def test_cache_clear_removes_kernel_modules(tmp_path, monkeypatch, capsys, entri
     if entries_only:
         assert _files(d) == before and "kernel" not in out
     else:
-        assert _files(d) == ["notes.txt"] and (d / "rtp_dir.py").is_dir()
+        assert _files(d) == ["notes.txt", "rtp_my_helpers.py"] and (d / "rtp_dir.py").is_dir()
         assert f"and 3 generated kernel module(s) from {d}" in out
     assert out.startswith(f"removed 0 file(s) from {tmp_path / 'c' / 'autotune'}")
 
@@ -329,3 +330,27 @@ def test_spec_dim_bounds_accepted():
         choose("chunkwise", "fwd", 8, 257, torch.float32, torch.float32)
     spec = choose("chunkwise", "fwd", 8, 257, torch.float32, torch.float32, extra_value_column=True)
     assert spec.V == 257
+
+
+def test_a_forked_childs_exit_keeps_the_parents_temporary_kernel_directory(monkeypatch):
+    """The atexit hook is inherited by a fork; only the process that made the directory
+    removes it (a child's exit removed it, and the parent's next kernel warned)."""
+    import os
+    import sys
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    from rtpcompile.kernels import codegen
+
+    monkeypatch.setenv("RTP_CACHE", "off")
+    monkeypatch.setattr(codegen, "_TRANSIENT", [])
+    found = codegen._transient_dir()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # NOTE: the child runs the hook it inherited (only it: not pytest's others)
+        codegen._remove_at_exit(found, parent)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert found.is_dir(), sys.platform
+    codegen._remove_at_exit(found, os.getpid())
+    assert not found.exists()

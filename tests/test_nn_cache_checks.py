@@ -151,9 +151,9 @@ def test_past_length_must_equal_offset():
     att = CausalSelfAttention(32, 4).to(F64)
     x = torch.randn(2, 7, 32, dtype=F64)
     k, v = torch.zeros(2, 4, 5, 8, dtype=F64), torch.zeros(2, 4, 5, 8, dtype=F64)
-    with pytest.raises(ValueError, match="past holds 5 positions, so offset .* must be 5, got "):
+    with pytest.raises(ValueError, match="offset=2 .* needs 2 cached keys/values, got 5 .*window"):
         att(x[:, 5:], past=(k, v), offset=2)
-    with pytest.raises(ValueError, match="must be 5, got offset=0"):
+    with pytest.raises(ValueError, match="offset=0 .* needs 0 cached keys/values, got 5"):
         att(x[:, 5:], past=(k, v))
     # the agreeing call continues the sequence exactly
     full = att(x)
@@ -169,7 +169,7 @@ def test_a_cache_whose_seq_len_disagrees_with_its_keys_is_refused():
     cache = model.new_cache(2)
     model(ids[:, :6], cache=cache)
     cache.seq_len = 4
-    with pytest.raises(ValueError, match="past holds 6 positions, so offset .* got offset=4"):
+    with pytest.raises(ValueError, match="offset=4 .* needs 4 cached keys/values, got 6"):
         model(ids[:, 6:7], cache=cache)
 
 

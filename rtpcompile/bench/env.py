@@ -58,9 +58,16 @@ def describe(device: str | torch.device) -> dict[str, object]:
     }
 
 
+# NOTE: not RTP_*, but it decides whether RTP_KERNELS=triton runs on CPU tensors at all
+_ALSO_RECORDED = ("TRITON_INTERPRET",)
+
+
 def rtp_environment() -> dict[str, str]:
-    """Every ``RTP_*`` environment variable that is set (empty values too), by name."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RTP_")}
+    """Every ``RTP_*`` environment variable that is set (empty values too), by name, and
+    ``TRITON_INTERPRET`` when set (the kernels on CPU tensors need it)."""
+    return {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("RTP_") or k in _ALSO_RECORDED
+    }
 
 
 def autotune_cache() -> dict[str, str]:

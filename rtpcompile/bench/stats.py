@@ -96,6 +96,11 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
     A first line that only introduces the cause ("BackendCompilerFailed: backend='rtp'
     raised:") is joined with the lines after it up to the first complete one, and an explicit
     ``__cause__`` whose text is not there yet is appended: the reason must survive."""
+    return _error_text(exc, limit, set())
+
+
+def _error_text(exc: BaseException, limit: int, seen: set[int]) -> str:
+    seen.add(id(exc))  # NOTE: a cycle of causes would recurse forever
     lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
     text = lines[0] if lines else ""
     for line in lines[1:]:
@@ -103,11 +108,16 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
             break
         text = f"{text} {line}"
     cause = exc.__cause__
-    if cause is not None:
-        inner = error_text(cause, limit)
-        if inner.split(": ", 1)[-1] not in text:
-            text = f"{text} (caused by {inner})" if text else f"(caused by {inner})"
-    return f"{type(exc).__name__}: {text}"[:limit]
+    # NOTE: the cause gets at least half the room: a long first line must not push it out
+    head = f"{type(exc).__name__}: {text}"
+    if cause is not None and id(cause) not in seen:
+        inner = _error_text(cause, limit, seen)
+        if inner.split(": ", 1)[-1] not in text or not str(cause).strip():
+            room = max(limit - len(inner) - len(" (caused by )"), limit // 2)
+            if len(head) > room:
+                head = head[: max(room - 1, 0)] + "…"
+            return f"{head} (caused by {inner})"[:limit]
+    return head[:limit]
 
 
 def interleaved(

@@ -249,6 +249,14 @@ def _output_folder(args, device: str) -> Path:
     return out
 
 
+def reproduce_command(settings: dict[str, str], argv: list[str]) -> str:
+    """The command line a result file records: the settings as shell assignments (the value
+    quoted, not the whole word: a quoted ``'A=b c'`` is a command name to a shell), then the
+    bench command with its arguments."""
+    assigns = [f"{name}={shlex.quote(value)}" for name, value in settings.items()]
+    return " ".join([*assigns, "rtpcompile bench", shlex.join(argv)]).strip()
+
+
 def _all_failed(records) -> bool:
     """Every measured cell errored (skips aside): nothing in the files is a measurement."""
     return any(r.status == "error" for r in records) and not any(r.status == "ok" for r in records)
@@ -278,8 +286,7 @@ def run(args) -> int:
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
     env = bench_env.describe(device)
     # NOTE: the RTP_* settings are part of what ran: the reproduce line sets them too
-    assigns = [shlex.quote(f"{k}={v}") for k, v in env["rtp_env"].items()]
-    command = " ".join([*assigns, "rtpcompile bench", shlex.join(argv)]).strip()
+    command = reproduce_command(env["rtp_env"], argv)
     print(f"rtpcompile bench  ({bench_env.header_line(env)}) -> {out}")
     written = []
     failed = []

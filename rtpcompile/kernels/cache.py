@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def directory() -> Path:
 
 KERNELS = "kernels"  # NOTE: the generated modules' directory under root() (kernels/codegen.py)
 _KERNEL_PREFIX = "rtp_"  # NOTE: codegen's module names, rtp_<sha256[:24]>.py
+_GENERATED = re.compile(r"rtp_[0-9a-f]{24}\.py")
 
 
 def kernel_directory() -> Path:
@@ -332,9 +334,9 @@ def clear() -> int:
 
 
 def clear_kernels() -> int:
-    """Delete the generated kernel modules (``rtp_*.py``) and leftover temporary files of
-    ``kernel_directory()``; returns how many files were removed. Anything else there is left
-    alone. Refused unless ``RTP_CACHE=on``, like ``clear``.
+    """Delete the generated kernel modules (``rtp_<24 hex digits>.py``) and leftover temporary
+    files of ``kernel_directory()``; returns how many files were removed. Anything else there is
+    left alone. Refused unless ``RTP_CACHE=on``, like ``clear``.
 
     Safe while other processes run: each runs its kernels from verified text it holds, and the
     next process to need one writes it again (one writing a module at that very moment may
@@ -349,6 +351,8 @@ def clear_kernels() -> int:
                 # NOTE: is_dir follows links; a link (to anything) is only unlinked, not followed
                 if path.is_dir() and not path.is_symlink():
                     continue
+                if pattern.startswith(_KERNEL_PREFIX) and not _GENERATED.fullmatch(path.name):
+                    continue  # NOTE: a file of the user's that happens to start with rtp_
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1

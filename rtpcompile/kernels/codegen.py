@@ -103,6 +103,13 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def _remove_at_exit(path: Path, owner: int) -> None:
+    """Remove a temporary kernel directory at exit, in the process that made it only: a forked
+    child inherits the atexit hook, and its exit removed the directory its parent still used."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 _TRANSIENT: list[Path] = []  # RTP_CACHE off / readonly: this process's kernel directory
 
 
@@ -113,7 +120,7 @@ def _transient_dir() -> Path:
     with _FALLBACK_LOCK:
         if not _TRANSIENT:
             found = Path(tempfile.mkdtemp(prefix="rtpcompile-kernels-"))  # NOTE: mkdtemp: 0700
-            atexit.register(shutil.rmtree, found, ignore_errors=True)
+            atexit.register(_remove_at_exit, found, os.getpid())
             _TRANSIENT.append(found)
             log.debug("rtpcompile: RTP_CACHE=%s: generated kernels go to %s", cache.mode(), found)
         return _TRANSIENT[0]
@@ -125,7 +132,7 @@ def _fallback_dir(path: Path, exc: OSError) -> Path:
         if found is not None:
             return found
         found = Path(tempfile.mkdtemp(prefix="rtpcompile-kernels-"))  # NOTE: mkdtemp: 0700
-        atexit.register(shutil.rmtree, found, ignore_errors=True)
+        atexit.register(_remove_at_exit, found, os.getpid())
         _FALLBACK[str(path)] = found
     message = (
         f"rtpcompile: cannot use the kernel cache {path} ({exc}); generated kernels go to the "

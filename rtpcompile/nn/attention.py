@@ -144,8 +144,9 @@ def _check_past(past, B: int, H: int, D: int, offset: int) -> None:
         )
     if p_keys != offset:
         raise ValueError(
-            f"past holds {p_keys} positions, so offset (the position of the first new token) must "
-            f"be {p_keys}, got offset={offset}"
+            f"past must hold every earlier position: offset={offset} (the position of the first "
+            f"new token) needs {offset} cached keys/values, got {p_keys} (a sliding-window cache "
+            f"is not supported: its rotary positions would be wrong)"
         )
 
 
