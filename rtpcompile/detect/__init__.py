@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import logging
 
+import torch
 import torch.fx as fx
 from torch._ops import HigherOrderOperator
 
@@ -85,15 +86,44 @@ def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     """Every retention candidate of ``gm``: claimed regions first use no node twice.
 
     Two size symbols with the same example value count as one size (q's and k's lengths of a
-    function taking both); when a region is claimed they are guarded equal (``guard_equal``)."""
+    function taking both); when a region is claimed they are guarded equal (``guard_equal``).
+    A Python number Dynamo lifted to a graph input that a claimed region's mask reads is guarded
+    to its value (``_lifted_numbers``)."""
     with assumed_equal_sizes() as pairs:
-        regions = _find_regions(gm, example_inputs)
+        regions, numbers = _find_regions(gm, example_inputs)
     if any(region.claimed for region in regions):
         guard_equal(pairs)
+    for region, read in zip(regions, numbers, strict=True):
+        for number in read if region.claimed else ():
+            float(number)  # NOTE: a guard that it keeps its example value
     return regions
 
 
-def _find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
+def _lifted_numbers(region: Region, named: dict[str, fx.Node]) -> list:
+    """The symbolic floats (with an example value) the region's mask and score factors read.
+
+    NOTE: under ``dynamic=True`` (or at a recompile) Dynamo passes a float attribute of the
+    model as a 0-d tensor input read by ``.item()``, and the graph runs with whatever value it
+    has at the call: the proof read it at its example value, where it may decide the mask's
+    structure (``leak * (d < 0)`` is causal only at leak = 0), so it is guarded to that value
+    (changing it recompiles), as Dynamo does for a float it does not lift."""
+    todo = [named[m] for m in region.masks if m in named]
+    factors = (v for _, v in (*region.pre, *region.post) if isinstance(v, str))
+    todo += [named[f] for f in factors if f in named]
+    seen, found = set(), []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        value = example(node)
+        if isinstance(value, torch.SymFloat) and value.node.hint is not None:
+            found.append(value)
+        todo += node.all_input_nodes
+    return found
+
+
+def _find_regions(gm: fx.GraphModule, example_inputs: list) -> tuple[list[Region], list[list]]:
     flat = subgraphs.flatten(gm)
     view = GraphView(flat.gm if flat is not None else gm)
     parallel = merge_chunk_steps(view, find_parallel(view, example_inputs), example_inputs)
@@ -102,6 +132,7 @@ def _find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
     named = {node.name: node for node in view.nodes}
     found.sort(key=lambda r: view.order.get(named.get(r.output or r.state_output or ""), 0))
     regions: list[Region] = []
+    numbers: list[list] = []
     used: set[str] = set()
     for region in (_with_example_call(r, named) for r in found):
         if region.claimed and used & set(region.nodes):
@@ -115,6 +146,7 @@ def _find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
             region = region if why is None else region.declined(why)
         if region.claimed:
             used |= set(region.nodes)
+        numbers.append(_lifted_numbers(region, named) if region.claimed else [])
         regions.append(subgraphs.localize(flat, region))
     regions = subgraphs.agree(flat, regions)
     for region in regions:
@@ -129,4 +161,4 @@ def _find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:
             region.where,
             "" if region.claimed else f": {region.reason}",
         )
-    return regions
+    return regions, numbers

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .graph_view import GraphView, example, is_tensor, target_name
 from .region import Region
@@ -34,7 +35,37 @@ _IN_PLACE_FUNCTIONS = {
 
 
 def is_view(node: fx.Node) -> bool:
-    return node.op in ("call_method", "call_function") and target_name(node) in _VIEWS
+    """A node whose result may share its first argument's storage: a view-like op by name, or
+    any op whose example value shares storage with its input (``reshape_as``, ``sum_to_size``,
+    ``.data``, ``broadcast_tensors``, aten's ``alias``/``slice``: a write through one of those
+    was missed, and the region claimed with the old values)."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if target_name(node) in _VIEWS:
+        return True
+    # NOTE: an in-place op's result is its input too, but it is a write, handled as one
+    return not (node.args and writes(node, node.args[0])) and _shares_storage(node)
+
+
+def _storages(value) -> list:
+    values = value if isinstance(value, (tuple, list)) else [value]
+    found = []
+    for item in values:
+        if is_tensor(item):
+            try:
+                found.append(StorageWeakRef(item.untyped_storage()))
+            except (NotImplementedError, RuntimeError):  # NOTE: no storage (a sparse tensor)
+                pass
+    return found
+
+
+def _shares_storage(node: fx.Node) -> bool:
+    """Whether the node's example value (Dynamo's fake tensors keep views' storage) shares the
+    storage of its first argument's."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    mine = _storages(example(node))
+    return bool(mine) and any(s in mine for s in _storages(example(node.args[0])))
 
 
 def writes(node: fx.Node, target: fx.Node) -> bool:
