@@ -97,6 +97,17 @@ def fresh_compile():
 
 
 @pytest.fixture
+def op_calls(monkeypatch, fresh_compile):
+    """One entry per call of the rtp op's forward implementation (a claimed region ran it)."""
+    from rtpcompile.lowering import custom_ops
+
+    calls = []
+    real = custom_ops._forward
+    monkeypatch.setattr(custom_ops, "_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.fixture
 def inductor_graphs(monkeypatch):
     """Inductor's compile_fx replaced by the (rewritten) graph run eagerly: fast, and the test
     can inspect every graph module Inductor would have received (the list yielded)."""

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from rtpcompile.backend import counters
-from rtpcompile.lowering import custom_ops
 
 GAMMA = (0.9, 0.7)
 
@@ -46,14 +45,6 @@ def _written_through(alias):
         return s @ v
 
     return fn
-
-
-@pytest.fixture
-def op_calls(monkeypatch, fresh_compile):
-    calls = []
-    real = custom_ops._forward
-    monkeypatch.setattr(custom_ops, "_forward", lambda *a: calls.append(1) or real(*a))
-    return calls
 
 
 def _qkv(T, seed=0):

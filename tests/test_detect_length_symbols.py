@@ -8,8 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rtpcompile.lowering import custom_ops
-
 
 def scores_tril(q, k, v):
     return (q @ k.mT).tril() @ v
@@ -20,14 +18,6 @@ def decayed_scores_tril(q, k, v):
     T = q.shape[2]
     i = torch.arange(T)
     return ((q @ k.mT) * gamma ** (i[:, None] - i[None, :]).clamp(min=0)).tril() @ v
-
-
-@pytest.fixture
-def op_calls(monkeypatch, fresh_compile):
-    calls = []
-    real = custom_ops._forward
-    monkeypatch.setattr(custom_ops, "_forward", lambda *a: calls.append(1) or real(*a))
-    return calls
 
 
 def _qkv(Tq, Tk, seed):
