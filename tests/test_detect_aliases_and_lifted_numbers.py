@@ -100,3 +100,20 @@ def test_a_lifted_float_attribute_is_guarded_to_its_proven_value(op_calls, dynam
         _check(compiled, model, T, seed)
         if claimed is not None:
             assert bool(op_calls) is claimed, (leak, T, op_calls)
+
+
+def test_a_number_read_from_the_length_is_not_guarded(op_calls):
+    """Only lifted Python numbers are guarded: a float computed from T (``T ** -0.5``) guarded
+    to its example value would fix the length (a recompile per T)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    def fn(q, k, v):
+        T = q.shape[2]
+        return ((q @ k.mT) * (_decay(T, q.dtype) * T**-0.5)) @ v
+
+    compiled = torch.compile(fn, backend="rtp", dynamic=True)
+    for seed, T in enumerate((9, 17, 33)):
+        op_calls.clear()
+        _check(compiled, fn, T, seed)
+        assert op_calls == [1], T
+    assert dynamo_counters["stats"]["unique_graphs"] == 1, dict(dynamo_counters["stats"])

@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.fx as fx
 from torch._ops import HigherOrderOperator
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from . import subgraphs
 from .graph_view import (
@@ -117,10 +118,19 @@ def _lifted_numbers(region: Region, named: dict[str, fx.Node]) -> list:
             continue
         seen.add(node)
         value = example(node)
-        if isinstance(value, torch.SymFloat) and value.node.hint is not None:
+        if _lifted(value):
             found.append(value)
         todo += node.all_input_nodes
     return found
+
+
+def _lifted(value) -> bool:
+    """A symbolic float of float symbols only, with an example value: a lifted Python number.
+    Never one that reads a size (``T ** 0.5``): guarding it would fix the length."""
+    if not isinstance(value, torch.SymFloat) or value.node.hint is None:
+        return False
+    symbols = value.node.expr.free_symbols
+    return bool(symbols) and all(symbol_is_type(s, SymT.FLOAT) for s in symbols)
 
 
 def _find_regions(gm: fx.GraphModule, example_inputs: list) -> tuple[list[Region], list[list]]:
