@@ -406,10 +406,11 @@ def same_size(a, b) -> bool:
     return a == b
 
 
-# NOTE: Dynamo gives every input's dims their own symbols (no duck sizing in torch 2.13): a
-# compiled function taking q, k and v has q's length s0 and k's s1, tied by nothing when the
-# scores' tril is the only mask, so ``(q @ k.mT).tril() @ v`` was claimed at the static first
-# compile and silently not after the dynamic recompile (about 50x slower at T = 4096 on CPU).
+# NOTE: at an automatic-dynamic recompile (and with mark_dynamic) Dynamo can give each input's
+# dims their own symbols (torch 2.13): a compiled function taking q, k and v then has q's length
+# s0 and k's s49, tied by nothing when the scores' tril is the only mask, so
+# ``(q @ k.mT).tril() @ v`` was claimed at the static first compile and silently not after the
+# dynamic recompile (about 50x slower at T = 4096 on CPU).
 _ASSUMED: contextvars.ContextVar[list | None] = contextvars.ContextVar("rtp_assumed", default=None)
 
 
