@@ -114,16 +114,15 @@ def writers(nodes) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
-# NOTE: view-like ops (``_VIEWS``) that always share their input's storage; the others there
-# (a cast, ``contiguous``, ``reshape``, indexing by a tensor) may copy it, so they read it
-_STRICT_VIEWS = {
-    "view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "expand_as", "chunk",
-    "split", "unbind", "narrow", "select", "as_strided", "detach", "view_as", "movedim",
-    "swapaxes", "t", "mT", "diagonal", "unfold", "moveaxis", "swapdims", "adjoint",
-    "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split",
-    "unsafe_chunk", "broadcast_to", "view_as_real", "view_as_complex", "real", "imag", "alias",
-    "atleast_1d", "atleast_2d", "atleast_3d",
+# NOTE: the view-like ops (``_VIEWS``) that may copy their input (a cast, ``contiguous``,
+# ``reshape``, indexing by a tensor: ``getitem`` is decided by its index), so read it where they
+# run; the others always share its storage
+_MAY_COPY = {
+    "reshape", "flatten", "unflatten", "ravel", "contiguous", "to", "float", "half", "bfloat16",
+    "double", "type", "type_as", "cpu", "cuda", "conj", "resolve_conj", "resolve_neg",
+    "positive", "getattr",
 }  # fmt: skip
+_STRICT_VIEWS = _VIEWS - _MAY_COPY - {"getitem"}
 
 
 def _may_copy(node: fx.Node) -> bool:

@@ -121,8 +121,8 @@ def directory() -> Path:
 
 
 KERNELS = "kernels"  # NOTE: the generated modules' directory under root() (kernels/codegen.py)
-_KERNEL_PREFIX = "rtp_"  # NOTE: codegen's module names, rtp_<sha256[:24]>.py
-_GENERATED = re.compile(r"rtp_[0-9a-f]{24}\.py")
+_GENERATED = re.compile(r"rtp_[0-9a-f]{24}\.py")  # NOTE: codegen's names, rtp_<sha256[:24]>
+_LEFTOVER = re.compile(re.escape(_TMP_PREFIX) + r".*\.py")  # an interrupted write's temporary
 
 
 def kernel_directory() -> Path:
@@ -346,16 +346,15 @@ def clear_kernels() -> int:
     d = kernel_directory()
     removed = 0
     if d.is_dir():
-        for pattern in (f"{_KERNEL_PREFIX}*.py", f"{_TMP_PREFIX}*.py"):
-            for path in d.glob(pattern):
-                # NOTE: is_dir follows links; a link (to anything) is only unlinked, not followed
-                if path.is_dir() and not path.is_symlink():
-                    continue
-                if pattern.startswith(_KERNEL_PREFIX) and not _GENERATED.fullmatch(path.name):
-                    continue  # NOTE: a file of the user's that happens to start with rtp_
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
+        for path in d.iterdir():
+            # NOTE: a user's file that merely starts with rtp_ is not a generated module
+            ours = _GENERATED.fullmatch(path.name) or _LEFTOVER.fullmatch(path.name)
+            # NOTE: is_dir follows links; a link (to anything) is only unlinked, not followed
+            if not ours or (path.is_dir() and not path.is_symlink()):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
     return removed
 
 
