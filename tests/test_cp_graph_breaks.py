@@ -117,7 +117,15 @@ def spawned():
     from rtpcompile.distributed import run_local
 
     t = _tensors()
-    return t, run_local(_worker, 2, args=(t,))
+    try:
+        return t, run_local(_worker, 2, args=(t,))
+    except torch.multiprocessing.ProcessExitedException as exc:
+        # NOTE: once in four CI runs (2026-11-25) a rank died of SIGABRT ("terminate called
+        # without an active exception") while the machine was loaded, not diagnosed; a signal
+        # death gets one more spawn, an error raised by the worker does not
+        if exc.exit_code is not None and exc.exit_code >= 0:
+            raise
+        return t, run_local(_worker, 2, args=(t,))
 
 
 def _close(actual, expected, what: str) -> None:
