@@ -115,7 +115,8 @@ def test_a_write_between_a_chunk_step_s_output_and_its_new_state_declines(write)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     if write == "state":
         torch.testing.assert_close(state_in, want[1])  # NOTE: updated in place, as in eager
-    assert backend.counters["regions_claimed"] == 0
+    # NOTE: the merged step is declined; its parallel part stays claimed (since 2026-11-25)
+    assert backend.counters["regions_claimed"] == 1
 
 
 def test_a_chunk_step_with_a_state_broadcast_over_the_batch_compiles():

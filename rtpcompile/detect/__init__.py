@@ -133,11 +133,31 @@ def _lifted(value) -> bool:
     return bool(symbols) and all(symbol_is_type(s, SymT.FLOAT) for s in symbols)
 
 
+def _checked(view: GraphView, region: Region, named: dict, used: set[str]) -> Region:
+    """The region, declined when it overlaps a claimed one (``used``: their nodes) or eager does
+    something inside it that the op would not (an in-place write, a grad-mode switch, a
+    narrowing cast)."""
+    if region.claimed and used & set(region.nodes):
+        return region.declined("overlaps another claimed region")
+    if region.claimed and not region.native:
+        why = (
+            written_between(view, region, named)
+            or grad_mode_inside(view, region, named)
+            or narrowing_cast(region, named)
+        )
+        return region if why is None else region.declined(why)
+    return region
+
+
 def _find_regions(gm: fx.GraphModule, example_inputs: list) -> tuple[list[Region], list[list]]:
     flat = subgraphs.flatten(gm)
     view = GraphView(flat.gm if flat is not None else gm)
-    parallel = merge_chunk_steps(view, find_parallel(view, example_inputs), example_inputs)
-    found = find_native(view, example_inputs) + find_recurrent(view, example_inputs) + parallel
+    parallel = find_parallel(view, example_inputs)
+    merged = merge_chunk_steps(view, parallel, example_inputs)
+    # NOTE: a chunk step declined below (a write to its state after the cross term) keeps its
+    # parallel part, as one never merged does
+    unmerged = {m.output: p for m, p in zip(merged, parallel, strict=True) if m is not p}
+    found = find_native(view, example_inputs) + find_recurrent(view, example_inputs) + merged
     found += _unsearched_subgraphs(view.gm)
     named = {node.name: node for node in view.nodes}
     found.sort(key=lambda r: view.order.get(named.get(r.output or r.state_output or ""), 0))
@@ -145,15 +165,12 @@ def _find_regions(gm: fx.GraphModule, example_inputs: list) -> tuple[list[Region
     numbers: list[list] = []
     used: set[str] = set()
     for region in (_with_example_call(r, named) for r in found):
-        if region.claimed and used & set(region.nodes):
-            region = region.declined("overlaps another claimed region")
-        if region.claimed and not region.native:
-            why = (
-                written_between(view, region, named)
-                or grad_mode_inside(view, region, named)
-                or narrowing_cast(region, named)
+        checked = _checked(view, region, named, used)
+        if not checked.claimed and region.claimed and region.output in unmerged:
+            checked = _checked(
+                view, _with_example_call(unmerged[region.output], named), named, used
             )
-            region = region if why is None else region.declined(why)
+        region = checked
         if region.claimed:
             used |= set(region.nodes)
         numbers.append(_lifted_numbers(region, named) if region.claimed else [])

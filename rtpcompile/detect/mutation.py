@@ -141,9 +141,9 @@ def _may_copy(node: fx.Node) -> bool:
 
 
 def _first_read(view: GraphView, node: fx.Node, inside: set[fx.Node]) -> int | None:
-    """Where the region first reads the mask ``node``: its first region node reading it (or a
-    view of it), or an earlier node that may copy it (a cast the region reads), whichever comes
-    first; None when no region node reads it."""
+    """Where the region first reads ``node`` (a mask, the state): its first region node reading
+    it (or a view of it), or an earlier node that may copy it (a cast the region reads),
+    whichever comes first; None when no region node reads it."""
     users = [user for alias in _aliases(node) for user in alias.users]
     if not any(user in inside for user in users):
         return None
@@ -156,10 +156,11 @@ def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) 
     and its output (an in-place scaling the region itself looks through included: the op would
     apply it twice); None when there is no such write.
 
-    A mask's window starts at its first read by the region (see ``_first_read``), not at the
-    region's first node: a mask finished in place (``m.tril_()``, ``D[D != D] = 0``) after
-    ``q @ k^T`` but before the scores read it is what eager multiplied in, and the op reads it
-    after that write too."""
+    A mask's or the state's window starts at its first read by the region (see
+    ``_first_read``), not at the region's first node: a mask finished in place (``m.tril_()``,
+    ``D[D != D] = 0``) after ``q @ k^T`` but before the scores read it is what eager multiplied
+    in, and a chunk step's state rescaled (``state.mul_(0.5)``) before its cross term is what
+    eager's cross term and update read; the op reads both after those writes too."""
     inside = [named[n] for n in region.nodes if n in named]
     out = named.get(region.output)
     if not inside or out is None:
@@ -169,13 +170,14 @@ def written_between(view: GraphView, region: Region, named: dict[str, fx.Node]) 
     # computes both where the output was, so a write before the state counts as well
     ends = [out, named.get(region.state_output or "")]
     last = max(view.order.get(n, 0) for n in ends if n is not None)
-    operands = [("q", region.q), ("k", region.k), ("v", region.v), ("the state", region.state)]
+    operands = [("q", region.q), ("k", region.k), ("v", region.v)]
     reads = [(role, named.get(op.node), first) for role, op in operands if op is not None]
     members = set(inside)
-    for m in region.masks:
-        node = named.get(m)
+    later = [("the state", region.state.node)] if region.state is not None else []
+    for role, name in later + [("a mask", m) for m in region.masks]:
+        node = named.get(name)
         start = None if node is None else _first_read(view, node, members)
-        reads.append(("a mask", node, first if start is None else start))
+        reads.append((role, node, first if start is None else start))
     factors = [v for _, v in (*region.pre, *region.post) if isinstance(v, str)]
     reads += [("a factor of the scores", named.get(f), first) for f in factors]
     for role, node, start in reads:

@@ -5,9 +5,13 @@
 
 becomes one chunkwise call of the rtp op with ``initial_state=S`` returning (o, S'). The three
 decay tensors are evaluated like masks (constants and sizes only) at several chunk lengths and
-must equal the powers of the region's proven gamma; otherwise the parallel claim stands alone.
-A number scaling the scores (``scale``) must scale the cross term by the same number, and
-casts to the dtype a tensor already has (``k.to(torch.float32)`` of a float32 k) are passed.
+must equal the powers of the region's proven gamma, also with the model state and trainable
+parameters they and the mask read moved; a trainable parameter must reach the mask and the
+decays with its gradient (no detach, no no_grad span): the op reads gamma from the mask alone
+and differentiates all four through it. Otherwise the parallel claim stands alone.
+A number scaling the scores (``scale``, on the product or on q) must scale the cross term by the
+same number, and casts to the dtype a tensor already has (``k.to(torch.float32)`` of a float32
+k) are passed.
 """
 
 from __future__ import annotations
@@ -24,9 +28,14 @@ from .graph_view import (
     GraphView,
     example,
     is_state_input,
+    is_tensor,
     kind_of,
     ndim,
+    target_name,
 )
+from .mask_eval import subgraph
+from .mask_proof import _state_reach
+from .mutation import writers
 from .operands import layout, peel
 from .patterns_recurrent import state_batch_mismatch
 from .region import Operand, Region
@@ -78,25 +87,39 @@ def _product(factors) -> tuple[float, tuple] | None:
     return total, tuple(sorted(named))
 
 
-def _cross(view: GraphView, node: fx.Node, region: Region):
+def _cross(view: GraphView, node: fx.Node, region: Region, q: fx.Node):
     """(q decay, nodes, state) when ``node`` is ``(q * q_decay) @ S`` with S a graph-input state,
-    times the number that scales the region's scores (its ``pre`` factors), if any."""
-    pre = _product(region.pre)
+    times the number that scales the region's scores (its ``pre`` factors), if any; with q the
+    region's q (``q`` its node), or q before the numbers that scale it (``(q * scale) @ k^T``
+    beside ``(q * q_decay) @ S * scale``: the op scales both terms with the q it is given)."""
     # NOTE: only casts to the dtype a tensor has: a real cast would change the cross term
     peeled = peel(node, _same_dtype_cast)
-    core, factors, chain = peeled.core, peeled.factors, peeled.chain
-    cross = _product(factors)
-    if pre is None or cross is None or pre[1] != cross[1]:
-        return None
-    if not math.isclose(pre[0], cross[0], rel_tol=1e-12):
-        return None
+    core, chain = peeled.core, peeled.chain
     if view.kind(core) != "matmul" or len(core.args) != 2:
         return None
     left, state = core.args
     if not is_state_input(state):
         return None
-    decay = _split_mul(view, left, region.q)
-    return None if decay is None else (decay, (left, core, *chain), state)
+    reads = [(region.q, ())]
+    scaled = peel(q, _same_dtype_cast)
+    named = [x for _, x in scaled.factors if isinstance(x, fx.Node)]
+    # NOTE: the op reads q as the scores scaled it: a write to q (or to a scale) after that
+    # would reach eager's cross term alone
+    if scaled.factors and not writers([scaled.core, *named]):
+        reads.append((Operand(scaled.core.name, region.q.perm), scaled.factors))
+    for base, factors in reads:
+        decay = _split_mul(view, left, base)
+        if decay is not None and _same_scale([*region.pre, *factors], peeled.factors):
+            return decay, (left, core, *chain), state
+    return None
+
+
+def _same_scale(scores, cross) -> bool:
+    """Whether two lists of ``("mul" | "div", x)`` factors scale alike."""
+    a, b = _product(scores), _product(cross)
+    return (
+        a is not None and b is not None and a[1] == b[1] and math.isclose(a[0], b[0], rel_tol=1e-12)
+    )
 
 
 def _update(view: GraphView, state: fx.Node, region: Region):
@@ -146,7 +169,7 @@ def _matches(value: torch.Tensor, want: torch.Tensor) -> bool:
     return a.shape == want.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def _decays_match(view, nodes, region: Region, seq, inputs) -> bool:
+def _decays_match(view, nodes, region: Region, seq, inputs, out: fx.Node) -> bool:
     gamma = torch.tensor(region.decay, dtype=torch.float64)
     if mask_proof.check_provenance(view, list(nodes)) is not None:
         return False
@@ -159,24 +182,39 @@ def _decays_match(view, nodes, region: Region, seq, inputs) -> bool:
         wants = _expected(gamma, t)
         if not all(_matches(v, w) for v, w in zip(values, wants, strict=True)):
             return False
-    return _match_when_trained(view, nodes, region, seq, inputs)
+    return _match_when_moved(view, nodes, region, seq, inputs, out)
 
 
-def _match_when_trained(view, nodes, region: Region, seq, inputs) -> bool:
-    """With trainable parameters in the decays or the mask, the three decays must still be the
-    powers of the mask's gamma once the parameters move (a cross decay from another parameter
-    than the mask's equals it only at its initial values); the op reads gamma from the mask."""
+def _match_when_moved(view, nodes, region: Region, seq, inputs, out: fx.Node) -> bool:
+    """The three decays must still be the powers of the mask's gamma once what they and the mask
+    read moves: trainable parameters (as training moves them; a cross decay from another
+    parameter than the mask's equals it only at its initial values) and other model state
+    (buffers, frozen parameters, tensor attributes: a later ``load_state_dict`` or ``copy_``).
+    The op reads gamma from the mask alone, at run time, and differentiates all three decays
+    through it.
+
+    NOTE: a decay that reads a buffer the mask does not (``q_decay * self.temp``, temp = 1 at
+    compile time) was trusted at its compile-time values; one that reads state through a step
+    (a clamp, a threshold, a bool or int buffer), which a small move may not show, is not
+    merged."""
     named = {node.name: node for node in view.nodes}
     masks = [named[m] for m in region.masks]
-    if not mask_proof.trainable_inputs(view, masks + list(nodes), inputs):
+    roots = masks + list(nodes)
+    for trained in (False, True):
+        if _state_reach(view, list(nodes), inputs, trained) == "step":
+            return False
+    trainable = bool(mask_proof.trainable_inputs(view, roots, inputs))
+    state = _state_reach(view, roots, inputs) is not None
+    if trainable and _gradient_cut(view, roots, inputs, out):
+        return False
+    if not (trainable or state):
         return True
     t = max(2, max(mask_proof.lengths_for(seq)))
     gen = torch.Generator().manual_seed(0)
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            values = mask_proof.evaluate(
-                view, masks + list(nodes), inputs, mask_proof.Sizes(seq, t), perturb=gen
-            )
+            sizes = mask_proof.Sizes(seq, t)
+            values = mask_proof.evaluate(view, roots, inputs, sizes, gen, move_state=state)
     except Exception:  # noqa: BLE001 - not provable: keep the parallel claim
         return False
     mask = _mask_product(values[: len(masks)], region.mask_axes)
@@ -186,6 +224,57 @@ def _match_when_trained(view, nodes, region: Region, seq, inputs) -> bool:
     gamma = rows[:, 1, 0] / rows[:, 1, 1]
     wants = _expected(gamma, t)
     return all(_matches(v, w) for v, w in zip(values[len(masks) :], wants, strict=True))
+
+
+# NOTE: ops after which a value carries no gradient (``.data`` is ``_get_data_attr``)
+_DETACHES = {"detach", "detach_", "_get_data_attr", "requires_grad_"}
+
+
+def _grad_modes(view: GraphView) -> dict[fx.Node, bool]:
+    """Whether each node runs with gradients on (``_set_grad_enabled`` switches, inference
+    mode spans), starting from the mode the graph was entered with (Dynamo guards on it)."""
+    mode, stack, modes = torch.is_grad_enabled(), [], {}
+    for node in view.nodes:
+        name = target_name(node) if node.op == "call_function" else ""
+        if name == "_set_grad_enabled" and node.args:
+            mode = bool(node.args[0])
+        elif name == "_enter_inference_mode":
+            stack.append(mode)
+            mode = mode and not (node.args and node.args[0])
+        elif name == "_exit_inference_mode" and stack:
+            mode = stack.pop()
+        modes[node] = mode
+    return modes
+
+
+def _gradient_cut(view: GraphView, roots: list[fx.Node], inputs, out: fx.Node) -> bool:
+    """Whether a trainable input reaches the mask or a decay through a node that stops its
+    gradient (a detach, ``.data``, or a node under ``torch.no_grad``), when the output carries
+    gradients.
+
+    NOTE: the op differentiates the cross decays through the mask's gamma: with the q decay
+    detached (or the mask), eager's d/d log(gamma) was [-0.30, -207, -0.31] and the op's
+    [-40.9, -336, 91.6]."""
+    modes = _grad_modes(view)
+    if not modes.get(out, True):
+        return False
+    index = {node: i for i, node in enumerate(view.placeholders)}
+    for root in roots:
+        values, _, _ = subgraph(view, root)
+        reached: set[fx.Node] = set()
+        for node in view.sorted(values | {root}):
+            i = index.get(node)
+            if i is not None:
+                value = inputs[i] if i < len(inputs) else None
+                if is_tensor(value) and value.requires_grad:
+                    reached.add(node)
+                continue
+            if not any(arg in reached for arg in node.all_input_nodes):
+                continue
+            if target_name(node) in _DETACHES or not modes.get(node, True):
+                return True
+            reached.add(node)
+    return False
 
 
 def _mask_product(values, axes) -> torch.Tensor | None:
@@ -217,18 +306,19 @@ def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
     if len(out.users) != 1 or view.kind(add := next(iter(out.users))) != "add":
         return None
     other = add.args[1] if add.args[0] is out else add.args[0]
-    cross = _cross(view, other, region) if isinstance(other, fx.Node) else None
+    q = named[region.q.node]
+    cross = _cross(view, other, region, q) if isinstance(other, fx.Node) else None
     if cross is None:
         return None
     q_decay, cross_nodes, state = cross
-    if state_batch_mismatch(state, named[region.q.node], region.q.perm, False) is not None:
+    if state_batch_mismatch(state, q, region.q.perm, False) is not None:
         return None  # NOTE: a state broadcast over the batch: the parallel part alone
     update = _update(view, state, region)
     if update is None:
         return None
     chunk_decay, k_decay, nodes, new_state = update
     seq = example(named[region.output]).shape[-2]
-    if not _decays_match(view, (q_decay, k_decay, chunk_decay), region, seq, inputs):
+    if not _decays_match(view, (q_decay, k_decay, chunk_decay), region, seq, inputs, add):
         return None
     inside = set(nodes) | {add, *cross_nodes}
     return dataclasses.replace(

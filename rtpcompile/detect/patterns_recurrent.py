@@ -294,6 +294,16 @@ def _check(view, new_state, scaled, decay, outer, inputs, casts=()) -> Region:
     mismatch = state_batch_mismatch(state, q.lay.base, q.lay.perm, q.squeezed)
     if mismatch is not None:
         return base.declined(mismatch)
+    # NOTE: the op takes one k and v row per batch row and head; a k shared over the heads
+    # ([B, 1, 1, K] beside q's [B, H, 1, K]) was claimed and failed to compile where the op runs
+    qs = _batch_dims(q.lay.base, q.lay.perm, q.squeezed)
+    for name, side in (("k", k), ("v", v)):
+        mine = _batch_dims(side.lay.base, side.lay.perm, q.squeezed)
+        if len(mine) != len(qs) or not all(map(same_size, mine, qs)):
+            return base.declined(
+                f"{name} does not have q's batch/head dims ({name} {[hint(d) for d in mine]}, "
+                f"q {[hint(d) for d in qs]}: broadcast over the batch or heads); expand it to them"
+            )
     inside = {scaled, outer_node := new_state.args[1 - new_state.args.index(scaled)]}
     inside |= set(x.nodes + y.nodes + x.lay.chain + y.lay.chain + casts)
     if casts:
@@ -342,9 +352,7 @@ def _check(view, new_state, scaled, decay, outer, inputs, casts=()) -> Region:
 def state_batch_mismatch(state: fx.Node, q: fx.Node, perm, squeezed: bool) -> str | None:
     """Why the state's leading dims are not q's batch and head dims (q read through ``perm``;
     the op takes one state per batch row and head, [B, H, K, V]), or None."""
-    shape = list(example(q).shape)
-    shape = [shape[p] for p in perm] if perm else shape
-    batch = shape[:-1] if squeezed else shape[:-2]
+    batch = _batch_dims(q, perm, squeezed)
     lead = list(example(state).shape)[:-2]
     if len(lead) == len(batch) and all(same_size(a, b) for a, b in zip(lead, batch, strict=True)):
         return None
@@ -352,6 +360,14 @@ def state_batch_mismatch(state: fx.Node, q: fx.Node, perm, squeezed: bool) -> st
         f"the state's batch/head dims {[hint(d) for d in lead]} are not q's "
         f"{[hint(d) for d in batch]} (the op takes one state per batch row and head)"
     )
+
+
+def _batch_dims(node: fx.Node, perm, squeezed: bool) -> list:
+    """The batch and head dims of a row operand [.., T, D] ([.., D] when ``squeezed``) read
+    through ``perm``."""
+    shape = list(example(node).shape)
+    shape = [shape[p] for p in perm] if perm else shape
+    return shape[:-1] if squeezed else shape[:-2]
 
 
 def _tokens(row) -> object:
