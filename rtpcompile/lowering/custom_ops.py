@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,24 @@ def _planned(
         phase=phase,
         state_out=state_out,
     )
+
+
+def _with_config(run, p: plan.Plan):
+    """``run(config)`` with ``p``'s block configuration; one that Triton cannot launch
+    (OutOfResources: the tuner's resource rule is an estimate) runs once more with the kernels'
+    defaults, with a warning naming it. Other errors, and a plan without a config, propagate."""
+    try:
+        return run(p.config)
+    except Exception as exc:
+        if not p.config or "OutOfResources" not in {c.__name__ for c in type(exc).__mro__}:
+            raise
+        warnings.warn(
+            f"rtpcompile: {plan.describe(p)} ran out of GPU resources ({exc}); running it "
+            "with the kernels' default configuration (re-tune: rtpcompile tune --force)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return run(None)
 
 
 def _no_state(q: Tensor) -> Tensor:
@@ -84,9 +103,12 @@ def retention_fwd(
 
 def _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state):
     p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state)
-    o, final = dispatch.forward(
-        p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, p.config,
-        state_out=output_final_state,
+    o, final = _with_config(
+        lambda config: dispatch.forward(
+            p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, config,
+            state_out=output_final_state,
+        ),
+        p,
     )  # fmt: skip
     o = o.to(q.dtype).contiguous()
     if not output_final_state:
@@ -133,9 +155,12 @@ def retention_bwd(
     scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
     with scope:
         p = _planned(form, q, v, initial_state, chunk_size, "bwd")
-        grads = dispatch.backward(
-            p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state, p.chunk_size,
-            p.config, needs=needs,
+        grads = _with_config(
+            lambda config: dispatch.backward(
+                p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state,
+                p.chunk_size, config, needs=needs,
+            ),
+            p,
         )  # fmt: skip
     state_dtype = final_state.dtype if initial_state is None else initial_state.dtype
     like = (q, k, v, gamma, final_state)
