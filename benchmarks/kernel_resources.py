@@ -5,10 +5,12 @@ Usage (any machine with Triton's Linux wheel; no GPU needed):
     python benchmarks/kernel_resources.py --sweep float32 --out /tmp/sweep   # block search
 Writes kernel_resources_<target>_<date>.md and .json. Each row is one kernel of a forward call
 with the kernels' default blocks (``spec.choose`` without a config), compiled by Triton for the
-target and read back from ``ptxas -v`` (``rtpcompile.kernels.aot``). Static figures: they say
-whether a program fits its registers, not how fast it runs. float32 appears twice: with
-``tl.dot``'s "ieee" input precision (torch's default float32 matmul precision, "highest") and
-with "tf32" (``torch.set_float32_matmul_precision("high")``).
+target and read back from ``ptxas -v`` (``rtpcompile.kernels.aot``), specialised as a launch
+of ``aot.SHAPE`` with contiguous [B, H, T, D] tensors specialises it (``--layout``: bthd for
+views of [B, T, H, D], none for the unspecialised compile of the tables before 2026-11-25).
+Static figures: they say whether a program fits its registers, not how fast it runs. float32
+appears twice: with ``tl.dot``'s "ieee" input precision (torch's default float32 matmul
+precision, "highest") and with "tf32" (``torch.set_float32_matmul_precision("high")``).
 
 ``--sweep DTYPE`` compiles every candidate block (BT, BV, warps, and BKC for the split stages)
 of each kernel at a few (K, V) and appends one JSON line per candidate to
@@ -49,6 +51,7 @@ SWEEP_BT = (16, 32, 64)
 SWEEP_BV = (16, 32, 64)
 SWEEP_WARPS = (4, 8)
 KINDS = ("fused", "states", "output", "parallel")
+_LAYOUT_WORDS = {"bhtd": "contiguous [B, H, T, D]", "bthd": "[B, T, H, D] viewed as [B, H, T, D]"}
 
 
 def kernels_of(K: int, V: int, dtype: torch.dtype, fp32_precision: str = "ieee") -> list:
@@ -138,11 +141,11 @@ def candidates(kind: str, K: int, V: int, dtype: torch.dtype, prec: str) -> list
     return found
 
 
-def measure(spec: KernelSpec, capability: int = 90) -> dict:
+def measure(spec: KernelSpec, capability: int = 90, layout: str | None = "bhtd") -> dict:
     """One table row: the kernel's summary and its resources, or the compiler's error."""
     warnings.filterwarnings("ignore", module="triton")
     try:
-        return {"kernel": spec.short(), **vars(aot.resources(spec, capability))}
+        return {"kernel": spec.short(), **vars(aot.resources(spec, capability, layout=layout))}
     except Exception as exc:  # noqa: BLE001 - recorded; the table goes on
         return {"kernel": spec.short(), "error": repr(exc)[:300]}
 
@@ -176,7 +179,7 @@ def sweep(
     print(f"wrote {path}")
 
 
-def table(capability: int, jobs: int) -> list[dict]:
+def table(capability: int, jobs: int, layout: str | None = "bhtd") -> list[dict]:
     """Rows of the default kernels of every section and shape, in order."""
     specs = [
         spec
@@ -185,19 +188,30 @@ def table(capability: int, jobs: int) -> list[dict]:
         for spec in kernels_of(K, V, dtype, prec) + dgamma_kinds(K, V, dtype, prec)
     ]
     with ProcessPoolExecutor(jobs) as pool:
-        rows = list(pool.map(measure, specs, itertools.repeat(capability)))
+        found = pool.map(measure, specs, itertools.repeat(capability), itertools.repeat(layout))
+        rows = list(found)
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
 
 
-def write(rows: list[dict], out: Path, capability: int) -> None:
+def write(rows: list[dict], out: Path, capability: int, layout: str | None = "bhtd") -> None:
     """kernel_resources_<target>_<date>.md and .json under ``out``."""
     import triton
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     meta = {"date": date, "target": f"sm_{capability}", "triton": triton.__version__,
-            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+            "torch": torch.__version__, "python": platform.python_version(),
+            "layout": layout or "none", "shape": list(aot.SHAPE)}  # fmt: skip
+    B, H, T = aot.SHAPE
+    specialised = (
+        f"Each kernel is specialised as Triton's launcher specialises a call of B={B}, H={H}, "
+        f"T={T} with q, k, v {_LAYOUT_WORDS[meta['layout']]} (unit strides constant, strides, "
+        "T and pointers marked 16-divisible or aligned where they are)"
+        if layout
+        else "Each kernel is compiled unspecialised (every stride and size a plain i32), as the "
+        "tables before 2026-11-25 were"
+    )
     lines = [
         f"# Generated kernels on {meta['target']}: registers, spills, shared memory ({date})",
         "",
@@ -208,7 +222,8 @@ def write(rows: list[dict], out: Path, capability: int) -> None:
         '`tl.dot(..., input_precision="ieee")` '
         '(torch\'s default, "highest"); '
         'rows marked `tf32` are what `torch.set_float32_matmul_precision("high")` runs. '
-        f"Reproduce: `python benchmarks/kernel_resources.py --capability {capability}`.",
+        f"{specialised}. Reproduce: `python benchmarks/kernel_resources.py --capability "
+        f"{capability}{'' if layout == 'bhtd' else ' --layout ' + meta['layout']}`.",
         "",
         "| kernel | registers / thread | spill bytes | shared bytes |",
         "|---|---|---|---|",
@@ -221,7 +236,8 @@ def write(rows: list[dict], out: Path, capability: int) -> None:
                 f"| {r['kernel']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |"
             )
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernel_resources_{meta['target']}_{date}"
+    suffix = "" if layout == "bhtd" else f"_{meta['layout']}"
+    stem = f"kernel_resources_{meta['target']}_{date}{suffix}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.md and .json")
@@ -232,6 +248,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/static")
     parser.add_argument("--capability", type=int, default=90, help="sm_XY as XY (90: Hopper)")
     parser.add_argument("--jobs", type=int, default=2, help="compiler processes")
+    parser.add_argument(
+        "--layout",
+        choices=(*aot.LAYOUTS, "none"),
+        default="bhtd",
+        help="q, k, v of the launch each kernel is specialised for (none: unspecialised)",
+    )
     parser.add_argument("--sweep", choices=("float32", "float16", "bfloat16"), default=None)
     parser.add_argument("--precision", choices=("ieee", "tf32", "tf32x3"), default="ieee")
     parser.add_argument("--shapes", nargs="*", default=None, help="K,V pairs (sweep)")
@@ -255,7 +277,8 @@ def main() -> None:
         out = Path(args.out)
         sweep(dtype, args.precision, out, args.capability, args.jobs, shapes, tuple(args.kinds))
         return
-    write(table(args.capability, args.jobs), Path(args.out), args.capability)
+    layout = None if args.layout == "none" else args.layout
+    write(table(args.capability, args.jobs, layout), Path(args.out), args.capability, layout)
 
 
 if __name__ == "__main__":

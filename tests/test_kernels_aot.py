@@ -2,7 +2,8 @@
 
 The interpreter runs kernels as Python, so it cannot catch code Triton's compiler rejects or
 register spills. ``kernels.aot.resources`` runs Triton's full pipeline for sm_90 and reads
-``ptxas -v``; these tests compile each template (flags on) once, keep the split stages'
+``ptxas -v``, specialised as a launch specialises the kernel (checked against the arguments the
+launch path passes); these tests compile each template (flags on) once, keep the split stages'
 bfloat16 defaults spill-free and the float32 defaults within a few bytes of it, and compile a
 "tf32" float32 kernel (benchmarks/kernel_resources.py has the full table).
 """
@@ -10,13 +11,14 @@ bfloat16 defaults spill-free and the float32 defaults within a few bytes of it, 
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from rtpcompile.kernels import aot  # noqa: E402
+from rtpcompile.kernels import aot, backward, codegen, launch  # noqa: E402
 from rtpcompile.kernels.spec import choose  # noqa: E402
 
 
@@ -106,7 +108,8 @@ def test_split_defaults_do_not_spill_in_bfloat16(K):
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (256, 256), (128, 64)])
 def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
     """The backward's dq/dk kernel (``blocks.dqk_blocks``): a V read in one loop step spilled
-    16-36 bytes (K = 64, V = 64 and K = 128, V = 64), two or more steps spill nothing."""
+    16-36 bytes (K = 64, V = 64 and K = 128, V = 64) unspecialised, nothing as launched (since
+    2026-11-25); two or more steps spill nothing either way."""
     for dgamma in (False, True):
         spec = choose("chunkwise", "bwd", K, V, BF16, BF16, 64, {"split": 1}, stage="dqk",
                       row_dot=dgamma)  # fmt: skip
@@ -117,7 +120,8 @@ def test_dqk_defaults_do_not_spill_in_bfloat16(K, V):
 # NOTE: float32 defaults (blocks._wide_blocks) compile spill-free at these K (ptxas of Triton 3.9's
 # wheel, benchmarks/results/static); the bound leaves room for a compiler update's few bytes
 # while failing the pathology the rule fixed: the 16-bit blocks spilled 92 bytes (split output)
-# to 22,680 (fused) per thread in float32.
+# to 22,680 (fused) per thread in float32 unspecialised, 14,272 (split output with row dots)
+# and 22,176 (fused) at K = 64 as launched.
 F32_SPILL_BOUND = 128
 F32_KINDS = ("parallel", "fused", "states", "output", "dqk", "dqk-no-dgamma")
 
@@ -128,7 +132,8 @@ F32_FLAGS = {
     # the dq pass's shape of output stage with d gamma: a ones column, row scales and row dots
     "output": {"extra_value_column": True, "row_scale": True, "row_dot": True},
     "dqk": {"row_dot": True},  # the split backward's dq/dk kernel with d gamma's terms
-    "dqk-no-dgamma": {},  # and without (4 warps spilled 48 / 264 bytes at K = 64 / 128)
+    # and without (4 warps: 48 / 264 bytes at K = 64 / 128 unspecialised, 0 as launched)
+    "dqk-no-dgamma": {},
 }
 
 
@@ -198,3 +203,103 @@ def test_spec_rejects_unknown_dtype_names(field, bad):
     spec = _small_spec()
     with pytest.raises(ValueError, match=rf"KernelSpec.{field} must be one of .*float32.*{bad}"):
         dataclasses.replace(spec, **{field: bad})
+
+
+def _launched(run, *args) -> list[tuple]:
+    """(spec, arguments) of every kernel call ``run(*args)`` makes through ``launch``, recorded
+    instead of launched (meta tensors: nothing runs)."""
+    calls = []
+
+    class Kernel:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.spec, args))
+
+    fake = types.SimpleNamespace(
+        load=lambda spec: types.SimpleNamespace(kernel=Kernel(spec)), info=codegen.info
+    )
+    real = launch.codegen
+    launch.codegen = fake
+    try:
+        run(*args)
+    finally:
+        launch.codegen = real
+    return calls
+
+
+def _binder_specialization(spec, args) -> tuple[dict, dict]:
+    """(signature, attrs) as Triton's launcher derives them from ``args`` for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = codegen.load(spec).kernel
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    kwargs = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    bound, found, options = create_function_from_signature(fn.signature, fn.params, backend)(
+        *args, **kwargs
+    )
+    _, types_, _, attrs = fn._pack_args(backend, kwargs, bound, found, options)
+    return types_, attrs
+
+
+# NOTE: the state's layout is not the spec's: the backward's dq pass reads s0 transposed, and an
+# output stage is passed the pass's state, which it does not read
+_STATE_ARGS = {"s0", "s_sb", "s_sh", "s_sk", "s_sv"}
+
+
+@pytest.mark.parametrize("layout", aot.LAYOUTS)
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
+    """aot compiled every stride and size as a plain i32; a launch makes the unit strides
+    constants and marks 16-divisible ints and aligned pointers, and compiles other code (fused
+    K = V = 256 bfloat16: 184 spilled bytes and 20,480 shared unspecialised, 0 and 51,200 as
+    launched). Every kernel of a forward and a backward is specialised as launched."""
+    B, H, T = aot.SHAPE
+    K, V = 64, 64
+
+    def rows(D):
+        x = torch.empty(B, T, H, D, dtype=dtype, device="meta").transpose(1, 2)
+        return x if layout == "bthd" else torch.empty(B, H, T, D, dtype=dtype, device="meta")
+
+    q, k, v, do = rows(K), rows(K), rows(V), rows(V)
+    g = torch.empty(H, device="meta")
+    s0 = torch.empty(B, H, K, V, device="meta")
+    calls = []
+    for form in ("chunkwise", "parallel"):
+        calls += _launched(backward.forward, form, q, k, v, g, K**-0.5, s0, 64)
+        for state in (None, s0):
+            args = (form, do, s0, q, k, v, g, K**-0.5, state, None, 64)
+            calls += _launched(backward.backward, *args)
+    stages = {(spec.form, spec.stage) for spec, _ in calls}
+    assert stages == {("chunkwise", s) for s in ("fused", "states", "output", "dqk")} | {
+        ("parallel", "fused")
+    }, stages
+    for spec, args in calls:
+        names = codegen.load(spec).kernel.arg_names
+        want_types, want_attrs = _binder_specialization(spec, args)
+        got_types, _, got_attrs, _ = aot.specialization(spec, layout=layout)
+        for i, name in enumerate(names):
+            if name not in _STATE_ARGS:
+                want = (want_types[name], want_attrs.get((i,)))
+                assert (got_types[name], got_attrs.get((i,))) == want, (spec.short(), name)
+        assert all(got_types[s] == "constexpr" for s in ("s_qk", "s_kk", "s_vv"))
+
+
+def test_unspecialised_compile_on_request():
+    spec = choose("chunkwise", "fwd", 64, 64, BF16, BF16, 64)
+    types_, constexprs, attrs, _ = aot.specialization(spec, layout=None)
+    assert not constexprs and not attrs and types_["s_qk"] == "i32"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        aot.resources(spec, layout="bhdt")
+
+
+def test_fused_bfloat16_k256_compiles_as_launched():
+    """The finding's kernel: unspecialised it spilled 184 bytes with 20,480 shared; as launched
+    (unit strides constant: vector loads) it spills nothing and stages 51,200 bytes."""
+    spec = choose("chunkwise", "fwd", 256, 256, BF16, BF16, 64)
+    launched, plain = aot.resources(spec), aot.resources(spec, layout=None)
+    assert launched.spill_bytes == 0 and plain.spill_bytes > 0, (launched, plain)
+    assert launched.shared_bytes > plain.shared_bytes, (launched, plain)

@@ -7,6 +7,14 @@ memory Triton allocated (``capabilities()`` lists the targets this Triton's ptxa
 accepts). Nothing is launched, so this works on a CPU-only machine. It catches
 what the interpreter cannot (code Triton's compiler rejects, register spills) and is how the
 kernels' default blocks are checked against spills (``benchmarks/kernel_resources.py``).
+
+The kernel is specialised as a launch specialises it: Triton's launcher types each argument of
+the call (an int equal to 1 becomes a constant, ints divisible by 16 and 16-byte aligned pointers
+are marked so), and the compiled code depends on it (a constant unit stride lets a tile load as
+vectors). ``resources`` takes the arguments ``launch`` passes for a representative call
+(``launch_arguments``: contiguous [B, H, T, D] tensors of a training shape, ``SHAPE``) and runs
+them through Triton's own binder. ``layout=None`` compiles the unspecialised kernel (every int
+a plain i32, no alignment), which is what this module measured before 2026-11-25.
 """
 
 from __future__ import annotations
@@ -35,8 +43,16 @@ class Resources:
     shared_bytes: int
 
 
+# (B, H, T) of the representative call: a training shape, whose strides and T are multiples of 16
+SHAPE = (2, 8, 2048)
+# [B, H, T, D] tensors as launch reads them: contiguous, or views of [B, T, H, D] (heads last
+# but one, as a model's projections lay them out before a transpose)
+LAYOUTS = ("bhtd", "bthd")
+
+
 def signature(spec: KernelSpec, names: list[str]) -> dict[str, str]:
-    """Triton's argument types for ``spec``'s kernel, as ``launch._launch`` passes them."""
+    """Triton's argument types for ``spec``'s kernel, unspecialised: every stride and size a
+    plain i32 (``resources(..., layout=None)``; a launch specialises them)."""
     t_in, t_out, t_acc = (_TYPES[d] for d in (spec.in_dtype, spec.out_dtype, spec.acc))
     types = {name: "i32" for name in names}  # strides and sizes
     types.update({p: "*" + t_in for p in ("q", "k", "v", "h", "hp", "r", "do", "hq", "hk", "hqp")})
@@ -48,9 +64,114 @@ def signature(spec: KernelSpec, names: list[str]) -> dict[str, str]:
     return {name: types[name] for name in names}
 
 
-def resources(spec: KernelSpec, capability: int = 90) -> Resources:
+def launch_arguments(
+    spec: KernelSpec, shape: tuple[int, int, int] = SHAPE, layout: str = "bhtd"
+) -> tuple:
+    """The positional arguments ``launch`` passes to ``spec``'s kernel for a call of ``shape``
+    (B, H, T), on meta tensors (address 0: aligned, as CUDA's allocations are).
+
+    q, k, v, row dots and the dq/dk kernel's do are ``layout``; the state [B, H, K, V] and the
+    row scales are contiguous (the backward's dq pass reads its state transposed: another unit
+    stride), absent tensors as launch passes them (q again, zero strides); ``launch._call``
+    builds the list, so its order and strides are the launcher's own.
+    """
+    import torch
+
+    from . import launch
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} (or None in resources), got {layout!r}")
+    B, H, T = shape
+    t_in, t_out, acc = (getattr(torch, d) for d in (spec.in_dtype, spec.out_dtype, spec.acc))
+    K, V = spec.K, spec.V
+    V0 = V - int(spec.extra_value_column)  # v's columns; the kernel adds the ones column
+
+    def rows(D: int, dtype=t_in):
+        if layout == "bthd":
+            return torch.empty(B, T, H, D, dtype=dtype, device="meta").transpose(1, 2)
+        return torch.empty(B, H, T, D, dtype=dtype, device="meta")
+
+    def empty(*size: int, dtype=acc):
+        return torch.empty(*size, dtype=dtype, device="meta")
+
+    p = launch.Pass(
+        spec.form,
+        rows(K),
+        rows(K),
+        rows(V0),
+        empty(H),
+        K**-0.5,
+        s0=empty(B, H, K, V) if spec.state_in else None,
+        state_offset=spec.state_offset,
+        row_scale=empty(B, H, T) if spec.row_scale else None,
+        row_dot_with=rows(V0) if spec.row_dot and spec.stage != "dqk" else None,
+        do=rows(V0) if spec.stage == "dqk" else None,
+    )
+    chunks = -(-T // spec.BT)
+    h = empty(B * H, chunks, K, V, dtype=t_in)
+    # the states' derivatives, written by a row_dot states stage (float32 for float16)
+    hp = empty(B * H, chunks, K, V, dtype=torch.float32 if spec.scale_first else t_in)
+    hp = hp if spec.row_dot else h
+    rd = empty(B, 1, H, chunks) if spec.row_dot else None
+    if spec.stage == "dqk":
+        d = empty(B, H, T, K, dtype=t_out)
+        outs, states = (d, d, p.q if rd is None else rd), (h, h, hp)
+    else:
+        o = empty(B, H, T, V, dtype=t_out) if spec.store_o else None
+        # NOTE: a states stage gets no d gamma partials (launch.chunk_states): its rd flag
+        # stores the states' derivatives in hp
+        outs = (
+            o,
+            empty(B, H, K, V) if spec.state_out else None,
+            None if spec.stage == "states" else rd,
+        )
+        states = (h, hp) if spec.stage in ("states", "output") else ()
+    captured = []
+
+    class _Kernel:  # records the call instead of launching
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: captured.append(args)
+
+    launch._call(_Kernel(), None, spec, p, outs, states, B, H, T)
+    return captured[0]
+
+
+def specialization(
+    spec: KernelSpec,
+    capability: int = 90,
+    shape: tuple[int, int, int] = SHAPE,
+    layout: str | None = "bhtd",
+) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) that Triton's launcher derives from
+    ``launch_arguments(spec, shape, layout)`` for ``sm_<capability>``; ``layout=None``: the
+    unspecialised ``signature`` and no constants or attributes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = codegen.load(spec).kernel
+    kwargs = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if layout is None:
+        return signature(spec, fn.arg_names), {}, {}, kwargs
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    # NOTE: JITFunction.run's own steps (its binder needs a GPU driver for the target): bind and
+    # specialise the arguments, then turn the specialisation into the compiler's inputs
+    bind = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, found, options = bind(*launch_arguments(spec, shape, layout), **kwargs)
+    options, types, constexprs, attrs = fn._pack_args(backend, kwargs, bound, found, options)
+    return types, constexprs, attrs, options.__dict__
+
+
+def resources(
+    spec: KernelSpec,
+    capability: int = 90,
+    shape: tuple[int, int, int] = SHAPE,
+    layout: str | None = "bhtd",
+) -> Resources:
     """Compile ``spec`` for ``sm_<capability>`` and read its registers, spills, shared memory.
 
+    The kernel is specialised for the arguments a launch of ``shape`` (B, H, T) passes, q, k, v
+    in ``layout`` (``launch_arguments``); ``layout=None`` compiles it unspecialised.
     ``capability`` is major * 10 + minor (90 for 9.0); one this Triton cannot compile for is a
     ValueError listing ``capabilities()``. Needs Triton's NVIDIA backend (bundled with the Linux
     wheels); raises RuntimeError with ptxas's output when its report cannot be read.
@@ -62,8 +183,8 @@ def resources(spec: KernelSpec, capability: int = 90) -> Resources:
 
     check_capability(capability)
     fn = codegen.load(spec).kernel
-    source = ASTSource(fn=fn, signature=signature(spec, fn.arg_names), constexprs={})
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    types, constexprs, attrs, options = specialization(spec, capability, shape, layout)
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
