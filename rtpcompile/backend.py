@@ -164,13 +164,96 @@ def _compile(gm: fx.GraphModule, example_inputs, opts, runtime: str, mode: str |
         new_gm, regions = gm, []
     claimed = [r for r in regions if r.claimed]
     log.info("rtp: %d region(s) claimed, %d declined", len(claimed), len(regions) - len(claimed))
-    compiled = _inductor(new_gm, example_inputs, mode)
+    restored = _autograd_state(gm)
+    try:
+        compiled = _inductor(new_gm, example_inputs, mode)
+    except Exception as exc:
+        # NOTE: Dynamo's own exceptions steer its tracing (TensorifyScalarRestartAnalysis from
+        # Inductor retraces with the floats specialised, SkipFrame runs the frame eagerly)
+        if opts.strict or new_gm is gm or isinstance(exc, torch._dynamo.exc.TorchDynamoException):
+            raise
+        with restored():
+            compiled, claimed = _unchanged(gm, example_inputs, mode, exc), []
     counters["compile_seconds"] += time.perf_counter() - start
     # NOTE: an rtp op already in the graph (native region) is its own reference: nothing to verify
     rewritten = [r for r in claimed if not r.native]
     if opts.verify and rewritten:
         return _verified(compiled, gm, rewritten, opts, runtime, new_gm)
     return compiled
+
+
+def _unchanged(gm: fx.GraphModule, example_inputs, mode: str | None, exc: Exception):
+    """``gm`` compiled by Inductor as it is, after the rewritten graph failed to compile with
+    ``exc``; one warning once that compile works.
+
+    NOTE: called inside the handler of ``exc``: when ``gm`` fails too, the graph fails with
+    plain Inductor as well, and its own error (what backend="inductor" reports) is raised,
+    with ``exc`` shown as the error it was handling."""
+    compiled = _inductor(gm, example_inputs, mode)
+    counters["fallbacks"] += 1
+    warnings.warn(
+        f"rtpcompile: compiling the rewritten graph failed ({type(exc).__name__}: "
+        f"{_first_line(exc)}); compiled this graph unchanged with Inductor "
+        "(options={'strict': True} raises)",
+        stacklevel=4,
+    )
+    return compiled
+
+
+def _autograd_state(gm: fx.GraphModule):
+    """A context manager that puts the functorch and autograd state back as it is now, and
+    keeps the dispatch keys as they are now inside it: around the compile of the unchanged
+    graph after the rewritten one failed.
+
+    NOTE: AOTAutograd runs the state calls of the graph while it traces it, which has no
+    try/finally: a compile failing inside a functorch grad or jvp level (or a forward-AD dual
+    level) the graph enters leaves the level pushed and saved-tensor hooks disabled; Dynamo
+    undoes the functorch levels and dispatch keys only after the backend returns."""
+    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+    included = torch._C._dispatch_tls_local_include_set()
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    fwd_grad = torch._C._is_fwd_grad_enabled()
+    hooks = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    dual_free = _enters_dual_level(gm) and _dual_level_free()
+
+    @contextlib.contextmanager
+    def restored():
+        torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+        torch._C._set_fwd_grad_enabled(fwd_grad)
+        if hooks is None:
+            torch._C._autograd._saved_tensors_hooks_enable()
+        else:
+            torch._C._autograd._saved_tensors_hooks_disable(hooks)
+        if dual_free and not _dual_level_free():
+            torch._C._exit_dual_level(level=0)  # NOTE: one level at a time: it is level 0
+        with torch._C._ForceDispatchKeyGuard(included, excluded):
+            yield
+
+    return restored
+
+
+def _enters_dual_level(gm: fx.GraphModule) -> bool:
+    return any(
+        getattr(node.target, "__name__", "") == "_enter_dual_level"
+        for module in gm.modules()
+        if isinstance(module, fx.GraphModule)
+        for node in module.graph.nodes
+    )
+
+
+def _dual_level_free() -> bool:
+    """Whether no forward-AD dual level is entered (torch has no getter: enter one and exit)."""
+    try:
+        level = torch._C._enter_dual_level()
+    except RuntimeError:
+        return False
+    torch._C._exit_dual_level(level=level)
+    return True
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def _verified(compiled, gm, regions: list[Region], opts, runtime: str = "", new_gm=None):

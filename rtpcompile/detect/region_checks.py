@@ -1,4 +1,5 @@
-"""What eager does inside a region that the op would not: a grad-mode switch, a narrowing cast.
+"""What eager does inside a region that the op would not: a grad-mode switch, a functorch
+grad or jvp level, a narrowing cast.
 
 The op replaces the whole region with one call, placed where the region's output (or new
 state) was, under the grad mode there, on the operands before their casts. So a region part of
@@ -6,6 +7,9 @@ which runs under ``torch.no_grad()`` (the scores of a frozen attention pattern) 
 k gradients eager leaves None, or drop the gradient of a read-out outside the no-grad span; and a
 cast to a narrower float dtype inside the region (``(q @ kᵀ).half().float()``) rounds what eager
 multiplies, where the op keeps the wider values (closer to exact, but not eager's result).
+A region inside a ``torch.func`` grad or jvp transform written in the compiled function (grad,
+vjp, jacrev, jvp, jacfwd, hessian, a ``forward_ad.dual_level``) reads tensors of that
+transform's level: the op has no functorch rule, so AOTAutograd could not trace it there.
 """
 
 from __future__ import annotations
@@ -17,14 +21,25 @@ from .graph_view import GraphView, example, is_tensor, kind_of
 from .region import Region
 
 _GRAD_MODE = {torch._C._set_grad_enabled}
+# NOTE: matched by name: Dynamo records ``torch._C._functorch`` and ``torch._functorch.predispatch``
+# spellings of these (grad's from the first, jvp's and the dual level's from the second in 2.13)
+_ENTER_LEVEL = {"_grad_increment_nesting", "_jvp_increment_nesting", "_enter_dual_level"}
+_EXIT_LEVEL = {"_grad_decrement_nesting", "_jvp_decrement_nesting", "_exit_dual_level"}
+_LEVEL_WRAP = {"_wrap_for_grad", "_make_dual"}
 
 
 def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None:
     """Why the region is declined: its nodes (its output and new state included) run under
-    different grad modes (a ``_set_grad_enabled`` switch between them); None when they do not.
-    A switch around something else between them (a frozen layer making v) does not count."""
+    different grad modes (a ``_set_grad_enabled`` switch between them), or inside a functorch
+    grad or jvp level (:func:`in_transform`); None when neither. A switch around something else
+    between them (a frozen layer making v) does not count."""
     members = {named[n] for n in region.nodes if n in named}
     members |= {named[n] for n in (region.output, region.state_output) if n in named}
+    if in_transform(view, members):
+        return (
+            "inside a torch.func transform (grad/vjp/jacrev/jvp/jacfwd/hessian or a "
+            "forward_ad dual level): the rtp op has no functorch rule"
+        )
     # NOTE: the mode the graph was entered with: Dynamo guards on it and compiles under it
     mode, modes = torch.is_grad_enabled(), set()
     for node in view.nodes:
@@ -39,6 +54,25 @@ def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None
             "would get gradients eager leaves None, or lose ones eager gives"
         )
     return None
+
+
+def in_transform(view: GraphView, members: set[fx.Node]) -> bool:
+    """Whether one of ``members`` runs between a functorch grad or jvp level's entry and exit,
+    or reads a tensor wrapped for one. ``vmap``'s levels do not count: the op is claimed there."""
+    depth = 0
+    for node in view.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name in _ENTER_LEVEL:
+            depth += 1
+        elif name in _EXIT_LEVEL:
+            depth = max(depth - 1, 0)
+        elif node in members:
+            if depth:
+                return True
+            for arg in node.all_input_nodes:
+                if arg.op == "call_function" and getattr(arg.target, "__name__", "") in _LEVEL_WRAP:
+                    return True
+    return False
 
 
 def narrowing_cast(region: Region, named: dict) -> str | None:
