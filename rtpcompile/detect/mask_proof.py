@@ -38,7 +38,7 @@ from .graph_view import (
 )
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
 from .position_ops import _CUTOFFS, _PERIODS, _name
-from .positions import position_cutoff, reads_sizes, reads_symbols
+from .positions import affine_positions, position_cutoff, reads_sizes, reads_symbols
 
 __all__ = ["Proof", "check_provenance", "evaluate", "fit_decay", "lengths_for", "prove", "Sizes"]
 
@@ -139,7 +139,9 @@ def prove(
         if reason is not None:
             return Proof(reason)
         row_scale = row_scale or scaled or reads_sizes(view, masks)
-        reason = _overflow(view, masks, transform, inputs, seq)
+        reason = _overflow(view, masks, transform, inputs, seq) or _precision(
+            view, masks, inputs, seq
+        )
         if reason is not None:
             return Proof(reason)
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof
@@ -361,6 +363,59 @@ def _overflow(view: GraphView, masks: list[fx.Node], transform, inputs, seq) -> 
 
 _OVERFLOW_SEED = 17
 
+# NOTE: the longest T the precision rule looks ahead to: a [T, T] float32 mask at 2**20 would
+# take 4 TiB, so eager never gets there
+MAX_RUNTIME_T = 2**20
+
+
+def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None:
+    """With a symbolic T: why the positions the mask is computed from lose precision at a
+    longer T than the proof saw, or None.
+
+    NOTE: float32 holds the integers up to 2**24 exactly (float16 2048, bfloat16 256):
+    ``arange(T).float() + (2**24 - 1050)`` is exact up to T = 1050, and past it eager rounds the
+    distances (0.5 relative error at T = 1200) where the op computes gamma ** (i - j). Each
+    affine position (``affine_positions``) is measured at T = 256 and 512: its largest
+    magnitude M grows by s per position, and it stays exact while M / s (M in steps of s) is
+    below 2 / eps of its dtype (an integer dtype: M below its max), up to ``MAX_RUNTIME_T``."""
+    nodes = affine_positions(view, masks)
+    probe = Sizes(seq, 0)
+    t2, t3 = probe.attainable(MAX_SYMBOLIC_T // 4), probe.attainable(MAX_SYMBOLIC_T // 2)
+    if not nodes or not (t2 and t3 and t2 < t3):
+        return None
+    largest: dict[fx.Node, list[float]] = {}
+
+    def measure(node, value):
+        if node in nodes and is_tensor(value) and value.numel() and value.dtype != torch.bool:
+            largest.setdefault(node, []).append(float(value.detach().abs().amax()))
+        return value
+
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            for t in (t2, t3):
+                evaluate(view, masks, inputs, Sizes(seq, t), hook=measure)
+    except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
+        return None
+    for node in view.sorted(set(largest)):
+        if len(largest[node]) != 2:
+            continue
+        (m2, m3), dtype = largest[node], example(node).dtype
+        step = (m3 - m2) / (t3 - t2)
+        if not step > 0:
+            continue  # NOTE: no growth with T (or NaN): what the proof saw
+        exact = 2 * step / torch.finfo(dtype).eps if dtype.is_floating_point else None
+        limit = exact if exact is not None else float(torch.iinfo(dtype).max)
+        lost = t3 + (limit - m3) / step
+        if lost <= MAX_RUNTIME_T:
+            kind, what = str(dtype).removeprefix("torch."), "rounds" if exact else "overflows"
+            return (
+                f"{node.name} holds positions in {kind} that grow with T ({m3:.6g} at T={t3}, "
+                f"{step:.3g} per position): past T={max(lost, 0):.0f} {kind} {what} them, where "
+                "eager's distances are off and the op's would not be: compute the positions as "
+                "int64 or float64 (a dynamic T)"
+            )
+    return None
+
 
 def _constant_root(node: fx.Node) -> fx.Node | None:
     """The graph constant (a buffer, a parameter) that ``node`` only reshapes or slices, or
@@ -480,12 +535,27 @@ def _exponential(extremes, dtypes, lengths, grows: bool, fixed) -> dict[fx.Node,
             continue
         slope1 = sign * (math.log(m2) - math.log(m1)) / (t2 - t1)
         slope2 = rise / (t3 - t2)
-        if slope2 >= 0.75 * slope1:
-            info = torch.finfo(dtypes[node])
-            # NOTE: the smallest subnormal: eager (CPU and CUDA) keeps subnormals by default
-            edge = math.log(info.max) if grows else -math.log(info.smallest_normal * info.eps)
-            changing[node] = t3 + max(0.0, edge - sign * math.log(m3)) / slope2
+        if slope2 < 0.75 * slope1:
+            continue
+        info = torch.finfo(dtypes[node])
+        if _affine(m1, m2, m3, lengths):
+            # NOTE: ``arange(T) + 1000``: its log-slope only looks exponential; a linear value
+            # overflows where the line reaches the dtype's max (and crosses 0, never underflows)
+            at = t3 + (info.max - m3) * (t3 - t2) / (m3 - m2)
+            if grows and at <= MAX_RUNTIME_T:
+                changing[node] = at
+            continue
+        # NOTE: the smallest subnormal: eager (CPU and CUDA) keeps subnormals by default
+        edge = math.log(info.max) if grows else -math.log(info.smallest_normal * info.eps)
+        changing[node] = t3 + max(0.0, edge - sign * math.log(m3)) / slope2
     return {n: t for n, t in changing.items() if not any(a in changing for a in n.all_input_nodes)}
+
+
+def _affine(m1: float, m2: float, m3: float, lengths) -> bool:
+    """Whether m changes by the same amount per position over both halves (within 1e-3)."""
+    t1, t2, t3 = lengths
+    first, second = (m2 - m1) / (t2 - t1), (m3 - m2) / (t3 - t2)
+    return abs(second - first) <= 1e-3 * max(abs(first), abs(second))
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

@@ -62,6 +62,7 @@ _CUMULATIVE = {"cumsum"}
 _COMPARISONS = {"lt", "le", "gt", "ge", "__lt__", "__le__", "__gt__", "__ge__", "less",
                 "greater", "less_equal", "greater_equal"}  # fmt: skip
 _REDUCTIONS = {"sum", "mean"}
+_LOGS = {"log", "log2"}
 # NOTE: a tensor of one number: the number's taint (a size in it is a position, ``torch.tensor(
 # T / 1100).clamp(min=1)`` compares one with 1); the argument positions that carry the value
 _NUMBER_TENSORS = {"tensor": None, "scalar_tensor": None, "as_tensor": None, "full": (1,),

@@ -6,7 +6,8 @@ So every op on a *position-derived* value must be one that cannot introduce a le
 cut-off (an allow-list, not a list of known windows):
 
 - layout ops, casts (to an integer dtype only from integers), true products and divisions,
-  negation, ``abs``, ``exp``/``exp2``/``pow`` (a decay), sums, roots and logs;
+  negation, ``abs``, ``exp``/``exp2``/``pow`` (a decay), sums, roots and logs (a log shifts:
+  ``log(d / 1100)``); ``repeat_interleave`` by a number only;
 - additions and subtractions -- of two positions (``i - j``), or with a constant, which *shifts*
   the result (``i - j - 1100``); mixing scales shifts too (a sum with a decay, a product of two
   linear positions, a power of one: ``2048 i - i * i`` changes sign at i = 2048);
@@ -18,10 +19,16 @@ cut-off (an allow-list, not a list of known windows):
 Anything else on a position-derived value declines, with the op in the reason. Positions are
 ``arange``-like results (but an ``arange(H)`` of a fixed length only broadcast against the
 positions, the heads of a multi-scale decay, is a constant, as a buffer of its values is:
-``_constant_seeds``); tensors whose shape depends on the sizes (``ones(T, T)``, a buffer
-sliced to T) are *shaped*: ops on them must be on the allow-list too (``ones(T).cumsum(0)`` is
-positions), but they are constants, not positions, in a comparison (``d < full((T, T), 1100)``
-shifts nothing and still compares with 1100).
+``_constant_seeds``) and constants read at the sizes (``self.pos[:T]``, ``table[T]``: their
+values past the lengths proven are unknown, so not linear ones); tensors whose shape depends on
+the sizes (``ones(T, T)``, ``ones_like(d)``) are *shaped*: ops on them must be on the allow-list
+too (``ones(T).cumsum(0)`` is positions), but they are constants, not positions, in a comparison
+(``d < full((T, T), 1100)`` shifts nothing and still compares with 1100) until reduced: a sum or
+mean of one counts (``ones(T, T).tril().sum(-1)`` is i + 1, ``ones(B).sum()`` is B) and is a
+position.
+
+Float positions lose integer precision at some length (2**24 in float32): that is measured, not
+read from the ops (``affine_positions`` names what ``mask_proof._precision`` measures).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from .position_ops import (
     _IN_PLACE_OK,
     _LAYOUT,
     _LINEAR,
+    _LOGS,
     _NUMBER_TENSORS,
     _PERIODS,
     _POWERS,
@@ -121,22 +129,45 @@ def position_cutoff(view: GraphView, masks: list[fx.Node], dynamic_t: bool = Tru
     docstring), or None. ``dynamic_t`` False: T is static, and the masks read another symbolic
     size (``reads_symbols``), which the same rules check."""
     for mask in masks:
-        values, _, _ = subgraph(view, mask)
-        taint: dict[fx.Node, _Taint] = {}
-        # NOTE: with a static T the positions are aranges of a fixed length themselves
-        constants = _constant_seeds(values | {mask}) if dynamic_t else set()
-        for node in view.sorted(values | {mask}):
-            if node in constants:
-                taint[node] = _CLEAN
-                continue
-            reason = _visit(view, node, taint)
-            if reason is None and _name(node) in _FLIPS and node.args:
-                source = taint.get(node.args[0], _CLEAN)
-                if source.position or source.shaped:
-                    reason = _check_flip(node, _name(node), _position_symbols(masks))
-            if reason is not None:
-                return f"{reason}: {_DYNAMIC_T if dynamic_t else _OTHER_SIZE}"
+        _, reason = _walk(view, masks, mask, dynamic_t)
+        if reason is not None:
+            return f"{reason}: {_DYNAMIC_T if dynamic_t else _OTHER_SIZE}"
     return None
+
+
+def affine_positions(view: GraphView, masks: list[fx.Node]) -> set[fx.Node]:
+    """The tensors of the masks' subgraphs that hold positions affinely under a dynamic T
+    (``arange(T).float() + C``, ``i - j``, ``0.5 * d``; not a decay of them): what the proof's
+    precision rule measures (``mask_proof._precision``)."""
+    found = set()
+    for mask in masks:
+        taint, _ = _walk(view, masks, mask, True)
+        found |= {
+            node
+            for node, t in taint.items()
+            if t.position and t.linear and not t.size and is_tensor(example(node))
+        }
+    return found
+
+
+def _walk(view: GraphView, masks: list[fx.Node], mask: fx.Node, dynamic_t: bool):
+    """(taint of each node, the first reason an op is not allowed or None) of one mask."""
+    values, _, _ = subgraph(view, mask)
+    taint: dict[fx.Node, _Taint] = {}
+    # NOTE: with a static T the positions are aranges of a fixed length themselves
+    constants = _constant_seeds(values | {mask}) if dynamic_t else set()
+    for node in view.sorted(values | {mask}):
+        if node in constants:
+            taint[node] = _CLEAN
+            continue
+        reason = _visit(view, node, taint)
+        if reason is None and _name(node) in _FLIPS and node.args:
+            source = taint.get(node.args[0], _CLEAN)
+            if source.position or source.shaped:
+                reason = _check_flip(node, _name(node), _position_symbols(masks))
+        if reason is not None:
+            return taint, reason
+    return taint, None
 
 
 def reads_sizes(view: GraphView, masks: list[fx.Node]) -> bool:
@@ -254,6 +285,10 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
             starts = [a for a in node.args[:1] if len(node.args) > 1 or "end" in node.kwargs]
             shifted = any(not (isinstance(a, (int, float)) and a == 0) for a in starts)
             taint[node] = _Taint(position=True, shifted=shifted, linear=True)
+        elif name in _INDEXING and any(_size_number(a) for a in node.all_input_nodes):
+            # NOTE: a constant read at the sizes (``self.pos[:T]``, ``self.table[T]``) holds
+            # whatever it holds there, past the lengths proven too: positions of no known form
+            taint[node] = _Taint(position=True, shaped=_symbolic_shape(node))
         else:
             taint[node] = _Taint(shaped=_symbolic_shape(node))
         return None
@@ -289,8 +324,13 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
         # NOTE: allowed by _check_cutoff only as ``i < j + 1`` of one origin: a causal mask
         result = dataclasses.replace(result, shifted=False, linear=False)
     if name.removesuffix("_") in _REDUCTIONS:
-        # NOTE: a row sum (a normaliser) is no exponential of positions for the NaN rule
-        result = dataclasses.replace(result, extreme=False)
+        # NOTE: a row sum (a normaliser) is no exponential of positions for the NaN rule; a sum
+        # of a shaped constant counts (``ones(T, T).sum(-1)`` is T, ``ones(T, T).tril().sum(-1)``
+        # is i + 1, ``ones(B).sum()`` is B): positions, not linear ones (a count, a mean)
+        result = dataclasses.replace(result, extreme=False, position=True, linear=False)
+    if name.removesuffix("_") in _LOGS and position:
+        # NOTE: a logarithm turns a scale into a shift: ``log(d / 1100) < 0`` is ``d < 1100``
+        result = dataclasses.replace(result, shifted=True, linear=False)
     taint[node] = result
     if name.endswith("_") or name == "setitem":
         target = node.args[0]
@@ -393,6 +433,9 @@ def _mixes_scales(node: fx.Node, name: str, taint: dict) -> bool:
     return False
 
 
+# ops that read a tensor at an index or over a range (a size there reads it at the sizes)
+_INDEXING = {"getitem", "__getitem__", "select", "narrow"}
+
 # NOTE: ``operator.and_`` (``a & b``) and friends end in "_" but return a new tensor
 _NOT_IN_PLACE = {"and_", "or_", "not_"}
 
@@ -428,6 +471,17 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         values = [example(a) for a in data]
         if any(is_tensor(x) and x.dtype != torch.bool for x in values):
             return f"the mask applies {name} to integer positions (a bit operation)"
+    if base == "repeat_interleave":
+        # NOTE: counts in a tensor lay values out by data (``repeat_interleave(ones(T))`` is
+        # arange(T)); a repeat by a number is layout
+        first = node.args[0] if node.args else None
+        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats", first)
+        if isinstance(repeats, fx.Node) and is_tensor(example(repeats)):
+            return f"the mask repeats positions by counts in a tensor ({name})"
+    if (base in _SHIFTS or base in _EXPS) and _soft_step(node, base, taint):
+        # NOTE: flat to the float at every length proven, then not: ``1 + exp(d - 1100)`` is 1
+        # up to d ~ 1080, ``exp(-exp(d - 1100))`` and ``exp(-(d / 1100) ** 1000)`` are windows
+        return f"the mask applies {name} to an exponential of positions (a soft step)"
     if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
         return None
     if base in _FLIPS:
@@ -448,6 +502,27 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
     if base in _CUTOFFS:
         return _check_cutoff(node, name, data, ins, taint, position, shifted)
     return f"the mask applies {name} to positions (not an op that keeps a decay a decay)"
+
+
+def _soft_step(node: fx.Node, base: str, taint: dict) -> bool:
+    """An exponential of positions whose shape depends on the sizes (with a static T,
+    ``1 - 2 ** (-5 - arange(H))`` is the heads' decay, not a step) summed with a constant other
+    than 0 or with another one, or taken an exponential or power of. NOTE: a sum with other
+    positions (``decay + leak * (d < 0)``) is not taken for a step: the fit sees it."""
+    args = [a for a in (*node.args[:2], *node.kwargs.values()) if a is not None]
+    extreme = [a for a in args if isinstance(a, fx.Node) and taint.get(a, _CLEAN).extreme]
+    if not any(_symbolic_shape(a) for a in extreme):
+        return False
+    if base in _EXPS or len(extreme) > 1:
+        return True
+    for arg in args:
+        if isinstance(arg, fx.Node):
+            if arg not in extreme and not taint.get(arg, _CLEAN).position:
+                if not _constant_fill(arg):
+                    return True
+        elif isinstance(arg, (int, float)) and arg != 0:
+            return True
+    return False
 
 
 def _position_symbols(masks: list[fx.Node]) -> set:
