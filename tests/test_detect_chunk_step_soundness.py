@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from test_detect import regions
 from torch import nn
 
 import rtpcompile.backend as backend
-from rtpcompile.detect import find_regions
 
 B, H, C, K, V = 2, 3, 5, 4, 6
 
@@ -28,20 +28,8 @@ def _inputs(seed: int = 0, state_batch: int = B):
     return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
 
 
-def _regions(model, *inputs) -> list:
-    found = []
-
-    def collect(gm, example_inputs, **_):
-        found.extend(find_regions(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=collect, dynamic=False, fullgraph=True)(*inputs)
-    return found
-
-
 def _claimed(model, *inputs) -> list[str]:
-    return [r.written for r in _regions(model, *inputs) if r.claimed]
+    return [r.written for r in regions(model, *inputs, dynamic=False) if r.claimed]
 
 
 def _chunk_terms(lg, c: int):
@@ -205,7 +193,7 @@ def test_a_recurrent_step_with_k_or_v_broadcast_is_declined(shapes, name):
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
     inputs.append(torch.randn(B, H, K, V, generator=gen, dtype=torch.float64))
-    (region,) = _regions(_recurrent, *inputs)
+    (region,) = regions(_recurrent, *inputs, dynamic=False)
     assert not region.claimed
     assert f"{name} does not have q's batch/head dims" in region.reason
     got = torch.compile(_recurrent, backend="rtp", dynamic=False)(*inputs)
