@@ -46,8 +46,10 @@ rc=0
 step() { "$@" || { s=$?; echo "step failed (rc $s): $*" >&2; [ "$rc" -ne 0 ] || rc=$s; }; }
 # NOTE: -n 4 only where pytest-xdist imports; each worker compiles its own kernels (Triton's
 # on-disk cache is shared), so four take about a quarter of the time on 16 cores
+# RTP_GPU_WORKERS and RTP_GPU_TEST_LIMIT (seconds) let both test phases share one call
 xdist=""
-"$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n ${RTP_GPU_WORKERS:-4}"
+test_limit=${RTP_GPU_TEST_LIMIT:-540}
 gpu_tests() { # name, timeout, test files...
   local name=$1 limit=$2
   shift 2
@@ -56,12 +58,12 @@ gpu_tests() { # name, timeout, test files...
 }
 case "$phase" in
 tests-kernels)
-  gpu_tests kernels 540 tests/test_kernels.py tests/test_kernel_split.py \
+  gpu_tests kernels "$test_limit" tests/test_kernels.py tests/test_kernel_split.py \
     tests/test_kernel_dqk.py tests/test_kernel_precision.py tests/test_kernel_dgamma.py
   ;;
 tests-e2e)
   # NOTE: compiles whole models (training, prefill and decode, reduce-overhead)
-  gpu_tests e2e 540 tests/test_gpu_e2e.py
+  gpu_tests e2e "$test_limit" tests/test_gpu_e2e.py
   ;;
 kernels)
   step bash -o pipefail -c "timeout 540 $PY benchmarks/bench_gpu_kernels.py --out $out 2>&1 |
