@@ -127,10 +127,14 @@ def test_compiled_decode_under_reduce_overhead_matches_full_forward():
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(1)
-        # NOTE: graph outputs are overwritten by the next replay: keep copies
+        # NOTE: graph outputs are overwritten by the next replay: keep copies of the logits,
+        # and the cache takes copies of its new tensors (without own_tensors() the second decode
+        # step fails reading a state the replay overwrote, with backend="inductor" too)
         steps = [compiled(ids[:, :290], cache=cache)[:, -1].clone()]
+        cache.own_tensors()
         for t in range(290, 299):
             steps.append(compiled(ids[:, t : t + 1], cache=cache)[:, -1].clone())
+            cache.own_tensors()
     inductor = dict(counters["inductor"])
     skips = inductor.get("cudagraph_skips", 0)
     print("\ncudagraph skips:", skips)

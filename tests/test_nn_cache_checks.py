@@ -271,3 +271,30 @@ def test_rollback_by_keeping_references(compiled, fresh_compile, inductor_graphs
     again = torch.cat([fn(ids[:, t : t + 1], cache=cache) for t in range(6, 9)], dim=1)
     torch.testing.assert_close(again, model(ids)[:, 6:], rtol=1e-9, atol=1e-10)
     assert len(first) == 3 and cache.seq_len == 9
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["A", "C"])
+def test_own_tensors_copies_every_tensor_and_decoding_goes_on_exactly(layout):
+    """``HybridCache.own_tensors()`` (needed between calls under mode="reduce-overhead", where a
+    call's new states and K/V live in a CUDA graph's pool): every state and K/V becomes a new
+    storage with the same values, and decoding from the owned cache equals decoding without."""
+    lm, ids = _lm(layout), _ids(length=7)
+    plain, owned = lm.new_cache(2), lm.new_cache(2)
+    lm(ids[:, :5], cache=plain)
+    lm(ids[:, :5], cache=owned)
+    before = [(n, getattr(layer, n)) for layer in owned.layers for n in ("state", "keys", "values")]
+    assert owned.own_tensors() is owned
+    after = [getattr(layer, n) for layer in owned.layers for n in ("state", "keys", "values")]
+    assert sum(t is not None for _, t in before) >= 3
+    for (name, old), new in zip(before, after, strict=True):
+        if old is None:
+            assert new is None, name
+            continue
+        assert new.untyped_storage().data_ptr() != old.untyped_storage().data_ptr(), name
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    for t in range(5, 7):
+        want = lm(ids[:, t : t + 1], cache=plain)
+        got = lm(ids[:, t : t + 1], cache=owned.own_tensors())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert owned.seq_len == plain.seq_len == 7

@@ -76,6 +76,24 @@ class HybridCache:
         kv = sum(int(d["kv"]) for d in per_layer)
         return {"layers": per_layer, "state": state, "kv": kv, "total": state + kv}
 
+    def own_tensors(self) -> HybridCache:
+        """Replace every layer's tensors by copies this cache owns; returns the cache.
+
+        Needed between calls of a model compiled with ``mode="reduce-overhead"`` (CUDA graphs):
+        a call's new states and K/V are outputs of a CUDA graph, whose memory the next replay of
+        that graph overwrites, so feeding them back into the next call fails ("accessing tensor
+        output of CUDAGraphs that has been overwritten by a subsequent run"), with the Inductor
+        backend as with rtp. ``torch.compiler.cudagraph_mark_step_begin()`` does not help here
+        (measured on an H200, 2026-11-25): the outputs must be copied out of the graph's pool.
+        Costs one copy of the cache per call (the states are fixed-size; K/V grow with T).
+        """
+        for layer in self.layers:
+            for name in ("state", "keys", "values"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.clone())
+        return self
+
     def __repr__(self) -> str:
         kinds = ",".join(layer.kind[0].upper() for layer in self.layers)
         sizes = self.nbytes()
