@@ -1,0 +1,84 @@
+"""Host cost of one retention call: the public op against the same kernels launched directly.
+
+Usage (CUDA machine): python benchmarks/host_overhead.py [--profile]
+Times 100 eager calls after warm-up with ``time.perf_counter`` (host time: the loop returns
+before the GPU finishes, so for host-bound calls this is the host's cost per call) and with a
+final synchronize (wall), for the chunkwise op at B=4, H=16, T=2048, K=V=128, bfloat16, fixed
+gamma, no state: forward+backward through autograd (``ops.retention_chunkwise``), and
+``kernels.triton_forward`` / ``triton_backward`` called directly. ``--profile`` adds a
+cProfile of the op's calls (top 45 by self time). On a CPU machine the kernels need
+``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from rtpcompile import kernels, ops
+
+QKV = (True, True, True, False, False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, T, H, D = (4, 2048, 16, 128) if dev == "cuda" else (1, 64, 2, 16)
+    q, k, v = (
+        torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    g, scale = ops.retention_init_decay(H).to(dev), D**-0.5
+
+    def t(x):
+        return x.transpose(1, 2)  # [B, T, H, D] storage as [B, H, T, D]
+
+    def op_fwd_bwd():
+        o, _ = ops.retention_chunkwise(
+            t(q), t(k), t(v), g, 64, output_final_state=False, scale=scale
+        )
+        return torch.autograd.grad(o, (q, k, v), t(do))
+
+    def kernels_fwd_bwd():
+        o, sf = kernels.triton_forward(
+            "chunkwise", t(q), t(k), t(v), g, scale, None, 64, None, state_out=False
+        )
+        return kernels.triton_backward(
+            "chunkwise", t(do), None, t(q), t(k), t(v), g, scale, None, sf, 64, None, needs=QKV
+        )
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    print(f"device {dev}, torch {torch.__version__}, B={B} H={H} T={T} K=V={D}")
+    for name, fn in (("op fwd+bwd", op_fwd_bwd), ("kernels fwd+bwd", kernels_fwd_bwd)):
+        for _ in range(5):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            fn()
+        host = (time.perf_counter() - t0) / 100
+        sync()
+        wall = (time.perf_counter() - t0) / 100
+        print(f"{name}: host {host * 1e6:.0f} us/call, wall {wall * 1e6:.0f} us/call")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            op_fwd_bwd()
+        sync()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(45)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
