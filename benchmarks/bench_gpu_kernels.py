@@ -148,18 +148,32 @@ def _chunk_config(cfg: dict | None):
         plan.choose = real
 
 
-def _chunk_labels(BH: int, T: int, D: int, modes) -> list[tuple[str, str]]:
-    """(mode, row label) to time: the rule always picks fused or split (K = V here, so every
-    pass the same way), so when that mode is timed anyway its row is labelled the rule's and the
-    rule is not timed twice."""
+def _chunk_labels(BH: int, T: int, D: int, modes) -> list[tuple[str, dict[str, str]]]:
+    """(mode, {row: label}) to time, rows among "fwd" and "fwd+bwd". The rule picks fused or
+    split per phase (K = V here, so every pass of one phase the same way): a forced mode that
+    does what the rule does for a row is labelled the rule's there, and the rule's own row is
+    timed only where no forced mode does the same (e.g. fused forward with split backward)."""
     from rtpcompile.kernels.spec import use_split
 
-    same = "split" if use_split("chunkwise", T, D, 64, V=D, BH=BH, dtype="bfloat16") else "fused"
+    def rule(phase: str) -> str:
+        split = use_split("chunkwise", T, D, 64, V=D, BH=BH, dtype="bfloat16", phase=phase)
+        return "split" if split else "fused"
+
+    fwd, bwd = rule("fwd"), rule("bwd")
+    same = {"fwd": fwd, "fwd+bwd": fwd if fwd == bwd else None}
     out = []
     for mode in modes:
-        if mode == "rule" and same in modes:
-            continue
-        out.append((mode, f"{mode}, the rule" if mode == same and "rule" in modes else mode))
+        labels = {}
+        for row, picked in same.items():
+            if mode == "rule":
+                if picked not in modes:
+                    labels[row] = "rule" if row == "fwd" else f"rule: {fwd} fwd, {bwd} bwd"
+            elif mode == "split6" and row == "fwd":
+                continue  # the forward is split's
+            else:
+                labels[row] = f"{mode}, the rule" if mode == picked and "rule" in modes else mode
+        if labels:
+            out.append((mode, labels))
     return out
 
 
@@ -197,7 +211,7 @@ def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
         )
         return torch.autograd.grad(o, (q, k, v), _ours(do))
 
-    for mode, label in _chunk_labels(B * H, T, D, modes):
+    for mode, labels in _chunk_labels(B * H, T, D, modes):
         cfg = CHUNK_MODES[mode]
 
         def kernels_fwd(cfg=cfg):
@@ -217,12 +231,12 @@ def chunk_cases(B, H, T, D, rows, modes=tuple(CHUNK_MODES)):
             ("fwd", ours_fwd, kernels_fwd, fla_fwd),
             ("fwd+bwd", ours_fwd_bwd, kernels_fwd_bwd, fla_fwd_bwd),
         ):
-            if mode == "split6" and name == "fwd":
-                continue  # the forward is split's
+            if name not in labels:
+                continue
             shape = dict(B=B, H=H, T=T, K=D, V=D)
             baselines = {"fla": theirs} if chunk_retention is not None else {}
             with _backward_path(mode), _chunk_config(cfg):
-                _row(rows, f"chunkwise {name} ({label})", shape, ours, baselines, direct)
+                _row(rows, f"chunkwise {name} ({labels[name]})", shape, ours, baselines, direct)
 
 
 def parallel_cases(B, H, T, D, rows):

@@ -75,14 +75,22 @@ def test_split6_mode_times_the_three_pass_backward():
 def test_the_rule_is_not_timed_twice():
     bench = _script("bench_gpu_kernels")
     modes = tuple(bench.CHUNK_MODES)
-    # T = 2048, B*H = 64, K = V = 128: 32 chunks, 128 programs: the rule runs fused
+    # T = 2048, B*H = 64, K = V = 128: 32 chunks, 128 programs: the rule runs the forward
+    # fused and the backward split, so fwd+bwd is timed under the rule itself as well
     assert bench._chunk_labels(64, 2048, 128, modes) == [
-        ("fused", "fused, the rule"),
-        ("split", "split"),
-        ("split6", "split6"),
+        ("rule", {"fwd+bwd": "rule: fused fwd, split bwd"}),
+        ("fused", {"fwd": "fused, the rule", "fwd+bwd": "fused"}),
+        ("split", {"fwd": "split", "fwd+bwd": "split"}),
+        ("split6", {"fwd+bwd": "split6"}),
     ]
-    assert ("split", "split, the rule") in bench._chunk_labels(64, 16384, 128, modes)
-    assert bench._chunk_labels(64, 2048, 128, ("rule",)) == [("rule", "rule")]
+    # K = 256: both phases split, so the rule is split's rows
+    assert bench._chunk_labels(64, 2048, 256, modes)[1] == (
+        "split",
+        {"fwd": "split, the rule", "fwd+bwd": "split, the rule"},
+    )
+    assert bench._chunk_labels(64, 2048, 128, ("rule",)) == [
+        ("rule", {"fwd": "rule", "fwd+bwd": "rule: fused fwd, split bwd"})
+    ]
 
 
 def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):

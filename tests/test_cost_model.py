@@ -134,7 +134,8 @@ def test_parallel_forward_without_a_state_out_is_one_kernel():
 
 
 def test_backward_is_three_passes_with_swapped_dims():
-    p = problem(T=4096, K=32, V=128, dtype="bfloat16", H=64)
+    # 16 chunks of 64: the backward's passes stay fused (past 16 they split, blocks.py)
+    p = problem(T=1024, K=32, V=128, dtype="bfloat16", H=64)
     bwd = dataclasses.replace(p, phase="bwd")
     c = Plan("chunkwise", 64)
     assert len(tune._triton_kernels(bwd, c)) == 3  # fused: dq, dk (K, V swapped) and dv
@@ -170,7 +171,8 @@ def test_split_estimate_follows_use_split(dtype, phase, BH, dims, T, chunk):
     kernels = iter(tune._triton_kernels(p, c))
     passes = tune._triton_passes(p)
     splits = [
-        use_split("chunkwise", T, pk, chunk, V=pv, BH=BH, dtype=dtype) for pk, pv, _ in passes
+        use_split("chunkwise", T, pk, chunk, V=pv, BH=BH, dtype=dtype, phase=phase)
+        for pk, pv, _ in passes
     ]
     if phase == "bwd" and all(splits):
         names = [k.name for k in kernels]

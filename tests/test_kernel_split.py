@@ -11,6 +11,8 @@ rule or a config, and be searched and cached by the autotuner.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -249,33 +251,37 @@ def test_property_split_shapes(T, K, V, state, seed):
         check("chunkwise", 1, 2, T, K, V, torch.float32, state, state, chunk=16, seed=seed)
 
 
-def test_long_sequence_splits_by_default_and_stays_exact():
-    """Past SPLIT_MIN_CHUNKS chunks the default is split; the result still equals the reference."""
+def test_backward_splits_past_split_min_chunks_and_forward_stays_fused():
+    """The measured rule (H200, K = V = 128, bfloat16, a full grid): a forward pass stays fused
+    at every length, a backward pass splits past SPLIT_MIN_CHUNKS chunks; results stay exact."""
     T = SPLIT_MIN_CHUNKS * 16 + 5
 
-    def stages(T: int) -> list[str]:
+    def stages(T: int, backward: bool = False) -> list[str]:
         # B*H = 64 programs (a full grid), bfloat16 (float32 always splits)
         q = torch.empty(4, 16, T, 8, device="meta", dtype=torch.bfloat16)
-        return [
-            i.spec.stage
-            for i in kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16)
-        ]
+        found = kernels.kernels_for(
+            "chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=backward, state_out=False
+        )
+        return [i.spec.stage for i in found]
 
-    assert stages(T) == ["states", "output"]
-    assert stages(SPLIT_MIN_CHUNKS * 16) == ["fused"]
-    (rq, rk, rv, rg, _), (lq, lk, lv, lg, _) = make(1, 1, T, 8, 8, torch.float32)
-    o, _ = kernels.triton_forward("chunkwise", lq, lk, lv, lg, 0.5, None, 16)
-    from rtpcompile.lowering import reference as ref
-
-    close(o, ref.reference_recurrent(rq, rk, rv, rg, 0.5)[0].detach(), torch.float32, "o")
+    assert stages(T) == stages(100_000) == stages(SPLIT_MIN_CHUNKS * 16) == ["fused"]
+    assert stages(T, backward=True) == ["fused", "states", "states", "output", "dqk"]
+    assert stages(SPLIT_MIN_CHUNKS * 16, backward=True) == ["fused"] * 4
+    # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
+    check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
 
 
 def test_the_rule():
-    assert not use_split("chunkwise", 128 * 64, 128)  # 128 chunks of 64
-    assert use_split("chunkwise", 128 * 64 + 1, 128)
+    # a forward pass counts no chunks; a backward pass splits past SPLIT_MIN_CHUNKS of them
+    assert not use_split("chunkwise", 10**6, 128)
+    assert not use_split("chunkwise", 16 * 64, 128, phase="bwd")  # 16 chunks of 64
+    assert use_split("chunkwise", 16 * 64 + 1, 128, phase="bwd")
+    with pytest.raises(ValueError, match="phase must be 'fwd' or 'bwd', got 'train'"):
+        use_split("chunkwise", 64, 128, phase="train")
     # K = 256: fused chunks are 32 rows, split chunks 64; a single split chunk stays fused
     assert use_split("chunkwise", 65, 256) and not use_split("chunkwise", 64, 256)
-    assert use_split("chunkwise", 129 * 16, 64, chunk_size=16)
+    assert use_split("chunkwise", 17 * 16, 64, chunk_size=16, phase="bwd")
+    assert not use_split("chunkwise", 17 * 16, 64, chunk_size=16)
     assert not use_split("parallel", 10**6, 128) and not use_split("recurrent", 10**6, 256)
     assert not use_split("chunkwise", 10**6, 128, config={"split": 0})
     assert use_split("chunkwise", 17, 16, chunk_size=16, config={"split": 1})
@@ -334,8 +340,12 @@ def test_split_is_searched_in_the_full_space(monkeypatch):
     assert splits == {None, 1}  # the rule says fused; the search also tries split
     long = Problem(4, 16, 65536, 64, 64, "bfloat16", "cpu", "triton", False)
     splits = {dict(c.config).get("split") for c in tune.candidates(long, configs=True)}
-    assert splits == {None, 0}
-    mixed = Problem(4, 16, 2048, 64, 256, "bfloat16", "cpu", "triton", False, "bwd")
+    assert splits == {None, 1}  # a forward stays fused at any length
+    backward = dataclasses.replace(long, phase="bwd")
+    splits = {dict(c.config).get("split") for c in tune.candidates(backward, configs=True)}
+    assert splits == {None, 0}  # the rule splits the backward; the search also tries fused
+    # 16 chunks: the K = 256 pass splits, the K = 64 pass does not yet
+    mixed = Problem(4, 16, 1024, 64, 256, "bfloat16", "cpu", "triton", False, "bwd")
     splits = {dict(c.config).get("split") for c in tune.candidates(mixed, configs=True)}
     assert splits == {None, 0, 1}  # the backward's passes disagree: both ways
     few = Problem(1, 2, 2048, 64, 64, "bfloat16", "cpu", "triton", False)  # 2 programs
@@ -366,7 +376,7 @@ def test_a_tuned_split_config_is_cached_and_reused(monkeypatch):
 
 GPU_CASES = [
     # B, H, T, K, V, forced
-    (1, 2, 9000, 64, 64, False),  # > 128 chunks of 64: split by the rule
+    (1, 2, 9000, 64, 64, False),  # 141 chunks, B*H = 2: split by the rule (both phases)
     (2, 4, 2048, 128, 128, True),
     (1, 2, 1000, 256, 256, False),  # K = 256: split by the rule
     (2, 3, 333, 48, 80, True),
@@ -381,7 +391,8 @@ def test_gpu_split(case, dtype, monkeypatch):
     if forced:
         _force_split(monkeypatch)
     else:
-        assert use_split("chunkwise", T, K, 64)
+        assert use_split("chunkwise", T, K, 64, V=V, BH=B * H)
+        assert use_split("chunkwise", T, K, 64, V=V, BH=B * H, phase="bwd")
     check("chunkwise", B, H, T, K, V, dtype, True, True, btHd=True, chunk=64, device="cuda")
 
 

@@ -119,7 +119,10 @@ def _flip_t(x: Tensor) -> Tensor:
 
 
 def _dq_pass(form, do, q, k, v, g, scale, s0, dgamma: bool) -> Pass:
-    p = Pass(form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q if dgamma else None)
+    p = Pass(
+        form, do, v, k, g, scale, out_dtype=q.dtype, row_dot_with=q if dgamma else None,
+        phase="bwd",
+    )  # fmt: skip
     if s0 is not None:
         p.s0 = _flip_t(s0)
     return p
@@ -130,7 +133,10 @@ def _dv_pass(form, do, dsf, q, k, v, g, scale, s0) -> Pass:
     # with a final-state gradient (its state, at position 0 with state_scale 1, decayed T - 1
     # times), gamma^(T-1) dsf / scale; so no pass of its own. The kernel holds that state over
     # scale (dsf / scale), or in float16 times scale (dsf); the stored final state is the same.
-    p = Pass(form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=s0 is not None)
+    p = Pass(
+        form, k, q, do, g, scale, reverse=True, out_dtype=v.dtype, state_out=s0 is not None,
+        phase="bwd",
+    )  # fmt: skip
     if dsf is not None:
         p = dataclasses.replace(p, s0=dsf, state_offset=0, state_scale=1.0)
     return p
@@ -162,7 +168,9 @@ def _three_passes(
     # NOTE: each pass's values times unit (q of the dk pass, do of the dv pass), its scale over it
     qu, du = (q, do) if unit == 1.0 else (q * unit, do * unit)
     if runs[1]:
-        dk_pass = Pass(form, v, do, qu, g, scale / unit, reverse=True, out_dtype=k.dtype)
+        dk_pass = Pass(
+            form, v, do, qu, g, scale / unit, reverse=True, out_dtype=k.dtype, phase="bwd"
+        )
         if dsf is not None:
             dk_pass = dataclasses.replace(dk_pass, s0=_flip_t(dsf), state_offset=0, state_scale=1.0)
         dk, _, _ = run(dk_pass, chunk_size, config)

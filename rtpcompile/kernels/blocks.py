@@ -19,12 +19,17 @@ MAX_DIM = 256
 # (recurrent) or fixed by K (parallel), so a config only names the V block and launch settings.
 CONFIG_KEYS = ("BV", "num_warps", "num_stages", "split")
 # NOTE: the split's default rule. The fused pass runs one program per (V block, head) through
-# every chunk in sequence; beyond this many chunks (T > 8192 at the 64-row chunk: fused measured
-# 1.38x FLA's split kernels at T = 4096 but 0.84x at 16384 on an H200), or at K = 256 where the
-# fused program's tiles spill (0.23x), the split pass -- a sequential kernel doing a third of the
-# work, then a parallel one -- is expected to win. Unmeasured for the split itself: autotuning
-# compares both. Powers of two, so every T of one planner bucket gets the same answer.
-SPLIT_MIN_CHUNKS = 128
+# every chunk in sequence; the split pass runs a sequential kernel doing a third of the work,
+# then a parallel one. Measured on an H200 (benchmarks/results/h200/kernels_NVIDIA_H200_2026-11-25,
+# bfloat16, B*H = 64, K = V = 128, CUDA-graph GPU times, T = 2048 / 4096 / 16384): the forward
+# runs fused faster at every length (0.107 / 0.207 / 0.802 ms against split's 0.118 / 0.229 /
+# 0.896, the same ~10% at 32 and at 256 chunks), the backward split faster at every length
+# (0.283 / 0.549 / 2.145 ms against fused's 0.315 / 0.615 / 2.410). So a forward pass counts no
+# chunks, and a backward pass splits beyond this many (32 chunks was the shortest measured; a
+# power of two, so every T of one planner bucket gets the same answer). At K = 256 the fused
+# program is 4-6x slower than split in both phases (1.81 against 0.32 ms forward at T = 2048).
+# Autotuning compares both.
+SPLIT_MIN_CHUNKS = 16
 # NOTE: and when the fused grid is too small to fill the GPU: the default model's layers (B*H = 8,
 # V = 64: 8 programs on an H200's 132 SMs, walking 32 chunks at T = 2048) ran their compiled
 # prefill 5.6x slower than Inductor there (benchmarks/results/h200). Split, the output kernel
@@ -100,15 +105,19 @@ def use_split(
     V: int | None = None,
     BH: int | None = None,
     dtype: str | None = None,
+    phase: str = "fwd",
 ) -> bool:
     """Whether a chunkwise pass that writes output rows runs split (states, then output).
 
     The config's ``split`` decides when present. Otherwise, with more than one chunk, split when:
-    K needs a 256-wide block (and the split's wider chunks are more than one); the pass has more
-    than SPLIT_MIN_CHUNKS chunks; ``dtype`` (a name, e.g. "float32") is in WIDE_DTYPES; or, when
-    V and BH = B*H are given, the fused kernel would run fewer than FEW_PROGRAMS programs over
-    more than FEW_PROGRAMS_MIN_CHUNKS chunks. B*H counts by its planner bucket (next power of 2).
+    K needs a 256-wide block (and the split's wider chunks are more than one); ``phase`` is
+    "bwd" (a backward pass) and the pass has more than SPLIT_MIN_CHUNKS chunks; ``dtype`` (a
+    name, e.g. "float32") is in WIDE_DTYPES; or, when V and BH = B*H are given, the fused kernel
+    would run fewer than FEW_PROGRAMS programs over more than FEW_PROGRAMS_MIN_CHUNKS chunks.
+    B*H counts by its planner bucket (next power of 2).
     """
+    if phase not in ("fwd", "bwd"):
+        raise ValueError(f"phase must be 'fwd' or 'bwd', got {phase!r}")
     if form != "chunkwise" or T <= 0:
         return False
     cfg = check_config(config)
@@ -122,7 +131,7 @@ def use_split(
         return False
     if next_pow2(K) >= 256:  # counted in the split's own (64-row) chunks: one chunk stays fused
         return T > default_blocks(form, K, V or 1, chunk_size, split=True)["BT"]
-    if chunks > SPLIT_MIN_CHUNKS or dtype in WIDE_DTYPES:
+    if (phase == "bwd" and chunks > SPLIT_MIN_CHUNKS) or dtype in WIDE_DTYPES:
         return True
     if V is None or BH is None:
         return False

@@ -79,6 +79,7 @@ class Pass:
     row_scale: Tensor | None = None  # [B, H, T]
     extra_value_column: bool = False
     do: Tensor | None = None  # the dq/dk kernel only (stage "dqk"): the output gradient
+    phase: str = "fwd"  # "bwd" for the backward's passes: the split rule differs (use_split)
 
 
 Config = Mapping[str, int] | None
@@ -174,7 +175,7 @@ def runs_split(
     (the backward's four-kernel path), not the pass's decision, so a misfit is not logged."""
     B, H, T, K = p.q.shape
     V, dtype = _value_dim(p), dtype_name(p.q.dtype)
-    if not use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype):
+    if not use_split(p.form, T, K, chunk_size, config, V=V, BH=B * H, dtype=dtype, phase=p.phase):
         return False
     if split_fits(p, chunk_size, extra_bytes):
         return True

@@ -145,7 +145,7 @@ def _triton_kernels(p: Problem, plan: Plan) -> list[KernelCost]:
 
     def split(K: int, V: int) -> bool:
         c, cfg, BH = plan.chunk_size, plan.config, p.B * p.H
-        return use_split("chunkwise", p.T, K, c, cfg, V=V, BH=BH, dtype=p.dtype)
+        return use_split("chunkwise", p.T, K, c, cfg, V=V, BH=BH, dtype=p.dtype, phase=p.phase)
 
     passes = _triton_passes(p)
     if p.phase == "bwd" and plan.form == "chunkwise" and all(split(K, V) for K, V, _ in passes):

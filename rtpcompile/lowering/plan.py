@@ -278,7 +278,7 @@ def _config_problem(problem: Problem, value: dict) -> str | None:
     except ValueError as exc:
         return str(exc)
     p, form, chunk = problem.at_bucket(), value["form"], value["chunk_size"]
-    split = use_split(form, p.T, p.K, chunk, cfg, V=p.V, BH=p.B * p.H, dtype=p.dtype)
+    split = use_split(form, p.T, p.K, chunk, cfg, V=p.V, BH=p.B * p.H, dtype=p.dtype, phase=p.phase)
     blocks = default_blocks(form, p.K, p.V, chunk, split, dtype=p.dtype)
     full = {name: blocks[name] for name in ("BV", "num_warps", "num_stages")} | cfg
     why = why_not_fits(p, form, chunk, full)

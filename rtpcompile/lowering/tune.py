@@ -100,7 +100,9 @@ def _kernels_run(p: Problem, plan: Plan) -> tuple:
     cfg = dict(plan.config)
     runs = []
     for K, V in _orientations(p):
-        split = use_split(plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
+        split = use_split(
+            plan.form, p.T, K, plan.chunk_size, cfg, V=V, BH=p.B * p.H, dtype=p.dtype, phase=p.phase
+        )
         d = default_blocks(plan.form, K, V, plan.chunk_size, split, dtype=p.dtype)
         d.update({k: v for k, v in cfg.items() if k != "split"})
         bv = min(d["BV"], max(16, next_pow2(V)))
@@ -141,7 +143,7 @@ def triton_configs(p: Problem, form: str, chunk: int) -> list[tuple[tuple[str, i
     """
     from ..kernels.spec import MAX_DIM, default_blocks, next_pow2, use_split
 
-    split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H, dtype=p.dtype)
+    split = use_split(form, p.T, p.K, chunk, V=p.V, BH=p.B * p.H, dtype=p.dtype, phase=p.phase)
     d = default_blocks(form, p.K, p.V, chunk, split, dtype=p.dtype)
     cover = min(max(16, next_pow2(p.V)), MAX_DIM)
     space = config_space(p)
@@ -172,7 +174,7 @@ def _split_variants(p: Problem, chunk: int, found: list) -> list:
     from ..kernels.spec import default_blocks, use_split
 
     rule = {
-        int(use_split("chunkwise", p.T, K, chunk, V=V, BH=p.B * p.H, dtype=p.dtype))
+        int(use_split("chunkwise", p.T, K, chunk, V=V, BH=p.B * p.H, dtype=p.dtype, phase=p.phase))
         for K, V in _orientations(p)
     }
     other = (0, 1) if len(rule) > 1 else (1 - rule.pop(),)
@@ -234,7 +236,7 @@ def why_not_fits(p: Problem, form: str, chunk: int, cfg: dict[str, int]) -> str 
 
     splits = []
     for K, V in _orientations(p):
-        split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H, dtype=p.dtype)
+        split = use_split(form, p.T, K, chunk, cfg, V=V, BH=p.B * p.H, dtype=p.dtype, phase=p.phase)
         splits.append(split)
         d = default_blocks(form, K, V, chunk, split, dtype=p.dtype)
         BT, BK, BV = d["BT"], d["BK"], min(cfg["BV"], max(16, next_pow2(V)))
