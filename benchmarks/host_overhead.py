@@ -7,7 +7,8 @@ final synchronize (wall), for the chunkwise op at B=4, H=16, T=2048, K=V=128, bf
 gamma, no state: forward+backward through autograd (``ops.retention_chunkwise``), and
 ``kernels.triton_forward`` / ``triton_backward`` called directly. ``--profile`` adds a
 cProfile of the op's calls (top 45 by self time). On a CPU machine the kernels need
-``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's.
+``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's; the CPU
+counterpart is ``benchmarks/call_overhead.py`` (the Python path alone, launches mocked).
 """
 
 from __future__ import annotations

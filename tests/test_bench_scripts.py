@@ -27,7 +27,12 @@ def test_kernel_table_shows_eager_and_graph_times_and_errors():
               "fraction_of_copy": 0.5, "ours_graph_ms": 0.05, "ours_graph_GBps": 2680.0,
               "copy_graph_ms": 0.045, "copy_graph_GBps": 2980.0,
               "graph_fraction_of_copy": 0.9}  # fmt: skip
-    text = bench.markdown(meta, [row, decode])
+    sweep = {"case": "decode sweep", "B": 64, "H": 16, "T": 1, "K": 128, "V": 128, "BV": 32,
+             "num_warps": 2, "copy_graph_ms": 0.033, "kernels_graph_ms": 0.04,
+             "graph_fraction_of_copy": 0.825}  # fmt: skip
+    text = bench.markdown(meta, [row, decode, sweep])
+    assert "| 64 | 16 | 128 | 32 | 2 | 0.0400 | 0.82 |" in text
+    assert "decode sweep |" not in text  # not a row of the main table
     eager_then_graph = "| 0.200 | 0.250 | 1.25 | 0.020 | 0.030 | 1.50 |"
     assert "| parallel fwd | 4 | 16 | 256 | 128 " + eager_then_graph in text
     assert "| eager | 64 | 16 | 128 | 0.1000 | 1340 | 0.0500 | 2680 | 0.50 |" in text
@@ -151,6 +156,43 @@ def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):
         ("chunkwise fwd+bwd (split)", split_fwd + ["states", "states", "output", "dqk"]),
         ("chunkwise fwd+bwd (split6)", split_fwd + ["states", "output"] * 3),
     ]
+
+
+def test_decode_sweep_launches_each_config(monkeypatch, triton_on_cpu):
+    """The decode sweep on CPU (the kernel under the interpreter, nothing timed): one row per
+    DECODE_SWEEP config with BV <= V, each launching the recurrent kernel with that BV and warps,
+    all computing the same output and state."""
+    import torch
+
+    from rtpcompile import ops
+    from rtpcompile.kernels import launch
+
+    bench = _script("bench_gpu_kernels")
+    launched, outputs = [], []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda spec, *a: launched.append(spec) or real(spec, *a))
+
+    def inputs(B, T, H, K, V, grad=False):
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(B, T, H, d, generator=g) for d in (K, K, V))
+
+    def graph(fn):
+        outputs.append(fn())
+        return 2.0
+
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    monkeypatch.setattr(bench, "_gamma", ops.retention_init_decay)
+    monkeypatch.setattr(bench, "_bench_graph", graph)
+    rows = []
+    bench.decode_sweep_case(2, 2, 32, rows)
+    want = [(bv, w) for bv in (16, 32) for w in bench.DECODE_SWEEP["num_warps"]]
+    assert [(r["BV"], r["num_warps"]) for r in rows] == want
+    assert [(s.BV, s.num_warps, s.form) for s in launched] == [(*c, "recurrent") for c in want]
+    assert all(r["graph_fraction_of_copy"] == 1.0 for r in rows)
+    o, state = outputs[1]  # outputs[0] is the copy
+    for got_o, got_state in outputs[2:]:
+        torch.testing.assert_close(got_o, o)
+        torch.testing.assert_close(got_state, state)
 
 
 def _no_fla(monkeypatch):
