@@ -4,8 +4,9 @@ Usage (CUDA machine): python benchmarks/host_overhead.py [--profile]
 Times 100 eager calls after warm-up with ``time.perf_counter`` (host time: the loop returns
 before the GPU finishes, so for host-bound calls this is the host's cost per call) and with a
 final synchronize (wall), for the chunkwise op at B=4, H=16, T=2048, K=V=128, bfloat16, fixed
-gamma, no state: forward+backward through autograd (``ops.retention_chunkwise``), and
-``kernels.triton_forward`` / ``triton_backward`` called directly. ``--profile`` adds a
+gamma, no state: forward+backward through autograd and forward alone under no_grad
+(``ops.retention_chunkwise``), and ``kernels.triton_forward`` / ``triton_backward`` called
+directly. ``--profile`` adds a
 cProfile of the op's calls (top 45 by self time). On a CPU machine the kernels need
 ``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's; the CPU
 counterpart is ``benchmarks/call_overhead.py`` (the Python path alone, launches mocked).
@@ -48,6 +49,17 @@ def main() -> None:
         )
         return torch.autograd.grad(o, (q, k, v), t(do))
 
+    def op_fwd():
+        with torch.no_grad():
+            return ops.retention_chunkwise(
+                t(q), t(k), t(v), g, 64, output_final_state=False, scale=scale
+            )
+
+    def kernels_fwd():
+        return kernels.triton_forward(
+            "chunkwise", t(q), t(k), t(v), g, scale, None, 64, None, state_out=False
+        )
+
     def kernels_fwd_bwd():
         o, sf = kernels.triton_forward(
             "chunkwise", t(q), t(k), t(v), g, scale, None, 64, None, state_out=False
@@ -58,7 +70,13 @@ def main() -> None:
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"device {dev}, torch {torch.__version__}, B={B} H={H} T={T} K=V={D}")
-    for name, fn in (("op fwd+bwd", op_fwd_bwd), ("kernels fwd+bwd", kernels_fwd_bwd)):
+    cases = (
+        ("op fwd+bwd", op_fwd_bwd),
+        ("op fwd", op_fwd),
+        ("kernels fwd+bwd", kernels_fwd_bwd),
+        ("kernels fwd", kernels_fwd),
+    )
+    for name, fn in cases:
         for _ in range(5):
             fn()
         sync()

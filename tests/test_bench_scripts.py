@@ -149,12 +149,31 @@ def test_chunk_cases_run_every_mode_on_the_kernels(monkeypatch, triton_on_cpu):
     monkeypatch.setattr(bench, "_row", row)
     bench.chunk_cases(1, 2, 40, 16, rows)
     fwd, split_fwd = ["fused"], ["states", "output"]
+    split_bwd = ["states", "states", "output", "dqk"]
     assert rows == [
         ("chunkwise fwd (fused, the rule)", fwd),
         ("chunkwise fwd+bwd (fused, the rule)", fwd + ["fused"] * 3),
         ("chunkwise fwd (split)", split_fwd),
-        ("chunkwise fwd+bwd (split)", split_fwd + ["states", "states", "output", "dqk"]),
+        ("chunkwise fwd+bwd (split)", split_fwd + split_bwd),
         ("chunkwise fwd+bwd (split6)", split_fwd + ["states", "output"] * 3),
+    ]
+    # past SPLIT_MIN_CHUNKS (1 here: 3 chunks of 64 at T = 130) the rule mixes the modes, and
+    # its own fwd+bwd row runs the fused forward and the split backward
+    from rtpcompile.kernels import blocks
+
+    def half_inputs(B, T, H, K, V, grad=False):  # float32 always splits: 16-bit, as the bench
+        return tuple(
+            torch.randn(B, T, H, d, dtype=torch.float16).requires_grad_(grad) for d in (K, K, V)
+        )
+
+    monkeypatch.setattr(blocks, "SPLIT_MIN_CHUNKS", 1)
+    monkeypatch.setattr(bench, "_inputs", half_inputs)
+    rows.clear()
+    bench.chunk_cases(1, 2, 130, 16, rows, modes=("rule", "fused"))
+    assert rows == [
+        ("chunkwise fwd+bwd (rule: fused fwd, split bwd)", fwd + split_bwd),
+        ("chunkwise fwd (fused, the rule)", fwd),
+        ("chunkwise fwd+bwd (fused)", fwd + ["fused"] * 3),
     ]
 
 

@@ -269,6 +269,12 @@ def test_backward_splits_past_split_min_chunks_and_forward_stays_fused():
     assert stages(SPLIT_MIN_CHUNKS * 16, backward=True) == ["fused"] * 4
     # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
     check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
+    # B*H = 32, V = 8: 32 programs, a full grid: the measured rule itself, fused forward and
+    # split backward, in one call (float16 counts as bfloat16 here)
+    q = torch.empty(2, 16, T, 8, device="meta", dtype=torch.float16)
+    ran = kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=True)
+    assert [i.spec.stage for i in ran] == ["fused", "states", "states", "output", "dqk"]
+    check("chunkwise", 2, 16, T, 8, 8, torch.float16, False, False, chunk=16)
 
 
 def test_the_rule():
@@ -307,13 +313,18 @@ def test_the_rule():
     V=st.sampled_from([16, 64, 100, 128]),
     c=st.sampled_from([16, 64]),
     dtype=st.sampled_from(["bfloat16", "float32"]),
+    phase=st.sampled_from(["fwd", "bwd"]),
 )
-def test_the_rule_is_constant_on_a_planner_bucket(n, m, K, V, c, dtype):
+def test_the_rule_is_constant_on_a_planner_bucket(n, m, K, V, c, dtype, phase):
     """Plans are stored per power-of-two bucket of T and of B*H: the rule must not change
-    inside one."""
+    inside one, in either phase."""
     T = (2 ** (n - 1) + 1, 2**n)
     BH = (2 ** (m - 1) + 1, 2**m) if m > 1 else (1, 1)
-    answers = {use_split("chunkwise", t, K, c, V=V, BH=bh, dtype=dtype) for t in T for bh in BH}
+    answers = {
+        use_split("chunkwise", t, K, c, V=V, BH=bh, dtype=dtype, phase=phase)
+        for t in T
+        for bh in BH
+    }
     assert len(answers) == 1
 
 

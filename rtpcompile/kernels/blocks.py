@@ -27,7 +27,8 @@ CONFIG_KEYS = ("BV", "num_warps", "num_stages", "split")
 # (0.283 / 0.549 / 2.145 ms against fused's 0.315 / 0.615 / 2.410). So a forward pass counts no
 # chunks, and a backward pass splits beyond this many (32 chunks was the shortest measured; a
 # power of two, so every T of one planner bucket gets the same answer). At K = 256 the fused
-# program is 4-6x slower than split in both phases (1.81 against 0.32 ms forward at T = 2048).
+# program is 5.6x (forward) and 7x (backward) slower than split (1.81 against 0.32 ms forward
+# at T = 2048).
 # Autotuning compares both.
 SPLIT_MIN_CHUNKS = 16
 # NOTE: and when the fused grid is too small to fill the GPU: the default model's layers (B*H = 8,
