@@ -140,7 +140,7 @@ def check_variables(environ: Mapping[str, str]) -> None:
     proof's budget, the tuner's config space), so it fails up front like a bad option: at
     compile time (``resolve``) and at an op call (``current``), never caught by a fallback."""
     raw = environ.get("RTP_PROOF_MAX_GB")
-    if raw:  # NOTE: the rule of detect.mask_proof.proof_budget, which reads it
+    if raw:  # NOTE: the rule of detect.memory_budget.proof_budget, which reads it
         try:
             gib = float(raw)
         except ValueError:

@@ -12,7 +12,7 @@ import torch
 from test_detect import Fn, regions
 from torch import nn
 
-from rtpcompile.detect import mask_eval, mask_proof
+from rtpcompile.detect import mask_eval, mask_growth, mask_proof
 from rtpcompile.rewrite import rtp_retention
 
 GAMMA = (0.9, 0.8)
@@ -59,6 +59,7 @@ def short_cap(monkeypatch):
     """The proof sees T <= 16 under a dynamic T (``MAX_SYMBOLIC_T``)."""
     monkeypatch.setattr(mask_eval, "MAX_SYMBOLIC_T", 16)
     monkeypatch.setattr(mask_proof, "MAX_SYMBOLIC_T", 16)
+    monkeypatch.setattr(mask_growth, "MAX_SYMBOLIC_T", 16)
 
 
 # --- reductions of shaped constants are positions ---------------------------------------------

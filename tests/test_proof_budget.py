@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rtpcompile.detect import find_regions, mask_eval, mask_proof
+from rtpcompile.detect import find_regions, mask_eval, mask_growth, mask_proof
 
 
 class Retention(nn.Module):
@@ -63,10 +63,11 @@ def test_symbolic_length_is_proven_at_capped_lengths(monkeypatch):
         seen.append(t)
         return real(m, t, rtol)
 
-    # NOTE: the cap is read where the lengths are chosen (mask_eval) and where the long
-    # length is checked (mask_proof)
+    # NOTE: the cap is read where the lengths are chosen (mask_eval), where the long
+    # length is checked (mask_proof) and by the overflow and precision rules (mask_growth)
     monkeypatch.setattr(mask_eval, "MAX_SYMBOLIC_T", 16)
     monkeypatch.setattr(mask_proof, "MAX_SYMBOLIC_T", 16)
+    monkeypatch.setattr(mask_growth, "MAX_SYMBOLIC_T", 16)
     monkeypatch.setattr(mask_proof, "fit_decay", spy)
     (region,) = _regions(40, dynamic=True, mark=True)
     assert region.claimed, region.reason

@@ -1,7 +1,7 @@
 """Re-run a mask's subgraph with real constants at another sequence length.
 
 A claimed region's mask is built from constants, buffers, parameters and sizes (provenance is
-checked in mask_proof.py). ``evaluate`` replays exactly the nodes that compute it -- in-place
+checked in mask_provenance.py). ``evaluate`` replays exactly the nodes that compute it -- in-place
 writes before its first use included (``subgraph``) -- with the symbol of T replaced by a
 chosen length and every other symbolic size at its example value, so the proof can fit the
 decay at several lengths without the example inputs.

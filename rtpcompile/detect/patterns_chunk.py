@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import mask_proof
+from . import mask_proof, mask_provenance
 from .graph_view import (
     GraphView,
     example,
@@ -34,7 +34,7 @@ from .graph_view import (
     target_name,
 )
 from .mask_eval import subgraph
-from .mask_proof import _state_reach
+from .mask_provenance import _state_reach
 from .mutation import writers
 from .operands import layout, peel
 from .patterns_recurrent import state_batch_mismatch
@@ -171,7 +171,7 @@ def _matches(value: torch.Tensor, want: torch.Tensor) -> bool:
 
 def _decays_match(view, nodes, region: Region, seq, inputs, out: fx.Node) -> bool:
     gamma = torch.tensor(region.decay, dtype=torch.float64)
-    if mask_proof.check_provenance(view, list(nodes)) is not None:
+    if mask_provenance.check_provenance(view, list(nodes)) is not None:
         return False
     for t in mask_proof.lengths_for(seq):
         try:
@@ -203,7 +203,7 @@ def _match_when_moved(view, nodes, region: Region, seq, inputs, out: fx.Node) ->
     for trained in (False, True):
         if _state_reach(view, list(nodes), inputs, trained) == "step":
             return False
-    trainable = bool(mask_proof.trainable_inputs(view, roots, inputs))
+    trainable = bool(mask_provenance.trainable_inputs(view, roots, inputs))
     state = _state_reach(view, roots, inputs) is not None
     if trainable and _gradient_cut(view, roots, inputs, out):
         return False

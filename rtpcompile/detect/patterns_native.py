@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import mask_proof
+from . import mask_proof, mask_provenance
 from .graph_view import GraphView, example, hint, is_tensor, where
 from .region import Operand, Region
 
@@ -114,7 +114,7 @@ def _constant_decay(view: GraphView, gamma, example_inputs: list) -> tuple[float
     """The per-head gamma when it derives from model constants only; () when it is run-time."""
     if not isinstance(gamma, fx.Node) or not example_inputs:
         return ()
-    if mask_proof.check_provenance(view, [gamma]) is not None:
+    if mask_provenance.check_provenance(view, [gamma]) is not None:
         return ()
     try:
         with unset_fake_temporarily(), torch.no_grad():

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import mask_proof
+from . import mask_proof, mask_provenance
 from .einsum import parse_einsum
 from .graph_view import (
     GraphView,
@@ -394,7 +394,7 @@ def _prove_decay(view, a, state: fx.Node, inputs) -> tuple[str | None, tuple]:
         if not 0 < a <= 1:
             return f"state decay outside (0, 1]: {a}", ()
         return None, (a,)
-    reason = mask_proof.check_provenance(view, [a])
+    reason = mask_provenance.check_provenance(view, [a])
     if reason is not None:
         return reason.replace("mask", "state decay"), ()
     rank = ndim(state)

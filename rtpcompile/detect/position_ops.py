@@ -20,7 +20,7 @@ _LAYOUT = {
     "atleast_3d", "repeat_interleave", "unsafe_split", "meshgrid", "cartesian_prod",
 }  # fmt: skip
 # NOTE: a flip reverses the order along its dims: layout over a dim of fixed size (the heads),
-# anti-causal over a position axis (see positions._check_flip)
+# anti-causal over a position axis (see position_checks._check_flip)
 _FLIPS = {"flip", "fliplr", "flipud"}
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "type", "long", "int", "short",
           "bool", "byte", "char"}  # fmt: skip

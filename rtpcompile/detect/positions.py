@@ -28,7 +28,10 @@ mean of one counts (``ones(T, T).tril().sum(-1)`` is i + 1, ``ones(B).sum()`` is
 position.
 
 Float positions lose integer precision at some length (2**24 in float32): that is measured, not
-read from the ops (``affine_positions`` names what ``mask_proof._precision`` measures).
+read from the ops (``affine_positions`` names what ``mask_growth._precision`` measures).
+
+The walk over each mask subgraph is here; what a value carries is ``position_taint.py``, the
+verdict on each op ``position_checks.py``, the op vocabulary ``position_ops.py``.
 """
 
 from __future__ import annotations
@@ -38,27 +41,23 @@ import dataclasses
 
 import torch
 import torch.fx as fx
-from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .graph_view import GraphView, example, is_tensor
 from .mask_eval import subgraph
 from .mutation import writes
+from .position_checks import _check, _check_flip, _position_symbols
 from .position_ops import (
     _CASTS,
     _COMPARISONS,
     _CUMULATIVE,
     _CUTOFFS,
     _EXPS,
-    _FILLS,
     _FLIPS,
-    _IN_PLACE_OK,
-    _LAYOUT,
     _LINEAR,
     _LOGS,
     _NUMBER_TENSORS,
     _PERIODS,
     _POWERS,
-    _PRODUCTS,
     _REDUCTIONS,
     _SCALES,
     _SEEDS,
@@ -66,38 +65,22 @@ from .position_ops import (
     _SHIFTS,
     _SMOOTH,
     _VALUE_OPS,
-    _constant_fill,
     _difference_of_one_origin,
     _name,
-    _unit_shift_comparison,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Taint:
-    position: bool = False  # derived from an arange-like value
-    shaped: bool = False  # a tensor whose shape depends on the sizes (or derived from one)
-    shifted: bool = False  # a position with a constant added (``i - j - W``)
-    # NOTE: linear: positively homogeneous in the positions (``i - j``, ``|i - j|``, ``2 * i``):
-    # its sign pattern is the same at every scale, so comparing it with 0 or with another linear
-    # one cuts nowhere that depends on T. A sum of a decay and anything, a product of two linear
-    # values (``2048 i - i*i``), or a power of one mixes scales: that counts as shifted.
-    linear: bool = False
-    # NOTE: an exponential of positions overflows or underflows at some length; a product or
-    # quotient of two (``exp(d / 10) * exp(-d / 10)``) is then inf * 0 = NaN there, and clearing
-    # NaNs (nan_to_num, ``m[m != m] = 0``) would cut at that length
-    extreme: bool = False
-    nan_risk: bool = False
-    # NOTE: a number computed from the sizes (``T``, ``T / 1100``, ``max(1, T / 1100)``): a
-    # position once it reaches a tensor as a value; ``pending`` is why it may not (an op not on
-    # the allow-list), reported only then -- a size used as a shape (``arange(max(T, 16))``,
-    # ``view(T // 2, 2)``) is never a value of the mask
-    size: bool = False
-    pending: str | None = None
-
-
-_CLEAN = _Taint()
-
+from .position_taint import (
+    _CLEAN,
+    _fills,
+    _merge,
+    _mixes_scales,
+    _risks_nan,
+    _shifts,
+    _size_number,
+    _static_shape,
+    _symbolic_shape,
+    _Taint,
+    _unshifted,
+)
 
 _DYNAMIC_T = (
     "a window the proof cannot check at every length of a dynamic T (compile with a static "
@@ -138,7 +121,7 @@ def position_cutoff(view: GraphView, masks: list[fx.Node], dynamic_t: bool = Tru
 def affine_positions(view: GraphView, masks: list[fx.Node]) -> set[fx.Node]:
     """The tensors of the masks' subgraphs that hold positions affinely under a dynamic T
     (``arange(T).float() + C``, ``i - j``, ``0.5 * d``; not a decay of them): what the proof's
-    precision rule measures (``mask_proof._precision``)."""
+    precision rule measures (``mask_growth._precision``)."""
     found = set()
     for mask in masks:
         taint, _ = _walk(view, masks, mask, True)
@@ -188,16 +171,6 @@ def reads_sizes(view: GraphView, masks: list[fx.Node]) -> bool:
             if any(_size_number(a) for a in _value_reads(node, _name(node), data)):
                 return True
     return False
-
-
-def _symbolic_shape(node: fx.Node) -> bool:
-    value = example(node)
-    return is_tensor(value) and any(isinstance(s, torch.SymInt) for s in value.shape)
-
-
-def _static_shape(node: fx.Node) -> bool:
-    value = example(node)
-    return is_tensor(value) and not any(isinstance(s, torch.SymInt) for s in value.shape)
 
 
 # NOTE: ops that cannot lay the values of a fixed-size axis along a position axis: elementwise
@@ -338,24 +311,6 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
     return None
 
 
-def _size_number(node: fx.Node) -> bool:
-    """The node is a number that depends on the sizes (a SymInt/SymFloat/SymBool with a symbol
-    other than a float's).
-
-    NOTE: with dynamic=True Dynamo lifts a python-float attribute (``self.gamma = 0.96875``) to
-    a graph input read by ``.item()``, a SymFloat of a float symbol (``zf0``): a constant of
-    the model like a buffer, not a size; ``float(T)``, ``T ** 0.5`` keep T's symbol."""
-    value = example(node)
-    if not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return False
-    return any(not _float_symbol(s) for s in value.node.expr.free_symbols)
-
-
-def _float_symbol(symbol) -> bool:
-    """A symbol Dynamo made for a float value (``zf0``), never a size."""
-    return symbol_is_type(symbol, (SymT.FLOAT, SymT.UNBACKED_FLOAT))
-
-
 def _visit_size(view: GraphView, node: fx.Node, name: str, data, taint: dict) -> None:
     """A number computed from the sizes: a linear position (T itself, or a size read off a
     tensor), then what the arithmetic on it makes it; an op not allowed on positions is kept as
@@ -397,241 +352,5 @@ def _value_reads(node: fx.Node, name: str, data: list) -> list:
     return [a for a in data if not _size_number(a)]
 
 
-def _merge(a: _Taint, b: _Taint) -> _Taint:
-    linear = (a.linear or not a.position) and (b.linear or not b.position)
-    return _Taint(
-        a.position or b.position,
-        a.shaped or b.shaped,
-        a.shifted or b.shifted,
-        linear,
-        a.extreme or b.extreme,
-        a.nan_risk or b.nan_risk,
-    )
-
-
-def _risks_nan(node: fx.Node, name: str, taint: dict) -> bool:
-    """A product/quotient of two exponentials of positions (see ``_Taint.extreme``)."""
-    if name.removesuffix("_") not in _PRODUCTS:
-        return False
-    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    return len(operands) == 2 and all(taint.get(a, _CLEAN).extreme for a in operands)
-
-
-def _mixes_scales(node: fx.Node, name: str, taint: dict) -> bool:
-    """A product/quotient of two linear positions, a power of one, or a sum with a position that
-    is not linear (a decay): no longer the same sign pattern at every scale."""
-    operands = [taint.get(a, _CLEAN) for a in node.args[:2] if isinstance(a, fx.Node)]
-    positions = [t for t in operands if t.position]
-    base = name.removesuffix("_")
-    if base in _PRODUCTS:
-        return sum(t.linear for t in positions) >= 2
-    if base in _POWERS:
-        first = node.args[0] if node.args else None
-        return isinstance(first, fx.Node) and taint.get(first, _CLEAN).linear
-    if base in _SHIFTS:
-        return any(not t.linear for t in positions)
-    return False
-
-
 # ops that read a tensor at an index or over a range (a size there reads it at the sizes)
 _INDEXING = {"getitem", "__getitem__", "select", "narrow"}
-
-# NOTE: ``operator.and_`` (``a & b``) and friends end in "_" but return a new tensor
-_NOT_IN_PLACE = {"and_", "or_", "not_"}
-
-
-def _check(node, name, data, ins, taint, position, shifted) -> str | None:
-    """The reason an op on a position-derived or shaped value is not allowed, or None."""
-    if node.kwargs.get("out") is not None:
-        return f"the mask writes positions through out= ({name})"
-    if name.endswith("_") and name not in _IN_PLACE_OK and name not in _NOT_IN_PLACE:
-        return f"the mask changes positions in place ({name})"
-    base = name.removesuffix("_") if name.endswith("_") and name not in _NOT_IN_PLACE else name
-    if base in ("getitem", "__getitem__", "setitem"):
-        return _check_index(node.args[1] if len(node.args) > 1 else None, name)
-    if base in _CASTS:
-        value, inner = example(node), example(node.args[0]) if node.args else None
-        to_int = is_tensor(value) and not (value.is_floating_point() or value.is_complex())
-        if to_int and value.dtype != torch.bool and is_tensor(inner) and inner.is_floating_point():
-            return f"the mask rounds positions to integers ({name})"
-        return None
-    if base in ("cat", "concat", "concatenate"):
-        value = example(node)
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        if is_tensor(value) and isinstance(dim, int) and isinstance(value.shape[dim], int):
-            return None
-        return f"the mask concatenates positions along a length ({name})"
-    if base in _PERIODS or node.kwargs.get("rounding_mode") is not None:
-        numbers = [a for a in node.args[1:] if isinstance(a, (int, float))]
-        if numbers:
-            return f"the mask compares positions with {numbers[0]} ({name})"
-        return f"the mask rounds positions ({name})"
-    if base in _SELECTS and base not in ("where", "masked_fill"):
-        # NOTE: logic on conditions; on integers a bit operation (``d & 2048``) cuts
-        values = [example(a) for a in data]
-        if any(is_tensor(x) and x.dtype != torch.bool for x in values):
-            return f"the mask applies {name} to integer positions (a bit operation)"
-    if base == "repeat_interleave":
-        # NOTE: counts in a tensor lay values out by data (``repeat_interleave(ones(T))`` is
-        # arange(T)); a repeat by a number is layout
-        first = node.args[0] if node.args else None
-        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats", first)
-        if isinstance(repeats, fx.Node) and is_tensor(example(repeats)):
-            return f"the mask repeats positions by counts in a tensor ({name})"
-    if (base in _SHIFTS or base in _EXPS) and _soft_step(node, base, taint):
-        # NOTE: flat to the float at every length proven, then not: ``1 + exp(d - 1100)`` is 1
-        # up to d ~ 1080, ``exp(-exp(d - 1100))`` and ``exp(-(d / 1100) ** 1000)`` are windows
-        return f"the mask applies {name} to an exponential of positions (a soft step)"
-    if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
-        return None
-    if base in _FLIPS:
-        return None  # NOTE: which dims it flips: position_cutoff (_check_flip)
-    if base in _NUMBER_TENSORS:
-        return None  # NOTE: a tensor of one number (a size in it is a position: see _Taint)
-    if base in ("tril", "triu"):
-        diagonal = node.kwargs.get("diagonal", node.args[1] if len(node.args) > 1 else 0)
-        if diagonal in (0, 1, -1):
-            return None
-        return f"the mask compares positions with {diagonal} ({name})"
-    if base in _SMOOTH:
-        if base == "nan_to_num" and any(t.nan_risk for t in ins):
-            return f"the mask clears the NaNs of a product of exponentials of positions ({name})"
-        if base in ("nan_to_num", "sum", "mean"):
-            return None  # NOTE: no threshold of their own; a NaN-making op before them declines
-        return f"the mask applies {name} to shifted positions" if shifted else None
-    if base in _CUTOFFS:
-        return _check_cutoff(node, name, data, ins, taint, position, shifted)
-    return f"the mask applies {name} to positions (not an op that keeps a decay a decay)"
-
-
-def _soft_step(node: fx.Node, base: str, taint: dict) -> bool:
-    """An exponential of positions whose shape depends on the sizes (with a static T,
-    ``1 - 2 ** (-5 - arange(H))`` is the heads' decay, not a step) summed with a constant other
-    than 0 or with another one, or taken an exponential or power of. NOTE: a sum with other
-    positions (``decay + leak * (d < 0)``) is not taken for a step: the fit sees it."""
-    args = [a for a in (*node.args[:2], *node.kwargs.values()) if a is not None]
-    extreme = [a for a in args if isinstance(a, fx.Node) and taint.get(a, _CLEAN).extreme]
-    if not any(_symbolic_shape(a) for a in extreme):
-        return False
-    if base in _EXPS or len(extreme) > 1:
-        return True
-    for arg in args:
-        if isinstance(arg, fx.Node):
-            if arg not in extreme and not taint.get(arg, _CLEAN).position:
-                if not _constant_fill(arg):
-                    return True
-        elif isinstance(arg, (int, float)) and arg != 0:
-            return True
-    return False
-
-
-def _position_symbols(masks: list[fx.Node]) -> set:
-    """The symbols in the sizes of the masks' last two dims (the query and key positions)."""
-    symbols = set()
-    for mask in masks:
-        value = example(mask)
-        for size in value.shape[-2:] if is_tensor(value) else ():
-            if isinstance(size, torch.SymInt):
-                symbols |= size.node.expr.free_symbols
-    return symbols
-
-
-def _check_flip(node: fx.Node, name: str, symbols: set) -> str | None:
-    """A flip over dims whose sizes do not vary with the positions' symbols (the heads of an
-    [H, T, T] mask) is layout; over a position axis it reverses positions (anti-causal).
-
-    NOTE: with dynamic=True the heads of a constant decay can be symbolic too (``s33``); a dim
-    whose size shares a symbol with the mask's last two dims counts as a position axis (so does
-    the heads dim when Dynamo gives H and T one symbol: declined, the safe side)."""
-    value = example(node.args[0]) if node.args else None
-    if name == "fliplr":
-        dims = [1]
-    elif name == "flipud":
-        dims = [0]
-    else:
-        dims = node.kwargs.get("dims", list(node.args[1:]))
-        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-            dims = list(dims[0])
-    if not is_tensor(value) or not dims or not all(isinstance(d, int) for d in dims):
-        return f"the mask applies {name} to positions (which dims it flips is unknown)"
-    rank = value.dim()
-    if not all(-rank <= d < rank for d in dims):
-        return f"the mask applies {name} to positions (dims {dims} out of range)"
-    for d in dims:
-        size = value.shape[d]
-        if isinstance(size, torch.SymInt) and size.node.expr.free_symbols & symbols:
-            return f"the mask applies {name} to positions (it reverses a position axis)"
-    return None
-
-
-def _check_index(index, name: str) -> str | None:
-    """Indexing by sizes, tensors, None and whole slices is layout; a literal bound cuts."""
-    items = index if isinstance(index, tuple) else (index,)
-    for item in items:
-        if isinstance(item, slice):
-            bounds = ((item.start, 0), (item.stop, None), (item.step, 1))
-            for bound, plain in bounds:
-                if bound is not None and not isinstance(bound, fx.Node) and bound != plain:
-                    return f"the mask slices positions at {bound} ({name})"
-    return None
-
-
-def _check_cutoff(node, name, data, ins, taint, position, shifted) -> str | None:
-    """A comparison/clamp: of unshifted positions with 0 or with each other only."""
-    if not position:
-        return None  # NOTE: shaped constants (``ones(T, T).tril() == 0``): no position to cut
-    if shifted and not _unit_shift_comparison(node, name, _unshifted(taint)):
-        return f"the mask compares positions shifted by a constant ({name})"
-    tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
-    if any(taint.get(a, _CLEAN).nan_risk for a in tensors):
-        return f"the mask compares a product of exponentials of positions ({name})"
-    if name != "heaviside" and len(set(tensors)) >= 2:  # NOTE: ``m != m`` finds NaNs
-        bent = [a for a in tensors if not taint.get(a, _CLEAN).linear]
-        if bent and all(taint.get(a, _CLEAN).position for a in tensors):
-            return f"the mask compares a decay of positions with another ({name})"
-    others = [a for a in (*node.args, *node.kwargs.values()) if a is not None]
-    if name == "heaviside":
-        others = node.args[:1]  # NOTE: the second argument is the value at 0
-    for arg in others:
-        if isinstance(arg, fx.Node):
-            t = taint.get(arg, _CLEAN)
-            if is_tensor(example(arg)) and not t.position:
-                return f"the mask compares positions with a tensor {arg.name!r} ({name})"
-            if not is_tensor(example(arg)):
-                return f"the mask compares positions with a size {arg.name!r} ({name})"
-        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
-            if arg != 0:
-                return f"the mask compares positions with {arg} ({name})"
-        elif isinstance(arg, (list, tuple)):
-            return f"the mask compares positions with {arg} ({name})"
-    return None
-
-
-def _unshifted(taint: dict):
-    """Whether a node holds positions with no shift (``_uniform``)."""
-    return lambda node: taint.get(node, _CLEAN).position and not taint[node].shifted
-
-
-def _shifts(node: fx.Node, taint: dict) -> bool:
-    """An addition/subtraction with something that is not a position (a constant, a size)."""
-    for arg in node.args[:2]:
-        if isinstance(arg, fx.Node):
-            if not taint.get(arg, _CLEAN).position:
-                return True
-        elif isinstance(arg, (int, float)) and arg != 0:
-            return True
-    return node.kwargs.get("alpha", 1) != 1
-
-
-def _fills(node: fx.Node, taint: dict) -> bool:
-    """A where/masked_fill/setitem whose values include a constant other than 0 or +-inf."""
-    values = node.args[1:] if _name(node) == "where" else node.args[2:3]
-    values = list(values) + [node.kwargs.get("value")] if "value" in node.kwargs else list(values)
-    for arg in values:
-        if isinstance(arg, fx.Node):
-            if not taint.get(arg, _CLEAN).position and not _constant_fill(arg):
-                return True
-        elif isinstance(arg, (int, float)) and arg not in _FILLS:
-            return True
-    return False
