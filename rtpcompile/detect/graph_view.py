@@ -5,14 +5,13 @@ Every FX node gets a *kind* ("matmul", "einsum", "mul", "div", "cast", "layout",
 ``.mT`` are all "layout", and ``.float()``/``.to()``/``type_as``/``contiguous`` are all "cast".
 The view keeps a networkx DiGraph of the FX graph (edges input -> user, flagged ``meta`` when
 the user only reads the input's shape, dtype or device) that the patterns search and the mask
-proof walks. Nothing here mutates the graph.
+proof walks. Nothing here mutates the graph. Where graph inputs come from is ``graph_inputs.py``,
+comparing symbolic sizes ``symbolic_sizes.py`` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
-import contextvars
 import functools
 import operator
 import re
@@ -21,6 +20,41 @@ from collections.abc import Iterator
 import networkx as nx
 import torch
 import torch.fx as fx
+
+from .graph_inputs import (
+    LEAVES_BODY,
+    boundary,
+    is_constant_source,
+    is_input_attribute,
+    is_state_input,
+    through_boundaries,
+)
+from .symbolic_sizes import assumed_equal_sizes, guard_equal, hint, same_size
+
+__all__ = [
+    "LEAVES_BODY",
+    "GraphView",
+    "assumed_equal_sizes",
+    "boundary",
+    "example",
+    "guard_equal",
+    "hint",
+    "is_constant_source",
+    "is_identity_dropout",
+    "is_input_attribute",
+    "is_random",
+    "is_scalar",
+    "is_state_input",
+    "is_tensor",
+    "kind_of",
+    "meta_only_args",
+    "ndim",
+    "node_inputs",
+    "same_size",
+    "target_name",
+    "through_boundaries",
+    "where",
+]
 
 _FUNCTION_KINDS = {
     operator.matmul: "matmul",
@@ -276,77 +310,6 @@ def _nodes_in(arg) -> list[fx.Node]:
     return found
 
 
-def is_constant_source(node: fx.Node) -> bool:
-    """True for a placeholder that holds a module buffer/parameter/attribute (not an input).
-
-    Dynamo names the origin of each graph input in ``meta["grapharg"].source``; anything reached
-    through an attribute access (``L['self']._buffers['decay']``, ``G['table']``) is model state,
-    a bare local (``L['x']``, ``L['args'][0]``) is an activation. A value read through a module
-    (``NNModuleSource``, ``UnspecializedNNModuleSource``) is model state however it is reached:
-    a float set in the class body comes through the module's type
-    (``type(L['self']).__dict__['gamma']``, lifted to a graph input under ``dynamic=True``).
-    """
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    while source is not None:
-        name = type(source).__name__
-        if name in ("AttrSource", "GlobalSource", "GlobalWeakRefSource") or (
-            name.endswith("NNModuleSource")
-        ):
-            return True
-        if "._buffers[" in source.name or "._parameters[" in source.name:
-            return True
-        source = getattr(source, "base", None)
-    return False
-
-
-def is_input_attribute(node: fx.Node) -> bool:
-    """True for a placeholder read from an attribute of a call argument that is not an
-    ``nn.Module`` (``L['cache'].layers[0].state``, ``batch.mask``): caller-owned state, not model
-    state. Dynamo marks a module in the source chain (``UnspecializedNNModuleSource``), whatever
-    the argument is called (``self``, ``me``, explain's throwaway caller's ``model``)."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    if source is None or "._buffers[" in source.name or "._parameters[" in source.name:
-        return False
-    attribute = False
-    while getattr(source, "base", None) is not None:
-        if "NNModuleSource" in type(source).__name__:
-            return False
-        attribute |= type(source).__name__ == "AttrSource"
-        source = source.base
-    return attribute and type(source).__name__ == "LocalSource"
-
-
-def boundary(x):
-    """Where a value enters or leaves a checkpoint's or nested compile region's body in the flat
-    graph ``detect.subgraphs`` builds (returns ``x``): detection reads an operand from here
-    rather than across the boundary, and the mask proof evaluates it."""
-    return x
-
-
-# meta key of a boundary node through which a value leaves a body (a body's output)
-LEAVES_BODY = "rtp_leaves_body"
-
-
-def through_boundaries(node):
-    """The value a chain of :func:`boundary` nodes passes on (``node`` itself if none)."""
-    while isinstance(node, fx.Node) and node.target is boundary and node.args:
-        node = node.args[0]
-    return node
-
-
-def is_state_input(node) -> bool:
-    """A graph input that can carry a retention state: an activation argument, or an attribute
-    of a caller's object (a decode cache), never the model's own buffers or parameters. A body's
-    input (a :func:`boundary` node) is the value its call passes in."""
-    node = through_boundaries(node)
-    return (
-        isinstance(node, fx.Node)
-        and node.op == "placeholder"
-        and (not is_constant_source(node) or is_input_attribute(node))
-    )
-
-
 class GraphView:
     """The networkx view of one FX graph: data/meta edges and kinds, plus lookup helpers."""
 
@@ -393,68 +356,6 @@ class GraphView:
 
     def sorted(self, nodes) -> list[fx.Node]:
         return sorted(nodes, key=self.order.__getitem__)
-
-
-def same_size(a, b) -> bool:
-    """Whether two (possibly symbolic) sizes are the same expression, or two size symbols that
-    ``assumed_equal_sizes`` may take for the same (a guard makes them so when a region is claimed).
-    """
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        ea = a.node.expr if isinstance(a, torch.SymInt) else a
-        eb = b.node.expr if isinstance(b, torch.SymInt) else b
-        return bool(ea == eb) or _assume_equal(a, b)
-    return a == b
-
-
-# NOTE: at an automatic-dynamic recompile (and with mark_dynamic) Dynamo can give each input's
-# dims their own symbols (torch 2.13): a compiled function taking q, k and v then has q's length
-# s0 and k's s49, tied by nothing when the scores' tril is the only mask, so
-# ``(q @ k.mT).tril() @ v`` was claimed at the static first compile and silently not after the
-# dynamic recompile (about 50x slower at T = 4096 on CPU).
-_ASSUMED: contextvars.ContextVar[list | None] = contextvars.ContextVar("rtp_assumed", default=None)
-
-
-def _assume_equal(a, b) -> bool:
-    """Two distinct plain size symbols with the same example value, while detection collects the
-    pairs it takes for equal (``assumed_equal_sizes``); never sums or unbacked sizes."""
-    pending = _ASSUMED.get()
-    if pending is None or not (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt)):
-        return False
-    if not (a.node.expr.is_Symbol and b.node.expr.is_Symbol):
-        return False
-    if a.node.hint is None or a.node.hint != b.node.hint:
-        return False
-    pending.append((a, b))
-    return True
-
-
-@contextlib.contextmanager
-def assumed_equal_sizes():
-    """Inside the block ``same_size`` takes two size symbols with the same example value for the
-    same size and lists the pairs (the list yielded); ``guard_equal`` must then make them so
-    before a claim that relied on one is used."""
-    pending: list = []
-    token = _ASSUMED.set(pending)
-    try:
-        yield pending
-    finally:
-        _ASSUMED.reset(token)
-
-
-def guard_equal(pairs) -> None:
-    """Guard each pair of sizes equal: the compiled graph is used only when they are (Dynamo
-    installs the shape environment's guards after the backend returns; another call recompiles),
-    and the shape environment replaces one symbol by the other from here on."""
-    for a, b in pairs:
-        if not bool(a == b):  # NOTE: evaluated at the example values: adds the guard
-            raise AssertionError(f"rtpcompile: sizes {a} and {b} were taken for equal")
-
-
-def hint(size) -> int:
-    """The example value of a (possibly symbolic) size."""
-    if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.hint is not None else -1
-    return int(size)
 
 
 def where(node: fx.Node) -> str:
