@@ -235,3 +235,33 @@ def test_bucket_cut_reason_names_the_inputs_from_other_pieces():
     gm.compile_subgraph_reason = types.SimpleNamespace(reason="DDPOptimizer intentional break")
     reason = bucket_cut_reason(gm, ["mask", "not_an_input"])
     assert "bucket boundary" in reason and "mask" in reason and "scores" not in reason
+
+
+def _abort_after_result(rank, world_size):
+    """Rank 0 dies of SIGABRT after returning its result (a thread fires once the work is done):
+    what gloo's teardown did to a CI rank, 2026-11-25."""
+    import os
+    import threading
+
+    if rank == 0:
+        threading.Timer(0.2, os.abort).start()
+    return torch.full((2,), float(rank))
+
+
+def _abort_before_result(rank, world_size):
+    import os
+
+    if rank == 0:
+        os.abort()
+    return torch.full((2,), float(rank))
+
+
+def test_a_rank_killed_by_a_signal_after_its_result_loses_nothing():
+    from rtpcompile.distributed import run_local
+
+    with pytest.warns(RuntimeWarning, match="after every rank wrote its result"):
+        got = run_local(_abort_after_result, 2)
+    assert [r.tolist() for r in got] == [[0.0, 0.0], [1.0, 1.0]]
+    # a rank that dies before writing its result is an error, as before
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        run_local(_abort_before_result, 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,10 @@ def _worker(rank, world_size, fn, args, init_file, out_dir, backend, threads) ->
     )
     try:
         result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # NOTE: written whole or not at all (renamed into place): run_local trusts a file it finds
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -49,13 +53,25 @@ def run_local(
     with tempfile.TemporaryDirectory(prefix="rtp-dist-") as tmp:
         # NOTE: a file store needs no free TCP port, so parallel test runs cannot collide.
         init_file = os.path.join(tmp, "store")
-        mp.spawn(
-            _worker,
-            args=(world_size, fn, args, init_file, tmp, backend, threads_per_rank),
-            nprocs=world_size,
-            join=True,
-        )
-        return [
-            torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-            for r in range(world_size)
-        ]
+        paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
+        try:
+            mp.spawn(
+                _worker,
+                args=(world_size, fn, args, init_file, tmp, backend, threads_per_rank),
+                nprocs=world_size,
+                join=True,
+            )
+        except mp.ProcessExitedException as exc:
+            # NOTE: on the 2-core CI machine a rank has died of SIGABRT ("terminate called
+            # without an active exception") after its work, in gloo's teardown (2026-11-25, three
+            # times in ~ten runs, two different tests). A signal death after every rank wrote
+            # its result loses nothing: warn and return them. Anything else propagates.
+            if exc.exit_code is None or exc.exit_code >= 0 or not all(map(os.path.exists, paths)):
+                raise
+            warnings.warn(
+                f"rtpcompile.distributed.run_local: {exc} after every rank wrote its result; "
+                "returning the results",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return [torch.load(path, weights_only=False) for path in paths]
