@@ -4,13 +4,14 @@ Usage (any machine; no GPU needed):
     python benchmarks/call_overhead.py [--out benchmarks/results/cpu] [--calls 3000]
 
 What a GPU call pays in Python before Triton's own launcher runs: options, the planner, the
-kernel spec of every pass, output allocation. A decode step's kernel reads and writes the state
-in a few tens of microseconds on an H100/H200, so this overhead decides whether an eager decode
-step is launch-bound. Tensors are CPU tensors routed to the kernels (``RTP_KERNELS=triton``);
-``launch._launch`` is replaced by a no-op, so nothing runs under the interpreter and the figures
-are the Python path alone (CPU allocation of the outputs included, which the CUDA caching
-allocator makes cheaper; the backward column also includes its d gamma tail). Median
-of 5 repeats of ``--calls`` calls, in microseconds per call.
+kernel spec of every pass, output allocation; and the public op as users call it eagerly, with
+and without the custom op's dispatch (``RTP_EAGER_BYPASS``, ``lowering/eager.py``). A decode
+step's kernel reads and writes the state in a few tens of microseconds on an H100/H200, so this
+overhead decides whether an eager decode step is launch-bound. Tensors are CPU tensors routed
+to the kernels (``RTP_KERNELS=triton``); ``launch._launch`` is replaced by a no-op, so nothing
+runs under the interpreter and the figures are the Python path alone (CPU allocation of the
+outputs included, which the CUDA caching allocator makes cheaper; the backward column also
+includes its d gamma tail). Median of 5 repeats of ``--calls`` calls, in microseconds per call.
 
 The launch columns count what one call would launch on a GPU, exactly: the Triton kernels (calls
 of the mocked launcher) plus the torch ops that run a device kernel (seen by a
@@ -21,6 +22,7 @@ few microseconds of host time and of device latency, which is what an eager smal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -65,6 +67,19 @@ def _callables(B, H, T, K, V, with_state) -> tuple[str, dict]:
         with torch.no_grad():
             return op()
 
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def public():  # the public op forward, as a user calls it eagerly
+        return ops.retention(*leaves, gamma, initial_state=s0, output_final_state=True)
+
+    def public_no_grad():
+        with torch.no_grad():
+            return public()
+
+    def public_fwd_bwd():
+        o, _ = public()
+        return torch.autograd.grad(o, leaves, do)
+
     o, sf = op()
     do = torch.randn_like(o)
     return chosen.form, {
@@ -73,6 +88,11 @@ def _callables(B, H, T, K, V, with_state) -> tuple[str, dict]:
         "op_bwd": lambda: torch.ops.rtp.retention_bwd(
             do, None, q, k, v, gamma, scale, s0, sf, "auto", 0
         ),
+        # NOTE: "_op" columns: the same public calls with RTP_EAGER_BYPASS=0 (through the op)
+        "public_no_grad": public_no_grad,
+        "public_no_grad_op": public_no_grad,
+        "public_fwd_bwd": public_fwd_bwd,
+        "public_fwd_bwd_op": public_fwd_bwd,
         "plan": lambda: plan.choose("auto", T, with_state, q=q, v=v),
         "kernels": lambda: kernels.triton_forward(
             chosen.form, q, k, v, gamma, scale, s0, chosen.chunk_size, None
@@ -118,6 +138,20 @@ def _launches(fn) -> tuple[int, int]:
     return len(_TRITON_LAUNCHES), len(seen.ops)
 
 
+@contextlib.contextmanager
+def _bypass(on: bool):
+    """Eager public calls skip the op's dispatch (``lowering/eager.py``) or go through it."""
+    old = os.environ.get("RTP_EAGER_BYPASS")
+    os.environ["RTP_EAGER_BYPASS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RTP_EAGER_BYPASS"]
+        else:
+            os.environ["RTP_EAGER_BYPASS"] = old
+
+
 def measure(calls: int) -> list[dict]:
     os.environ.update(TRITON_INTERPRET="1", RTP_KERNELS="triton")
     from rtpcompile.kernels import launch
@@ -133,7 +167,8 @@ def measure(calls: int) -> list[dict]:
         form, calls_of = _callables(B, H, T, K, V, with_state)
         row = {"case": name, "B": B, "H": H, "T": T, "K": K, "V": V, "form": form}
         for label, fn in calls_of.items():
-            row[f"{label}_us"] = round(_per_call(fn, calls), 1)
+            with _bypass(not label.endswith("_op")):
+                row[f"{label}_us"] = round(_per_call(fn, calls), 1)
         for label in ("op", "op_bwd"):
             row[f"{label}_triton"], row[f"{label}_torch_ops"] = _launches(calls_of[label])
         print(json.dumps(row), flush=True)
@@ -158,6 +193,23 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['case']} (B={r['B']}, H={r['H']}, K={r['K']}, V={r['V']}) | {r['form']} | "
             f"{r['op_us']} | {r['op_no_grad_us']} | {r['op_bwd_us']} | {r['plan_us']} | "
             f"{r['kernels_us']} |"
+        )
+    lines += [
+        "",
+        "The public op as a user calls it eagerly (``ops.retention``, initial state as in the "
+        "case, "
+        "``output_final_state=True``), skipping the custom op's dispatch (the default) and through "
+        "the op (``RTP_EAGER_BYPASS=0``); forward under no_grad, and forward + "
+        "``autograd.grad`` for q, k, v:",
+        "",
+        "| case | forward, no_grad | forward, no_grad, through the op | forward + backward | "
+        "forward + backward, through the op |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['public_no_grad_us']} | {r['public_no_grad_op_us']} | "
+            f"{r['public_fwd_bwd_us']} | {r['public_fwd_bwd_op_us']} |"
         )
     lines += [
         "",

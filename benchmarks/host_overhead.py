@@ -5,8 +5,9 @@ Times 100 eager calls after warm-up with ``time.perf_counter`` (host time: the l
 before the GPU finishes, so for host-bound calls this is the host's cost per call) and with a
 final synchronize (wall), for the chunkwise op at B=4, H=16, T=2048, K=V=128, bfloat16, fixed
 gamma, no state: forward+backward through autograd and forward alone under no_grad
-(``ops.retention_chunkwise``), and ``kernels.triton_forward`` / ``triton_backward`` called
-directly. ``--profile`` adds a
+(``ops.retention_chunkwise``; eagerly it skips the custom op's dispatch, and the "via custom
+op" rows time the same calls through it, ``RTP_EAGER_BYPASS=0``), and
+``kernels.triton_forward`` / ``triton_backward`` called directly. ``--profile`` adds a
 cProfile of the op's calls (top 45 by self time). On a CPU machine the kernels need
 ``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's; the CPU
 counterpart is ``benchmarks/call_overhead.py`` (the Python path alone, launches mocked).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 
@@ -70,13 +72,18 @@ def main() -> None:
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"device {dev}, torch {torch.__version__}, B={B} H={H} T={T} K=V={D}")
+    # NOTE: "op" rows call the public op eagerly as users do, which skips the custom op's
+    # dispatch (lowering/eager.py); "via custom op" rows are the same calls with it off
     cases = (
-        ("op fwd+bwd", op_fwd_bwd),
-        ("op fwd", op_fwd),
-        ("kernels fwd+bwd", kernels_fwd_bwd),
-        ("kernels fwd", kernels_fwd),
+        ("op fwd+bwd", op_fwd_bwd, "1"),
+        ("op fwd", op_fwd, "1"),
+        ("op fwd+bwd via custom op", op_fwd_bwd, "0"),
+        ("op fwd via custom op", op_fwd, "0"),
+        ("kernels fwd+bwd", kernels_fwd_bwd, "1"),
+        ("kernels fwd", kernels_fwd, "1"),
     )
-    for name, fn in cases:
+    for name, fn, bypass in cases:
+        os.environ["RTP_EAGER_BYPASS"] = bypass
         for _ in range(5):
             fn()
         sync()
@@ -87,6 +94,7 @@ def main() -> None:
         sync()
         wall = (time.perf_counter() - t0) / 100
         print(f"{name}: host {host * 1e6:.0f} us/call, wall {wall * 1e6:.0f} us/call")
+    os.environ.pop("RTP_EAGER_BYPASS")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -6,7 +6,9 @@
 Every form computes the same function; they differ in cost. Low-precision inputs accumulate in
 float32 and states are float32 (float64 for float64 inputs). ``gamma`` is a per-head tensor in
 [0, 1] (0 included: 0**0 = 1) and receives a gradient. Each op is one
-``torch.ops.rtp.retention_fwd`` call, so it composes with ``torch.compile`` without graph breaks.
+``torch.ops.rtp.retention_fwd`` call, so it composes with ``torch.compile`` without graph breaks;
+an eager call with nothing tracing or watching it runs the op's implementation directly, without
+the custom op's dispatch (``lowering/eager.py``: the same results, less host time).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from .lowering import (
     custom_ops,  # noqa: F401  (registers torch.ops.rtp.*)
+    eager,
     validate,
 )
 
@@ -74,7 +77,9 @@ def _call(q, k, v, gamma, scale, initial_state, form, chunk_size, state_out=True
         q, scale = q * scale.reshape(()).to(q.dtype), 1.0
     scale = validate.check_scale(scale, q.shape[-1])
     # NOTE: a state nobody asked for is not computed (the parallel form skips a whole pass)
-    return torch.ops.rtp.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk, state_out)
+    # NOTE: eagerly, with nothing tracing or watching, the op's implementation without its
+    # dispatch (host cost: eager.py); traced, always the op
+    return eager.retention_fwd(q, k, v, gamma, scale, initial_state, form, chunk, state_out)
 
 
 def retention_parallel(

@@ -103,7 +103,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 # Other RTP_* variables rtpcompile reads (not options): a name outside both is a likely typo.
 OTHER_VARIABLES = (
     "RTP_CACHE", "RTP_CACHE_DIR", "RTP_DUMP_KERNELS", "RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS",
-    "RTP_SHOW_OPS", "RTP_VENV", "RTP_ZOO_BACKEND",
+    "RTP_SHOW_OPS", "RTP_VENV", "RTP_ZOO_BACKEND", "RTP_EAGER_BYPASS",
 )  # fmt: skip
 _WARNED: set[str] = set()
 

@@ -25,7 +25,7 @@ from .region import Operand, Region
 OP_NAME = "rtp::retention_fwd"
 # NOTE: frames inside the public op wrappers say nothing about the user's code; the source line
 # shown is the innermost frame outside them (e.g. the converted layer's ``ops.retention`` call).
-_WRAPPER_FILES = ("rtpcompile/ops.py",)
+_WRAPPER_FILES = ("rtpcompile/ops.py", "rtpcompile/lowering/eager.py")
 
 
 def op_schema(target) -> torch.FunctionSchema | None:

@@ -89,6 +89,16 @@ def retention_fwd(
     or (o, an empty tensor) with ``output_final_state=False``. ``runtime_options``: the
     compiling backend's explicit run-time options (``options.runtime_text``), applied over the
     environment for this call and its backward."""
+    return forward_impl(
+        q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state, runtime_options
+    )
+
+
+def forward_impl(
+    q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state=True,
+    runtime_options="",
+):  # fmt: skip
+    """The forward op's implementation (also what an eager public call runs, ``eager.py``)."""
     validate.check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state)
     if gamma.device.type == "cpu":
         # NOTE: here, so compiled CPU calls are checked too; off the CPU the public ops check
@@ -151,6 +161,17 @@ def retention_bwd(
     backward, and autograd returns None for the absent state anyway). ``output_mask``: which of
     the five are wanted (None: all); an unwanted one is an empty tensor, and the passes only it
     needs are not run (``dispatch.backward``)."""
+    return backward_impl(
+        do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size,
+        runtime_options, output_mask,
+    )  # fmt: skip
+
+
+def backward_impl(
+    do, dsf, q, k, v, gamma, scale, initial_state, final_state, form, chunk_size,
+    runtime_options="", output_mask=None,
+):  # fmt: skip
+    """The backward op's implementation (also what an eager public call's backward runs)."""
     needs = _needs(output_mask)
     scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
     with scope:
@@ -214,6 +235,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dsf):
+    return backward_with(torch.ops.rtp.retention_bwd, ctx, do, dsf)
+
+
+def backward_with(retention_bwd, ctx, do, dsf):
+    """The forward's gradients from ``ctx`` (``_setup_context``), computed by ``retention_bwd``:
+    the backward op, or its implementation (an eager call, ``eager.py``)."""
     q, k, v, gamma, initial_state, final_state = ctx.saved_tensors
     if not ctx.state_out:
         dsf = None  # NOTE: an empty output's gradient (AOTAutograd may materialise it) is nothing
@@ -222,7 +249,7 @@ def _backward(ctx, do, dsf):
     # NOTE: None when everything is wanted (no state: its gradient is empty anyway), so the
     # common call keeps the schema's default; otherwise the backward runs only the passes needed
     mask = None if all(needs[:4]) and (needs[4] or not ctx.has_state) else list(needs)
-    grads = torch.ops.rtp.retention_bwd(
+    grads = retention_bwd(
         do, dsf, q, k, v, gamma, ctx.scale, initial_state, final_state, ctx.form, ctx.chunk_size,
         ctx.runtime_options, mask,
     )  # fmt: skip

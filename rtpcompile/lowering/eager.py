@@ -1,0 +1,107 @@
+"""Eager calls of the public ops without the custom op's dispatch.
+
+A public op (``rtpcompile.ops``) called eagerly, outside any tracing, runs the forward op's
+implementation through an ``autograd.Function`` whose backward runs the backward op's
+implementation: the same code, planner and kernels as ``torch.ops.rtp.retention_fwd``, minus
+torch's custom-op layers (the autograd kernel's redispatch, default filling, the aliasing check
+and the Dynamo-disable wrapper around each implementation). On a CPU with the launches mocked
+that is ~125 of the ~235 us a chunkwise forward+backward spends outside the kernel layer
+(``benchmarks/call_overhead.py``); an eager GPU call at a shape whose kernels finish faster than
+the host can launch them is bound by exactly this.
+
+Whenever anything might watch the call it goes through the op instead, so what a tracer, a
+transform or a tool sees is unchanged: under ``torch.compile`` / ``torch.export`` (Dynamo),
+``torch.jit.trace``, any torch dispatch mode (FakeTensorMode, make_fx, FunctionalTensorMode,
+selective activation checkpointing, FLOP counters), any torch function mode, functorch
+transforms (vmap, grad, jvp), tensor subclasses (DTensor, fake tensors), autocast and the
+profiler (whose traces then keep the op's name). ``RTP_EAGER_BYPASS=0`` sends every call through
+the op. Results are bitwise the same either way (``tests/test_eager_bypass.py``); a second
+backward through a call raises in both (the backward op has no autograd formula).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import custom_ops
+
+Tensor = torch.Tensor
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def bypass_enabled() -> bool:
+    """``RTP_EAGER_BYPASS`` (default on); "0"/"false"/"no"/"off": eager calls go through the op."""
+    raw = os.environ.get("RTP_EAGER_BYPASS")
+    if raw is None:
+        return True
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on", ""):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(
+        f"environment variable RTP_EAGER_BYPASS must be a boolean (1/0/true/false), got {raw!r}"
+    )
+
+
+def bypasses(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether a call on ``tensors`` may skip the op: plain eager execution, nothing watching."""
+    # NOTE: first, so Dynamo folds it to False and traces none of the host-only checks below
+    if torch.compiler.is_compiling():
+        return False
+    if (
+        torch._C._len_torch_dispatch_stack()  # user and infra (fake, proxy, functional) modes
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._get_tracing_state() is not None
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._autograd._profiler_enabled()
+    ):
+        return False
+    if not all(t is None or type(t) in _PLAIN for t in tensors):
+        return False
+    return bypass_enabled()
+
+
+class _Retention(torch.autograd.Function):
+    """``rtp::retention_fwd`` with its registered autograd formula, called directly."""
+
+    # NOTE: the forward takes ctx (no separate setup_context): apply would otherwise bind the
+    # arguments to the signature through inspect on every call (~30 us)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = custom_ops.forward_impl(*inputs)
+        custom_ops._setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dsf):
+        # NOTE: building a graph (create_graph=True), the backward op itself: its gradients then
+        # raise "no autograd formula" if differentiated, as the op's do, where the plain
+        # implementation's would silently drop the second-order term
+        bwd = torch.ops.rtp.retention_bwd if torch.is_grad_enabled() else custom_ops.backward_impl
+        return custom_ops.backward_with(bwd, ctx, do, dsf)
+
+
+def retention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    form: str,
+    chunk_size: int,
+    output_final_state: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``torch.ops.rtp.retention_fwd(...)``'s result, through the op only where ``bypasses``
+    says something may be watching the call."""
+    args = (q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state)
+    tensors = (q, k, v, gamma, initial_state)
+    if not bypasses(tensors):
+        return torch.ops.rtp.retention_fwd(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+        return _Retention.apply(*args, "")
+    return custom_ops.forward_impl(*args)
