@@ -12,6 +12,9 @@ Static figures: they say whether a program fits its registers, not how fast it r
 appears twice: with ``tl.dot``'s "ieee" input precision (torch's default float32 matmul
 precision, "highest") and with "tf32" (``torch.set_float32_matmul_precision("high")``).
 
+``--decode B,H,D`` compiles the decode step's kernel at every block config (BV x warps) and
+writes decode_occupancy_<target>_<date>.md/.json: registers, programs per SM and waves.
+
 ``--sweep DTYPE`` compiles every candidate block (BT, BV, warps, and BKC for the split stages)
 of each kernel at a few (K, V) and appends one JSON line per candidate to
 ``sweep_<dtype>_<precision>_<target>_<date>.jsonl``: the measurements behind
@@ -141,11 +144,14 @@ def candidates(kind: str, K: int, V: int, dtype: torch.dtype, prec: str) -> list
     return found
 
 
-def measure(spec: KernelSpec, capability: int = 90, layout: str | None = "bhtd") -> dict:
+def measure(
+    spec: KernelSpec, capability: int = 90, layout: str | None = "bhtd", shape=aot.SHAPE
+) -> dict:
     """One table row: the kernel's summary and its resources, or the compiler's error."""
     warnings.filterwarnings("ignore", module="triton")
     try:
-        return {"kernel": spec.short(), **vars(aot.resources(spec, capability, layout=layout))}
+        found = aot.resources(spec, capability, shape, layout=layout)
+        return {"kernel": spec.short(), **vars(found)}
     except Exception as exc:  # noqa: BLE001 - recorded; the table goes on
         return {"kernel": spec.short(), "error": repr(exc)[:300]}
 
@@ -177,6 +183,90 @@ def sweep(
             f.write(json.dumps(row) + "\n")
             f.flush()
     print(f"wrote {path}")
+
+
+# the decode step's block search (bench_gpu_kernels.DECODE_SWEEP times the same configs on a GPU)
+DECODE_BV = (16, 32, 64, 128)
+DECODE_WARPS = (1, 2, 4, 8)
+H100_SMS = 132  # H100 and H200 SXM
+
+
+def decode(B: int, H: int, D: int, dtype: torch.dtype, capability: int, jobs: int) -> list[dict]:
+    """The recurrent step's kernel (T = 1, state in and out, K = V = D) at every DECODE_BV x
+    DECODE_WARPS config, specialised for a call of (B, H, 1): its registers and spills, how many
+    programs an SM holds (``aot.blocks_per_sm``), the state bytes those programs hold, the grid
+    and the waves it takes on a 132-SM GPU. Static figures: bench_gpu_kernels times them."""
+    base = _default("recurrent", D, D, dtype, "ieee")
+    specs = [
+        dataclasses.replace(base, BV=bv, num_warps=w)
+        for bv in DECODE_BV
+        for w in DECODE_WARPS
+        if bv <= max(16, 1 << (D - 1).bit_length())
+    ]
+    args = (itertools.repeat(capability), itertools.repeat("bhtd"), itertools.repeat((B, H, 1)))
+    if jobs == 1:  # NOTE: in this process (a pool needs this module importable by name)
+        found = list(map(measure, specs, *args))
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            found = list(pool.map(measure, specs, *args))
+    rows = []
+    for spec, row in zip(specs, found, strict=True):
+        row.update(BV=spec.BV, num_warps=spec.num_warps, default=spec == base)
+        if "error" not in row:
+            blocks = aot.blocks_per_sm(aot.Resources(row["registers"], row["spill_bytes"],
+                                                     row["shared_bytes"]),
+                                       spec.num_warps, capability)  # fmt: skip
+            programs = -(-D // spec.BV) * B * H
+            row.update(
+                blocks_per_sm=blocks,
+                warps_per_sm=blocks * spec.num_warps,
+                state_kib_per_sm=blocks * D * spec.BV * 4 / 1024,
+                programs=programs,
+                waves=round(programs / max(1, blocks * H100_SMS), 2),
+            )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def write_decode(rows: list[dict], out: Path, B: int, H: int, D: int, capability: int) -> None:
+    """decode_occupancy_<target>_<date>.md and .json under ``out``."""
+    import triton
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    target = f"sm_{capability}"
+    lines = [
+        f"# Decode step kernel on {target}: registers and occupancy per block config ({date})",
+        "",
+        f"The recurrent kernel of one decode step (T = 1, float32 state in and out, K = V = {D}, "
+        f"bfloat16 q, k, v), specialised for a call of B = {B}, H = {H}, compiled on a CPU-only "
+        f"machine by Triton {triton.__version__} and read from `ptxas -v`. Programs per SM: the "
+        "occupancy rule (registers allocated per warp in units of 256, resident warps, block "
+        f"slots; `rtpcompile.kernels.aot.blocks_per_sm`); waves on {H100_SMS} SMs. Static "
+        "figures, no launch: what bandwidth each reaches is timed on a GPU by "
+        "`benchmarks/bench_gpu_kernels.py` (decode sweep). Reproduce: "
+        f"`python benchmarks/kernel_resources.py --decode {B},{H},{D}`.",
+        "",
+        "| BV | warps | registers / thread | spill bytes | programs / SM | warps / SM | "
+        "state KiB / SM | programs | waves |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['BV']}{' (default)' if r['default'] else ''} | {r['num_warps']} |"
+        if "error" in r:
+            lines.append(f"{head} error: {r['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"{head} {r['registers']} | {r['spill_bytes']} | {r['blocks_per_sm']} | "
+            f"{r['warps_per_sm']} | {r['state_kib_per_sm']:.0f} | {r['programs']} | "
+            f"{r['waves']} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode_occupancy_{target}_{date}"
+    meta = {"date": date, "target": target, "triton": triton.__version__, "B": B, "H": H, "D": D}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.md and .json")
 
 
 def table(capability: int, jobs: int, layout: str | None = "bhtd") -> list[dict]:
@@ -264,8 +354,19 @@ def main() -> None:
         default=None,
         help="compile the defaults (forward and backward shapes) at --shapes",
     )
+    parser.add_argument(
+        "--decode",
+        default=None,
+        metavar="B,H,D",
+        help="the decode step's kernel at every block config (e.g. 64,16,128: the issue's shape)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="triton")
+    if args.decode:
+        B, H, D = (int(x) for x in args.decode.split(","))
+        rows = decode(B, H, D, torch.bfloat16, args.capability, args.jobs)
+        write_decode(rows, Path(args.out), B, H, D, args.capability)
+        return
     shapes = SWEEP_SHAPES
     if args.shapes:
         shapes = tuple(tuple(int(d) for d in kv.split(",")) for kv in args.shapes)

@@ -303,3 +303,38 @@ def test_fused_bfloat16_k256_compiles_as_launched():
     launched, plain = aot.resources(spec), aot.resources(spec, layout=None)
     assert launched.spill_bytes == 0 and plain.spill_bytes > 0, (launched, plain)
     assert launched.shared_bytes > plain.shared_bytes, (launched, plain)
+
+
+def test_blocks_per_sm_is_the_occupancy_rule():
+    """The smallest of registers (per warp, in units of 256), warps, block slots and shared
+    memory: the figures the CUDA occupancy calculator gives on sm_90."""
+    res = aot.Resources
+    assert aot.blocks_per_sm(res(208, 0, 0), 4) == 2  # 208*32 -> 6656 per warp, 26624 a block
+    assert aot.blocks_per_sm(res(64, 0, 0), 8) == 4  # 2048 per warp: 8 warps take 16384
+    assert aot.blocks_per_sm(res(32, 0, 0), 8) == 8  # warp-bound: 64 warps
+    assert aot.blocks_per_sm(res(16, 0, 0), 1) == 32  # block slots
+    assert aot.blocks_per_sm(res(32, 0, 100 * 1024), 4) == 2  # shared memory: 228 KiB
+    assert aot.blocks_per_sm(res(32, 0, 0), 8, capability=86) == 6  # 48 warps
+    with pytest.raises(ValueError, match="capability must be one of"):
+        aot.blocks_per_sm(res(32, 0, 0), 4, capability=75)
+
+
+def test_decode_occupancy_table(tmp_path, monkeypatch):
+    """``kernel_resources.py --decode``: one config compiled at the decode shape, its row and
+    table (the bench script is loaded as the CLI runs it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DECODE_BV", (64,))
+    monkeypatch.setattr(bench, "DECODE_WARPS", (8,))
+    (row,) = bench.decode(64, 16, 128, torch.bfloat16, 90, jobs=1)
+    assert (row["BV"], row["num_warps"], row["programs"]) == (64, 8, 2 * 64 * 16)
+    assert row["spill_bytes"] == 0 and row["blocks_per_sm"] >= 1
+    assert row["waves"] == round(2048 / (row["blocks_per_sm"] * 132), 2)
+    bench.write_decode([row], tmp_path, 64, 16, 128, 90)
+    (md,) = tmp_path.glob("decode_occupancy_sm_90_*.md")
+    assert f"| 64 | 8 | {row['registers']} | 0 | {row['blocks_per_sm']} |" in md.read_text()

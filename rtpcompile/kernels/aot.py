@@ -205,6 +205,30 @@ def resources(
     return Resources(int(regs.group(1)), int(spill.group(1)), int(compiled.metadata.shared))
 
 
+# Per-SM limits (CUDA C programming guide, "compute capabilities"): 32-bit registers, resident
+# warps, resident blocks, shared memory bytes; registers are allocated per warp in units of 256
+SM_LIMITS = {
+    80: (65536, 64, 32, 167936),
+    86: (65536, 48, 16, 102400),
+    89: (65536, 48, 24, 102400),
+    90: (65536, 64, 32, 233472),
+}
+
+
+def blocks_per_sm(res: Resources, num_warps: int, capability: int = 90) -> int:
+    """Programs of a kernel using ``res`` with ``num_warps`` that one SM holds at once: the
+    smallest of what its registers, warps, block slots and shared memory allow (the occupancy
+    calculator's rule; a static figure, no launch)."""
+    if capability not in SM_LIMITS:
+        raise ValueError(f"capability must be one of {sorted(SM_LIMITS)}, got {capability!r}")
+    registers, warps, blocks, shared = SM_LIMITS[capability]
+    per_warp = -(-max(res.registers, 1) * 32 // 256) * 256
+    fits = [registers // (per_warp * num_warps), warps // num_warps, blocks]
+    if res.shared_bytes:
+        fits.append(shared // res.shared_bytes)
+    return max(0, min(fits))
+
+
 def ptx_arch(ptx: str) -> str:
     """The architecture a PTX module targets (its ``.target`` line), as ptxas's -arch takes it.
 
