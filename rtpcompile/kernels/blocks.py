@@ -11,6 +11,7 @@ BV, the launch settings and ``use_split``'s choice after ``check_config`` valida
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 MAX_DIM = 256
@@ -63,7 +64,9 @@ def check_config(config: Mapping[str, int] | Iterable[tuple[str, int]] | None) -
     passes; absent: ``use_split``'s rule). Accepts a mapping or (name, value) pairs (the
     planner's ``Plan.config``); None or empty means "the defaults".
     """
-    found = dict(config or ())
+    if not config:
+        return {}  # NOTE: the common call (the defaults), asked per pass and per stage
+    found = dict(config)
     unknown = sorted(set(found) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(
@@ -119,9 +122,19 @@ def use_split(
     """
     if phase not in ("fwd", "bwd"):
         raise ValueError(f"phase must be 'fwd' or 'bwd', got {phase!r}")
+    if not config:  # NOTE: the defaults' rule, asked per pass of every call: memoised
+        return _default_rule(form, T, K, chunk_size, V, BH, dtype, phase)
+    return _use_split(form, T, K, chunk_size, check_config(config), V, BH, dtype, phase)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_rule(form, T, K, chunk_size, V, BH, dtype, phase) -> bool:
+    return _use_split(form, T, K, chunk_size, {}, V, BH, dtype, phase)
+
+
+def _use_split(form, T, K, chunk_size, cfg, V, BH, dtype, phase) -> bool:
     if form != "chunkwise" or T <= 0:
         return False
-    cfg = check_config(config)
     if "split" in cfg:
         return bool(cfg["split"])
     # NOTE: chunks count in the 16-bit blocks (64 rows) whatever the dtype: the thresholds are

@@ -90,14 +90,28 @@ def _value_dim(p: Pass) -> int:
     return p.v.shape[-1] + int(p.extra_value_column)
 
 
-def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused") -> KernelSpec:
+def _spec(
+    p: Pass,
+    chunk_size: int,
+    config: Config = None,
+    stage: str = "fused",
+    *,
+    state_in: bool | None = None,
+    state_offset: int | None = None,
+    state_out: bool | None = None,
+    store_o: bool | None = None,
+    row_scale: bool | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> KernelSpec:
+    """The spec of ``p``'s kernel for ``stage``; a keyword given overrides what ``p`` says (a
+    split stage's flags: cheaper than a ``dataclasses.replace`` of the pass per stage)."""
     flags = (
-        ("state_in", p.s0 is not None),
-        ("state_offset", p.state_offset),
-        ("state_out", p.state_out),
-        ("store_o", p.store_o),
+        ("state_in", p.s0 is not None if state_in is None else state_in),
+        ("state_offset", p.state_offset if state_offset is None else state_offset),
+        ("state_out", p.state_out if state_out is None else state_out),
+        ("store_o", p.store_o if store_o is None else store_o),
         ("extra_value_column", p.extra_value_column),
-        ("row_scale", p.row_scale is not None),
+        ("row_scale", p.row_scale is not None if row_scale is None else row_scale),
         ("row_dot", p.row_dot_with is not None),
         ("stage", stage),
         ("fp32_precision", _fp32_precision(p.q)),
@@ -108,7 +122,7 @@ def _spec(p: Pass, chunk_size: int, config: Config = None, stage: str = "fused")
         p.q.shape[-1],
         _value_dim(p),
         p.q.dtype,
-        p.out_dtype or p.q.dtype,
+        out_dtype or p.out_dtype or p.q.dtype,
         chunk_size,
         tuple(sorted(check_config(config).items())),  # validated: plain ints, pairs accepted
         flags,
@@ -191,10 +205,7 @@ def run_split(p: Pass, chunk_size: int, config: Config, keep_states: bool = Fals
     # NOTE: the output stage reads no s0 (only where a state sits, which matters when there is one)
     offset = p.state_offset if p.s0 is not None else 1
     rows = _spec(
-        dataclasses.replace(p, state_out=False, s0=None, state_offset=offset),
-        chunk_size,
-        config,
-        "output",
+        p, chunk_size, config, "output", state_out=False, state_in=False, state_offset=offset
     )
     o, _, rd = _outputs(p, rows, state=False)
     seen = _RECORD.get()
@@ -215,11 +226,9 @@ def chunk_states(
     # NOTE: each stage's spec carries only the flags its template reads, so the backward's
     # passes share modules: the states stage writes no rows (out_dtype is moot); its row_dot
     # flag stores the states' derivatives, which the output stage's row dots read
+    # NOTE: out_dtype=q's dtype: the states stage writes no rows
     states = _spec(
-        dataclasses.replace(p, store_o=False, row_scale=None, out_dtype=None),
-        chunk_size,
-        config,
-        "states",
+        p, chunk_size, config, "states", store_o=False, row_scale=False, out_dtype=p.q.dtype
     )
     _, sf, _ = _outputs(p, states, rows=False)
     B, H, T, K = p.q.shape
