@@ -4,10 +4,10 @@ A public op (``rtpcompile.ops``) called eagerly, outside any tracing, runs the f
 implementation through an ``autograd.Function`` whose backward runs the backward op's
 implementation: the same code, planner and kernels as ``torch.ops.rtp.retention_fwd``, minus
 torch's custom-op layers (the autograd kernel's redispatch, default filling, the aliasing check
-and the Dynamo-disable wrapper around each implementation). On a CPU with the launches mocked
-that is ~125 of the ~235 us a chunkwise forward+backward spends outside the kernel layer
-(``benchmarks/call_overhead.py``); an eager GPU call at a shape whose kernels finish faster than
-the host can launch them is bound by exactly this.
+and the Dynamo-disable wrapper around each implementation): about a third of the host time of
+a chunkwise forward+backward on the CPU machine with the launches mocked
+(``benchmarks/call_overhead.py`` times both ways). An eager GPU call whose kernels finish
+faster than the host can launch them is bound by exactly such host time.
 
 Whenever anything might watch the call it goes through the op instead, so what a tracer, a
 transform or a tool sees is unchanged: under ``torch.compile`` / ``torch.export`` (Dynamo),
