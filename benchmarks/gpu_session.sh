@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests-kernels  # gpu-marked kernel tests, bfloat16 included
 #   bash benchmarks/gpu_session.sh tests-e2e      # gpu-marked end-to-end tests (compiled models)
 #   bash benchmarks/gpu_session.sh kernels        # bench_gpu_kernels.py: ours vs FLA vs SDPA (~6-8 min)
-#   bash benchmarks/gpu_session.sh models         # demo + RetNet-shaped training step, rtp vs inductor
+#   bash benchmarks/gpu_session.sh models         # host cost, demo, RetNet-shaped training step
 #
 # The test phases run pytest -n 4 when pytest-xdist imports (the GPU image has it): compiling
 # the ~230 distinct kernels of the kernel tests (1-2.4 s each on sm_90) dominates them.
@@ -70,7 +70,10 @@ kernels)
     tee $out/bench_kernels_$day.log | tail -60"
   ;;
 models)
-  # NOTE: 200 + 300 s, inside the tool's 600 s call with the install
+  # NOTE: 60 + 200 + 300 s, inside the tool's 600 s call with the install; host_overhead times
+  # the eager public op with and without the custom op's dispatch (RTP_EAGER_BYPASS)
+  step bash -o pipefail -c "timeout 60 $PY benchmarks/host_overhead.py 2>&1 |
+    tee $out/host_overhead_$day.txt | tail -12"
   step bash -o pipefail -c "timeout 200 $PY -m rtpcompile demo --device cuda --no-plot 2>&1 |
     tee $out/demo_$day.txt | tail -40"
   step bash -o pipefail -c "timeout 300 $PY -m rtpcompile bench --device cuda --suite model --model retnet \
