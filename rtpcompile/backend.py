@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import options as options_mod
-from .detect import counters, find_regions
+from .detect import counters, find_regions_split
 from .detect.region import Region
 from .detect.subgraphs import RunBodies
 from .distributed.ddp import real_example_inputs
@@ -88,13 +88,15 @@ def detect_and_rewrite(
     start = time.perf_counter()
     # NOTE: under DDP's graph splitting the example inputs are fake; the mask proof needs the
     # real buffer values Dynamo recorded for the whole graph's inputs.
-    regions = find_regions(gm, real_example_inputs(gm, example_inputs))
+    # NOTE: a retention written as one einsum of four operands is split where that gets it
+    # claimed (base is then a copy of gm with those einsums split)
+    base, regions = find_regions_split(gm, real_example_inputs(gm, example_inputs))
     middle = time.perf_counter()
     counters["detect_seconds"] += middle - start
     new_gm = gm
     if any(r.claimed for r in regions):
         new_gm = rewrite(
-            copy_graph_module(gm), regions, opts.form, opts.chunk_size or 0, runtime_options
+            copy_graph_module(base), regions, opts.form, opts.chunk_size or 0, runtime_options
         )
     counters["rewrite_seconds"] += time.perf_counter() - middle
     return new_gm, regions

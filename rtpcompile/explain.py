@@ -18,7 +18,7 @@ import types
 import torch
 from torch._dynamo.utils import counters
 
-from .detect import find_regions
+from .detect import find_regions_split
 from .detect.graph_view import GraphView, example, is_tensor
 from .detect.products import scores_leaving_graph
 from .detect.region import Region
@@ -362,9 +362,9 @@ def explain(model, *args, **kwargs) -> Report:
 
     def collect(gm, example_inputs, **_):
         report.graphs += 1
-        found = find_regions(gm, example_inputs)
+        base, found = find_regions_split(gm, example_inputs)
         report.regions.extend(rename(r) for r in found)
-        needs = (traced_needs(graph_at(gm, r.scope), r) if r.claimed else None for r in found)
+        needs = (traced_needs(graph_at(base, r.scope), r) if r.claimed else None for r in found)
         report.needs.extend(needs)
         at_breaks.extend(scores_leaving_graph(GraphView(gm)))
         if not has_bodies(gm):

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from . import options
 from .detect.decay_fit import distances, gamma_at_distances, smallest_normal
+from .detect.graph_view import copy_graph_module
 from .detect.mutation import writers
 from .detect.patterns_native import op_schema
 from .detect.region import Region
@@ -472,19 +473,6 @@ def set_runtime_options(graph: fx.Graph, region: Region, text: str) -> None:
     """An rtp op call already in the graph runs with the backend's run-time options (``text``,
     ``options.runtime_text``): its ``runtime_options`` argument, which its backward inherits."""
     _set_op_arg(_op_node(graph, region), "runtime_options", text)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own graph (node names and meta kept) for rewriting; its
-    attributes (a checkpoint's body among them) are still ``gm``'s objects."""
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, value_map)
-    graph.output(out)
-    for old, new in value_map.items():
-        if new.name != old.name:
-            raise RuntimeError(f"graph copy renamed {old.name} to {new.name}")
-    return fx.GraphModule(gm, graph)
 
 
 def rtp_decay(masks, axes, q_dtype: torch.dtype, want_row_scale: bool, detached=()):

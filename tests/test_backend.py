@@ -149,7 +149,7 @@ def test_exception_in_detection_falls_back_with_one_warning(inductor, monkeypatc
     def boom(*args, **kwargs):
         raise RuntimeError("detector exploded")
 
-    monkeypatch.setattr(backend, "find_regions", boom)
+    monkeypatch.setattr(backend, "find_regions_split", boom)
     model = Retention()
     compiled = torch.compile(model, backend="rtp", dynamic=True)
     x = inputs(7)
@@ -164,7 +164,7 @@ def test_strict_raises_instead_of_falling_back(inductor, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("detector exploded")
 
-    monkeypatch.setattr(backend, "find_regions", boom)
+    monkeypatch.setattr(backend, "find_regions_split", boom)
     compiled = torch.compile(Retention(), backend="rtp", options={"strict": True})
     with pytest.raises(Exception, match="detector exploded"):
         compiled(*inputs(7))

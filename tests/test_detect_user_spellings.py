@@ -408,10 +408,23 @@ class FusedEinsum(nn.Module):
         return torch.einsum("bhqd,bhkd,hqk,bhkv->bhqv", q, k, L, v)
 
 
+class FusedEinsumWithScale(FusedEinsum):
+    """Five operands (a per-query scale too): no split is tried, explain says what to do."""
+
+    def forward(self, q, k, v):
+        L = torch.tril(self.g[:, None, None] ** _distance(q.shape[2]))
+        w = torch.ones(q.shape[2], dtype=q.dtype)
+        return torch.einsum("bhqd,bhkd,hqk,q,bhkv->bhqv", q, k, L, w, v)
+
+
 def test_explain_names_a_retention_written_as_one_einsum():
-    report = rtpcompile.explain(FusedEinsum(), *_qkv(9))
-    (row,) = report.regions
+    """Four operands are split and claimed (tests/test_fused_einsum.py); other fused einsums are
+    declined with a row saying how to write them."""
+    (row,) = rtpcompile.explain(FusedEinsum(), *_qkv(9)).regions
+    assert row.claimed
+    (row,) = rtpcompile.explain(FusedEinsumWithScale(), *_qkv(9)).regions
     assert not row.claimed and "one einsum computes both the scores and the values" in row.reason
+    assert "split it into a score einsum" in row.reason
 
 
 def declined_one_head(s, T):

@@ -101,13 +101,13 @@ def test_explain_frees_its_graphs(monkeypatch):
     """The trace's graphs (held by Dynamo's compiled code and installed globals) go with it."""
     explain_module = sys.modules["rtpcompile.explain"]  # NOTE: the attribute is the function
     traced = []
-    find_regions = explain_module.find_regions
+    find_regions = explain_module.find_regions_split
 
     def spy(gm, example_inputs):
         traced.append(weakref.ref(gm))
         return find_regions(gm, example_inputs)
 
-    monkeypatch.setattr(explain_module, "find_regions", spy)
+    monkeypatch.setattr(explain_module, "find_regions_split", spy)
     model, args = BreakFirst(), retention_inputs(7)
     for _ in range(3):
         assert len(explain(model, *args).claimed) == 1

@@ -18,9 +18,11 @@ from torch._ops import HigherOrderOperator
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from . import subgraphs
+from .fused_einsum import FUSED_REASON, split_fused
 from .graph_view import (
     GraphView,
     assumed_equal_sizes,
+    copy_graph_module,
     example,
     guard_equal,
     hint,
@@ -36,7 +38,7 @@ from .patterns_recurrent import find_recurrent
 from .region import Operand, Region
 from .region_checks import grad_mode_inside, narrowing_cast
 
-__all__ = ["Operand", "Region", "counters", "find_regions"]
+__all__ = ["Operand", "Region", "counters", "find_regions", "find_regions_split"]
 
 log = logging.getLogger("rtpcompile")
 counters: collections.Counter = collections.Counter()
@@ -81,6 +83,67 @@ def _unsearched_subgraphs(gm: fx.GraphModule) -> list[Region]:
                 )
             )
     return found
+
+
+def find_regions_split(
+    gm: fx.GraphModule, example_inputs: list
+) -> tuple[fx.GraphModule, list[Region]]:
+    """``find_regions``, with a retention written as one einsum of four operands split into its
+    score and value einsums (``fused_einsum.py``) where that makes it a claimed region: returns
+    (the graph the regions are of, the regions). The graph is ``gm`` itself unless a split was
+    kept (then a copy, with only the claimed einsums split: a declined one stays as written).
+    ``counters`` count the regions returned, not those of the passes tried."""
+    start = collections.Counter(counters)
+    regions = find_regions(gm, example_inputs)
+    fused = {
+        r.output
+        for r in regions
+        if not r.claimed and not r.scope and (r.reason or "").startswith(FUSED_REASON)
+    }
+    if not fused:
+        return gm, regions
+    trial = copy_graph_module(gm)
+    outputs = split_fused(trial, fused)
+    if not outputs:
+        return gm, regions
+    first = collections.Counter(counters)
+    trial_regions = find_regions(trial, example_inputs)
+    claimed = {r.output for r in trial_regions if r.claimed and not r.scope}
+    keep = {name for name, out in outputs.items() if out in claimed}
+    if keep == set(outputs):
+        _count_only(start, first, collections.Counter(counters))
+        return trial, trial_regions
+    _count_only(start, start, first)
+    base = gm
+    if keep:
+        base = copy_graph_module(gm)
+        split_fused(base, keep)
+        before = collections.Counter(counters)
+        regions = find_regions(base, example_inputs)
+        _count_only(start, before, collections.Counter(counters))
+    # NOTE: a split that was declined says why: the split value einsum's reason
+    why = {r.output: r.reason for r in trial_regions if not r.claimed and not r.scope}
+    return base, [_split_reason(r, outputs, why) for r in regions]
+
+
+def _count_only(start: collections.Counter, before, after) -> None:
+    """``counters`` as at ``start`` plus what one pass added (``after`` - ``before``)."""
+    counters.clear()
+    counters.update(start)
+    added = {key: after[key] - before.get(key, 0) for key in after}
+    counters.update({key: n for key, n in added.items() if n})
+
+
+def _split_reason(region: Region, outputs: dict[str, str], why: dict[str, str]) -> Region:
+    reason = why.get(outputs.get(region.output, ""))
+    if region.claimed or region.scope or reason is None:
+        return region
+    equation = region.reason.partition("(")[2].partition(")")[0]
+    return dataclasses.replace(
+        region,
+        reason=f"{FUSED_REASON} ({equation}); split into its score and value einsums, it is "
+        f"declined: {reason}",
+    )
 
 
 def find_regions(gm: fx.GraphModule, example_inputs: list) -> list[Region]:

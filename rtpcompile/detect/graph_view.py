@@ -378,3 +378,16 @@ def where(node: fx.Node) -> str:
         file, _, rest = frame.partition(", line ")
         parts.append(f"{file.rsplit('/', 1)[-1]}:{rest.split(',')[0]}")
     return " ".join(parts) or node.name
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph (node names and meta kept) for rewriting; its
+    attributes (a checkpoint's body among them) are still ``gm``'s objects."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    for old, new in value_map.items():
+        if new.name != old.name:
+            raise RuntimeError(f"graph copy renamed {old.name} to {new.name}")
+    return fx.GraphModule(gm, graph)

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from . import mask_proof
 from .einsum import canonical_mask, parse_einsum, permuted_value_products
+from .fused_einsum import FUSED_REASON
 from .graph_view import GraphView, example, hint, is_tensor, kind_of, same_size, where
 from .operands import Layout, operand_views
 from .parallel_walk import _Chain, _walk
@@ -231,9 +232,8 @@ def fused_einsums(view: GraphView) -> list[Region]:
             where=where(node),
             output=node.name,
             reason=(
-                f"one einsum computes both the scores and the values ({node.args[0]!r}): "
-                "split it into a score einsum (with the mask as its third operand) and a "
-                "value einsum to have it claimed"
+                f"{FUSED_REASON} ({node.args[0]!r}): split it into a score einsum (with the "
+                "mask as its third operand) and a value einsum to have it claimed"
             ),
         )
         for node in view.nodes_of_kind("einsum")

@@ -112,6 +112,15 @@ class Einsum3(ZooModule):
 
 
 @positive
+class Einsum4(ZooModule):
+    """One 4-operand einsum computes scores, mask and values at once (Mamba2 ssd_minimal)."""
+
+    def forward(self, q, k, v):
+        mask = torch.tril(self.gamma[:, None, None] ** _diff(q.shape[2], q.device).clamp(min=0))
+        return torch.einsum("bhtk,bhsk,hts,bhsv->bhtv", q * self.scale, k, mask, v)
+
+
+@positive
 class PermuteBTHD(_TokensFirst):
     """Layout [B, T, H, D]: permute to heads-first, key permuted straight to [B, H, D, T]."""
 
