@@ -252,3 +252,72 @@ def test_the_switch_is_read_per_call_and_checked(monkeypatch):
     monkeypatch.setenv("RTP_EAGER_BYPASS", "sometimes")
     with pytest.raises(ValueError, match="RTP_EAGER_BYPASS must be a boolean.*'sometimes'"):
         ops.retention_chunkwise(q, k, v, gamma)
+
+
+def test_a_lazily_negated_input_goes_through_the_op(monkeypatch):
+    """``z.conj().imag`` is a plain float tensor with the negative bit set: the dispatcher
+    materialises it before an op's kernel, the Triton kernels would read it without the sign."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 2, 19, 8, dtype=torch.complex64, generator=g)
+    q = z.conj().imag
+    assert q.is_neg() and not eager.bypasses((q, None, None, None, None))
+    k, v = torch.randn(1, 2, 19, 8, generator=g), torch.randn(1, 2, 19, 12, generator=g)
+    gamma = torch.tensor([0.9, 0.5])
+    got, _ = ops.retention_chunkwise(q, k, v, gamma, 16)
+    want, _ = ops.retention_chunkwise(q.resolve_neg(), k, v, gamma, 16)
+    assert torch.equal(got, want)
+
+
+def test_batched_gradients_run_the_backward_op(monkeypatch):
+    """``is_grads_batched`` runs the backward under the legacy vmap: its batched gradients go to
+    the backward op (the kernels cannot read them); each row equals a single backward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RTP_KERNELS", "triton")
+    q, k, v, gamma, _ = inputs(B=1, H=2, T=20, K=4, V=3, state=False)
+    q.requires_grad_()
+    o, _ = ops.retention_chunkwise(q, k, v, gamma, 8)
+    assert type(o.grad_fn).__name__ == BYPASS
+    grads = torch.randn(3, *o.shape, dtype=o.dtype)
+    (batched,) = torch.autograd.grad(o, q, grads, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        (row,) = torch.autograd.grad(o, q, grads[i], retain_graph=True)
+        torch.testing.assert_close(batched[i], row)
+
+
+def test_compiled_autograd_sees_the_backward_op():
+    """Compiled autograd traces the backward: one graph holding ``rtp.retention_bwd``, as after
+    a forward through the op (the implementation's Python would break the graph)."""
+    from torch._dynamo import compiled_autograd
+
+    q, k, v, gamma, _ = inputs(state=False)
+    for t in (q, k, v):
+        t.requires_grad_()
+    o, _ = ops.retention_chunkwise(q, k, v, gamma, 16)
+    assert type(o.grad_fn).__name__ == BYPASS
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        o.square().sum().backward()
+    assert len(graphs) == 1 and "rtp.retention_bwd" in graphs[0]
+    want = torch.autograd.grad(
+        ops.retention_chunkwise(q, k, v, gamma, 16)[0].square().sum(), (q, k, v)
+    )
+    for t, w in zip((q, k, v), want, strict=True):
+        torch.testing.assert_close(t.grad, w)
+
+
+def test_a_profiler_around_the_backward_sees_the_backward_op():
+    q, k, v, gamma, _ = inputs(state=False)
+    q.requires_grad_()
+    o, _ = ops.retention_chunkwise(q, k, v, gamma)
+    assert type(o.grad_fn).__name__ == BYPASS
+    with torch.profiler.profile(activities=CPU_ONLY) as prof:
+        o.sum().backward()
+    assert any(e.name == "rtp::retention_bwd" for e in prof.events())

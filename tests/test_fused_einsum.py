@@ -195,3 +195,14 @@ def test_any_operand_order_and_letters_is_claimed(order, letters, T, K, V):
     assert region.claimed, region.reason
     (out,) = seen["new"](*seen["inputs"])  # the rewritten graph: the op in the einsum's place
     torch.testing.assert_close(out, model(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_a_split_that_finds_nothing_says_so():
+    """The mask laid out [H, keys, queries] (its transpose): the split einsums hold no candidate,
+    and the row says the split was tried rather than advising it."""
+    q, k, v = qkv(T=9)
+    seen = _graph(Fused("bhqd,bhkd,hkq,bhkv->bhqv"), q, k, v)
+    (region,) = seen["regions"]
+    assert not region.claimed and "no retention candidate in them" in region.reason
+    assert "to have it claimed" not in region.reason
+    assert _einsums(seen["new"]) == ["bhqd,bhkd,hkq,bhkv->bhqv"]

@@ -314,6 +314,7 @@ def test_blocks_per_sm_is_the_occupancy_rule():
     assert aot.blocks_per_sm(res(32, 0, 0), 8) == 8  # warp-bound: 64 warps
     assert aot.blocks_per_sm(res(16, 0, 0), 1) == 32  # block slots
     assert aot.blocks_per_sm(res(32, 0, 100 * 1024), 4) == 2  # shared memory: 228 KiB
+    assert aot.blocks_per_sm(res(32, 0, 16 * 1024), 1) == 13  # with 1 KiB reserved per block
     assert aot.blocks_per_sm(res(32, 0, 0), 8, capability=86) == 6  # 48 warps
     with pytest.raises(ValueError, match="capability must be one of"):
         aot.blocks_per_sm(res(32, 0, 0), 4, capability=75)

@@ -135,9 +135,14 @@ def _count_only(start: collections.Counter, before, after) -> None:
 
 
 def _split_reason(region: Region, outputs: dict[str, str], why: dict[str, str]) -> Region:
-    reason = why.get(outputs.get(region.output, ""))
-    if region.claimed or region.scope or reason is None:
+    if region.claimed or region.scope or region.output not in outputs:
         return region
+    # NOTE: no row at all: the split einsums are not a score and a value product detection
+    # reads (the mask's axes, or operand sizes, not those of a retention)
+    reason = why.get(outputs[region.output]) or (
+        "no retention candidate in them (the mask's axes or the operands' sizes are not a "
+        "causal retention's)"
+    )
     equation = region.reason.partition("(")[2].partition(")")[0]
     return dataclasses.replace(
         region,

@@ -206,13 +206,15 @@ def resources(
 
 
 # Per-SM limits (CUDA C programming guide, "compute capabilities"): 32-bit registers, resident
-# warps, resident blocks, shared memory bytes; registers are allocated per warp in units of 256
+# warps, resident blocks, shared memory bytes; registers are allocated per warp in units of 256,
+# and the driver reserves SHARED_RESERVED bytes of shared memory per block (8.x and 9.x)
 SM_LIMITS = {
     80: (65536, 64, 32, 167936),
     86: (65536, 48, 16, 102400),
     89: (65536, 48, 24, 102400),
     90: (65536, 64, 32, 233472),
 }
+SHARED_RESERVED = 1024
 
 
 def blocks_per_sm(res: Resources, num_warps: int, capability: int = 90) -> int:
@@ -223,9 +225,12 @@ def blocks_per_sm(res: Resources, num_warps: int, capability: int = 90) -> int:
         raise ValueError(f"capability must be one of {sorted(SM_LIMITS)}, got {capability!r}")
     registers, warps, blocks, shared = SM_LIMITS[capability]
     per_warp = -(-max(res.registers, 1) * 32 // 256) * 256
-    fits = [registers // (per_warp * num_warps), warps // num_warps, blocks]
-    if res.shared_bytes:
-        fits.append(shared // res.shared_bytes)
+    fits = [
+        registers // (per_warp * num_warps),
+        warps // num_warps,
+        blocks,
+        shared // (res.shared_bytes + SHARED_RESERVED),
+    ]
     return max(0, min(fits))
 
 

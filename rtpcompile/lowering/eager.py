@@ -13,10 +13,13 @@ Whenever anything might watch the call it goes through the op instead, so what a
 transform or a tool sees is unchanged: under ``torch.compile`` / ``torch.export`` (Dynamo),
 ``torch.jit.trace``, any torch dispatch mode (FakeTensorMode, make_fx, FunctionalTensorMode,
 selective activation checkpointing, FLOP counters), any torch function mode, functorch
-transforms (vmap, grad, jvp), tensor subclasses (DTensor, fake tensors), autocast and the
-profiler (whose traces then keep the op's name). ``RTP_EAGER_BYPASS=0`` sends every call through
-the op. Results are bitwise the same either way (``tests/test_eager_bypass.py``); a second
-backward through a call raises in both (the backward op has no autograd formula).
+transforms (vmap, grad, jvp), tensor subclasses (DTensor, fake tensors), tensors with a lazy
+negation or conjugation bit (``z.conj().imag``), autocast and the profiler (whose traces then
+keep the op's name). The backward asks again when it runs: compiled autograd, batched gradients
+(``is_grads_batched``, vectorised jacobians) and a profiler around the backward get the backward
+op. ``RTP_EAGER_BYPASS=0`` sends every call through the op. Results are bitwise the same either
+way (``tests/test_eager_bypass.py``); a second backward through a call raises in both (the
+backward op has no autograd formula).
 """
 
 from __future__ import annotations
@@ -46,23 +49,41 @@ def bypass_enabled() -> bool:
     )
 
 
+def _watched() -> bool:
+    """Whether anything might trace or watch an op call made now."""
+    return bool(
+        torch._C._len_torch_dispatch_stack()  # user and infra (fake, proxy, functional) modes
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad, batched grads
+        or torch._C._get_tracing_state() is not None
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._autograd._profiler_enabled()
+    )
+
+
+def _plain(tensors) -> bool:
+    """Tensors the implementation may read as stored: no subclass, no lazy negation,
+    conjugation or zero tensor (the dispatcher materialises those before an op's kernel; the
+    Triton kernels would read the stored values, without the sign), and no batched tensor of
+    the legacy vmap that ``autograd.grad(..., is_grads_batched=True)`` runs a backward under."""
+    for t in tensors:
+        if t is not None and (
+            type(t) not in _PLAIN
+            or t.is_neg()
+            or t.is_conj()
+            or t._is_zerotensor()
+            or torch._C._functorch.is_legacy_batchedtensor(t)
+        ):
+            return False
+    return True
+
+
 def bypasses(tensors: tuple[Tensor | None, ...]) -> bool:
     """Whether a call on ``tensors`` may skip the op: plain eager execution, nothing watching."""
     # NOTE: first, so Dynamo folds it to False and traces none of the host-only checks below
     if torch.compiler.is_compiling():
         return False
-    if (
-        torch._C._len_torch_dispatch_stack()  # user and infra (fake, proxy, functional) modes
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch._C._get_tracing_state() is not None
-        or torch._C._is_any_autocast_enabled()
-        or torch._C._autograd._profiler_enabled()
-    ):
-        return False
-    if not all(t is None or type(t) in _PLAIN for t in tensors):
-        return False
-    return bypass_enabled()
+    return not _watched() and _plain(tensors) and bypass_enabled()
 
 
 class _Retention(torch.autograd.Function):
@@ -78,10 +99,18 @@ class _Retention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dsf):
-        # NOTE: building a graph (create_graph=True), the backward op itself: its gradients then
-        # raise "no autograd formula" if differentiated, as the op's do, where the plain
-        # implementation's would silently drop the second-order term
-        bwd = torch.ops.rtp.retention_bwd if torch.is_grad_enabled() else custom_ops.backward_impl
+        # NOTE: the backward is watched on its own (compiled autograd traces it, batched
+        # gradients run it under vmap, a profiler may start after the forward): the backward op
+        # then, as when it gets a graph to build (create_graph=True: its gradients raise "no
+        # autograd formula" if differentiated, as the op's do, where the implementation's would
+        # silently drop the second-order term)
+        direct = (
+            not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
+            and not _watched()
+            and _plain((do, dsf))
+        )
+        bwd = custom_ops.backward_impl if direct else torch.ops.rtp.retention_bwd
         return custom_ops.backward_with(bwd, ctx, do, dsf)
 
 
