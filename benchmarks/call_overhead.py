@@ -22,7 +22,6 @@ few microseconds of host time and of device latency, which is what an eager smal
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -138,23 +137,10 @@ def _launches(fn) -> tuple[int, int]:
     return len(_TRITON_LAUNCHES), len(seen.ops)
 
 
-@contextlib.contextmanager
-def _bypass(on: bool):
-    """Eager public calls skip the op's dispatch (``lowering/eager.py``) or go through it."""
-    old = os.environ.get("RTP_EAGER_BYPASS")
-    os.environ["RTP_EAGER_BYPASS"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["RTP_EAGER_BYPASS"]
-        else:
-            os.environ["RTP_EAGER_BYPASS"] = old
-
-
 def measure(calls: int) -> list[dict]:
     os.environ.update(TRITON_INTERPRET="1", RTP_KERNELS="triton")
     from rtpcompile.kernels import launch
+    from rtpcompile.lowering import eager
 
     # the Python path only; each would-be launch is counted
     launch._launch = lambda *args, **kwargs: _TRITON_LAUNCHES.append(1)
@@ -167,7 +153,7 @@ def measure(calls: int) -> list[dict]:
         form, calls_of = _callables(B, H, T, K, V, with_state)
         row = {"case": name, "B": B, "H": H, "T": T, "K": K, "V": V, "form": form}
         for label, fn in calls_of.items():
-            with _bypass(not label.endswith("_op")):
+            with eager.bypassing(not label.endswith("_op")):
                 row[f"{label}_us"] = round(_per_call(fn, calls), 1)
         for label in ("op", "op_bwd"):
             row[f"{label}_triton"], row[f"{label}_torch_ops"] = _launches(calls_of[label])

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import time
 
 import torch
 
 from rtpcompile import kernels, ops
+from rtpcompile.lowering import eager
 
 QKV = (True, True, True, False, False)
 
@@ -82,23 +82,18 @@ def main() -> None:
         ("kernels fwd+bwd", kernels_fwd_bwd, "1"),
         ("kernels fwd", kernels_fwd, "1"),
     )
-    user_setting = os.environ.get("RTP_EAGER_BYPASS")
     for name, fn, bypass in cases:
-        os.environ["RTP_EAGER_BYPASS"] = bypass
-        for _ in range(5):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(100):
-            fn()
-        host = (time.perf_counter() - t0) / 100
-        sync()
-        wall = (time.perf_counter() - t0) / 100
+        with eager.bypassing(bypass == "1"):
+            for _ in range(5):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(100):
+                fn()
+            host = (time.perf_counter() - t0) / 100
+            sync()
+            wall = (time.perf_counter() - t0) / 100
         print(f"{name}: host {host * 1e6:.0f} us/call, wall {wall * 1e6:.0f} us/call")
-    if user_setting is None:
-        os.environ.pop("RTP_EAGER_BYPASS")
-    else:
-        os.environ["RTP_EAGER_BYPASS"] = user_setting
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -3,7 +3,6 @@ traces or watches them, and give bitwise the op's results: outputs, states and e
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -19,20 +18,6 @@ from rtpcompile.lowering import reference as ref
 
 BYPASS = "_RetentionBackward"
 OP = "GeneratedBackwardFor_rtp_retention_fwd_defaultBackward"
-
-
-@contextlib.contextmanager
-def bypass(on: bool):
-    """``RTP_EAGER_BYPASS`` for the block (hypothesis tests cannot take ``monkeypatch``)."""
-    old = os.environ.get("RTP_EAGER_BYPASS")
-    os.environ["RTP_EAGER_BYPASS"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["RTP_EAGER_BYPASS"]
-        else:
-            os.environ["RTP_EAGER_BYPASS"] = old
 
 
 def inputs(B=2, H=3, T=37, K=6, V=10, dtype=torch.float64, state=True, seed=0):
@@ -64,9 +49,9 @@ def grads_of(form, tensors, wanted, chunk_size=None, final_state=True):
 
 def test_a_plain_eager_call_bypasses_the_op_and_matches_it_bitwise():
     tensors = inputs()
-    with bypass(True):
+    with eager.bypassing(True):
         fn, fast = grads_of("chunkwise", tensors, {0, 1, 2, 3, 4}, chunk_size=16)
-    with bypass(False):
+    with eager.bypassing(False):
         fn_op, slow = grads_of("chunkwise", tensors, {0, 1, 2, 3, 4}, chunk_size=16)
     assert type(fn).__name__ == BYPASS and type(fn_op).__name__ == OP
     for a, b in zip(fast, slow, strict=True):
@@ -89,9 +74,9 @@ def test_the_bypass_equals_the_op_and_the_reference(form, T, K, V, state, final_
     if not state:
         wanted = (wanted - {4}) or {0}
     tensors = inputs(B=2, H=2, T=T, K=K, V=V, state=state)
-    with bypass(True):
+    with eager.bypassing(True):
         fn, fast = grads_of(form, tensors, wanted, chunk_size=8, final_state=final_state)
-    with bypass(False):
+    with eager.bypassing(False):
         fn_op, slow = grads_of(form, tensors, wanted, chunk_size=8, final_state=final_state)
     assert (type(fn).__name__, type(fn_op).__name__) == (BYPASS, OP)
     for a, b in zip(fast, slow, strict=True):
@@ -108,9 +93,9 @@ def test_the_kernels_under_the_interpreter_take_the_bypass(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RTP_KERNELS", "triton")
     tensors = inputs(B=1, H=2, T=19, K=8, V=12, dtype=torch.float32, state=True)
-    with bypass(True):
+    with eager.bypassing(True):
         fn, fast = grads_of("chunkwise", tensors, {0, 1, 2, 3, 4}, chunk_size=16)
-    with bypass(False):
+    with eager.bypassing(False):
         _, slow = grads_of("chunkwise", tensors, {0, 1, 2, 3, 4}, chunk_size=16)
     assert type(fn).__name__ == BYPASS
     for a, b in zip(fast, slow, strict=True):
@@ -119,7 +104,7 @@ def test_the_kernels_under_the_interpreter_take_the_bypass(monkeypatch):
 
 def test_no_grad_and_inference_mode_run_the_implementation_alone():
     q, k, v, gamma, s0 = inputs()
-    with bypass(False):
+    with eager.bypassing(False):
         want = ops.retention_recurrent(q, k, v, gamma, s0)
     for context in (torch.no_grad, torch.inference_mode):
         with context():
@@ -134,7 +119,7 @@ def test_a_second_backward_raises_in_both_paths():
     for on in (True, False):
         q, k, v, gamma, _ = inputs(state=False)
         q.requires_grad_()
-        with bypass(on):
+        with eager.bypassing(on):
             o, _ = ops.retention_chunkwise(q, k, v, gamma)
             (gq,) = torch.autograd.grad(o.sum(), q, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):
@@ -321,3 +306,15 @@ def test_a_profiler_around_the_backward_sees_the_backward_op():
     with torch.profiler.profile(activities=CPU_ONLY) as prof:
         o.sum().backward()
     assert any(e.name == "rtp::retention_bwd" for e in prof.events())
+
+
+def test_bypassing_sets_the_switch_for_a_block_and_restores_it(monkeypatch):
+    q, k, v, gamma, _ = inputs(state=False)
+    monkeypatch.setenv("RTP_EAGER_BYPASS", "off")
+    with eager.bypassing(True):
+        assert eager.bypasses((q, k, v, gamma, None))
+    assert os.environ["RTP_EAGER_BYPASS"] == "off"
+    monkeypatch.delenv("RTP_EAGER_BYPASS")
+    with eager.bypassing(False):
+        assert not eager.bypasses((q, k, v, gamma, None))
+    assert "RTP_EAGER_BYPASS" not in os.environ

@@ -24,6 +24,7 @@ backward op has no autograd formula).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -47,6 +48,21 @@ def bypass_enabled() -> bool:
     raise ValueError(
         f"environment variable RTP_EAGER_BYPASS must be a boolean (1/0/true/false), got {raw!r}"
     )
+
+
+@contextlib.contextmanager
+def bypassing(on: bool):
+    """``RTP_EAGER_BYPASS`` set to ``on`` inside the block (its old value restored after): to
+    compare the two paths, or to send a block's eager calls through the op."""
+    old = os.environ.get("RTP_EAGER_BYPASS")
+    os.environ["RTP_EAGER_BYPASS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RTP_EAGER_BYPASS", None)
+        else:
+            os.environ["RTP_EAGER_BYPASS"] = old
 
 
 def _watched() -> bool:
