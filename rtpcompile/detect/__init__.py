@@ -111,30 +111,31 @@ def find_regions_split(
     claimed = {r.output for r in trial_regions if r.claimed and not r.scope}
     keep = {name for name, out in outputs.items() if out in claimed}
     if keep == set(outputs):
-        _count_only(start, first, collections.Counter(counters))
+        _count_only(start, first)  # NOTE: the trial's regions replace the first pass's
         return trial, trial_regions
-    _count_only(start, start, first)
+    counters.clear()  # NOTE: the first pass's regions stand (or the final pass's, below)
+    counters.update(first)
     base = gm
     if keep:
         base = copy_graph_module(gm)
         split_fused(base, keep)
-        before = collections.Counter(counters)
         regions = find_regions(base, example_inputs)
-        _count_only(start, before, collections.Counter(counters))
+        _count_only(start, first)
     # NOTE: a split that was declined says why: the split value einsum's reason
     why = {r.output: r.reason for r in trial_regions if not r.claimed and not r.scope}
-    return base, [_split_reason(r, outputs, why) for r in regions]
+    equations = {n.name: n.args[0] for n in gm.graph.nodes if n.name in outputs}
+    return base, [_split_reason(r, outputs, why, equations) for r in regions]
 
 
-def _count_only(start: collections.Counter, before, after) -> None:
-    """``counters`` as at ``start`` plus what one pass added (``after`` - ``before``)."""
+def _count_only(start: collections.Counter, before: collections.Counter) -> None:
+    """``counters`` as at ``start`` plus what the last pass added since ``before``."""
+    added = {key: n - before.get(key, 0) for key, n in counters.items()}
     counters.clear()
     counters.update(start)
-    added = {key: after[key] - before.get(key, 0) for key in after}
     counters.update({key: n for key, n in added.items() if n})
 
 
-def _split_reason(region: Region, outputs: dict[str, str], why: dict[str, str]) -> Region:
+def _split_reason(region: Region, outputs: dict, why: dict, equations: dict) -> Region:
     if region.claimed or region.scope or region.output not in outputs:
         return region
     # NOTE: no row at all: the split einsums are not a score and a value product detection
@@ -143,11 +144,10 @@ def _split_reason(region: Region, outputs: dict[str, str], why: dict[str, str]) 
         "no retention candidate in them (the mask's axes or the operands' sizes are not a "
         "causal retention's)"
     )
-    equation = region.reason.partition("(")[2].partition(")")[0]
     return dataclasses.replace(
         region,
-        reason=f"{FUSED_REASON} ({equation}); split into its score and value einsums, it is "
-        f"declined: {reason}",
+        reason=f"{FUSED_REASON} ({equations[region.output]!r}); split into its score and value "
+        f"einsums, it is declined: {reason}",
     )
 
 

@@ -183,16 +183,12 @@ def _causal_step(view: GraphView, chain: _Chain, x: fx.Node) -> str | None:
         chain.nodes.append(x)
         chain.mask_kind, chain.scores = "tril", x.args[0]
         return None
-    if kind == "masked_fill" and len(x.args) == 3 and x.args[2] == 0:
+    if kind in ("masked_fill", "where") and len(x.args) == 3 and x.args[2] == 0:
+        # NOTE: masked_fill(scores, c, 0) and where(c, scores, 0): the same step, arguments swapped
+        scores, mask = x.args[:2] if kind == "masked_fill" else x.args[1::-1]
         chain.nodes.append(x)
-        chain.mask_kind, chain.scores = "fill", x.args[0]
-        chain.masks.append(x.args[1])
-        chain.mask_axes.append(())
-        return None
-    if kind == "where" and len(x.args) == 3 and x.args[2] == 0:
-        chain.nodes.append(x)
-        chain.mask_kind, chain.scores = "where", x.args[1]
-        chain.masks.append(x.args[0])
+        chain.mask_kind, chain.scores = ("fill" if kind == "masked_fill" else "where"), scores
+        chain.masks.append(mask)
         chain.mask_axes.append(())
         return None
     name = getattr(x.target, "__name__", str(x.target))
