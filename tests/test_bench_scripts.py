@@ -351,3 +351,20 @@ def test_cpu_checkpoint_training_bench_with_learnable_decays(tmp_path):
     (table,) = tmp_path.glob("checkpoint_training_learnable_*.md")
     text = table.read_text()
     assert "trainable decays" in text and "| 16 | rtp | " in text and "exit " not in text
+
+
+def test_triton_launch_cost_bench_runs(monkeypatch):
+    """Triton's per-launch steps, timed for an sm_90 target without a GPU: the generated kernels
+    read no constexpr global, the templates' module constants would be checked at each launch."""
+    bench = _script("triton_launch_cost")
+    monkeypatch.setattr(bench, "CASES", (("decode T=1", 1, 2, 1, 16, 24, True),))
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)
+    for name, value in (("TRITON_INTERPRET", "1"), ("RTP_KERNELS", "auto")):
+        monkeypatch.setenv(name, value)
+    rows = bench.measure(calls=3)
+    assert len(rows) == 4  # a decode step's kernel and its backward's three
+    assert all(r["inlined_globals"] == 0 < r["module_globals"] for r in rows)
+    assert all(r["arguments"] > 30 and r["inlined_binder_us"] > 0 for r in rows)
+    meta = {"date": "d", "machine": "m", "triton": "t", "python": "p", "calls": 3}
+    text = bench.markdown(meta, rows)
+    assert "| decode T=1 | 4 |" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -56,7 +57,13 @@ def replace(spec: KernelSpec, prec: str) -> KernelSpec:
 
 
 def _prec_line(spec: KernelSpec) -> str:
-    return next(line for line in render(spec).splitlines() if line.startswith("PREC ="))
+    """The precision the kernels' dots are written with (the spec's constants are literals in the
+    code; each keeps a comment line at the top)."""
+    source = render(spec)
+    record = next(line for line in source.splitlines() if line.startswith("# PREC ="))
+    written = set(re.findall(r"input_precision=(\"\w+\")", source))
+    assert written == {record.removeprefix("# PREC = ")}, (record, written)
+    return f"PREC = tl.constexpr({record.removeprefix('# PREC = ')})"
 
 
 # ---- the spec field ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import inline_constants
 from .blocks import (  # noqa: F401 - re-exported: the block rules' names predate blocks.py
     CONFIG_KEYS,
     FEW_PROGRAMS,
@@ -335,4 +336,4 @@ def render(spec: KernelSpec) -> str:
         summary=spec.short(),
         version=TEMPLATE_VERSION,
     )
-    return template.render(**values)
+    return inline_constants.inline(template.render(**values))

@@ -1,0 +1,92 @@
+"""A spec's constants written into its kernels as literals.
+
+The templates name a spec's constants once, at the top of the module (``BT = tl.constexpr(64)``),
+and read them by name, which keeps them readable. Triton, though, records every constexpr global
+a kernel reads and compares each with its compile-time copy at every launch (``JITFunction.run``,
+``used_global_vals``): 11 to 18 ``tl.constexpr.__ne__`` calls per launch here, 8 to 13 µs of
+host time per launch on the 2-core CI machine (``benchmarks/call_overhead.py`` times it), more
+than our whole planner and kernel layer take for a decode step. ``inline`` rewrites the rendered
+module so that the kernels read literals (``tl.arange(0, 64)``; a literal is a constexpr to
+Triton, so the compiled kernel is the same), and keeps each constant's line as a comment.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+
+# NAME = tl.constexpr(VALUE)  # comment, at column 0: a spec constant of the template's header
+_CONSTANT = re.compile(r"^([A-Z][A-Z0-9_]*) = tl\.constexpr\((.+?)\)(\s*#.*)?$")
+_DTYPE = re.compile(r"^tl\.[a-z0-9_]+$")
+
+NOTE = (
+    "# The spec's constants, written into the kernels below as literals (a module-level\n"
+    "# tl.constexpr would be compared with its compile-time copy at every launch):\n"
+)
+
+
+def _literal(name: str, text: str) -> str:
+    """The literal text for a constant's value; a ValueError for anything but a number, a bool,
+    a string or a ``tl`` dtype (``tl.float32``)."""
+    if _DTYPE.match(text):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise ValueError(f"inline_constants: {name} = tl.constexpr({text}) is no literal") from exc
+    if not isinstance(value, (bool, int, float, str)):
+        raise ValueError(f"inline_constants: {name} = tl.constexpr({text}) is no literal")
+    return f"({text})" if text.startswith("-") else text  # NOTE: -1 ** 2 is not (-1) ** 2
+
+
+def _check_only_read(tree: ast.Module, names: set[str]) -> None:
+    """A constant must only be read: a parameter, a keyword argument or an assignment of the same
+    name would make a textual substitution wrong, so it is refused."""
+    for node in ast.walk(tree):
+        bound = None
+        if isinstance(node, ast.arg) and node.arg in names:
+            bound = node.arg
+        elif isinstance(node, ast.keyword) and node.arg in names:
+            bound = node.arg
+        elif isinstance(node, ast.Name) and node.id in names and not isinstance(node.ctx, ast.Load):
+            bound = node.id
+        if bound is not None:
+            raise ValueError(f"inline_constants: {bound} is bound in the kernel source, not read")
+
+
+def inline(source: str) -> str:
+    """``source`` with its module-level ``NAME = tl.constexpr(VALUE)`` constants substituted into
+    the code as literals; their lines become comments under one note. Strings, comments and
+    attributes (``x.BT``) are left alone."""
+    lines = source.splitlines(keepends=True)
+    values: dict[str, str] = {}
+    first = None
+    for i, line in enumerate(lines):
+        found = _CONSTANT.match(line.rstrip("\n"))
+        if found is None:
+            continue
+        name, text, comment = found.group(1), found.group(2), found.group(3) or ""
+        values[name] = _literal(name, text)
+        lines[i] = f"# {name} = {text}{comment}\n"
+        first = i if first is None else first
+    if not values:
+        return source
+    lines[first] = NOTE + lines[first]
+    body = "".join(lines)
+    _check_only_read(ast.parse(body), set(values))
+
+    edits: list[tuple[int, int, int, str]] = []  # (row, start col, end col, text)
+    after_dot = False  # the previous significant token was "." (an attribute follows)
+    for token in tokenize.generate_tokens(io.StringIO(body).readline):
+        if token.type == tokenize.NAME and token.string in values and not after_dot:
+            row, col = token.start
+            edits.append((row, col, token.end[1], values[token.string]))
+        if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT):
+            after_dot = token.type == tokenize.OP and token.string == "."
+    out = body.splitlines(keepends=True)
+    for row, start, end, text in sorted(edits, reverse=True):
+        line = out[row - 1]
+        out[row - 1] = line[:start] + text + line[end:]
+    return "".join(out)
