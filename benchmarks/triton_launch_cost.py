@@ -83,7 +83,7 @@ def _steps(spec, shape, calls: int) -> dict:
     from triton.compiler import make_backend
     from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
-    from rtpcompile.kernels import aot, codegen
+    from rtpcompile.kernels import aot, codegen, launch
 
     fn = codegen.load(spec).kernel
     fn.cache_key  # noqa: B018 - fills used_global_vals, as the first launch does
@@ -91,7 +91,7 @@ def _steps(spec, shape, calls: int) -> dict:
         fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32))
     )
     args = aot.launch_arguments(spec, shape)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    options = launch.compile_options(spec)
     _, specialization, found_options = bind(*args, **options)
     key_cache: dict = {}
     used = fn.used_global_vals

@@ -215,7 +215,7 @@ def _launched(run, *args) -> list[tuple]:
             self.spec = spec
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.spec, args))
+            return lambda *args, **kwargs: calls.append((self.spec, args, kwargs))
 
     fake = types.SimpleNamespace(
         load=lambda spec: types.SimpleNamespace(kernel=Kernel(spec)), info=codegen.info
@@ -229,7 +229,7 @@ def _launched(run, *args) -> list[tuple]:
     return calls
 
 
-def _binder_specialization(spec, args) -> tuple[dict, dict]:
+def _binder_specialization(spec, args, kwargs) -> tuple[dict, dict]:
     """(signature, attrs) as Triton's launcher derives them from ``args`` for sm_90."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -237,7 +237,6 @@ def _binder_specialization(spec, args) -> tuple[dict, dict]:
 
     fn = codegen.load(spec).kernel
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    kwargs = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     bound, found, options = create_function_from_signature(fn.signature, fn.params, backend)(
         *args, **kwargs
     )
@@ -273,14 +272,18 @@ def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
         for state in (None, s0):
             args = (form, do, s0, q, k, v, g, K**-0.5, state, None, 64)
             calls += _launched(backward.backward, *args)
-    stages = {(spec.form, spec.stage) for spec, _ in calls}
+    stages = {(spec.form, spec.stage) for spec, _, _ in calls}
     assert stages == {("chunkwise", s) for s in ("fused", "states", "output", "dqk")} | {
         ("parallel", "fused")
     }, stages
-    for spec, args in calls:
+    for spec, args, kwargs in calls:
+        # the launch says its compile options, fp fusion included (Triton 3.10 turns its own
+        # default off), and aot compiles with the same
+        assert kwargs == launch.compile_options(spec) and kwargs["enable_fp_fusion"] is True
         names = codegen.load(spec).kernel.arg_names
-        want_types, want_attrs = _binder_specialization(spec, args)
-        got_types, _, got_attrs, _ = aot.specialization(spec, layout=layout)
+        want_types, want_attrs = _binder_specialization(spec, args, kwargs)
+        got_types, _, got_attrs, options = aot.specialization(spec, layout=layout)
+        assert options["enable_fp_fusion"] is True
         for i, name in enumerate(names):
             if name not in _STATE_ARGS:
                 want = (want_types[name], want_attrs.get((i,)))

@@ -149,8 +149,10 @@ def specialization(
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from . import launch
+
     fn = codegen.load(spec).kernel
-    kwargs = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    kwargs = launch.compile_options(spec)
     if layout is None:
         return signature(spec, fn.arg_names), {}, {}, kwargs
     backend = make_backend(GPUTarget("cuda", capability, 32))

@@ -347,6 +347,22 @@ def _launch_grid(spec: KernelSpec, p: Pass, outs, bht, h) -> None:
         _call(kernel, grids.grid(spec, n, H, T), spec, part, cut, h_part, n, H, T)
 
 
+# NOTE: a multiply and an add fused into one fma, as Inductor compiles its own kernels
+# (``enable_fp_fusion = not emulate_precision_casts``). Said at every launch because Triton's own
+# default changes: on in 3.9 (with a warning when unset), off from 3.10; the float16 order's
+# instruction counts (docs/kernels.md) are with fusion.
+FP_FUSION = True
+
+
+def compile_options(spec: KernelSpec) -> dict:
+    """The compile options ``_call`` launches ``spec``'s kernel with (aot compiles the same)."""
+    return {
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "enable_fp_fusion": FP_FUSION,
+    }
+
+
 def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: int) -> None:
     if spec.stage == "dqk":
         dq, dk, rd = outs
@@ -354,7 +370,7 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: i
             p.q, p.k, p.v, p.do, p.gamma, dq, dk, rd, *h,
             *p.q.stride(), *p.k.stride(), *p.v.stride(), *p.do.stride(),
             B, H, T, float(p.scale),
-            num_warps=spec.num_warps, num_stages=spec.num_stages,
+            num_warps=spec.num_warps, num_stages=spec.num_stages, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         return
     o, sf, rd = outs
@@ -390,6 +406,7 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: i
         *h,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
