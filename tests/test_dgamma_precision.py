@@ -85,11 +85,15 @@ def _terms(q, k, v, do, gamma, s0, dsf):
         return n.clamp(min=0) * g ** (n - 1).clamp(min=0)
 
     total = 0
-    for a in range(0, T, 1024):  # NOTE: row blocks: [T, T] in float64 is 2 GiB at T = 16384
-        rows = slice(a, a + 1024)
-        lag = pos[rows, None] - pos[None, :]
-        pairs = (q[:, :, rows] @ k.transpose(-1, -2)) * (do[:, :, rows] @ v.transpose(-1, -2))
-        total = total + (pairs.abs() * weight(lag)).sum(dim=(0, 2, 3)) * K**-0.5
+    R = 1024  # NOTE: row blocks: [T, T] in float64 is 2 GiB at T = 16384
+    table = weight(torch.arange(-R, T, dtype=F64))[:, 0]  # [H, R + T]: the weight of lag n at n + R
+    for a in range(0, T, R):
+        rows, cols = slice(a, a + R), slice(0, min(T, a + R))  # keys past the block weigh 0
+        lag = (pos[rows, None] - pos[None, cols]).long() + R
+        pairs = (q[:, :, rows] @ k[:, :, cols].transpose(-1, -2)) * (
+            do[:, :, rows] @ v[:, :, cols].transpose(-1, -2)
+        )
+        total = total + (pairs.abs() * table[:, lag]).sum(dim=(0, 2, 3)) * K**-0.5
     if s0 is not None:
         reads = ((q @ s0.double()) * do).sum(-1).abs() * K**-0.5  # [B, H, T]
         total = total + (reads * weight(pos + 1)[:, 0]).sum(dim=(0, 2))

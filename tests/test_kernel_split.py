@@ -23,8 +23,8 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 from test_kernels import check, close, make  # noqa: E402
 
 from rtpcompile import kernels  # noqa: E402
+from rtpcompile.kernels import blocks, launch  # noqa: E402
 from rtpcompile.kernels import grid as grids  # noqa: E402
-from rtpcompile.kernels import launch  # noqa: E402
 from rtpcompile.kernels.spec import (  # noqa: E402
     SPLIT_MIN_CHUNKS,
     KernelSpec,
@@ -267,14 +267,28 @@ def test_backward_splits_past_split_min_chunks_and_forward_stays_fused():
     assert stages(T) == stages(100_000) == stages(SPLIT_MIN_CHUNKS * 16) == ["fused"]
     assert stages(T, backward=True) == ["fused", "states", "states", "output", "dqk"]
     assert stages(SPLIT_MIN_CHUNKS * 16, backward=True) == ["fused"] * 4
-    # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
-    check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
-    # B*H = 32, V = 8: 32 programs, a full grid: the measured rule itself, fused forward and
-    # split backward, in one call (float16 counts as bfloat16 here)
-    q = torch.empty(2, 16, T, 8, device="meta", dtype=torch.float16)
-    ran = kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=True)
-    assert [i.spec.stage for i in ran] == ["fused", "states", "states", "output", "dqk"]
-    check("chunkwise", 2, 16, T, 8, 8, torch.float16, False, False, chunk=16)
+    # the runs below are exact with both thresholds at 2 chunks (the interpreter ran 32 programs
+    # of 17 chunks for ~30 s of CI; the rule at the real thresholds is the meta check above)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks, "SPLIT_MIN_CHUNKS", 2)
+        mp.setattr(blocks, "FEW_PROGRAMS_MIN_CHUNKS", 2)
+        blocks._default_rule.cache_clear()
+        T = 2 * 16 + 5
+        # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
+        one = torch.empty(1, 1, T, 8, device="meta", dtype=torch.float16)
+        ran = kernels.kernels_for(
+            "chunkwise", one, one, one, one[0, :, 0, 0], chunk_size=16, backward=True
+        )
+        split = ["states", "output", "states", "states", "output", "dqk"]
+        assert [i.spec.stage for i in ran] == split
+        check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
+        # B*H = 32, V = 8: 32 programs, a full grid: the measured rule itself, fused forward and
+        # split backward, in one call (float16 counts as bfloat16 here)
+        q = torch.empty(2, 16, T, 8, device="meta", dtype=torch.float16)
+        ran = kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=True)
+        assert [i.spec.stage for i in ran] == ["fused", "states", "states", "output", "dqk"]
+        check("chunkwise", 2, 16, T, 8, 8, torch.float16, False, False, chunk=16)
+    blocks._default_rule.cache_clear()
 
 
 def test_the_rule():
