@@ -7,7 +7,10 @@ final synchronize (wall), for the chunkwise op at B=4, H=16, T=2048, K=V=128, bf
 gamma, no state: forward+backward through autograd and forward alone under no_grad
 (``ops.retention_chunkwise``; eagerly it skips the custom op's dispatch, and the "via custom
 op" rows time the same calls through it, ``RTP_EAGER_BYPASS=0``), and
-``kernels.triton_forward`` / ``triton_backward`` called directly. ``--profile`` adds a
+``kernels.triton_forward`` / ``triton_backward`` called directly. The "module constants" rows
+repeat the op's and the kernels' forward+backward with kernels rendered as the templates read
+them (``inline_constants.module_constants``: Triton then checks 11-18 constexpr globals per
+launch). ``--profile`` adds a
 cProfile of the op's calls (top 45 by self time). On a CPU machine the kernels need
 ``RTP_KERNELS=triton TRITON_INTERPRET=1`` and the times are the interpreter's; the CPU
 counterpart is ``benchmarks/call_overhead.py`` (the Python path alone, launches mocked).
@@ -20,10 +23,12 @@ import cProfile
 import io
 import pstats
 import time
+from contextlib import nullcontext
 
 import torch
 
 from rtpcompile import kernels, ops
+from rtpcompile.kernels import inline_constants
 from rtpcompile.lowering import eager
 
 QKV = (True, True, True, False, False)
@@ -81,9 +86,12 @@ def main() -> None:
         ("op fwd via custom op", op_fwd, "0"),
         ("kernels fwd+bwd", kernels_fwd_bwd, "1"),
         ("kernels fwd", kernels_fwd, "1"),
+        ("op fwd+bwd, module constants", op_fwd_bwd, "1"),
+        ("kernels fwd+bwd, module constants", kernels_fwd_bwd, "1"),
     )
     for name, fn, bypass in cases:
-        with eager.bypassing(bypass == "1"):
+        constants = inline_constants.module_constants() if "module" in name else nullcontext()
+        with eager.bypassing(bypass == "1"), constants:
             for _ in range(5):
                 fn()
             sync()

@@ -17,13 +17,13 @@ timed: the grid, ``launch_metadata`` and the C launcher itself (they need a driv
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
 import timeit
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,25 +56,6 @@ def _launched_specs(B, H, T, K, V, with_state) -> list:
         launch._launch = real
         del os.environ["TRITON_INTERPRET"]  # the steps below compile for sm_90, not interpret
     return seen
-
-
-@contextlib.contextmanager
-def _module_constants(on: bool):
-    """Render the kernels as the templates read (module-level constants) while ``on``."""
-    from rtpcompile.kernels import codegen, inline_constants
-    from rtpcompile.kernels import spec as specs
-
-    real = inline_constants.inline
-    if on:
-        inline_constants.inline = lambda source: source
-    specs.render.cache_clear()
-    codegen._NAMES.clear()
-    try:
-        yield
-    finally:
-        inline_constants.inline = real
-        specs.render.cache_clear()
-        codegen._NAMES.clear()
 
 
 def _steps(spec, shape, calls: int) -> dict:
@@ -119,13 +100,16 @@ def _steps(spec, shape, calls: int) -> dict:
 
 
 def measure(calls: int) -> list[dict]:
+    from rtpcompile.kernels import inline_constants
+
     torch.set_num_threads(1)
     rows = []
     for name, B, H, T, K, V, with_state in CASES:
         for spec in _launched_specs(B, H, T, K, V, with_state):
             row = {"case": name}
             for label, module_constants in (("inlined", False), ("module", True)):
-                with _module_constants(module_constants):
+                chosen = inline_constants.module_constants() if module_constants else nullcontext()
+                with chosen:
                     steps = _steps(spec, (B, H, T), calls)
                 row.update(kernel=steps.pop("kernel"), arguments=steps.pop("arguments"))
                 row.update({f"{label}_{key}": value for key, value in steps.items()})

@@ -74,3 +74,19 @@ def test_a_constant_that_is_no_literal_is_refused():
     with pytest.raises(ValueError, match=r"W = tl.constexpr\(f\(2\)\) is no literal"):
         inline("W = tl.constexpr(f(2))\n")
     assert inline("x = 1\n") == "x = 1\n"
+
+
+def test_module_constants_renders_the_templates_as_written_while_active():
+    """The benchmarks' switch: inside, kernels keep their module-level constants (other modules);
+    after, the literals again."""
+    from rtpcompile.kernels import inline_constants
+
+    spec = choose("recurrent", "fwd", 48, 80, torch.float32, torch.float32, 64)
+    inlined = render(spec)
+    with inline_constants.module_constants():
+        plain = render(spec)
+        assert "K = tl.constexpr(48)" in plain
+        module = codegen.load(spec)
+        module.kernel.cache_key  # noqa: B018
+        assert len(module.kernel.used_global_vals) > 10
+    assert render(spec) == inlined and codegen.info(spec).module != codegen.module_name(plain)

@@ -13,6 +13,7 @@ Triton, so the compiled kernel is the same), and keeps each constant's line as a
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import re
 import tokenize
@@ -56,10 +57,35 @@ def _check_only_read(tree: ast.Module, names: set[str]) -> None:
             raise ValueError(f"inline_constants: {bound} is bound in the kernel source, not read")
 
 
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def module_constants():
+    """Render kernels as the templates read them, constants as module-level globals, while
+    active (the benchmarks time Triton's launch both ways: ``triton_launch_cost.py``,
+    ``host_overhead.py``). Kernels rendered inside are other modules (other source hashes)."""
+    from . import codegen, spec
+
+    def forget():
+        spec.render.cache_clear()
+        codegen._NAMES.clear()
+
+    _ENABLED[0] = False
+    forget()
+    try:
+        yield
+    finally:
+        _ENABLED[0] = True
+        forget()
+
+
 def inline(source: str) -> str:
     """``source`` with its module-level ``NAME = tl.constexpr(VALUE)`` constants substituted into
     the code as literals; their lines become comments under one note. Strings, comments and
-    attributes (``x.BT``) are left alone."""
+    attributes (``x.BT``) are left alone. Unchanged inside ``module_constants()``."""
+    if not _ENABLED[0]:
+        return source
     lines = source.splitlines(keepends=True)
     values: dict[str, str] = {}
     first = None
