@@ -46,6 +46,7 @@ def _launched_specs(B, H, T, K, V, with_state) -> list:
     # JIT functions unless interpreting; they are interpreted ones when Triton was first imported
     # under TRITON_INTERPRET=1 (as in the test suite), so gluon is imported while it is set
     import triton.experimental.gluon  # noqa: F401
+
     real = launch._launch
     launch._launch = lambda spec, *args, **kwargs: seen.append(spec)
     try:

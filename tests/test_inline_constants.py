@@ -63,11 +63,31 @@ def test_literals_replace_reads_only():
 
 @pytest.mark.parametrize(
     "code",
-    ["def f(BT):\n    return BT\n", "def f(x):\n    return g(BT=x)\n", "def f(x):\n    BT = x\n"],
+    [
+        "def f(BT):\n    return BT\n",
+        "def f(x):\n    return g(BT=x)\n",
+        "def f(x):\n    BT = x\n",
+        "def BT(x):\n    return x\n",
+        "def f(x):\n    global BT\n    return BT\n",
+        "import numpy as BT\n",
+        "def f(x):\n    try:\n        return x\n    except ValueError as BT:\n        return 0\n",
+    ],
 )
 def test_a_bound_constant_is_refused(code):
     with pytest.raises(ValueError, match="BT is bound in the kernel source, not read"):
         inline("BT = tl.constexpr(64)\n" + code)
+
+
+def test_lines_are_counted_as_tokenize_counts_them():
+    """A form feed in a comment is no line break to tokenize (str.splitlines would split there
+    and put the edits on the wrong lines)."""
+    out = inline("BT = tl.constexpr(64)\n# a\x0cb\ndef f(x):\n    return x + BT\n")
+    assert out.endswith("# a\x0cb\ndef f(x):\n    return x + 64\n")
+
+
+def test_a_constant_defined_twice_is_refused():
+    with pytest.raises(ValueError, match="BT is defined twice"):
+        inline("BT = tl.constexpr(64)\nBT = tl.constexpr(32)\n")
 
 
 def test_a_constant_that_is_no_literal_is_refused():

@@ -273,22 +273,28 @@ def test_backward_splits_past_split_min_chunks_and_forward_stays_fused():
         mp.setattr(blocks, "SPLIT_MIN_CHUNKS", 2)
         mp.setattr(blocks, "FEW_PROGRAMS_MIN_CHUNKS", 2)
         blocks._default_rule.cache_clear()
-        T = 2 * 16 + 5
-        # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
-        one = torch.empty(1, 1, T, 8, device="meta", dtype=torch.float16)
-        ran = kernels.kernels_for(
-            "chunkwise", one, one, one, one[0, :, 0, 0], chunk_size=16, backward=True
-        )
-        split = ["states", "output", "states", "states", "output", "dqk"]
-        assert [i.spec.stage for i in ran] == split
-        check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
-        # B*H = 32, V = 8: 32 programs, a full grid: the measured rule itself, fused forward and
-        # split backward, in one call (float16 counts as bfloat16 here)
-        q = torch.empty(2, 16, T, 8, device="meta", dtype=torch.float16)
-        ran = kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=True)
-        assert [i.spec.stage for i in ran] == ["fused", "states", "states", "output", "dqk"]
-        check("chunkwise", 2, 16, T, 8, 8, torch.float16, False, False, chunk=16)
-    blocks._default_rule.cache_clear()
+        try:
+            _exact_at_patched_thresholds()
+        finally:  # NOTE: no decision memoised at the patched thresholds outlives the test
+            blocks._default_rule.cache_clear()
+
+
+def _exact_at_patched_thresholds() -> None:
+    T = 2 * 16 + 5
+    # B*H = 1: every pass splits (a small grid), the backward by both rules; exact all the same
+    one = torch.empty(1, 1, T, 8, device="meta", dtype=torch.float16)
+    ran = kernels.kernels_for(
+        "chunkwise", one, one, one, one[0, :, 0, 0], chunk_size=16, backward=True
+    )
+    split = ["states", "output", "states", "states", "output", "dqk"]
+    assert [i.spec.stage for i in ran] == split
+    check("chunkwise", 1, 1, T, 8, 8, torch.float16, False, False, chunk=16)
+    # B*H = 32, V = 8: 32 programs, a full grid: the measured rule itself, fused forward and
+    # split backward, in one call (float16 counts as bfloat16 here)
+    q = torch.empty(2, 16, T, 8, device="meta", dtype=torch.float16)
+    ran = kernels.kernels_for("chunkwise", q, q, q, q[0, :, 0, 0], chunk_size=16, backward=True)
+    assert [i.spec.stage for i in ran] == ["fused", "states", "states", "output", "dqk"]
+    check("chunkwise", 2, 16, T, 8, 8, torch.float16, False, False, chunk=16)
 
 
 def test_the_rule():

@@ -42,19 +42,33 @@ def _literal(name: str, text: str) -> str:
     return f"({text})" if text.startswith("-") else text  # NOTE: -1 ** 2 is not (-1) ** 2
 
 
+def _bound_names(node: ast.AST) -> list[str]:
+    """The names ``node`` binds (or names as a keyword argument)."""
+    if isinstance(node, (ast.arg, ast.keyword)):
+        return [node.arg] if node.arg else []
+    if isinstance(node, ast.Name):
+        return [] if isinstance(node.ctx, ast.Load) else [node.id]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Global, ast.Nonlocal)):
+        return list(node.names)
+    if isinstance(node, ast.alias):
+        return [node.asname or node.name.split(".")[0]]
+    if isinstance(node, ast.ExceptHandler):
+        return [node.name] if node.name else []
+    return []
+
+
 def _check_only_read(tree: ast.Module, names: set[str]) -> None:
-    """A constant must only be read: a parameter, a keyword argument or an assignment of the same
-    name would make a textual substitution wrong, so it is refused."""
+    """A constant must only be read: a parameter, a keyword argument, an assignment, a def, an
+    import or a ``global`` of the same name would make a textual substitution wrong, so it is
+    refused."""
     for node in ast.walk(tree):
-        bound = None
-        if isinstance(node, ast.arg) and node.arg in names:
-            bound = node.arg
-        elif isinstance(node, ast.keyword) and node.arg in names:
-            bound = node.arg
-        elif isinstance(node, ast.Name) and node.id in names and not isinstance(node.ctx, ast.Load):
-            bound = node.id
-        if bound is not None:
-            raise ValueError(f"inline_constants: {bound} is bound in the kernel source, not read")
+        for bound in _bound_names(node):
+            if bound in names:
+                raise ValueError(
+                    f"inline_constants: {bound} is bound in the kernel source, not read"
+                )
 
 
 _ENABLED = [True]
@@ -64,19 +78,21 @@ _ENABLED = [True]
 def module_constants():
     """Render kernels as the templates read them, constants as module-level globals, while
     active (the benchmarks time Triton's launch both ways: ``triton_launch_cost.py``,
-    ``host_overhead.py``). Kernels rendered inside are other modules (other source hashes)."""
+    ``host_overhead.py``). Kernels rendered inside are other modules (other source hashes).
+    A process-wide switch (not per thread); nested blocks restore what they found."""
     from . import codegen, spec
 
     def forget():
         spec.render.cache_clear()
         codegen._NAMES.clear()
 
+    before = _ENABLED[0]
     _ENABLED[0] = False
     forget()
     try:
         yield
     finally:
-        _ENABLED[0] = True
+        _ENABLED[0] = before
         forget()
 
 
@@ -86,14 +102,17 @@ def inline(source: str) -> str:
     attributes (``x.BT``) are left alone. Unchanged inside ``module_constants()``."""
     if not _ENABLED[0]:
         return source
-    lines = source.splitlines(keepends=True)
+    # NOTE: lines as tokenize counts them (str.splitlines also splits at \x0c, \x85, ...)
+    lines = io.StringIO(source).readlines()
     values: dict[str, str] = {}
     first = None
     for i, line in enumerate(lines):
-        found = _CONSTANT.match(line.rstrip("\n"))
+        found = _CONSTANT.match(line.rstrip())
         if found is None:
             continue
         name, text, comment = found.group(1), found.group(2), found.group(3) or ""
+        if name in values:
+            raise ValueError(f"inline_constants: {name} is defined twice")
         values[name] = _literal(name, text)
         lines[i] = f"# {name} = {text}{comment}\n"
         first = i if first is None else first
@@ -111,7 +130,7 @@ def inline(source: str) -> str:
             edits.append((row, col, token.end[1], values[token.string]))
         if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT):
             after_dot = token.type == tokenize.OP and token.string == "."
-    out = body.splitlines(keepends=True)
+    out = io.StringIO(body).readlines()
     for row, start, end, text in sorted(edits, reverse=True):
         line = out[row - 1]
         out[row - 1] = line[:start] + text + line[end:]

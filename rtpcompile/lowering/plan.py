@@ -361,8 +361,9 @@ def source_hash(backend: str) -> str:
     if backend == "triton":
         kernels = here.parent / "kernels"
         files = sorted(kernels.glob("templates/*.jinja"))
-        # NOTE: blocks.py holds the default tiles and the fused/split rule that launch applies
-        files += [kernels / "blocks.py", kernels / "spec.py", kernels / "launch.py"]
+        # NOTE: blocks.py holds the default tiles and the fused/split rule that launch applies;
+        # inline_constants.py rewrites every rendered template
+        files += [kernels / n for n in ("blocks.py", "spec.py", "launch.py", "inline_constants.py")]
     else:
         files = [here / "aten_impl.py"]
     digest = hashlib.sha256(backend.encode())
