@@ -59,7 +59,7 @@ def _launched_specs(B, H, T, K, V, with_state) -> list:
         torch.autograd.grad(o.float().sum(), (q, k, v))
     finally:
         launch._launch = real
-        del os.environ["TRITON_INTERPRET"]  # the steps below compile for sm_90, not interpret
+        os.environ.pop("TRITON_INTERPRET")  # the steps below compile for sm_90, not interpret
     return seen
 
 
@@ -108,18 +108,26 @@ def measure(calls: int) -> list[dict]:
     from rtpcompile.kernels import inline_constants
 
     torch.set_num_threads(1)
+    before = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "RTP_KERNELS")}
     rows = []
-    for name, B, H, T, K, V, with_state in CASES:
-        for spec in _launched_specs(B, H, T, K, V, with_state):
-            row = {"case": name}
-            for label, module_constants in (("inlined", False), ("module", True)):
-                chosen = inline_constants.module_constants() if module_constants else nullcontext()
-                with chosen:
-                    steps = _steps(spec, (B, H, T), calls)
-                row.update(kernel=steps.pop("kernel"), arguments=steps.pop("arguments"))
-                row.update({f"{label}_{key}": value for key, value in steps.items()})
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    try:
+        for name, B, H, T, K, V, with_state in CASES:
+            for spec in _launched_specs(B, H, T, K, V, with_state):
+                row = {"case": name}
+                for label, module_constants in (("inlined", False), ("module", True)):
+                    chosen = inline_constants.module_constants() if module_constants else None
+                    with chosen or nullcontext():
+                        steps = _steps(spec, (B, H, T), calls)
+                    row.update(kernel=steps.pop("kernel"), arguments=steps.pop("arguments"))
+                    row.update({f"{label}_{key}": value for key, value in steps.items()})
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 
