@@ -364,7 +364,8 @@ def test_triton_launch_cost_bench_runs(monkeypatch):
     rows = bench.measure(calls=3)
     assert len(rows) == 4  # a decode step's kernel and its backward's three
     assert all(r["inlined_globals"] == 0 < r["module_globals"] for r in rows)
-    assert all(r["arguments"] > 30 and r["inlined_binder_us"] > 0 for r in rows)
+    # only what each spec reads is declared (kernels/arguments.py): 27 of 38 for a decode step
+    assert all(20 <= r["arguments"] < 38 and r["inlined_binder_us"] > 0 for r in rows)
     meta = {"date": "d", "machine": "m", "triton": "t", "python": "p", "calls": 3}
     text = bench.markdown(meta, rows)
     assert "| decode T=1 | 4 |" in text

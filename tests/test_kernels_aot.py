@@ -213,6 +213,7 @@ def _launched(run, *args) -> list[tuple]:
     class Kernel:
         def __init__(self, spec):
             self.spec = spec
+            self.arg_names = codegen.load(spec).kernel.arg_names
 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.spec, args, kwargs))

@@ -129,6 +129,8 @@ def launch_arguments(
     captured = []
 
     class _Kernel:  # records the call instead of launching
+        arg_names = codegen.load(spec).kernel.arg_names
+
         def __getitem__(self, grid):
             return lambda *args, **kwargs: captured.append(args)
 

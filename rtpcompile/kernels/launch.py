@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import codegen
+from . import arguments, codegen
 from . import grid as grids
 from .spec import (
     KernelSpec,
@@ -374,14 +374,14 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: i
         )  # fmt: skip
         return
     o, sf, rd = outs
-    # NOTE: absent optional tensors are passed as a real tensor the kernel never reads, so the
-    # argument list (and Triton's specialisation) is the same for every flag combination; only
-    # the split stages take the chunk-state buffers h, hp (the fused sources are unchanged).
+    # NOTE: every argument in arguments.ARGUMENTS order; the kernel declares (and Triton binds)
+    # only those its spec reads (arguments.names). An absent tensor that a spec still reads
+    # (o of a state-only pass) is passed as q, which the kernel never reads there.
     dummy = p.q
     r = p.row_dot_with
     scale = float(p.scale)
     state_scale = scale if p.state_scale is None else float(p.state_scale)
-    kernel[grid](
+    full = (
         p.q,
         p.k,
         p.v,
@@ -403,6 +403,9 @@ def _call(kernel, grid, spec: KernelSpec, p: Pass, outs, h, B: int, H: int, T: i
         T,
         scale,
         state_scale,
+    )
+    kernel[grid](
+        *arguments.picker(kernel)(full),
         *h,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import inline_constants
+from . import arguments, inline_constants
 from .blocks import (  # noqa: F401 - re-exported: the block rules' names predate blocks.py
     CONFIG_KEYS,
     FEW_PROGRAMS,
@@ -335,5 +335,6 @@ def render(spec: KernelSpec) -> str:
         V_in=spec.V - int(spec.extra_value_column),
         summary=spec.short(),
         version=TEMPLATE_VERSION,
+        signature=arguments.signature(spec),
     )
     return inline_constants.inline(template.render(**values))

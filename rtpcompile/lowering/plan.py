@@ -362,8 +362,9 @@ def source_hash(backend: str) -> str:
         kernels = here.parent / "kernels"
         files = sorted(kernels.glob("templates/*.jinja"))
         # NOTE: blocks.py holds the default tiles and the fused/split rule that launch applies;
-        # inline_constants.py rewrites every rendered template
-        files += [kernels / n for n in ("blocks.py", "spec.py", "launch.py", "inline_constants.py")]
+        # inline_constants.py and arguments.py shape every rendered template
+        names = ("blocks.py", "spec.py", "launch.py", "inline_constants.py", "arguments.py")
+        files += [kernels / name for name in names]
     else:
         files = [here / "aten_impl.py"]
     digest = hashlib.sha256(backend.encode())
