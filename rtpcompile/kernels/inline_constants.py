@@ -4,9 +4,9 @@ The templates name a spec's constants once, at the top of the module (``BT = tl.
 and read them by name, which keeps them readable. Triton, though, records every constexpr global
 a kernel reads and compares each with its compile-time copy at every launch (``JITFunction.run``,
 ``used_global_vals``): 11 to 18 ``tl.constexpr.__ne__`` calls per launch here, 8 to 12 µs of
-host time per launch on the 2-core CI machine, about half of Triton's Python steps before its C
-launcher (``benchmarks/triton_launch_cost.py`` times them). ``inline`` rewrites the rendered
-module so that the kernels read literals (``tl.arange(0, 64)``; a literal is a constexpr to
+host time per launch on the 2-core CI machine, as much as the rest of Triton's Python steps
+before its C launcher (``benchmarks/triton_launch_cost.py`` times them). ``inline`` rewrites the
+rendered module so that the kernels read literals (``tl.arange(0, 64)``; a literal is a constexpr to
 Triton, so the compiled kernel is the same), and keeps each constant's line as a comment.
 """
 
