@@ -3,7 +3,10 @@ a launch passes exactly those, picked by name from the full list."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ pytest.importorskip("triton", reason="the generated kernels need triton")
 from test_inline_constants import _specs  # noqa: E402
 
 from rtpcompile.kernels import arguments, codegen  # noqa: E402
-from rtpcompile.kernels.spec import choose  # noqa: E402
+from rtpcompile.kernels.spec import choose, render  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -48,3 +51,75 @@ def test_a_launch_picks_the_declared_arguments_by_name():
     picked = arguments.picker(kernel)(full)
     assert picked == ("value of q", "value of s_qt", "value of T", "value of state_scale")
     assert arguments.picker(kernel) is kernel._rtp_picker  # worked out once per kernel
+
+
+def _live_names(statements, found: set) -> None:
+    """Names loaded by ``statements``, through the taken branch of an ``if`` on literals only
+    (the constants are inlined: a dead branch reads ``if False:``, which Triton never visits)."""
+
+    def loads(node):
+        found.update(
+            n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        )
+
+    for s in statements:
+        if isinstance(s, ast.If):
+            names = (ast.Name, ast.Call, ast.Attribute)
+            if not any(isinstance(n, names) for n in ast.walk(s.test)):
+                taken = eval(compile(ast.Expression(s.test), "<test>", "eval"))  # noqa: S307
+                _live_names(s.body if taken else s.orelse, found)
+                continue
+            loads(s.test)
+            _live_names(s.body, found)
+            _live_names(s.orelse, found)
+        elif isinstance(s, ast.For | ast.While):
+            loads(s.iter if isinstance(s, ast.For) else s.test)
+            _live_names(s.body, found)
+            _live_names(s.orelse, found)
+        else:
+            loads(s)
+
+
+def _flag_specs():
+    for form, dtype, flags in itertools.product(
+        ("chunkwise", "parallel", "recurrent"),
+        (torch.float16, torch.float32),
+        itertools.product((False, True), repeat=4),
+    ):
+        state_in, state_out, row_scale, row_dot = flags
+        stages = ("fused", "states", "output") if form == "chunkwise" else ("fused",)
+        for stage in stages:
+            yield choose(
+                form, "fwd", 64, 64, dtype, dtype, 64, state_in=state_in, state_out=state_out,
+                row_scale=row_scale, row_dot=row_dot, stage=stage,
+            )  # fmt: skip
+
+
+def test_no_live_branch_reads_an_undeclared_argument():
+    """Every flag combination of every form and stage: a name the kernel or a helper reads in a
+    branch its spec takes is a parameter, a local, a function of the module or a builtin (a
+    template reading an argument its spec does not declare fails here, without a GPU)."""
+    checked = 0
+    for spec in _flag_specs():
+        tree = ast.parse(render(spec))
+        functions = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+        for f in (f for f in tree.body if isinstance(f, ast.FunctionDef)):
+            params = {a.arg for a in f.args.args}
+            stored = {
+                n.id
+                for n in ast.walk(f)
+                if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+            }
+            read: set = set()
+            _live_names(f.body, read)
+            known = params | stored | functions | {"triton", "tl"} | set(dir(builtins))
+            assert read <= known, (spec.short(), f.name, sorted(read - known))
+        checked += 1
+    assert checked > 150
+
+
+def test_a_single_declared_argument_is_still_a_tuple():
+    class Kernel:
+        arg_names = ["q", "h"]
+
+    assert arguments.picker(Kernel())(tuple(range(len(arguments.ARGUMENTS)))) == (0,)

@@ -37,8 +37,10 @@ _INDEX = {name: i for i, name in enumerate(ARGUMENTS)}
 
 @functools.lru_cache(maxsize=512)
 def names(spec: KernelSpec) -> tuple[str, ...]:
-    """The arguments ``spec``'s kernel reads, in ``ARGUMENTS`` order. B is never read (programs
-    index batch * heads); a states stage writes its d gamma terms into hp, not through r, rd."""
+    """The arguments ``spec``'s kernel declares, in ``ARGUMENTS`` order: all but the groups its
+    flags turn off (a few declared ones may still go unread, e.g. a states stage's o). B is never
+    read (programs index batch * heads); a states stage writes its d gamma terms into hp, not
+    through r, rd."""
     unread = {"B"}
     if not spec.state_in:
         unread.update(_STATE_IN)
@@ -69,7 +71,10 @@ def picker(kernel):
     tuple (kept on the kernel object: worked out at its first launch only)."""
     found = getattr(kernel, "_rtp_picker", None)
     if found is None:
-        declared = [name for name in kernel.arg_names if name in _INDEX]
-        found = operator.itemgetter(*(_INDEX[name] for name in declared))
+        indices = [_INDEX[name] for name in kernel.arg_names if name in _INDEX]
+        if len(indices) == 1:  # NOTE: itemgetter of one index returns the item, not a tuple
+            found = lambda full, i=indices[0]: (full[i],)  # noqa: E731
+        else:
+            found = operator.itemgetter(*indices)
         kernel._rtp_picker = found
     return found
