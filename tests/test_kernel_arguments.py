@@ -39,7 +39,7 @@ def test_the_flags_decide_the_groups():
     assert set(arguments.ARGUMENTS) - set(arguments.names(every)) == {"B"}
     # a states stage keeps its d gamma terms in hp: r and rd are not its arguments
     states = dataclasses.replace(plain, stage="states", BKC=64, row_dot=True)
-    assert {"r", "rd", "s_rb"}.isdisjoint(arguments.names(states))
+    assert {"r", "rd", "s_rb", "q", "s_qt", "o"}.isdisjoint(arguments.names(states))
 
 
 def test_a_launch_picks_the_declared_arguments_by_name():

@@ -289,7 +289,8 @@ def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
             if name not in _STATE_ARGS:
                 want = (want_types[name], want_attrs.get((i,)))
                 assert (got_types[name], got_attrs.get((i,))) == want, (spec.short(), name)
-        assert all(got_types[s] == "constexpr" for s in ("s_qk", "s_kk", "s_vv"))
+        units = [s for s in ("s_qk", "s_kk", "s_vv") if s in names]  # a states stage has no q
+        assert len(units) >= 2 and all(got_types[s] == "constexpr" for s in units)
 
 
 def test_unspecialised_compile_on_request():

@@ -38,9 +38,9 @@ _INDEX = {name: i for i, name in enumerate(ARGUMENTS)}
 @functools.lru_cache(maxsize=512)
 def names(spec: KernelSpec) -> tuple[str, ...]:
     """The arguments ``spec``'s kernel declares, in ``ARGUMENTS`` order: all but the groups its
-    flags turn off (a few declared ones may still go unread, e.g. a states stage's o). B is never
-    read (programs index batch * heads); a states stage writes its d gamma terms into hp, not
-    through r, rd."""
+    flags turn off (a few declared ones may still go unread, e.g. q of a state-only fused pass).
+    B is never read (programs index batch * heads); a states stage reads neither q nor o, and
+    writes its d gamma terms into hp, not through r, rd."""
     unread = {"B"}
     if not spec.state_in:
         unread.update(_STATE_IN)
@@ -50,6 +50,8 @@ def names(spec: KernelSpec) -> tuple[str, ...]:
         unread.update(_ROW_SCALE)
     if not spec.row_dot or spec.stage == "states":
         unread.update(_ROW_DOT)
+    if spec.stage == "states":  # NOTE: the states of k and v alone; no output rows
+        unread.update(("q", "s_qb", "s_qh", "s_qt", "s_qk", "o"))
     return tuple(name for name in ARGUMENTS if name not in unread)
 
 
