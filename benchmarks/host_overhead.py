@@ -79,19 +79,20 @@ def main() -> None:
     print(f"device {dev}, torch {torch.__version__}, B={B} H={H} T={T} K=V={D}")
     # NOTE: "op" rows call the public op eagerly as users do, which skips the custom op's
     # dispatch (lowering/eager.py); "via custom op" rows are the same calls with it off
+    # (name, call, skip the custom op's dispatch, kernels with module-level constants)
     cases = (
-        ("op fwd+bwd", op_fwd_bwd, "1"),
-        ("op fwd", op_fwd, "1"),
-        ("op fwd+bwd via custom op", op_fwd_bwd, "0"),
-        ("op fwd via custom op", op_fwd, "0"),
-        ("kernels fwd+bwd", kernels_fwd_bwd, "1"),
-        ("kernels fwd", kernels_fwd, "1"),
-        ("op fwd+bwd, module constants", op_fwd_bwd, "1"),
-        ("kernels fwd+bwd, module constants", kernels_fwd_bwd, "1"),
+        ("op fwd+bwd", op_fwd_bwd, True, False),
+        ("op fwd", op_fwd, True, False),
+        ("op fwd+bwd via custom op", op_fwd_bwd, False, False),
+        ("op fwd via custom op", op_fwd, False, False),
+        ("kernels fwd+bwd", kernels_fwd_bwd, True, False),
+        ("kernels fwd", kernels_fwd, True, False),
+        ("op fwd+bwd, module constants", op_fwd_bwd, True, True),
+        ("kernels fwd+bwd, module constants", kernels_fwd_bwd, True, True),
     )
-    for name, fn, bypass in cases:
-        constants = inline_constants.module_constants() if "module" in name else nullcontext()
-        with eager.bypassing(bypass == "1"), constants:
+    for name, fn, bypass, module in cases:
+        constants = inline_constants.module_constants() if module else nullcontext()
+        with eager.bypassing(bypass), constants:
             for _ in range(5):
                 fn()
             sync()

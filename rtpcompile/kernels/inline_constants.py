@@ -71,7 +71,7 @@ def _check_only_read(tree: ast.Module, names: set[str]) -> None:
                 )
 
 
-_ENABLED = [True]
+_inlining = True  # False inside module_constants()
 
 
 @contextlib.contextmanager
@@ -86,13 +86,13 @@ def module_constants():
         spec.render.cache_clear()
         codegen._NAMES.clear()
 
-    before = _ENABLED[0]
-    _ENABLED[0] = False
+    global _inlining
+    before, _inlining = _inlining, False
     forget()
     try:
         yield
     finally:
-        _ENABLED[0] = before
+        _inlining = before
         forget()
 
 
@@ -100,7 +100,7 @@ def inline(source: str) -> str:
     """``source`` with its module-level ``NAME = tl.constexpr(VALUE)`` constants substituted into
     the code as literals; their lines become comments under one note. Strings, comments and
     attributes (``x.BT``) are left alone. Unchanged inside ``module_constants()``."""
-    if not _ENABLED[0]:
+    if not _inlining:
         return source
     # NOTE: lines as tokenize counts them (str.splitlines also splits at \x0c, \x85, ...)
     lines = io.StringIO(source).readlines()

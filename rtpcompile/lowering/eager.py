@@ -120,12 +120,7 @@ class _Retention(torch.autograd.Function):
         # then, as when it gets a graph to build (create_graph=True: its gradients raise "no
         # autograd formula" if differentiated, as the op's do, where the implementation's would
         # silently drop the second-order term)
-        direct = (
-            not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
-            and not _watched()
-            and _plain((do, dsf))
-        )
+        direct = not torch.is_grad_enabled() and bypasses((do, dsf))
         bwd = custom_ops.backward_impl if direct else torch.ops.rtp.retention_bwd
         return custom_ops.backward_with(bwd, ctx, do, dsf)
 
