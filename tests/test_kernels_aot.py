@@ -344,3 +344,20 @@ def test_decode_occupancy_table(tmp_path, monkeypatch):
     bench.write_decode([row], tmp_path, 64, 16, 128, 90)
     (md,) = tmp_path.glob("decode_occupancy_sm_90_*.md")
     assert f"| 64 | 8 | {row['registers']} | 0 | {row['blocks_per_sm']} |" in md.read_text()
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_decode_step_keeps_its_state_in_one_layout(dtype, direction):
+    """The decode step's kernels (state in and out; the backward's with d gamma's row dots) at
+    their default blocks, as a (64, 16, 1) call launches them: k and q read as [1, BK] rows and
+    transposed made Triton convert the [BK, BV] state between two layouts through shared memory
+    at every step (8 KiB staged, 208-255 registers: 2 programs per SM); read as [BK] vectors the
+    state keeps the layout it is loaded and stored in (127-136 registers in bfloat16, 4 programs,
+    ~1 KiB of shared memory for the small vectors' conversions)."""
+    flags = {"row_dot": True} if direction == "bwd" else {}
+    spec = choose("recurrent", direction, 128, 128, dtype, dtype, 64, fp32_precision="ieee",
+                  state_in=True, state_out=True, **flags)  # fmt: skip
+    r = aot.resources(spec, shape=(64, 16, 1))
+    assert r.spill_bytes == 0 and r.shared_bytes <= 2048, f"{spec.short()}: {r}"
+    assert aot.blocks_per_sm(r, spec.num_warps) >= 3, f"{spec.short()}: {r}"
