@@ -7,7 +7,8 @@ demo:
 
 test:
 	bash scripts/bootstrap.sh test
-	CI=$${CI:-1} .venv/bin/python -m pytest -m "not slow and not gpu" -q -p no:cacheprovider
+	CI=$${CI:-1} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest \
+		-m "not slow and not gpu" -q -p no:cacheprovider -n $${RTP_TEST_WORKERS:-2} --dist loadfile
 
 lint:
 	bash scripts/bootstrap.sh test
