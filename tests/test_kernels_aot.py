@@ -361,3 +361,14 @@ def test_decode_step_keeps_its_state_in_one_layout(dtype, direction):
     r = aot.resources(spec, shape=(64, 16, 1))
     assert r.spill_bytes == 0 and r.shared_bytes <= 2048, f"{spec.short()}: {r}"
     assert aot.blocks_per_sm(r, spec.num_warps) >= 3, f"{spec.short()}: {r}"
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 16, 1), (2, 8, 2048)], ids=["decode", "T-loop"])
+def test_recurrent_k256_default_does_not_spill(dtype, shape):
+    """At K = 256 the recurrent kernel's [256, 32] state slice runs on 8 warps: at 4 it took 128
+    registers and spilled 8 bytes per thread when T is not 1 (the loop is not unrolled)."""
+    spec = choose("recurrent", "fwd", 256, 256, dtype, dtype, 64, fp32_precision="ieee",
+                  state_in=True, state_out=True)  # fmt: skip
+    r = aot.resources(spec, shape=shape)
+    assert spec.num_warps == 8 and r.spill_bytes == 0, f"{spec.short()}: {r}"

@@ -178,7 +178,11 @@ def default_blocks(
         # spills at K = 128 (456 bytes) and K = 256 (1,668), a 32-wide one does not (sm_90)
         narrow = big or (dtype == "float64" and BK >= 128)
         BT, BV = 1, min(max(16, next_pow2(V)), 32 if narrow else 64)
-        warps = 4
+        # NOTE: at K = 256, 8 warps: at 4 the [256, 32] slice took 128 registers and spilled 8
+        # bytes when T is not 1 (its loop not unrolled), at 8 it takes 64-75 and spills nothing,
+        # with as many programs per SM at T = 1 (sm_90, bfloat16 and float32). Unmeasured on a
+        # GPU; K = 128 keeps the 4 warps its decode step was timed with
+        warps = 8 if big else 4
     elif form == "parallel":
         BT = 32 if big else 64
         BV = min(max(16, next_pow2(V)), 64)
