@@ -318,3 +318,45 @@ def test_bypassing_sets_the_switch_for_a_block_and_restores_it(monkeypatch):
     with eager.bypassing(False):
         assert not eager.bypasses((q, k, v, gamma, None))
     assert "RTP_EAGER_BYPASS" not in os.environ
+
+
+class _Fills(TorchDispatchMode):
+    """The zero fills a block runs (autograd materialising an unused output's gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fills = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "fill_"):
+            self.fills.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("used", ["output", "state"])
+def test_an_unused_output_gets_no_zero_gradient(used):
+    """A returned final state the loss does not use reaches the bypass's backward as None (the
+    op's generated autograd fills a zero [B, H, K, V] gradient, one launch more, and its dk and
+    dv passes start from it); a loss on the final state alone gets a zero output gradient made
+    there. Both give the op's gradients, and the state's gradients are the reference's."""
+    tensors = inputs(B=2, H=2, T=21, K=5, V=7, state=True)
+    results, fills = [], []
+    for on in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (*tensors[:3], tensors[4])]
+        q, k, v, s0 = leaves
+        with eager.bypassing(on):
+            o, s = ops.retention(q, k, v, tensors[3], initial_state=s0, output_final_state=True)
+        loss = o.sum() if used == "output" else (s * s).sum()
+        with _Fills() as seen:  # NOTE: watching the backward only: the forward took the bypass
+            results.append(torch.autograd.grad(loss, leaves))
+        fills.append(seen.fills)
+    assert fills[0] == [] and fills[1] == ["zeros"], fills
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if used == "state":
+        assert torch.count_nonzero(results[0][0]) == 0  # the final state does not read q
+        q, k, v, s0 = (t.detach().clone().requires_grad_() for t in (*tensors[:3], tensors[4]))
+        _, rs = ref.reference_recurrent(q, k, v, tensors[3].double(), None, s0)
+        want = torch.autograd.grad((rs * rs).sum(), (k, v, s0))
+        for a, b in zip(results[0][1:], want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

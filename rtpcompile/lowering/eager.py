@@ -19,7 +19,9 @@ keep the op's name). The backward asks again when it runs: compiled autograd, ba
 (``is_grads_batched``, vectorised jacobians) and a profiler around the backward get the backward
 op. ``RTP_EAGER_BYPASS=0`` sends every call through the op. Results are bitwise the same either
 way (``tests/test_eager_bypass.py``); a second backward through a call raises in both (the
-backward op has no autograd formula).
+backward op has no autograd formula). One difference in work, not in results: an output the
+loss does not use reaches the bypass's backward as None, where the op's generated autograd
+fills a zero gradient for it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class _Retention(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = custom_ops.forward_impl(*inputs)
         custom_ops._setup_context(ctx, inputs, output)
+        # NOTE: an output the loss does not use (a returned final state, often) gets None, not a
+        # zero tensor autograd fills: one launch less, and no backward pass starts from zeros
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
@@ -120,6 +125,9 @@ class _Retention(torch.autograd.Function):
         # then, as when it gets a graph to build (create_graph=True: its gradients raise "no
         # autograd formula" if differentiated, as the op's do, where the implementation's would
         # silently drop the second-order term)
+        if do is None:  # only the final state reached the loss
+            q, v = ctx.saved_tensors[0], ctx.saved_tensors[2]
+            do = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype)
         direct = not torch.is_grad_enabled() and bypasses((do, dsf))
         bwd = custom_ops.backward_impl if direct else torch.ops.rtp.retention_bwd
         return custom_ops.backward_with(bwd, ctx, do, dsf)
