@@ -318,11 +318,12 @@ def decode_bandwidth_case(B, H, D, rows):
     rows.append(row)
 
 
-# NOTE: the decode step's default (BV = 64, 4 warps at K = 128) holds 168 registers per thread
-# compiled for sm_90 (benchmarks/results/static), 3 blocks per SM: few bytes in flight for a
-# memory-bound kernel, and it reached 0.75 of copy bandwidth on the H200 (2026-11-25). The sweep
-# times the kernel's other launch configs the same way, so the next GPU run shows which reaches
-# the 0.80 target (the tuner searches the same space for a tuned bucket).
+# NOTE: the decode step's default (BV = 64, 4 warps at K = 128) reached 0.75 of copy bandwidth on
+# the H200 (2026-11-25) holding 208 registers per thread at that call's specialisation, 2
+# programs per SM: its state went through shared memory between two layouts at every step.
+# Since the k and q vector reads it holds 127, 4 programs per SM (sm_90, benchmarks/results/
+# static, decode_occupancy), not yet timed. The sweep times the kernel's other launch configs
+# the same way, so the next GPU run shows which reaches the 0.80 target.
 DECODE_SWEEP = {"BV": (16, 32, 64, 128), "num_warps": (1, 2, 4, 8)}
 
 

@@ -353,8 +353,8 @@ def test_decode_step_keeps_its_state_in_one_layout(dtype, direction):
     their default blocks, as a (64, 16, 1) call launches them: k and q read as [1, BK] rows and
     transposed made Triton convert the [BK, BV] state between two layouts through shared memory
     at every step (8 KiB staged, 208-255 registers: 2 programs per SM); read as [BK] vectors the
-    state keeps the layout it is loaded and stored in (127-136 registers in bfloat16, 4 programs,
-    ~1 KiB of shared memory for the small vectors' conversions)."""
+    state keeps the layout it is loaded and stored in (127-136 registers in bfloat16, 3-4
+    programs, ~1 KiB of shared memory for the small vectors' conversions)."""
     flags = {"row_dot": True} if direction == "bwd" else {}
     spec = choose("recurrent", direction, 128, 128, dtype, dtype, 64, fp32_precision="ieee",
                   state_in=True, state_out=True, **flags)  # fmt: skip

@@ -179,9 +179,10 @@ def default_blocks(
         narrow = big or (dtype == "float64" and BK >= 128)
         BT, BV = 1, min(max(16, next_pow2(V)), 32 if narrow else 64)
         # NOTE: at K = 256, 8 warps: at 4 the [256, 32] slice took 128 registers and spilled 8
-        # bytes when T is not 1 (its loop not unrolled), at 8 it takes 64-75 and spills nothing,
-        # with as many programs per SM at T = 1 (sm_90, bfloat16 and float32). Unmeasured on a
-        # GPU; K = 128 keeps the 4 warps its decode step was timed with
+        # bytes when T is not 1 (its loop not unrolled; bfloat16 and float32), at 8 it takes
+        # 64-77 (float64 126) and spills nothing, with as many programs per SM at T = 1 (3, not
+        # 4, in a T > 1 loop, but 24 resident warps, not 16; sm_90). Unmeasured on a GPU; K = 128
+        # keeps the 4 warps its decode step was timed with
         warps = 8 if big else 4
     elif form == "parallel":
         BT = 32 if big else 64
