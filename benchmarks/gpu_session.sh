@@ -34,7 +34,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 ||
+install() { "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$out/install.log" 2>&1; }
+# NOTE: without build isolation the image's own setuptools builds; one older than 77 reads no SPDX
+# license string (PEP 639), so the copy here falls back to the table form it does read
+install || { sed -i 's/^license = "\(.*\)"$/license = { text = "\1" }/' pyproject.toml && install; } ||
   { echo "install failed; see install.log"; tail -20 "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" |
