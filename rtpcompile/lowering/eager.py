@@ -126,7 +126,7 @@ class _Retention(torch.autograd.Function):
         # autograd formula" if differentiated, as the op's do, where the implementation's would
         # silently drop the second-order term)
         if do is None:  # only the final state reached the loss
-            q, v = ctx.saved_tensors[0], ctx.saved_tensors[2]
+            q, _, v = ctx.saved_tensors[:3]  # NOTE: one unpack of the saved tensors
             do = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype)
         direct = not torch.is_grad_enabled() and bypasses((do, dsf))
         bwd = custom_ops.backward_impl if direct else torch.ops.rtp.retention_bwd
