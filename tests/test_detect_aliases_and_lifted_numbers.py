@@ -76,7 +76,10 @@ def test_a_copy_of_the_mask_is_not_an_alias(op_calls):
 
 
 class Leaky(nn.Module):
-    """``leak * (d < 0)``: retention only while ``leak`` is 0."""
+    """``1 + leak * (d > 0)``: retention only while ``leak`` is 0 (the diagonal stays 1, the
+    distances past it grow by 1 + leak: no decay with a row scale fits). NOTE: not ``decay +
+    leak * (d < 0)``: an exponential of positions summed with other positions declines as such
+    under a dynamic T (``exp(d - W) + (d >= 0)`` is causal at every length proven)."""
 
     def __init__(self, leak):
         super().__init__()
@@ -84,7 +87,7 @@ class Leaky(nn.Module):
 
     def forward(self, q, k, v):
         d = _distance(q.shape[2], q.dtype)
-        m = _decay(q.shape[2], q.dtype) + self.leak * (d < 0)
+        m = _decay(q.shape[2], q.dtype) * (1 + self.leak * (d > 0))
         return ((q @ k.mT) * m) @ v
 
 

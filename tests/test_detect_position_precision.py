@@ -195,13 +195,18 @@ _SOFT_STEPS = {
     "logistic": lambda d: 1 / (1 + torch.exp(d - W)),
     "double_exp": lambda d: torch.exp(-torch.exp(d - W)),
     "high_power": lambda d: torch.exp(-((d / W) ** 1000)),
+    "plus_a_step": lambda d: torch.exp(d - W) + (d >= 0),
+    "logistic_of_a_row_sum": lambda d: 1 / (1 + torch.exp(d - W).sum(-1, keepdim=True)),
+    "of_a_total": lambda d: 1 / (1 + torch.exp(d - W).sum()),
 }
 
 
 @pytest.mark.parametrize("name", sorted(_SOFT_STEPS))
 def test_a_soft_step_on_positions_is_declined(name):
     """Each factor is 1 to the float at every d the proof sees and not past d ~ 1100: a window
-    made of smooth ops. ``logistic`` was claimed: error 36.9 (eager max 274) at T = 1200."""
+    made of smooth ops. ``logistic`` was claimed: error 36.9 (eager max 274) at T = 1200; so were
+    the last three until 2026-11-25 (an exponential summed with other positions, a row sum or a
+    total shifted: the rules took a sum for a normaliser)."""
     (region,) = regions(
         Masked(lambda s, t: _decay(s, t) * _SOFT_STEPS[name](_distance(t))), *_qkv(1, 16)
     )
@@ -216,6 +221,23 @@ def test_a_soft_window_equals_eager_past_the_proven_lengths(inductor_graphs, sho
         return _decay(s, t) / (1 + torch.exp(_distance(t) - 60))
 
     _matches_eager(Masked(logistic), (12, 100))
+    assert _ops(inductor_graphs) == 0
+
+
+_SHORT_STEPS = {
+    "plus_a_step": lambda d: torch.exp(d - 60) + (d >= 0),
+    "logistic_of_a_row_sum": lambda d: 1 / (1 + torch.exp(d - 60).sum(-1, keepdim=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SHORT_STEPS))
+def test_a_soft_step_through_a_sum_equals_eager_past_the_proven_lengths(
+    inductor_graphs, short_cap, name
+):
+    """The proof sees T <= 16: before, T = 100 ran the op claimed there (``plus_a_step``: a
+    gamma read at run time past 1, an error instead of a result; ``logistic_of_a_row_sum``: a
+    wrong result)."""
+    _matches_eager(Masked(lambda s, t: _decay(s, t) * _SHORT_STEPS[name](_distance(t))), (12, 100))
     assert _ops(inductor_graphs) == 0
 
 

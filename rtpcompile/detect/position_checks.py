@@ -69,10 +69,12 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
         repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats", first)
         if isinstance(repeats, fx.Node) and is_tensor(example(repeats)):
             return f"the mask repeats positions by counts in a tensor ({name})"
-    if (base in _SHIFTS or base in _EXPS) and _soft_step(node, base, taint):
+    if base in _SHIFTS or base in _EXPS:
         # NOTE: flat to the float at every length proven, then not: ``1 + exp(d - 1100)`` is 1
         # up to d ~ 1080, ``exp(-exp(d - 1100))`` and ``exp(-(d / 1100) ** 1000)`` are windows
-        return f"the mask applies {name} to an exponential of positions (a soft step)"
+        step = _soft_step(node, base, taint)
+        if step is not None:
+            return f"the mask applies {name} to {step} (a soft step)"
     if base in _LAYOUT or base in _SCALES or base in _SHIFTS or base in _SELECTS:
         return None
     if base in _FLIPS:
@@ -95,25 +97,34 @@ def _check(node, name, data, ins, taint, position, shifted) -> str | None:
     return f"the mask applies {name} to positions (not an op that keeps a decay a decay)"
 
 
-def _soft_step(node: fx.Node, base: str, taint: dict) -> bool:
-    """An exponential of positions whose shape depends on the sizes (with a static T,
-    ``1 - 2 ** (-5 - arange(H))`` is the heads' decay, not a step) summed with a constant other
-    than 0 or with another one, or taken an exponential or power of. NOTE: a sum with other
-    positions (``decay + leak * (d < 0)``) is not taken for a step: the fit sees it."""
+def _soft_step(node: fx.Node, base: str, taint: dict) -> str | None:
+    """What the op makes a soft step of, or None: an exponential of positions whose shape
+    depends on the sizes (with a static T, ``1 - 2 ** (-5 - arange(H))`` is the heads' decay,
+    not a step), or a sum of one over a length, summed with anything but 0 (a constant, another
+    one, other positions: ``exp(d - W) + (d >= 0)`` is causal at every length proven), or taken
+    an exponential or power of. NOTE: a decay with a leak above the diagonal (``decay + leak *
+    (d < 0)``) declines here too, before the fit would see it."""
     args = [a for a in (*node.args[:2], *node.kwargs.values()) if a is not None]
-    extreme = [a for a in args if isinstance(a, fx.Node) and taint.get(a, _CLEAN).extreme]
-    if not any(_symbolic_shape(a) for a in extreme):
-        return False
+    extreme = [
+        a
+        for a in args
+        if isinstance(a, fx.Node) and (taint.get(a, _CLEAN).extreme or taint[a].extreme_sum)
+    ]
+    if not any(_symbolic_shape(a) or taint[a].extreme_sum for a in extreme):
+        return None
+    what = (
+        "a sum of exponentials of positions"
+        if any(taint[a].extreme_sum for a in extreme)
+        else "an exponential of positions"
+    )
     if base in _EXPS or len(extreme) > 1:
-        return True
+        return what
     for arg in args:
-        if isinstance(arg, fx.Node):
-            if arg not in extreme and not taint.get(arg, _CLEAN).position:
-                if not _constant_fill(arg):
-                    return True
-        elif isinstance(arg, (int, float)) and arg != 0:
-            return True
-    return False
+        if isinstance(arg, fx.Node) and arg not in extreme and not _constant_fill(arg):
+            return f"{what} and other positions" if taint.get(arg, _CLEAN).position else what
+        if isinstance(arg, (int, float)) and arg != 0:
+            return what
+    return None
 
 
 def _position_symbols(masks: list[fx.Node]) -> set:

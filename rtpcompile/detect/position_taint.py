@@ -30,6 +30,10 @@ class _Taint:
     # NaNs (nan_to_num, ``m[m != m] = 0``) would cut at that length
     extreme: bool = False
     nan_risk: bool = False
+    # NOTE: a sum or mean of an exponential of positions over a length (``exp(d - W).sum(-1)``):
+    # no NaN risk of its own (a row normaliser), but as flat at every length proven as the
+    # exponential, so shifting it is a soft step as shifting that is (``_soft_step``)
+    extreme_sum: bool = False
     # NOTE: a number computed from the sizes (``T``, ``T / 1100``, ``max(1, T / 1100)``): a
     # position once it reaches a tensor as a value; ``pending`` is why it may not (an op not on
     # the allow-list), reported only then -- a size used as a shape (``arange(max(T, 16))``,
@@ -78,6 +82,7 @@ def _merge(a: _Taint, b: _Taint) -> _Taint:
         linear,
         a.extreme or b.extreme,
         a.nan_risk or b.nan_risk,
+        a.extreme_sum or b.extreme_sum,
     )
 
 

@@ -280,6 +280,7 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
         linear=position and linear,
         extreme=any(t.extreme for t in ins) or (position and name.removesuffix("_") in _EXPS),
         nan_risk=any(t.nan_risk for t in ins) or _risks_nan(node, name, taint),
+        extreme_sum=any(t.extreme_sum for t in ins),
     )
     reason = _check(node, name, data, ins, taint, position, shifted)
     if reason is not None:
@@ -300,7 +301,14 @@ def _visit_values(view: GraphView, node: fx.Node, name: str, data: list, taint: 
         # NOTE: a row sum (a normaliser) is no exponential of positions for the NaN rule; a sum
         # of a shaped constant counts (``ones(T, T).sum(-1)`` is T, ``ones(T, T).tril().sum(-1)``
         # is i + 1, ``ones(B).sum()`` is B): positions, not linear ones (a count, a mean)
-        result = dataclasses.replace(result, extreme=False, position=True, linear=False)
+        summed = any(taint.get(a, _CLEAN).extreme and _symbolic_shape(a) for a in data)
+        result = dataclasses.replace(
+            result,
+            extreme=False,
+            position=True,
+            linear=False,
+            extreme_sum=result.extreme_sum or summed,
+        )
     if name.removesuffix("_") in _LOGS and position:
         # NOTE: a logarithm turns a scale into a shift: ``log(d / 1100) < 0`` is ``d < 1100``
         result = dataclasses.replace(result, shifted=True, linear=False)
