@@ -260,6 +260,8 @@ _LOSSY = {
     "float32_arange_start": lambda t: torch.arange(_C, _C + t, dtype=torch.float32),
     "float16": lambda t: torch.arange(t).half(),
     "int32_offset": lambda t: torch.arange(t, dtype=torch.int32) + (2**31 - 1050),
+    "float32_offset_growing_with_t": lambda t: torch.arange(t).float() + 1000 * t,
+    "float32_scaled_offset_growing_with_t": lambda t: 0.5 * torch.arange(t).float() + 1000 * t,
 }
 _EXACT = {
     "float32": lambda t: torch.arange(t).float(),
@@ -268,6 +270,7 @@ _EXACT = {
     "float32_large_negative_offset": lambda t: torch.arange(t).float() - _C,
     "float64_offset": lambda t: torch.arange(t).double() + _C,
     "int64_offset": lambda t: torch.arange(t) + (2**31 - 1050),
+    "float32_offset_growing_slowly": lambda t: torch.arange(t).float() + 2 * t,  # past 2**20
 }
 
 
@@ -292,6 +295,16 @@ def test_rounded_positions_past_the_proven_lengths_equal_eager(inductor_graphs, 
     (exact distances) before, against eager's rounded ones; now the region is declined."""
     lossy = _positions(lambda t: torch.arange(t).float() + float(2**24 - 20))
     _matches_eager(Masked(lossy), (12, 32))
+    assert _ops(inductor_graphs) == 0
+
+
+def test_an_offset_growing_with_t_past_the_proven_lengths_equals_eager(inductor_graphs, short_cap):
+    """``arange(T) + 2**18 * T`` in float32: the largest position grows by 2**18 + 1 per
+    position, its values stay 1 apart, so float32 rounds them past T = 64. The rule took the
+    growth for the spacing (exact to ~2**42): T = 100 ran the op against eager's rounded
+    distances before (found 2026-11-25)."""
+    lossy = _positions(lambda t: torch.arange(t).float() + 2**18 * t)
+    _matches_eager(Masked(lossy), (12, 100))
     assert _ops(inductor_graphs) == 0
 
 

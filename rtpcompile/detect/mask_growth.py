@@ -105,18 +105,23 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
     ``arange(T).float() + (2**24 - 1050)`` is exact up to T = 1050, and past it eager rounds the
     distances (0.5 relative error at T = 1200) where the op computes gamma ** (i - j). Each
     affine position (``affine_positions``) is measured at T = 256 and 512: its largest
-    magnitude M grows by s per position, and it stays exact while M / s (M in steps of s) is
-    below 2 / eps of its dtype (an integer dtype: M below its max), up to ``MAX_RUNTIME_T``."""
+    magnitude M grows by g per position, its values lie s apart (the smallest gap between two of
+    them), and it stays exact while M / s (M in steps of s) is below 2 / eps of its dtype (an
+    integer dtype: M below its max), up to ``MAX_RUNTIME_T``. s is measured, not taken for g:
+    ``arange(T).float() + 1000 * T`` grows by 1001 per position with its values 1 apart."""
     nodes = affine_positions(view, masks)
     probe = Sizes(seq, 0)
     t2, t3 = probe.attainable(MAX_SYMBOLIC_T // 4), probe.attainable(MAX_SYMBOLIC_T // 2)
     if not nodes or not (t2 and t3 and t2 < t3):
         return None
     largest: dict[fx.Node, list[float]] = {}
+    gaps: dict[fx.Node, float] = {}
 
     def measure(node, value):
         if node in nodes and is_tensor(value) and value.numel() and value.dtype != torch.bool:
             largest.setdefault(node, []).append(float(value.detach().abs().amax()))
+            if value.is_floating_point():
+                gaps[node] = _smallest_gap(value.detach())
         return value
 
     try:
@@ -132,18 +137,30 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
         step = (m3 - m2) / (t3 - t2)
         if not step > 0:
             continue  # NOTE: no growth with T (or NaN): what the proof saw
-        exact = 2 * step / torch.finfo(dtype).eps if dtype.is_floating_point else None
+        spacing = min(step, gaps.get(node, step))
+        exact = 2 * spacing / torch.finfo(dtype).eps if dtype.is_floating_point else None
         limit = exact if exact is not None else float(torch.iinfo(dtype).max)
         lost = t3 + (limit - m3) / step
         if lost <= MAX_RUNTIME_T:
             kind, what = str(dtype).removeprefix("torch."), "rounds" if exact else "overflows"
             return (
                 f"{node.name} holds positions in {kind} that grow with T ({m3:.6g} at T={t3}, "
-                f"{step:.3g} per position): past T={max(lost, 0):.0f} {kind} {what} them, where "
+                f"{step:.3g} more per position{_apart(spacing, step)}): past "
+                f"T={max(lost, 0):.0f} {kind} {what} them, where "
                 "eager's distances are off and the op's would not be: compute the positions as "
                 "int64 or float64 (a dynamic T)"
             )
     return None
+
+
+def _apart(spacing: float, step: float) -> str:
+    return f", {spacing:.3g} apart" if spacing < step else ""
+
+
+def _smallest_gap(value: torch.Tensor) -> float:
+    """The smallest distance between two distinct finite values of ``value`` (inf if none)."""
+    distinct = torch.unique(value[torch.isfinite(value)].double())
+    return float(distinct.diff().min()) if distinct.numel() > 1 else float("inf")
 
 
 def _constant_root(node: fx.Node) -> fx.Node | None:
