@@ -105,10 +105,11 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
     ``arange(T).float() + (2**24 - 1050)`` is exact up to T = 1050, and past it eager rounds the
     distances (0.5 relative error at T = 1200) where the op computes gamma ** (i - j). Each
     affine position (``affine_positions``) is measured at T = 256 and 512: its largest
-    magnitude M grows by g per position, its values lie s apart (the smallest gap between two of
-    them), and it stays exact while M / s (M in steps of s) is below 2 / eps of its dtype (an
-    integer dtype: M below its max), up to ``MAX_RUNTIME_T``. s is measured, not taken for g:
-    ``arange(T).float() + 1000 * T`` grows by 1001 per position with its values 1 apart."""
+    magnitude M grows by g per position, its values lie s apart (the smallest step between
+    neighbours along a position axis), and it stays exact while M / s (M in steps of s) is
+    below 2 / eps of its dtype (an integer dtype: M below its max), up to ``MAX_RUNTIME_T``.
+    s is measured, not taken for g: ``arange(T).float() + 1000 * T`` grows by 1001 per
+    position with its values 1 apart."""
     nodes = affine_positions(view, masks)
     probe = Sizes(seq, 0)
     t2, t3 = probe.attainable(MAX_SYMBOLIC_T // 4), probe.attainable(MAX_SYMBOLIC_T // 2)
@@ -121,7 +122,7 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
         if node in nodes and is_tensor(value) and value.numel() and value.dtype != torch.bool:
             largest.setdefault(node, []).append(float(value.detach().abs().amax()))
             if value.is_floating_point():
-                gaps[node] = _smallest_gap(value.detach())
+                gaps[node] = _smallest_step(value.detach(), example(node))
         return value
 
     try:
@@ -157,10 +158,18 @@ def _apart(spacing: float, step: float) -> str:
     return f", {spacing:.3g} apart" if spacing < step else ""
 
 
-def _smallest_gap(value: torch.Tensor) -> float:
-    """The smallest distance between two distinct finite values of ``value`` (inf if none)."""
-    distinct = torch.unique(value[torch.isfinite(value)].double())
-    return float(distinct.diff().min()) if distinct.numel() > 1 else float("inf")
+def _smallest_step(value: torch.Tensor, like) -> float:
+    """The smallest distance between neighbours along the dims whose sizes vary with the sizes
+    (the positions' axes; inf if none): ``d * log2(gamma_h)`` of [H, T, T] steps by each head's
+    log2(gamma_h) along T, while two heads' values may lie closer than that."""
+    smallest = float("inf")
+    for dim, size in enumerate(like.shape if is_tensor(like) else ()):
+        if isinstance(size, torch.SymInt) and value.shape[dim] > 1:
+            steps = value.double().diff(dim=dim).abs()
+            steps = steps[torch.isfinite(steps) & (steps > 0)]
+            if steps.numel():
+                smallest = min(smallest, float(steps.min()))
+    return smallest
 
 
 def _constant_root(node: fx.Node) -> fx.Node | None:
