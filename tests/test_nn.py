@@ -408,3 +408,14 @@ def test_chunk_step_equals_the_token_loop(T):
     g2 = torch.autograd.grad(sum(x.sin().sum() for x in want), leaves)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("mult", "dim", "hidden"),
+    [(2.2, 200, 440), (7 / 3, 216, 504), (9 / 7, 168, 216), (2.2, 360, 792), (8 / 3, 32, 88)],
+)
+def test_the_mlp_width_is_the_exact_product_rounded_up_to_8(mult, dim, hidden):
+    """``8 * ceil(2.2 * 200 / 8)`` was 448: 2.2 * 200 is 440.00000000000006 in float."""
+    from rtpcompile.nn.block import FeedForward
+
+    assert FeedForward(dim, mult).hidden == hidden

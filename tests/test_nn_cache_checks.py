@@ -298,3 +298,33 @@ def test_own_tensors_copies_every_tensor_and_decoding_goes_on_exactly(layout):
         got = lm(ids[:, t : t + 1], cache=owned.own_tensors())
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert owned.seq_len == plain.seq_len == 7
+
+
+# -- a call that raises part-way leaves the cache as it was (found 2026-11-25) ---------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["A", "B", "C"])
+def test_a_call_that_raises_in_a_later_layer_leaves_the_cache_unchanged(layout):
+    """The layers before the failing one had already replaced their state or keys while
+    ``seq_len`` stayed: a retry ran the chunk through them twice (layout B: logits off by 0.28,
+    no error). Now the retry equals the full forward."""
+    model = _lm(layout)
+    ids = _ids(length=14)
+    full = model(ids)
+    cache = model.new_cache(2)
+    first = model(ids[:, :9], cache=cache)
+    before = [(lc.state, lc.keys, lc.values) for lc in cache.layers]
+
+    def out_of_memory(module, args):
+        raise RuntimeError("simulated out of memory")
+
+    hook = model.blocks[-1].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        model(ids[:, 9:], cache=cache)
+    hook.remove()
+    assert cache.seq_len == 9
+    for lc, old in zip(cache.layers, before, strict=True):
+        assert all(a is b for a, b in zip((lc.state, lc.keys, lc.values), old, strict=True))
+    rest = model(ids[:, 9:], cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-10, atol=1e-12)

@@ -41,7 +41,9 @@ class FeedForward(nn.Module):
         super().__init__()
         check_choice("ffn", kind, FFNS)
         check_positive_number("ffn_mult", ffn_mult)
-        hidden = 8 * math.ceil(ffn_mult * dim / 8)
+        # NOTE: rounded to 6 decimals first: 2.2 * 200 is 440.00000000000006 in binary floating
+        # point, which rounded up to 448
+        hidden = 8 * math.ceil(round(ffn_mult * dim, 6) / 8)
         self.kind, self.hidden = kind, hidden
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(dim, hidden, bias=bias) if kind == "swiglu" else None
