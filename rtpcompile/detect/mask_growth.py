@@ -104,25 +104,28 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
     NOTE: float32 holds the integers up to 2**24 exactly (float16 2048, bfloat16 256):
     ``arange(T).float() + (2**24 - 1050)`` is exact up to T = 1050, and past it eager rounds the
     distances (0.5 relative error at T = 1200) where the op computes gamma ** (i - j). Each
-    affine position (``affine_positions``) is measured at T = 256 and 512: its largest
-    magnitude M grows by g per position, its values lie s apart (the smallest step between
-    neighbours along a position axis), and it stays exact while M / s (M in steps of s) is
-    below 2 / eps of its dtype (an integer dtype: M below its max), up to ``MAX_RUNTIME_T``.
-    s is measured, not taken for g: ``arange(T).float() + 1000 * T`` grows by 1001 per
-    position with its values 1 apart."""
+    affine position (``affine_positions``) is measured at T = 256 and 512. A float one: R, the
+    largest magnitude of a value in steps of its neighbour along a position axis (``arange(T) +
+    C``: C + T; ``d * log2(gamma_h)`` of [H, T, T]: T, each head in its own steps), grows by r
+    per position, and it stays exact while R is below 2 / eps of its dtype, up to
+    ``MAX_RUNTIME_T``. Not the largest magnitude over its growth: ``arange(T) + 1000 * T``
+    grows by 1001 per position with its values 1 apart. An integer one: its largest magnitude
+    below the dtype's max."""
     nodes = affine_positions(view, masks)
     probe = Sizes(seq, 0)
     t2, t3 = probe.attainable(MAX_SYMBOLIC_T // 4), probe.attainable(MAX_SYMBOLIC_T // 2)
     if not nodes or not (t2 and t3 and t2 < t3):
         return None
-    largest: dict[fx.Node, list[float]] = {}
-    gaps: dict[fx.Node, float] = {}
+    measured: dict[fx.Node, list[float]] = {}
 
     def measure(node, value):
         if node in nodes and is_tensor(value) and value.numel() and value.dtype != torch.bool:
-            largest.setdefault(node, []).append(float(value.detach().abs().amax()))
+            value = value.detach()
             if value.is_floating_point():
-                gaps[node] = _smallest_step(value.detach(), example(node))
+                size = _in_steps(value, example(node))
+            else:
+                size = float(value.abs().amax())
+            measured.setdefault(node, []).append(size)
         return value
 
     try:
@@ -131,45 +134,44 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
                 evaluate(view, masks, inputs, Sizes(seq, t), hook=measure)
     except Exception:  # noqa: BLE001 - the proof evaluated it; nothing more to tell here
         return None
-    for node in view.sorted(set(largest)):
-        if len(largest[node]) != 2:
+    for node in view.sorted(set(measured)):
+        if len(measured[node]) != 2:
             continue
-        (m2, m3), dtype = largest[node], example(node).dtype
+        (m2, m3), dtype = measured[node], example(node).dtype
         step = (m3 - m2) / (t3 - t2)
         if not step > 0:
             continue  # NOTE: no growth with T (or NaN): what the proof saw
-        spacing = min(step, gaps.get(node, step))
-        exact = 2 * spacing / torch.finfo(dtype).eps if dtype.is_floating_point else None
-        limit = exact if exact is not None else float(torch.iinfo(dtype).max)
+        floating = dtype.is_floating_point
+        limit = 2 / torch.finfo(dtype).eps if floating else float(torch.iinfo(dtype).max)
         lost = t3 + (limit - m3) / step
         if lost <= MAX_RUNTIME_T:
-            kind, what = str(dtype).removeprefix("torch."), "rounds" if exact else "overflows"
+            kind = str(dtype).removeprefix("torch.")
+            what = "steps between neighbours" if floating else "in magnitude"
             return (
-                f"{node.name} holds positions in {kind} that grow with T ({m3:.6g} at T={t3}, "
-                f"{step:.3g} more per position{_apart(spacing, step)}): past "
-                f"T={max(lost, 0):.0f} {kind} {what} them, where "
-                "eager's distances are off and the op's would not be: compute the positions as "
-                "int64 or float64 (a dynamic T)"
+                f"{node.name} holds positions in {kind} that grow with T ({m3:.6g} {what} at "
+                f"T={t3}, {step:.3g} more per position): past T={max(lost, 0):.0f} {kind} "
+                f"{'rounds' if floating else 'overflows'} them, where eager's distances are off "
+                "and the op's would not be: compute the positions as int64 or float64 (a "
+                "dynamic T)"
             )
     return None
 
 
-def _apart(spacing: float, step: float) -> str:
-    return f", {spacing:.3g} apart" if spacing < step else ""
-
-
-def _smallest_step(value: torch.Tensor, like) -> float:
-    """The smallest distance between neighbours along the dims whose sizes vary with the sizes
-    (the positions' axes; inf if none): ``d * log2(gamma_h)`` of [H, T, T] steps by each head's
-    log2(gamma_h) along T, while two heads' values may lie closer than that."""
-    smallest = float("inf")
+def _in_steps(value: torch.Tensor, like) -> float:
+    """The largest magnitude of a value in steps of its neighbour along the dims whose sizes
+    vary with the sizes (the positions' axes; 0 if none)."""
+    largest = 0.0
     for dim, size in enumerate(like.shape if is_tensor(like) else ()):
         if isinstance(size, torch.SymInt) and value.shape[dim] > 1:
-            steps = value.double().diff(dim=dim).abs()
-            steps = steps[torch.isfinite(steps) & (steps > 0)]
-            if steps.numel():
-                smallest = min(smallest, float(steps.min()))
-    return smallest
+            x = value.double()
+            ends = torch.maximum(
+                x.narrow(dim, 0, x.shape[dim] - 1).abs(), x.narrow(dim, 1, x.shape[dim] - 1).abs()
+            )
+            steps = x.diff(dim=dim).abs()
+            keep = torch.isfinite(steps) & torch.isfinite(ends) & (steps > 0)
+            if keep.any():
+                largest = max(largest, float((ends[keep] / steps[keep]).amax()))
+    return largest
 
 
 def _constant_root(node: fx.Node) -> fx.Node | None:
