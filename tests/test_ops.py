@@ -377,13 +377,14 @@ def test_compiles_fullgraph_dynamic():
 
 
 def test_gamma_is_checked_once_per_version(monkeypatch):
-    """A gamma that passed is not re-checked until it changes in place (a decode loop's
-    steps), on any device."""
+    """On an accelerator (meta stands in), a gamma that takes no gradient and passed is not
+    re-checked until it changes in place (a decode loop's steps); on CPU, and for a gamma that
+    takes a gradient, every call (see the fused optimizer test below)."""
     from rtpcompile.lowering import validate
 
     checked = []
     monkeypatch.setattr(validate, "_check_gamma_values", checked.append)
-    for device, expected in (("meta", [1, 1, 2, 2]), ("cpu", [1, 1, 2, 2])):
+    for device, expected in (("meta", [1, 1, 2, 2]), ("cpu", [1, 2, 3, 4])):
         checked.clear()
         gamma = torch.full((3,), 0.9, device=device)
         counts = []
@@ -396,9 +397,65 @@ def test_gamma_is_checked_once_per_version(monkeypatch):
         other = torch.full((3,), 0.9, device=device)  # another tensor is checked on its own
         validate.check_gamma_values(other)
         assert len(checked) == expected[-1] + 1
+    checked.clear()
+    learnable = torch.full((3,), 0.9, device="meta", requires_grad=True)
+    for _ in range(3):
+        validate.check_gamma_values(learnable)
+    assert len(checked) == 3
     with torch.inference_mode():  # inference tensors have no version: checked every call
         gamma = torch.full((3,), 0.9, device="meta")
         checked.clear()
         for _ in range(2):
             validate.check_gamma_values(gamma)
         assert len(checked) == 2
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_a_gamma_a_fused_optimizer_moved_out_of_range_is_refused(optimizer):
+    """A fused optimizer writes the parameter in place without bumping its version: the next
+    call ran the moved gamma unchecked (a negative one as 0, one above 1 growing the output
+    to ~7e18), found 2026-11-25."""
+    gen = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(1, 2, 6, d, generator=gen) for d in (3, 4))
+    gamma = torch.nn.Parameter(torch.tensor([0.5, 0.9]))
+    opt = getattr(torch.optim, optimizer)([gamma], lr=10.0, fused=True)
+    (-100 * ops.retention(q, q, v, gamma).sum()).backward()
+    opt.step()
+    assert gamma._version == 0  # torch's fused step; if it ever bumps, this test still holds
+    assert not 0 <= gamma.min() <= gamma.max() <= 1
+    with pytest.raises(ValueError, match="gamma values must lie in"):
+        ops.retention(q, q, v, gamma)
+
+
+def test_a_gamma_parameter_can_be_swapped_after_a_call():
+    """``module.to`` under ``set_swap_module_params_on_conversion`` swaps the parameter, which
+    ``torch.utils.swap_tensors`` refuses while it has a weak reference: the check's cache held
+    one after the first call."""
+    q, v = torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 4)
+    gamma = torch.nn.Parameter(torch.tensor([0.5, 0.9]))
+    ops.retention(q, q, v, gamma)
+    torch.utils.swap_tensors(gamma, torch.nn.Parameter(torch.tensor([0.4, 0.8])))
+    torch.testing.assert_close(gamma.detach(), torch.tensor([0.4, 0.8]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scale": 10**400}, "scale must be a finite number, got an int of 1329 bits"),
+        ({"scale": torch.tensor(True)}, "got a torch.bool tensor"),
+        ({"scale": torch.tensor(1 + 0j)}, "got a torch.complex64 tensor"),
+        ({"scale": torch.tensor(0.5, device="meta")}, "got a meta torch.float32 tensor"),
+        ({"chunk_size": torch.tensor(True)}, "chunk_size must be a positive int"),
+        ({"chunk_size": torch.tensor([3])}, "chunk_size must be a positive int"),
+        ({"gamma": 10**400}, "gamma must be a number in"),
+        ({"gamma": -(10**400)}, "gamma must be a number in"),
+    ],
+)
+def test_odd_scalars_are_refused_with_a_value_error(kwargs, match):
+    """Each was an OverflowError, a RuntimeError from ``.item()``, or accepted (a bool or complex
+    tensor scale as 1, ``tensor([3])`` as a chunk size), found 2026-11-25."""
+    q, v = torch.randn(1, 2, 9, 3), torch.randn(1, 2, 9, 4)
+    args = {"gamma": torch.tensor([0.5, 0.9]), "form": "chunkwise", **kwargs}
+    gamma = args.pop("gamma")
+    with pytest.raises(ValueError, match=match):
+        ops.retention(q, q, v, gamma, **args)

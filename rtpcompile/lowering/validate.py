@@ -115,7 +115,7 @@ def check_gamma(gamma, q) -> torch.Tensor:
     if isinstance(gamma, bool):
         raise ValueError(f"gamma must be a number in [0, 1] or a [{H}] tensor, got {gamma!r}")
     if isinstance(gamma, numbers.Real):
-        if not 0.0 <= float(gamma) <= 1.0:
+        if not 0.0 <= _as_float(gamma, "gamma must be a number in [0, 1]") <= 1.0:
             raise ValueError(gamma_range_error([float(gamma)]))
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.full((H,), float(gamma), device=q.device, dtype=dtype)
@@ -135,9 +135,20 @@ def check_gamma(gamma, q) -> torch.Tensor:
 
 
 def check_gamma_values(gamma: torch.Tensor) -> None:
-    """gamma in [0, 1]: a ValueError on CPU, a device-side assertion elsewhere; once per tensor
-    and version (``_CHECKED``), nothing while tracing or capturing."""
-    if _values_checkable(gamma) and not _checked_before(gamma):
+    """gamma in [0, 1]: a ValueError on CPU, a device-side assertion elsewhere; nothing while
+    tracing or capturing.
+
+    NOTE: on CPU at every call (H numbers in Python, ~1 us). On an accelerator once per tensor
+    and version (``_CHECKED``) for a gamma that takes no gradient (a buffer, a constant); one that
+    does is what an optimizer updates, and a fused optimizer (``Adam(fused=True)``) writes it in
+    place without bumping its version: checked at every call, and never given the weak
+    reference the cache keeps (``torch.utils.swap_tensors``, which ``module.to`` uses under
+    ``set_swap_module_params_on_conversion``, refuses to swap a parameter that has one)."""
+    if not _values_checkable(gamma):
+        return
+    if gamma.device.type == "cpu" or gamma.requires_grad:
+        _check_gamma_values(gamma.detach())
+    elif not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
         _remember_checked(gamma)  # NOTE: after the check: a gamma that failed is checked again
 
@@ -162,14 +173,27 @@ def check_scale(scale, K: int) -> float:
         check_scale_tensor(scale)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    value = float(scale)
+    value = _as_float(scale, "scale must be a finite number")
     if not _finite(value):
         raise ValueError(f"scale must be a finite number or None, got {value}")
     return value
 
 
+def _as_float(number, expected: str) -> float:
+    """``float(number)``, with a ValueError for an int too large for a float (``10**400``)."""
+    try:
+        return float(number)
+    except OverflowError:
+        raise ValueError(f"{expected}, got an int of {number.bit_length()} bits") from None
+
+
 def check_scale_tensor(scale: torch.Tensor) -> None:
-    """A tensor scale holds one number and takes no gradient."""
+    """A tensor scale holds one real number with a value (not on meta) and takes no gradient."""
+    if scale.dtype == torch.bool or scale.is_complex() or scale.is_meta:
+        raise ValueError(
+            "scale must be a finite number or None, got a "
+            f"{'meta ' if scale.is_meta else ''}{scale.dtype} tensor"
+        )
     if scale.requires_grad or scale.numel() != 1:
         raise ValueError(
             "scale must be a Python number (a learnable scale is not supported: scale q "
@@ -216,12 +240,12 @@ def _consistent(q, k, v, state) -> bool:
     return state.shape == shape and state.is_floating_point() and state.device == device
 
 
-# NOTE: id(gamma) -> (weak reference, version counter) of the gammas already checked. A decode
-# loop passes the same gamma every step; re-checking it costs ~5 small ops per call (kernel
-# launches on an accelerator). Any in-place change (an optimizer step) bumps the version, so a
-# learnable gamma is re-checked after each update (a write through ``.data`` does not, like
-# autograd's own checks). Keyed by id with the weak reference confirming identity: a
-# WeakKeyDictionary would compare tensors with ==.
+# NOTE: id(gamma) -> (weak reference, version counter) of the accelerator gammas without a
+# gradient already checked. A decode loop passes the same gamma every step; re-checking it costs
+# ~5 small kernel launches per call. An in-place change bumps the version (a write through
+# ``.data`` does not, like autograd's own checks; a learnable gamma, which a fused optimizer
+# writes without a new version, is not cached at all). Keyed by id with the weak reference
+# confirming identity: a WeakKeyDictionary would compare tensors with ==.
 _CHECKED: dict[int, tuple[weakref.ref, int]] = {}
 _CHECKED_MAX = 256
 
@@ -297,7 +321,12 @@ def check_chunk_size(chunk_size) -> int:
             f"while tracing): pass int(chunk_size), got a {chunk_size.dtype} tensor"
         )
     value = None
-    if not isinstance(chunk_size, bool):
+    # NOTE: a tensor's __index__ takes any one-element integer or bool tensor (``tensor([3])``,
+    # ``tensor(True)``): only an integer scalar counts, as a numpy one does
+    scalar = not isinstance(chunk_size, torch.Tensor) or (
+        chunk_size.dim() == 0 and chunk_size.dtype != torch.bool
+    )
+    if not isinstance(chunk_size, bool) and scalar:
         try:
             value = operator.index(chunk_size)
         except TypeError:
