@@ -319,12 +319,13 @@ def test_a_call_that_raises_in_a_later_layer_leaves_the_cache_unchanged(layout):
     def out_of_memory(module, args):
         raise RuntimeError("simulated out of memory")
 
-    hook = model.blocks[-1].register_forward_pre_hook(out_of_memory)
-    with pytest.raises(RuntimeError, match="simulated out of memory"):
-        model(ids[:, 9:], cache=cache)
-    hook.remove()
-    assert cache.seq_len == 9
-    for lc, old in zip(cache.layers, before, strict=True):
-        assert all(a is b for a, b in zip((lc.state, lc.keys, lc.values), old, strict=True))
+    for where in (model.blocks[-1], model.norm):  # the last layer, or after every layer
+        hook = where.register_forward_pre_hook(out_of_memory)
+        with pytest.raises(RuntimeError, match="simulated out of memory"):
+            model(ids[:, 9:], cache=cache)
+        hook.remove()
+        assert cache.seq_len == 9
+        for lc, old in zip(cache.layers, before, strict=True):
+            assert all(a is b for a, b in zip((lc.state, lc.keys, lc.values), old, strict=True))
     rest = model(ids[:, 9:], cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-10, atol=1e-12)

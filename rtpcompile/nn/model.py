@@ -143,30 +143,30 @@ class RTPHybridLM(nn.Module):
         With ``cache`` the tokens continue the cached sequence at position ``cache.seq_len``
         and the cache is updated: an empty cache is prefilled (parallel retention, full K/V),
         a filled one is extended (recurrent retention, appended K/V). A call that raises
-        (an out-of-memory error in a later layer, an interrupt) leaves the cache as it was, so
-        the same call can be retried.
+        (an out-of-memory error in a later layer or the head, an interrupt) leaves the cache as
+        it was, so the same call can be retried.
         """
         _check_input_ids(input_ids)
-        offset = 0
-        if cache is not None:
-            _check_cache(cache, input_ids, self.layer_types)
-            offset = cache.seq_len
-        x = self.embed(input_ids)
         if cache is None:
-            for block in self.blocks:
-                x = block(x, None, offset)
-        else:
-            # NOTE: each layer replaces its cache's tensors (never writes into them): keeping
-            # the old references is the whole undo
-            before = [(lc.state, lc.keys, lc.values) for lc in cache.layers]
-            try:
-                for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
-                    x = block(x, layer_cache, offset)
-            except BaseException:
-                for lc, (state, keys, values) in zip(cache.layers, before, strict=True):
-                    lc.state, lc.keys, lc.values = state, keys, values
-                raise
-            cache.seq_len += input_ids.shape[1]
+            return self._logits(input_ids, [None] * len(self.blocks), 0)
+        _check_cache(cache, input_ids, self.layer_types)
+        offset = cache.seq_len
+        # NOTE: each layer replaces its cache's tensors (never writes into them): keeping the
+        # old references is the whole undo, for a failure in any layer or in the head
+        before = [(lc.state, lc.keys, lc.values) for lc in cache.layers]
+        try:
+            logits = self._logits(input_ids, cache.layers, offset)
+        except BaseException:
+            for lc, (state, keys, values) in zip(cache.layers, before, strict=True):
+                lc.state, lc.keys, lc.values = state, keys, values
+            raise
+        cache.seq_len += input_ids.shape[1]
+        return logits
+
+    def _logits(self, input_ids: Tensor, layer_caches: list, offset) -> Tensor:
+        x = self.embed(input_ids)
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
+            x = block(x, layer_cache, offset)
         x = self.norm(x)
         if self.lm_head is None:
             return F.linear(x, self.embed.weight)
