@@ -192,6 +192,25 @@ def test_new_cache_after_undo_is_refused():
     assert isinstance(again.new_cache().layers[0], RetentionCacheLayer)
 
 
+def test_each_handle_builds_the_cache_of_the_layers_retention_now():
+    """Two retrofits, the first undone: the second's cache kept a retention slot for layer 0,
+    attention again, whose keys nothing counted (prefill + decode off by 0.35). And the first
+    handle's cache, before that, lacked the second's layer 1."""
+    model = tiny("llama")
+    first = retrofit(model, placement=[0])
+    second = retrofit(model, placement=[1])
+    assert first.retention_cache_layers() == second.retention_cache_layers() == [0, 1]
+    first.undo()
+    assert first.retention_cache_layers() == second.retention_cache_layers() == [1]
+    x = ids(2, length=12)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = second.new_cache()
+        steps = [model(x[:, :8], past_key_values=cache).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
 def test_cache_reused_with_another_batch_size_names_both():
     model = tiny("llama", dtype=torch.float32)
     handle = retrofit(model, ratio=0.5)

@@ -59,6 +59,26 @@ def test_a_decay_close_to_one_keeps_float64_precision():
     assert gamma.dtype == torch.float64 and gamma[1] < 1
 
 
+@pytest.mark.parametrize("decay", [[0.9, float("nan")], lambda n: torch.full((n,), float("nan"))])
+def test_a_nan_decay_is_refused_at_retrofit(decay):
+    """NaN passed ``(g <= 0) | (g >= 1)``: the first forward failed deep in the op instead,
+    with a message about a learnable decay."""
+    with pytest.raises(ValueError, match=r"decay values must lie in \(0, 1\), got .*nan"):
+        resolve_decay(decay, 2)
+
+
+def test_layer_indices_from_numpy_or_torch_are_indices():
+    """``np.int64(1)`` was "out of range for 4 attention layers (expected 0..3)"."""
+    np = pytest.importorskip("numpy")
+    assert select_layers(4, 0.5, list(np.arange(4)[1::2])) == [1, 3]
+    assert select_layers(4, 0.5, [torch.tensor(1), np.int32(-1)]) == [1, 3]
+    for bad in (1.0, True, torch.tensor(True), "1"):
+        with pytest.raises(ValueError, match="layer indices must be integers"):
+            select_layers(4, 0.5, [bad])
+    with pytest.raises(ValueError, match="layer index 4 is out of range"):
+        select_layers(4, 0.5, [np.int64(4)])
+
+
 class Attention(nn.Module):
     """A plain attention the generic converter takes (picked with a predicate)."""
 

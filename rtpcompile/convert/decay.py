@@ -45,7 +45,7 @@ def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: i
                 f"{total} heads retention"
             )
         raise ValueError(f"decay must give {num_heads} values ({which}), got {gamma.numel()}")
-    if bool(((gamma <= 0) | (gamma >= 1)).any()):
+    if not bool(((gamma > 0) & (gamma < 1)).all()):  # NOTE: NaN fails both comparisons
         raise ValueError(f"decay values must lie in (0, 1), got {gamma.tolist()}")
     return gamma
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 
@@ -56,10 +57,24 @@ def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
 
 
 def _explicit(num_layers: int, indices: list) -> list[int]:
+    found = []
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -num_layers <= i < num_layers:
+        # NOTE: operator.index takes numpy and 0-d torch integers (``np.arange(4)[1::2]``), not
+        # floats; a bool is refused as an index
+        index = None
+        if not isinstance(i, bool) and "bool" not in str(getattr(i, "dtype", "")):
+            try:
+                index = operator.index(i)
+            except TypeError:
+                pass
+        if index is None:
             raise ValueError(
-                f"layer index {i!r} is out of range for {num_layers} attention layers "
+                f"layer indices must be integers, got {i!r} of type {type(i).__name__}"
+            )
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"layer index {index} is out of range for {num_layers} attention layers "
                 f"(expected 0..{num_layers - 1})"
             )
-    return sorted({i % num_layers for i in indices})
+        found.append(index)
+    return sorted({i % num_layers for i in found})

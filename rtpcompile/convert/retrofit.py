@@ -49,9 +49,12 @@ class RetrofitHandle:
         self._originals: dict[int, nn.Module] = {}
         self.active = True
 
-    def _swap(self, site: AttentionSite, new: nn.Module) -> nn.Module:
+    def _parent(self, site: AttentionSite) -> tuple[nn.Module, str]:
         parent_name, attr = site.parent_and_attr
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+
+    def _swap(self, site: AttentionSite, new: nn.Module) -> nn.Module:
+        parent, attr = self._parent(site)
         old = getattr(parent, attr)
         setattr(parent, attr, new)
         return old
@@ -69,10 +72,17 @@ class RetrofitHandle:
         return [p for m in self.modules.values() for p in m.new_parameters()]
 
     def retention_cache_layers(self) -> list[int]:
-        """Cache indices of every retention layer, the earlier retrofits' included (after
-        ``undo()`` only those: this handle's layers are attention again)."""
-        mine = self.converted if self.active else []
-        return [self.sites[i].cache_index for i in sorted({*self.earlier, *mine})]
+        """Cache indices of the layers that are retention now: this handle's (until
+        ``undo()``), an earlier and a later retrofit's, read off the model.
+
+        NOTE: not from ``earlier``: another handle's ``undo()`` turns its layers back into
+        attention (a cache that kept a retention slot there stored the layer's keys where
+        nothing counted them: logits off by 0.35 until 2026-11-25)."""
+        return [
+            site.cache_index
+            for site in self.sites
+            if isinstance(getattr(*self._parent(site)), RetrofitRetention)
+        ]
 
     def new_cache(self):
         """An empty ``RetrofitCache`` for ``model(..., past_key_values=)`` / ``generate``.
