@@ -187,3 +187,52 @@ def test_distill_stops_at_a_non_finite_loss_before_updating(monkeypatch):
     with pytest.raises(FloatingPointError, match="stage 1 loss is nan at step 1"):
         distill(model, teacher, _ids(), stage1_steps=3, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class LlamaShaped(nn.Module):
+    """q/k/v/o_proj and head_dim: the llama family, found without a predicate."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, attn_mask=None):
+        return self.o_proj(self.v_proj(x)), None
+
+
+class VisionAttention(LlamaShaped):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        return self.o_proj(self.v_proj(hidden_states)), None
+
+
+def _skipped(model):
+    from rtpcompile.convert.find import survey
+
+    sites, skipped = survey(model)
+    return [s.name for s in sites], {s.name: s.reason for s in skipped}
+
+
+def test_a_llama_shaped_module_with_arguments_it_would_lose_is_kept():
+    """``forward(x, attn_mask)``: converted with Hugging Face's signature, ``attn_mask=`` was
+    dropped silently and a positional mask taken for the rotary (cos, sin), found 2026-11-25."""
+    sites, skipped = _skipped(nn.ModuleDict({"a": LlamaShaped()}))
+    assert sites == [] and "its forward takes attn_mask" in skipped["a"]
+
+
+def test_a_vision_towers_attention_is_kept():
+    """Mllama's and Llama 4's vision attention have no ``is_causal``: converted to causal
+    retention until 2026-11-25 (any image forward then failed)."""
+    sites, skipped = _skipped(nn.ModuleDict({"v": VisionAttention()}))
+    assert sites == [] and "vision tower" in skipped["v"]
+
+
+def test_an_attention_shared_by_two_parents_is_kept():
+    """``named_modules()`` lists a shared module once: retrofit swapped it in its first parent
+    only and reported every layer converted."""
+    shared = nn.MultiheadAttention(16, 2, batch_first=True)
+    model = nn.ModuleList([nn.ModuleDict({"attn": shared}), nn.ModuleDict({"attn": shared})])
+    sites, skipped = _skipped(model)
+    assert sites == [] and "shared by 2 parents" in skipped["0.attn"]
+    with pytest.raises(ValueError, match="shared by 2 parents"):
+        retrofit(model, ratio=1.0)

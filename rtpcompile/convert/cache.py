@@ -161,6 +161,15 @@ if CacheLayerMixin is not None:
             for idx in retention_layers:
                 layer_slot(self, idx)
 
+        def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kw):
+            """A kept attention layer's K/V: refused with the converted layers' message when its
+            batch differs from the cache's (``torch.cat`` failed first when attention layers
+            come before the converted ones, ``placement="back"``)."""
+            for layer in self.layers:
+                if isinstance(layer, RetentionCacheLayer):
+                    layer.check_batch(key_states.shape[0])
+            return super().update(key_states, value_states, layer_idx, *args, **kw)
+
         def crop(self, tokens_to_remove: int) -> None:
             """Refused, before any layer is cropped (``Cache.crop`` walks the layers in order,
             so the attention layers before the first retention one were cut first)."""

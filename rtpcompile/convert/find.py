@@ -11,6 +11,8 @@ already converted are recognised as retention. Nothing here mutates the model.
 
 from __future__ import annotations
 
+import collections
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -107,6 +109,8 @@ def survey(
     sites: list[AttentionSite] = []
     skipped: list[SkippedAttention] = []
     taken: list[str] = []
+    # NOTE: named_modules() lists a module shared by two parents once (cross-layer sharing)
+    paths = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in taken):
             continue
@@ -126,7 +130,12 @@ def survey(
                 )
             continue
         taken.append(name)
-        reason = why_not_convert(model, name, module) or _width_problem(module, family)
+        reason = (
+            why_not_convert(model, name, module)
+            or _shared(paths[id(module)])
+            or _width_problem(module, family)
+            or _unread_arguments(module, family)
+        )
         if reason is not None:
             if picked:
                 raise ValueError(
@@ -192,7 +201,58 @@ def why_not_convert(model: nn.Module, name: str, module: nn.Module) -> str | Non
             "is_causal=False (bidirectional attention, e.g. an encoder or a vision tower); "
             "retention is causal: every position would lose its view of later positions"
         )
+    if _vision(module):
+        return (
+            f"{type(module).__name__} is a vision tower's attention (bidirectional over an "
+            "image's patches); retention is causal"
+        )
     return None
+
+
+def _vision(module: nn.Module) -> bool:
+    """A vision tower's attention by name (Mllama's and Llama 4's have no ``is_causal``)."""
+    config = type(getattr(module, "config", None)).__name__
+    return "vision" in type(module).__name__.lower() or config.endswith("VisionConfig")
+
+
+def _shared(paths: int) -> str | None:
+    if paths < 2:
+        return None
+    return (
+        f"the module is shared by {paths} parents (cross-layer sharing): a converted module "
+        "would replace it at one of them only, and one retention state cannot serve two layers"
+    )
+
+
+# what a converted Llama-style layer reads (or refuses: cross-attention inputs) besides the
+# hidden states and ``**kwargs``: Hugging Face's attention signature
+_LLAMA_ARGUMENTS = {
+    "position_embeddings", "attention_mask", "past_key_values", "past_key_value", "cache",
+    "layer_past", "cache_position", "position_ids", "output_attentions", "use_cache",
+    "cross_attention_states", "key_value_states", "encoder_hidden_states",
+}  # fmt: skip
+
+
+def _unread_arguments(module: nn.Module, family: str) -> str | None:
+    """The named arguments of a Llama-shaped module's forward that its converted layer would
+    not read (a mask under its own name, Gemma 3n's ``shared_kv_states``), or None."""
+    if family != "llama":
+        return None
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    unread = [p.name for p in parameters if p.kind not in variadic]
+    unread = [name for name in unread if name not in _LLAMA_ARGUMENTS]
+    if not unread:
+        return None
+    return (
+        f"its forward takes {', '.join(unread)}, which a converted Llama-style layer (Hugging "
+        "Face's attention signature: hidden states, position_embeddings, attention_mask, a "
+        "cache) would not read; pick it with predicate= for the generic converter, which "
+        "refuses a tensor argument it would ignore"
+    )
 
 
 def _is_converted(module: nn.Module) -> bool:
