@@ -104,6 +104,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 OTHER_VARIABLES = (
     "RTP_CACHE", "RTP_CACHE_DIR", "RTP_DUMP_KERNELS", "RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS",
     "RTP_SHOW_OPS", "RTP_VENV", "RTP_ZOO_BACKEND", "RTP_EAGER_BYPASS",
+    # NOTE: read by make test and benchmarks/gpu_session.sh, which run rtpcompile processes
+    "RTP_TEST_WORKERS", "RTP_GPU_WORKERS", "RTP_GPU_TEST_LIMIT",
 )  # fmt: skip
 _WARNED: set[str] = set()
 

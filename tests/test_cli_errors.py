@@ -130,10 +130,11 @@ def test_export_checkpoint_errors(capsys, tmp_path):
     assert cli.main(["export", "--checkpoint", str(state_dict)]) == 2
     err = capsys.readouterr().err
     assert "expected a torch.save'd RTPHybridLM, got a dict (a state dict?" in err
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    assert cli.main(["export", "--checkpoint", str(garbage)]) == 2
-    assert "did not load" in capsys.readouterr().err
+    for text in (b"not a checkpoint", b"garbage\n"):  # "g" is a pickle opcode: a ValueError
+        garbage = tmp_path / "garbage.pt"
+        garbage.write_bytes(text)
+        assert cli.main(["export", "--checkpoint", str(garbage)]) == 2
+        assert "did not load" in capsys.readouterr().err
 
 
 def test_export_into_a_missing_folder(capsys, tmp_path):
@@ -262,3 +263,21 @@ def test_tune_with_a_bad_rtp_cache_is_a_usage_error(capsys, monkeypatch):
     monkeypatch.setenv("RTP_CACHE", "sometimes")
     assert cli.main(["tune", "--shape", "1,2,40,8"]) == 2
     assert "RTP_CACHE must be one of ['on', 'off', 'readonly']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("RTP_FORM", "bogus", "RTP_FORM: option 'form' must be one of"),
+        ("RTP_TUNE_CONFIGS", "huge", "RTP_TUNE_CONFIGS must be one of"),
+        ("RTP_PROOF_MAX_GB", "-1", "RTP_PROOF_MAX_GB must be a positive number"),
+    ],
+)
+def test_tune_with_any_bad_rtp_value_is_a_usage_error(
+    capsys, monkeypatch, variable, value, message
+):
+    """Only RTP_CACHE was: the others ended in a traceback from the first benchmark."""
+    monkeypatch.setenv(variable, value)
+    assert cli.main(["tune", "--shape", "1,2,40,8"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

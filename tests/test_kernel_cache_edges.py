@@ -279,6 +279,22 @@ def test_cache_clear_removes_kernel_modules(tmp_path, monkeypatch, capsys, entri
     assert out.startswith(f"removed 0 file(s) from {tmp_path / 'c' / 'autotune'}")
 
 
+def test_cache_clear_removes_only_entries(tmp_path, monkeypatch, capsys):
+    """Every ``*.json`` was removed: an ``autotune`` directory linked to a project lost its
+    ``package.json`` (found 2026-11-25)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("package.json", "config.json", "0123456789abcdef01234567.json"):
+        (project / name).write_text("{}")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "autotune").symlink_to(project)
+    monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.delenv("RTP_CACHE", raising=False)
+    assert cli.main(["cache", "clear", "--entries-only"]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 file(s)")
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "package.json"]
+
+
 @pytest.mark.parametrize("mode", ["off", "readonly"])
 def test_cache_clear_refused_keeps_kernel_modules(tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path / "c"))

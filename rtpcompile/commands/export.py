@@ -105,11 +105,12 @@ def _load_checkpoint(path: str):
 
     expected = "expected a torch.save'd RTPHybridLM"
     try:
-        # NOTE: a full pickled module; only load checkpoints you trust.
+        # NOTE: a full pickled module; only load checkpoints you trust. A text file starting
+        # with a pickle opcode letter ("garbage") fails as a ValueError
         model = torch.load(path, weights_only=False)
     except OSError as exc:
         raise UsageError(f"--checkpoint: cannot read {path!r} ({exc.strerror or exc})") from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError) as exc:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, ValueError) as exc:
         raise UsageError(f"--checkpoint: {expected}, {path!r} did not load ({exc})") from None
     if not isinstance(model, RTPHybridLM):
         hint = " (a state dict? torch.save the model itself)" if isinstance(model, dict) else ""

@@ -26,8 +26,10 @@ benchmarking anything, and a winner that could not be stored fails it too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from .. import options
 from ..kernels import cache
 from . import _common
 
@@ -116,13 +118,17 @@ def run(args) -> int:
     except argparse.ArgumentTypeError as exc:
         raise _common.UsageError(f"--device: {exc}") from None
     try:
+        # NOTE: every RTP_* value up front, as an op call checks them: a bad one is a usage
+        # error here, not a traceback from the first benchmark
+        options.check_variables(os.environ)
+        options.current()
         unusable = cache.why_not_writable()
-    except ValueError as exc:  # a bad RTP_CACHE
+        backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
+    except (ValueError, RuntimeError) as exc:  # a bad RTP_* value; RTP_KERNELS=triton on CPU
         raise _common.UsageError(str(exc)) from None
     if unusable:
         print(f"rtpcompile tune: cannot store tuned plans: {unusable}", file=sys.stderr)
         return 1
-    backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
     # NOTE: getattr: a Namespace built by a caller before --final-state existed runs as "auto"
     choice = getattr(args, "final_state", "auto")
     finals = {"auto": (False, True), "yes": (True,), "no": (False,)}[choice]

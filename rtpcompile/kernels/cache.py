@@ -123,6 +123,8 @@ def directory() -> Path:
 KERNELS = "kernels"  # NOTE: the generated modules' directory under root() (kernels/codegen.py)
 _GENERATED = re.compile(r"rtp_[0-9a-f]{24}\.py")  # NOTE: codegen's names, rtp_<sha256[:24]>
 _LEFTOVER = re.compile(re.escape(_TMP_PREFIX) + r".*\.py")  # an interrupted write's temporary
+_ENTRY = re.compile(r"[0-9a-f]{24}\.json")  # NOTE: key_id's names
+_ENTRY_LEFTOVER = re.compile(re.escape(_TMP_PREFIX) + r".*\.json")
 
 
 def kernel_directory() -> Path:
@@ -302,7 +304,7 @@ def entries() -> list[tuple[str, Path, dict | None]]:
         return []
     found = []
     for path in sorted(d.glob("*.json")):
-        if not path.name.startswith(_TMP_PREFIX):
+        if _ENTRY.fullmatch(path.name):
             found.append((path.stem, path, read_file(path)))
     return found
 
@@ -313,7 +315,9 @@ def find(prefix: str) -> list[tuple[str, Path, dict | None]]:
 
 
 def clear() -> int:
-    """Delete every entry and leftover temporary file; returns how many files were removed.
+    """Delete every entry (``<24 hex digits>.json``) and leftover temporary file; returns how
+    many files were removed. Anything else there is left alone (until 2026-11-25 every
+    ``*.json``: an ``autotune`` directory linked to a project lost its ``package.json``).
 
     Refused unless the cache is writable ``RTP_CACHE=on``, like ``import_entries``: readonly
     means no write, and deleting is one."""
@@ -323,6 +327,8 @@ def clear() -> int:
     removed = 0
     if d.is_dir():
         for path in d.glob("*.json"):
+            if not (_ENTRY.fullmatch(path.name) or _ENTRY_LEFTOVER.fullmatch(path.name)):
+                continue
             if path.is_dir() and not path.is_symlink():
                 log.warning("rtpcompile cache: %s is a directory, not an entry: left alone", path)
                 continue

@@ -19,6 +19,7 @@ no dump.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import linecache
@@ -183,7 +184,19 @@ def _dump(target: str, name: str, source: str) -> None:
     try:
         out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.py").write_text(source)
+        # NOTE: a new file renamed into place: ``write_text`` followed a link another user put
+        # at the predictable name (the docs' example directory is /tmp/rtp-kernels), and
+        # overwrote its target with our source
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=out)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(source)
+            os.chmod(tmp, 0o644 & ~cache._umask())  # NOTE: what write_text gave
+            os.replace(tmp, out / f"{name}.py")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as exc:
         if target not in _DUMP_WARNED:
             _DUMP_WARNED.add(target)
