@@ -281,3 +281,25 @@ def test_tune_with_any_bad_rtp_value_is_a_usage_error(
     assert cli.main(["tune", "--shape", "1,2,40,8"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["bench", "--suite", "op", "--lengths", "16"], ["demo"]])
+def test_bench_and_demo_with_a_bad_rtp_value_stop_before_running(capsys, monkeypatch, command):
+    """bench ran every variant, each failing on the value, wrote the baselines and exited 0."""
+    monkeypatch.setenv("RTP_FORM", "bogus")
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert "RTP_FORM: option 'form' must be one of" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--position", "500"], "--position 500 applies to --form recurrent only"),
+        (["--program", "--dialect", "tosa"], "--dialect tosa does not apply to --program"),
+    ],
+)
+def test_export_flags_that_do_not_apply_are_usage_errors(capsys, flags, message):
+    """Both were ignored: the output was byte-identical to the export without them."""
+    assert cli.main(["export", "--seq-len", "16", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -130,7 +130,17 @@ def check_output_file(path: Path, flag: str) -> None:
 
 
 def prepare(args) -> str:
-    """Quiet Inductor's deprecation noise, apply ``--threads``; returns the device to use."""
+    """Check the ``RTP_*`` variables, quiet Inductor's deprecation noise, apply ``--threads``;
+    returns the device to use."""
+    from .. import options
+
+    try:
+        # NOTE: up front, as an op call checks them: a bad value failed every rtp variant of a
+        # bench run, which still wrote its baselines and exited 0
+        options.check_variables(os.environ)
+        options.current()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     # NOTE: torch's own FutureWarnings from inside Inductor are not actionable by a user.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     if args.threads:

@@ -23,6 +23,7 @@ from ..export.mlir import DIALECTS
 from ._common import UsageError, positive_int
 
 DEFAULT_SEQ_LEN = 512
+DEFAULT_DIALECT = "linalg-on-tensors"
 # The model size flags and their defaults (None in the parser: given or not, see _model)
 SIZE_DEFAULTS = {"vocab": 256, "dim": 64, "layers": 2, "heads": 4, "ratio": 1.0}
 
@@ -35,7 +36,12 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--form", choices=EXPORT_FORMS, default="chunkwise")
-    p.add_argument("--dialect", choices=DIALECTS, default="linalg-on-tensors")
+    p.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default=None,
+        help=f"default {DEFAULT_DIALECT}; not with --program, which prints the FX program",
+    )
     p.add_argument(
         "--seq-len",
         type=positive_int,
@@ -48,8 +54,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--position",
         type=positive_int,
-        default=1,
-        help="recurrent step: tokens already seen (>= 1: the prompt's prefill comes first)",
+        default=None,
+        help="--form recurrent only: tokens already seen (default 1; the prompt's prefill "
+        "comes first)",
     )
     p.add_argument(
         "--checkpoint",
@@ -171,6 +178,19 @@ def run(args) -> int:
         )
     if args.seq_len is None:
         args.seq_len = DEFAULT_SEQ_LEN
+    # NOTE: flags that do not apply were ignored silently (a byte-identical output)
+    if args.form != "recurrent" and args.position is not None:
+        raise UsageError(
+            f"--position {args.position} applies to --form recurrent only (the tokens a "
+            f"decoding step has seen); --form {args.form} exports a prefill of --seq-len tokens"
+        )
+    if args.program and args.dialect is not None:
+        raise UsageError(
+            f"--dialect {args.dialect} does not apply to --program, which prints the decomposed "
+            "FX program (before any MLIR lowering)"
+        )
+    args.position = 1 if args.position is None else args.position
+    args.dialect = DEFAULT_DIALECT if args.dialect is None else args.dialect
     if args.output and not Path(args.output).resolve().parent.is_dir():
         parent = Path(args.output).parent
         raise UsageError(

@@ -304,7 +304,7 @@ def entries() -> list[tuple[str, Path, dict | None]]:
         return []
     found = []
     for path in sorted(d.glob("*.json")):
-        if _ENTRY.fullmatch(path.name):
+        if not path.name.startswith(_TMP_PREFIX):
             found.append((path.stem, path, read_file(path)))
     return found
 
@@ -315,9 +315,10 @@ def find(prefix: str) -> list[tuple[str, Path, dict | None]]:
 
 
 def clear() -> int:
-    """Delete every entry (``<24 hex digits>.json``) and leftover temporary file; returns how
-    many files were removed. Anything else there is left alone (until 2026-11-25 every
-    ``*.json``: an ``autotune`` directory linked to a project lost its ``package.json``).
+    """Delete every entry (a ``<24 hex digits>.json``, or a file that reads as an entry under
+    another name) and leftover temporary file; returns how many files were removed. Anything
+    else there is left alone (until 2026-11-25 every ``*.json``: an ``autotune`` directory
+    linked to a project lost its ``package.json``).
 
     Refused unless the cache is writable ``RTP_CACHE=on``, like ``import_entries``: readonly
     means no write, and deleting is one."""
@@ -327,7 +328,8 @@ def clear() -> int:
     removed = 0
     if d.is_dir():
         for path in d.glob("*.json"):
-            if not (_ENTRY.fullmatch(path.name) or _ENTRY_LEFTOVER.fullmatch(path.name)):
+            named = _ENTRY.fullmatch(path.name) or _ENTRY_LEFTOVER.fullmatch(path.name)
+            if not named and (path.is_symlink() or not path.is_file() or read_file(path) is None):
                 continue
             if path.is_dir() and not path.is_symlink():
                 log.warning("rtpcompile cache: %s is a directory, not an entry: left alone", path)
