@@ -268,9 +268,14 @@ def current() -> Options:
 
 @functools.lru_cache(maxsize=16)
 def _current_for(_env_values: tuple[str | None, ...], scoped_text: str = "") -> Options:
-    if not scoped_text:
-        return resolve(None)
-    return resolve(parse_runtime_text(scoped_text))
+    current = resolve(parse_runtime_text(scoped_text) if scoped_text else None)
+    if current.log != "off":
+        # NOTE: RTP_LOG applied at an op call too (eager calls, ``rtpcompile tune``), not only at
+        # a compile or explain; once per change of the RTP_* values (this function's memo)
+        from .backend import configure_logging
+
+        configure_logging(current.log)
+    return current
 
 
 def parse_runtime_text(text: str) -> dict[str, str]:

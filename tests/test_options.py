@@ -118,3 +118,25 @@ def test_bad_other_variables_raise_up_front(monkeypatch, name, value, words):
         ops.retention(*inputs(8), 0.9)
     monkeypatch.setenv(name, "1" if name == "RTP_PROOF_MAX_GB" else "quick")
     options.resolve(None)
+
+
+def test_rtp_log_applies_at_an_op_call(monkeypatch):
+    """``RTP_LOG`` was applied at a compile or explain only: an eager call that autotuned, and
+    ``rtpcompile tune``, logged nothing with ``RTP_LOG=info`` (found 2026-11-25)."""
+    import logging
+
+    from rtpcompile import options
+
+    log = logging.getLogger("rtpcompile")
+    saved = log.level, list(log.handlers)
+    monkeypatch.setenv("RTP_LOG", "info")
+    options._current_for.cache_clear()
+    try:
+        log.setLevel(logging.WARNING)
+        assert options.current().log == "info"
+        assert log.level == logging.INFO and log.handlers
+    finally:
+        log.setLevel(saved[0])
+        for handler in [h for h in log.handlers if h not in saved[1]]:
+            log.removeHandler(handler)
+        options._current_for.cache_clear()
