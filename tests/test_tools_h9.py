@@ -51,6 +51,26 @@ def test_tune_form_chunkwise_warms_the_forced_chunkwise_calls(fresh, monkeypatch
     assert stats["benchmarks"] == 0 and stats["cache_hits"] == 2, stats
 
 
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_tune_warms_the_calls_of_a_forced_chunk_size(fresh, monkeypatch, capsys, how):
+    """A forced chunk size keys the entries (the planner still picks parallel or chunkwise at
+    it): tune stored chunk-free keys only, and a deployment with RTP_CHUNK_SIZE benchmarked
+    again (found 2026-11-25)."""
+    monkeypatch.setenv("RTP_CHUNK_SIZE", "16")
+    flags = ["--chunk-size", "16"] if how == "flag" else []
+    if how == "flag":
+        monkeypatch.delenv("RTP_CHUNK_SIZE")
+    assert main(["tune", "--shape", "1,2,64,8", *flags]) == 0
+    assert "(autotuned)" in capsys.readouterr().out
+    plan.reset()
+    monkeypatch.setenv("RTP_CHUNK_SIZE", "16")
+    monkeypatch.setenv("RTP_AUTOTUNE", "1")
+    q, k, v = _qkv(64)
+    ops.retention(q, k, v, ops.retention_init_decay(2))
+    stats = plan.stats()
+    assert stats["benchmarks"] == 0 and stats["cache_hits"] == 1, stats
+
+
 @pytest.mark.parametrize("form", ["parallel", "recurrent"])
 def test_tune_forced_parallel_or_recurrent_has_nothing_to_tune(fresh, capsys, form):
     assert main(["tune", "--shape", "1,2,40,8", "--form", form]) == 0

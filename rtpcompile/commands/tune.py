@@ -16,7 +16,10 @@ The cache key includes the form a call asks for: ``ops.retention`` and compiled 
 ``auto`` (the default here); ``ops.retention_chunkwise(q, k, v, gamma)`` and
 ``options={"form": "chunkwise"}`` without a chunk size ask for ``chunkwise`` (the planner still
 picks the chunk size) and read only entries tuned with ``--form chunkwise``. A forced
-``parallel`` or ``recurrent`` form (or a forced chunk size) is used as given: nothing to tune.
+``parallel`` or ``recurrent`` form is used as given: nothing to tune. A forced chunk size
+(``RTP_CHUNK_SIZE``, ``options={"chunk_size": N}``) is part of the key too: the planner still
+chooses between the parallel form and chunkwise at that size (and, on Triton, the blocks), so
+``--chunk-size N`` tunes those entries; it defaults to ``RTP_CHUNK_SIZE`` when that is set.
 
 Tuning stores its winners, so it needs a cache it can write: with ``RTP_CACHE=off`` or
 ``readonly``, or a cache directory that cannot be written, it fails (exit code 1) before
@@ -68,6 +71,13 @@ def add_parser(subparsers) -> None:
         help="whether the forward returns its final state: Triton forwards are planned for each "
         "apart (ops.retention and compiled regions without a state return none, "
         "ops.retention_chunkwise one); auto tunes both",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_common.positive_int,
+        default=None,
+        help="the chunk size the calls force (RTP_CHUNK_SIZE, options={'chunk_size': N}); "
+        "default: RTP_CHUNK_SIZE when set, else free (the planner picks it)",
     )
     parser.add_argument("--force", action="store_true", help="re-benchmark cached buckets")
     parser.add_argument(
@@ -135,9 +145,11 @@ def run(args) -> int:
     form = getattr(args, "form", "auto")  # NOTE: getattr: as --final-state
     if form not in FORMS:
         raise _common.UsageError(f"--form: expected one of {', '.join(FORMS)}, got {form!r}")
+    # NOTE: getattr: as --final-state; the environment's chunk size keys a deployment's calls
+    chunk = getattr(args, "chunk_size", None) or options.current().chunk_size or 0
     call = (args.dtype, str(device), backend, args.state)
     problems = {
-        plan.Problem(B, H, T, K, V, *call, phase, form, state_out=final): None
+        plan.Problem(B, H, T, K, V, *call, phase, form, chunk=chunk, state_out=final): None
         for B, H, T, K, V in args.shape
         for phase in PHASES[args.phase]
         for final in finals
