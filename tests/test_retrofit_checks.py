@@ -72,6 +72,7 @@ def test_layer_indices_from_numpy_or_torch_are_indices():
     np = pytest.importorskip("numpy")
     assert select_layers(4, 0.5, list(np.arange(4)[1::2])) == [1, 3]
     assert select_layers(4, 0.5, [torch.tensor(1), np.int32(-1)]) == [1, 3]
+    assert select_layers(4, 0.5, np.arange(4)[1::2]) == select_layers(4, 0.5, torch.tensor([1, 3]))
     for bad in (1.0, True, torch.tensor(True), "1"):
         with pytest.raises(ValueError, match="layer indices must be integers"):
             select_layers(4, 0.5, [bad])
@@ -222,9 +223,32 @@ def test_a_llama_shaped_module_with_arguments_it_would_lose_is_kept():
 
 def test_a_vision_towers_attention_is_kept():
     """Mllama's and Llama 4's vision attention have no ``is_causal``: converted to causal
-    retention until 2026-11-25 (any image forward then failed)."""
-    sites, skipped = _skipped(nn.ModuleDict({"v": VisionAttention()}))
-    assert sites == [] and "vision tower" in skipped["v"]
+    retention until 2026-11-25 (any image forward then failed). A vision-language model's text
+    attention (Granite 4 Vision's ``...VisionTextAttention``) is not a vision tower."""
+    text = type("MyVisionTextAttention", (VisionAttention,), {})
+    sites, skipped = _skipped(nn.ModuleDict({"v": VisionAttention(), "t": text()}))
+    assert sites == ["t"] and "vision tower" in skipped["v"]
+
+
+def test_a_picked_llama_shaped_module_with_its_own_arguments_is_generic():
+    """The refusal above advises ``predicate=``: the module then goes to the generic converter,
+    which refuses the mask it would ignore instead of dropping it."""
+    model = nn.ModuleDict({"a": LlamaShaped()})
+    handle = retrofit(model, ratio=1.0, predicate=lambda name, module: name == "a")
+    assert handle.sites[0].family == "generic"
+    x = torch.randn(1, 5, 16)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model["a"](x, attn_mask=torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_a_positional_mask_is_not_taken_for_the_rotary():
+    """``forward(x, attention_mask)`` passes the name check; called positionally, the mask
+    reached the converted layer as ``position_embeddings``."""
+    plain = type("PlainAttention", (VisionAttention,), {})  # forward(hidden_states, mask)
+    model = nn.ModuleDict({"a": plain()})
+    retrofit(model, ratio=1.0)
+    with pytest.raises(ValueError, match=r"position_embeddings must be the rotary \(cos, sin\)"):
+        model["a"](torch.randn(1, 5, 16), torch.ones(1, 1, 5, 5, dtype=torch.bool))
 
 
 def test_an_attention_shared_by_two_parents_is_kept():
@@ -233,6 +257,6 @@ def test_an_attention_shared_by_two_parents_is_kept():
     shared = nn.MultiheadAttention(16, 2, batch_first=True)
     model = nn.ModuleList([nn.ModuleDict({"attn": shared}), nn.ModuleDict({"attn": shared})])
     sites, skipped = _skipped(model)
-    assert sites == [] and "shared by 2 parents" in skipped["0.attn"]
-    with pytest.raises(ValueError, match="shared by 2 parents"):
+    assert sites == [] and "reachable at 2 module paths" in skipped["0.attn"]
+    with pytest.raises(ValueError, match="reachable at 2 module paths"):
         retrofit(model, ratio=1.0)

@@ -29,7 +29,6 @@ benchmarking anything, and a winner that could not be stored fails it too.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .. import options
@@ -128,13 +127,14 @@ def run(args) -> int:
     except argparse.ArgumentTypeError as exc:
         raise _common.UsageError(f"--device: {exc}") from None
     try:
-        # NOTE: every RTP_* value up front, as an op call checks them: a bad one is a usage
-        # error here, not a traceback from the first benchmark
-        options.check_variables(os.environ)
+        # NOTE: every RTP_* value up front (``current`` checks them as an op call does): a bad
+        # one is a usage error here, not a traceback from the first benchmark
         options.current()
         unusable = cache.why_not_writable()
         backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
-    except (ValueError, RuntimeError) as exc:  # a bad RTP_* value; RTP_KERNELS=triton on CPU
+    except (ValueError, RuntimeError) as exc:
+        # NOTE: RuntimeError: RTP_KERNELS=triton on CPU without the interpreter (and a device
+        # that cannot start, also a matter of the command's arguments or environment)
         raise _common.UsageError(str(exc)) from None
     if unusable:
         print(f"rtpcompile tune: cannot store tuned plans: {unusable}", file=sys.stderr)

@@ -164,7 +164,8 @@ if CacheLayerMixin is not None:
         def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kw):
             """A kept attention layer's K/V: refused with the converted layers' message when its
             batch differs from the cache's (``torch.cat`` failed first when attention layers
-            come before the converted ones, ``placement="back"``)."""
+            come before the converted ones, ``placement="back"``). A plain ``DynamicCache``
+            still fails in ``torch.cat`` there."""
             for layer in self.layers:
                 if isinstance(layer, RetentionCacheLayer):
                     layer.check_batch(key_states.shape[0])

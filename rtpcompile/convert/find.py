@@ -158,7 +158,10 @@ def classify(module: nn.Module, allow_generic: bool) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
     if _has(module, "q_proj", "k_proj", "v_proj", "o_proj") and hasattr(module, "head_dim"):
-        return "llama"
+        # NOTE: one picked with arguments Hugging Face's signature lacks is the generic family's
+        # (which refuses a tensor argument it would ignore), as the refusal below advises
+        generic = allow_generic and _head_count(module) is not None
+        return "generic" if generic and _unread_arguments(module, "llama") else "llama"
     if _has(module, "c_attn", "c_proj") and hasattr(module, "num_heads"):
         if hasattr(module, "split_size"):
             return "gpt2"
@@ -210,17 +213,21 @@ def why_not_convert(model: nn.Module, name: str, module: nn.Module) -> str | Non
 
 
 def _vision(module: nn.Module) -> bool:
-    """A vision tower's attention by name (Mllama's and Llama 4's have no ``is_causal``)."""
+    """A vision tower's attention by name (Mllama's and Llama 4's have no ``is_causal``).
+
+    NOTE: not a vision-language model's text attention (``Granite4VisionTextAttention``)."""
+    name = type(module).__name__.lower()
     config = type(getattr(module, "config", None)).__name__
-    return "vision" in type(module).__name__.lower() or config.endswith("VisionConfig")
+    return ("vision" in name and "text" not in name) or config.endswith("VisionConfig")
 
 
 def _shared(paths: int) -> str | None:
     if paths < 2:
         return None
     return (
-        f"the module is shared by {paths} parents (cross-layer sharing): a converted module "
-        "would replace it at one of them only, and one retention state cannot serve two layers"
+        f"the module is reachable at {paths} module paths (shared across layers): a converted "
+        "module would replace it at one of them only, and one retention state cannot serve two "
+        "layers"
     )
 
 

@@ -284,6 +284,15 @@ class LlamaStyleRetention(RetrofitRetention):
                     f"({self.site.name} is cross-attention; keep it as attention)"
                 )
         check_unpacked(attention_mask, kwargs, getattr(self.config, "_attn_implementation", None))
+        if position_embeddings is not None and not _cos_sin(position_embeddings):
+            # NOTE: a module whose own forward is (x, mask) called positionally: the mask would
+            # be taken for the rotary embedding
+            raise ValueError(
+                f"{self.site.name}: position_embeddings must be the rotary (cos, sin) pair "
+                f"Hugging Face passes, got {type(position_embeddings).__name__}; a converted "
+                "Llama-style layer takes (hidden_states, position_embeddings, attention_mask, "
+                "...): pass the mask as attention_mask="
+            )
         q, k, v = self._project(hidden_states)
         if position_embeddings is not None and self.use_rotary:
             q, k = rotate(self.rotary_fn, q, k, *position_embeddings)
@@ -328,6 +337,10 @@ class GPT2StyleRetention(RetrofitRetention):
         q, k, v = self._project(hidden_states)
         o = self.mix(q, k, v, cache, attention_mask)
         return self.resid_dropout(self.c_proj(o)), None
+
+
+def _cos_sin(position_embeddings) -> bool:
+    return isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2
 
 
 CONVERTERS = {

@@ -21,7 +21,8 @@ def select_layers(num_layers: int, ratio: float, placement) -> list[int]:
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise ValueError(f"ratio (fraction of layers converted) must be in [0, 1], got {ratio!r}")
-    if isinstance(placement, (list, tuple, range)):
+    if not isinstance(placement, str) and hasattr(placement, "__iter__"):
+        # NOTE: any sequence of indices: a list, a numpy array, a 1-D integer tensor
         return _explicit(num_layers, list(placement))
     count = round_half_up(ratio * num_layers)
     if count == 0 and ratio > 0 and placement in ("front", "back"):

@@ -72,8 +72,9 @@ class RetrofitHandle:
         return [p for m in self.modules.values() for p in m.new_parameters()]
 
     def retention_cache_layers(self) -> list[int]:
-        """Cache indices of the layers that are retention now: this handle's (until
-        ``undo()``), an earlier and a later retrofit's, read off the model.
+        """Cache indices of the layers that are retention now among this handle's sites: its own
+        (until ``undo()``), an earlier and a later retrofit's, read off the model (a module a
+        later retrofit's ``predicate=`` found but this handle's survey did not is not among them).
 
         NOTE: not from ``earlier``: another handle's ``undo()`` turns its layers back into
         attention (a cache that kept a retention slot there stored the layer's keys where

@@ -105,18 +105,12 @@ def _soft_step(node: fx.Node, base: str, taint: dict) -> str | None:
     an exponential or power of. NOTE: a decay with a leak above the diagonal (``decay + leak *
     (d < 0)``) declines here too, before the fit would see it."""
     args = [a for a in (*node.args[:2], *node.kwargs.values()) if a is not None]
-    extreme = [
-        a
-        for a in args
-        if isinstance(a, fx.Node) and (taint.get(a, _CLEAN).extreme or taint[a].extreme_sum)
-    ]
-    if not any(_symbolic_shape(a) or taint[a].extreme_sum for a in extreme):
+    marks = {a: taint.get(a, _CLEAN) for a in args if isinstance(a, fx.Node)}
+    extreme = [a for a, t in marks.items() if t.extreme or t.extreme_sum]
+    if not any(_symbolic_shape(a) or marks[a].extreme_sum for a in extreme):
         return None
-    what = (
-        "a sum of exponentials of positions"
-        if any(taint[a].extreme_sum for a in extreme)
-        else "an exponential of positions"
-    )
+    summed = any(marks[a].extreme_sum for a in extreme)
+    what = "a sum of exponentials of positions" if summed else "an exponential of positions"
     if base in _EXPS or len(extreme) > 1:
         return what
     for arg in args:

@@ -329,7 +329,7 @@ def clear() -> int:
     if d.is_dir():
         for path in d.glob("*.json"):
             named = _ENTRY.fullmatch(path.name) or _ENTRY_LEFTOVER.fullmatch(path.name)
-            if not named and (path.is_symlink() or not path.is_file() or read_file(path) is None):
+            if not named and not _reads_as_entry(path):
                 continue
             if path.is_dir() and not path.is_symlink():
                 log.warning("rtpcompile cache: %s is a directory, not an entry: left alone", path)
@@ -339,6 +339,17 @@ def clear() -> int:
                 removed += 1
     _reported.clear()
     return removed
+
+
+def _reads_as_entry(path: Path) -> bool:
+    """A regular file holding a valid entry (one stored under another name), read quietly:
+    ``read_file`` would log another JSON file as an invalid entry "to be rewritten"."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return check_entry(json.loads(path.read_text(encoding="utf-8"))) is None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 def clear_kernels() -> int:

@@ -191,7 +191,7 @@ def _dump(target: str, name: str, source: str) -> None:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(source)
-            os.chmod(tmp, 0o644 & ~cache._umask())  # NOTE: what write_text gave
+            os.chmod(tmp, 0o666 & ~cache._umask())  # NOTE: what write_text gave
             os.replace(tmp, out / f"{name}.py")
         except BaseException:
             with contextlib.suppress(OSError):

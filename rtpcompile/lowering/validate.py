@@ -139,14 +139,15 @@ def check_gamma_values(gamma: torch.Tensor) -> None:
     tracing or capturing.
 
     NOTE: on CPU at every call (H numbers in Python, ~1 us). On an accelerator once per tensor
-    and version (``_CHECKED``) for a gamma that takes no gradient (a buffer, a constant); one that
-    does is what an optimizer updates, and a fused optimizer (``Adam(fused=True)``) writes it in
-    place without bumping its version: checked at every call, and never given the weak
-    reference the cache keeps (``torch.utils.swap_tensors``, which ``module.to`` uses under
+    and version (``_CHECKED``) for a gamma that takes no gradient and is no parameter (a buffer,
+    a constant); one that does is what an optimizer updates, and a fused optimizer
+    (``Adam(fused=True)``) writes it in place without bumping its version: checked at every
+    call, and a parameter (frozen too) never gets the weak reference the cache keeps
+    (``torch.utils.swap_tensors``, which ``module.to`` uses under
     ``set_swap_module_params_on_conversion``, refuses to swap a parameter that has one)."""
     if not _values_checkable(gamma):
         return
-    if gamma.device.type == "cpu" or gamma.requires_grad:
+    if gamma.device.type == "cpu" or gamma.requires_grad or isinstance(gamma, torch.nn.Parameter):
         _check_gamma_values(gamma.detach())
     elif not _checked_before(gamma):
         _check_gamma_values(gamma.detach())
@@ -184,7 +185,9 @@ def _as_float(number, expected: str) -> float:
     try:
         return float(number)
     except OverflowError:
-        raise ValueError(f"{expected}, got an int of {number.bit_length()} bits") from None
+        size = getattr(number, "bit_length", None)
+        got = f"an int of {size()} bits" if size is not None else f"{number!r}"[:80]
+        raise ValueError(f"{expected}, got {got}") from None
 
 
 def check_scale_tensor(scale: torch.Tensor) -> None:
