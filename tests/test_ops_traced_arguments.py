@@ -100,11 +100,13 @@ def test_cache_clear_leaves_a_directory_in_an_entry_s_place(tmp_path, monkeypatc
     monkeypatch.setenv("RTP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("RTP_CACHE", "on")
     cache.directory().mkdir(parents=True, exist_ok=True)
-    (cache.directory() / "aaaa.json").mkdir()
-    (cache.directory() / "bbbb.json").write_text("{}")
+    (cache.directory() / f"{'a' * 24}.json").mkdir()  # named like an entry
+    (cache.directory() / f"{'b' * 24}.json").write_text("{}")  # a corrupt entry: removed
+    (cache.directory() / "notes.json").write_text("{}")  # not an entry: left alone
     with caplog.at_level("WARNING", logger="rtpcompile"):
         assert cache.clear() == 1
-    assert (cache.directory() / "aaaa.json").is_dir()
+    assert (cache.directory() / f"{'a' * 24}.json").is_dir()
+    assert (cache.directory() / "notes.json").is_file()
     assert "is a directory, not an entry" in caplog.text
 
 
