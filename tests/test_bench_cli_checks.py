@@ -159,15 +159,20 @@ def test_error_text_keeps_the_cause_of_a_wrapper_exception():
 
 
 def test_bench_exits_1_when_every_measurement_failed(monkeypatch, tmp_path, capsys):
-    """An empty RTP_FORM makes every rtp call fail: the files are written, the exit code says."""
-    monkeypatch.setenv("RTP_FORM", "")
+    """A planner that fails makes every rtp call fail: the files are written, the exit code
+    says. (A bad RTP_* value did this until 2026-11-25; it is now a usage error up front.)"""
+    from rtpcompile.lowering import plan
+
+    def broken(*args, **kwargs):
+        raise ValueError("no plan today")
+
+    monkeypatch.setattr(plan, "plan_for", broken)
     out = tmp_path / "b"
     assert cli.main([*TINY, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "warning: op / chunkwise failed at every length: ValueError" in err
     assert "error: every measurement of the op suite failed" in err
-    md = (out / "op.md").read_text()
-    assert "RTP_FORM" in md and "option 'form' must be one of" in md
+    assert "no plan today" in (out / "op.md").read_text()
 
 
 # -- 4. empty --variants is a usage error ------------------------------------------------------
