@@ -70,6 +70,7 @@ def test_a_nan_decay_is_refused_at_retrofit(decay):
 def test_layer_indices_from_numpy_or_torch_are_indices():
     """``np.int64(1)`` was "out of range for 4 attention layers (expected 0..3)"."""
     import numpy as np
+
     assert select_layers(4, 0.5, list(np.arange(4)[1::2])) == [1, 3]
     assert select_layers(4, 0.5, [torch.tensor(1), np.int32(-1)]) == [1, 3]
     assert select_layers(4, 0.5, np.arange(4)[1::2]) == select_layers(4, 0.5, torch.tensor([1, 3]))
