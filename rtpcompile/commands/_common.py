@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .. import options
+
 
 class UsageError(Exception):
     """A bad command-line input found after parsing: one line on stderr, exit code 2."""
@@ -132,8 +134,6 @@ def check_output_file(path: Path, flag: str) -> None:
 def prepare(args) -> str:
     """Check the ``RTP_*`` variables, quiet Inductor's deprecation noise, apply ``--threads``;
     returns the device to use."""
-    from .. import options
-
     try:
         # NOTE: up front, as an op call checks them: a bad value failed every rtp variant of a
         # bench run, which still wrote its baselines and exited 0

@@ -129,7 +129,7 @@ def run(args) -> int:
     try:
         # NOTE: every RTP_* value up front (``current`` checks them as an op call does): a bad
         # one is a usage error here, not a traceback from the first benchmark
-        options.current()
+        current = options.current()
         unusable = cache.why_not_writable()
         backend = "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "aten"
     except (ValueError, RuntimeError) as exc:
@@ -146,7 +146,7 @@ def run(args) -> int:
     if form not in FORMS:
         raise _common.UsageError(f"--form: expected one of {', '.join(FORMS)}, got {form!r}")
     # NOTE: getattr: as --final-state; the environment's chunk size keys a deployment's calls
-    chunk = getattr(args, "chunk_size", None) or options.current().chunk_size or 0
+    chunk = getattr(args, "chunk_size", None) or current.chunk_size or 0
     call = (args.dtype, str(device), backend, args.state)
     problems = {
         plan.Problem(B, H, T, K, V, *call, phase, form, chunk=chunk, state_out=final): None

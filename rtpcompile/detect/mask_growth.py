@@ -159,11 +159,10 @@ def _precision(view: GraphView, masks: list[fx.Node], inputs, seq) -> str | None
 
 def _in_steps(value: torch.Tensor, like) -> float:
     """The largest magnitude of a value in steps of its neighbour along the dims whose sizes
-    vary with the sizes (the positions' axes; 0 if none)."""
-    largest = 0.0
+    vary with T (the positions' axes; 0 if none)."""
+    largest, x = 0.0, value.double()
     for dim, size in enumerate(like.shape if is_tensor(like) else ()):
-        if isinstance(size, torch.SymInt) and value.shape[dim] > 1:
-            x = value.double()
+        if isinstance(size, torch.SymInt) and x.shape[dim] > 1:
             ends = torch.maximum(
                 x.narrow(dim, 0, x.shape[dim] - 1).abs(), x.narrow(dim, 1, x.shape[dim] - 1).abs()
             )

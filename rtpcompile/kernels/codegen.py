@@ -19,7 +19,6 @@ no dump.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import hashlib
 import linecache
@@ -144,12 +143,12 @@ def _fallback_dir(path: Path, exc: OSError) -> Path:
     return found
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -186,17 +185,8 @@ def _dump(target: str, name: str, source: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         # NOTE: a new file renamed into place: ``write_text`` followed a link another user put
         # at the predictable name (the docs' example directory is /tmp/rtp-kernels), and
-        # overwrote its target with our source
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=out)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(source)
-            os.chmod(tmp, 0o666 & ~cache._umask())  # NOTE: what write_text gave
-            os.replace(tmp, out / f"{name}.py")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # overwrote its target with our source; readable as write_text made it
+        _write_atomic(out / f"{name}.py", source, 0o666 & ~cache._umask())
     except OSError as exc:
         if target not in _DUMP_WARNED:
             _DUMP_WARNED.add(target)
