@@ -137,8 +137,12 @@ def test_dump_into_an_unusable_directory_warns_once_and_the_kernels_run(
     monkeypatch.setattr(codegen, "_LOADED", {})  # NOTE: every module loads (and dumps) again
     monkeypatch.setattr(codegen, "_DUMP_WARNED", set())
     q, k, v, gamma, _ = _inputs(T=5, K=4, V=4, dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match="cannot dump generated kernels into RTP_DUMP_KERNELS"):
+    with pytest.warns(
+        RuntimeWarning, match="cannot dump generated kernels into RTP_DUMP_KERNELS"
+    ) as caught:
         o = ops.retention(q, k, v, gamma, form="parallel")
+    # NOTE: the warning points at the line above (a fixed stacklevel pointed into rtpcompile)
+    assert {w.filename for w in caught} == {__file__}
     ref = ops.retention(q.double(), k.double(), v.double(), gamma.double(), form="parallel")
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(codegen, "_LOADED", {})

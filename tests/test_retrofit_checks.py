@@ -261,3 +261,52 @@ def test_an_attention_shared_by_two_parents_is_kept():
     assert sites == [] and "reachable at 2 module paths" in skipped["0.attn"]
     with pytest.raises(ValueError, match="reachable at 2 module paths"):
         retrofit(model, ratio=1.0)
+
+
+def _mllama():
+    from transformers.models.mllama import configuration_mllama as cm
+
+    torch.manual_seed(0)
+    text = cm.MllamaTextConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        cross_attention_layers=[1],
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    vision = cm.MllamaVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = cm.MllamaConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    return transformers.MllamaForConditionalGeneration(config).eval()
+
+
+def test_mllama_text_layers_decode_with_a_new_cache():
+    """Mllama's text model asks every cache layer ``is_initialized and keys.numel()`` (its
+    cross-attention check): a retention slot held ``keys = None`` and the first cached call
+    raised ``AttributeError`` until 2026-11-25. Token-by-token decode now equals the full
+    forward; the slot's K/V stay empty (type A holds no K/V)."""
+    model = _mllama()
+    handle = retrofit(model, ratio=1.0)
+    assert len(handle.converted) == 3  # the three causal self-attention layers of the text model
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = handle.new_cache()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        steps = [model(input_ids=ids[:, :5], cache=cache).logits]
+        steps += [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    slot = cache.layers[0]
+    assert slot.keys.numel() == 0 and slot.state is not None and cache.get_seq_length() == 9
+    cache.reset()
+    assert slot.keys.numel() == 0 and slot.state is None

@@ -35,6 +35,11 @@ CROP_REFUSED = (
     "assisted/speculative decoding is not supported on retrofitted models"
 )
 
+
+def _no_kv() -> Tensor:
+    return torch.empty(0)
+
+
 if CacheLayerMixin is not None:
 
     class RetentionCacheLayer(CacheLayerMixin):
@@ -48,6 +53,9 @@ if CacheLayerMixin is not None:
 
         def __init__(self, max_cache_len: int | None = None, **kwargs) -> None:
             super().__init__()
+            # NOTE: empty, not None: models ask every layer ``is_initialized and keys.numel()``
+            # (Mllama's cross-attention check); only type-C layers ever hold K/V here.
+            self.keys, self.values = _no_kv(), _no_kv()
             self.state: Tensor | None = None
             self.valid: Tensor | None = None  # [B, L] bool: which cached K/V are real tokens
             self.seen = 0
@@ -64,7 +72,7 @@ if CacheLayerMixin is not None:
 
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
             """Append attention-head K/V (type-C layers); returns the full K/V."""
-            if self.keys is None:
+            if not self.keys.numel():
                 self.keys, self.values = key_states, value_states
             else:
                 self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -88,7 +96,7 @@ if CacheLayerMixin is not None:
         def keep_last(self, tokens: int) -> None:
             """Drop all but the last ``tokens`` cached K/V (a sliding-window layer's softmax heads
             never see older ones again); the retention state and ``seen`` are unchanged."""
-            if self.keys is None or self.keys.shape[-2] <= tokens:
+            if not self.keys.numel() or self.keys.shape[-2] <= tokens:
                 return
             self.keys, self.values = self.keys[..., -tokens:, :], self.values[..., -tokens:, :]
             self.valid = None if self.valid is None else self.valid[:, -tokens:]
@@ -106,7 +114,8 @@ if CacheLayerMixin is not None:
 
         def check_batch(self, batch: int) -> None:
             """Refuse an input whose batch differs from the one the cached state was built for."""
-            held = next((t.shape[0] for t in (self.state, self.keys) if t is not None), batch)
+            held = self.state.shape[0] if self.state is not None else batch
+            held = self.keys.shape[0] if self.keys.numel() else held
             if held != batch:
                 raise ValueError(
                     f"the cache holds batch {held} but the input has batch {batch}; a cache "
@@ -120,13 +129,14 @@ if CacheLayerMixin is not None:
             return None
 
         def reset(self) -> None:
-            self.state = self.keys = self.values = self.valid = None
+            self.state = self.valid = None
+            self.keys, self.values = _no_kv(), _no_kv()
             self.seen = 0
 
         def _map(self, fn) -> None:
             self.state = None if self.state is None else fn(self.state)
-            self.keys = None if self.keys is None else fn(self.keys)
-            self.values = None if self.values is None else fn(self.values)
+            if self.keys.numel():
+                self.keys, self.values = fn(self.keys), fn(self.values)
             self.valid = None if self.valid is None else fn(self.valid)
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -139,7 +139,7 @@ def _fallback_dir(path: Path, exc: OSError) -> Path:
         f"temporary directory {found} for this process (set RTP_CACHE_DIR to a directory you own)"
     )
     log.warning("%s", message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=cache._user_level())
     return found
 
 
@@ -195,7 +195,7 @@ def _dump(target: str, name: str, source: str) -> None:
                 f"({exc}); the kernels run without being dumped (set it to a writable directory)"
             )
             log.warning("%s", message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=cache._user_level())
 
 
 def _interpreting() -> bool:
