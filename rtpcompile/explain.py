@@ -410,8 +410,9 @@ def _user_names(model):
     the ones compiling the model gives them (``'l_args_3_'`` -> ``'l_x_'``, ``'l_model_mask'``
     -> ``'l_self_mask'``), so explain's reasons read as the model's own."""
     try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (AttributeError, TypeError, ValueError):
+        # NOTE: a plain function has no forward (its reasons named 'l_args_3_' until 2026-11-25)
+        params = list(inspect.signature(getattr(model, "forward", model)).parameters.values())
+    except (TypeError, ValueError):
         params = []
     code = getattr(getattr(type(model), "forward", None), "__code__", None)
     owner = code.co_varnames[0] if code is not None and code.co_argcount else "self"

@@ -193,6 +193,59 @@ def test_verify_raises_with_the_region_when_the_op_differs(inductor, monkeypatch
         compiled(*inputs(10))
 
 
+class _Stateful(Retention):
+    """Retention between two writes to model state: a position offset the forward advances
+    and a training-mode batch norm (running statistics written inside ``batch_norm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(()))
+        self.norm = nn.BatchNorm1d(V)
+
+    def forward(self, q, k, v):
+        self.offset += q.shape[2]
+        o = super().forward(q, k, v)
+        return self.norm(o.flatten(0, 2)) * self.offset
+
+
+def test_verify_leaves_model_state_as_one_call_does(inductor):
+    """The checks run the graph eagerly before the compiled call: its in-place writes ran
+    twice (offset 26 after one call of 13 tokens, outputs off by 238; batch norm statistics
+    updated twice) until 2026-11-25."""
+    torch.manual_seed(0)
+    model, reference = _Stateful(), _Stateful()
+    compiled = torch.compile(model, backend="rtp", options={"verify": True})
+    x = inputs(13)
+    torch.testing.assert_close(compiled(*x), reference(*x), rtol=1e-4, atol=1e-4)
+    assert model.offset.item() == reference.offset.item() == 13
+    assert model.norm.num_batches_tracked.item() == 1
+    torch.testing.assert_close(model.norm.running_mean, reference.norm.running_mean)
+    assert backend.counters["regions_claimed"] >= 1
+
+
+def test_verify_compares_the_region_output_as_the_region_left_it(inductor):
+    """A write into the region's output after it (``o.mul_(2)``) and a NaN input (NaN where
+    the original has it) failed a correct region until 2026-11-25."""
+
+    class Scaled(Retention):
+        def forward(self, q, k, v):
+            o = super().forward(q, k, v)
+            o.mul_(2.0)
+            return o
+
+    model = Scaled()
+    compiled = torch.compile(model, backend="rtp", options={"verify": True})
+    x = inputs(10)
+    torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    q, k, v = inputs(10)
+    q[0, 0, 4, 1] = float("nan")
+    compiled = torch.compile(Retention(), backend="rtp", options={"verify": True})
+    got, want = compiled(q, k, v), Retention()(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert got.isnan().any()
+
+
 def test_timing_counters_are_exposed(inductor):
     torch.compile(Retention(), backend="rtp", dynamic=True)(*inputs(8))
     for key in ("detect_seconds", "rewrite_seconds", "compile_seconds"):

@@ -115,8 +115,49 @@ def _model_worker(
     return {"logits": logits.detach(), "grads": grads}
 
 
+def _nonfinite_data(world: int):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3 * world, 3, generator=g) for _ in range(3))
+    v[0, 0, -1, 1] = float("inf")  # the last rank's last position, head 0, value column 1
+    return q, k, v, torch.tensor([0.9, 0.8])
+
+
+def _nonfinite_worker(rank: int, world: int) -> tuple:
+    from rtpcompile.distributed import context_parallel_retention
+
+    q, k, v, gamma = _nonfinite_data(world)
+    sl = slice(3 * rank, 3 * rank + 3)
+    qs = q[:, :, sl].clone().requires_grad_()
+    o, _ = context_parallel_retention(qs, k[:, :, sl], v[:, :, sl], gamma)
+    o[..., 0].sum().backward()  # NOTE: value column 0 is finite everywhere
+    return o.detach(), qs.grad
+
+
+def _cancel_data(dtype):
+    """One head of size 1, gamma = scale = 1: the state after token 0 is -1000, tokens 1 and 2
+    add 1000 and 0.3, so o[2] = 0.3 exactly, every input representable in 16 bits."""
+    q = k = torch.ones(1, 1, 3, 1, dtype=dtype)
+    v = torch.tensor([-1000.0, 1000.0, 0.3]).reshape(1, 1, 3, 1).to(dtype)
+    return q, k, v, torch.ones(1)
+
+
+def _cancel_worker(rank: int, world: int) -> dict:
+    from rtpcompile.distributed import context_parallel_retention
+
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v, gamma = _cancel_data(dtype)
+        # NOTE: token 0 on rank 0, tokens 1 and 2 on the last rank, nothing in between
+        sl = slice(0, 1) if rank == 0 else slice(1, 3) if rank == world - 1 else slice(1, 1)
+        o, _ = context_parallel_retention(q[:, :, sl], k[:, :, sl], v[:, :, sl], gamma, scale=1.0)
+        out[dtype] = o
+    return out
+
+
 def _all_scenarios(rank: int, world: int, cases: dict, model_args: list) -> dict:
     out = {name: _retention_worker(rank, world, t) for name, t in cases.items()}
+    out["nonfinite"] = _nonfinite_worker(rank, world)
+    out["cancel"] = _cancel_worker(rank, world)
     for layout, ids, lengths, compiled in model_args:
         name = f"model_{layout}" + ("_compiled" if compiled else "")
         out[name] = _model_worker(rank, world, layout, ids, lengths, compiled)
@@ -326,3 +367,32 @@ def test_invalid_input_on_one_rank_raises_on_every_rank(mismatch_results):
     assert "gamma" in msg1  # the rank with the bad input raises its own, precise error
     ref, _ = ops.retention_chunkwise(t["q"], t["k"], t["v"], t["gamma"], t["chunk"])
     _close(torch.cat([r["after"] for r in results], dim=2), ref, "output after the errors")
+
+
+def test_a_non_finite_value_stays_where_causality_puts_it(spawned):
+    """An inf on the last rank's last position: the single-process op makes that row non-finite
+    only; the combine multiplied later ranks' states by a weight of 0 (0 * inf = NaN) and every
+    row of every rank was NaN, outputs and dq, until 2026-11-25."""
+    world, _, _, results = spawned
+    q, k, v, gamma = _nonfinite_data(world)
+    q.requires_grad_()
+    single, _ = ops.retention_chunkwise(q, k, v, gamma)
+    single[..., 0].sum().backward()
+    o = torch.cat([r["nonfinite"][0] for r in results], dim=2)
+    dq = torch.cat([r["nonfinite"][1] for r in results], dim=2)
+    torch.testing.assert_close(o, single.detach(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(dq, q.grad, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (~torch.isfinite(o[0, 0])).any(-1).nonzero().flatten().tolist() == [3 * world - 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_outputs_are_rounded_once(spawned, dtype):
+    """A shard's output was its zero-state output, rounded to 16 bits, plus the entering
+    state's part: 0.3 came out 0.5 (float16) and 0.0 (bfloat16) where the two cancel. Now the
+    shard runs from the entering state, as the single-process op, and equals it."""
+    _, _, _, results = spawned
+    q, k, v, gamma = _cancel_data(dtype)
+    single, _ = ops.retention_chunkwise(q, k, v, gamma, scale=1.0)
+    o = torch.cat([r["cancel"][dtype] for r in results], dim=2)
+    torch.testing.assert_close(o, single, rtol=0, atol=0)
+    assert abs(o[0, 0, 2, 0].item() - 0.3) < 2e-3

@@ -163,6 +163,21 @@ def test_checkpointed_retention_is_searched(no_inductor):
     assert not weird.claimed and "depends on activations (input 'l_pad_')" in weird.reason
 
 
+def test_a_plain_functions_inputs_are_named_by_its_parameters(no_inductor):
+    """explain(fn, ...) read the parameter names of ``fn.forward``, which a function has not:
+    its reasons said ``input 'l_args_3_'`` until 2026-11-25."""
+
+    def fn(q, k, v, gate):
+        T = q.shape[-2]
+        i = torch.arange(T)
+        d = i[:, None] - i[None, :]
+        return ((q @ k.mT) * torch.where(d >= 0, gate[:, None, None] ** d.clamp(min=0), 0.0)) @ v
+
+    q, k, v, _ = _inputs(T=9)
+    (region,) = explain(fn, q, k, v, torch.rand(q.shape[1])).regions
+    assert not region.claimed and "depends on activations (input 'l_gate_')" in region.reason
+
+
 def test_retention_in_another_higher_order_op_is_reported_not_silently_skipped(no_inductor):
     class Branch(TwoLayers):
         def retention(self, q, k, v):

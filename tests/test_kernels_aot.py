@@ -251,7 +251,7 @@ _STATE_ARGS = {"s0", "s_sb", "s_sh", "s_sk", "s_sv"}
 
 
 @pytest.mark.parametrize("layout", aot.LAYOUTS)
-@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("dtype", [BF16, F32, torch.float64])
 def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
     """aot compiled every stride and size as a plain i32; a launch makes the unit strides
     constants and marks 16-divisible ints and aligned pointers, and compiles other code (fused
@@ -265,8 +265,9 @@ def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
         return x if layout == "bthd" else torch.empty(B, H, T, D, dtype=dtype, device="meta")
 
     q, k, v, do = rows(K), rows(K), rows(V), rows(V)
-    g = torch.empty(H, device="meta")
-    s0 = torch.empty(B, H, K, V, device="meta")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.empty(H, device="meta", dtype=acc)
+    s0 = torch.empty(B, H, K, V, device="meta", dtype=acc)
     calls = []
     for form in ("chunkwise", "parallel"):
         calls += _launched(backward.forward, form, q, k, v, g, K**-0.5, s0, 64)
@@ -289,6 +290,10 @@ def test_specialisation_is_what_the_launch_path_passes(dtype, layout):
             if name not in _STATE_ARGS:
                 want = (want_types[name], want_attrs.get((i,)))
                 assert (got_types[name], got_attrs.get((i,))) == want, (spec.short(), name)
+        # a float64 kernel takes its scales as doubles: Triton types a Python float fp32 unless
+        # the parameter says otherwise (float64 results were off by ~2e-8 until 2026-11-25)
+        wide = "fp64" if dtype == torch.float64 else "fp32"
+        assert {got_types[s] for s in ("scale", "state_scale") if s in names} == {wide}
         units = [s for s in ("s_qk", "s_kk", "s_vv") if s in names]  # a states stage has no q
         assert len(units) >= 2 and all(got_types[s] == "constexpr" for s in units)
 
@@ -372,3 +377,17 @@ def test_recurrent_k256_default_does_not_spill(dtype, shape):
                   state_in=True, state_out=True)  # fmt: skip
     r = aot.resources(spec, shape=shape)
     assert spec.num_warps == 8 and r.spill_bytes == 0, f"{spec.short()}: {r}"
+
+
+def test_the_smallest_config_fits_an_sm86_block_where_float64_defaults_do_not():
+    """The float64 parallel kernel's defaults at K = V = 256 need 196,608 B of shared memory
+    with a state (Hopper gives 232,448 B a block; A100 166,912 B, sm_86/89 101,376 B): a launch
+    out of resources runs again with ``custom_ops.SMALLEST_CONFIG``, which fits all three."""
+    from rtpcompile.lowering.custom_ops import SMALLEST_CONFIG
+
+    flags = {"state_in": True, "row_dot": True}
+    F64 = torch.float64
+    default = choose("parallel", "fwd", 256, 256, F64, F64, 64, **flags)
+    small = choose("parallel", "fwd", 256, 256, F64, F64, 64, dict(SMALLEST_CONFIG), **flags)
+    assert aot.resources(default, capability=80).shared_bytes > 166_912
+    assert aot.resources(small, capability=80).shared_bytes <= 101_376

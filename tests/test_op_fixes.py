@@ -382,3 +382,86 @@ def test_backward_op_with_an_output_mask_matches_its_fake_and_the_full_backward(
                     assert g.shape == (0,)
     with pytest.raises(ValueError, match="output_mask must have 5 entries"):
         torch.ops.rtp.retention_bwd(*args, [True])
+
+
+# ----------------------------------------------------------------- autocast, the saved state
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+def test_eager_autocast_keeps_the_float32_state_and_gradients(form):
+    """Under an eager ``torch.autocast`` the op's aten products ran in bfloat16 (state error
+    3e-3 against 4e-7, gradients 1e-3 to 7e-3) until 2026-11-25: the implementations now run
+    with autocast off, so the result is the one computed outside it, forward and backward."""
+    B, H, T, K, V = 1, 2, 96, 8, 6
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen).bfloat16() for d in (K, K, V))
+    gamma = torch.tensor([0.99, 0.9])
+    s0 = torch.randn(B, H, K, V, generator=gen)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, gamma, s0)]
+        o, s = ops.retention(*leaves[:4], form=form, initial_state=leaves[4],
+                             output_final_state=True)  # fmt: skip
+        (o.float().square().sum() + s.sum()).backward()
+        return [o, s] + [t.grad for t in leaves]
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run()
+    for a, b in zip(cast, plain, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_writing_into_the_returned_state_leaves_the_backward_intact(bypass, monkeypatch):
+    """The final state was saved for the backward (which reads only its dtype): writing into
+    the returned state (a decode loop's buffer) failed the backward's version check."""
+    monkeypatch.setenv("RTP_EAGER_BYPASS", "1" if bypass else "0")
+    q, k, v, gamma, s0 = (t.requires_grad_() for t in _inputs())
+    o, state = ops.retention(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    expected = torch.autograd.grad(o.sum(), (q, k, v, gamma, s0), retain_graph=True)
+    state.zero_()
+    got = torch.autograd.grad(o.sum(), (q, k, v, gamma, s0))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_parallel_memory_estimate_counts_float64_at_eight_bytes():
+    """The aten parallel form's T x T temporaries are float64 for float64 inputs: counted at 4
+    bytes until 2026-11-25, so a float64 plan could take twice the memory budget."""
+    wide, narrow = (plan.Problem(2, 4, 1024, 8, 8, d, "cpu", "aten", False)
+                    for d in ("float64", "float32"))  # fmt: skip
+    assert tune._parallel_bytes(wide) == 2 * tune._parallel_bytes(narrow)
+    assert tune._parallel_bytes(wide) == 8 * 1024 * 1024 * (3 * 2 * 4 + 2 * 4)
+
+
+# ----------------------------------------------------------------- scales the kernels take
+
+
+def test_kernels_take_only_a_float32_scale_with_a_finite_inverse_unless_float64(triton_on_cpu):
+    """The kernels' scale is a float32 argument (float64 kernels: a double): a float16 call at
+    scale 1e-39 returned an inf final state (the state, held times scale, is divided through
+    1 / scale) and one below 2**-149 reached the kernels as 0. Forced, such a call is now the
+    ValueError scale 0 gets; on "auto" it runs on aten."""
+    from rtpcompile import kernels
+    from rtpcompile.lowering import dispatch
+
+    q, k, v, gamma, s0 = (t.half() if t.dim() == 4 else t.float() for t in _inputs(K=4, V=4))
+    for scale in (1e-39, -1e-39, 1e-46, 1e39):
+        with pytest.raises(ValueError, match=r"\|scale\| in \[2\*\*-127, 3.4e38\]"):
+            ops.retention(q, k, v, gamma, initial_state=s0.float(), scale=scale)
+    least = kernels.MIN_SCALE
+    o, sf = ops.retention(q, k, v, gamma, initial_state=s0.float(), scale=least,
+                          output_final_state=True)  # fmt: skip
+    ref = ops.retention(*(t.double() for t in (q, k, v, gamma)), initial_state=s0.double(),
+                        scale=least, output_final_state=True)  # fmt: skip
+    assert torch.isfinite(sf).all()
+    torch.testing.assert_close(sf.double(), ref[1], rtol=1e-3, atol=1e-3)
+    for dtype, scale, fits in [
+        (torch.float16, 1e-39, False), (torch.float32, 1e-39, False), (torch.float32, 1e39, False),
+        (torch.bfloat16, least, True), (torch.float64, 1e-39, True), (torch.float64, 0.0, False),
+        (torch.float16, 1e-38, True),
+    ]:  # fmt: skip
+        x = torch.empty(1, 1, 2, 4, dtype=dtype)
+        assert dispatch._fits(kernels, x, x, scale) is fits, (dtype, scale)

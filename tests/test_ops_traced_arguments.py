@@ -62,7 +62,10 @@ def test_a_chunk_size_computed_from_t_does_not_recompile_per_length():
     assert counters["stats"]["unique_graphs"] == 2  # NOTE: static, then dynamic
 
 
-def test_a_tensor_chunk_size_under_compile_is_a_clear_error():
+def test_a_tensor_chunk_size_under_compile_is_a_named_graph_break():
+    """A tensor's value is not known while tracing: the call graph-breaks with a message naming
+    the cause (fullgraph=True raises it) and otherwise runs eagerly, as an eager call reads it.
+    Until 2026-11-25 a ValueError was raised that Dynamo swallowed ("Observed exception")."""
     q, k, v = _qkv(40)
     eager = ops.retention_chunkwise(q, k, v, GAMMA, chunk_size=torch.tensor(16))[0]
     assert eager.shape == (1, 2, 40, 4)  # NOTE: eagerly a torch integer is read as an int
@@ -70,8 +73,12 @@ def test_a_tensor_chunk_size_under_compile_is_a_clear_error():
     def f(q, k, v, c):
         return ops.retention_chunkwise(q, k, v, GAMMA, chunk_size=c)[0]
 
-    with pytest.raises(Exception, match="chunk_size must be a Python int under torch.compile"):
+    with pytest.raises(Exception, match="chunk_size is a tensor .* pass a Python int"):
         torch.compile(f, fullgraph=True)(q, k, v, torch.tensor(16))
+    torch._dynamo.reset()
+    got = torch.compile(f)(q, k, v, torch.tensor(16))
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    assert any("chunk_size is a tensor" in reason for reason in counters["graph_break"])
 
 
 def test_a_cached_parallel_plan_too_big_for_this_call_is_ignored(tmp_path, monkeypatch, caplog):

@@ -122,8 +122,8 @@ def test_tuned_config_out_of_resources_falls_back_to_the_defaults(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"BV=32,num_stages=3,num_warps=8\] \(autotune cache"):
         o = ops.retention(*leaves)
         o.sum().backward()
-    assert configs == [("forward", TUNED.config), ("forward", None),
-                       ("backward", TUNED.config), ("backward", None)]  # fmt: skip
+    assert configs == [("forward", TUNED.config), ("forward", ()),
+                       ("backward", TUNED.config), ("backward", ())]  # fmt: skip
     r = [x.clone().requires_grad_() for x in (q, k, v, gamma)]
     expected = ref.reference_parallel(*r)[0]
     expected.sum().backward()
@@ -145,3 +145,30 @@ def test_other_errors_and_default_configs_are_not_retried(monkeypatch):
     )
     ops.retention(q, k, v, gamma)  # no config: nothing raises, nothing retried
     assert configs == [("forward", ())]
+
+
+def test_defaults_out_of_resources_fall_back_to_the_smallest_blocks(monkeypatch):
+    """The float64 parallel kernel's defaults at K = 256 need more shared memory than an A100
+    or an sm_86 GPU gives a block (kernels.aot): a default plan that cannot launch runs once
+    more with BV 16 and one stage; if that fails too, its error propagates."""
+    monkeypatch.setattr(custom_ops, "_planned", lambda *a, **kw: Plan("parallel", 64, "rule"))
+    configs, real = [], dispatch.forward
+
+    def forward(*args, **kwargs):
+        configs.append(("forward", args[8]))
+        if args[8] != (("BV", 16), ("num_stages", 1)):
+            raise OutOfResources("out of resource: shared memory, 196608")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "forward", forward)
+    q = k = v = torch.ones(1, 1, 4, 8, dtype=torch.float64)
+    gamma = torch.tensor([0.9], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"with the defaults; running it with \{'BV': 16"):
+        o = ops.retention(q, k, v, gamma)
+    assert configs == [("forward", ()), ("forward", custom_ops.SMALLEST_CONFIG)]
+    torch.testing.assert_close(o, ref.reference_parallel(q, k, v, gamma)[0])
+    monkeypatch.setattr(custom_ops, "SMALLEST_CONFIG", (("BV", 32),))  # NOTE: fails as well
+    configs.clear()
+    with pytest.raises(OutOfResources, match="196608"), pytest.warns(RuntimeWarning):
+        ops.retention(q, k, v, gamma)
+    assert configs == [("forward", ()), ("forward", (("BV", 32),))]

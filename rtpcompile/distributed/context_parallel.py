@@ -8,7 +8,8 @@ the state that enters it. Each rank r holding positions ``[start_r, start_r + L_
    ``torch.compile`` the check is one opaque custom op (``rtp_distributed::agree``), so Dynamo
    never sees its host reads (``.tolist()``) and the call traces without a graph break;
 
-1. runs the chunkwise form on its shard from a zero state -> local output, local end state S_r;
+1. computes its shard's end state from a zero state, ``S_r = sum_t gamma^(L_r-1-t) k_t^T v_t``
+   (one product: k and v only, no output);
 2. exchanges ``(S_r, L_r * log gamma)`` with every rank in ONE all-gather
    (B*H*K*V + H numbers per rank);
 3. combines them as an exclusive prefix scan::
@@ -16,8 +17,11 @@ the state that enters it. Each rank r holding positions ``[start_r, start_r + L_
        S_in(r) = gamma^(start_r) S_0 + sum_{r' < r} gamma^(L_{r'+1} + ... + L_{r-1}) S_{r'}
 
    (exponents are sums of the exchanged log decays, all <= 0: nothing computes gamma^(-n));
-4. corrects its outputs, ``o_t += scale * gamma^(t+1) q_t S_in`` for local position t, and its
-   end state, ``S_end = gamma^(L_r) S_in + S_r``.
+4. runs the chunkwise form on its shard from ``S_in`` -> its output and end state
+   ``gamma^(L_r) S_in + S_r``. (Until 2026-11-25 it ran the shard from a zero state first and
+   added ``scale * gamma^(t+1) q_t S_in`` to the output afterwards: a float16/bfloat16 output
+   was rounded twice, and lost everything where the two parts cancel. The product in step 1
+   costs about what that correction did.)
 
 The backward is exact: the all-gather's backward all-reduces the gradients of the gathered
 states and log decays, so a key on rank 0 receives the gradient of every later rank's outputs.
@@ -258,21 +262,35 @@ def context_parallel_retention(
     B, H, T, K = q.shape
     V = v.shape[-1]
 
-    o_local, s_local = ops.retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, scale=scale)
     log_gamma = clamped_log_gamma(gamma.to(acc))
-    packed = torch.cat([s_local.to(acc).reshape(-1), log_gamma * T])
+    s_local = _local_end_state(k, v, log_gamma, acc)
+    packed = torch.cat([s_local.reshape(-1), log_gamma * T])
     gathered = all_gather_stacked(packed, group)  # [W, B*H*K*V + H]
     states = gathered[:, : B * H * K * V].reshape(-1, B, H, K, V)
     weights, start = _incoming_weights(gathered[:, B * H * K * V :], rank)
 
-    s_in = torch.einsum("rh,rbhkv->bhkv", weights, states)
+    # NOTE: the earlier ranks only: a later rank's weight is exactly 0, but 0 * inf is NaN, and
+    # a non-finite value on a later rank reached every position (until 2026-11-25)
+    s_in = torch.einsum("rh,rbhkv->bhkv", weights[:rank], states[:rank])
     if initial_state is not None:
         s_in = s_in + start[:, None, None] * initial_state.to(acc)
+    if rank == 0 and initial_state is None and not s_in.requires_grad:
+        # NOTE: nothing enters the first shard; when training, its (zero) state ties its output
+        # to the all-gather, whose backward is a collective every rank must join
+        s_in = None
+    # NOTE: the shard runs once, from the state entering it: its output is rounded to q's dtype
+    # once (a local output corrected afterwards was rounded twice: float16/bfloat16 outputs
+    # off by up to their value where the two parts cancel, until 2026-11-25)
+    return ops.retention_chunkwise(
+        q, k, v, gamma, chunk_size=chunk_size, scale=scale, initial_state=s_in
+    )
 
-    pos = torch.arange(1, T + 1, device=q.device, dtype=acc)
-    to_here = torch.exp(log_gamma[:, None] * pos[None, :])  # [H, T]: gamma^(t+1)
-    # [B, H, T, K] @ [B, H, K, V] -> [B, H, T, V]
-    correction = ((q.to(acc) * to_here[..., None]) @ s_in) * scale
-    o = (o_local.to(acc) + correction).to(q.dtype)
-    end_state = torch.exp(log_gamma * T)[:, None, None] * s_in + s_local.to(acc)
-    return o, end_state
+
+def _local_end_state(k: Tensor, v: Tensor, log_gamma: Tensor, acc: torch.dtype) -> Tensor:
+    """This shard's end state from a zero state, ``sum_t gamma^(T-1-t) k_t^T v_t`` [B, H, K, V]
+    in ``acc``: one product (exponents <= 0; a state the op would compute too, but without
+    the output the shard computes once the entering state is known)."""
+    T = k.shape[2]
+    to_end = torch.arange(T - 1, -1, -1, device=k.device, dtype=acc)
+    weights = torch.exp(log_gamma[:, None] * to_end[None, :])  # [H, T]
+    return (k.to(acc) * weights[..., None]).transpose(-1, -2) @ v.to(acc)

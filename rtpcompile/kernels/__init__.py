@@ -28,6 +28,7 @@ __all__ = [
     "CONFIG_KEYS",
     "GRADIENTS",
     "MAX_DIM",
+    "MIN_SCALE",
     "KernelInfo",
     "KernelSpec",
     "available",
@@ -56,6 +57,19 @@ def available() -> bool:
         return False
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return interpret or torch.cuda.is_available()
+
+
+def scale_fits(dtype: torch.dtype, scale: float) -> bool:
+    """Whether the kernels take ``scale`` for ``dtype`` inputs: nonzero, and unless float64 in
+    [2**-127, float32's max] (the kernels' scale is a float32 argument then, and float16's final
+    state, held times scale, is divided by it through 1 / scale: past 2**128 that is inf, an
+    inf state until 2026-11-25; a scale below 2**-149 reached the kernels as 0)."""
+    if dtype == torch.float64:
+        return scale != 0
+    return MIN_SCALE <= abs(scale) <= torch.finfo(torch.float32).max
+
+
+MIN_SCALE = 2.0**-127  # NOTE: 1 / scale stays a float32 number; 22 significant bits left
 
 
 def triton_forward(
@@ -110,8 +124,9 @@ def kernels_for(
     ``scale``: the call's score scale. Only its size matters, and only for a backward with a
     final-state gradient: below ``backward.TINY_SCALE`` (float32, bfloat16, float64) the dk and
     dv passes run rescaled as the three-pass kernels instead of the split path's four
-    launches, so the list differs from scale 1.0's (the default). 0 is a ValueError, as at the
-    call.
+    launches, so the list differs from scale 1.0's (the default). A scale the kernels do not
+    take (``scale_fits``: 0, or |scale| outside [2**-127, 3.4e38] unless float64) is a
+    ValueError, as at the call.
 
     Otherwise only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any
     work.

@@ -60,7 +60,7 @@ def signature(spec: KernelSpec, names: list[str]) -> dict[str, str]:
         types.update(hp="*fp32", hqp="*fp32")
     types.update({p: "*" + t_acc for p in ("g", "s0", "sf", "rs", "rd")})
     types.update({p: "*" + t_out for p in ("o", "dq", "dk")})
-    types.update(scale="fp32", state_scale="fp32")
+    types.update(scale=_TYPES[spec.acc], state_scale=_TYPES[spec.acc])  # arguments.scalar
     return {name: types[name] for name in names}
 
 

@@ -56,6 +56,7 @@ def names(spec: KernelSpec) -> tuple[str, ...]:
 
 
 def _family(name: str) -> str:
+    name = name.partition(":")[0]
     if name.startswith("s_"):
         return name[2]  # s_qb -> q: one line per tensor's strides
     return "sizes" if name in ("B", "H", "T", "scale", "state_scale") else "pointers"
@@ -63,9 +64,19 @@ def _family(name: str) -> str:
 
 def signature(spec: KernelSpec) -> str:
     """The kernel's parameter lines for the templates (``_signature.jinja``): the pointers, then
-    a line per tensor's strides, then the sizes and scales."""
-    lines = itertools.groupby(names(spec), key=_family)
+    a line per tensor's strides, then the sizes and scales (``scalar``)."""
+    lines = itertools.groupby((scalar(spec, name) for name in names(spec)), key=_family)
     return "\n".join(f"    {', '.join(group)}," for _, group in lines)
+
+
+def scalar(spec: KernelSpec, name: str) -> str:
+    """``name`` as declared: a scale annotated ``tl.float64`` in a float64 kernel. Triton types
+    a Python float argument fp32 otherwise, so a float64 kernel got ``scale`` rounded to float32
+    (every float64 result off by ~2e-8 on a GPU until 2026-11-25; the interpreter keeps the
+    double, so CI saw 4e-16)."""
+    if name in ("scale", "state_scale") and spec.acc == "float64":
+        return f"{name}: tl.float64"
+    return name
 
 
 def picker(kernel):

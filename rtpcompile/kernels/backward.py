@@ -51,6 +51,7 @@ import math
 
 import torch
 
+from . import scale_fits
 from .blocks import MAX_DIM
 from .launch import (
     Pass,
@@ -94,10 +95,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tens
             f"the Triton retention kernels support head dims K, V <= {MAX_DIM}, got K={K}, "
             f"V={V} (kernels='auto' runs wider heads on aten)"
         )
-    if scale == 0:
+    if not scale_fits(q.dtype, scale):
         raise ValueError(
-            "the Triton retention kernels need a nonzero scale, got 0 (kernels='auto' runs "
-            "it on aten)"
+            "the Triton retention kernels need a nonzero scale, with |scale| in [2**-127, "
+            f"3.4e38] unless the inputs are float64 (a float32 argument), got {scale!r} for "
+            f"{q.dtype} inputs (kernels='auto' runs it on aten)"
         )
     return gamma.reshape(-1).contiguous()
 

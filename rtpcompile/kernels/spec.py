@@ -336,5 +336,6 @@ def render(spec: KernelSpec) -> str:
         summary=spec.short(),
         version=TEMPLATE_VERSION,
         signature=arguments.signature(spec),
+        dqk_scale=arguments.scalar(spec, "scale"),
     )
     return inline_constants.inline(template.render(**values))

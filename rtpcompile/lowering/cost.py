@@ -307,5 +307,8 @@ def parallel_fits(p: Problem) -> bool:
 
 
 def _parallel_bytes(p: Problem) -> float:
-    """Peak bytes of the aten parallel form's T x T temporaries (scores, mask, decay)."""
-    return 4.0 * p.T * p.T * (3 * p.B * p.H + 2 * p.H)
+    """Peak bytes of the aten parallel form's T x T temporaries (scores, mask, decay), in the
+    accumulation dtype: float32, float64 for float64 inputs (counted as float32 until
+    2026-11-25: a float64 plan could take twice the budget)."""
+    width = 8.0 if p.dtype == "float64" else 4.0
+    return width * p.T * p.T * (3 * p.B * p.H + 2 * p.H)

@@ -49,22 +49,35 @@ def _planned(
     )
 
 
+# NOTE: the least shared memory a kernel can be launched with: BV 16, one stage (the float64
+# parallel kernel at K = 256 takes 155,648-196,608 B by default, more than an A100 or an sm_86
+# GPU gives a block; 98,304 B so, measured by kernels.aot for sm_80)
+SMALLEST_CONFIG = (("BV", 16), ("num_stages", 1))
+
+
 def _with_config(run, p: plan.Plan):
     """``run(config)`` with ``p``'s block configuration; one that Triton cannot launch
-    (OutOfResources: the tuner's resource rule is an estimate) runs once more with the kernels'
-    defaults, with a warning naming it. Other errors, and a plan without a config, propagate."""
-    try:
-        return run(p.config)
-    except Exception as exc:
-        if not p.config or "OutOfResources" not in {c.__name__ for c in type(exc).__mro__}:
-            raise
-        warnings.warn(
-            f"rtpcompile: {plan.describe(p)} ran out of GPU resources ({exc}); running it "
-            "with the kernels' default configuration (re-tune: rtpcompile tune --force)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return run(None)
+    (OutOfResources: the tuner's resource rule is an estimate, a default sized for Hopper) runs
+    once more with the kernels' defaults, then with ``SMALLEST_CONFIG``, with a warning naming
+    each. Other errors propagate, and so does the smallest configuration's."""
+    # NOTE: () is the defaults; a plan tuned to the defaults or to the smallest tries each once
+    tries = list(dict.fromkeys((p.config, (), SMALLEST_CONFIG)))
+    for i, config in enumerate(tries):
+        try:
+            return run(config)
+        except Exception as exc:
+            out_of = "OutOfResources" in {c.__name__ for c in type(exc).__mro__}
+            if not out_of or i == len(tries) - 1:
+                raise
+            then = dict(tries[i + 1]) or "the kernels' defaults"
+            warnings.warn(
+                f"rtpcompile: {plan.describe(p)} ran out of GPU resources ({exc}) with "
+                f"{dict(config) or 'the defaults'}; running it with {then} "
+                "(re-tune: rtpcompile tune --force)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    raise AssertionError("unreachable")
 
 
 def _no_state(q: Tensor) -> Tensor:
@@ -104,11 +117,20 @@ def forward_impl(
         # NOTE: here, so compiled CPU calls are checked too; off the CPU the public ops check
         # (a device assertion per new gamma tensor would add launches to every compiled call)
         validate.check_gamma_values(gamma)
-    if runtime_options:
-        with _options.scoped(runtime_options):
-            return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size,
-                            output_final_state)  # fmt: skip
-    return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state)
+    scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
+    with scope, _own_precision(q):
+        return _forward(q, k, v, gamma, scale, initial_state, form, chunk_size,
+                        output_final_state)  # fmt: skip
+
+
+def _own_precision(q: Tensor):
+    """Autocast off inside the implementations: the op keeps its state and accumulates in
+    float32 whatever the caller's autocast (its aten products ran in bfloat16 under an eager
+    ``torch.autocast`` until 2026-11-25, state error 3e-3 instead of 4e-7); the inputs' own
+    dtypes are what the op computes in, as under ``torch.compile``."""
+    if torch._C._is_any_autocast_enabled():
+        return torch.autocast(q.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state):
@@ -174,7 +196,7 @@ def backward_impl(
     """The backward op's implementation (also what an eager public call's backward runs)."""
     needs = _needs(output_mask)
     scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
-    with scope:
+    with scope, _own_precision(q):
         p = _planned(form, q, v, initial_state, chunk_size, "bwd")
         grads = _with_config(
             lambda config: dispatch.backward(
@@ -228,7 +250,10 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state, runtime = inputs
-    ctx.save_for_backward(q, k, v, gamma, initial_state, output[1])
+    # NOTE: the final state is not saved (the backward reads only its dtype, q's accumulation
+    # dtype): saving it kept a [B, H, K, V] alive until the backward, and made an in-place write
+    # to the returned state (``state.zero_()``, a decode loop's buffer) fail the backward
+    ctx.save_for_backward(q, k, v, gamma, initial_state)
     ctx.scale, ctx.form, ctx.chunk_size, ctx.runtime_options = scale, form, chunk_size, runtime
     ctx.has_state = initial_state is not None
     ctx.state_out = output_final_state
@@ -241,7 +266,8 @@ def _backward(ctx, do, dsf):
 def backward_with(retention_bwd, ctx, do, dsf):
     """The forward's gradients from ``ctx`` (``_setup_context``), computed by ``retention_bwd``:
     the backward op, or its implementation (an eager call, ``eager.py``)."""
-    q, k, v, gamma, initial_state, final_state = ctx.saved_tensors
+    q, k, v, gamma, initial_state = ctx.saved_tensors
+    final_state = _no_state(q)
     if not ctx.state_out:
         dsf = None  # NOTE: an empty output's gradient (AOTAutograd may materialise it) is nothing
     n = ctx.needs_input_grad

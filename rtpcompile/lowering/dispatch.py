@@ -95,11 +95,12 @@ def _forced_but_unavailable(t: torch.Tensor) -> str:
 
 
 def _fits(kernels, q: torch.Tensor, v: torch.Tensor | None, scale: float) -> bool:
-    """The kernels' limits: head dims up to ``MAX_DIM`` and a nonzero scale."""
+    """The kernels' limits: head dims up to ``MAX_DIM`` and a scale they take
+    (``kernels.scale_fits``: nonzero, in [2**-127, 3.4e38] unless float64)."""
     if kernels is None:
         return False
     dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])
-    return max(dims) <= kernels.MAX_DIM and scale != 0
+    return max(dims) <= kernels.MAX_DIM and kernels.scale_fits(q.dtype, scale)
 
 
 def _config(config) -> dict[str, int] | None:

@@ -319,9 +319,11 @@ def check_chunk_size(chunk_size) -> int:
         torch._check(chunk_size <= CHUNK_ARG_MAX, lambda: "chunk_size must be at most 2**63 - 1")
         return chunk_size
     if isinstance(chunk_size, torch.Tensor) and torch.compiler.is_compiling():
-        raise ValueError(
-            "chunk_size must be a Python int under torch.compile (a tensor's value is not known "
-            f"while tracing): pass int(chunk_size), got a {chunk_size.dtype} tensor"
+        # NOTE: a graph break, not a ValueError: Dynamo swallowed the error ("Observed
+        # exception"), ran the call eagerly without a word, and fullgraph=True named no cause
+        torch._dynamo.graph_break(
+            msg="rtpcompile: chunk_size is a tensor (its value is not known while tracing), so "
+            "this retention call runs eagerly; pass a Python int (int(chunk_size)) to compile it"
         )
     value = None
     # NOTE: a tensor's __index__ takes any one-element integer or bool tensor (``tensor([3])``,
