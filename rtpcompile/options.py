@@ -132,7 +132,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     found = {}
     for name in FIELDS:
         key = f"RTP_{name.upper()}"
-        if key in environ:
+        # NOTE: a blank variable (``RTP_FORM=``) is unset, for every option (an empty
+        # RTP_FORM/RTP_KERNELS/RTP_LOG was an error while an empty RTP_CHUNK_SIZE was unset)
+        if environ.get(key, "").strip():
             found[name] = _coerce(name, environ[key], f"environment variable {key}")
     return found
 

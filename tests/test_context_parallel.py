@@ -290,6 +290,20 @@ def test_bad_inputs_are_rejected_before_any_collective():
         context_parallel_forward(model, torch.randint(0, 32, (5,)))  # NOTE: was an IndexError
 
 
+def test_a_tensor_scale_under_compile_is_a_named_graph_break():
+    """Its value goes into the ranks' agreement check: traced, ``float()`` of it failed inside
+    Dynamo ("sympy expression is NaN") until 2026-11-25. Now the call graph-breaks (before any
+    collective) with a message saying so; ``fullgraph=True`` raises it."""
+    from rtpcompile.distributed import context_parallel_retention
+
+    def f(q, s):
+        return context_parallel_retention(q, q, q, torch.tensor([0.9, 0.8]), scale=s)
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(Exception, match="scale is a tensor .* pass a Python float"):
+        torch.compile(f, backend="eager", fullgraph=True)(q, torch.tensor(0.3))
+
+
 # Rank 1 deviates from rank 0 in one way; every rank must raise ValueError (no abort, no hang).
 MISMATCHES = {
     "K": ("K=8", "K=4"),

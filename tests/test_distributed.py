@@ -223,6 +223,57 @@ def test_ddp_pieces_get_real_inputs_and_their_regions_are_claimed():
     assert sum(claimed for *_, claimed in pieces) == 2  # both retention layers
 
 
+class _MaskBeforeTheCut(torch.nn.Module):
+    """The decay mask is built first, then a ~1.4 MiB layer closes DDP's first bucket: the mask
+    reaches the retention in the next graph piece as a value computed in this one."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gamma", torch.tensor([0.9, 0.6]))
+        self.inp, self.big = torch.nn.Linear(8, 600), torch.nn.Linear(600, 600)
+        self.qkv = torch.nn.Linear(600, 3 * 8)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        n = torch.arange(T, device=x.device)
+        diff = (n[:, None] - n[None, :]).to(x.dtype)
+        mask = (self.gamma[:, None, None] ** diff.clamp(min=0)).masked_fill(diff < 0, 0)
+        h = self.big(torch.relu(self.inp(x)))
+        q, k, v = self.qkv(h).view(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return (((q @ k.transpose(-1, -2)) * 0.5 * mask) @ v).transpose(1, 2).reshape(B, T, 8)
+
+
+def _cut_worker(rank: int, world: int) -> tuple:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rtpcompile import options
+    from rtpcompile.backend import detect_and_rewrite
+
+    reasons = []
+
+    def inspect(gm, example_inputs, **kwargs):
+        new_gm, regions = detect_and_rewrite(gm, example_inputs, options.resolve(None))
+        reasons.extend(r.reason for r in regions)
+        return new_gm.forward
+
+    torch.manual_seed(0)
+    model, x = _MaskBeforeTheCut(), torch.randn(2, 6, 8)
+    want = model(x)
+    got = torch.compile(DDP(model, bucket_cap_mb=1), backend=inspect)(x)
+    return reasons, (got - want).abs().max().item()
+
+
+def test_a_mask_cut_by_a_bucket_boundary_is_declined_naming_the_bucket():
+    """docs/distributed.md's promise: such a region declines with a reason saying "bucket"
+    (until 2026-11-25 it said "the mask depends on activations": bucket_cut_reason was never
+    called)."""
+    from rtpcompile.distributed import run_local
+
+    reasons, error = run_local(_cut_worker, 1)[0]
+    assert len(reasons) == 1 and "DDP bucket boundary" in reasons[0], reasons
+    assert error == 0.0
+
+
 def test_bucket_cut_reason_names_the_inputs_from_other_pieces():
     import types
 

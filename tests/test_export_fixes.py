@@ -312,3 +312,66 @@ def test_refused_mixer_leaves_no_module_swapped():
             assert "forward" in vars(net[0])
             raise RuntimeError("boom")
     assert "forward" not in vars(net[0]) and "forward" not in vars(net[1])
+
+
+# ---------------------------------------------- detection export: outputs, attributes
+
+
+class _ParallelForm(torch.nn.Module):
+    """Retention in the parallel form (found by detection); ``plain``: γ a plain attribute."""
+
+    def __init__(self, plain: bool = False):
+        super().__init__()
+        gamma = torch.tensor([0.9, 0.6])
+        if plain:
+            self.gamma = gamma
+        else:
+            self.register_buffer("gamma", gamma)
+
+    def retention(self, q, k, v):
+        n = torch.arange(q.shape[2])
+        diff = (n[:, None] - n[None, :]).float()
+        mask = (self.gamma[:, None, None] ** diff).masked_fill(diff < 0, 0)
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 * mask) @ v
+
+
+class _DictOut(_ParallelForm):
+    def forward(self, q, k, v):
+        return {"o": self.retention(q, k, v), "step": 3}
+
+
+class _NestedOut(_ParallelForm):
+    def forward(self, q, k, v):
+        o = self.retention(q, k, v)
+        return o, (o.sum(-1), q)
+
+
+class _OneTuple(_ParallelForm):
+    def forward(self, q, k, v):
+        return (self.retention(q, k, v),)
+
+
+@pytest.mark.parametrize("cls", [_DictOut, _NestedOut, _OneTuple])
+def test_a_detected_model_exports_with_its_own_output_structure(cls):
+    """The replay returned the graph's flat outputs: ``{"o": o}`` came back a bare tensor and
+    ``(o, (a, b))`` a flat 3-tuple until 2026-11-25."""
+    q, k, v = _qkv(T=5)
+    model = cls()
+    want = model(q, k, v)
+    got = export_program(model, q, k, v, form="chunkwise", chunk_size=2).module()(q, k, v)
+    assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(want)
+    for a, b in zip(*map(torch.utils._pytree.tree_leaves, (got, want)), strict=True):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert a == b
+
+
+def test_a_plain_tensor_attribute_is_read_as_model_state():
+    """``self.gamma = torch.tensor(...)`` (not a buffer) was refused as "neither an argument
+    nor a parameter or buffer" although plain ``torch.export`` takes it."""
+    q, k, v = _qkv(T=6)
+    model = _ParallelForm(plain=True)
+    model.forward = model.retention
+    program = export_program(model, q, k, v, form="chunkwise", chunk_size=4)
+    torch.testing.assert_close(program.module()(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)

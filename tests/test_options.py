@@ -59,6 +59,18 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
         options.current()
 
 
+@pytest.mark.parametrize("name", ["form", "kernels", "log", "strict", "chunk_size", "autotune"])
+def test_a_blank_environment_variable_is_unset(monkeypatch, name):
+    """``RTP_FORM=`` was an error while ``RTP_CHUNK_SIZE=`` was unset (until 2026-11-25): a
+    blank value is now the default for every option; an explicit empty option stays an error."""
+    for blank in ("", "  "):
+        monkeypatch.setenv(f"RTP_{name.upper()}", blank)
+        assert options.resolve(None) == options.Options()
+    if name in ("form", "kernels", "log"):
+        with pytest.raises(ValueError, match=f"option {name!r} must be one of"):
+            options.resolve({name: ""})
+
+
 def test_current_follows_every_environment_change(monkeypatch):
     """current() is memoised on the raw RTP_* values: a set, a change and a removal all apply."""
     for name in options.FIELDS:

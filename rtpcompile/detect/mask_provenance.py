@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ..distributed.ddp import bucket_cut_reason
 from .decay_fit import per_head
 from .graph_view import (
     GraphView,
@@ -37,7 +38,10 @@ def check_provenance(view: GraphView, masks: list[fx.Node]) -> str | None:
             if node.op == "placeholder" and is_tensor(example(node)):
                 # NOTE: an attribute of a call argument (``batch.mask``) changes with the call
                 if not is_constant_source(node) or is_input_attribute(node):
-                    return f"the mask depends on activations (input {node.name!r})"
+                    # NOTE: a value another DDP graph piece computed (a bucket boundary cut the
+                    # mask's subgraph) says so: the user can move the boundary
+                    cut = bucket_cut_reason(view.gm, [node.name])
+                    return cut or f"the mask depends on activations (input {node.name!r})"
     return None
 
 

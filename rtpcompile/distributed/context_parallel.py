@@ -77,6 +77,13 @@ def _check_inputs(q, k, v, gamma, initial_state, scale, chunk_size) -> tuple[Ten
     # NOTE: here, not only in the local op: a rank that raised there (after the agreement
     # check) left the others waiting in the state all-gather until the group's timeout
     validate.check_chunk_size(chunk_size)
+    if isinstance(scale, Tensor) and torch.compiler.is_compiling():
+        # NOTE: its value goes into the ranks' agreement check, which reads it on the host:
+        # traced, float() of it failed inside Dynamo ("sympy expression is NaN")
+        torch._dynamo.graph_break(
+            msg="rtpcompile: context_parallel_retention's scale is a tensor (its value is not "
+            "known while tracing), so this call runs eagerly; pass a Python float to compile it"
+        )
     return gamma, validate.check_scale(scale, q.shape[-1])
 
 

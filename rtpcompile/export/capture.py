@@ -10,6 +10,7 @@ parameters and buffers, ready for ``torch.export``.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..fresh_caller import fresh_caller
@@ -22,7 +23,9 @@ class ReplayModule(nn.Module):
     same objects, nothing is copied), so an exported program's state_dict keys are the model's.
     """
 
-    def __init__(self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]], model):
+    def __init__(
+        self, graph: torch.fx.GraphModule, sources: list[tuple[str, object]], model, outputs=None
+    ):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -32,28 +35,68 @@ class ReplayModule(nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in skipped)
         # NOTE: plain attributes (not submodules): the names above are the model's own
-        vars(self)["_rtp_replay"] = (graph, sources)
+        vars(self)["_rtp_replay"] = (graph, sources, outputs)
+        vars(self)["_rtp_model"] = model  # NOTE: plain tensor attributes are read through it
 
     def forward(self, *args, **kwargs):
-        graph, sources = vars(self)["_rtp_replay"]
-        inputs = []
-        for kind, where in sources:
-            if kind == "arg":
-                inputs.append(args[where])
-            elif kind == "kwarg":
-                inputs.append(kwargs[where])
-            elif kind == "param":
-                inputs.append(self.get_parameter(where))
-            else:
-                inputs.append(self.get_buffer(where))
+        graph, sources, outputs = vars(self)["_rtp_replay"]
+        inputs = [self._source(kind, where, args, kwargs) for kind, where in sources]
         out = graph(*inputs)
-        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+        if outputs is None:  # NOTE: a leaf the capture could not place: the graph's own outputs
+            return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+        spec, leaves = outputs
+        found = [
+            out[where] if kind == "out" else where if kind == "const"
+            else self._source(kind, where, args, kwargs)
+            for kind, where in leaves
+        ]  # fmt: skip
+        return pytree.tree_unflatten(found, spec)
+
+    def _source(self, kind: str, where, args, kwargs):
+        if kind == "arg":
+            return args[where]
+        if kind == "kwarg":
+            return kwargs[where]
+        if kind == "attr":  # a plain tensor attribute of the model or of one of its modules
+            path, name = where
+            return getattr(vars(self)["_rtp_model"].get_submodule(path), name)
+        return self.get_parameter(where) if kind == "param" else self.get_buffer(where)
+
+
+def _output_layout(result, graph_outputs, model: nn.Module, args: tuple, kwargs: dict):
+    """(pytree spec, a (kind, where) per leaf) of the model's ``result``: each tensor leaf found
+    among the graph's outputs, the arguments or the model's state, any other leaf a constant;
+    None when a tensor leaf is none of those. Until 2026-11-25 the replay returned the graph's
+    flat outputs: ``{"o": o}`` came back a bare tensor, ``(o, (a, b))`` a flat 3-tuple."""
+    leaves, spec = pytree.tree_flatten(result)
+    outs = {id(t): i for i, t in enumerate(graph_outputs or ())}
+    known = {id(a): ("arg", i) for i, a in enumerate(args)}
+    known |= {id(a): ("kwarg", name) for name, a in kwargs.items()}
+    known |= {id(p): ("param", name) for name, p in model.named_parameters()}
+    known |= {id(b): ("buffer", name) for name, b in model.named_buffers()}
+    layout = []
+    for leaf in leaves:
+        if id(leaf) in outs:
+            layout.append(("out", outs[id(leaf)]))
+        elif id(leaf) in known:
+            layout.append(known[id(leaf)])
+        elif isinstance(leaf, torch.Tensor):
+            return None
+        else:
+            layout.append(("const", leaf))
+    return spec, layout
 
 
 def _sources(
     example_inputs: list, model: nn.Module, args: tuple, kwargs: dict
 ) -> list[tuple[str, object]]:
     by_id: dict[int, tuple[str, object]] = {}
+    # NOTE: a plain tensor attribute (``self.gamma = torch.tensor(...)``, not a buffer) is a
+    # graph input too; it was refused as "neither an argument nor a parameter" until 2026-11-25
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                by_id[id(value)] = ("attr", (path, name))
     for name, p in model.named_parameters():
         by_id[id(p)] = ("param", name)
     for name, b in model.named_buffers():
@@ -67,7 +110,8 @@ def _sources(
         if id(x) not in by_id:
             raise ValueError(
                 f"captured graph input {i} ({type(x).__name__}) is neither an argument nor a "
-                "parameter or buffer of the model; pass tensors as arguments"
+                "parameter, buffer or tensor attribute of the model's modules (a tensor held "
+                "elsewhere, e.g. a global); pass tensors as arguments or register them as buffers"
             )
         sources.append(by_id[id(x)])
     return sources
@@ -87,15 +131,21 @@ def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = No
     def capture(gm, example_inputs, **kwargs):
         new_gm, regions = detect_and_rewrite(gm, example_inputs, options.resolve(None))
         captured.update(gm=new_gm, regions=regions, inputs=list(example_inputs))
-        return gm.forward
+
+        def run(*inputs):
+            captured["outputs"] = out = gm.forward(*inputs)  # NOTE: the result's leaves
+            return out
+
+        return run
 
     # NOTE: through a throwaway frame: the user's own Dynamo caches are never touched, and the
     # 9th export of a model class does not hit the recompile limit (``fresh_caller``)
     with fresh_caller() as caller:
-        torch.compile(caller, backend=capture, fullgraph=True, dynamic=False)(
+        result = torch.compile(caller, backend=capture, fullgraph=True, dynamic=False)(
             model, *args, **kwargs
         )
     if "gm" not in captured:
         raise RuntimeError("Dynamo did not produce a graph for the model")
     sources = _sources(captured["inputs"], model, args, kwargs)
-    return ReplayModule(captured["gm"], sources, model), captured["regions"]
+    outputs = _output_layout(result, captured.get("outputs"), model, args, kwargs)
+    return ReplayModule(captured["gm"], sources, model, outputs), captured["regions"]
