@@ -17,7 +17,7 @@ import torch
 
 from ..nn import RTPConfig, default_config
 from . import models
-from .report import Record, fmt_bytes, fmt_seconds
+from .report import Record, fmt_bytes, fmt_rate, fmt_seconds
 from .stats import interleaved, summarize, synchronizer
 
 # (label, layout, fraction of retention); ratio 0 is the pure Transformer.
@@ -109,7 +109,7 @@ def _predict(history: list[tuple[int, float]], T: int) -> float:
     if not history:
         return 0.0
     (t1, s1), growth = history[-1], 2.0
-    if len(history) > 1:
+    if len(history) > 1 and history[-2][0] != t1:
         t0, s0 = history[-2]
         growth = min(2.0, max(1.0, math.log(s1 / s0) / math.log(t1 / t0)))
     return s1 * (T / t1) ** growth
@@ -138,10 +138,12 @@ def _decode_records(cfg: ModelConfig, log) -> list[Record]:
         for _ in range(cfg.reps):
             for label, m in built.items():
                 cache = models.synthetic_cache(m, ctx)
+                # NOTE: at the context the row is labelled with, before the decoded tokens
+                # (read after them until 2026-11-25: ctx + decode_tokens tokens of K/V)
+                sizes[label] = cache.nbytes()
                 first = torch.zeros(1, 1, dtype=torch.long, device=cfg.device)
                 res = models.decode(m, cache, first, cfg.decode_tokens, sync)
                 samples[label].append(res.seconds / res.tokens)
-                sizes[label] = res.cache
         for label, m in built.items():
             st = summarize(samples[label])
             extra = {
@@ -154,7 +156,8 @@ def _decode_records(cfg: ModelConfig, log) -> list[Record]:
             }
             records.append(Record("decode", label, ctx, time=st, extra=extra))
         shown = ", ".join(
-            f"{r.variant} {r.extra['tokens_per_s']:.3g} tok/s {fmt_bytes(r.extra['cache_bytes'])}"
+            f"{r.variant} {fmt_rate(r.extra['tokens_per_s'])} tok/s "
+            f"{fmt_bytes(r.extra['cache_bytes'])}"
             for r in records[-len(built) :]
         )
         log(f"  decode        ctx={ctx:<6d} {shown}")

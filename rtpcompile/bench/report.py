@@ -93,8 +93,14 @@ def fmt_bytes(n: float | None) -> str:
         return "-"
     for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= factor:
-            return f"{n / factor:.3g} {unit}"
+            value = n / factor  # NOTE: 1000 KiB read "1e+03 KiB" with :.3g
+            return f"{value:.3g} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
     return f"{int(n)} B"
+
+
+def fmt_rate(per_second: float) -> str:
+    """A rate such as tokens/s: 3 significant digits, whole numbers from 100 (no 1.82e+03)."""
+    return f"{per_second:.3g}" if abs(per_second) < 100 else f"{per_second:.0f}"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -135,11 +141,14 @@ def pivot(records: Iterable[Record], bench: str, what: str = "time") -> str:
 
 
 def notes(records: Iterable[Record]) -> list[str]:
-    """Skip/error reasons, one line per (bench, variant): the first T where it happened."""
-    first: dict[tuple[str, str], str] = {}
+    """Skip/error reasons, one line per (bench, variant, status): the first T where each
+    happened (keyed without the status until 2026-11-25, so a memory note on a timed length hid
+    the error that failed a later one)."""
+    first: dict[tuple[str, str, str], str] = {}
     for r in records:
-        if r.note and (r.bench, r.variant) not in first:
-            first[(r.bench, r.variant)] = f"{r.bench} / {r.variant} / T={r.T}: {r.note}"
+        key = (r.bench, r.variant, r.status)
+        if r.note and key not in first:
+            first[key] = f"{r.bench} / {r.variant} / T={r.T}: {r.note}"
     return list(first.values())
 
 

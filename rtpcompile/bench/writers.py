@@ -6,7 +6,17 @@ from pathlib import Path
 
 from . import plots
 from .env import settings_lines
-from .report import Record, fmt_bytes, notes, pivot, table, to_json, validate, write_json
+from .report import (
+    Record,
+    fmt_bytes,
+    fmt_rate,
+    notes,
+    pivot,
+    table,
+    to_json,
+    validate,
+    write_json,
+)
 
 TITLES = {
     "op-fwd": "Forward (no grad)",
@@ -62,7 +72,7 @@ def _model_sections(records: list[Record]) -> list[str]:
 def _decode_row(r: Record) -> list[str]:
     e = r.extra
     return [
-        r.variant, str(r.T), f"{1e3 * r.time.median:.2f} ms", f"{e['tokens_per_s']:.3g}",
+        r.variant, str(r.T), f"{1e3 * r.time.median:.2f} ms", fmt_rate(e["tokens_per_s"]),
         fmt_bytes(e["state_bytes"]), fmt_bytes(e["kv_bytes"]), fmt_bytes(e["cache_bytes"]),
     ]  # fmt: skip
 

@@ -90,7 +90,7 @@ def int_list(example: str):
             raise argparse.ArgumentTypeError(
                 f"expected positive integers like {example}, got {text!r}"
             )
-        return values
+        return list(dict.fromkeys(values))  # NOTE: a repeated length is measured once
 
     return parse
 

@@ -51,8 +51,15 @@ def resolve_decay(decay, num_heads: int, head_mix: float | None = None, total: i
 
 
 def param_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating parameter (float32 when it has none)."""
-    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    """The dtype of a module's first floating parameter (float32 when it has none), a converted
+    layer's ``decay_logit`` (float32 in a 16-bit model, by design) not counted: a bfloat16 model
+    whose first parameter is one read as float32 until 2026-11-25."""
+    found = (
+        p
+        for name, p in module.named_parameters()
+        if p.is_floating_point() and name.rpartition(".")[2] != "decay_logit"
+    )
+    p = next(found, None)
     return torch.float32 if p is None else p.dtype
 
 

@@ -74,15 +74,16 @@ def distill(
     ):
         raise ValueError(f"distill: temperature must be a positive number, got {temperature!r}")
     for name, steps in (("stage1_steps", stage1_steps), ("stage2_steps", stage2_steps)):
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ValueError(f"distill: {name} must be an int, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"distill: {name} must be an int >= 0, got {steps!r}")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"distill: log_every must be a positive int, got {log_every!r}")
     _check_teacher(model, teacher, layers)
+    _check_trainable_dtype(model)
     _check_data(data)
     say = _logger(progress, log)
     teacher.eval().requires_grad_(False)
-    batches = _cycle(data, max(stage1_steps, 0) + max(stage2_steps, 0))
+    batches = _cycle(data, stage1_steps + stage2_steps)
     result = DistillResult()
     if stage1_steps > 0:
         result.stage1 = _stage1(
@@ -161,6 +162,19 @@ def _cycle(data: Iterable, needed: int):
                 f"(stage1_steps + stage2_steps); a one-shot iterator such as a generator is "
                 "not cycled: pass a list or a re-iterable (a DataLoader), or fewer steps"
             )
+
+
+def _check_trainable_dtype(model: nn.Module) -> None:
+    """Refuse float16 parameters: Adam keeps its state in the parameter's dtype, where 1e-3 g^2
+    underflows and eps = 1e-8 is 0, so the first step wrote inf (a float16 Llama's norm
+    weights at step 1, until 2026-11-25; the projections are shared with the original model)."""
+    half = [name for name, p in model.named_parameters() if p.dtype == torch.float16]
+    if half:
+        raise ValueError(
+            f"distill: the model has float16 parameters ({half[0]}, {len(half)} in all); Adam "
+            "in float16 writes inf at the first step. Distill in float32 or bfloat16 "
+            "(model.float(), teacher.float()) and cast back afterwards"
+        )
 
 
 def _logger(progress: bool, log: Callable[[str], None] | None) -> Callable[[str], None]:
@@ -275,30 +289,35 @@ def _stage2(model, teacher, batches, steps, lr, temperature, log_every, say) -> 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     start = time.time()
-    for step in range(1, steps + 1):
-        batch = next(batches)
-        with torch.no_grad():
-            target = _logits(_call(teacher, batch)).float() / temperature
-        student = _logits(_call(model, batch)).float() / temperature
-        loss = (
-            F.kl_div(
-                F.log_softmax(student, -1).flatten(0, -2),
-                F.log_softmax(target, -1).flatten(0, -2),
-                log_target=True,
-                reduction="batchmean",
-            )
-            * temperature**2
-        )
-        _check_finite(loss, 2, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            say(
-                f"distill stage 2 step {step}/{steps}  KL {losses[-1]:.5f}  "
-                f"({time.time() - start:.0f}s)"
-            )
-    model.train(was_training)
+    try:
+        for step in range(1, steps + 1):
+            _stage2_step(model, teacher, next(batches), temperature, params, opt, step, losses)
+            if step % log_every == 0 or step == steps:
+                say(
+                    f"distill stage 2 step {step}/{steps}  KL {losses[-1]:.5f}  "
+                    f"({time.time() - start:.0f}s)"
+                )
+    finally:
+        model.train(was_training)  # NOTE: also when a step raises
     return losses
+
+
+def _stage2_step(model, teacher, batch, temperature, params, opt, step, losses) -> None:
+    with torch.no_grad():
+        target = _logits(_call(teacher, batch)).float() / temperature
+    student = _logits(_call(model, batch)).float() / temperature
+    loss = (
+        F.kl_div(
+            F.log_softmax(student, -1).flatten(0, -2),
+            F.log_softmax(target, -1).flatten(0, -2),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+    _check_finite(loss, 2, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    losses.append(loss.item())

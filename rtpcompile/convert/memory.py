@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .find import AttentionSite, find_attention
+from .decay import param_dtype
+from .find import AttentionSite, find_attention, survey
 
 STATE_ITEMSIZE = 4  # retention states are float32 (float64 for float64 models: state_itemsize)
 
@@ -96,7 +97,7 @@ def memory_report(
     for name, n in (("seq_len", seq_len), ("batch", batch)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
-    dtype = dtype or _model_dtype(model)
+    dtype = dtype or param_dtype(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sites = _sites(model)
     if not sites:
@@ -104,21 +105,41 @@ def memory_report(
             f"memory_report found no attention or retention layers in {type(model).__name__}"
         )
     rows, warnings = [], []
+    broadcast = _caches_every_head(model)
     for site, module in sites:
-        row = _row(site, module, itemsize, state_itemsize(dtype), seq_len, batch)
+        row = _row(site, module, itemsize, state_itemsize(dtype), seq_len, batch, broadcast)
         rows.append(row)
-        if row.state_bytes and row.break_even is not None and seq_len < row.break_even:
+        # NOTE: at the tokens the K/V really holds: a sliding window's never reach seq_len (a
+        # state larger than its window's K/V went unwarned until 2026-11-25)
+        if row.state_bytes and row.total > row.original_total:
+            held = f"seq_len={seq_len}"
+            if row.window is not None and row.window - 1 < seq_len:
+                held = f"its sliding window's {max(row.window - 1, 1):,} tokens"
             warnings.append(
                 f"layer {row.index} ({row.name}): its state ({row.state_bytes:,} B) is larger than "
-                f"the K/V it replaces at seq_len={seq_len} "
+                f"the K/V it replaces at {held} "
                 f"({row.original_kv_bytes_per_token - row.kv_bytes_per_token:,} B/token; "
                 f"break-even at {row.break_even:,.0f} tokens)"
             )
+    skipped = survey(model)[1]
+    if skipped:
+        names = ", ".join(f"{s.name} ({s.reason})" for s in skipped[:3])
+        warnings.append(
+            f"{len(skipped)} attention module(s) not counted (kept as attention, their cache "
+            f"is not in these totals): {names}" + (" ..." if len(skipped) > 3 else "")
+        )
     return MemoryReport(seq_len, batch, rows, warnings)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+def _caches_every_head(model: nn.Module) -> bool:
+    """Falcon's new decoder architecture broadcasts its K/V groups to every query head before
+    caching them (Hugging Face's ``_split_heads``): its attention layers cache num_heads K/V
+    heads, not num_kv_heads (counted as the groups until 2026-11-25: 16x too few for
+    Falcon-40B). A converted layer's softmax heads cache their groups only."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) == "falcon" and bool(
+        getattr(config, "new_decoder_architecture", False)
+    )
 
 
 def _sites(model: nn.Module) -> list[tuple[AttentionSite, nn.Module | None]]:
@@ -129,14 +150,19 @@ def _sites(model: nn.Module) -> list[tuple[AttentionSite, nn.Module | None]]:
 
 
 def _row(
-    site: AttentionSite, module, itemsize: int, state_item: int, seq_len: int, batch: int
+    site: AttentionSite,
+    module,
+    itemsize: int,
+    state_item: int,
+    seq_len: int,
+    batch: int,
+    broadcast: bool = False,
 ) -> LayerMemory:
     per_kv_head = 2 * site.head_dim * itemsize
-    original = site.num_kv_heads * per_kv_head
+    cached = site.num_heads if broadcast else site.num_kv_heads
+    original = cached * per_kv_head
     r = 0 if module is None else module.retention_heads
-    kv_heads_kept = (
-        site.num_kv_heads if module is None else site.num_kv_heads - module.retention_kv_heads
-    )
+    kv_heads_kept = cached if module is None else site.num_kv_heads - module.retention_kv_heads
     kv = kv_heads_kept * per_kv_head
     state = r * site.head_dim * site.head_dim * state_item
     tokens = seq_len
