@@ -26,9 +26,9 @@ from torch import nn
 
 from . import options as options_mod
 from .detect import counters, find_regions_split
+from .detect.ddp_pieces import real_example_inputs
 from .detect.region import Region
 from .detect.subgraphs import RunBodies
-from .distributed.ddp import real_example_inputs
 from .rewrite import (
     copy_graph_module,
     one_step_in,
@@ -267,9 +267,8 @@ def _verified(compiled, gm, regions: list[Region], opts, runtime: str = "", new_
     def run(*args):
         if state["pending"]:
             state["pending"] = False
-            checked = _unwritten(gm, args)
-            with logging_scope(opts.log), _random_state_kept(args), _parameters_unwritten(checked):
-                verify_regions(gm, regions, checked, opts, runtime, new_gm)
+            with logging_scope(opts.log), _parameters_unwritten(args):
+                verify_regions(gm, regions, list(args), opts, runtime, new_gm)
         return compiled(*args)
 
     return run
@@ -334,9 +333,13 @@ def verify_regions(
     operands each call passes the body; then, given the ``rewritten`` graph (what Inductor
     compiles), its outputs are compared with ``gm``'s: what the rewrite changed around the
     bodies (gamma read before a checkpoint call, the bodies' new identifiers) is checked too."""
+    # NOTE: every eager run below starts from copies of what the graph may write and from the
+    # same random state (three runs on one copy piled up the writes and moved the generator:
+    # a checkpointed region after a buffer's += or a dropout failed, until 2026-11-25)
     inner = one_step_in(regions)
     if inner:
-        _verify_bodies(gm, inner, args, opts, runtime)
+        with _random_state_kept(args):
+            _verify_bodies(gm, inner, _unwritten(gm, args), opts, runtime)
         if rewritten is not None:
             _verify_graph(gm, rewritten, args)
     regions = [r for r in regions if not r.scope]
@@ -359,8 +362,8 @@ def verify_regions(
     output.args = ([p[2] for p in pairs] + [p[3] for p in pairs],)
     check.graph.lint()
     check.recompile()
-    with torch.no_grad():
-        values = check(*args)
+    with torch.no_grad(), _random_state_kept(args):
+        values = check(*_unwritten(gm, args))
     n = len(pairs)
     for (region, name, _, _), want, got in zip(pairs, values[:n], values[n:], strict=True):
         _compare(region, name, want, got)
@@ -388,7 +391,10 @@ def _verify_bodies(gm: fx.GraphModule, inner: dict, args: list, opts, runtime: s
 def _verify_graph(gm: fx.GraphModule, rewritten: fx.GraphModule, args: list) -> None:
     """Compare the outputs of the ``rewritten`` graph with those of Dynamo's ``gm``."""
     with torch.no_grad():
-        want, got = RunBodies(gm).run(*args), RunBodies(rewritten).run(*args)
+        with _random_state_kept(args):
+            want = RunBodies(gm).run(*_unwritten(gm, args))
+        with _random_state_kept(args):
+            got = RunBodies(rewritten).run(*_unwritten(rewritten, args))
     flat_want, flat_got = pytree.tree_leaves(want), pytree.tree_leaves(got)
     for i, (a, b) in enumerate(zip(flat_want, flat_got, strict=True)):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
@@ -422,11 +428,12 @@ def _compare(region: Region | None, name: str, want: torch.Tensor, got: torch.Te
             f"rtp verify: {what}, shape {tuple(want.shape)}, dtype {want.dtype}) differs from "
             "the original subgraph in its non-finite entries (NaN/inf positions or signs)"
         )
+    shape, dtype = tuple(want.shape), want.dtype
     want, got = want[finite].double(), got[finite].double()
     err = (want - got).abs().max().item() if want.numel() else 0.0
     bound = tol * max(1.0, want.abs().max().item() if want.numel() else 0.0)
     if not err <= bound:
         raise RuntimeError(
-            f"rtp verify: {what}, shape {tuple(want.shape)}, dtype {want.dtype}) differs from "
+            f"rtp verify: {what}, shape {shape}, dtype {dtype}) differs from "
             f"the original subgraph: max abs error {err:.3g} > {bound:.3g}"
         )

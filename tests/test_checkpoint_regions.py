@@ -530,3 +530,35 @@ def test_no_square_buffer_when_two_checkpointed_layers_build_the_same_mask():
     torch._dynamo.reset()
     square = [s for c in codes for s in re.findall(r"empty_strided_\w+\(\((\d+, \d+)\)", c)]
     assert f"{T}, {T}" not in square
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_verify_runs_each_check_from_the_same_state(inductor, drop):  # noqa: F811
+    """verify ran the graph eagerly three times on one copy of the inputs (the bodies' check,
+    then the graph and the rewritten graph): a buffer's += piled up between the compared runs
+    and a dropout drew new numbers, so a correct checkpointed region failed (until 2026-11-25);
+    the compiled call after the checks sees the model as one call leaves it."""
+
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Layer()
+            self.register_buffer("offset", torch.zeros(()))
+
+        def forward(self, x):
+            self.offset += x.shape[1]
+            if drop:
+                x = torch.nn.functional.dropout(x, 0.5, training=True)
+            return checkpoint(self.layer, x, use_reentrant=False) * self.offset
+
+    torch.manual_seed(0)
+    model = Counted()
+    reference = copy.deepcopy(model)
+    x = _x(9)
+    torch.manual_seed(1)
+    got = torch.compile(model, backend="rtp", options={"verify": True}, dynamic=False)(x)
+    torch.manual_seed(1)
+    want = reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.offset.item() == reference.offset.item() == 9
+    assert backend.counters["regions_claimed"] >= 1

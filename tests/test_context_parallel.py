@@ -154,10 +154,24 @@ def _cancel_worker(rank: int, world: int) -> dict:
     return out
 
 
+def _autocast_worker(rank: int, world: int) -> tuple:
+    """(plain, under a bfloat16 autocast) end states of float32 inputs."""
+    from rtpcompile.distributed import context_parallel_retention
+
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g) for _ in range(3))
+    gamma = torch.tensor([0.99, 0.9])
+    plain = context_parallel_retention(q, k, v, gamma)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = context_parallel_retention(q, k, v, gamma)[1]
+    return plain, cast
+
+
 def _all_scenarios(rank: int, world: int, cases: dict, model_args: list) -> dict:
     out = {name: _retention_worker(rank, world, t) for name, t in cases.items()}
     out["nonfinite"] = _nonfinite_worker(rank, world)
     out["cancel"] = _cancel_worker(rank, world)
+    out["autocast"] = _autocast_worker(rank, world)
     for layout, ids, lengths, compiled in model_args:
         name = f"model_{layout}" + ("_compiled" if compiled else "")
         out[name] = _model_worker(rank, world, layout, ids, lengths, compiled)
@@ -410,3 +424,13 @@ def test_sixteen_bit_outputs_are_rounded_once(spawned, dtype):
     o = torch.cat([r["cancel"][dtype] for r in results], dim=2)
     torch.testing.assert_close(o, single, rtol=0, atol=0)
     assert abs(o[0, 0, 2, 0].item() - 0.3) < 2e-3
+
+
+def test_the_state_is_float32_under_autocast(spawned):
+    """The local end state and the combine ran outside the op, under the caller's autocast:
+    a bfloat16 state (error 3e-2) until 2026-11-25."""
+    _, _, _, results = spawned
+    for r in results:
+        plain, cast = r["autocast"]
+        assert cast.dtype == torch.float32
+        torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6)

@@ -351,7 +351,15 @@ class _OneTuple(_ParallelForm):
         return (self.retention(q, k, v),)
 
 
-@pytest.mark.parametrize("cls", [_DictOut, _NestedOut, _OneTuple])
+class _AttrOut(_ParallelForm):
+    def __init__(self):
+        super().__init__(plain=True)
+
+    def forward(self, q, k, v):
+        return self.retention(q, k, v), self.gamma
+
+
+@pytest.mark.parametrize("cls", [_DictOut, _NestedOut, _OneTuple, _AttrOut])
 def test_a_detected_model_exports_with_its_own_output_structure(cls):
     """The replay returned the graph's flat outputs: ``{"o": o}`` came back a bare tensor and
     ``(o, (a, b))`` a flat 3-tuple until 2026-11-25."""

@@ -448,7 +448,7 @@ def test_kernels_take_only_a_float32_scale_with_a_finite_inverse_unless_float64(
     from rtpcompile.lowering import dispatch
 
     q, k, v, gamma, s0 = (t.half() if t.dim() == 4 else t.float() for t in _inputs(K=4, V=4))
-    for scale in (1e-39, -1e-39, 1e-46, 1e39):
+    for scale in (1e-39, -1e-39, 1e-46, 1e39, 1e36, 2.0**17):
         with pytest.raises(ValueError, match=r"\|scale\| in \[2\*\*-127, 3.4e38\]"):
             ops.retention(q, k, v, gamma, initial_state=s0.float(), scale=scale)
     least = kernels.MIN_SCALE
@@ -461,7 +461,8 @@ def test_kernels_take_only_a_float32_scale_with_a_finite_inverse_unless_float64(
     for dtype, scale, fits in [
         (torch.float16, 1e-39, False), (torch.float32, 1e-39, False), (torch.float32, 1e39, False),
         (torch.bfloat16, least, True), (torch.float64, 1e-39, True), (torch.float64, 0.0, False),
-        (torch.float16, 1e-38, True),
+        (torch.float16, 1e-38, True), (torch.float16, 2.0**16, True), (torch.float16, 1e5, False),
+        (torch.float32, 1e36, True),
     ]:  # fmt: skip
         x = torch.empty(1, 1, 2, 4, dtype=dtype)
         assert dispatch._fits(kernels, x, x, scale) is fits, (dtype, scale)

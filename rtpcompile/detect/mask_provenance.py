@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..distributed.ddp import bucket_cut_reason
+from .ddp_pieces import bucket_cut_reason
 from .decay_fit import per_head
 from .graph_view import (
     GraphView,

@@ -80,11 +80,19 @@ def _check_inputs(q, k, v, gamma, initial_state, scale, chunk_size) -> tuple[Ten
     if isinstance(scale, Tensor) and torch.compiler.is_compiling():
         # NOTE: its value goes into the ranks' agreement check, which reads it on the host:
         # traced, float() of it failed inside Dynamo ("sympy expression is NaN")
-        torch._dynamo.graph_break(
-            msg="rtpcompile: context_parallel_retention's scale is a tensor (its value is not "
-            "known while tracing), so this call runs eagerly; pass a Python float to compile it"
-        )
+        return gamma, _tensor_scale(scale, q.shape[-1])
     return gamma, validate.check_scale(scale, q.shape[-1])
+
+
+@torch.compiler.disable(
+    reason="rtpcompile: context_parallel_retention's scale is a tensor (its value is not known "
+    "while tracing), so it is read eagerly at a graph break; pass a Python float to compile the "
+    "call whole"
+)
+def _tensor_scale(scale: Tensor, K: int) -> float:
+    """A tensor scale read on the host, outside the trace (one graph break; the trace goes on
+    with the float)."""
+    return validate.check_scale(scale, K)
 
 
 # What must agree on every rank; "valid" is 0 on a rank whose inputs failed the local checks.
@@ -269,18 +277,20 @@ def context_parallel_retention(
     B, H, T, K = q.shape
     V = v.shape[-1]
 
-    log_gamma = clamped_log_gamma(gamma.to(acc))
-    s_local = _local_end_state(k, v, log_gamma, acc)
-    packed = torch.cat([s_local.reshape(-1), log_gamma * T])
-    gathered = all_gather_stacked(packed, group)  # [W, B*H*K*V + H]
-    states = gathered[:, : B * H * K * V].reshape(-1, B, H, K, V)
-    weights, start = _incoming_weights(gathered[:, B * H * K * V :], rank)
-
-    # NOTE: the earlier ranks only: a later rank's weight is exactly 0, but 0 * inf is NaN, and
-    # a non-finite value on a later rank reached every position (until 2026-11-25)
-    s_in = torch.einsum("rh,rbhkv->bhkv", weights[:rank], states[:rank])
-    if initial_state is not None:
-        s_in = s_in + start[:, None, None] * initial_state.to(acc)
+    # NOTE: autocast off, as inside the op: the state is float32 whatever the caller's autocast
+    # (under a bfloat16 autocast the products below ran in bfloat16: state error 3e-2)
+    with torch.autocast(q.device.type, enabled=False):
+        log_gamma = clamped_log_gamma(gamma.to(acc))
+        s_local = _end_state_saving_inputs(k, v, log_gamma, acc)
+        packed = torch.cat([s_local.reshape(-1), log_gamma * T])
+        gathered = all_gather_stacked(packed, group)  # [W, B*H*K*V + H]
+        states = gathered[:, : B * H * K * V].reshape(-1, B, H, K, V)
+        weights, start = _incoming_weights(gathered[:, B * H * K * V :], rank)
+        # NOTE: the earlier ranks only: a later rank's weight is exactly 0, but 0 * inf is NaN,
+        # and a non-finite value on a later rank reached every position (until 2026-11-25)
+        s_in = torch.einsum("rh,rbhkv->bhkv", weights[:rank], states[:rank])
+        if initial_state is not None:
+            s_in = s_in + start[:, None, None] * initial_state.to(acc)
     if rank == 0 and initial_state is None and not s_in.requires_grad:
         # NOTE: nothing enters the first shard; when training, its (zero) state ties its output
         # to the all-gather, whose backward is a collective every rank must join
@@ -290,6 +300,17 @@ def context_parallel_retention(
     # off by up to their value where the two parts cancel, until 2026-11-25)
     return ops.retention_chunkwise(
         q, k, v, gamma, chunk_size=chunk_size, scale=scale, initial_state=s_in
+    )
+
+
+def _end_state_saving_inputs(k: Tensor, v: Tensor, log_gamma: Tensor, acc) -> Tensor:
+    """``_local_end_state``, recomputed in the backward when training: it would save float32
+    copies of k and v (a 16-bit shard's k, v saved twice more; the op saves its own)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, log_gamma))
+    if not needs_grad:
+        return _local_end_state(k, v, log_gamma, acc)
+    return torch.utils.checkpoint.checkpoint(
+        _local_end_state, k, v, log_gamma, acc, use_reentrant=False
     )
 
 

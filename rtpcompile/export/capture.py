@@ -9,6 +9,8 @@ parameters and buffers, ready for ``torch.export``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -72,6 +74,7 @@ def _output_layout(result, graph_outputs, model: nn.Module, args: tuple, kwargs:
     outs = {id(t): i for i, t in enumerate(graph_outputs or ())}
     known = {id(a): ("arg", i) for i, a in enumerate(args)}
     known |= {id(a): ("kwarg", name) for name, a in kwargs.items()}
+    known |= _tensor_attributes(model)
     known |= {id(p): ("param", name) for name, p in model.named_parameters()}
     known |= {id(b): ("buffer", name) for name, b in model.named_buffers()}
     layout = []
@@ -90,13 +93,9 @@ def _output_layout(result, graph_outputs, model: nn.Module, args: tuple, kwargs:
 def _sources(
     example_inputs: list, model: nn.Module, args: tuple, kwargs: dict
 ) -> list[tuple[str, object]]:
-    by_id: dict[int, tuple[str, object]] = {}
     # NOTE: a plain tensor attribute (``self.gamma = torch.tensor(...)``, not a buffer) is a
     # graph input too; it was refused as "neither an argument nor a parameter" until 2026-11-25
-    for path, module in model.named_modules():
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor):
-                by_id[id(value)] = ("attr", (path, name))
+    by_id = _tensor_attributes(model)
     for name, p in model.named_parameters():
         by_id[id(p)] = ("param", name)
     for name, b in model.named_buffers():
@@ -115,6 +114,17 @@ def _sources(
             )
         sources.append(by_id[id(x)])
     return sources
+
+
+def _tensor_attributes(model: nn.Module) -> dict[int, tuple[str, object]]:
+    """id -> ("attr", (module path, name)) of every plain tensor attribute of ``model``'s
+    modules (not its parameters or buffers, which nn.Module keeps out of ``vars``)."""
+    return {
+        id(value): ("attr", (path, name))
+        for path, module in model.named_modules()
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    }
 
 
 def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = None):
@@ -148,4 +158,11 @@ def rewrite_with_backend(model: nn.Module, args: tuple, kwargs: dict | None = No
         raise RuntimeError("Dynamo did not produce a graph for the model")
     sources = _sources(captured["inputs"], model, args, kwargs)
     outputs = _output_layout(result, captured.get("outputs"), model, args, kwargs)
+    if outputs is None:
+        warnings.warn(
+            "rtpcompile export: a tensor the model returns is neither a graph output, an "
+            "argument nor model state; the program returns the captured graph's flat outputs",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return ReplayModule(captured["gm"], sources, model, outputs), captured["regions"]

@@ -61,15 +61,18 @@ def available() -> bool:
 
 def scale_fits(dtype: torch.dtype, scale: float) -> bool:
     """Whether the kernels take ``scale`` for ``dtype`` inputs: nonzero, and unless float64 in
-    [2**-127, float32's max] (the kernels' scale is a float32 argument then, and float16's final
-    state, held times scale, is divided by it through 1 / scale: past 2**128 that is inf, an
-    inf state until 2026-11-25; a scale below 2**-149 reached the kernels as 0)."""
+    [2**-127, 3.4e38] ([2**-127, 2**16] for float16). The kernels' scale is a float32 argument
+    but in float64 kernels; float16 kernels hold the state times scale (an inf state past
+    3.4e38 / |S|: at scale 1e36 already) and divide it through 1 / scale, inf past 2**128 (an
+    inf state at scale 1e-39 until 2026-11-25); a scale below 2**-149 reached the kernels as 0."""
     if dtype == torch.float64:
         return scale != 0
-    return MIN_SCALE <= abs(scale) <= torch.finfo(torch.float32).max
+    top = MAX_FLOAT16_SCALE if dtype == torch.float16 else torch.finfo(torch.float32).max
+    return MIN_SCALE <= abs(scale) <= top
 
 
 MIN_SCALE = 2.0**-127  # NOTE: 1 / scale stays a float32 number; 22 significant bits left
+MAX_FLOAT16_SCALE = 2.0**16  # NOTE: a float16 state times scale stays far inside float32
 
 
 def triton_forward(
@@ -125,8 +128,7 @@ def kernels_for(
     final-state gradient: below ``backward.TINY_SCALE`` (float32, bfloat16, float64) the dk and
     dv passes run rescaled as the three-pass kernels instead of the split path's four
     launches, so the list differs from scale 1.0's (the default). A scale the kernels do not
-    take (``scale_fits``: 0, or |scale| outside [2**-127, 3.4e38] unless float64) is a
-    ValueError, as at the call.
+    take (``scale_fits``) is a ValueError, as at the call.
 
     Otherwise only shapes and dtypes matter: pass meta tensors (``device="meta"``) to avoid any
     work.

@@ -98,8 +98,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, scale: float) -> Tens
     if not scale_fits(q.dtype, scale):
         raise ValueError(
             "the Triton retention kernels need a nonzero scale, with |scale| in [2**-127, "
-            f"3.4e38] unless the inputs are float64 (a float32 argument), got {scale!r} for "
-            f"{q.dtype} inputs (kernels='auto' runs it on aten)"
+            "3.4e38] ([2**-127, 2**16] for float16) unless the inputs are float64, got "
+            f"{scale!r} for {q.dtype} inputs (kernels='auto' runs it on aten)"
         )
     return gamma.reshape(-1).contiguous()
 

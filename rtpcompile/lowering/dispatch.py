@@ -96,7 +96,8 @@ def _forced_but_unavailable(t: torch.Tensor) -> str:
 
 def _fits(kernels, q: torch.Tensor, v: torch.Tensor | None, scale: float) -> bool:
     """The kernels' limits: head dims up to ``MAX_DIM`` and a scale they take
-    (``kernels.scale_fits``: nonzero, in [2**-127, 3.4e38] unless float64)."""
+    (``kernels.scale_fits``: nonzero, in [2**-127, 3.4e38] unless float64, at most
+    2**16 for float16)."""
     if kernels is None:
         return False
     dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])

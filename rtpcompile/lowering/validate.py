@@ -305,6 +305,16 @@ def check_form(form: str) -> None:
         raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
 
 
+@torch.compiler.disable(
+    reason="rtpcompile: chunk_size is a tensor (its value is not known while tracing), so it is "
+    "read eagerly at a graph break; pass a Python int (int(chunk_size)) to compile the call whole"
+)
+def _tensor_chunk_size(chunk_size: torch.Tensor) -> int:
+    """A tensor chunk size read on the host, outside the trace: one graph break, after which
+    the trace goes on with the int (a break inside the check resumed there and broke again)."""
+    return check_chunk_size(chunk_size)
+
+
 def check_chunk_size(chunk_size) -> int:
     """A positive integer up to 2**63 - 1 (the op's int64; a Python int, or a numpy/torch integer
     scalar: ``operator.index``) or None (0: the planner decides)."""
@@ -321,10 +331,7 @@ def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, torch.Tensor) and torch.compiler.is_compiling():
         # NOTE: a graph break, not a ValueError: Dynamo swallowed the error ("Observed
         # exception"), ran the call eagerly without a word, and fullgraph=True named no cause
-        torch._dynamo.graph_break(
-            msg="rtpcompile: chunk_size is a tensor (its value is not known while tracing), so "
-            "this retention call runs eagerly; pass a Python int (int(chunk_size)) to compile it"
-        )
+        return _tensor_chunk_size(chunk_size)
     value = None
     # NOTE: a tensor's __index__ takes any one-element integer or bool tensor (``tensor([3])``,
     # ``tensor(True)``): only an integer scalar counts, as a numpy one does
