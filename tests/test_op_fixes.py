@@ -466,3 +466,19 @@ def test_kernels_take_only_a_float32_scale_with_a_finite_inverse_unless_float64(
     ]:  # fmt: skip
         x = torch.empty(1, 1, 2, 4, dtype=dtype)
         assert dispatch._fits(kernels, x, x, scale) is fits, (dtype, scale)
+
+
+def test_the_planner_asks_about_the_calls_scale(monkeypatch):
+    """The planner asked whether the kernels run a call without its scale: a scale they refuse
+    (0, or outside their range) was planned for Triton and run on aten, where the T x T
+    memory rule of the parallel form was then never applied."""
+    from rtpcompile.lowering import custom_ops, dispatch
+
+    asked = []
+    monkeypatch.setattr(dispatch, "use_triton", lambda q, v=None, scale=1.0: asked.append(scale))
+    monkeypatch.setenv("RTP_KERNELS", "triton")  # NOTE: on CPU only forced kernels ask
+    plan.reset()
+    q = torch.empty(1, 2, 200, 4)
+    custom_ops._planned("auto", q, q, None, 0, "fwd", True, 1e-39)
+    assert asked == [1e-39]
+    plan.reset()

@@ -33,8 +33,9 @@ Tensor = torch.Tensor
 
 
 def _planned(
-    form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, phase, state_out=True
-):
+    form, q: Tensor, v: Tensor, initial_state: Tensor | None, chunk_size: int, phase,
+    state_out=True, scale: float = 1.0,
+):  # fmt: skip
     # NOTE: forward and backward are planned separately: every form computes the same function,
     # so the backward may use another form than the forward if that is faster.
     return plan.choose(
@@ -46,6 +47,7 @@ def _planned(
         v=v,
         phase=phase,
         state_out=state_out,
+        scale=scale,
     )
 
 
@@ -134,7 +136,7 @@ def _own_precision(q: Tensor):
 
 
 def _forward(q, k, v, gamma, scale, initial_state, form, chunk_size, output_final_state):
-    p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state)
+    p = _planned(form, q, v, initial_state, chunk_size, "fwd", output_final_state, scale)
     o, final = _with_config(
         lambda config: dispatch.forward(
             p.form, q, k, v, gamma, scale, initial_state, p.chunk_size, config,
@@ -197,7 +199,7 @@ def backward_impl(
     needs = _needs(output_mask)
     scope = _options.scoped(runtime_options) if runtime_options else contextlib.nullcontext()
     with scope, _own_precision(q):
-        p = _planned(form, q, v, initial_state, chunk_size, "bwd")
+        p = _planned(form, q, v, initial_state, chunk_size, "bwd", scale=scale)
         grads = _with_config(
             lambda config: dispatch.backward(
                 p.form, do, dsf, q, k, v, gamma, scale, initial_state, final_state,

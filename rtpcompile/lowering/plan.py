@@ -152,12 +152,15 @@ def choose(
     phase: str = "fwd",
     tune: bool | None = None,
     state_out: bool = True,
+    scale: float = 1.0,
     **_: object,
 ) -> Plan:
     """Resolve ``form`` ("auto" or a concrete form) and its chunk size for one call.
 
     ``tune`` None follows the ``autotune`` option; explain() passes False (never benchmarks).
     ``state_out``: whether the forward returns its final state (``output_final_state``).
+    ``scale``: the call's, which decides with the shapes whether the kernels run it (a scale
+    they refuse runs on aten, and is planned for aten: its T x T memory rule applies).
     """
     opts = _options.current()
     chunk = chunk_size if chunk_size > 0 else (opts.chunk_size or 0)
@@ -171,7 +174,7 @@ def choose(
     backend = None if q.is_cuda or opts.kernels == "triton" else "aten"  # NOTE: skips a lookup
     problem = problem_of(
         q, v, has_state, phase=phase, request=form, chunk=chunk, backend=backend,
-        state_out=state_out,
+        state_out=state_out, scale=scale,
     )  # fmt: skip
     return plan_for(problem, tune=opts.autotune if tune is None else tune)
 
@@ -186,13 +189,14 @@ def problem_of(
     chunk=0,
     backend: str | None = None,
     state_out: bool = True,
+    scale: float = 1.0,
 ) -> Problem:
     """The planning problem of one call; ``backend`` None asks dispatch (aten or Triton)."""
     from . import dispatch
 
     B, H, T, K = q.shape
     if backend is None:
-        backend = "triton" if dispatch.use_triton(q, v) else "aten"
+        backend = "triton" if dispatch.use_triton(q, v, scale) else "aten"
     return Problem(
         B, H, T, K, v.shape[-1], _dtype_name(q.dtype), str(q.device), backend, has_state,
         phase, request, chunk, state_out,
