@@ -79,6 +79,20 @@ def test_tune_forced_parallel_or_recurrent_has_nothing_to_tune(fresh, capsys, fo
     assert "0 benchmark run(s)" in out and not cache.entries()
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_tune_forced_chunkwise_with_a_chunk_has_nothing_to_tune(fresh, capsys, monkeypatch, how):
+    """A forced form and chunk run as given (the planner reads no entry): tune benchmarked
+    other chunks and stored C=64 under the key forcing 32, which the cache then refused with a
+    warning at every read (until 2026-11-25)."""
+    flags = ["--chunk-size", "32"] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("RTP_CHUNK_SIZE", "32")
+    assert main(["tune", "--shape", "1,2,128,16", "--form", "chunkwise", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "chunkwise(C=32) (forced, nothing to tune)" in out
+    assert "0 benchmark run(s)" in out and not cache.entries()
+
+
 def test_tune_form_chunkwise_tunes_a_decoding_shape_too(fresh, capsys):
     """The decoding rule (T = 1 -> recurrent) is for form auto only: a forced chunkwise call at
     T = 1 plans (and benchmarks) chunk sizes."""

@@ -72,7 +72,7 @@ def candidates(p: Problem, configs: bool = False) -> list[Plan]:
     """
     sizes = TRITON_CHUNKS if p.backend == "triton" else CHUNKS
     if p.request == "chunkwise":
-        found = [Plan("chunkwise", c, "model") for c in sizes]
+        found = [Plan("chunkwise", c, "model") for c in ((p.chunk,) if p.chunk else sizes)]
     else:
         found = [Plan("parallel", p.chunk or DEFAULT_CHUNK, "model")]
         chunks = (p.chunk,) if p.chunk else tuple(c for c in sizes if c < p.T)
