@@ -39,6 +39,7 @@ from .mutation import writers
 from .operands import layout, peel
 from .patterns_recurrent import state_batch_mismatch
 from .region import Operand, Region
+from .region_checks import grad_modes
 
 
 def _same_dtype_cast(node) -> bool:
@@ -230,23 +231,6 @@ def _match_when_moved(view, nodes, region: Region, seq, inputs, out: fx.Node) ->
 _DETACHES = {"detach", "detach_", "_get_data_attr", "requires_grad_"}
 
 
-def _grad_modes(view: GraphView) -> dict[fx.Node, bool]:
-    """Whether each node runs with gradients on (``_set_grad_enabled`` switches, inference
-    mode spans), starting from the mode the graph was entered with (Dynamo guards on it)."""
-    mode, stack, modes = torch.is_grad_enabled(), [], {}
-    for node in view.nodes:
-        name = target_name(node) if node.op == "call_function" else ""
-        if name == "_set_grad_enabled" and node.args:
-            mode = bool(node.args[0])
-        elif name == "_enter_inference_mode":
-            stack.append(mode)
-            mode = mode and not (node.args and node.args[0])
-        elif name == "_exit_inference_mode" and stack:
-            mode = stack.pop()
-        modes[node] = mode
-    return modes
-
-
 def _gradient_cut(view: GraphView, roots: list[fx.Node], inputs, out: fx.Node) -> bool:
     """Whether a trainable input reaches the mask or a decay through a node that stops its
     gradient (a detach, ``.data``, or a node under ``torch.no_grad``), when the output carries
@@ -255,7 +239,7 @@ def _gradient_cut(view: GraphView, roots: list[fx.Node], inputs, out: fx.Node) -
     NOTE: the op differentiates the cross decays through the mask's gamma: with the q decay
     detached (or the mask), eager's d/d log(gamma) was [-0.30, -207, -0.31] and the op's
     [-40.9, -336, 91.6]."""
-    modes = _grad_modes(view)
+    modes = grad_modes(view)
     if not modes.get(out, True):
         return False
     index = {node: i for i, node in enumerate(view.placeholders)}
@@ -321,6 +305,11 @@ def _merge(view: GraphView, named, region: Region, inputs) -> Region | None:
     if not _decays_match(view, (q_decay, k_decay, chunk_decay), region, seq, inputs, add):
         return None
     inside = set(nodes) | {add, *cross_nodes}
+    # NOTE: an intermediate written in place (``cross.mul_(0.5)``, ``(k * kd).mul_(2)``) changes
+    # what eager computes from it: the op would compute the unwritten step (claimed until
+    # 2026-11-25, outputs off by 1.9). The outputs may be written afterwards, as any op's.
+    if writers([n for n in inside if n not in (add, new_state)]):
+        return None
     return dataclasses.replace(
         region,
         written="chunk step",

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_view import GraphView, example, is_tensor, kind_of
+from .graph_view import GraphView, example, is_tensor, kind_of, target_name
 from .region import Region
 
-_GRAD_MODE = {torch._C._set_grad_enabled}
 # NOTE: matched by name: Dynamo records ``torch._C._functorch`` and ``torch._functorch.predispatch``
 # spellings of these (grad's from the first, jvp's and the dual level's from the second in 2.13)
 _ENTER_LEVEL = {"_grad_increment_nesting", "_jvp_increment_nesting", "_enter_dual_level"}
@@ -40,20 +39,33 @@ def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None
             "inside a torch.func transform (grad/vjp/jacrev/jvp/jacfwd/hessian or a "
             "forward_ad dual level): the rtp op has no functorch rule"
         )
-    # NOTE: the mode the graph was entered with: Dynamo guards on it and compiles under it
-    mode, modes = torch.is_grad_enabled(), set()
-    for node in view.nodes:
-        if node.op == "call_function" and node.target in _GRAD_MODE and node.args:
-            mode = bool(node.args[0])
-        elif node in members:
-            modes.add(mode)
-    if len(modes) > 1:
+    at = grad_modes(view)
+    if len({at[node] for node in members if node in at}) > 1:
         return (
-            "part of it runs under another grad mode (torch.no_grad / set_grad_enabled "
-            "switches inside the region): the op runs under one mode, so q, k or the decay "
-            "would get gradients eager leaves None, or lose ones eager gives"
+            "part of it runs under another grad mode (torch.no_grad / set_grad_enabled / "
+            "inference_mode switches inside the region): the op runs under one mode, so q, k or "
+            "the decay would get gradients eager leaves None, or lose ones eager gives"
         )
     return None
+
+
+def grad_modes(view: GraphView) -> dict[fx.Node, bool]:
+    """Whether each node runs with gradients on (``_set_grad_enabled`` switches, inference
+    mode spans), starting from the mode the graph was entered with (Dynamo guards on it and
+    compiles under it). An ``inference_mode`` span inside a region was not seen until
+    2026-11-25: its scores were claimed and got gradients eager does not give."""
+    mode, stack, modes = torch.is_grad_enabled(), [], {}
+    for node in view.nodes:
+        name = target_name(node) if node.op == "call_function" else ""
+        if name == "_set_grad_enabled" and node.args:
+            mode = bool(node.args[0])
+        elif name == "_enter_inference_mode":
+            stack.append(mode)
+            mode = mode and not (node.args and node.args[0])
+        elif name == "_exit_inference_mode" and stack:
+            mode = stack.pop()
+        modes[node] = mode
+    return modes
 
 
 def in_transform(view: GraphView, members: set[fx.Node]) -> bool:
