@@ -93,13 +93,12 @@ def fmt_bytes(n: float | None) -> str:
         return "-"
     for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= factor:
-            value = n / factor  # NOTE: 1000 KiB read "1e+03 KiB" with :.3g
-            return f"{value:.3g} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
+            return f"{fmt_rate(n / factor)} {unit}"  # NOTE: 1000 KiB read "1e+03 KiB" with :.3g
     return f"{int(n)} B"
 
 
 def fmt_rate(per_second: float) -> str:
-    """A rate such as tokens/s: 3 significant digits, whole numbers from 100 (no 1.82e+03)."""
+    """A number such as tokens/s: 3 significant digits, whole from 100 (no 1.82e+03)."""
     return f"{per_second:.3g}" if abs(per_second) < 100 else f"{per_second:.0f}"
 
 

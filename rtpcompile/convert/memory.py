@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .decay import param_dtype
-from .find import AttentionSite, find_attention, survey
+from .find import AttentionSite, survey
 
 STATE_ITEMSIZE = 4  # retention states are float32 (float64 for float64 models: state_itemsize)
 
@@ -99,7 +99,8 @@ def memory_report(
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     dtype = dtype or param_dtype(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sites = _sites(model)
+    found, skipped = survey(model)
+    sites = _sites(model, found)
     if not sites:
         raise ValueError(
             f"memory_report found no attention or retention layers in {type(model).__name__}"
@@ -121,7 +122,6 @@ def memory_report(
                 f"({row.original_kv_bytes_per_token - row.kv_bytes_per_token:,} B/token; "
                 f"break-even at {row.break_even:,.0f} tokens)"
             )
-    skipped = survey(model)[1]
     if skipped:
         names = ", ".join(f"{s.name} ({s.reason})" for s in skipped[:3])
         warnings.append(
@@ -142,11 +142,11 @@ def _caches_every_head(model: nn.Module) -> bool:
     )
 
 
-def _sites(model: nn.Module) -> list[tuple[AttentionSite, nn.Module | None]]:
+def _sites(
+    model: nn.Module, found: list[AttentionSite]
+) -> list[tuple[AttentionSite, nn.Module | None]]:
     """Attention sites in layer order: converted ones carry their module, kept ones None."""
-    return [
-        (s, model.get_submodule(s.name) if s.converted else None) for s in find_attention(model)
-    ]
+    return [(s, model.get_submodule(s.name) if s.converted else None) for s in found]
 
 
 def _row(

@@ -67,12 +67,12 @@ def scale_fits(dtype: torch.dtype, scale: float) -> bool:
     inf state at scale 1e-39 until 2026-11-25); a scale below 2**-149 reached the kernels as 0."""
     if dtype == torch.float64:
         return scale != 0
-    top = MAX_FLOAT16_SCALE if dtype == torch.float16 else torch.finfo(torch.float32).max
-    return MIN_SCALE <= abs(scale) <= top
+    return MIN_SCALE <= abs(scale) <= (MAX_FLOAT16_SCALE if dtype == torch.float16 else _F32_MAX)
 
 
 MIN_SCALE = 2.0**-127  # NOTE: 1 / scale stays a float32 number; 22 significant bits left
 MAX_FLOAT16_SCALE = 2.0**16  # NOTE: a float16 state times scale stays far inside float32
+_F32_MAX = torch.finfo(torch.float32).max  # NOTE: once, not per call (dispatch asks every call)
 
 
 def triton_forward(
