@@ -162,3 +162,61 @@ def test_op_on_a_device_that_is_not_current():
     assert o.device == torch.device("cuda", 1) and v.grad.device == o.device
     torch.testing.assert_close(o.double(), want, rtol=1e-3, atol=1e-3)
     torch.cuda.synchronize(1)
+
+
+def _retrofitted_llama(device):
+    """A tiny random Llama (2 layers, grouped K/V) with its first layer converted, float32."""
+    pytest.importorskip("transformers", reason="retrofit of Hugging Face models needs transformers")
+    from test_convert_generate import ids, tiny
+
+    model = tiny("llama", dtype=torch.float32).to(device)
+    handle = rtpcompile.retrofit(model, ratio=0.5)
+    return model, handle, ids(2, 40, seed=4).to(device)
+
+
+def retrofit_reduce_overhead_errors(device):
+    """Max abs error of the retrofitted model's logits compiled with backend "rtp" under
+    ``mode="reduce-overhead"`` against eager (two calls: the second replays the graph), and
+    the number of graphs Inductor ran without CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    from rtpcompile import backend
+
+    model, _, x = _retrofitted_llama(device)
+    counters.clear()
+    backend.counters.clear()
+    with torch.no_grad():
+        want = model(x, use_cache=False).logits
+        compiled = torch.compile(model, backend="rtp", mode="reduce-overhead")
+        got = [compiled(x, use_cache=False).logits.clone() for _ in range(2)]
+    claimed = backend.counters["regions_claimed"]
+    skips = counters["inductor"].get("cudagraph_skips", 0)
+    return max((g - want).abs().max().item() for g in got), claimed, skips
+
+
+def retrofit_generate_tokens(device):
+    """Greedy tokens of the retrofitted model: eager ``generate``, and ``generate`` with its
+    forward compiled in place with backend "rtp" (docs/retrofit.md), both on a retention cache."""
+    model, handle, x = _retrofitted_llama(device)
+    gen = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(x))
+    with torch.no_grad():
+        eager = model.generate(x, past_key_values=handle.new_cache(), **gen)
+        model.forward = torch.compile(model.forward, backend="rtp")
+        compiled = model.generate(
+            x, past_key_values=handle.new_cache(), disable_compile=True, **gen
+        )
+    return eager, compiled
+
+
+def test_retrofitted_model_under_reduce_overhead():
+    """A Hugging Face model with converted layers, compiled under reduce-overhead on CUDA: the
+    converted layer's op is claimed, the logits equal eager and no graph skipped CUDA graphs."""
+    err, claimed, skips = _stage("compiled retrofit", retrofit_reduce_overhead_errors, "cuda")
+    assert claimed >= 1, "the converted layer's op call was not claimed"
+    assert err <= 1e-4, f"compiled logits differ from eager by {err:.3e}"
+    assert skips == 0, f"Inductor skipped CUDA graphs {skips} times (TORCH_LOGS=cudagraphs)"
+
+
+def test_retrofitted_model_generates_the_same_tokens_compiled():
+    eager, compiled = _stage("compiled generate", retrofit_generate_tokens, "cuda")
+    assert torch.equal(eager, compiled), f"eager {eager.tolist()} vs compiled {compiled.tolist()}"

@@ -446,3 +446,15 @@ def test_empty_sequence_backward_is_zero(form, cfg):
     assert torch.equal(dg, torch.zeros(3))
     no_state = kernels.triton_backward(form, o, None, q, k, v, g, 0.3, None, sf, 16, cfg)
     assert torch.equal(no_state[3], torch.zeros(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("K", [48, 256])
+def test_gpu_float64(form, K):
+    """float64 kernels take ``scale`` as a double (``scale: tl.float64``): with the float32
+    argument Triton gives a Python float, every result was off by ~1e-8 relative, 100x this
+    test's 1e-10. At K = 256 the parallel kernel's defaults fit an sm_90 block; smaller GPUs
+    retry with the smallest config (``tests/test_kernels_aot.py``)."""
+    T = 5 if form == "recurrent" else 65
+    check(form, 1, 2, T, K, 80, torch.float64, True, True, btHd=True, chunk=32, device="cuda")
