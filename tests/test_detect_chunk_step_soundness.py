@@ -367,3 +367,34 @@ def test_scores_under_inference_mode_are_not_claimed(monkeypatch):
     q.requires_grad_()
     out = torch.compile(Frozen(), backend="rtp")(q, k, v)
     assert not out.requires_grad and backend.counters["regions_claimed"] == 0
+
+
+# --- a chunk step the op cannot be placed for -------------------------------------------------
+
+
+class StateReadEarly(nn.Module):
+    """The new state is read (``peek``) before the intra-chunk mask is built: one op call would
+    have to come after the mask and before that read."""
+
+    def forward(self, q, k, v, state):
+        lg = _log_gamma()[:, None]
+        _, q_decay, k_decay, chunk_decay = _chunk_terms(lg, q.shape[2])
+        new_state = chunk_decay * state + (k * k_decay).transpose(-1, -2) @ v
+        peek = new_state.sum()
+        inner = _chunk_terms(lg, q.shape[2])[0]
+        o = (q @ k.transpose(-1, -2) * inner) @ v + (q * q_decay) @ state
+        return o, new_state, peek
+
+
+def test_a_chunk_step_the_op_cannot_be_placed_for_keeps_its_parallel_part():
+    """Claimed whole until 2026-11-26: the rewrite then failed to place the op and the whole
+    graph went to Inductor unchanged (results right, every region of the graph lost)."""
+    model, inputs = StateReadEarly(), _inputs()
+    (region,) = regions(model, *inputs, dynamic=False)
+    assert region.claimed and region.written == "parallel", (region.written, region.reason)
+    backend.counters.clear()
+    compiled = torch.compile(model, backend="rtp", fullgraph=True)
+    for got, want in zip(compiled(*inputs), model(*inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert backend.counters["fallbacks"] == 0
+    assert backend.counters["regions_claimed"] == 1

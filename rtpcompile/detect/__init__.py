@@ -36,7 +36,7 @@ from .patterns_native import find_native
 from .patterns_parallel import find_parallel
 from .patterns_recurrent import find_recurrent
 from .region import Operand, Region
-from .region_checks import grad_mode_inside, narrowing_cast
+from .region_checks import grad_mode_inside, narrowing_cast, unplaceable
 
 __all__ = ["Operand", "Region", "counters", "find_regions", "find_regions_split"]
 
@@ -204,7 +204,7 @@ def _lifted(value) -> bool:
 def _checked(view: GraphView, region: Region, named: dict, used: set[str]) -> Region:
     """The region, declined when it overlaps a claimed one (``used``: their nodes) or eager does
     something inside it that the op would not (an in-place write, a grad-mode switch, a
-    narrowing cast)."""
+    narrowing cast), or the op call has no place (``unplaceable``)."""
     if region.claimed and used & set(region.nodes):
         return region.declined("overlaps another claimed region")
     if region.claimed and not region.native:
@@ -212,6 +212,7 @@ def _checked(view: GraphView, region: Region, named: dict, used: set[str]) -> Re
             written_between(view, region, named)
             or grad_mode_inside(view, region, named)
             or narrowing_cast(region, named)
+            or unplaceable(view, region, named)
         )
         return region if why is None else region.declined(why)
     return region

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .graph_view import GraphView, example, is_tensor, target_name
 from .mutation import root_of, writers
+from .region_checks import grad_modes
 
 _PRIME = 7
 MAX_SYMBOLIC_T = 1024
@@ -145,13 +146,17 @@ def evaluate(
     perturb: torch.Generator | None = None,
     move_state: bool = False,
     hook=None,
+    leaves: dict | None = None,
 ) -> list:
     """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
 
     ``perturb``: trainable parameters take other values (see ``_moved``), as training would
     give them; with ``move_state``, every floating tensor input does (model state a later
     ``load_state_dict`` or ``copy_`` may change). ``hook(node, value) -> value``: sees (and may
-    replace) every computed value, graph inputs excepted."""
+    replace) every computed value, graph inputs excepted. ``leaves``: a dict that receives the
+    trainable inputs as fresh leaves requiring grad (by node name), and every node then runs in
+    the grad mode the graph gives it (``region_checks.grad_modes``), so the masks carry eager's
+    gradient (the caller enables grad)."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -170,6 +175,7 @@ def evaluate(
         for arg in node.all_input_nodes:
             last_read[arg] = step
     outputs = set(masks)
+    modes = grad_modes(view) if leaves is not None else {}
     for step, node in enumerate(order):
         if node.op == "placeholder":
             value = inputs[index[node]]
@@ -179,10 +185,13 @@ def evaluate(
                 env[node] = _moved(env[node], perturb)
             if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
                 env[node] = sizes.value(example(node))
+            elif leaves is not None and _trainable(value):
+                env[node] = leaves[node.name] = env[node].requires_grad_()
             continue
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = _run(view.gm, node, args, kwargs)
+        with torch.set_grad_enabled(modes.get(node, torch.is_grad_enabled())):
+            env[node] = _run(view.gm, node, args, kwargs)
         if hook is not None:
             env[node] = hook(node, env[node])
         del args, kwargs
@@ -190,6 +199,11 @@ def evaluate(
             if last_read.get(arg) == step and arg not in outputs and arg in needed:
                 del env[arg]
     return [env[mask] for mask in masks]
+
+
+def _trainable(value) -> bool:
+    """A graph input that training changes: a floating tensor requiring grad."""
+    return is_tensor(value) and value.requires_grad and value.is_floating_point()
 
 
 def _moved(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

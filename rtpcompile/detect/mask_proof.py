@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .decay_fit import fit_decay, per_head
 from .graph_view import GraphView, example, is_tensor
 from .mask_eval import MAX_SYMBOLIC_T, Sizes, evaluate, lengths_for, proof_bytes, subgraph
+from .mask_gradient import gradient_reason
 from .mask_growth import _overflow, _precision
 from .mask_provenance import _state_moves_diagonal, check_provenance, trainable_inputs
 from .memory_budget import proof_budget
@@ -106,6 +107,10 @@ def prove(
         reason = _overflow(view, masks, transform, inputs, seq) or _precision(
             view, masks, inputs, seq
         )
+        if reason is not None:
+            return Proof(reason)
+    if proof.reason is None and trainable:
+        reason = gradient_reason(view, masks, transform, inputs, seq, row_scale)
         if reason is not None:
             return Proof(reason)
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof

@@ -109,3 +109,24 @@ def narrowing_cast(region: Region, named: dict) -> str | None:
                     "compute it under autocast)"
                 )
     return None
+
+
+def unplaceable(view: GraphView, region: Region, named: dict) -> str | None:
+    """Why the region is declined: no single place in the graph follows all its operands and
+    precedes every use of its outputs (a chunk step whose new state is read before its mask is
+    built), which is where the rewrite puts its one op call; None when there is one."""
+    operands = [op.node for op in (region.q, region.k, region.v, region.state) if op is not None]
+    operands += list(region.masks)
+    operands += [v for _, v in (*region.pre, *region.post) if isinstance(v, str)]
+    nodes = [named[n] for n in operands if n in named]
+    outputs = [named[n] for n in (region.output, region.state_output) if n in named]
+    if not nodes or not outputs:
+        return None
+    last = max(nodes, key=view.order.__getitem__)
+    use = min((u for out in outputs for u in out.users), key=view.order.__getitem__, default=None)
+    if use is None or view.order[last] < view.order[use]:
+        return None
+    return (
+        f"its operand {last.name} is computed after {use.name} reads its output: one op call "
+        "cannot come after the one and before the other"
+    )
