@@ -76,3 +76,87 @@ def test_decays_whose_gradient_is_gammas_stay_claimed_with_eager_gradients(kind,
             assert a is None or not a.abs().max()
         else:
             assert rel(a, b) < 1e-10
+
+
+class FarCut(nn.Module):
+    """Entries at distance >= ``cut`` detached (a buffer marks them, so a dynamic T keeps the
+    proof's positions rules out of it); ``heads``: which heads are cut."""
+
+    def __init__(self, cut: int, dtype=torch.float64, heads=(0, 1), gamma=(2.0, 3.0)):
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(gamma, dtype=dtype))
+        far = (_distances(64) >= cut)[None].repeat(H, 1, 1)
+        far[[h for h in range(H) if h not in heads]] = False
+        self.register_buffer("far", far)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        d = _distances(t)
+        g = torch.sigmoid(self.logit)[:, None, None]
+        dc = d.clamp(min=0)
+        m = torch.where(self.far[:, :t, :t], g.detach() ** dc, g**dc) * (d >= 0)
+        return (q @ k.mT * m.to(q.dtype)) @ v
+
+
+@pytest.mark.parametrize(
+    "cut,t,dynamic",
+    [(8, 32, True), (20, 32, False)],
+    ids=["past-the-prime-length", "past-16-rows"],
+)
+def test_a_cut_at_long_distances_declines(cut, t, dynamic):
+    """Found by review: the first version checked T = 7 only (dynamic) and 16 rows (static)."""
+    (region,) = regions(FarCut(cut), *qkv(t), dynamic=dynamic)
+    assert not region.claimed and "gradient" in region.reason, region.reason
+
+
+def test_one_head_cut_declines_beside_a_head_with_a_larger_gradient():
+    """Per element: head 0 (gamma 0.3) off by 0.4 % was hidden by head 1's 40x larger gradient."""
+    model = FarCut(7, heads=(0,), gamma=(-0.85, 3.5))
+    (region,) = regions(model, *qkv(T + 4))
+    assert not region.claimed and "gradient" in region.reason, region.reason
+
+
+def test_a_graph_entered_without_grad_that_enables_it_is_checked():
+    class Enabling(Learned):
+        def forward(self, q, k, v):
+            with torch.enable_grad():
+                return super().forward(q, k, v)
+
+    with torch.no_grad():
+        (region,) = regions(Enabling("detach_distance_one"), *qkv(T))
+    assert not region.claimed and "gradient" in region.reason, region.reason
+
+
+def test_over_the_budget_a_mask_that_cuts_its_gradient_declines(monkeypatch):
+    """The check needs 4x the value proof's memory; past the budget a cut declines unchecked."""
+    from rtpcompile.detect import mask_gradient
+
+    monkeypatch.setattr(mask_gradient, "proof_budget", lambda: 1)
+    (region,) = regions(Learned("detach_far"), *qkv(T))
+    assert not region.claimed and "too large" in region.reason, region.reason
+    (region,) = regions(Learned("plain"), *qkv(T))
+    assert region.claimed, region.reason
+
+
+@pytest.mark.parametrize("kind", ["pow", "explog", "torchscale"])
+def test_float32_learnable_decays_at_long_lengths_stay_claimed(kind):
+    """Found by review of the fix: a tolerance from the mask's dtype alone (float64 here: the
+    distances are float64) declined float32 parameters' decays at T = 512 for rounding."""
+
+    class Float32Decay(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit = nn.Parameter(torch.tensor([2.0, 3.0]))
+
+        def forward(self, q, k, v):
+            d = _distances(q.shape[-2]).double()
+            g = torch.sigmoid(self.logit)[:, None, None]
+            dc = d.clamp(min=0)
+            m = torch.exp(dc * torch.log(g)) if kind == "explog" else g**dc
+            m = m * (d >= 0)
+            if kind == "torchscale":
+                m = m / m.sum(-1, keepdim=True).sqrt()
+            return (q @ k.mT * m.to(q.dtype)) @ v
+
+    (region,) = regions(Float32Decay(), *qkv(512))
+    assert region.claimed, region.reason

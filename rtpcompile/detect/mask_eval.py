@@ -147,6 +147,7 @@ def evaluate(
     move_state: bool = False,
     hook=None,
     leaves: dict | None = None,
+    entry: bool = True,
 ) -> list:
     """Run the mask subgraphs with real constants, T := sizes.t; returns the mask values.
 
@@ -155,8 +156,8 @@ def evaluate(
     ``load_state_dict`` or ``copy_`` may change). ``hook(node, value) -> value``: sees (and may
     replace) every computed value, graph inputs excepted. ``leaves``: a dict that receives the
     trainable inputs as fresh leaves requiring grad (by node name), and every node then runs in
-    the grad mode the graph gives it (``region_checks.grad_modes``), so the masks carry eager's
-    gradient (the caller enables grad)."""
+    the grad mode the graph gives it (``region_checks.grad_modes`` from ``entry``, the mode the
+    graph was entered with), so the masks carry eager's gradient (the caller enables grad)."""
     needed: set[fx.Node] = set(masks)
     meta: set[fx.Node] = set()
     for mask in masks:
@@ -175,7 +176,7 @@ def evaluate(
         for arg in node.all_input_nodes:
             last_read[arg] = step
     outputs = set(masks)
-    modes = grad_modes(view) if leaves is not None else {}
+    modes = grad_modes(view, entry) if leaves is not None else {}
     for step, node in enumerate(order):
         if node.op == "placeholder":
             value = inputs[index[node]]

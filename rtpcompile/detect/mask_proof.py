@@ -110,7 +110,7 @@ def prove(
         if reason is not None:
             return Proof(reason)
     if proof.reason is None and trainable:
-        reason = gradient_reason(view, masks, transform, inputs, seq, row_scale)
+        reason = gradient_reason(view, masks, transform, inputs, seq, row_scale, tolerance[0])
         if reason is not None:
             return Proof(reason)
     return dataclasses.replace(proof, row_scale=row_scale) if proof.reason is None else proof

@@ -49,12 +49,14 @@ def grad_mode_inside(view: GraphView, region: Region, named: dict) -> str | None
     return None
 
 
-def grad_modes(view: GraphView) -> dict[fx.Node, bool]:
+def grad_modes(view: GraphView, entry: bool | None = None) -> dict[fx.Node, bool]:
     """Whether each node runs with gradients on (``_set_grad_enabled`` switches, inference
-    mode spans), starting from the mode the graph was entered with (Dynamo guards on it and
-    compiles under it). An ``inference_mode`` span inside a region was not seen until
-    2026-11-25: its scores were claimed and got gradients eager does not give."""
-    mode, stack, modes = torch.is_grad_enabled(), [], {}
+    mode spans), starting from the mode the graph was entered with (``entry``; by default the
+    current one: Dynamo guards on it and compiles under it). An ``inference_mode`` span inside a
+    region was not seen until 2026-11-25: its scores were claimed and got gradients eager does
+    not give."""
+    mode = torch.is_grad_enabled() if entry is None else entry
+    stack, modes = [], {}
     for node in view.nodes:
         name = target_name(node) if node.op == "call_function" else ""
         if name == "_set_grad_enabled" and node.args:
