@@ -224,6 +224,20 @@ def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -
         raise ValueError(f"gamma must be on {q.device} like q, got {gamma.device}")
     if not _finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(scale, float) and scale and q.dtype != torch.float64:
+        if not _F32_TINY <= abs(scale) <= _F32_MAX:
+            raise ValueError(
+                "scale must be 0 or of magnitude in [2**-127, 3.4e38] (float32's range, "
+                f"as the kernels take it) for {q.dtype} inputs, got {scale!r}: the op applies it "
+                "in float32, where it would turn the output to 0, inf or NaN; scale q instead, or "
+                "use float64"
+            )
+
+
+# NOTE: once, not per call; the aten forms multiply float32 accumulators by the scale, and
+# the kernels' smallest scale (kernels.MIN_SCALE: 1 / scale stays a float32 number) is the floor
+_F32_TINY = 2.0**-127
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _consistent(q, k, v, state) -> bool:
