@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `rtpcompile cache list | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # NOTE: writing the output failed (`>/dev/full`, a full disk)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

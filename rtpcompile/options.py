@@ -13,6 +13,7 @@ import functools
 import math
 import operator
 import os
+import pathlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -174,6 +175,19 @@ def check_variables(environ: Mapping[str, str]) -> None:
                 f"environment variable RTP_CACHE must be one of {list(cache.MODES)} (or 1/0), "
                 f"got {text!r}"
             )
+    raw = environ.get("RTP_CACHE_DIR")
+    if raw:
+        try:  # NOTE: kernels.cache._absolute's expansion; "~nosuchuser/x" raises RuntimeError
+            pathlib.Path(raw).expanduser()
+        except RuntimeError as exc:
+            raise ValueError(
+                f"environment variable RTP_CACHE_DIR must be a directory path, got {raw!r}: "
+                f"its ~ cannot be expanded ({exc})"
+            ) from None
+    if environ.get("RTP_EAGER_BYPASS") is not None:
+        from .lowering import eager  # NOTE: lazily: lowering imports this module
+
+        eager.bypass_enabled(environ)
     raw = environ.get("RTP_TUNE_CONFIGS")
     if raw is not None:
         from .lowering.tune import CONFIG_SPACES  # NOTE: lazily: lowering imports this module
@@ -220,7 +234,10 @@ def resolve(options: Mapping[str, Any] | None = None) -> Options:
 
 
 # NOTE: the variables check_variables validates too, so a changed value is checked again
-_CHECKED = ("RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS", "RTP_DUMP_KERNELS", "RTP_CACHE")
+_CHECKED = (
+    "RTP_PROOF_MAX_GB", "RTP_TUNE_CONFIGS", "RTP_DUMP_KERNELS", "RTP_CACHE", "RTP_CACHE_DIR",
+    "RTP_EAGER_BYPASS",
+)  # fmt: skip
 _ENV_KEYS = tuple(f"RTP_{name.upper()}" for name in FIELDS) + _CHECKED
 _ENCODED_KEYS = tuple(map(getattr(os.environ, "encodekey", str), _ENV_KEYS))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -297,9 +298,54 @@ def test_bench_and_demo_with_a_bad_rtp_value_stop_before_running(capsys, monkeyp
     [
         (["--position", "500"], "--position 500 applies to --form recurrent only"),
         (["--program", "--dialect", "tosa"], "--dialect tosa does not apply to --program"),
+        (
+            ["--form", "parallel", "--chunk-size", "8"],
+            "--chunk-size 8 applies to --form chunkwise only",
+        ),
+        (
+            ["--form", "recurrent", "--seq-len", "1", "--chunk-size", "8"],
+            "--chunk-size 8 applies to --form chunkwise only",
+        ),
     ],
 )
 def test_export_flags_that_do_not_apply_are_usage_errors(capsys, flags, message):
     """Both were ignored: the output was byte-identical to the export without them."""
-    assert cli.main(["export", "--seq-len", "16", *flags]) == 2
+    seq = [] if "--seq-len" in flags else ["--seq-len", "16"]
+    assert cli.main(["export", *seq, *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cache_commands_with_an_unexpandable_cache_dir_are_usage_errors(capsys, monkeypatch):
+    """``RTP_CACHE_DIR=~nosuchuser/x`` was a RuntimeError traceback from ``Path.expanduser`` in
+    ``cache path``/``list`` and at every eager op call (found 2026-11-26)."""
+    monkeypatch.setenv("RTP_CACHE_DIR", "~nosuchuser_rtp/x")
+    assert cli.main(["cache", "path"]) == 2
+    assert "cannot use '~nosuchuser_rtp/x' as a cache directory" in capsys.readouterr().err
+    from rtpcompile import options
+
+    with pytest.raises(ValueError, match="RTP_CACHE_DIR must be a directory path"):
+        options.check_variables({"RTP_CACHE_DIR": "~nosuchuser_rtp/x"})
+
+
+def test_a_bad_eager_bypass_value_fails_up_front(monkeypatch):
+    """``RTP_EAGER_BYPASS=maybe`` passed compiles and ``tune`` and failed only at an eager call."""
+    from rtpcompile import options
+
+    with pytest.raises(ValueError, match="RTP_EAGER_BYPASS must be a boolean"):
+        options.check_variables({"RTP_EAGER_BYPASS": "maybe"})
+    options.check_variables({"RTP_EAGER_BYPASS": "off"})
+
+
+def test_a_failed_write_of_the_output_is_one_line(capsys, monkeypatch):
+    """``cache path >/dev/full`` printed an OSError traceback."""
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert cli.main(["cache", "path"]) == 1
+    assert "rtpcompile cache: error: [Errno 28] No space left on device" in capsys.readouterr().err

@@ -63,11 +63,13 @@ def add_parser(subparsers) -> None:
 
 
 def _checked(action):
-    """``action`` run after ``RTP_CACHE`` validated: a bad value is an error like any option's."""
+    """``action`` run after ``RTP_CACHE`` and ``RTP_CACHE_DIR`` validated: a bad value is an
+    error like any option's."""
 
     def run(args) -> int:
         try:
             cache.mode()
+            cache.root()
         except ValueError as exc:
             print(f"rtpcompile cache: error: {exc}", file=sys.stderr)
             return 2

@@ -50,7 +50,12 @@ def add_parser(subparsers) -> None:
         "which exports a one-token step)",
     )
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_EXPORT_CHUNK)
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=None,
+        help=f"--form chunkwise only: the chunk length (default {DEFAULT_EXPORT_CHUNK})",
+    )
     p.add_argument(
         "--position",
         type=positive_int,
@@ -189,6 +194,12 @@ def run(args) -> int:
             f"--dialect {args.dialect} does not apply to --program, which prints the decomposed "
             "FX program (before any MLIR lowering)"
         )
+    if args.form != "chunkwise" and args.chunk_size is not None:
+        raise UsageError(
+            f"--chunk-size {args.chunk_size} applies to --form chunkwise only; --form "
+            f"{args.form} has no chunks"
+        )
+    args.chunk_size = DEFAULT_EXPORT_CHUNK if args.chunk_size is None else args.chunk_size
     args.position = 1 if args.position is None else args.position
     args.dialect = DEFAULT_DIALECT if args.dialect is None else args.dialect
     if args.output and not Path(args.output).resolve().parent.is_dir():

@@ -26,6 +26,7 @@ This module only imports the standard library (the tests load it in many process
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -106,7 +107,10 @@ def _absolute(raw: str) -> Path:
     """``raw`` with ``~`` expanded; a relative path joined to the working directory of the
     first call with that value (memoised per value, so a later ``os.chdir`` does not split
     the cache over two directories)."""
-    path = Path(raw).expanduser()
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # NOTE: "~nosuchuser/x", or "~" without a home directory
+        raise ValueError(f"cannot use {raw!r} as a cache directory: {exc}") from None
     if path.is_absolute():
         return path  # NOTE: not memoised: "~/x" follows HOME, as it always did
     found = _ABSOLUTE.get(raw)
@@ -389,6 +393,8 @@ def export_entries(path: str | os.PathLike) -> int:
     doc = {"format": EXPORT_FORMAT, "version": FORMAT_VERSION, "entries": valid}
     text = json.dumps(doc, sort_keys=True, indent=1) + "\n"
     if os.fspath(path) == "-":
+        if sys.stdout is None:  # NOTE: the process was started with its stdout closed
+            raise OSError(errno.EBADF, "standard output is closed")
         sys.stdout.write(text)
         sys.stdout.flush()
         return len(valid)

@@ -37,9 +37,9 @@ Tensor = torch.Tensor
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def bypass_enabled() -> bool:
+def bypass_enabled(environ=os.environ) -> bool:
     """``RTP_EAGER_BYPASS`` (default on); "0"/"false"/"no"/"off": eager calls go through the op."""
-    raw = os.environ.get("RTP_EAGER_BYPASS")
+    raw = environ.get("RTP_EAGER_BYPASS")
     if raw is None:
         return True
     text = raw.strip().lower()
