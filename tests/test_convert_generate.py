@@ -285,3 +285,31 @@ def test_reloading_a_retrofitted_model_by_retrofit_then_load_state_dict():
     fresh.load_state_dict(saved)
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids()).logits, model(ids()).logits, rtol=0, atol=0)
+
+
+# -- attention dropout of a type-C layer's softmax heads -----------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_type_c_softmax_heads_apply_the_models_attention_dropout_while_training(family):
+    """Found 2026-11-26: the softmax heads of a ``head_mix`` layer never dropped attention
+    weights, where the attention they replace drops them with the model's probability."""
+    model = tiny(family, dtype=torch.float32)
+    for module in model.modules():  # NOTE: only the attention weights' dropout stays
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if family == "gpt2":
+        for block in model.transformer.h:
+            block.attn.attn_dropout.p = 0.5
+    else:
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+    retrofit(model, ratio=1.0, head_mix=0.5)
+    x = ids(2, 9)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x, use_cache=False).logits
+    b = model(x, use_cache=False).logits
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model(x, use_cache=False).logits, model(x, use_cache=False).logits)

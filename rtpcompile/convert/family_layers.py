@@ -20,7 +20,14 @@ from .cache import cache_argument, check_unpacked
 from .decay import param_dtype
 from .find import AttentionSite
 from .layers import RetrofitRetention, _heads
-from .rules import CROSS_KWARGS, applies_rotary, check_children, llama_rotary, rotate
+from .rules import (
+    CROSS_KWARGS,
+    applies_rotary,
+    attention_dropout,
+    check_children,
+    llama_rotary,
+    rotate,
+)
 
 _QK_NORMS = ("q_layernorm", "k_layernorm")
 
@@ -42,6 +49,7 @@ class FusedRotaryRetention(RetrofitRetention, metaclass=abc.ABCMeta):
                 setattr(self, name, getattr(original, name))
         self.head_dim = site.head_dim
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
+        self.attn_dropout = attention_dropout(original)
         self.config = getattr(original, "config", None)
         module = sys.modules.get(type(original).__module__)
         fn = getattr(module, "apply_rotary_pos_emb", None)

@@ -32,6 +32,7 @@ from .rules import (
     CHILDREN,
     CROSS_KWARGS,
     applies_rotary,
+    attention_dropout,
     attention_softcap,
     check_children,
     check_own_parameters,
@@ -74,6 +75,7 @@ class RetrofitRetention(nn.Module):
         self.out_norm = nn.Parameter(torch.ones(heads, site.head_dim, dtype=dtype))
         self.attn_scale = site.head_dim**-0.5
         self.softcap: float | None = None  # Gemma2's attn_logit_softcapping (softmax heads)
+        self.attn_dropout = 0.0  # NOTE: the softmax heads' dropout while training (type C)
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters retrofit added (the ones distillation stage 1 trains)."""
@@ -165,13 +167,14 @@ class RetrofitRetention(nn.Module):
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         L = k.shape[-2]
+        p = self.attn_dropout if self.training else 0.0
         if T > 1 and L == T and valid is None and (window is None or T <= window):
             # NOTE: a plain causal prefill: SDPA's own causal flag keeps its fused kernels; a
             # [T, T] bool mask sent it down the math path (O(T^2) memory, 2-2.4x slower at
             # T = 4096-8192 on CPU)
             if self.softcap is None:
                 return F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=self.attn_scale
+                    q, k, v, dropout_p=p, is_causal=True, scale=self.attn_scale
                 )
         mask = None
         if T > 1 or valid is not None or (window is not None and L > window):
@@ -184,8 +187,10 @@ class RetrofitRetention(nn.Module):
                 # NOTE: a query always sees itself, so a padded query's row is never empty (NaN).
                 mask = (mask & valid[:, None, None, :].to(q.device)) | (cols == rows)
         if self.softcap is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
-        return _capped_attention(q, k, v, mask, self.attn_scale, self.softcap)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, scale=self.attn_scale
+            )
+        return _capped_attention(q, k, v, mask, self.attn_scale, self.softcap, p)
 
     def extra_repr(self) -> str:
         s = self.site
@@ -208,7 +213,7 @@ def _one_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def _capped_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float, p: float = 0.0
 ) -> Tensor:
     """Softmax attention with Gemma2's logit soft cap, ``cap * tanh(s / cap)`` before the mask
     (its eager path; SDPA has no soft cap)."""
@@ -217,7 +222,7 @@ def _capped_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(weights, v)
+    return torch.matmul(F.dropout(weights, p) if p else weights, v)
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
@@ -244,6 +249,7 @@ class LlamaStyleRetention(RetrofitRetention):
         self.qk_norm = norm_mode
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
         self.softcap = attention_softcap(original)
+        self.attn_dropout = attention_dropout(original)
         self.config = getattr(original, "config", None)
         clip = getattr(self.config, "clip_qkv", None)
         self.clip_qkv = float(clip) if isinstance(clip, (int, float)) and clip else None
@@ -315,6 +321,7 @@ class GPT2StyleRetention(RetrofitRetention):
         # NOTE: GPTBigCode without multi_query interleaves q/k/v per head in c_attn
         self.per_head = getattr(original, "multi_query", None) is False
         self.attn_scale = float(getattr(original, "scaling", self.attn_scale))
+        self.attn_dropout = attention_dropout(original)
         self.config = getattr(original, "config", None)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

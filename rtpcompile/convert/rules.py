@@ -80,6 +80,19 @@ def applies_rotary(original: nn.Module, assume: dict | None = None) -> bool:
     return any(all(_truth(test, want, original, name, names) for test, want in g) for g in guards)
 
 
+def attention_dropout(original: nn.Module) -> float:
+    """The dropout probability ``original`` applies to its attention weights while training:
+    Llama-style ``attention_dropout`` (a float), GPT-2's ``attn_dropout`` and NeoX/Falcon's
+    ``attention_dropout`` (``nn.Dropout`` modules); 0 when it has none."""
+    for name in ("attention_dropout", "attn_dropout"):
+        value = getattr(original, name, None)
+        if isinstance(value, nn.Dropout):
+            return float(value.p)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
 def attention_softcap(original: nn.Module) -> float | None:
     """The attention logit soft cap ``original`` applies (``softcap=`` in its ``forward``), or
     None; without source, its ``attn_logit_softcapping`` attribute."""
