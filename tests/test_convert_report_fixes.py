@@ -159,3 +159,13 @@ def test_a_repeated_length_is_measured_once():
     assert int_list("8,16")("8,8,16") == [8, 16]
     with pytest.raises(argparse.ArgumentTypeError):
         int_list("8,16")("8,0")
+
+
+def test_memory_report_refuses_a_dtype_that_is_not_a_floating_torch_dtype():
+    """Found 2026-11-26: "float16" was a TypeError from torch.empty, int64 gave bytes."""
+    from rtpcompile.nn import default_model
+
+    model = default_model()
+    for bad in ("float16", torch.int64):
+        with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+            memory_report(model, dtype=bad)

@@ -97,13 +97,17 @@ def memory_report(
     for name, n in (("seq_len", seq_len), ("batch", batch)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (the K/V's), got {dtype!r}")
     dtype = dtype or param_dtype(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     found, skipped = survey(model)
     sites = _sites(model, found)
     if not sites:
         raise ValueError(
-            f"memory_report found no attention or retention layers in {type(model).__name__}"
+            f"memory_report found no attention or retention layers in {type(model).__name__} "
+            "that a retrofit converts or has converted (an rtpcompile.nn model's cache reports its "
+            "own bytes: model.new_cache(batch).nbytes(), docs/modules.md)"
         )
     rows, warnings = [], []
     broadcast = _caches_every_head(model)
