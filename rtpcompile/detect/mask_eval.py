@@ -186,7 +186,7 @@ def evaluate(
                 env[node] = _moved(env[node], perturb)
             if isinstance(value, torch.SymInt) or isinstance(example(node), torch.SymInt):
                 env[node] = sizes.value(example(node))
-            elif leaves is not None and _trainable(value):
+            elif leaves is not None and trainable(value):
                 env[node] = leaves[node.name] = env[node].requires_grad_()
             continue
         args = fx.node.map_arg(node.args, env.__getitem__)
@@ -202,7 +202,7 @@ def evaluate(
     return [env[mask] for mask in masks]
 
 
-def _trainable(value) -> bool:
+def trainable(value) -> bool:
     """A graph input that training changes: a floating tensor requiring grad."""
     return is_tensor(value) and value.requires_grad and value.is_floating_point()
 

@@ -22,7 +22,7 @@ from .graph_view import (
     is_random,
     is_tensor,
 )
-from .mask_eval import Sizes, evaluate, lengths_for, subgraph
+from .mask_eval import Sizes, evaluate, lengths_for, subgraph, trainable
 from .position_ops import _CUTOFFS, _PERIODS, _name
 
 
@@ -53,7 +53,7 @@ def trainable_inputs(view: GraphView, masks: list[fx.Node], inputs: list) -> lis
         values, _, _ = subgraph(view, mask)
         for node in view.sorted(values | {mask}):
             value = inputs[index[node]] if node in index and index[node] < len(inputs) else None
-            if is_tensor(value) and value.requires_grad and value.is_floating_point():
+            if trainable(value):
                 found.append(node.name)
     return sorted(set(found))
 
