@@ -225,7 +225,7 @@ def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -
     if not _finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if isinstance(scale, float) and scale and q.dtype != torch.float64:
-        if not _F32_TINY <= abs(scale) <= _F32_MAX:
+        if not _MIN_SCALE <= abs(scale) <= _F32_MAX:
             raise ValueError(
                 "scale must be 0 or of magnitude in [2**-127, 3.4e38] (float32's range, "
                 f"as the kernels take it) for {q.dtype} inputs, got {scale!r}: the op applies it "
@@ -236,7 +236,7 @@ def check_op_args(q, k, v, gamma, scale, form, chunk_size, initial_state=None) -
 
 # NOTE: once, not per call; the aten forms multiply float32 accumulators by the scale, and
 # the kernels' smallest scale (kernels.MIN_SCALE: 1 / scale stays a float32 number) is the floor
-_F32_TINY = 2.0**-127
+_MIN_SCALE = 2.0**-127
 _F32_MAX = torch.finfo(torch.float32).max
 
 
