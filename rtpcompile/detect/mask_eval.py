@@ -191,7 +191,10 @@ def evaluate(
             continue
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        with torch.set_grad_enabled(modes.get(node, torch.is_grad_enabled())):
+        if modes:  # NOTE: only for the gradient check; the value proof runs under no_grad
+            with torch.set_grad_enabled(modes.get(node, True)):
+                env[node] = _run(view.gm, node, args, kwargs)
+        else:
             env[node] = _run(view.gm, node, args, kwargs)
         if hook is not None:
             env[node] = hook(node, env[node])
